@@ -1,0 +1,20 @@
+"""fastlayers: fused neural-network layers for PyTorch.
+
+    import fastlayers as fl
+    y = fl.linear_act(x, weight, bias, activation="gelu")   # gelu(x @ weight.T + bias)
+    p = fl.softmax(scores, dim=-1)
+    layer = fl.FusedLinear(1024, 4096, activation="gelu")    # an nn.Linear subclass
+"""
+from . import activations
+from ._errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
+from .backends import available_backends, use_backend
+from .functional import linear_act, log_softmax, softmax
+from .nn import FusedLinear, LogSoftmax, Softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "linear_act", "softmax", "log_softmax", "FusedLinear", "Softmax", "LogSoftmax",
+    "available_backends", "use_backend", "activations",
+    "BackendUnavailableError", "DeviceError", "DTypeError", "ShapeError",
+]

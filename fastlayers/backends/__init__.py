@@ -1,0 +1,116 @@
+"""The one dispatch point: a registry ``name -> backend module``.
+
+Every backend module implements the same small contract on contiguous 2-D / 3-D tensors
+(validation, flattening and autograd live in fastlayers/functional.py, not here):
+
+    NAME: str
+    DTYPES: frozenset[torch.dtype]            # dtypes its kernels accept
+    unavailable_reason(device) -> str | None  # None when it can run on tensors of `device`
+
+    linear_act_forward(x, w, b, act, slope, save) -> (y, saved)
+        x: (M, K), w: (N, K) (any strides), b: (N,) or None -> y: (M, N) contiguous.
+        save=False: nothing is needed for backward (saved is None; work may be in place).
+        save=True:  saved = y for act.saves(slope) == "output", the pre-activation z (M, N) for
+                    "input", None for "nothing". Never write into saved afterwards.
+    linear_act_backward(dy, x, w, saved, act, slope, needs) -> (dx, dw, db)
+        dy: (M, N) contiguous, needs = (need_dx, need_dw, need_db); a gradient not needed is None.
+    softmax_forward(x, log) -> y
+        x: (outer, L, inner) contiguous, softmax over dim 1; y contiguous, same dtype.
+    softmax_backward(dy, y, log) -> dx
+        dy, y: (outer, L, inner) contiguous; y is the forward's output.
+
+Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
+cpu -> cpp, cuda -> triton.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from types import ModuleType
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from .._errors import BackendUnavailableError
+
+_MODULES = {
+    "reference": "fastlayers.backends.reference",
+    "cpp": "fastlayers.backends.cpp",
+    "triton": "fastlayers.backends.triton",
+}
+_DEFAULT_FOR_DEVICE = {"cpu": "cpp", "cuda": "triton"}
+
+_loaded: Dict[str, ModuleType] = {}
+_import_errors: Dict[str, str] = {}
+_forced = threading.local()
+
+
+def names() -> List[str]:
+    return list(_MODULES)
+
+
+def load(name: str) -> ModuleType:
+    """Import a backend module, or raise a BackendUnavailableError that says why it can't."""
+    mod = _loaded.get(name)
+    if mod is not None:
+        return mod
+    if name not in _MODULES:
+        raise ValueError(f"fastlayers: unknown backend {name!r}; expected one of {', '.join(_MODULES)}")
+    if name in _import_errors:
+        raise BackendUnavailableError(_import_errors[name])
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        _import_errors[name] = f"fastlayers: backend {name!r} is not available: {e}"
+        raise BackendUnavailableError(_import_errors[name]) from e
+    _loaded[name] = mod
+    return mod
+
+
+def available_backends() -> List[str]:
+    """Backends that can run on at least one device of this machine."""
+    out = []
+    for name in _MODULES:
+        try:
+            mod = load(name)
+        except BackendUnavailableError:
+            continue
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if any(mod.unavailable_reason(torch.device(d)) is None for d in devices):
+            out.append(name)
+    return out
+
+
+def forced() -> Optional[str]:
+    return getattr(_forced, "name", None) or os.environ.get("FASTLAYERS_BACKEND") or None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every fastlayers op in this thread to run on backend `name` inside the block."""
+    if name not in _MODULES:
+        raise ValueError(f"fastlayers.use_backend: unknown backend {name!r}; expected one of {', '.join(_MODULES)}")
+    prev = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = prev
+
+
+def select(device: torch.device, op: str) -> ModuleType:
+    """The backend for tensors on `device`; raises a clear error when it cannot run there."""
+    name = forced()
+    if name is None:
+        name = _DEFAULT_FOR_DEVICE.get(device.type)
+        if name is None:
+            raise BackendUnavailableError(
+                f"{op}: no fastlayers backend runs on device {device.type!r} "
+                f"(cpu -> cpp, cuda -> triton; or force one with fastlayers.use_backend)")
+    mod = load(name)
+    why = mod.unavailable_reason(device)
+    if why is not None:
+        raise BackendUnavailableError(f"{op}: backend {name!r} cannot run on {device}: {why}")
+    return mod

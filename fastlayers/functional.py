@@ -1,0 +1,201 @@
+"""Public functional API and its autograd Functions.
+
+    fl.linear_act(x, weight, bias, activation, negative_slope) == act(x @ weight.T + bias)
+    fl.softmax(x, dim) / fl.log_softmax(x, dim)
+
+Each op validates its arguments once here, flattens to the 2-D / 3-D layout of the backend
+contract (fastlayers/backends/__init__.py), picks the backend by device and keeps it in ctx so
+the backward runs on the same one.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import activations as _acts
+from ._errors import DeviceError, DTypeError, ShapeError
+from .activations import SAVE_INPUT, SAVE_OUTPUT, Activation
+from .backends import select
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_tensor(op: str, name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise DTypeError(f"{op}: expected {name} to be a floating-point tensor "
+                         f"(float16, bfloat16, float32 or float64), got dtype {t.dtype}")
+    return t
+
+
+def _check_backend_dtype(op: str, backend, dtype: torch.dtype) -> None:
+    if dtype not in backend.DTYPES:
+        ok = ", ".join(str(d).replace("torch.", "") for d in sorted(backend.DTYPES, key=str))
+        raise DTypeError(f"{op}: dtype {dtype} is not supported by the {backend.NAME!r} backend "
+                         f"(supported: {ok})")
+
+
+def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    op = "fastlayers.linear_act"
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "weight", weight)
+    if bias is not None:
+        _check_tensor(op, "bias", bias)
+    if weight.dim() != 2:
+        raise ShapeError(f"{op}: expected weight of shape (out_features, in_features), "
+                         f"got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ShapeError(f"{op}: expected x of shape (*, in_features), got a 0-d tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ShapeError(f"{op}: x has {x.shape[-1]} features in its last dim but weight of shape "
+                         f"{tuple(weight.shape)} expects {weight.shape[1]} "
+                         f"(x: {tuple(x.shape)}, weight: (out_features, in_features))")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ShapeError(f"{op}: expected bias of shape ({weight.shape[0]},) to match weight "
+                         f"{tuple(weight.shape)}, got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise DTypeError(f"{op}: expected {name} to have the same dtype as x ({x.dtype}), "
+                             f"got {t.dtype}")
+        if t.device != x.device:
+            raise DeviceError(f"{op}: expected {name} on the same device as x ({x.device}), "
+                              f"got {t.device}")
+
+
+def _normalize_dim(op: str, x: Tensor, dim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{op}: expected dim to be an int, got {type(dim).__name__}")
+    n = max(x.dim(), 1)  # a 0-d tensor has one valid dim, like torch
+    if not -n <= dim < n:
+        raise IndexError(f"{op}: Dimension out of range (expected to be in range of "
+                         f"[{-n}, {n - 1}], but got {dim})")
+    return dim % n
+
+
+# ----------------------------------------------------------------------------- linear + act
+def _linear_forward(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation,
+                    slope: float, save: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(*, K) -> (*, N); saved is 2-D (M, N) or None (see the backend contract)."""
+    n = weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K), a view when x's leading dims are contiguous
+    y2, saved = backend.linear_act_forward(x2, weight, bias, act, slope, save)  # (M, N)
+    return y2.view(*x.shape[:-1], n), saved
+
+
+class LinearActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation,
+                slope: float) -> Tensor:
+        backend = select(x.device, "fastlayers.linear_act")
+        _check_backend_dtype("fastlayers.linear_act", backend, x.dtype)
+        y, saved = _linear_forward(backend, x, weight, bias, act, slope, save=True)
+        kind = act.saves(slope)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.backend, ctx.act, ctx.slope, ctx.kind = backend, act, slope, kind
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        # Save only what the requested gradients need: dW needs x, dx needs W. The output is
+        # saved as returned (not as the 2-D buffer) so in-place edits to it are detected.
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None,
+                              y if kind == SAVE_OUTPUT else saved if kind == SAVE_INPUT else None)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, weight, saved = ctx.saved_tensors
+        n = dy.shape[-1]
+        dy2 = dy.reshape(-1, n).contiguous()  # (M, N)
+        if saved is not None:
+            saved = saved.reshape(-1, n)
+        if x is not None:
+            x = x.reshape(-1, x.shape[-1])  # (M, K)
+        need = ctx.needs_input_grad
+        dx, dw, db = ctx.backend.linear_act_backward(
+            dy2, x, weight, saved, ctx.act, ctx.slope, (need[0], need[1], ctx.has_bias and need[2]))
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, dw, db, None, None
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+               activation: str = "relu", negative_slope: float = 0.01) -> Tensor:
+    """``act(x @ weight.T + bias)`` in one fused pass around the GEMM.
+
+    x: (*, in_features); weight: (out_features, in_features) as nn.Linear; bias: (out_features,)
+    or None. activation: one of fastlayers.activations.NAMES. Returns (*, out_features) in x's dtype.
+    """
+    act = _acts.get(activation)
+    _check_linear(x, weight, bias)
+    slope = float(negative_slope)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return LinearActFunction.apply(x, weight, bias, act, slope)
+    backend = select(x.device, "fastlayers.linear_act")
+    _check_backend_dtype("fastlayers.linear_act", backend, x.dtype)
+    return _linear_forward(backend, x, weight, bias, act, slope, save=False)[0]
+
+
+# ----------------------------------------------------------------------------- softmax
+def _as_3d(x: Tensor, dim: int) -> Tensor:
+    """(*pre, L, *post) -> (outer, L, inner), contiguous."""
+    shape = x.shape
+    outer = 1
+    for s in shape[:dim]:
+        outer *= s
+    inner = 1
+    for s in shape[dim + 1:]:
+        inner *= s
+    length = shape[dim] if x.dim() > 0 else 1
+    return x.contiguous().view(outer, length, inner)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, log: bool) -> Tensor:
+        op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
+        backend = select(x.device, op)
+        _check_backend_dtype(op, backend, x.dtype)
+        y = backend.softmax_forward(_as_3d(x, dim), log).view(x.shape)
+        ctx.backend, ctx.dim, ctx.log = backend, dim, log
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        (y,) = ctx.saved_tensors
+        dx = ctx.backend.softmax_backward(_as_3d(dy, ctx.dim), _as_3d(y, ctx.dim), ctx.log)
+        return dx.view(y.shape), None, None
+
+
+def _softmax(x: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Tensor:
+    op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected x to be a torch.Tensor, got {type(x).__name__}")
+    if dtype is not None:
+        x = x.to(dtype)
+    _check_tensor(op, "x", x)
+    dim = _normalize_dim(op, x, dim)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return SoftmaxFunction.apply(x, dim, log)
+    backend = select(x.device, op)
+    _check_backend_dtype(op, backend, x.dtype)
+    return backend.softmax_forward(_as_3d(x, dim), log).view(x.shape)
+
+
+def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.softmax(x, dim)``: any shape (0-d and zero-size too), rows of any length.
+    dtype, if given, casts x first (as torch.softmax does)."""
+    return _softmax(x, dim, dtype, log=False)
+
+
+def log_softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.log_softmax(x, dim)``; same contract as :func:`softmax`."""
+    return _softmax(x, dim, dtype, log=True)

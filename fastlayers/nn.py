@@ -1,0 +1,56 @@
+"""nn.Module drop-ins: FusedLinear (an nn.Linear), Softmax, LogSoftmax."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import activations as _acts
+from .functional import linear_act, log_softmax, softmax
+
+
+class FusedLinear(nn.Linear):
+    """``act(x @ weight.T + bias)`` as one fused op.
+
+    An nn.Linear in every other respect: same constructor arguments (plus ``activation`` and
+    ``negative_slope``), same initialisation, parameters and state_dict keys, so a checkpoint of
+    an ``nn.Linear`` loads into it and back.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "relu", negative_slope: float = 0.01,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        _acts.get(activation, "fastlayers.FusedLinear")  # fail at construction, not at first call
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear_act(x, self.weight, self.bias, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        s = f"{super().extra_repr()}, activation={self.activation}"
+        if self.activation == "leaky_relu":
+            s += f", negative_slope={self.negative_slope}"
+        return s
+
+
+class Softmax(nn.Softmax):
+    """Drop-in for nn.Softmax running fastlayers.softmax."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__(dim=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return softmax(x, self.dim)
+
+
+class LogSoftmax(nn.LogSoftmax):
+    """Drop-in for nn.LogSoftmax running fastlayers.log_softmax."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__(dim=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return log_softmax(x, self.dim)
