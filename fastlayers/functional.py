@@ -19,6 +19,27 @@ from . import activations as _acts
 from ._errors import DeviceError, DTypeError, ShapeError
 from .activations import SAVE_INPUT, SAVE_OUTPUT, Activation
 from .backends import select
+from . import _library  # issue 4: torch.library ops, used only while torch.compile traces
+
+# ----------------------------------------------------------------------------- autocast (issue 4)
+# fastlayers' Functions are invisible to autocast, so the wrappers apply PyTorch's policy
+# themselves: linear is "lower precision" on cpu and cuda (floating inputs other than float64 are
+# cast to the autocast dtype); softmax/log_softmax are "fp32_set_opt_dtype" on cuda (computed in
+# float32 unless dtype= is given) and left alone on cpu (checked by experiment, torch 2.13;
+# tests/test_autocast.py compares against torch's own ops so a policy change shows up).
+_SOFTMAX_FP32_UNDER_AUTOCAST = frozenset({"cuda"})
+
+
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _autocast_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+# ----------------------------------------------------------------------------- end autocast
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -132,8 +153,14 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     or None. activation: one of fastlayers.activations.NAMES. Returns (*, out_features) in x's dtype.
     """
     act = _acts.get(activation)
+    # -- issue 4: autocast, then the registered op while torch.compile traces (no graph break).
+    if isinstance(x, Tensor) and (dtype := _autocast_dtype(x)) is not None:
+        x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
     _check_linear(x, weight, bias)
     slope = float(negative_slope)
+    if torch.compiler.is_compiling():
+        return _library.linear_act(x, weight, bias, act.name, slope)
+    # -- end issue 4
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return LinearActFunction.apply(x, weight, bias, act, slope)
@@ -179,10 +206,18 @@ def _softmax(x: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Te
     op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: expected x to be a torch.Tensor, got {type(x).__name__}")
+    # -- issue 4: autocast (PyTorch's policy, see _SOFTMAX_FP32_UNDER_AUTOCAST) and torch.compile.
+    if (dtype is None and x.device.type in _SOFTMAX_FP32_UNDER_AUTOCAST
+            and _autocast_dtype(x) is not None and x.is_floating_point()
+            and x.dtype != torch.float64):
+        dtype = torch.float32
+    # -- end issue 4
     if dtype is not None:
         x = x.to(dtype)
     _check_tensor(op, "x", x)
     dim = _normalize_dim(op, x, dim)
+    if torch.compiler.is_compiling():  # issue 4: the registered op, opaque to Dynamo
+        return _library.softmax(x, dim, log)
     if torch.is_grad_enabled() and x.requires_grad:
         return SoftmaxFunction.apply(x, dim, log)
     backend = select(x.device, op)
