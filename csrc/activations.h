@@ -1,0 +1,168 @@
+// The CPU activation table: forward act(z) and backward dz = dy * act'(saved), written once over
+// math vectors (vf: 16 x fp32, vd: 8 x fp64). Codes match fastlayers/activations.py.
+//
+// fp32 math is vectorised with our own polynomials (a scalar std::erf/exp loop was measured slower
+// than eager PyTorch); fp64 calls the C library per lane (it is the exact, gradcheck path).
+// Semantics follow PyTorch's formulas so special values agree: relu(-0) = -0, relu(nan) = nan,
+// sigmoid = 1 / (1 + exp(-x)), silu = x / (1 + exp(-x)), NaN in -> NaN out.
+#pragma once
+
+#include <cmath>
+#include <stdexcept>
+
+#include "common.h"
+
+namespace fl {
+
+enum Act { NONE = 0, RELU = 1, LEAKY_RELU = 2, GELU = 3, GELU_TANH = 4, SILU = 5, SIGMOID = 6, TANH = 7 };
+
+// ----------------------------------------------------------------------------- fp32 vector math
+// exp: x = n ln2 + r, |r| <= ln2/2; e^r by a degree-7 polynomial (~1 ulp); 2^n applied in two
+// halves so results that are subnormal or overflow to inf come out right. NaN propagates.
+static inline vf vexp(vf x) {
+  vf xc = x < -104.f ? splat<vf>(-104.f) : x;  // exp(-104) is 0 in fp32
+  xc = xc > 89.f ? splat<vf>(89.f) : xc;       // exp(89) is inf in fp32
+  vf n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  vf r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat<vf>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  vi ni = __builtin_convertvector(n, vi);
+  vi n1 = ni >> 1, n2 = ni - n1;
+  vf s1 = (vf)((vu)(n1 + 127) << 23), s2 = (vf)((vu)(n2 + 127) << 23);
+  return p * s1 * s2;
+}
+
+static inline vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
+static inline vf vcopysign(vf mag, vf sgn) { return (vf)(((vu)mag & 0x7fffffffu) | ((vu)sgn & 0x80000000u)); }
+
+// tanh: odd polynomial for |x| < 0.625, else 1 - 2 / (e^{2|x|} + 1) (never inf / inf).
+static inline vf vtanh(vf x) {
+  vf a = vabs(x);
+  vf z = x * x;
+  vf p = splat<vf>(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  vf small = p * z * x + x;
+  vf large = vcopysign(1.f - 2.f / (vexp(a + a) + 1.f), x);
+  return a < 0.625f ? small : large;
+}
+
+// Standard normal CDF Phi(x) = erfc(-x / sqrt2) / 2, accurate in both tails (no 1 - erf
+// cancellation for x << 0). For |u| < 1: erf(u) = u P(u^2); else erfc(|u|) = e^{-u^2} Q(t),
+// t = 1 / (1 + |u|/2). P, Q: our least-squares fits (rel. error 1.4e-9, 6.6e-10 in fp64).
+static inline vf vnormcdf(vf x) {
+  vf u = x * 0.70710678118654752f;
+  vf s = u * u;
+  vf p = splat<vf>(7.898139211e-05f);
+  p = p * s - 8.024335336e-04f;
+  p = p * s + 5.190051767e-03f;
+  p = p * s - 2.685480777e-02f;
+  p = p * s + 1.128361242e-01f;
+  p = p * s - 3.761262884e-01f;
+  p = p * s + 1.128379167e+00f;
+  vf mid = 0.5f + 0.5f * (u * p);
+  vf a = vabs(u);
+  vf ac = a > 10.f ? splat<vf>(10.f) : a;  // Q is fitted on [1, 10]; erfc(10) is 0 in fp32 anyway
+  vf t = 1.f / (1.f + 0.5f * ac);
+  vf q = splat<vf>(-6.452517643e-02f);
+  q = q * t + 3.156623047e-01f;
+  q = q * t - 5.555752550e-01f;
+  q = q * t + 3.575088910e-01f;
+  q = q * t - 8.125231070e-02f;
+  q = q * t + 2.258957255e-01f;
+  q = q * t + 2.369982103e-01f;
+  q = q * t + 2.833343374e-01f;
+  q = q * t + 2.820048744e-01f;
+  q = q * t + 2.855505866e-06f;
+  vf half_erfc = 0.5f * vexp(-(a * a)) * q;  // erfc(|u|) / 2; exp(-inf) = 0 at |u| = inf
+  vf tail = u < 0.f ? half_erfc : 1.f - half_erfc;
+  return a < 1.f ? mid : tail;
+}
+
+// ----------------------------------------------------------------------------- fp64: libm per lane
+template <class Fn> static inline vd per_lane(vd x, Fn fn) {
+  vd r{};
+  for (int i = 0; i < 8; ++i) r[i] = fn(x[i]);
+  return r;
+}
+static inline vd vexp(vd x) { return per_lane(x, [](double v) { return std::exp(v); }); }
+static inline vd vtanh(vd x) { return per_lane(x, [](double v) { return std::tanh(v); }); }
+static inline vd vnormcdf(vd x) {
+  return per_lane(x, [](double v) { return 0.5 * std::erfc(-v * 0.70710678118654752440); });
+}
+
+// ----------------------------------------------------------------------------- the table
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1 / sqrt(2 pi)
+constexpr double kTanhBeta = 0.79788456080286535588;    // sqrt(2 / pi)
+constexpr double kTanhKappa = 0.044715;
+
+// y = act(z). slope is used by LEAKY_RELU only.
+template <int ACT, class V, class C>
+static inline V act_forward(V z, C slope) {
+  if constexpr (ACT == NONE) return z;
+  if constexpr (ACT == RELU) return z < C(0) ? V{} : z;  // keeps -0 and NaN, like torch
+  if constexpr (ACT == LEAKY_RELU) return z > C(0) ? z : z * slope;
+  if constexpr (ACT == GELU) return z * vnormcdf(z);
+  if constexpr (ACT == GELU_TANH) {
+    // 0.5 z (1 + tanh(u)) == z * sigmoid(2u): no inf/inf for large |z|.
+    V u = C(kTanhBeta) * (z + C(kTanhKappa) * z * z * z);
+    return z / (C(1) + vexp(C(-2) * u));
+  }
+  if constexpr (ACT == SILU) return z / (C(1) + vexp(-z));
+  if constexpr (ACT == SIGMOID) return C(1) / (C(1) + vexp(-z));
+  if constexpr (ACT == TANH) return vtanh(z);
+}
+
+// dz = dy * act'(.) from `s`, the tensor the forward saved: the output y for RELU, SIGMOID, TANH
+// and LEAKY_RELU with slope >= 0; the pre-activation z for GELU, GELU_TANH, SILU and LEAKY_RELU
+// with slope < 0 (for LEAKY_RELU `s > 0` is the same test either way). PyTorch's formulas.
+template <int ACT, class V, class C>
+static inline V act_backward(V dy, V s, C slope) {
+  if constexpr (ACT == NONE) return dy;
+  if constexpr (ACT == RELU) return s > C(0) ? dy : V{};  // relu'(0) = 0
+  if constexpr (ACT == LEAKY_RELU) return s > C(0) ? dy : dy * slope;
+  if constexpr (ACT == GELU) {
+    V pdf = C(kInvSqrt2Pi) * vexp(C(-0.5) * s * s);
+    return dy * (vnormcdf(s) + s * pdf);
+  }
+  if constexpr (ACT == GELU_TANH) {
+    V x2 = s * s;
+    V u = C(kTanhBeta) * (s + C(kTanhKappa) * x2 * s);
+    V sg = C(1) / (C(1) + vexp(C(-2) * u));  // (1 + tanh u) / 2
+    // d/dz [z sg] with 1 - tanh^2 u = 4 sg (1 - sg)
+    V right = C(2) * s * sg * (C(1) - sg) * C(kTanhBeta) * (C(1) + C(3 * kTanhKappa) * x2);
+    return dy * (sg + right);
+  }
+  if constexpr (ACT == SILU) {
+    V sg = C(1) / (C(1) + vexp(-s));
+    return dy * sg * (C(1) + s * (C(1) - sg));
+  }
+  if constexpr (ACT == SIGMOID) return dy * (C(1) - s) * s;
+  if constexpr (ACT == TANH) return dy * (C(1) - s * s);
+}
+
+// Calls f.template operator()<ACT>() for the runtime activation code.
+template <class F>
+static void dispatch_act(int act, F&& f) {
+  switch (act) {
+    case NONE: f.template operator()<NONE>(); break;
+    case RELU: f.template operator()<RELU>(); break;
+    case LEAKY_RELU: f.template operator()<LEAKY_RELU>(); break;
+    case GELU: f.template operator()<GELU>(); break;
+    case GELU_TANH: f.template operator()<GELU_TANH>(); break;
+    case SILU: f.template operator()<SILU>(); break;
+    case SIGMOID: f.template operator()<SIGMOID>(); break;
+    case TANH: f.template operator()<TANH>(); break;
+    default: throw std::invalid_argument("fastlayers._C: unknown activation code");
+  }
+}
+
+}  // namespace fl

@@ -1,0 +1,87 @@
+// pybind11 bindings of the CPU kernels over raw buffers: fastlayers.backends.cpp passes
+// tensor.data_ptr() values, sizes and a dtype code (common.h: F32, F64, BF16, F16). The module
+// does not link libtorch, so it needs no rebuild when torch changes. Validation (dtype,
+// contiguity, shapes) happens once in Python; here the GIL is released around each kernel.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using namespace fl;
+
+template <class F>
+static void by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case F32: f((float*)nullptr); break;
+    case F64: f((double*)nullptr); break;
+    case BF16: f((bf16*)nullptr); break;
+    case F16: f((f16*)nullptr); break;
+    default: throw std::invalid_argument("fastlayers._C: unknown dtype code");
+  }
+}
+
+template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
+
+  m.def("bias_act_forward",
+        [](int dtype, uintptr_t z, uintptr_t b, uintptr_t y, int64_t rows, int64_t cols, int act,
+           double slope, int nthreads) {
+          py::gil_scoped_release nogil;
+          by_dtype(dtype, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            bias_act_forward<T>(ptr<T>(z), ptr<const T>(b), ptr<T>(y), rows, cols, act, slope, nthreads);
+          });
+        },
+        py::arg("dtype"), py::arg("z"), py::arg("b"), py::arg("y"), py::arg("rows"), py::arg("cols"),
+        py::arg("act"), py::arg("slope"), py::arg("nthreads"),
+        "y = act(z + b) over row-major (rows, cols); in place when y == z, else z becomes z + b.");
+
+  m.def("act_grad",
+        [](int dtype, uintptr_t dy, uintptr_t s, uintptr_t dz, uintptr_t db, int64_t rows, int64_t cols,
+           int act, double slope, int nthreads) {
+          py::gil_scoped_release nogil;
+          by_dtype(dtype, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            act_grad<T>(ptr<const T>(dy), ptr<const T>(s), ptr<T>(dz), ptr<T>(db), rows, cols, act, slope,
+                        nthreads);
+          });
+        },
+        py::arg("dtype"), py::arg("dy"), py::arg("saved"), py::arg("dz"), py::arg("db"), py::arg("rows"),
+        py::arg("cols"), py::arg("act"), py::arg("slope"), py::arg("nthreads"),
+        "dz = dy * act'(saved) and db = column sums of dz (db == 0: skipped).");
+
+  m.def("softmax_forward",
+        [](int dtype, uintptr_t x, uintptr_t y, int64_t outer, int64_t len, int64_t inner, bool log,
+           int nthreads) {
+          py::gil_scoped_release nogil;
+          by_dtype(dtype, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            softmax_forward<T>(ptr<const T>(x), ptr<T>(y), outer, len, inner, log, nthreads);
+          });
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("outer"), py::arg("len"), py::arg("inner"),
+        py::arg("log"), py::arg("nthreads"));
+
+  m.def("softmax_backward",
+        [](int dtype, uintptr_t dy, uintptr_t y, uintptr_t dx, int64_t outer, int64_t len, int64_t inner,
+           bool log, int nthreads) {
+          py::gil_scoped_release nogil;
+          by_dtype(dtype, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            softmax_backward<T>(ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), outer, len, inner, log, nthreads);
+          });
+        },
+        py::arg("dtype"), py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("outer"), py::arg("len"),
+        py::arg("inner"), py::arg("log"), py::arg("nthreads"));
+
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

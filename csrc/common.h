@@ -1,0 +1,119 @@
+// Shared plumbing for the CPU kernels: storage types, 16-lane vector load/store with fp32 (or
+// fp64) math, and the OpenMP row partitioner.
+//
+// Vectors are GCC/Clang vector extensions: 64 bytes (16 x fp32 or 8 x fp64). With -march=native
+// on an AVX-512 machine each op is one instruction; elsewhere the compiler splits them.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fl {
+
+typedef float vf __attribute__((vector_size(64)));      // 16 x fp32
+typedef int32_t vi __attribute__((vector_size(64)));    // 16 x int32 (comparison masks of vf)
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(64)));     // 8 x fp64
+typedef int64_t vl __attribute__((vector_size(64)));    // 8 x int64 (comparison masks of vd)
+typedef uint16_t vh16 __attribute__((vector_size(32)));  // 16 x 16-bit storage
+typedef _Float16 vhf16 __attribute__((vector_size(32)));
+
+struct bf16 { uint16_t bits; };  // bfloat16 storage; math in fp32
+using f16 = _Float16;            // IEEE half storage; math in fp32
+
+// dtype codes shared with fastlayers/backends/cpp.py
+enum DType { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
+
+// io<T>: how storage type T is loaded into / stored from a math vector V of W lanes of C.
+template <class T> struct io;
+
+template <> struct io<float> {
+  using C = float; using V = vf; static constexpr int W = 16;
+  static V load(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+  static void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+};
+
+template <> struct io<double> {
+  using C = double; using V = vd; static constexpr int W = 8;
+  static V load(const double* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+  static void store(double* p, V v) { std::memcpy(p, &v, sizeof v); }
+};
+
+template <> struct io<bf16> {
+  using C = float; using V = vf; static constexpr int W = 16;
+  static V load(const bf16* p) {
+    vh16 h; std::memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);  // bf16 is the top half of an fp32
+  }
+  static void store(bf16* p, V v) {
+    // Round to nearest even, as torch does; NaN stays a (quiet) NaN.
+    vu u = (vu)v;
+    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = (v != v) ? ((u >> 16) | 0x40u) : r;
+    vh16 h = __builtin_convertvector(r, vh16);
+    std::memcpy(p, &h, sizeof h);
+  }
+};
+
+template <> struct io<f16> {
+  using C = float; using V = vf; static constexpr int W = 16;
+  static V load(const f16* p) { vhf16 h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
+  static void store(f16* p, V v) { vhf16 h = __builtin_convertvector(v, vhf16); std::memcpy(p, &h, sizeof h); }
+};
+
+// Partial vectors at the end of a row: go through a zero-padded buffer of one vector.
+template <class T>
+static inline typename io<T>::V load_n(const T* p, int64_t n) {
+  T buf[io<T>::W];
+  std::memset(buf, 0, sizeof buf);
+  std::memcpy(buf, p, n * sizeof(T));
+  return io<T>::load(buf);
+}
+template <class T>
+static inline void store_n(T* p, typename io<T>::V v, int64_t n) {
+  T buf[io<T>::W];
+  io<T>::store(buf, v);
+  std::memcpy(p, buf, n * sizeof(T));
+}
+
+template <class V> static inline V splat(decltype(V{}[0]) s) { return V{} + s; }
+
+template <class V> static inline auto hsum(V v) {
+  decltype(v[0] + 0.0) s = 0;  // accumulate the lanes in double
+  for (int i = 0; i < (int)(sizeof(V) / sizeof(v[0])); ++i) s += v[i];
+  return s;
+}
+
+// Threads for a problem of n items of cost_per_item work each: min(nthreads, n * cost / grain),
+// so small problems stay on the calling thread. Also sizes per-thread scratch buffers.
+static inline int threads_for(int64_t n, int64_t cost_per_item, int nthreads) {
+  constexpr int64_t kGrain = 1 << 15;  // ~32K elements of work per thread at least
+  int64_t want = std::max<int64_t>(1, (n * cost_per_item) / kGrain);
+  return (int)std::min<int64_t>({(int64_t)std::max(nthreads, 1), want, std::max<int64_t>(n, 1)});
+}
+
+// Runs f(begin, end, thread_index) over [0, n) split into contiguous blocks, one per thread.
+// Static contiguous blocks keep every result independent of scheduling (no atomics anywhere).
+template <class F>
+static void parallel_for(int64_t n, int64_t cost_per_item, int nthreads, F&& f) {
+  int nt = threads_for(n, cost_per_item, nthreads);
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      int t = omp_get_thread_num(), got = omp_get_num_threads();
+      int64_t b = n * t / got, e = n * (t + 1) / got;
+      if (b < e) f(b, e, t);
+    }
+    return;
+  }
+#endif
+  if (n > 0) f(0, n, 0);
+}
+
+}  // namespace fl

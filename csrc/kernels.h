@@ -1,0 +1,31 @@
+// Entry points of the CPU kernels, instantiated for T in {float, double, bf16, f16}.
+// All buffers are contiguous; `nthreads` is torch.get_num_threads() from the Python launcher.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace fl {
+
+// y = act(z + b) over a row-major (m, n) z; b is (n,) or null. y == z works in place; otherwise
+// z is overwritten with z + b (the backward's saved pre-activation) and y gets act(z + b).
+template <class T>
+void bias_act_forward(T* z, const T* b, T* y, int64_t m, int64_t n, int act, double slope, int nthreads);
+
+// dz = dy * act'(s) over (m, n) and, if db is not null, db = column sums of dz (fp64 accumulation).
+// s is what the forward saved (see activations.h); for act NONE, s and dz are null and only db is made.
+template <class T>
+void act_grad(const T* dy, const T* s, T* dz, T* db, int64_t m, int64_t n, int act, double slope,
+                  int nthreads);
+
+// (log_)softmax over dim 1 of a contiguous (outer, len, inner) x into y.
+template <class T>
+void softmax_forward(const T* x, T* y, int64_t outer, int64_t len, int64_t inner, bool log, int nthreads);
+
+// dx from dy and the forward's output y, same layout.
+template <class T>
+void softmax_backward(const T* dy, const T* y, T* dx, int64_t outer, int64_t len, int64_t inner, bool log,
+                      int nthreads);
+
+}  // namespace fl

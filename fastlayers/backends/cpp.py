@@ -1,0 +1,91 @@
+"""CPU backend: GEMMs through PyTorch's BLAS (MKL / oneDNN), everything around them fused in
+fastlayers._C (csrc/): the bias + activation epilogue, the backward's dy * act'(.) with the bias
+gradient, and softmax / log_softmax. Inputs arrive validated and laid out per the contract in
+fastlayers/backends/__init__.py; here we only allocate, call BLAS and call the kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..activations import SAVE_INPUT, SAVE_OUTPUT, Activation
+
+try:
+    from .. import _C
+except ImportError as e:  # never fall back silently to something slower
+    raise ImportError(
+        "the C++ extension fastlayers._C is not built; build it with `make build` "
+        "(or `python setup.py build_ext --inplace`, or `pip install .`)") from e
+
+NAME = "cpp"
+_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # csrc/common.h
+DTYPES = frozenset(_CODES)
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    return None if device.type == "cpu" else "the cpp backend runs on CPU tensors only"
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
+                       save: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    # x: (M, K), w: (N, K) -> z: (M, N). BLAS takes the transposed view of w without a copy.
+    if b is not None and x.dtype in (torch.bfloat16, torch.float16):
+        # Low precision: add the bias inside the GEMM's fp32 accumulator, like F.linear, so z is
+        # rounded once; the epilogue then only applies the activation.
+        z, bias = torch.addmm(b, x, w.t()), None
+    else:
+        z, bias = torch.mm(x, w.t()), b  # bias joins the activation in one pass over z
+    kind = act.saves(slope) if save else None
+    m, n = z.shape
+    if act.code == 0 and bias is None:
+        return z, None
+    if kind == SAVE_INPUT:
+        y = torch.empty_like(z)  # z (+ bias) is kept for the backward, y is new
+        _C.bias_act_forward(_CODES[z.dtype], z.data_ptr(), _ptr(bias), y.data_ptr(), m, n, act.code,
+                            slope, torch.get_num_threads())
+        return y, z
+    _C.bias_act_forward(_CODES[z.dtype], z.data_ptr(), _ptr(bias), z.data_ptr(), m, n, act.code, slope,
+                        torch.get_num_threads())  # in place
+    return z, (z if kind == SAVE_OUTPUT else None)
+
+
+def linear_act_backward(dy: Tensor, x: Optional[Tensor], w: Optional[Tensor], saved: Optional[Tensor],
+                        act: Activation, slope: float, needs: Tuple[bool, bool, bool]):
+    # dy, saved: (M, N) contiguous; x: (M, K); w: (N, K)
+    need_dx, need_dw, need_db = needs
+    m, n = dy.shape
+    db = torch.empty(n, dtype=dy.dtype) if need_db else None
+    if act.code == 0:
+        dz = dy
+        if need_db:
+            _C.act_grad(_CODES[dy.dtype], dy.data_ptr(), 0, 0, db.data_ptr(), m, n, 0, slope,
+                        torch.get_num_threads())
+    else:
+        dz = torch.empty_like(dy)
+        _C.act_grad(_CODES[dy.dtype], dy.data_ptr(), saved.data_ptr(), dz.data_ptr(), _ptr(db), m, n,
+                    act.code, slope, torch.get_num_threads())
+    dx = torch.mm(dz, w) if need_dx else None          # (M, K)
+    dw = torch.mm(dz.t(), x) if need_dw else None      # (N, K)
+    return dx, dw, db
+
+
+def softmax_forward(x: Tensor, log: bool) -> Tensor:
+    outer, length, inner = x.shape
+    y = torch.empty_like(x)
+    _C.softmax_forward(_CODES[x.dtype], x.data_ptr(), y.data_ptr(), outer, length, inner, log,
+                       torch.get_num_threads())
+    return y
+
+
+def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
+    outer, length, inner = y.shape
+    dx = torch.empty_like(y)
+    _C.softmax_backward(_CODES[y.dtype], dy.data_ptr(), y.data_ptr(), dx.data_ptr(), outer, length, inner,
+                        log, torch.get_num_threads())
+    return dx
