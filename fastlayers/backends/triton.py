@@ -1,0 +1,243 @@
+"""Triton backend: launches the kernels of fastlayers/kernels/ (the contract is in
+fastlayers/backends/__init__.py).
+
+Runs on CUDA tensors, and on CPU tensors when the kernels were built for Triton's interpreter
+(TRITON_INTERPRET=1 in the environment before fastlayers' kernels are imported), which is how CI
+tests every kernel without a GPU.
+
+linear_act forward: one GEMM launch whose epilogue adds the bias, applies the activation and
+    stores y (and the pre-activation z when the backward needs it).
+linear_act backward: one elementwise launch ``dz = dy * act'(saved)`` that also writes per-slab
+    column sums of dz, a small fixed-order reduction of those sums into db, then the GEMMs
+    dx = dz @ W and dW = dz^T @ x. (Fusing act' into the GEMM prologue instead would save one
+    write + read of dz; not measured yet.)
+softmax / log_softmax: single-pass kernels for rows that fit one tile, streaming kernels (online
+    max and rescaled sum, then a normalising pass) for longer rows; see kernels/softmax.py.
+
+fp32 GEMMs follow ``torch.backends.cuda.matmul.allow_tf32`` (exact fp32, input_precision="ieee",
+when it is off, as PyTorch's default). fp64 runs in fp64 throughout, GEMMs included (tl.dot
+on fp64), so gradcheck goes through these kernels.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # the registry turns this into a BackendUnavailableError
+    raise ImportError(
+        "the 'triton' backend needs the triton package (pip install 'triton>=3.0', or "
+        f"pip install 'fastlayers[triton]'); importing it failed: {e}") from e
+
+from ..activations import SAVE_INPUT, SAVE_OUTPUT, Activation
+from ..kernels import linear_act as _la
+from ..kernels import softmax as _sm
+
+NAME = "triton"
+DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+# Whether the kernels were built for the interpreter: triton reads TRITON_INTERPRET when each
+# @triton.jit decorator runs, i.e. when fastlayers.kernels was imported, not now.
+INTERPRETED = _la.INTERPRET
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if INTERPRETED:
+            return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return ("TRITON_INTERPRET=1 was set after fastlayers' Triton kernels were imported; "
+                    "set it before importing fastlayers to run Triton on CPU tensors")
+        return ("Triton kernels run on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 "
+                "before importing fastlayers (Triton's interpreter, slow: for tests)")
+    return f"Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {device.type}"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _on_device(t: Tensor):
+    """Launch on the tensor's device, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch(op: str, t: Tensor, fn: Callable[[], object]) -> None:
+    """Run a kernel launch; a compile or launch failure becomes a RuntimeError naming the op."""
+    try:
+        with _on_device(t):
+            fn()
+    except Exception as e:  # noqa: BLE001 - triton raises many types (CompilationError, OutOfResources...)
+        msg = str(e).strip().splitlines()
+        cause = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:500]
+        raise RuntimeError(f"{op}: the triton backend failed to run its kernel "
+                           f"(dtype {t.dtype}, device {t.device}): {cause}") from e
+
+
+def _pow2(n: int) -> int:
+    """Autotune bucket: the next power of two."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _compute_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _split_slope(slope: float) -> Tuple[float, float]:
+    """slope = hi + lo with hi, lo fp32 numbers: a float kernel argument is fp32 on the GPU,
+    and fp64 kernels recombine the two at (almost) full fp64 precision."""
+    hi = float(torch.tensor(slope, dtype=torch.float32))
+    if not math.isfinite(hi):
+        return hi, 0.0
+    return hi, float(torch.tensor(slope - hi, dtype=torch.float32))
+
+
+def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
+          bias: Optional[Tensor] = None, act_code: int = 0, slope: float = 0.0) -> None:
+    """c = act(a @ b + bias) with z = a @ b + bias (if z is given); a: (M, K), b: (K, N),
+    c and z: (M, N); any strides. All in one dtype."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0:  # nothing to load: point the operands at c so no empty tensor is passed
+        a, b = c, c.t()
+    fp64 = c.dtype == torch.float64
+    kernel = _la.gemm_kernel_fp64 if fp64 else _la.gemm_kernel
+    tf32 = (c.dtype == torch.float32 and c.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    hi, lo = _split_slope(slope)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _launch(op, c, lambda: kernel[grid](
+        a, b, c, z if z is not None else c, bias if bias is not None else c,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        hi, lo,
+        _pow2(M), _pow2(N), _pow2(K),
+        HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
+        ACC_DTYPE=_compute_dtype(c.dtype), PRECISION="tf32" if tf32 else "ieee",
+        DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16,
+    ))
+
+
+# ----------------------------------------------------------------------------- linear + act
+def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
+                       save: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """y = act(x @ w.T + b): x (M, K), w (N, K), b (N,) or None; any strides.
+    Cost: 2*M*N*K flops; reads M*K + N*K (+ N), writes M*N (+ M*N for z) elements."""
+    op = "fastlayers.linear_act"
+    M, N = x.shape[0], w.shape[0]
+    kind = act.saves(slope)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    z = torch.empty_like(y) if save and kind == SAVE_INPUT else None
+    _gemm(op, x, w.t(), y, z=z, bias=b, act_code=act.code, slope=slope)
+    if not save:
+        return y, None
+    return y, (y if kind == SAVE_OUTPUT else z)
+
+
+# Target number of (row-slab x column-block) programs of act_grad_bias_kernel: enough to fill a
+# GPU; each program then loops over its slab. Fixed, so db's summation order depends only on
+# the shape.
+_GRAD_TARGET_PROGRAMS = 1024
+
+
+def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activation, slope: float,
+                       need_dz: bool, need_db: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """dz = dy * act'(saved) (when need_dz) and db = dz.sum(0) (when need_db)."""
+    M, N = dy.shape
+    store_dz = need_dz and act.code != 0
+    dz = torch.empty_like(dy) if store_dz else (dy if need_dz else None)
+    if not (store_dz or need_db):
+        return dz, None
+    compute = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    if M == 0 or N == 0:
+        return dz, (torch.zeros(N, device=dy.device, dtype=dy.dtype) if need_db else None)
+    bm, bn = _la.GRAD_BLOCK_M, _la.GRAD_BLOCK_N
+    col_blocks = triton.cdiv(N, bn)
+    row_blocks = triton.cdiv(M, bm)
+    progs = min(row_blocks, max(1, _GRAD_TARGET_PROGRAMS // col_blocks))
+    rows_per_prog = triton.cdiv(row_blocks, progs) * bm
+    progs = triton.cdiv(M, rows_per_prog)
+    partial = torch.empty((progs, N), device=dy.device, dtype=compute) if need_db else dy
+    hi, lo = _split_slope(slope)
+    saved_arg = saved.contiguous() if saved is not None and act.code != 0 else dy
+    _launch(op, dy, lambda: _la.act_grad_bias_kernel[(progs, col_blocks)](
+        dy, saved_arg, dz if store_dz else dy, partial,
+        M, N, rows_per_prog, hi, lo,
+        ACT=act.code, STORE_DZ=store_dz, NEED_DB=need_db,
+        COMPUTE_DTYPE=_compute_dtype(dy.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=_la.GRAD_NUM_WARPS))
+    if not need_db:
+        return dz, None
+    db = torch.empty(N, device=dy.device, dtype=dy.dtype)
+    _launch(op, dy, lambda: _la.sum_rows_kernel[(col_blocks,)](
+        partial, db, progs, N, BLOCK_N=bn, num_warps=_la.GRAD_NUM_WARPS))
+    return dz, db
+
+
+def linear_act_backward(dy: Tensor, x: Optional[Tensor], w: Optional[Tensor],
+                        saved: Optional[Tensor], act: Activation, slope: float,
+                        needs: Tuple[bool, bool, bool]
+                        ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """dz = dy * act'(saved); dx = dz @ w (M, K); dw = dz^T @ x (N, K); db = dz.sum(0) (N,).
+    dy: (M, N) contiguous; x (M, K) and w (N, K) any strides (None when not needed).
+    Cost: 4*M*N*K flops for dx and dw; the elementwise pass reads 2*M*N and writes M*N."""
+    op = "fastlayers.linear_act (backward)"
+    need_dx, need_dw, need_db = needs
+    dy = dy.contiguous()
+    dz, db = _act_grad_and_bias(op, dy, saved, act, slope, need_dx or need_dw, need_db)
+    dx = dw = None
+    if need_dx:
+        dx = torch.empty((dy.shape[0], w.shape[1]), device=dy.device, dtype=w.dtype)
+        _gemm(op, dz, w, dx)
+    if need_dw:
+        dw = torch.empty((dy.shape[1], x.shape[1]), device=dy.device, dtype=x.dtype)
+        _gemm(op, dz.t(), x, dw)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- softmax
+def _softmax_launch(op: str, fwd: bool, log: bool, out: Tensor, *tensors: Tensor) -> None:
+    outer, length, inner = out.shape
+    rows = outer * inner
+    if out.numel() == 0:
+        return
+    single, block_r, block_l, warps = _sm.plan(rows, length, inner)
+    if fwd:
+        kernel = _sm.softmax_fwd_kernel if single else _sm.softmax_fwd_streaming_kernel
+    else:
+        kernel = _sm.softmax_bwd_kernel if single else _sm.softmax_bwd_streaming_kernel
+    grid = (triton.cdiv(rows, block_r),)
+    _launch(op, out, lambda: kernel[grid](
+        *tensors, out, rows, length, inner, LOG=log, COMPUTE_DTYPE=_compute_dtype(out.dtype),
+        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
+
+
+def softmax_forward(x: Tensor, log: bool) -> Tensor:
+    """softmax (or log_softmax) over dim 1 of x: (outer, L, inner) contiguous.
+    Bytes: 2 * numel * itemsize (single pass) or 3 * numel * itemsize (streaming)."""
+    op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
+    x = x.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _softmax_launch(op, True, log, y, x)
+    return y
+
+
+def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
+    """dx from dy and the forward's output y, both (outer, L, inner) contiguous.
+    Bytes: 3 * numel * itemsize (single pass) or 5 * numel * itemsize (streaming)."""
+    op = "fastlayers.log_softmax (backward)" if log else "fastlayers.softmax (backward)"
+    dy, y = dy.contiguous(), y.contiguous()
+    dx = torch.empty_like(y, memory_format=torch.contiguous_format)
+    _softmax_launch(op, False, log, dx, dy, y)
+    return dx

@@ -1,0 +1,127 @@
+"""Activation functions and their derivatives as ``@triton.jit`` helpers.
+
+One table, keyed by ``Activation.code`` from fastlayers/activations.py (the C++ backend uses the
+same numbers). ``ACT`` is a ``tl.constexpr``, so each kernel specialisation keeps one branch only.
+
+Semantics are PyTorch's, formula for formula (the CPU kernels in ATen), so special values match:
+    relu(z)        = 0 if z < 0 else z            (relu(-0.) = -0., relu(nan) = nan)
+    leaky_relu(z)  = z if z > 0 else z * slope
+    gelu(z)        = 0.5 z (1 + erf(z / sqrt 2))  (exact, erf-based)
+    gelu_tanh(z)   = 0.5 z (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3), computed as
+                     z * sigmoid(2u) = z / (1 + exp(-2u)), which cannot overflow to NaN
+    silu(z)        = z / (1 + exp(-z))
+    sigmoid(z)     = 1 / (1 + exp(-z))
+    tanh(z)        = stable form below (no libdevice tanh in core Triton / the interpreter)
+Derivatives follow ATen's backward kernels: threshold_backward / leaky_relu_backward (mask from
+the saved value), gelu_backward (erf and tanh), silu_backward, sigmoid_backward and
+tanh_backward (from the saved output).
+
+All helpers compute in the dtype of their inputs: callers pass fp32 (fp16/bf16/fp32 data) or fp64.
+Float literals are fine in fp64 arithmetic on triton >= 3.2 (kept in the computation type); on
+older triton they round to fp32 first (relative error <= 3e-8, inside the fp64 test tolerance).
+"""
+import triton
+import triton.language as tl
+
+# Activation codes: must equal Activation.code in fastlayers/activations.py.
+NONE: tl.constexpr = tl.constexpr(0)
+RELU: tl.constexpr = tl.constexpr(1)
+LEAKY_RELU: tl.constexpr = tl.constexpr(2)
+GELU: tl.constexpr = tl.constexpr(3)
+GELU_TANH: tl.constexpr = tl.constexpr(4)
+SILU: tl.constexpr = tl.constexpr(5)
+SIGMOID: tl.constexpr = tl.constexpr(6)
+TANH: tl.constexpr = tl.constexpr(7)
+
+SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)    # 1 / sqrt(2)
+GELU_PDF: tl.constexpr = tl.constexpr(0.3989422804014327)   # 1 / sqrt(2 pi)
+SQRT_2_PI: tl.constexpr = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+KAPPA: tl.constexpr = tl.constexpr(0.044715)
+
+
+@triton.jit
+def sigmoid(z):
+    """1 / (1 + exp(-z)): exp overflows to inf for z << 0 and the quotient is then 0, never NaN."""
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def tanh(z):
+    """tanh(z), odd and saturating: |z| < 0.3 uses the Taylor series to z^21 (no cancellation;
+    truncation error < 2e-16 relative); otherwise 1 - 2 / (exp(2|z|) + 1), which saturates to 1 for
+    large |z| (exp -> inf) and loses at most a few ulp of 1 (relative error < 1e-6 in fp32 at
+    |z| = 0.3). NaN propagates; tanh(-0.) = -0."""
+    a = tl.abs(z)
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    s = z * z
+    # tanh z = z + z * s * p(s), coefficients 2^2n (2^2n - 1) B_2n / (2n)! (Bernoulli numbers B).
+    p = 18888466084.0 / 194896477400625.0
+    p = p * s - 443861162.0 / 1856156927625.0
+    p = p * s + 6404582.0 / 10854718875.0
+    p = p * s - 929569.0 / 638512875.0
+    p = p * s + 21844.0 / 6081075.0
+    p = p * s - 1382.0 / 155925.0
+    p = p * s + 62.0 / 2835.0
+    p = p * s - 17.0 / 315.0
+    p = p * s + 2.0 / 15.0
+    p = p * s - 1.0 / 3.0
+    small = z + z * (p * s)
+    signed_big = tl.where(z < 0, -big, big)
+    return tl.where(a < 0.3, small, signed_big)
+
+
+@triton.jit
+def apply_act(z, ACT: tl.constexpr, slope):
+    """act(z) for the activation with code ACT; `slope` is leaky_relu's negative slope (ignored
+    by the others). Returns a tensor of z's dtype."""
+    if ACT == RELU:
+        return tl.where(z < 0, 0.0, z)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, z, z * slope)
+    elif ACT == GELU:
+        return z * 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
+    elif ACT == GELU_TANH:
+        u = SQRT_2_PI * (z + KAPPA * (z * z * z))
+        return z / (1.0 + tl.exp(-2.0 * u))
+    elif ACT == SILU:
+        return z / (1.0 + tl.exp(-z))
+    elif ACT == SIGMOID:
+        return sigmoid(z)
+    elif ACT == TANH:
+        return tanh(z)
+    else:  # NONE
+        return z
+
+
+@triton.jit
+def act_grad(dy, saved, ACT: tl.constexpr, slope):
+    """dz = dy * act'(z), from what the forward saved: the output y for relu, leaky_relu
+    (slope >= 0), sigmoid and tanh; the pre-activation z for gelu, gelu_tanh, silu and
+    leaky_relu (slope < 0); nothing for none (`saved` is then ignored)."""
+    if ACT == RELU:
+        # threshold_backward(dy, y, 0): y <= 0 -> 0 (so relu'(0) = 0; NaN passes dy through).
+        return tl.where(saved <= 0, 0.0, dy)
+    elif ACT == LEAKY_RELU:
+        # leaky_relu_backward: s > 0 -> dy, else dy * slope (s is y or z: same sign test).
+        return tl.where(saved > 0, dy, dy * slope)
+    elif ACT == GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(saved * SQRT1_2))
+        pdf = tl.exp(-0.5 * saved * saved) * GELU_PDF
+        return dy * (cdf + saved * pdf)
+    elif ACT == GELU_TANH:
+        x_sq = saved * saved
+        inner = SQRT_2_PI * (saved + KAPPA * (x_sq * saved))
+        t = tanh(inner)
+        left = 0.5 * saved
+        right = 1.0 + t
+        right_derivative = left * (1.0 - t * t) * (SQRT_2_PI * (1.0 + 3.0 * KAPPA * x_sq))
+        return dy * (0.5 * right + right_derivative)
+    elif ACT == SILU:
+        sig = 1.0 / (1.0 + tl.exp(-saved))
+        return dy * sig * (1.0 + saved * (1.0 - sig))
+    elif ACT == SIGMOID:
+        return dy * (1.0 - saved) * saved
+    elif ACT == TANH:
+        return dy * (1.0 - saved * saved)
+    else:  # NONE
+        return dy

@@ -1,0 +1,187 @@
+"""softmax / log_softmax kernels, forward and backward.
+
+Layout (the backend contract): x is (outer, L, inner) contiguous and the softmax runs over dim 1.
+A "row" r in [0, outer * inner) is o = r // inner, i = r % inner; its L elements sit at
+    o * L * inner + i + l * inner,   l = 0 .. L-1
+so inner == 1 is the usual contiguous row, and inner > 1 a strided one. Every kernel works on a
+(BLOCK_R rows) x (BLOCK_L positions) tile; for inner > 1, neighbouring rows are neighbouring
+addresses, so a tile with BLOCK_R >= 16 still reads memory coalesced.
+
+Two paths, chosen by ``plan()`` (the boundary is ``uses_single_pass``):
+* single pass (BLOCK_R * next_pow2(L) <= SINGLE_PASS_MAX_ELEMS): the whole row in registers;
+  forward reads x once and writes y once (2 * numel * itemsize bytes), backward reads dy and y
+  and writes dx (3 * numel * itemsize).
+* streaming (longer rows, no length cap): forward makes an online pass over chunks of BLOCK_L
+  (running max m and the sum s of exp(x - m), rescaled whenever m grows), then a normalising pass
+  (3 * numel * itemsize bytes); backward makes one pass for the row's dot product / sum and one
+  for dx (5 * numel * itemsize).
+Math is fp32 for fp16/bf16/fp32 data and fp64 for fp64 (COMPUTE_DTYPE). -inf behaves as in
+torch: a partly -inf row is fine, a fully -inf row (max = -inf) gives NaN everywhere.
+About 5 flops per element forward (sub, exp, add, div or sub/log), 4 backward.
+"""
+import triton
+import triton.language as tl
+
+# Longest tile (rows x positions) held in registers by the single-pass kernels; longer rows take
+# the streaming path. For inner == 1 this is the longest single-pass row.
+SINGLE_PASS_MAX_ELEMS = 16384
+# Elements per chunk of the streaming path (BLOCK_R * BLOCK_L).
+STREAM_CHUNK_ELEMS = 4096
+# Short rows are packed into tiles of at least this many elements (several rows per program).
+MIN_TILE_ELEMS = 2048
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def rows_per_tile_min(inner: int) -> int:
+    """Rows one program must hold at once: 1 for contiguous rows; for strided rows (inner > 1)
+    enough neighbouring rows (up to 16) that each load touches contiguous memory."""
+    return 1 if inner == 1 else min(16, _next_pow2(inner))
+
+
+def uses_single_pass(length: int, inner: int) -> bool:
+    """The dispatch boundary: True when a row of `length` fits one single-pass tile."""
+    return rows_per_tile_min(inner) * _next_pow2(length) <= SINGLE_PASS_MAX_ELEMS
+
+
+def single_pass_max_length(inner: int) -> int:
+    """Longest row (for this `inner`) that takes the single-pass kernels; tests straddle it."""
+    return SINGLE_PASS_MAX_ELEMS // rows_per_tile_min(inner)
+
+
+def plan(rows: int, length: int, inner: int):
+    """(single_pass, BLOCK_R, BLOCK_L, num_warps) for `rows` rows of `length` elements."""
+    r_min = rows_per_tile_min(inner)
+    if uses_single_pass(length, inner):
+        block_l = _next_pow2(length)
+        block_r = max(r_min, min(_next_pow2(rows), max(1, MIN_TILE_ELEMS // block_l)))
+        single = True
+    else:
+        block_r = r_min
+        block_l = STREAM_CHUNK_ELEMS // r_min
+        single = False
+    elems = block_r * block_l
+    num_warps = min(16, max(4, elems // 1024))
+    return single, block_r, block_l, num_warps
+
+
+@triton.jit
+def _row_offsets(pid, R, L, INNER, BLOCK_R: tl.constexpr):
+    """int64 offset of element 0 of each row of this program's tile, and the row mask."""
+    offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    base = (offs_r // INNER) * L * INNER + offs_r % INNER
+    return base, offs_r < R
+
+
+@triton.jit
+def softmax_fwd_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Single pass: y = softmax(x) (or log_softmax when LOG) over rows of L <= BLOCK_L elements.
+    x, y: (outer, L, INNER) contiguous, R = outer * INNER rows; BLOCK_R rows per program."""
+    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, BLOCK_R)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs = base[:, None] + offs_l.to(tl.int64)[None, :] * INNER
+    mask = mask_r[:, None] & (offs_l < L)[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+    m = tl.max(x, axis=1)
+    shifted = x - m[:, None]  # NaN everywhere in a fully -inf row, like torch
+    e = tl.exp(shifted)
+    s = tl.sum(e, axis=1)
+    if LOG:
+        y = shifted - tl.log(s)[:, None]
+    else:
+        y = e / s[:, None]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_fwd_streaming_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr,
+                                 COMPUTE_DTYPE: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Streaming: rows of any length L, BLOCK_L positions at a time. Pass 1 keeps the running max
+    m and s = sum exp(x - m), rescaling s by exp(m_old - m_new) when the max grows; pass 2 writes
+    y = exp(x - m) / s (or x - m - log s)."""
+    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, BLOCK_R)
+    offs_l = tl.arange(0, BLOCK_L)
+    m = tl.full((BLOCK_R,), float("-inf"), COMPUTE_DTYPE)
+    s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
+    for l0 in range(0, L, BLOCK_L):
+        ll = l0 + offs_l
+        offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
+        mask = mask_r[:, None] & (ll < L)[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # While a row has seen only -inf, shift by 0 so exp(-inf - 0) = 0 (not exp(NaN)).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        m = m_new
+    # A fully -inf row ends with m = -inf, s = 0: both formulas below then give NaN, like torch.
+    log_s = tl.log(s)
+    inv_s = 1.0 / s
+    for l0 in range(0, L, BLOCK_L):
+        ll = l0 + offs_l
+        offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
+        mask = mask_r[:, None] & (ll < L)[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
+        shifted = x - m[:, None]
+        if LOG:
+            y = shifted - log_s[:, None]
+        else:
+            y = tl.exp(shifted) * inv_s[:, None]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_bwd_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
+                       COMPUTE_DTYPE: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Single pass backward (ATen's formulas), y = the forward's output:
+    softmax:      dx = y * (dy - sum(dy * y))
+    log_softmax:  dx = dy - exp(y) * sum(dy)"""
+    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, BLOCK_R)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs = base[:, None] + offs_l.to(tl.int64)[None, :] * INNER
+    mask = mask_r[:, None] & (offs_l < L)[None, :]
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    if LOG:
+        s = tl.sum(dy, axis=1)
+        dx = dy - tl.exp(y) * s[:, None]
+    else:
+        s = tl.sum(dy * y, axis=1)
+        dx = y * (dy - s[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_bwd_streaming_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
+                                 COMPUTE_DTYPE: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Streaming backward: pass 1 accumulates sum(dy * y) (softmax) or sum(dy) (log_softmax)
+    over chunks of BLOCK_L; pass 2 writes dx with the formulas of softmax_bwd_kernel."""
+    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, BLOCK_R)
+    offs_l = tl.arange(0, BLOCK_L)
+    s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
+    for l0 in range(0, L, BLOCK_L):
+        ll = l0 + offs_l
+        offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
+        mask = mask_r[:, None] & (ll < L)[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        if LOG:
+            s += tl.sum(dy, axis=1)
+        else:
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            s += tl.sum(dy * y, axis=1)
+    for l0 in range(0, L, BLOCK_L):
+        ll = l0 + offs_l
+        offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
+        mask = mask_r[:, None] & (ll < L)[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        if LOG:
+            dx = dy - tl.exp(y) * s[:, None]
+        else:
+            dx = y * (dy - s[:, None])
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
