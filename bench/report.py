@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Comparison table and chart from benchmark JSON written by `pytest bench/ --benchmark-json=...`.
+
+    python bench/report.py                      # newest bench/results/*.json
+    python bench/report.py A.json [B.json ...]  # these files
+    python bench/report.py --markdown [...]     # the table as markdown (for the README)
+
+Prints, per case: each contender's median time, fastlayers' speed-up over eager and over
+torch.compile (median of per-round ratios, measured side by side), fastlayers' GB/s and GFLOP/s
+(TFLOP/s on a GPU), and, where the run has one, the fraction of the same-run ceiling (copy for
+memory-bound ops, torch.mm for GEMMs). Then the geometric-mean speed-ups per op, dtype and pass.
+Writes a PNG next to each JSON (same name, .png): speed-up over eager per case, one bar per
+contender. Exits non-zero with a message when there is nothing to report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+from collections import defaultdict
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# Column order; contenders not listed here follow in the order they appear.
+ORDER = ["fastlayers", "eager", "eager_out", "compile", "compile_max", "addmm_act", "mm", "copy"]
+CEILINGS = {"copy": "gbps", "mm": "gflops"}  # contender -> the rate it is a ceiling for
+
+
+def fail(msg: str) -> "NoReturn":  # noqa: F821
+    print(f"report.py: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def load(path: pathlib.Path):
+    """(header, rows) of one JSON; rows are the extra_info dicts written by bench/harness.py."""
+    if not path.is_file():
+        fail(f"no such benchmark JSON: {path} (run `pytest bench/ --benchmark-json={path}` first)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}")
+    rows = [dict(b["extra_info"], name=b.get("name", ""))
+            for b in data.get("benchmarks", []) if "median_ms" in b.get("extra_info", {})]
+    if not rows:
+        fail(f"{path} has no fastlayers benchmark results (was it written by bench/?)")
+    mi = data.get("machine_info", {})
+    cpu = mi.get("cpu", {}).get("brand_raw") or mi.get("processor", "?")
+    backends = sorted({r.get("backend", "?") for r in rows})
+    header = (f"{path.name}: {data.get('datetime', '?')[:19]}  |  {mi.get('gpu') or cpu}  |  "
+              f"torch {mi.get('torch', '?')}, {mi.get('torch_threads', '?')} threads  |  "
+              f"fastlayers backend: {', '.join(backends)}")
+    if mi.get("fastlayers_forced_backend"):
+        header += f"  (forced: {mi['fastlayers_forced_backend']}; not the default backend)"
+    if mi.get("quick"):
+        header += "  [QUICK run: reduced shapes and rounds, not for reporting]"
+    return header, rows
+
+
+def contender_names(rows):
+    seen = []
+    for r in rows:
+        for n in r["contenders"]:
+            if n not in seen:
+                seen.append(n)
+    return sorted(seen, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), seen.index(n)))
+
+
+def fmt(v, digits=4):
+    if v is None:
+        return "-"
+    return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+
+
+def build_table(rows):
+    """(column names, list of row cells) for one suite."""
+    gpu = any(r.get("suite") == "gpu" for r in rows)
+    rate, scale = ("TFLOP/s", 1e-3) if gpu else ("GFLOP/s", 1.0)
+    names = contender_names(rows)
+    ceil = [c for c in CEILINGS if any(c in r["contenders"] for r in rows)]
+    cols = (["op", "shape", "dtype", "pass"] + [f"{n} ms" for n in names]
+            + ["fl/eager", "fl/compile"] + (["fl/compile_max"] if "compile_max" in names else [])
+            + ["fl GB/s", f"fl {rate}"] + (["fl/ceiling"] if ceil else []))
+    out = []
+    for r in rows:
+        sp = r.get("fastlayers_speedup", {})
+        cells = [r.get("op", "?"), r.get("shape", "?"), r.get("dtype", "?"), r.get("pass", "?")]
+        cells += [fmt(r["median_ms"].get(n)) for n in names]
+        cells += [fmt(sp.get("eager"), 3), fmt(sp.get("compile"), 3)]
+        if "compile_max" in names:
+            cells.append(fmt(sp.get("compile_max"), 3))
+        gf = r.get("gflops", {}).get("fastlayers")
+        cells += [fmt(r.get("gbps", {}).get("fastlayers")), fmt(gf * scale if gf else None)]
+        if ceil:
+            frac = None
+            for c in ceil:  # fastlayers' rate as a fraction of the same-run ceiling's rate
+                key = CEILINGS[c]
+                have = r.get(key, {})
+                if c in r["contenders"] and have.get(c) and have.get("fastlayers"):
+                    frac = have["fastlayers"] / have[c]
+            cells.append(fmt(frac, 3))
+        out.append(cells)
+    return cols, out
+
+
+def summary(rows):
+    """Geometric-mean speed-ups of fastlayers per (op, dtype, pass) over the shapes."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        key = (r.get("op"), r.get("dtype"), r.get("pass"))
+        for b, v in r.get("fastlayers_speedup", {}).items():
+            groups[key][b].append(v)
+    baselines = contender_names(rows)[1:]
+    cols = ["op", "dtype", "pass", "shapes"] + [f"fl/{b} (geomean)" for b in baselines]
+    out = []
+    for (op, dt, ps), by in groups.items():
+        n = max(len(v) for v in by.values())
+        cells = [op, dt, ps, str(n)]
+        for b in baselines:
+            v = by.get(b)
+            cells.append(fmt(math.exp(sum(map(math.log, v)) / len(v)), 3) if v else "-")
+        out.append(cells)
+    return cols, out
+
+
+def render(cols, rows, markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    text = [c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, width))]
+    lines = ["  ".join(text), "  ".join("-" * w for w in width)]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, width))))
+    return "\n".join(lines)
+
+
+def chart(rows, header: str, png: pathlib.Path) -> None:
+    """One panel per op; per case, one bar per contender: its speed-up over eager (1 = eager).
+    Log scale, so 2x faster and 2x slower are the same distance from the eager line."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display on these machines
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [r for r in rows if "vs_eager" in r]
+    if not rows:
+        return
+
+    def panel(r):  # the tiny-shape overhead cases share one panel
+        return "per-call overhead (tiny shapes)" if r["op"].startswith("overhead") else r["op"]
+    panels = list(dict.fromkeys(panel(r) for r in rows))
+    names = [n for n in contender_names(rows) if n != "eager"]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = dict(zip(dict.fromkeys(ORDER + names), palette * 3))
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+    most = max(sum(panel(r) == p for r in rows) for p in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.9 * most + 2), 3.2 * len(panels)),
+                             squeeze=False)
+    for ax, title in zip(axes[:, 0], panels):
+        cases = [r for r in rows if panel(r) == title]
+        present = [n for n in names if any(n in r["vs_eager"] for r in cases)]
+        width = 0.8 / max(len(present), 1)
+        for j, n in enumerate(present):
+            xs = [i + (j - (len(present) - 1) / 2) * width for i, r in enumerate(cases)
+                  if n in r["vs_eager"]]
+            ys = [r["vs_eager"][n] for r in cases if n in r["vs_eager"]]
+            # bars grow from the eager line: up = faster than eager, down = slower
+            ax.bar(xs, [y - 1 for y in ys], width, bottom=1, label=n, color=colors[n])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        values = [v for r in cases for v in r["vs_eager"].values()]
+        lo, hi = min(0.5, min(values) / 1.2), max(2.0, max(values) * 1.2)
+        ax.set_ylim(lo, hi)
+        ax.set_yticks([t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+                       if lo <= t <= hi])
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([(f"{r['op'].replace('overhead_', '')} " if title != r["op"] else "")
+                            + f"{r['shape']}\n{short.get(r['dtype'], r['dtype'])} {r['pass']}"
+                            for r in cases], fontsize=7)
+        ax.set_xlim(-0.6, max(len(cases), 4) - 0.4)  # keep bars narrow in short panels
+        ax.set_ylabel("speed-up over eager")
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.legend(fontsize=7, ncol=len(present), loc="upper right")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(header, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("json", nargs="*", type=pathlib.Path,
+                   help="benchmark JSON files (default: the newest in bench/results/)")
+    p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    p.add_argument("--no-png", action="store_true", help="don't write the chart")
+    args = p.parse_args(argv)
+
+    paths = args.json
+    if not paths:
+        found = sorted(RESULTS.glob("*.json"), key=lambda f: f.stat().st_mtime)
+        if not found:
+            fail(f"no benchmark JSON in {RESULTS}; run the suite first, e.g. "
+                 f"`pytest bench/ --benchmark-json={RESULTS}/cpu-latest.json`")
+        paths = [found[-1]]
+
+    for path in paths:
+        header, rows = load(path)
+        # op-major order (pytest runs them pass-major): each op's fwd cases, then its fwd+bwd
+        ops = list(dict.fromkeys(r.get("op") for r in rows))
+        passes = list(dict.fromkeys(r.get("pass") for r in rows))
+        rows.sort(key=lambda r: (ops.index(r.get("op")), passes.index(r.get("pass"))))
+        print(("### " if args.markdown else "") + header + "\n")
+        for suite in dict.fromkeys(r.get("suite", "cpu") for r in rows):
+            srows = [r for r in rows if r.get("suite", "cpu") == suite]
+            print(render(*build_table(srows), args.markdown) + "\n")
+            print(render(*summary(srows), args.markdown) + "\n")
+        print("speed-ups are fastlayers' (>1 = fastlayers faster): median of per-round ratios, "
+              "contenders interleaved in one run.\n")
+        if not args.no_png:
+            png = path.with_suffix(".png")
+            chart(rows, header, png)
+            print(f"chart: {png}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
