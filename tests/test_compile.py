@@ -1,0 +1,173 @@
+"""torch.compile (issue 4, point 2): fastlayers models compile with fullgraph=True and zero graph
+breaks, give eager's results forward and backward; every registered op passes opcheck; eager
+calls do not go through the registered ops."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import fastlayers as fl
+from fastlayers import _library
+from fastlayers.activations import NAMES
+from integration_helpers import assert_close_gemm, backend, backend_skip_reason  # noqa: F401
+
+H = 16
+
+
+def _mlp(device="cpu"):
+    layers = [fl.FusedLinear(8, H, activation=NAMES[0])]
+    for i, act in enumerate(NAMES[1:]):
+        layers.append(fl.FusedLinear(H, H, activation=act, negative_slope=0.1 * i - 0.2,
+                                     bias=i % 2 == 0))
+    return nn.Sequential(*layers, fl.Softmax(dim=0), fl.FusedLinear(H, 5), fl.LogSoftmax(dim=-1)).to(device)
+
+
+def _compare_compiled(model: nn.Module, x: torch.Tensor, **compile_kw) -> None:
+    """Compiled vs eager copy: outputs, input and parameter gradients; no graph break."""
+    torch._dynamo.reset()
+    counters.clear()
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, **compile_kw)
+    xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, exp = compiled(xc), ref(xr)
+    assert_close_gemm(out, exp, H)
+    g = torch.randn_like(exp)
+    out.backward(g)
+    exp.backward(g)
+    assert_close_gemm(xc.grad, xr.grad, H)
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        assert_close_gemm(got[name].grad, p.grad, H)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+
+
+def test_compile_fullgraph_forward_backward(backend):
+    torch.manual_seed(0)
+    _compare_compiled(_mlp(), torch.randn(2, 3, 8))
+
+
+def test_compile_dynamic_shapes(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(fl.FusedLinear(8, H, activation="gelu"), fl.Softmax(-1))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for n in (3, 5, 9):
+        x = torch.randn(n, 8)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_explain_reports_no_graph_break(backend):
+    torch._dynamo.reset()
+    model = _mlp()
+    explanation = torch._dynamo.explain(model)(torch.randn(4, 8))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.fc3 = nn.Linear(8, H), nn.GELU(), nn.Linear(H, H), nn.Linear(H, 4)
+        self.sm = nn.LogSoftmax(-1)
+
+    def forward(self, x):
+        return self.sm(self.fc3(F.silu(self.fc2(self.act(self.fc1(x))))))
+
+
+def test_compile_swapped_model(backend):
+    """A swap()-ed model, including a forward swap rewrote, compiles without graph breaks."""
+    torch.manual_seed(0)
+    model = fl.swap(Functional())
+    assert model.fastlayers_swap_report.rewritten == ["<model>"]
+    _compare_compiled(model, torch.randn(4, 8))
+
+
+def test_functional_api_compiles(backend):
+    torch.manual_seed(0)
+    w, b = torch.randn(H, 8, requires_grad=True), torch.randn(H, requires_grad=True)
+
+    def f(x):
+        return fl.log_softmax(fl.linear_act(x, w, b, "leaky_relu", 0.3), dim=0).sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+    with torch.no_grad():  # the inference path compiles too
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+# ----------------------------------------------------------------------------- opcheck
+def _linear_cases():
+    torch.manual_seed(0)
+    for act in NAMES:
+        for bias in (True, False):
+            slope = -0.2 if act == "leaky_relu" and bias else 0.01
+            yield (torch.randn(2, 3, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True),
+                   torch.randn(5, requires_grad=True) if bias else None, act, slope)
+    # a transposed (non-contiguous) weight, and x not needing a gradient
+    yield torch.randn(4, 8), torch.randn(8, 5, requires_grad=True).t(), torch.randn(5), "gelu", 0.01
+
+
+def test_opcheck_linear_act(backend):
+    for args in _linear_cases():
+        torch.library.opcheck(torch.ops.fastlayers.linear_act.default, args)
+
+
+def test_opcheck_linear_act_backward(backend):
+    torch.manual_seed(0)
+    for act in NAMES:
+        x, w = torch.randn(3, 8), torch.randn(5, 8)
+        y, z = _library.linear_act_op(x, w, None, act, 0.01)
+        saved = y if fl.activations.get(act).saves(0.01) == "output" else z
+        for needs in ((True, True, True), (False, True, False), (True, False, True)):
+            torch.library.opcheck(torch.ops.fastlayers.linear_act_backward.default,
+                                  (torch.randn(3, 5), x, w, saved, act, 0.01, *needs))
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 4, 5), 1), ((3, 4, 5), 2), ((6,), 0), ((), 0),
+                                       ((0, 4), 1)])
+@pytest.mark.parametrize("log", [False, True])
+def test_opcheck_softmax(backend, shape, dim, log):
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastlayers.softmax.default, (x, dim, log))
+    y = _library.softmax_op(x.detach(), dim, log)
+    torch.library.opcheck(torch.ops.fastlayers.softmax_backward.default,
+                          (torch.randn(shape), y, dim, log))
+
+
+# ----------------------------------------------------------------------------- eager cost
+def test_eager_does_not_use_registered_ops(backend, monkeypatch):
+    """Eager stays on the autograd.Functions: no dispatcher round trip (~2x the per-call cost of
+    a tiny layer, measured in bench/). Poison the op entry points and run eager."""
+    def boom(*a, **k):
+        raise AssertionError("eager call went through the torch.library op")
+
+    monkeypatch.setattr(_library, "linear_act", boom)
+    monkeypatch.setattr(_library, "softmax", boom)
+    x = torch.randn(3, 8, requires_grad=True)
+    _mlp()(x).sum().backward()
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["triton", "reference"])
+def test_compile_cuda(name):
+    why = backend_skip_reason(name, "cuda")
+    if why is not None:
+        pytest.skip(f"backend {name!r} unavailable on cuda: {why}")
+    torch.manual_seed(0)
+    with fl.use_backend(name):
+        _compare_compiled(_mlp("cuda"), torch.randn(4, 8, device="cuda"))
+        for args in _linear_cases():
+            args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                         else a for a in args)
+            torch.library.opcheck(torch.ops.fastlayers.linear_act.default, args)
