@@ -127,7 +127,7 @@ static inline V act_forward(V z, C slope) {
 template <int ACT, class V, class C>
 static inline V act_backward(V dy, V s, C slope) {
   if constexpr (ACT == NONE) return dy;
-  if constexpr (ACT == RELU) return s > C(0) ? dy : V{};  // relu'(0) = 0
+  if constexpr (ACT == RELU) return s <= C(0) ? V{} : dy;  // relu'(0) = 0; NaN passes dy, like torch
   if constexpr (ACT == LEAKY_RELU) return s > C(0) ? dy : dy * slope;
   if constexpr (ACT == GELU) {
     V pdf = C(kInvSqrt2Pi) * vexp(C(-0.5) * s * s);

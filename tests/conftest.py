@@ -1,0 +1,54 @@
+"""Shared test helpers. Runs before any test module imports fastlayers."""
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors. The flag is read when the
+# @triton.jit decorators run, so it must be set before fastlayers.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastlayers as fl  # noqa: E402
+
+# Backends the CPU tests run on: the C++ kernels and the PyTorch reference (the oracle itself is
+# also tested, so a wrong oracle cannot hide a wrong kernel). The Triton backend has its own tests.
+CPU_BACKENDS = ["cpp", "reference"]
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    with fl.use_backend(request.param):
+        yield request.param
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |a - ref| over finite reference entries, in float64."""
+    a, ref = a.double(), ref.double()
+    finite = torch.isfinite(ref)
+    return (a - ref)[finite].abs().max().item() if finite.any() else 0.0
+
+
+def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, *, red: int = 1,
+                   what: str = "") -> None:
+    """Tolerances of shared/NOTES.md, by dtype of `out`.
+
+    ref64: the float64 PyTorch result from the same (rounded) inputs; eager: PyTorch's own result
+    in out's dtype. red: the length of the longest reduction behind a value (GEMM K), which scales
+    the fp32 atol. Low precision: error <= 2x PyTorch's own error vs ref64, plus a small epsilon.
+    """
+    assert out.dtype == eager.dtype and out.shape == eager.shape, what
+    if out.dtype == torch.float64:
+        torch.testing.assert_close(out, ref64, rtol=1e-7, atol=1e-7, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    elif out.dtype == torch.float32:
+        atol = 1e-5 * max(1.0, red / 16) ** 0.5
+        torch.testing.assert_close(out.double(), ref64, rtol=1.3e-6, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(out.isnan(), ref64.to(out.dtype).isnan()), f"{what}: NaN pattern differs"
+        ours, theirs = max_err(out, ref64), max_err(eager, ref64)
+        scale = ref64[torch.isfinite(ref64)].abs().max().item() if ref64.numel() else 0.0
+        eps = 2 ** -8 * scale * 0.25 + 1e-6
+        assert ours <= 2 * theirs + eps, f"{what}: error {ours:.3g} > 2 x torch's {theirs:.3g} + {eps:.3g}"
