@@ -113,6 +113,9 @@ def run_compare(benchmark, contenders: Dict[str, Callable[[], object]], *, info:
     extra["contenders"] = names
     extra["rounds"] = rounds
     extra["threads"] = torch.get_num_threads()
+    # 1-min load average after the rounds (this run itself adds ~threads): report.py warns when
+    # other work was competing for the cores, which makes CPU numbers unreliable.
+    extra["load1"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     extra["median_ms"] = {n: med[n] * 1e3 for n in names}
     extra["min_ms"] = {n: min(times[n]) * 1e3 for n in names}
     if "eager" in times:  # every contender's speed-up over eager, median of per-round ratios

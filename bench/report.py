@@ -19,6 +19,7 @@ import json
 import math
 import pathlib
 import sys
+import textwrap
 from collections import defaultdict
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -52,6 +53,11 @@ def load(path: pathlib.Path):
               f"fastlayers backend: {', '.join(backends)}")
     if mi.get("fastlayers_forced_backend"):
         header += f"  (forced: {mi['fastlayers_forced_backend']}; not the default backend)"
+    cores = mi.get("cpu", {}).get("count")
+    load = max((r.get("load1") or 0 for r in rows if r.get("suite", "cpu") == "cpu"), default=0)
+    if cores and load > cores + 1:
+        header += (f"\n  WARNING: the machine was busy (1-min load average up to {load:.1f} on {cores} "
+                   f"cores): other work competed for the CPU; rerun on a quiet machine before reporting.")
     if mi.get("quick"):
         header += "  [QUICK run: reduced shapes and rounds, not for reporting]"
     return header, rows
@@ -92,15 +98,22 @@ def build_table(rows):
         gf = r.get("gflops", {}).get("fastlayers")
         cells += [fmt(r.get("gbps", {}).get("fastlayers")), fmt(gf * scale if gf else None)]
         if ceil:
-            frac = None
-            for c in ceil:  # fastlayers' rate as a fraction of the same-run ceiling's rate
-                key = CEILINGS[c]
-                have = r.get(key, {})
-                if c in r["contenders"] and have.get(c) and have.get("fastlayers"):
-                    frac = have["fastlayers"] / have[c]
-            cells.append(fmt(frac, 3))
+            cells.append(fmt(ceiling_fraction(r), 3))
         out.append(cells)
     return cols, out
+
+
+def ceiling_fraction(r):
+    """fastlayers' rate as a fraction of the same-run ceiling's (copy GB/s or torch.mm FLOP/s)."""
+    for c, key in CEILINGS.items():
+        have = r.get(key, {})
+        if c in r["contenders"] and have.get(c) and have.get("fastlayers"):
+            return have["fastlayers"] / have[c]
+    return None
+
+
+def geomean(v):
+    return math.exp(sum(map(math.log, v)) / len(v)) if v else None
 
 
 def summary(rows):
@@ -109,16 +122,20 @@ def summary(rows):
     for r in rows:
         key = (r.get("op"), r.get("dtype"), r.get("pass"))
         for b, v in r.get("fastlayers_speedup", {}).items():
-            groups[key][b].append(v)
-    baselines = contender_names(rows)[1:]
-    cols = ["op", "dtype", "pass", "shapes"] + [f"fl/{b} (geomean)" for b in baselines]
+            if b not in CEILINGS:  # a ceiling is not a baseline; it is in fl/ceiling
+                groups[key][b].append(v)
+        frac = ceiling_fraction(r)
+        if frac:
+            groups[key]["ceiling"].append(frac)
+    baselines = [n for n in contender_names(rows)[1:] if n not in CEILINGS]
+    has_ceil = any("ceiling" in by for by in groups.values())
+    cols = (["op", "dtype", "pass", "shapes"] + [f"fl/{b} (geomean)" for b in baselines]
+            + (["fl/ceiling (geomean)"] if has_ceil else []))
     out = []
     for (op, dt, ps), by in groups.items():
-        n = max(len(v) for v in by.values())
+        n = max((len(v) for v in by.values()), default=0)
         cells = [op, dt, ps, str(n)]
-        for b in baselines:
-            v = by.get(b)
-            cells.append(fmt(math.exp(sum(map(math.log, v)) / len(v)), 3) if v else "-")
+        cells += [fmt(geomean(by.get(b)), 3) for b in baselines + (["ceiling"] if has_ceil else [])]
         out.append(cells)
     return cols, out
 
@@ -152,7 +169,8 @@ def chart(rows, header: str, png: pathlib.Path) -> None:
     def panel(r):  # the tiny-shape overhead cases share one panel
         return "per-call overhead (tiny shapes)" if r["op"].startswith("overhead") else r["op"]
     panels = list(dict.fromkeys(panel(r) for r in rows))
-    names = [n for n in contender_names(rows) if n != "eager"]
+    # ceilings do different work (a bare GEMM, a copy): they are in the table, not the chart
+    names = [n for n in contender_names(rows) if n != "eager" and n not in CEILINGS]
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = dict(zip(dict.fromkeys(ORDER + names), palette * 3))
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
@@ -187,8 +205,9 @@ def chart(rows, header: str, png: pathlib.Path) -> None:
         ax.set_title(title, fontsize=10, loc="left")
         ax.legend(fontsize=7, ncol=len(present), loc="upper right")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(header, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    wrap = int(fig.get_figwidth() * 15)  # ~characters per line at fontsize 8
+    fig.suptitle("\n".join(textwrap.fill(line, wrap) for line in header.split("\n")), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.04 / len(panels)))
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
