@@ -13,7 +13,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import activations as _acts
 from ._errors import DeviceError, DTypeError, ShapeError
@@ -100,6 +99,15 @@ def _normalize_dim(op: str, x: Tensor, dim: int) -> int:
     return dim % n
 
 
+def _owned(t: Tensor) -> Tensor:
+    """A contiguous reshaped result as a tensor of its own rather than a view of the backend's
+    buffer: autograd forbids in-place edits of a custom Function's view outputs, and users may
+    legitimately write `y += residual` on any op's output."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 # ----------------------------------------------------------------------------- linear + act
 def _linear_forward(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation,
                     slope: float, save: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -117,32 +125,42 @@ class LinearActFunction(torch.autograd.Function):
         backend = select(x.device, "fastlayers.linear_act")
         _check_backend_dtype("fastlayers.linear_act", backend, x.dtype)
         y, saved = _linear_forward(backend, x, weight, bias, act, slope, save=True)
+        y = _owned(y)
         kind = act.saves(slope)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.backend, ctx.act, ctx.slope, ctx.kind = backend, act, slope, kind
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        # Save only what the requested gradients need: dW needs x, dx needs W. The output is
-        # saved as returned (not as the 2-D buffer) so in-place edits to it are detected.
-        ctx.save_for_backward(x if need_w else None, weight if need_x else None,
+        ctx.backend, ctx.act, ctx.slope = backend, act, slope
+        ctx.x_shape = x.shape
+        # x, W, b are inputs (saving them copies nothing); of the activation only y (its output,
+        # saved as returned so in-place edits to it are detected) or the pre-activation z.
+        ctx.save_for_backward(x, weight, bias,
                               y if kind == SAVE_OUTPUT else saved if kind == SAVE_INPUT else None)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy: Tensor):
-        x, weight, saved = ctx.saved_tensors
+        x, weight, bias, saved = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable, so higher orders are exact
+            return _linear_act_backward_differentiable(x, weight, bias, dy, ctx.act, ctx.slope, need)
         n = dy.shape[-1]
         dy2 = dy.reshape(-1, n).contiguous()  # (M, N)
         if saved is not None:
             saved = saved.reshape(-1, n)
-        if x is not None:
-            x = x.reshape(-1, x.shape[-1])  # (M, K)
-        need = ctx.needs_input_grad
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         dx, dw, db = ctx.backend.linear_act_backward(
-            dy2, x, weight, saved, ctx.act, ctx.slope, (need[0], need[1], ctx.has_bias and need[2]))
+            dy2, x2, weight, saved, ctx.act, ctx.slope, (need[0], need[1], bias is not None and need[2]))
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return dx, dw, db, None, None
+
+
+def _linear_act_backward_differentiable(x, weight, bias, dy, act: Activation, slope: float, need):
+    """First-order gradients as a graph of PyTorch ops (the fused kernels are first-order only):
+    recompute act(x W^T + b) from the saved inputs, which keep their autograd history."""
+    wrt = [t for t, n in zip((x, weight, bias), need) if n]
+    with torch.enable_grad():
+        y = act.ref(torch.nn.functional.linear(x, weight, bias), slope)
+    grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True))
+    return tuple(next(grads) if n else None for n in need) + (None, None)
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -189,15 +207,18 @@ class SoftmaxFunction(torch.autograd.Function):
         op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
         backend = select(x.device, op)
         _check_backend_dtype(op, backend, x.dtype)
-        y = backend.softmax_forward(_as_3d(x, dim), log).view(x.shape)
+        y = _owned(backend.softmax_forward(_as_3d(x, dim), log).view(x.shape))
         ctx.backend, ctx.dim, ctx.log = backend, dim, log
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy: Tensor):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: PyTorch ops on y keep higher orders exact
+            d = ctx.dim
+            dx = dy - y.exp() * dy.sum(d, keepdim=True) if ctx.log else y * (dy - (dy * y).sum(d, keepdim=True))
+            return dx, None, None
         dx = ctx.backend.softmax_backward(_as_3d(dy, ctx.dim), _as_3d(y, ctx.dim), ctx.log)
         return dx.view(y.shape), None, None
 

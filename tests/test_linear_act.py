@@ -227,3 +227,30 @@ def test_long_rows_and_threads(backend):
     ref = F.gelu(F.linear(x, w, b))
     torch.testing.assert_close(outs[0][0], ref, atol=1e-4, rtol=1.3e-6)
     torch.testing.assert_close(outs[0][3], outs[1][3], atol=1e-5, rtol=1e-6)
+
+
+def test_output_can_be_modified_in_place(backend):
+    """Like any torch op's output (h = fc(x); h += x), and a saved output edited in place is
+    detected at backward by PyTorch's usual version check."""
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    h = fl.linear_act(x, w, None, "gelu")
+    h += x  # gelu saves z, not h: fine, and the gradient is right
+    h.sum().backward()
+    xr, wr = leaf(x), leaf(w)
+    (F.gelu(F.linear(xr, wr)) + xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    y = fl.linear_act(x, w, None, "relu")  # relu saves its output
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_saved_input_modified_in_place_raises(backend):
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(2, 4, requires_grad=True)
+    xi = x * 1
+    y = fl.linear_act(xi, w, None, "tanh")
+    xi.mul_(2)  # x is saved for dW
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
