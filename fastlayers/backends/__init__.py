@@ -102,6 +102,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 def select(device: torch.device, op: str) -> ModuleType:
     """The backend for tensors on `device`; raises a clear error when it cannot run there."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"{op}: got a tensor on {device}, but CUDA is not available "
+                                      f"(torch {torch.__version__} sees no GPU)")
     name = forced()
     if name is None:
         name = _DEFAULT_FOR_DEVICE.get(device.type)
