@@ -1,0 +1,474 @@
+"""The Triton backend against the `reference` backend (plain PyTorch), outputs and gradients.
+
+Runs on CUDA tensors when a GPU is present, else on CPU tensors through Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 before fastlayers' kernels are imported). Interpreter
+programs cost ~2 ms each, so shapes here stay small; the larger ones and the fp16/bf16 GEMMs
+(the interpreter's bf16 tl.dot is broken) are marked `gpu`.
+
+Shapes straddle the block sizes the kernels use on this device: the interpreter's GEMM tile
+(kernels.linear_act.INTERPRETER_GEMM_CONFIG), the act-grad tile (GRAD_BLOCK_M/N) and the softmax
+single-pass boundary (kernels.softmax.single_pass_max_length).
+
+Tolerances (shared/NOTES.md): fp64 1e-7; fp32 elementwise and softmax at assert_close's defaults;
+fp32 GEMM outputs with atol scaled by sqrt(reduction length / 16); fp16/bf16 within 2x PyTorch's
+own error against a float64 reference (+ a small epsilon).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # normally done by conftest.py; harmless when it already ran
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastlayers as fl  # noqa: E402
+from fastlayers import activations as acts  # noqa: E402
+from fastlayers.backends import load  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+try:
+    _tb = load("triton")
+    _why = _tb.unavailable_reason(torch.device(DEVICE))
+except Exception as e:  # noqa: BLE001 - triton not installed or failed to import
+    _tb, _why = None, str(e)
+if _why is not None:
+    pytest.skip(f"triton backend cannot run on {DEVICE}: {_why}", allow_module_level=True)
+
+# The interpreter evaluates kernels with numpy, which warns where a kernel relies on IEEE
+# overflow (exp(large) = inf, inf - inf = NaN in a fully -inf softmax row): expected here.
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+
+from fastlayers.kernels import linear_act as K_LA  # noqa: E402
+from fastlayers.kernels import softmax as K_SM  # noqa: E402
+
+# (activation, negative_slope): leaky_relu with slope < 0 saves z instead of y.
+ACTS = [(name, 0.01) for name in acts.NAMES] + [("leaky_relu", -0.2), ("leaky_relu", 0.0)]
+ACT_IDS = [f"{a}-{s}" if a == "leaky_relu" else a for a, s in ACTS]
+
+# The GEMM tile of the single interpreter config, and the act-grad tile.
+_BM = K_LA.INTERPRETER_GEMM_CONFIG.kwargs["BLOCK_M"]
+_BN = K_LA.INTERPRETER_GEMM_CONFIG.kwargs["BLOCK_N"]
+_BK = K_LA.INTERPRETER_GEMM_CONFIG.kwargs["BLOCK_K"]
+_GM, _GN = K_LA.GRAD_BLOCK_M, K_LA.GRAD_BLOCK_N
+
+
+# ----------------------------------------------------------------------------- helpers
+def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def _close(out, ref, red=1, what=""):
+    """Tolerance by out's dtype; ref is float64 (or out's dtype). fp64: 1e-7. fp32: assert_close
+    defaults, atol scaled for a reduction of length `red` (GEMMs)."""
+    assert out.shape == ref.shape and ref.dtype in (out.dtype, torch.float64), what
+    if out.dtype == torch.float64:
+        rtol, atol = 1e-7, 1e-7
+    else:
+        rtol, atol = 1.3e-6, 1e-5 * math.sqrt(max(1.0, red / 16))
+    torch.testing.assert_close(out.to(ref.dtype), ref, rtol=rtol, atol=atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+
+def _linear_both(x, w, b, act, slope, dy, ref64=True):
+    """(y, dx, dw, db) from the triton backend, and from the reference backend run on float64
+    copies of the same inputs (ref64) or in their own dtype (None where not required)."""
+    res = {}
+    for backend in ("triton", "reference"):
+        conv = (lambda t: t.detach().double()) if backend == "reference" and ref64 else \
+            (lambda t: t.detach().clone())
+        leaves = [conv(t).requires_grad_(t.requires_grad) if t is not None else None
+                  for t in (x, w, b)]
+        dy_b = conv(dy)
+        with fl.use_backend(backend):
+            y = fl.linear_act(leaves[0], leaves[1], leaves[2], act, slope)
+            need = [t for t in leaves if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(y, need, dy_b) if need else ())
+        res[backend] = [y] + [next(grads) if t is not None and t.requires_grad else None
+                              for t in leaves]
+    return res["triton"], res["reference"]
+
+
+def _check_linear(M, K, N, act, slope, dtype, bias=True, x_shape=None):
+    x = _rand(*(x_shape or (M, K)), dtype=dtype, scale=1.0, seed=1).requires_grad_()
+    w = _rand(N, K, dtype=dtype, scale=1.0 / math.sqrt(max(K, 1)), seed=2).requires_grad_()
+    b = _rand(N, dtype=dtype, seed=3).requires_grad_() if bias else None
+    dy = _rand(*x.shape[:-1], N, dtype=dtype, seed=4)
+    got, ref = _linear_both(x, w, b, act, slope, dy)
+    m = x.numel() // max(K, 1)
+    for name, g, r, red in zip(("y", "dx", "dw", "db"), got, ref, (K, N, m, m)):
+        if r is None:
+            assert g is None, name
+            continue
+        _close(g, r, red=red, what=f"{name} {act}({slope}) {tuple(x.shape)}x{K}->{N} {dtype}")
+
+
+# ----------------------------------------------------------------------------- linear + act
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
+def test_linear_act_every_activation(act, slope, dtype):
+    # Partial tiles in every dim: M, N > one tile, K > one k-step.
+    _check_linear(_BM + 7, _BK + 3, _BN + 5, act, slope, dtype)
+
+
+# Shapes (M, K, N) straddling each block size B as B-1, B, B+1 (GEMM tile, k-step, grad tile).
+_SHAPES = [(1, 1, 1), (2, 3, 5)]
+_SHAPES += [(_BM + d, _BK + d, _BN - d) for d in (-1, 0, 1)]
+_SHAPES += [(_GM + d, 7, _GN + d) for d in (-1, 0, 1)]
+_SHAPES += [(2 * _BM + 1, 2 * _BK + 1, 2 * _BN + 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", _SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in _SHAPES])
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_linear_act_shapes(shape, act, dtype):
+    M, K, N = shape
+    _check_linear(M, K, N, act, 0.01, dtype)
+
+
+@pytest.mark.parametrize("act,slope", [("silu", 0.01), ("leaky_relu", -0.2), ("none", 0.01)])
+def test_linear_act_no_bias_3d(act, slope):
+    _check_linear(0, 9, 17, act, slope, torch.float32, bias=False, x_shape=(2, 5, 9))
+    _check_linear(0, 1, 1, act, slope, torch.float64, bias=False, x_shape=(1, 1, 1))
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "relu", "none"])
+def test_linear_act_noncontiguous(act):
+    """Non-contiguous x (transposed 3-D slice), weight (a transposed view) and grad_output."""
+    K, N = 33, 70
+    x = _rand(K, 4, 2 * 9, seed=1).permute(1, 2, 0)[:, ::2, :]  # (4, 9, K), strided
+    w = _rand(K, N, scale=K ** -0.5, seed=2).t()                # (N, K), column-major
+    b = _rand(2 * N, seed=3)[::2]                                # stride 2
+    dy = _rand(N, 4, 9, seed=4).permute(1, 2, 0)                 # (4, 9, N), non-contiguous
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous() or dy.is_contiguous())
+    got, ref = _linear_both(x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), act, 0.01, dy)
+    for name, g, r, red in zip(("y", "dx", "dw", "db"), got, ref, (K, N, 36, 36)):
+        _close(g, r, red=red, what=name)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True)], ids=["x", "w", "b", "wb"])
+def test_linear_act_partial_grads(needs):
+    x, w, b = _rand(40, 20, seed=1), _rand(30, 20, seed=2), _rand(30, seed=3)
+    for t, n in zip((x, w, b), needs):
+        t.requires_grad_(n)
+    got, ref = _linear_both(x, w, b, "gelu", 0.01, _rand(40, 30, seed=4))
+    for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+        assert (g is None) == (r is None), name
+        if r is not None:
+            _close(g, r, red=40, what=name)
+
+
+def test_linear_act_inference_and_zero_sizes():
+    x, w, b = _rand(10, 6), _rand(7, 6, seed=2), _rand(7, seed=3)
+    with fl.use_backend("triton"):
+        y = fl.linear_act(x, w, b, "tanh")
+    _close(y, torch.tanh(x @ w.t() + b), red=6)
+    # K = 0 through the backend contract directly: y = act(bias), dw = 0 (x.reshape(-1, 0) in
+    # fastlayers.functional cannot flatten a (10, 0) input).
+    x, w, b = _rand(10, 0), _rand(7, 0), _rand(7, seed=3)
+    sig = acts.get("sigmoid")
+    y, saved = _tb.linear_act_forward(x, w, b, sig, 0.01, True)
+    _close(y, torch.sigmoid(b).expand(10, 7).contiguous())
+    assert saved is y
+    dy = _rand(10, 7, seed=4)
+    dx, dw, db = _tb.linear_act_backward(dy, x, w, saved, sig, 0.01, (True, True, True))
+    _close(db, (dy * y * (1 - y)).sum(0))
+    assert dx.shape == (10, 0) and dw.shape == (7, 0)
+    # N = 0 likewise (dy.reshape(-1, 0) in fastlayers.functional's backward).
+    x, w, b, dy = _rand(10, 6), _rand(0, 6), _rand(0), _rand(10, 0)
+    y, saved = _tb.linear_act_forward(x, w, b, sig, 0.01, True)
+    dx, dw, db = _tb.linear_act_backward(dy, x, w, saved, sig, 0.01, (True, True, True))
+    assert y.shape == (10, 0) and dw.shape == (0, 6) and db.shape == (0,)
+    _close(dx, torch.zeros(10, 6, device=DEVICE))
+    for M, K, N in ((0, 6, 7),):
+        x = _rand(M, K).requires_grad_()
+        w = _rand(N, K, seed=2).requires_grad_()
+        b = _rand(N, seed=3).requires_grad_()
+        got, ref = _linear_both(x, w, b, "sigmoid", 0.01, _rand(M, N, seed=4))
+        for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+            _close(g, r, what=f"{name} {M}x{K}x{N}")
+
+
+def test_linear_act_bias_grad_is_deterministic():
+    x, w, b = _rand(150, 8), _rand(200, 8, seed=2), _rand(200, seed=3).requires_grad_()
+    dy = _rand(150, 200, seed=4)
+    with fl.use_backend("triton"):
+        runs = [torch.autograd.grad(fl.linear_act(x, w, b, "gelu"), b, dy)[0] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+# Special values: z = x exactly (K = 1, weight 1, no bias), so each activation sees them as is.
+_SPECIAL = [0.0, -0.0, 1e20, -1e20, 88.0, -88.0, 1.0, -1.0, 1e-30, -1e-30, float("nan")]
+_INF_LIMIT = {  # act(+inf), act(-inf): the mathematical limits (PyTorch gives NaN for some)
+    "none": (math.inf, -math.inf), "relu": (math.inf, 0.0), "gelu": (math.inf, 0.0),
+    "gelu_tanh": (math.inf, 0.0), "silu": (math.inf, 0.0), "sigmoid": (1.0, 0.0),
+    "tanh": (1.0, -1.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
+def test_special_values(act, slope, dtype):
+    vals = torch.tensor(_SPECIAL, dtype=dtype, device=DEVICE).view(-1, 1)
+    w = torch.ones(1, 1, dtype=dtype, device=DEVICE)
+    dy = torch.ones(len(_SPECIAL), 1, dtype=dtype, device=DEVICE)
+    got, ref = _linear_both(vals.clone().requires_grad_(), w, None, act, slope, dy, ref64=False)
+    torch.testing.assert_close(got[0], ref[0], equal_nan=True, msg=lambda m: f"y: {m}")
+    torch.testing.assert_close(got[1], ref[1], equal_nan=True, msg=lambda m: f"dx: {m}")
+    # ±inf: PyTorch's value or the mathematical limit; never anything else.
+    infs = torch.tensor([math.inf, -math.inf], dtype=dtype, device=DEVICE).view(-1, 1)
+    with fl.use_backend("triton"):
+        y = fl.linear_act(infs, w, None, act, slope).view(-1).tolist()
+    torch_y = acts.get(act).ref(infs, slope).view(-1).tolist()
+    lim = _INF_LIMIT.get(act) or (math.inf, -math.inf * slope if slope != 0 else 0.0)
+    for v, t, m in zip(y, torch_y, lim):
+        assert v == m or v == t or (math.isnan(v) and math.isnan(t)), (act, v, t, m)
+
+
+def test_leaky_relu_fp64_slope_is_exact():
+    """The slope reaches fp64 kernels at fp64 precision (split into two fp32 kernel arguments)."""
+    x = _rand(5, 3, dtype=torch.float64) - 4.0
+    w = torch.eye(3, dtype=torch.float64, device=DEVICE)
+    with fl.use_backend("triton"):
+        y = fl.linear_act(x, w, None, "leaky_relu", 0.1)
+    torch.testing.assert_close(y, torch.where(x > 0, x, x * 0.1), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
+def test_linear_act_gradcheck(act, slope):
+    x, w, b = _rand(3, 4, dtype=torch.float64), _rand(5, 4, dtype=torch.float64, seed=2), \
+        _rand(5, dtype=torch.float64, seed=3)
+    # Away from the kinks of relu / leaky_relu at z = 0.
+    z = x @ w.t() + b
+    b = b + torch.where(z.abs().min(0).values < 0.1, 0.3, 0.0)
+    assert (x @ w.t() + b).abs().min() > 0.05
+    with fl.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: fl.linear_act(x, w, b, act, slope),
+            (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+# ----------------------------------------------------------------------------- softmax
+_BOUNDARY = K_SM.single_pass_max_length(1)
+_STREAM_LEN = 2 * _BOUNDARY + 3  # several streaming chunks
+_ROW_LENGTHS = [1, 2, 1023, 1024, 1025, _BOUNDARY - 1, _BOUNDARY, _BOUNDARY + 1, _STREAM_LEN]
+
+
+def _softmax_both(x, dim, log, dy):
+    """(y, dx) from the triton backend and from the reference backend on float64 copies."""
+    res = {}
+    for backend in ("triton", "reference"):
+        conv = (lambda t: t.detach().double()) if backend == "reference" else \
+            (lambda t: t.detach().clone())
+        xl = conv(x).requires_grad_()
+        with fl.use_backend(backend):
+            y = (fl.log_softmax if log else fl.softmax)(xl, dim)
+            (dx,) = torch.autograd.grad(y, xl, conv(dy))
+        res[backend] = (y, dx)
+    return res["triton"], res["reference"]
+
+
+def _check_softmax(x, dim, log, dy=None, what=""):
+    dy = _rand(*x.shape, dtype=x.dtype, seed=9) if dy is None else dy
+    got, ref = _softmax_both(x, dim, log, dy)
+    _close(got[0], ref[0], what=f"y {what}")
+    _close(got[1], ref[1], what=f"dx {what}")
+
+
+def test_single_pass_boundary():
+    assert K_SM.uses_single_pass(_BOUNDARY, 1) and not K_SM.uses_single_pass(_BOUNDARY + 1, 1)
+    assert K_SM.uses_single_pass(1025, 1)
+    assert not K_SM.uses_single_pass(_STREAM_LEN, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("length", _ROW_LENGTHS)
+def test_softmax_rows(length, log, dtype):
+    rows = 37 if length <= 2 else 2
+    _check_softmax(_rand(rows, length, dtype=dtype, scale=3.0), -1, log, what=f"L={length}")
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((4, 7, 5), 1), ((3, 7, 2, 9), 0), ((6, 1, 3), 1),
+                                       ((5, 4), 0), ((), 0), ((0, 3), 1), ((3, 0), 1)])
+def test_softmax_dims(shape, dim, log):
+    _check_softmax(_rand(*shape, scale=2.0), dim, log, what=f"{shape} dim={dim}")
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_softmax_strided_boundary(delta, log):
+    """inner > 1 (dim != -1) on both sides of its own single-pass boundary."""
+    inner = 3
+    length = K_SM.single_pass_max_length(inner) + delta
+    assert K_SM.uses_single_pass(length, inner) == (delta <= 0)
+    _check_softmax(_rand(1, length, inner, scale=2.0), 1, log, what=f"L={length} inner={inner}")
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("length", [5, 1025, _STREAM_LEN])
+def test_softmax_inf_rows(length, log):
+    x = _rand(4, length, scale=2.0)
+    x[0] = -math.inf                                  # fully -inf: NaN, like torch
+    x[1, ::3] = -math.inf                             # partly -inf
+    x[2, : max(1, length - 2)] = -math.inf            # -inf through the first chunk(s)
+    x[3, length // 2] = math.inf                      # +inf
+    _check_softmax(x, -1, log, what=f"L={length}")
+
+
+def test_softmax_noncontiguous():
+    x = _rand(20, 3, 8, scale=2.0).transpose(0, 2)    # (8, 3, 20), non-contiguous
+    dy = _rand(20, 3, 8, seed=5).transpose(0, 2)
+    for dim in (0, 2, -1):
+        for log in (False, True):
+            _check_softmax(x, dim, log, dy=dy, what=f"dim={dim}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (the interpreter's fp32 -> fp16/bf16 casts truncate)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_low_precision(dtype, log):
+    """fp32 accumulation: error <= 2x PyTorch's own vs a float64 reference (+ small eps)."""
+    for length in (300, _STREAM_LEN):
+        x = _rand(3, length, dtype=dtype, scale=3.0)
+        f = fl.log_softmax if log else fl.softmax
+        tf = torch.log_softmax if log else torch.softmax
+        with fl.use_backend("triton"):
+            ours = f(x, -1)
+        _assert_low_precision(ours, tf(x, -1), tf(x.double(), -1), f"L={length}")
+
+
+def _assert_low_precision(ours, theirs, ref64, what=""):
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, what
+    err = (ours.double() - ref64).abs().max().item()
+    torch_err = (theirs.double() - ref64).abs().max().item()
+    eps = 1e-6 + 2 ** -10 * ref64.abs().max().item()
+    assert err <= 2 * torch_err + eps, f"{what}: error {err:.3g} > 2 x torch's {torch_err:.3g} + {eps:.3g}"
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((3, 5), -1), ((2, 3, 4), 1), ((2, 3), 0)])
+def test_softmax_gradcheck(shape, dim, log):
+    x = _rand(*shape, dtype=torch.float64).requires_grad_()
+    f = fl.log_softmax if log else fl.softmax
+    with fl.use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda t: f(t, dim), (x,))
+
+
+def test_softmax_gradcheck_streaming(monkeypatch):
+    """The streaming kernels under gradcheck, with a tiny single-pass limit so rows stay short."""
+    monkeypatch.setattr(K_SM, "SINGLE_PASS_MAX_ELEMS", 8)
+    monkeypatch.setattr(K_SM, "STREAM_CHUNK_ELEMS", 4)
+    assert not K_SM.uses_single_pass(11, 1)
+    x = _rand(2, 11, dtype=torch.float64).requires_grad_()
+    for f in (fl.softmax, fl.log_softmax):
+        with fl.use_backend("triton"):
+            assert torch.autograd.gradcheck(lambda t: f(t, -1), (x,))
+
+
+# ----------------------------------------------------------------------------- launcher
+def test_unavailable_reason():
+    assert _tb.unavailable_reason(torch.device(DEVICE)) is None
+    if not _tb.INTERPRETED:
+        assert "TRITON_INTERPRET=1" in _tb.unavailable_reason(torch.device("cpu"))
+    assert _tb.unavailable_reason(torch.device("meta")) is not None
+
+
+def test_kernel_failure_is_a_clear_error(monkeypatch):
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise ValueError("simulated compile failure\nsecond line")
+            return launch
+
+    monkeypatch.setattr(K_SM, "softmax_fwd_kernel", Broken())
+    with fl.use_backend("triton"), pytest.raises(RuntimeError, match=r"fastlayers\.softmax.*triton.*second line"):
+        fl.softmax(_rand(2, 3), -1)
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_linear_act_low_precision_exact(act, dtype):
+    """fp16/bf16 GEMMs (forward and both backward GEMMs) on small integers, where every result is
+    exact in the low precision: checks the low-precision tl.dot path (bf16 tiles are upcast to fp32
+    under the interpreter, whose bf16 tl.dot is broken) independently of output rounding (the
+    interpreter's fp32 -> fp16/bf16 casts truncate; accuracy tests are GPU-only below)."""
+    M, K, N = 70, 96, 65
+    g = torch.Generator().manual_seed(0)
+    x, w, b, dy = (torch.randint(-1, 2, shape, generator=g).to(dtype).to(DEVICE)
+                   for shape in ((M, K), (N, K), (N,), (M, N)))
+    got, ref = _linear_both(x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), act, 0.01,
+                            dy, ref64=False)
+    for name, o, r in zip(("y", "dx", "dw", "db"), got, ref):
+        assert o.dtype == dtype and torch.equal(o, r), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", acts.NAMES)
+@pytest.mark.parametrize("shape", [(257, 1024, 384), (1000, 512, 1536)])
+def test_gpu_linear_act_low_precision(shape, act, dtype):
+    M, K, N = shape
+    x = _rand(M, K, dtype=dtype).requires_grad_()
+    w = _rand(N, K, dtype=dtype, scale=K ** -0.5, seed=2).requires_grad_()
+    b = _rand(N, dtype=dtype, seed=3).requires_grad_()
+    dy = _rand(M, N, dtype=dtype, seed=4)
+    got, theirs = _linear_both(x, w, b, act, 0.01, dy, ref64=False)
+    ref = _linear_both(x, w, b, act, 0.01, dy)[1]
+    for name, g, t, r in zip(("y", "dx", "dw", "db"), got, theirs, ref):
+        _assert_low_precision(g, t, r, f"{name} {act} {shape} {dtype}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_gpu_linear_act_fp32_follows_tf32_switch(act):
+    """allow_tf32 off (PyTorch's default): exact fp32 GEMMs, inside fp32 tolerances at K = 1024."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _check_linear(513, 1024, 769, act, 0.01, torch.float32)
+        _check_linear(300, 200, 100, act, 0.01, torch.float64)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("length", [4096, 16384, 65536, 262145])
+def test_gpu_softmax_long_rows(length, dtype):
+    x = _rand(8, length, dtype=dtype, scale=4.0)
+    for log in (False, True):
+        f = fl.log_softmax if log else fl.softmax
+        tf = torch.log_softmax if log else torch.softmax
+        with fl.use_backend("triton"):
+            ours = f(x, -1)
+        if dtype == torch.float32:
+            _close(ours, tf(x, -1), what=f"L={length}")
+        else:
+            _assert_low_precision(ours, tf(x, -1), tf(x.double(), -1), f"L={length}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_launches_on_the_tensors_device():
+    x = _rand(64, 32).to("cuda:1")
+    w = _rand(16, 32, seed=2).to("cuda:1")
+    with torch.cuda.device(0), fl.use_backend("triton"):
+        y = fl.linear_act(x, w, None, "gelu")
+        p = fl.softmax(x, -1)
+    assert y.device == x.device
+    _close(y, torch.nn.functional.gelu(x @ w.t()), red=32)
+    _close(p, torch.softmax(x, -1))
