@@ -52,6 +52,19 @@ void bias_act_forward(T* z, const T* b, T* y, int64_t m, int64_t n, int act, dou
   });
 }
 
+// acc[0:k] += v[0:k] in fp64.
+static inline void add_to(double* acc, vd v, int64_t k) {
+  if (k == 8) { vd a; std::memcpy(&a, acc, sizeof a); a += v; std::memcpy(acc, &a, sizeof a); return; }
+  for (int64_t l = 0; l < k; ++l) acc[l] += v[l];
+}
+static inline void add_to(double* acc, vf v, int64_t k) {
+  typedef float vf8 __attribute__((vector_size(32)));
+  vf8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  vf8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  add_to(acc, __builtin_convertvector(lo, vd), std::min<int64_t>(k, 8));
+  if (k > 8) add_to(acc + 8, __builtin_convertvector(hi, vd), k - 8);
+}
+
 // Backward prologue for rows [r0, r1): dz = dy * act'(s); acc[j] += dz[r, j] in fp64.
 // Bytes: reads 2*M*N, writes M*N (dz is skipped for act NONE, where dz is dy itself).
 template <class T, int ACT>
@@ -75,8 +88,7 @@ static void act_grad_rows(const T* dy, const T* s, T* dz, double* acc, int64_t r
         // db is the sum of dz as stored (rounded to T), like summing the dz tensor.
         g = k == W ? IO::load(dzr + j) : load_n(dzr + j, k);
       }
-      if (acc)
-        for (int64_t l = 0; l < k; ++l) acc[j + l] += (double)g[l];
+      if (acc) add_to(acc + j, g, k);
     }
   }
 }
