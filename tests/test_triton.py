@@ -432,6 +432,18 @@ def test_gpu_linear_act_low_precision(shape, act, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(255, 257, 256), (257, 64, 255), (129, 16, 17)],
+                         ids=["255x257x256", "257x64x255", "129x16x17"])
+def test_gpu_linear_act_tile_edges(shape, dtype):
+    """B-1, B, B+1 around the largest GPU tiles (256 / 128) and the smallest K step (16)."""
+    M, K, N = shape
+    for act, slope in (("gelu", 0.01), ("leaky_relu", -0.2)):
+        _check_linear(M, K, N, act, slope, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_gpu_linear_act_fp32_follows_tf32_switch(act):
     """allow_tf32 off (PyTorch's default): exact fp32 GEMMs, inside fp32 tolerances at K = 1024."""

@@ -21,14 +21,20 @@ Autotuning: a few configs keyed by the powers of two of M, N, K (a new batch siz
 tuned config of its bucket); exactly one config under TRITON_INTERPRET=1, where autotuning
 cannot benchmark. On a GPU every tile dimension is >= 16 (``tl.dot``'s minimum).
 """
-import os
-
 import triton
 import triton.language as tl
 
 from .activations import apply_act, act_grad
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Whether these kernels run in Triton's interpreter: triton decides when each @triton.jit
+# decorator runs (TRITON_INTERPRET=1 at import time), so ask the decorated function.
+INTERPRET = type(_probe).__name__ == "InterpretedFunction"
 
 
 def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> triton.Config:
