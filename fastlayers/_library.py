@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import activations as _acts
 from .activations import SAVE_INPUT, SAVE_OUTPUT
+from ._shapes import as_2d, as_3d
 from .backends import select
 
 _EMPTY_SHAPE = (0,)
@@ -69,11 +70,10 @@ def linear_act_backward_op(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor,
                            need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
     act = _acts.get(activation)
     backend = _backend(dy.device, "fastlayers.linear_act", dy.dtype)
-    n, k = weight.shape
     kind = act.saves(negative_slope)
-    s = saved.reshape(-1, n) if kind in (SAVE_INPUT, SAVE_OUTPUT) else None
+    s = as_2d(saved) if kind in (SAVE_INPUT, SAVE_OUTPUT) else None
     dx, dw, db = backend.linear_act_backward(
-        dy.reshape(-1, n).contiguous(), x.reshape(-1, k), weight, s, act, negative_slope,
+        as_2d(dy).contiguous(), as_2d(x), weight, s, act, negative_slope,
         (need_dx, need_dw, need_db))
     # Contiguous, as the fake kernel promises (a backend may return other strides).
     return (dx.view(x.shape).contiguous() if need_dx else _empty(dy),
@@ -123,9 +123,8 @@ def _softmax_name(log: bool) -> str:
 
 @torch.library.custom_op("fastlayers::softmax", mutates_args=())
 def softmax_op(x: Tensor, dim: int, log: bool) -> Tensor:
-    from .functional import _as_3d
     backend = _backend(x.device, _softmax_name(log), x.dtype)
-    return backend.softmax_forward(_as_3d(x, dim), log).view(x.shape)
+    return backend.softmax_forward(as_3d(x, dim), log).view(x.shape)
 
 
 @softmax_op.register_fake
@@ -135,9 +134,8 @@ def _(x, dim, log):
 
 @torch.library.custom_op("fastlayers::softmax_backward", mutates_args=())
 def softmax_backward_op(dy: Tensor, y: Tensor, dim: int, log: bool) -> Tensor:
-    from .functional import _as_3d
     backend = _backend(y.device, _softmax_name(log), y.dtype)
-    return backend.softmax_backward(_as_3d(dy, dim), _as_3d(y, dim), log).view(y.shape)
+    return backend.softmax_backward(as_3d(dy, dim), as_3d(y, dim), log).view(y.shape)
 
 
 @softmax_backward_op.register_fake

@@ -18,6 +18,7 @@ from . import activations as _acts
 from ._errors import DeviceError, DTypeError, ShapeError
 from .activations import SAVE_INPUT, SAVE_OUTPUT, Activation
 from .backends import select
+from ._shapes import as_2d, as_3d
 from . import _library  # issue 4: torch.library ops, used only while torch.compile traces
 
 # ----------------------------------------------------------------------------- autocast (issue 4)
@@ -114,7 +115,7 @@ def _linear_forward(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
                     slope: float, save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """(*, K) -> (*, N); saved is 2-D (M, N) or None (see the backend contract)."""
     n = weight.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])  # (M, K), a view when x's leading dims are contiguous
+    x2 = as_2d(x)  # (M, K), a view when x's leading dims are contiguous
     y2, saved = backend.linear_act_forward(x2, weight, bias, act, slope, save)  # (M, N)
     return y2.view(*x.shape[:-1], n), saved
 
@@ -143,10 +144,10 @@ class LinearActFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable, so higher orders are exact
             return _linear_act_backward_differentiable(x, weight, bias, dy, ctx.act, ctx.slope, need)
         n = dy.shape[-1]
-        dy2 = dy.reshape(-1, n).contiguous()  # (M, N)
+        dy2 = as_2d(dy).contiguous()  # (M, N)
         if saved is not None:
-            saved = saved.reshape(-1, n)
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+            saved = as_2d(saved)
+        x2 = as_2d(x)  # (M, K)
         dx, dw, db = ctx.backend.linear_act_backward(
             dy2, x2, weight, saved, ctx.act, ctx.slope, (need[0], need[1], bias is not None and need[2]))
         if dx is not None:
@@ -189,26 +190,13 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 
 # ----------------------------------------------------------------------------- softmax
-def _as_3d(x: Tensor, dim: int) -> Tensor:
-    """(*pre, L, *post) -> (outer, L, inner), contiguous."""
-    shape = x.shape
-    outer = 1
-    for s in shape[:dim]:
-        outer *= s
-    inner = 1
-    for s in shape[dim + 1:]:
-        inner *= s
-    length = shape[dim] if x.dim() > 0 else 1
-    return x.contiguous().view(outer, length, inner)
-
-
 class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, log: bool) -> Tensor:
         op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
         backend = select(x.device, op)
         _check_backend_dtype(op, backend, x.dtype)
-        y = _owned(backend.softmax_forward(_as_3d(x, dim), log).view(x.shape))
+        y = _owned(backend.softmax_forward(as_3d(x, dim), log).view(x.shape))
         ctx.backend, ctx.dim, ctx.log = backend, dim, log
         ctx.save_for_backward(y)
         return y
@@ -220,7 +208,7 @@ class SoftmaxFunction(torch.autograd.Function):
             d = ctx.dim
             dx = dy - y.exp() * dy.sum(d, keepdim=True) if ctx.log else y * (dy - (dy * y).sum(d, keepdim=True))
             return dx, None, None
-        dx = ctx.backend.softmax_backward(_as_3d(dy, ctx.dim), _as_3d(y, ctx.dim), ctx.log)
+        dx = ctx.backend.softmax_backward(as_3d(dy, ctx.dim), as_3d(y, ctx.dim), ctx.log)
         return dx.view(y.shape), None, None
 
 
@@ -244,7 +232,7 @@ def _softmax(x: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Te
         return SoftmaxFunction.apply(x, dim, log)
     backend = select(x.device, op)
     _check_backend_dtype(op, backend, x.dtype)
-    return backend.softmax_forward(_as_3d(x, dim), log).view(x.shape)
+    return backend.softmax_forward(as_3d(x, dim), log).view(x.shape)
 
 
 def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -254,3 +254,10 @@ def test_saved_input_modified_in_place_raises(backend):
     xi.mul_(2)  # x is saved for dW
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("k,n", [(0, 3), (4, 0), (0, 0)])
+def test_zero_features(backend, k, n):
+    """in_features or out_features of 0, like F.linear (z = bias, or an empty output)."""
+    x, w, b = leaf(torch.randn(5, k)), leaf(torch.randn(n, k)), leaf(torch.randn(n))
+    check(x, w, b, "gelu", torch.randn(5, n))

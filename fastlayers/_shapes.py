@@ -1,0 +1,16 @@
+"""The two layouts of the backend contract, from tensors of any shape."""
+import math
+
+from torch import Tensor
+
+
+def as_2d(t: Tensor) -> Tensor:
+    """(*, K) -> (M, K) with M = prod(*): a view when the leading dims allow (K may be 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def as_3d(x: Tensor, dim: int) -> Tensor:
+    """(*pre, L, *post) -> (outer, L, inner) contiguous, for an op over `dim` (a 0-d x is (1, 1, 1))."""
+    shape = x.shape
+    length = shape[dim] if x.dim() > 0 else 1
+    return x.contiguous().view(math.prod(shape[:dim]), length, math.prod(shape[dim + 1:]))
