@@ -10,6 +10,7 @@
 // A row whose max is -inf (all -inf) gives NaN, like torch: exp(-inf - -inf) = exp(NaN).
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "activations.h"
@@ -42,49 +43,114 @@ template <class T> static inline void st(T* p, typename io<T>::V v, int64_t k) {
 }
 
 // ----------------------------------------------------------------------------- rows (inner == 1)
-// One row of length n. `e` is a scratch row of n math values (may alias y when T is the math type).
+// Full vectors run branch-free; the last partial vector goes through a padded buffer (load_n),
+// with its padding lanes forced to a neutral value before they can reach a max or a sum.
+
+// Stores of the last pass. Outputs much larger than the caches go around them (non-temporal
+// stores: no read-for-ownership of y, no eviction of the rows still to come).
+template <class T> static inline void store_out(T* p, typename io<T>::V v, bool stream) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) { _mm512_stream_ps(p, (__m512)v); return; }
+  }
+#endif
+  (void)stream;
+  io<T>::store(p, v);
+}
+
+// One row of length n, in chunks of kChunk elements that sit in L1 while they are worked on:
+//   per chunk c: m_c = max, e = exp(x - m_c) into the scratch row, s_c = sum(e)
+//   M = max_c m_c, S = sum_c s_c exp(m_c - M)
+//   softmax: y = e * exp(m_c - M) / S;  log_softmax: y = x - M - log S (no e kept)
+// so x is read from memory once, one exp per element (plus one per chunk), y written once. The
+// exp loop prefetches `pf_dist` elements ahead so the next chunk arrives while this one computes.
+// A chunk that is all -inf contributes nothing; a row that is all -inf gives NaN, like torch
+// (exp(-inf - -inf)); +inf or NaN anywhere makes the sum, hence the row, NaN, like torch.
+constexpr int64_t kChunk = 2048;
+
 template <class T, bool LOG>
-static void softmax_row(const T* x, T* y, typename io<T>::C* e, int64_t n) {
+static void softmax_row(const T* x, T* y, typename io<T>::C* e, int64_t n, int64_t pf_dist, bool stream) {
   using IO = io<T>;
   using V = typename IO::V;
   using C = typename IO::C;
   constexpr int W = IO::W;
   const C ninf = -std::numeric_limits<C>::infinity();
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  C mc_small[64];
+  double sc_small[64];
+  std::vector<C> mc_big;
+  std::vector<double> sc_big;
+  if (nchunks > 64) { mc_big.resize(nchunks); sc_big.resize(nchunks); }
+  C* mc = nchunks > 64 ? mc_big.data() : mc_small;
+  double* sc = nchunks > 64 ? sc_big.data() : sc_small;
 
-  V mv = splat<V>(ninf);
-  for (int64_t j = 0; j < n; j += W) {
-    int64_t k = std::min<int64_t>(W, n - j);
-    mv = vmax(mv, lane_mask_keep(ld(x + j, k), k, ninf));
-  }
-  const C m = hmax(mv);
-
-  double sum = 0;
-  for (int64_t j0 = 0; j0 < n; j0 += 256) {  // fp32 partial sums over <= 256 elements
-    V acc{};
-    int64_t j1 = std::min<int64_t>(n, j0 + 256);
-    for (int64_t j = j0; j < j1; j += W) {
-      int64_t k = std::min<int64_t>(W, j1 - j);
-      V ex = vexp(ld(x + j, k) - m);
-      if (k < W) ex = lane_mask_keep(ex, k, C(0));
-      if constexpr (!LOG) std::memcpy(e + j, &ex, k * sizeof(C));
-      acc += ex;
+  C big_m = ninf;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t j0 = c * kChunk, j1 = std::min(n, j0 + kChunk);
+    const int64_t jfull = j0 + (j1 - j0) / W * W, tail = j1 - jfull;
+    V m0 = splat<V>(ninf), m1 = m0;  // two accumulators: max latency, not loads, bounds this
+    int64_t j = j0;
+    for (; j + 2 * W <= jfull; j += 2 * W) {
+      m0 = vmax(m0, IO::load(x + j));
+      m1 = vmax(m1, IO::load(x + j + W));
     }
-    sum += hsum(acc);
+    if (j < jfull) m0 = vmax(m0, IO::load(x + j));
+    if (tail) m1 = vmax(m1, lane_mask_keep(load_n(x + jfull, tail), tail, ninf));
+    const C m = hmax(vmax(m0, m1));
+    mc[c] = m;
+    big_m = m > big_m ? m : big_m;
+    if (m == ninf) {  // nothing here but -inf: zero weight (and finite scratch for the scale pass)
+      sc[c] = 0;
+      if constexpr (!LOG) std::fill(e + j0, e + j1, C(0));
+      continue;
+    }
+    double sum = 0;  // fp32 partial sums of <= 256 elements, then fp64
+    for (int64_t b0 = j0; b0 < jfull; b0 += 256) {
+      const int64_t b1 = std::min(jfull, b0 + 256);
+      V acc{};
+      for (int64_t jj = b0; jj < b1; jj += W) {
+        __builtin_prefetch(x + jj + pf_dist);
+        V ex = vexp(IO::load(x + jj) - m);
+        if constexpr (!LOG) std::memcpy(e + jj, &ex, sizeof ex);
+        acc += ex;
+      }
+      sum += hsum(acc);
+    }
+    if (tail) {
+      V ex = lane_mask_keep(vexp(load_n(x + jfull, tail) - m), tail, C(0));
+      if constexpr (!LOG) std::memcpy(e + jfull, &ex, tail * sizeof(C));
+      sum += hsum(ex);
+    }
+    sc[c] = sum;
   }
 
+  const C nan = std::numeric_limits<C>::quiet_NaN();
+  double total = 0;
+  for (int64_t c = 0; c < nchunks; ++c)
+    if (sc[c] != 0) total += sc[c] * std::exp((double)mc[c] - (double)big_m);
+  if (big_m == ninf) total = nan;  // an all -inf row
+
+  const int64_t nfull = n / W * W, tail = n - nfull;
   if constexpr (LOG) {
-    const C lse = (C)std::log(sum);
-    for (int64_t j = 0; j < n; j += W) {
-      int64_t k = std::min<int64_t>(W, n - j);
-      st(y + j, (ld(x + j, k) - m) - lse, k);
-    }
+    // (x - M) - log S, in this order: M + log S would lose log S next to a huge M
+    const C lse = (C)std::log(total);  // NaN for an all -inf row
+    for (int64_t j = 0; j < nfull; j += W) store_out(y + j, (IO::load(x + j) - big_m) - lse, stream);
+    if (tail) store_n(y + nfull, (load_n(x + nfull, tail) - big_m) - lse, tail);
   } else {
-    const C inv = (C)(1.0 / sum);
-    for (int64_t j = 0; j < n; j += W) {
-      int64_t k = std::min<int64_t>(W, n - j);
-      V ex;
-      std::memcpy(&ex, e + j, k * sizeof(C));
-      st(y + j, ex * inv, k);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t j0 = c * kChunk, j1 = std::min(n, j0 + kChunk);
+      const int64_t jfull = j0 + (j1 - j0) / W * W, t = j1 - jfull;
+      const C f = sc[c] == 0 && big_m != ninf ? C(0) : (C)(std::exp((double)mc[c] - (double)big_m) / total);
+      for (int64_t j = j0; j < jfull; j += W) {
+        V ex;
+        std::memcpy(&ex, e + j, sizeof ex);
+        store_out(y + j, ex * f, stream);
+      }
+      if (t) {
+        V ex{};
+        std::memcpy(&ex, e + jfull, t * sizeof(C));
+        store_n(y + jfull, ex * f, t);
+      }
     }
   }
 }
@@ -95,24 +161,20 @@ static void softmax_backward_row(const T* dy, const T* y, T* dx, int64_t n) {
   using V = typename IO::V;
   using C = typename IO::C;
   constexpr int W = IO::W;
+  const int64_t nfull = n / W * W, tail = n - nfull;
+  auto term = [](V g, V yv) { if constexpr (LOG) return g; else return g * yv; };
   double s = 0;  // softmax: sum(dy * y); log_softmax: sum(dy)
-  for (int64_t j0 = 0; j0 < n; j0 += 256) {
+  for (int64_t j0 = 0; j0 < nfull; j0 += 256) {
+    const int64_t j1 = std::min<int64_t>(nfull, j0 + 256);
     V acc{};
-    int64_t j1 = std::min<int64_t>(n, j0 + 256);
-    for (int64_t j = j0; j < j1; j += W) {
-      int64_t k = std::min<int64_t>(W, j1 - j);
-      if constexpr (LOG) acc += ld(dy + j, k);
-      else acc += ld(dy + j, k) * ld(y + j, k);  // padded lanes are 0 * 0
-    }
+    for (int64_t j = j0; j < j1; j += W) acc += term(IO::load(dy + j), IO::load(y + j));
     s += hsum(acc);
   }
+  if (tail) s += hsum(term(load_n(dy + nfull, tail), load_n(y + nfull, tail)));  // padding is 0
   const C sc = (C)s;
-  for (int64_t j = 0; j < n; j += W) {
-    int64_t k = std::min<int64_t>(W, n - j);
-    V g = ld(dy + j, k), yv = ld(y + j, k);
-    if constexpr (LOG) st(dx + j, g - vexp(yv) * sc, k);
-    else st(dx + j, yv * (g - sc), k);
-  }
+  auto grad = [sc](V g, V yv) { if constexpr (LOG) return g - vexp(yv) * sc; else return yv * (g - sc); };
+  for (int64_t j = 0; j < nfull; j += W) IO::store(dx + j, grad(IO::load(dy + j), IO::load(y + j)));
+  if (tail) store_n(dx + nfull, grad(load_n(dy + nfull, tail), load_n(y + nfull, tail)), tail);
 }
 
 // ----------------------------------------------------------------------------- columns (inner > 1)
@@ -180,16 +242,25 @@ static void softmax_backward_cols(const T* dy, const T* y, T* dx, int64_t len, i
 template <class T>
 void softmax_forward(const T* x, T* y, int64_t outer, int64_t len, int64_t inner, bool log, int nthreads) {
   using C = typename io<T>::C;
-  constexpr bool kInPlaceScratch = sizeof(C) == sizeof(T);  // float/double: e lives in y
   if (inner == 1) {
-    int nt = threads_for(outer, len, nthreads);
-    std::vector<C> scratch(kInPlaceScratch || log ? 0 : (size_t)nt * len);
+    const int nt = threads_for(outer, len, nthreads);
+    const int64_t stride = (len + 15) / 16 * 16;  // keep each thread's scratch row 64-byte aligned
+    std::vector<C> scratch(log ? 0 : (size_t)nt * stride + 16);
+    C* base = (C*)(((uintptr_t)scratch.data() + 63) & ~(uintptr_t)63);
+    const int64_t pf_dist = kChunk;  // the exp loop over one chunk prefetches the next one
+    // Stream the output past the caches when it is far larger than they are and rows are aligned.
+    const bool stream = outer * len * (int64_t)sizeof(T) >= (int64_t(4) << 20) &&
+                        (len * sizeof(T)) % 64 == 0 && (uintptr_t)y % 64 == 0;
     parallel_for(outer, len, nthreads, [&](int64_t r0, int64_t r1, int t) {
+      C* e = log ? nullptr : base + (size_t)t * stride;
       for (int64_t r = r0; r < r1; ++r) {
-        C* e = kInPlaceScratch ? reinterpret_cast<C*>(y + r * len) : scratch.data() + (size_t)t * len;
-        if (log) softmax_row<T, true>(x + r * len, y + r * len, e, len);
-        else softmax_row<T, false>(x + r * len, y + r * len, e, len);
+        const T* xr = x + r * len;
+        if (log) softmax_row<T, true>(xr, y + r * len, e, len, pf_dist, stream);
+        else softmax_row<T, false>(xr, y + r * len, e, len, pf_dist, stream);
       }
+#ifdef __AVX512F__
+      if (stream) _mm_sfence();  // order the streamed stores before the caller reads y
+#endif
     });
     return;
   }

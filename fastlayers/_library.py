@@ -124,7 +124,7 @@ def _softmax_name(log: bool) -> str:
 @torch.library.custom_op("fastlayers::softmax", mutates_args=())
 def softmax_op(x: Tensor, dim: int, log: bool) -> Tensor:
     backend = _backend(x.device, _softmax_name(log), x.dtype)
-    return backend.softmax_forward(as_3d(x, dim), log).view(x.shape)
+    return backend.softmax_forward(as_3d(x, dim), log).view_as(x)
 
 
 @softmax_op.register_fake
@@ -135,7 +135,7 @@ def _(x, dim, log):
 @torch.library.custom_op("fastlayers::softmax_backward", mutates_args=())
 def softmax_backward_op(dy: Tensor, y: Tensor, dim: int, log: bool) -> Tensor:
     backend = _backend(y.device, _softmax_name(log), y.dtype)
-    return backend.softmax_backward(as_3d(dy, dim), as_3d(y, dim), log).view(y.shape)
+    return backend.softmax_backward(as_3d(dy, dim), as_3d(y, dim), log).view_as(y)
 
 
 @softmax_backward_op.register_fake

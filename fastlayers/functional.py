@@ -117,7 +117,7 @@ def _linear_forward(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     n = weight.shape[0]
     x2 = as_2d(x)  # (M, K), a view when x's leading dims are contiguous
     y2, saved = backend.linear_act_forward(x2, weight, bias, act, slope, save)  # (M, N)
-    return y2.view(*x.shape[:-1], n), saved
+    return (y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)), saved
 
 
 class LinearActFunction(torch.autograd.Function):
@@ -196,7 +196,7 @@ class SoftmaxFunction(torch.autograd.Function):
         op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
         backend = select(x.device, op)
         _check_backend_dtype(op, backend, x.dtype)
-        y = _owned(backend.softmax_forward(as_3d(x, dim), log).view(x.shape))
+        y = _owned(backend.softmax_forward(as_3d(x, dim), log).view_as(x))
         ctx.backend, ctx.dim, ctx.log = backend, dim, log
         ctx.save_for_backward(y)
         return y
@@ -209,7 +209,7 @@ class SoftmaxFunction(torch.autograd.Function):
             dx = dy - y.exp() * dy.sum(d, keepdim=True) if ctx.log else y * (dy - (dy * y).sum(d, keepdim=True))
             return dx, None, None
         dx = ctx.backend.softmax_backward(as_3d(dy, ctx.dim), as_3d(y, ctx.dim), ctx.log)
-        return dx.view(y.shape), None, None
+        return dx.view_as(y), None, None
 
 
 def _softmax(x: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Tensor:
@@ -232,7 +232,7 @@ def _softmax(x: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Te
         return SoftmaxFunction.apply(x, dim, log)
     backend = select(x.device, op)
     _check_backend_dtype(op, backend, x.dtype)
-    return backend.softmax_forward(as_3d(x, dim), log).view(x.shape)
+    return backend.softmax_forward(as_3d(x, dim), log).view_as(x)
 
 
 def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> Tensor:

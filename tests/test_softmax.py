@@ -149,3 +149,18 @@ def test_threads_agree(backend):
             torch.set_num_threads(n)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_long_rows_chunk_boundaries(backend, op, dtype):
+    """The C++ kernel works on 2048-element chunks of a row and rescales between them: a chunk
+    that is all -inf, a max that only appears in a late chunk, values far below the max."""
+    torch.manual_seed(6)
+    x = torch.randn(5, 7000, dtype=dtype)
+    x[0, :2048] = float("-inf")        # first chunk empty
+    x[1, 2048:4096] = float("-inf")    # a middle chunk empty
+    x[2, 6500] = 60.0                  # the max arrives late
+    x[3, :3000] -= 200.0               # early chunks underflow against the max
+    x[4, 4100:] = float("-inf")        # the tail chunks empty
+    check(op, x, -1)

@@ -100,20 +100,28 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.name = prev
 
 
+_selected: Dict[tuple, ModuleType] = {}  # (device type, forced name) -> a backend that can run there
+
+
 def select(device: torch.device, op: str) -> ModuleType:
     """The backend for tensors on `device`; raises a clear error when it cannot run there."""
+    name = forced()
+    mod = _selected.get((device.type, name))
+    if mod is not None:  # the per-call fast path: one dict lookup
+        return mod
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(f"{op}: got a tensor on {device}, but CUDA is not available "
                                       f"(torch {torch.__version__} sees no GPU)")
-    name = forced()
-    if name is None:
-        name = _DEFAULT_FOR_DEVICE.get(device.type)
-        if name is None:
+    chosen = name
+    if chosen is None:
+        chosen = _DEFAULT_FOR_DEVICE.get(device.type)
+        if chosen is None:
             raise BackendUnavailableError(
                 f"{op}: no fastlayers backend runs on device {device.type!r} "
                 f"(cpu -> cpp, cuda -> triton; or force one with fastlayers.use_backend)")
-    mod = load(name)
+    mod = load(chosen)
     why = mod.unavailable_reason(device)
     if why is not None:
-        raise BackendUnavailableError(f"{op}: backend {name!r} cannot run on {device}: {why}")
+        raise BackendUnavailableError(f"{op}: backend {chosen!r} cannot run on {device}: {why}")
+    _selected[(device.type, name)] = mod
     return mod
