@@ -7,6 +7,10 @@
 #include <cstdint>
 #include <stdexcept>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -78,6 +82,21 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("dtype"), py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("outer"), py::arg("len"),
         py::arg("inner"), py::arg("log"), py::arg("nthreads"));
+
+  m.def("advise_hugepages",
+        [](uintptr_t p, int64_t nbytes) {
+          // Ask for transparent huge pages on the 2 MiB-aligned interior of a fresh buffer: its first
+          // writes then fault once per 2 MiB instead of once per 4 KiB (a 32 MiB output: 16 faults
+          // instead of 8192). Advice only: a no-op where THP is off or unsupported.
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+          const uintptr_t huge = uintptr_t(1) << 21;
+          uintptr_t b = (p + huge - 1) & ~(huge - 1), e = (p + (uintptr_t)nbytes) & ~(huge - 1);
+          if (e > b) return madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE) == 0;
+#endif
+          (void)p; (void)nbytes;
+          return false;
+        },
+        py::arg("ptr"), py::arg("nbytes"), "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a buffer.");
 
 #ifdef _OPENMP
   m.attr("openmp") = true;
