@@ -13,6 +13,10 @@
 #include <omp.h>
 #endif
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace fl {
 
 typedef float vf __attribute__((vector_size(64)));      // 16 x fp32
@@ -47,16 +51,25 @@ template <> struct io<double> {
 template <> struct io<bf16> {
   using C = float; using V = vf; static constexpr int W = 16;
   static V load(const bf16* p) {
+#ifdef __AVX512F__
+    __m256i h = _mm256_loadu_si256((const __m256i*)p);
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);  // bf16 is the top half of an fp32
+#else
     vh16 h; std::memcpy(&h, p, sizeof h);
-    return (vf)(__builtin_convertvector(h, vu) << 16);  // bf16 is the top half of an fp32
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
   }
   static void store(bf16* p, V v) {
     // Round to nearest even, as torch does; NaN stays a (quiet) NaN.
     vu u = (vu)v;
     vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     r = (v != v) ? ((u >> 16) | 0x40u) : r;
+#ifdef __AVX512F__
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16((__m512i)r));  // vpmovdw: no permutes
+#else
     vh16 h = __builtin_convertvector(r, vh16);
     std::memcpy(p, &h, sizeof h);
+#endif
   }
 };
 
