@@ -35,6 +35,16 @@ def _ptr(t: Optional[Tensor]) -> int:
 _HUGE_MIN_BYTES = 4 << 20
 
 
+def _mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a @ b (+ bias, added in the GEMM by addmm) in PyTorch's BLAS; a large result goes into a
+    huge-page-backed buffer (see _empty), a small one skips the out= plumbing."""
+    m, n = a.shape[0], b.shape[1]
+    if m * n * a.element_size() < _HUGE_MIN_BYTES:
+        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    out = _empty(m, n, dtype=a.dtype)
+    return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+
+
 def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
     """A new contiguous CPU tensor. From 4 MiB up it is backed by transparent huge pages where the
     OS allows (madvise): fresh large buffers are otherwise paid for with one page fault per 4 KiB,
@@ -49,15 +59,12 @@ def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
                        save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     # x: (M, K), w: (N, K) -> z: (M, N). BLAS takes the transposed view of w without a copy.
-    z = _empty(x.shape[0], w.shape[0], dtype=x.dtype)
     if b is not None and x.dtype in (torch.bfloat16, torch.float16):
         # Low precision: add the bias inside the GEMM's fp32 accumulator, like F.linear, so z is
         # rounded once; the epilogue then only applies the activation.
-        torch.addmm(b, x, w.t(), out=z)
-        bias = None
+        z, bias = _mm(x, w.t(), b), None
     else:
-        torch.mm(x, w.t(), out=z)
-        bias = b  # bias joins the activation in one pass over z
+        z, bias = _mm(x, w.t()), b  # bias joins the activation in one pass over z
     kind = act.saves(slope) if save else None
     m, n = z.shape
     if act.code == 0 and bias is None:
@@ -87,8 +94,8 @@ def linear_act_backward(dy: Tensor, x: Optional[Tensor], w: Optional[Tensor], sa
         dz = _empty(m, n, dtype=dy.dtype)
         _C.act_grad(_CODES[dy.dtype], dy.data_ptr(), saved.data_ptr(), dz.data_ptr(), _ptr(db), m, n,
                     act.code, slope, torch.get_num_threads())
-    dx = torch.mm(dz, w, out=_empty(m, w.shape[1], dtype=dy.dtype)) if need_dx else None  # (M, K)
-    dw = torch.mm(dz.t(), x, out=_empty(n, x.shape[1], dtype=dy.dtype)) if need_dw else None  # (N, K)
+    dx = _mm(dz, w) if need_dx else None        # (M, K)
+    dw = _mm(dz.t(), x) if need_dw else None    # (N, K)
     return dx, dw, db
 
 
