@@ -111,14 +111,14 @@ static void softmax_row(const T* x, T* y, typename io<T>::C* e, int64_t n, int64
       V acc{};
       for (int64_t jj = b0; jj < b1; jj += W) {
         __builtin_prefetch(x + jj + pf_dist);
-        V ex = vexp(IO::load(x + jj) - m);
+        V ex = vexp_nonpos(IO::load(x + jj) - m);
         if constexpr (!LOG) std::memcpy(e + jj, &ex, sizeof ex);
         acc += ex;
       }
       sum += hsum(acc);
     }
     if (tail) {
-      V ex = lane_mask_keep(vexp(load_n(x + jfull, tail) - m), tail, C(0));
+      V ex = lane_mask_keep(vexp_nonpos(load_n(x + jfull, tail) - m), tail, C(0));
       if constexpr (!LOG) std::memcpy(e + jfull, &ex, tail * sizeof(C));
       sum += hsum(ex);
     }
@@ -198,7 +198,7 @@ static void softmax_cols(const T* x, T* y, int64_t len, int64_t inner, int64_t c
     for (int v = 0; v < nv; ++v) m[v] = vmax(m[v], ld(x + l * inner + c0 + v * W, width(v)));
   for (int64_t l = 0; l < len; ++l)
     for (int v = 0; v < nv; ++v) {
-      V ex = vexp(ld(x + l * inner + c0 + v * W, width(v)) - m[v]);
+      V ex = vexp_nonpos(ld(x + l * inner + c0 + v * W, width(v)) - m[v]);
       for (int i = 0; i < W; ++i) sum[v * W + i] += (double)ex[i];
     }
   for (int v = 0; v < nv; ++v)
@@ -208,7 +208,7 @@ static void softmax_cols(const T* x, T* y, int64_t len, int64_t inner, int64_t c
     for (int v = 0; v < nv; ++v) {
       int64_t off = l * inner + c0 + v * W;
       V d = ld(x + off, width(v)) - m[v];
-      st(y + off, LOG ? d - inv[v] : vexp(d) * inv[v], width(v));
+      st(y + off, LOG ? d - inv[v] : vexp_nonpos(d) * inv[v], width(v));
     }
 }
 
