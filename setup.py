@@ -25,7 +25,8 @@ def _compiler_accepts(flag: str) -> bool:
         return r.returncode == 0
 
 
-compile_args = ["-O3", "-ffp-contract=fast", "-fno-math-errno"]
+# -Wno-*uninitialized: GCC 12's own AVX-512 headers trip them (`__m512 __Y = __Y;`).
+compile_args = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
 link_args = []
 if os.environ.get("FASTLAYERS_NATIVE", "1") != "0" and _compiler_accepts("-march=native"):
     compile_args.append("-march=native")

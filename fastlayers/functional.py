@@ -9,6 +9,7 @@ the backward runs on the same one.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -32,7 +33,12 @@ _SOFTMAX_FP32_UNDER_AUTOCAST = frozenset({"cuda"})
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     # is_cpu / is_cuda: ~0.5 us cheaper per call than x.device.type (measured).
-    dev = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+    if x.is_cpu:
+        dev = "cpu"
+    elif x.is_cuda:
+        dev = "cuda"
+    else:  # e.g. meta: autocast has no state for it (torch.is_autocast_enabled would raise)
+        return None
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
@@ -212,7 +218,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return dx.view_as(y), None, None
 
 
-def _softmax(x: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Tensor:
+def _softmax(x: Tensor, dim: Optional[int], dtype: Optional[torch.dtype], log: bool) -> Tensor:
     op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: expected x to be a torch.Tensor, got {type(x).__name__}")
@@ -225,6 +231,10 @@ def _softmax(x: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Te
     if dtype is not None:
         x = x.to(dtype)
     _check_tensor(op, "x", x)
+    if dim is None:  # torch's legacy implicit dim (nn.Softmax() without dim), with its warning
+        warnings.warn(f"Implicit dimension choice for {op.split('.')[-1]} has been deprecated. "
+                      "Change the call to include dim=X as an argument.", stacklevel=3)
+        dim = 0 if x.dim() in (0, 1, 3) else 1
     dim = _normalize_dim(op, x, dim)
     if torch.compiler.is_compiling():  # issue 4: the registered op, opaque to Dynamo
         return _library.softmax(x, dim, log)
@@ -235,12 +245,12 @@ def _softmax(x: Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> Te
     return backend.softmax_forward(as_3d(x, dim), log).view_as(x)
 
 
-def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> Tensor:
+def softmax(x: Tensor, dim: Optional[int] = -1, dtype: Optional[torch.dtype] = None) -> Tensor:
     """``torch.softmax(x, dim)``: any shape (0-d and zero-size too), rows of any length.
     dtype, if given, casts x first (as torch.softmax does)."""
     return _softmax(x, dim, dtype, log=False)
 
 
-def log_softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> Tensor:
+def log_softmax(x: Tensor, dim: Optional[int] = -1, dtype: Optional[torch.dtype] = None) -> Tensor:
     """``torch.log_softmax(x, dim)``; same contract as :func:`softmax`."""
     return _softmax(x, dim, dtype, log=True)

@@ -37,9 +37,9 @@ class FusedLinear(nn.Linear):
 
 
 class Softmax(nn.Softmax):
-    """Drop-in for nn.Softmax running fastlayers.softmax."""
+    """Drop-in for nn.Softmax running fastlayers.softmax (dim=None: torch's legacy implicit dim)."""
 
-    def __init__(self, dim: int = -1) -> None:
+    def __init__(self, dim: Optional[int] = -1) -> None:
         super().__init__(dim=dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -47,9 +47,9 @@ class Softmax(nn.Softmax):
 
 
 class LogSoftmax(nn.LogSoftmax):
-    """Drop-in for nn.LogSoftmax running fastlayers.log_softmax."""
+    """Drop-in for nn.LogSoftmax running fastlayers.log_softmax (dim=None: torch's implicit dim)."""
 
-    def __init__(self, dim: int = -1) -> None:
+    def __init__(self, dim: Optional[int] = -1) -> None:
         super().__init__(dim=dim)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -83,9 +83,16 @@ def test_cuda_tensor_without_cuda():
 
 
 def test_tensor_on_a_device_without_backend():
-    x = torch.empty(3, 4, device="meta")
-    with pytest.raises(RuntimeError, match="fastlayers.softmax: no fastlayers backend runs on device 'meta'"):
-        fl.softmax(x)
+    with pytest.raises(RuntimeError, match="fastlayers.softmax: no fastlayers backend runs on device 'xpu'"):
+        B.select(torch.device("xpu"), "fastlayers.softmax")
+
+
+def test_meta_tensors_give_shapes():
+    """Model initialisation on the meta device (no data): shapes and dtypes like torch's."""
+    m = fl.FusedLinear(6, 4, activation="gelu", device="meta")
+    y = m(torch.empty(3, 5, 6, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 5, 4)
+    assert fl.log_softmax(torch.empty(2, 7, device="meta", dtype=torch.bfloat16), 0).dtype == torch.bfloat16
 
 
 def test_forced_backend_that_cannot_run():

@@ -164,3 +164,15 @@ def test_long_rows_chunk_boundaries(backend, op, dtype):
     x[3, :3000] -= 200.0               # early chunks underflow against the max
     x[4, 4100:] = float("-inf")        # the tail chunks empty
     check(op, x, -1)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3), (2, 3, 4), (2, 3, 4, 5)])
+def test_implicit_dim_like_torch(backend, shape):
+    """dim=None (nn.Softmax() without dim): torch's legacy choice and its deprecation warning."""
+    x = torch.randn(shape)
+    for ours, ref in ((fl.Softmax(dim=None), torch.nn.Softmax(dim=None)),
+                      (fl.LogSoftmax(dim=None), torch.nn.LogSoftmax(dim=None))):
+        with pytest.warns(UserWarning, match="Implicit dimension choice"):
+            y = ours(x)
+        with pytest.warns(UserWarning):
+            torch.testing.assert_close(y, ref(x))

@@ -20,7 +20,7 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
         dy, y: (outer, L, inner) contiguous; y is the forward's output.
 
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
-cpu -> cpp, cuda -> triton.
+cpu -> cpp, cuda -> triton, meta -> reference (shapes only).
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ _MODULES = {
     "cpp": "fastlayers.backends.cpp",
     "triton": "fastlayers.backends.triton",
 }
-_DEFAULT_FOR_DEVICE = {"cpu": "cpp", "cuda": "triton"}
+# meta tensors carry no data: the reference ops give shapes and dtypes (model init on "meta").
+_DEFAULT_FOR_DEVICE = {"cpu": "cpp", "cuda": "triton", "meta": "reference"}
 
 _loaded: Dict[str, ModuleType] = {}
 _import_errors: Dict[str, str] = {}
