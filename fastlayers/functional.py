@@ -83,7 +83,7 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
         raise ShapeError(f"{op}: x has {x.shape[-1]} features in its last dim but weight of shape "
                          f"{tuple(weight.shape)} expects {weight.shape[1]} "
                          f"(x: {tuple(x.shape)}, weight: (out_features, in_features))")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ShapeError(f"{op}: expected bias of shape ({weight.shape[0]},) to match weight "
                          f"{tuple(weight.shape)}, got shape {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -184,7 +184,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
     _check_linear(x, weight, bias)
     slope = float(negative_slope)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered ops: visible to both
         return _library.linear_act(x, weight, bias, act.name, slope)
     # -- end issue 4
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -236,7 +236,7 @@ def _softmax(x: Tensor, dim: Optional[int], dtype: Optional[torch.dtype], log: b
                       "Change the call to include dim=X as an argument.", stacklevel=3)
         dim = 0 if x.dim() in (0, 1, 3) else 1
     dim = _normalize_dim(op, x, dim)
-    if torch.compiler.is_compiling():  # issue 4: the registered op, opaque to Dynamo
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered op: Dynamo / jit.trace
         return _library.softmax(x, dim, log)
     if torch.is_grad_enabled() and x.requires_grad:
         return SoftmaxFunction.apply(x, dim, log)

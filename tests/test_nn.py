@@ -89,3 +89,20 @@ def test_env_var_forces_backend(monkeypatch):
     assert B.select(torch.device("cpu"), "op").NAME == "cpp"
     monkeypatch.delenv("FASTLAYERS_BACKEND")
     assert B.select(torch.device("cpu"), "op").NAME == "cpp"  # the CPU default
+
+
+def test_jit_trace_records_the_ops():
+    """torch.jit.trace sees the registered ops (the raw-pointer kernels would be invisible to it
+    and the traced module would read uninitialised memory)."""
+    torch.manual_seed(2)
+    m = nn.Sequential(fl.FusedLinear(4, 3, activation="gelu"), fl.Softmax(-1))
+    with torch.no_grad():
+        traced = torch.jit.trace(m, torch.randn(2, 4))
+    x = torch.randn(5, 4, requires_grad=True)
+    y = traced(x)
+    torch.testing.assert_close(y, m(x))
+    y.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    m(x).sum().backward()
+    torch.testing.assert_close(g, x.grad)
