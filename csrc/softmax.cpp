@@ -1,10 +1,11 @@
 // softmax / log_softmax over dim 1 of a contiguous (outer, len, inner) tensor, forward and backward.
 //
-// inner == 1 (rows, the common case): threads own blocks of whole rows. Per row, three passes:
-//   max -> e = exp(x - max) and its sum -> scale (or x - max - log(sum) for log_softmax).
-//   The row is read from memory once when it fits in cache (L2: ~2 MB here); longer rows are
-//   still exact, just streamed three times. Sums accumulate in fp32 vectors for at most 256
-//   elements, then in fp64, so a row of 1M elements keeps fp32 accuracy.
+// inner == 1 (rows, the common case): threads own blocks of whole rows. A row is worked on in
+//   chunks of 2048 elements that sit in L1 (see softmax_row): per chunk its max, then exp and sum
+//   into a per-thread scratch row; the chunks are rescaled to the row's max when the row is done,
+//   in the pass that writes y. So x is read from memory once, there is one exp per element, and
+//   y is written once (with streaming stores when the output is >= 4 MiB). Sums accumulate in
+//   fp32 vectors for at most 256 elements, then in fp64: a 1M-element row keeps fp32 accuracy.
 // inner > 1 (softmax over a non-last dim): vectorised across `inner` instead; threads own
 //   (outer, column-block) tiles of up to 64 columns, sums in fp64.
 // A row whose max is -inf (all -inf) gives NaN, like torch: exp(-inf - -inf) = exp(NaN).
@@ -173,7 +174,7 @@ static void softmax_backward_row(const T* dy, const T* y, T* dx, int64_t n) {
   }
   if (tail) s += hsum(term(load_n(dy + nfull, tail), load_n(y + nfull, tail)));  // padding is 0
   const C sc = (C)s;
-  auto grad = [sc](V g, V yv) { if constexpr (LOG) return g - vexp(yv) * sc; else return yv * (g - sc); };
+  auto grad = [sc](V g, V yv) { if constexpr (LOG) return g - vexp_nonpos(yv) * sc; else return yv * (g - sc); };
   for (int64_t j = 0; j < nfull; j += W) IO::store(dx + j, grad(IO::load(dy + j), IO::load(y + j)));
   if (tail) store_n(dx + nfull, grad(load_n(dy + nfull, tail), load_n(y + nfull, tail)), tail);
 }
@@ -235,7 +236,7 @@ static void softmax_backward_cols(const T* dy, const T* y, T* dx, int64_t len, i
     for (int v = 0; v < nv; ++v) {
       int64_t off = l * inner + c0 + v * W;
       V g = ld(dy + off, width(v)), yv = ld(y + off, width(v));
-      st(dx + off, LOG ? g - vexp(yv) * sv[v] : yv * (g - sv[v]), width(v));
+      st(dx + off, LOG ? g - vexp_nonpos(yv) * sv[v] : yv * (g - sv[v]), width(v));
     }
 }
 
@@ -258,7 +259,7 @@ void softmax_forward(const T* x, T* y, int64_t outer, int64_t len, int64_t inner
   using C = typename io<T>::C;
   if (inner == 1) {
     const int64_t pf_dist = kChunk;  // the exp loop over one chunk prefetches the next one
-    // Stream the output past the caches when it is far larger than they are and rows are aligned.
+    // Stream the output past the caches from 4 MiB (twice this core's L2) when rows are aligned.
     const bool stream = outer * len * (int64_t)sizeof(T) >= (int64_t(4) << 20) &&
                         (len * sizeof(T)) % 64 == 0 && (uintptr_t)y % 64 == 0;
     parallel_for(outer, len, nthreads, [&](int64_t r0, int64_t r1, int) {
