@@ -20,7 +20,7 @@ from ._errors import DeviceError, DTypeError, ShapeError
 from .activations import SAVE_INPUT, SAVE_OUTPUT, Activation
 from .backends import select
 from ._shapes import as_2d, as_3d
-from . import _library  # issue 4: torch.library ops, used only while torch.compile traces
+from . import _library  # torch.library ops, used only while torch.compile or jit.trace traces
 
 # ----------------------------------------------------------------------------- autocast (issue 4)
 # fastlayers' Functions are invisible to autocast, so the wrappers apply PyTorch's policy
@@ -149,7 +149,6 @@ class LinearActFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: differentiable, so higher orders are exact
             return _linear_act_backward_differentiable(x, weight, bias, dy, ctx.act, ctx.slope, need)
-        n = dy.shape[-1]
         dy2 = as_2d(dy).contiguous()  # (M, N)
         if saved is not None:
             saved = as_2d(saved)
