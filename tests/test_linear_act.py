@@ -261,3 +261,14 @@ def test_zero_features(backend, k, n):
     """in_features or out_features of 0, like F.linear (z = bias, or an empty output)."""
     x, w, b = leaf(torch.randn(5, k)), leaf(torch.randn(n, k)), leaf(torch.randn(n))
     check(x, w, b, "gelu", torch.randn(5, n))
+
+
+@pytest.mark.parametrize("act", NAMES)
+@pytest.mark.parametrize("lead,k,n", [((3,), 7, 5), ((33,), 65, 17), ((2, 3), 9, 6)], ids=str)
+def test_float16(backend, act, lead, k, n):
+    """float16 on the CPU (fp16 storage, fp32 math): the low-precision rule against float64."""
+    torch.manual_seed(7)
+    x = leaf(torch.randn(*lead, k, dtype=torch.float16))
+    w = leaf(torch.randn(n, k, dtype=torch.float16) / k ** 0.5)
+    b = leaf(torch.randn(n, dtype=torch.float16))
+    check(x, w, b, act, torch.randn(*lead, n, dtype=torch.float16))

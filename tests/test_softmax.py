@@ -176,3 +176,10 @@ def test_implicit_dim_like_torch(backend, shape):
             y = ours(x)
         with pytest.warns(UserWarning):
             torch.testing.assert_close(y, ref(x))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape,dim", [((7, 300), 1), ((7, 300, 5), 1), ((3, 4099), -1)], ids=str)
+def test_float16(backend, op, shape, dim):
+    torch.manual_seed(8)
+    check(op, torch.randn(shape, dtype=torch.float16) * 3, dim)
