@@ -85,6 +85,37 @@ static inline vf vexp_nonpos(vf d) {
   return vexp(d);
 #endif
 }
+// exp(d) for d <= 0 inside the activations: the 2^t form of vexp_nonpos, with results below
+// exp(-87) flushed to 0 like vexp (no subnormal intermediates). |d| * 6e-8 relative error.
+static inline vf vexp_nonpos_flush(vf d) {
+#ifdef __AVX512F__
+  __mmask16 tiny = _mm512_cmp_ps_mask((__m512)d, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+  __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-87.f), (__m512)d), _mm512_set1_ps(1.44269504088896341f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf f = (vf)_mm512_sub_ps(t, n);
+  vf p = splat<vf>(1.533766875e-04f);
+  p = p * f + 1.339986587e-03f;
+  p = p * f + 9.618519236e-03f;
+  p = p * f + 5.550328983e-02f;
+  p = p * f + 2.402264661e-01f;
+  p = p * f + 6.931472056e-01f;
+  p = p * f + 1.f;
+  return (vf)_mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps((__m512)p, n));
+#else
+  return vexp(d);
+#endif
+}
+
+// 1 / x for finite x >= 1: rcp14 + one Newton step on AVX-512.
+static inline vf vrcp_finite(vf x) {
+#ifdef __AVX512F__
+  vf e = (vf)_mm512_rcp14_ps((__m512)x);
+  return e * (2.f - x * e);
+#else
+  return 1.f / x;
+#endif
+}
+
 // 1 / x for x >= 1 (x = 1 + exp(.), which may be inf): on AVX-512 a 14-bit estimate refined by
 // one Newton step (<= 2 ulp) instead of the divider; 1 / inf = 0 is kept explicitly.
 static inline vf vrcp(vf x) {
@@ -122,8 +153,13 @@ static inline vf vtanh(vf x) {
 static inline vf vnormcdf(vf x) {
   vf u = x * 0.70710678118654752f;
   vf a = vabs(u);
-  vf ac = a > 10.f ? splat<vf>(10.f) : a;  // erfc(10) is 0 in fp32; keeps t in the fitted range
-  vf t = vrcp(1.f + 0.5f * ac);
+#ifdef __AVX512F__
+  vf ac = (vf)_mm512_min_ps(_mm512_set1_ps(10.f), (__m512)a);  // NaN passes
+#else
+  vf ac = a > 10.f ? splat<vf>(10.f) : a;
+#endif
+  // erfc(10) is 0 in fp32; the clamp keeps t in the fitted range
+  vf t = vrcp_finite(1.f + 0.5f * ac);
   vf r = splat<vf>(1.448647013e-01f);
   r = r * t - 6.804750026e-01f;
   r = r * t + 1.155917863e+00f;
@@ -133,8 +169,8 @@ static inline vf vnormcdf(vf x) {
   r = r * t + 3.445688711e-02f;
   r = r * t + 3.866696559e-01f;
   r = r * t + 9.986295499e-01f;
-  r = r * t - 1.265447847e+00f;
-  vf half_erfc = 0.5f * t * vexp(r - a * a);  // erfc(|u|) / 2; exp(-inf) = 0 at |u| = inf
+  r = r * t - 1.958595028e+00f;  // the fit's -1.265447847 minus ln 2: exp(.) comes out halved
+  vf half_erfc = t * vexp_nonpos_flush(r - a * a);  // erfc(|u|) / 2; 0 at |u| = inf
   return u < 0.f ? half_erfc : 1.f - half_erfc;
 }
 
@@ -146,6 +182,7 @@ template <class Fn> static inline vd per_lane(vd x, Fn fn) {
 }
 static inline vd vexp(vd x) { return per_lane(x, [](double v) { return std::exp(v); }); }
 static inline vd vexp_nonpos(vd x) { return vexp(x); }
+static inline vd vexp_nonpos_flush(vd x) { return vexp(x); }
 static inline vd vtanh(vd x) { return per_lane(x, [](double v) { return std::tanh(v); }); }
 static inline vd vnormcdf(vd x) {
   return per_lane(x, [](double v) { return 0.5 * std::erfc(-v * 0.70710678118654752440); });
@@ -182,7 +219,7 @@ static inline V act_backward(V dy, V s, C slope) {
   if constexpr (ACT == RELU) return s <= C(0) ? V{} : dy;  // relu'(0) = 0; NaN passes dy, like torch
   if constexpr (ACT == LEAKY_RELU) return s > C(0) ? dy : dy * slope;
   if constexpr (ACT == GELU) {
-    V pdf = C(kInvSqrt2Pi) * vexp(C(-0.5) * s * s);
+    V pdf = C(kInvSqrt2Pi) * vexp_nonpos_flush(C(-0.5) * s * s);
     return dy * (vnormcdf(s) + s * pdf);
   }
   if constexpr (ACT == GELU_TANH) {
