@@ -30,11 +30,22 @@ template <class V> static inline V lane_mask_keep(V v, int64_t k, decltype(V{}[0
 
 template <class V> static inline V vmax(V a, V b) { return a > b ? a : b; }
 
-template <class V> static inline auto hmax(V v) {
+template <class V> static inline auto hmax(V v) {  // NaN lanes are ignored, like vmax
   auto m = v[0];
   for (int i = 1; i < (int)(sizeof(V) / sizeof(v[0])); ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
+#ifdef __AVX512F__
+template <> inline auto hmax<vf>(vf v) {
+  // log-depth shuffles instead of 15 dependent compares (this runs once per chunk of a row)
+  __m512 m = (__m512)v;
+  m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0x4E));
+  m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xB1));
+  m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4E));
+  m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xB1));
+  return _mm512_cvtss_f32(m);
+}
+#endif
 
 // Full vector or masked tail load of k <= W elements.
 template <class T> static inline typename io<T>::V ld(const T* p, int64_t k) {
@@ -78,13 +89,13 @@ static void softmax_row(const T* x, T* y, typename io<T>::C* e, int64_t n, int64
   constexpr int W = IO::W;
   const C ninf = -std::numeric_limits<C>::infinity();
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  C mc_small[64];
+  C mc_small[64];  // per-chunk max and sum; rows of > 64 chunks (131072 elements) use the heap
   double sc_small[64];
-  std::vector<C> mc_big;
-  std::vector<double> sc_big;
-  if (nchunks > 64) { mc_big.resize(nchunks); sc_big.resize(nchunks); }
-  C* mc = nchunks > 64 ? mc_big.data() : mc_small;
-  double* sc = nchunks > 64 ? sc_big.data() : sc_small;
+  std::unique_ptr<C[]> mc_big;
+  std::unique_ptr<double[]> sc_big;
+  if (nchunks > 64) { mc_big.reset(new C[nchunks]); sc_big.reset(new double[nchunks]); }
+  C* mc = nchunks > 64 ? mc_big.get() : mc_small;
+  double* sc = nchunks > 64 ? sc_big.get() : sc_small;
 
   C big_m = ninf;
   for (int64_t c = 0; c < nchunks; ++c) {
@@ -128,8 +139,10 @@ static void softmax_row(const T* x, T* y, typename io<T>::C* e, int64_t n, int64
 
   const C nan = std::numeric_limits<C>::quiet_NaN();
   double total = 0;
+  // exp(m_c - M) is 1 for the chunk holding the max (every chunk of a short row): no libm call
+  auto rescale = [&](int64_t c) { return mc[c] == big_m ? 1.0 : std::exp((double)mc[c] - (double)big_m); };
   for (int64_t c = 0; c < nchunks; ++c)
-    if (sc[c] != 0) total += sc[c] * std::exp((double)mc[c] - (double)big_m);
+    if (sc[c] != 0) total += sc[c] * rescale(c);
   if (big_m == ninf) total = nan;  // an all -inf row
 
   const int64_t nfull = n / W * W, tail = n - nfull;
@@ -142,7 +155,7 @@ static void softmax_row(const T* x, T* y, typename io<T>::C* e, int64_t n, int64
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t j0 = c * kChunk, j1 = std::min(n, j0 + kChunk);
       const int64_t jfull = j0 + (j1 - j0) / W * W, t = j1 - jfull;
-      const C f = sc[c] == 0 && big_m != ninf ? C(0) : (C)(std::exp((double)mc[c] - (double)big_m) / total);
+      const C f = sc[c] == 0 && big_m != ninf ? C(0) : (C)(rescale(c) / total);
       for (int64_t j = j0; j < jfull; j += W) {
         V ex;
         std::memcpy(&ex, e + j, sizeof ex);
