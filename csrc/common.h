@@ -101,6 +101,14 @@ template <class V> static inline auto hsum(V v) {
   for (int i = 0; i < (int)(sizeof(V) / sizeof(v[0])); ++i) s += v[i];
   return s;
 }
+#ifdef __AVX512F__
+// fp32 lanes: two fp64 halves added as vectors, then reduced (no 16-step dependent chain).
+template <> inline auto hsum<vf>(vf v) {
+  __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256((__m512)v));
+  __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)v), 1)));
+  return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+}
+#endif
 
 // Threads for a problem of n items of cost_per_item work each: min(nthreads, n * cost / grain),
 // so small problems stay on the calling thread. Also sizes per-thread scratch buffers.
