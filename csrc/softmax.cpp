@@ -13,7 +13,6 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
-#include <vector>
 
 #include "activations.h"
 #include "kernels.h"
