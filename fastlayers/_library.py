@@ -1,7 +1,8 @@
-"""fastlayers ops registered with torch.library, for torch.compile.
+"""fastlayers ops registered with torch.library, for torch.compile and torch.jit.trace.
 
 Eager calls never come here: fastlayers.functional calls its autograd.Functions directly (no
-dispatcher round trip). Only while torch.compile traces (``torch.compiler.is_compiling()``) does
+dispatcher round trip). Only while torch.compile traces (``torch.compiler.is_compiling()``) or
+torch.jit.trace records (``torch.jit.is_tracing()``: it cannot see the raw-pointer kernels) does
 functional.py route to these ops, which Dynamo treats as opaque nodes: no graph break, whichever
 backend (reference / cpp / triton) runs them. Each op picks its backend when it *runs* through
 the same ``backends.select`` as eager, so a compiled graph follows ``use_backend`` like eager does.
