@@ -26,7 +26,8 @@ def _compiler_accepts(flag: str) -> bool:
 
 
 # -Wno-*uninitialized: GCC 12's own AVX-512 headers trip them (`__m512 __Y = __Y;`).
-compile_args = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
+compile_args = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-uninitialized", "-Wno-maybe-uninitialized",
+                "-Wno-psabi"]  # psabi: 64-byte vectors passed between our inline functions without AVX-512
 link_args = []
 if os.environ.get("FASTLAYERS_NATIVE", "1") != "0" and _compiler_accepts("-march=native"):
     compile_args.append("-march=native")
