@@ -90,17 +90,8 @@ static inline vf vexp_nonpos(vf d) {
 static inline vf vexp_nonpos_flush(vf d) {
 #ifdef __AVX512F__
   __mmask16 tiny = _mm512_cmp_ps_mask((__m512)d, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
-  __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-87.f), (__m512)d), _mm512_set1_ps(1.44269504088896341f));
-  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vf f = (vf)_mm512_sub_ps(t, n);
-  vf p = splat<vf>(1.533766875e-04f);
-  p = p * f + 1.339986587e-03f;
-  p = p * f + 9.618519236e-03f;
-  p = p * f + 5.550328983e-02f;
-  p = p * f + 2.402264661e-01f;
-  p = p * f + 6.931472056e-01f;
-  p = p * f + 1.f;
-  return (vf)_mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps((__m512)p, n));
+  vf dc = (vf)_mm512_max_ps(_mm512_set1_ps(-87.f), (__m512)d);  // no subnormal is ever formed
+  return (vf)_mm512_maskz_mov_ps(~tiny, (__m512)vexp_nonpos(dc));
 #else
   return vexp(d);
 #endif
