@@ -1,13 +1,11 @@
-"""Shared by the issue-4 integration tests (swap, compile, autocast, ddp): which backends to run
-on, and fp32 tolerances for whole models."""
+"""Shared by the issue-4 integration tests (swap, compile, autocast, ddp): whether a backend can
+run here, and fp32 tolerances for whole models. (The `backend` fixture is conftest.py's.)"""
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
-import fastlayers
 from fastlayers._errors import BackendUnavailableError
 from fastlayers.backends import load
 
@@ -18,16 +16,6 @@ def backend_skip_reason(name: str, device: str = "cpu") -> str | None:
     except BackendUnavailableError as e:
         return str(e)
     return mod.unavailable_reason(torch.device(device))
-
-
-@pytest.fixture(params=["reference", "cpp"])
-def backend(request):
-    """Runs the test on each CPU backend, forced; skips (saying why) one that cannot run here."""
-    why = backend_skip_reason(request.param)
-    if why is not None:
-        pytest.skip(f"backend {request.param!r} unavailable: {why}")
-    with fastlayers.use_backend(request.param):
-        yield request.param
 
 
 def assert_close_gemm(actual: torch.Tensor, expected: torch.Tensor, k: int) -> None:

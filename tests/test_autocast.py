@@ -12,7 +12,7 @@ from torch import nn
 
 import fastlayers as fl
 from fastlayers.activations import NAMES
-from integration_helpers import backend, backend_skip_reason  # noqa: F401
+from integration_helpers import backend_skip_reason
 
 K, N = 48, 24
 

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 import fastlayers as fl
 from fastlayers import _library
 from fastlayers.activations import NAMES
-from integration_helpers import assert_close_gemm, backend, backend_skip_reason  # noqa: F401
+from integration_helpers import assert_close_gemm, backend_skip_reason
 
 H = 16
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastlayers as fl
 from fastlayers.swap import SwapReport
-from integration_helpers import assert_close_gemm, backend  # noqa: F401  (fixture)
+from integration_helpers import assert_close_gemm
 
 H = 16
 
