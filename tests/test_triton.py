@@ -215,9 +215,11 @@ _INF_LIMIT = {  # act(+inf), act(-inf): the mathematical limits (PyTorch gives N
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
 def test_special_values(act, slope, dtype):
-    vals = torch.tensor(_SPECIAL, dtype=dtype, device=DEVICE).view(-1, 1)
+    # 64 values: PyTorch's CPU activations run their vectorised loop on all of them (its scalar
+    # tail differs at NaN: hardswish'(nan) = dy and relu6'(nan) = dy there).
+    vals = torch.tensor((_SPECIAL * 6)[:64], dtype=dtype, device=DEVICE).view(-1, 1)
     w = torch.ones(1, 1, dtype=dtype, device=DEVICE)
-    dy = torch.ones(len(_SPECIAL), 1, dtype=dtype, device=DEVICE)
+    dy = torch.ones(64, 1, dtype=dtype, device=DEVICE)
     got, ref = _linear_both(vals.clone().requires_grad_(), w, None, act, slope, dy, ref64=False)
     torch.testing.assert_close(got[0], ref[0], equal_nan=True, msg=lambda m: f"y: {m}")
     torch.testing.assert_close(got[1], ref[1], equal_nan=True, msg=lambda m: f"dx: {m}")

@@ -49,6 +49,18 @@ def act_grad(dy: Tensor, saved: Optional[Tensor], act: Activation, slope: float)
         return torch.ops.aten.sigmoid_backward(dy, saved)
     if name == "tanh":
         return torch.ops.aten.tanh_backward(dy, saved)
+    if name == "hardswish":
+        return torch.ops.aten.hardswish_backward(dy, saved)
+    if name == "hardsigmoid":
+        return torch.ops.aten.hardsigmoid_backward(dy, saved)
+    if name == "relu6":  # saved is y; 0 < y < 6 <=> 0 < z < 6
+        return torch.ops.aten.hardtanh_backward(dy, saved, 0.0, 6.0)
+    if name == "mish":
+        return torch.ops.aten.mish_backward(dy, saved)
+    if name == "quick_gelu":  # no ATen op: autograd through the defining formula
+        with torch.enable_grad():
+            z = saved.detach().requires_grad_(True)
+            return torch.autograd.grad(act.ref(z, slope), z, dy)[0]
     raise AssertionError(name)
 
 
