@@ -6,11 +6,13 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
 
+#include "activations.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -28,6 +30,15 @@ static void by_dtype(int dtype, F&& f) {
 }
 
 template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// Sizes, activation code and thread count of a gated entry point (the dtype code is checked by by_dtype).
+static void gated_check_sizes(const char* op, int64_t rows, int64_t cols, int act, int nthreads) {
+  auto fail = [&](const char* what) { throw std::invalid_argument(std::string("fastlayers._C.") + op + ": " + what); };
+  if (rows < 0 || cols < 0) fail("rows and cols must be >= 0");
+  if (cols > 0 && rows > INT64_MAX / cols) fail("rows * cols overflows");
+  if (act < 0 || act > MISH) fail("unknown activation code");
+  if (nthreads < 1) fail("nthreads must be >= 1");
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
@@ -82,6 +93,45 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("dtype"), py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("outer"), py::arg("len"),
         py::arg("inner"), py::arg("log"), py::arg("nthreads"));
+
+  // Gated linear unit (csrc/gated.cpp). Pointers that must be present are checked, as are sizes,
+  // the activation code and the thread count: a bad call raises ValueError, never reads out of bounds.
+  m.def("gated_forward",
+        [](int dtype, uintptr_t g, uintptr_t bg, uintptr_t u, uintptr_t bu, uintptr_t h, int64_t rows,
+           int64_t cols, int act, double slope, bool keep, int nthreads) {
+          gated_check_sizes("gated_forward", rows, cols, act, nthreads);
+          if (rows * cols > 0 && (!g || !u || !h))
+            throw std::invalid_argument("fastlayers._C.gated_forward: g, u and h must be non-null");
+          if (keep && h == g) throw std::invalid_argument("fastlayers._C.gated_forward: keep needs h apart from g");
+          py::gil_scoped_release nogil;
+          by_dtype(dtype, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            gated_forward<T>(ptr<T>(g), ptr<const T>(bg), ptr<T>(u), ptr<const T>(bu), ptr<T>(h), rows, cols,
+                             act, slope, keep, nthreads);
+          });
+        },
+        py::arg("dtype"), py::arg("g"), py::arg("bg"), py::arg("u"), py::arg("bu"), py::arg("h"),
+        py::arg("rows"), py::arg("cols"), py::arg("act"), py::arg("slope"), py::arg("keep"),
+        py::arg("nthreads"),
+        "h = act(g + bg) * (u + bu) over row-major (rows, cols); keep: g, u become g + bg, u + bu.");
+
+  m.def("gated_backward",
+        [](int dtype, uintptr_t dh, uintptr_t g, uintptr_t u, uintptr_t dg, uintptr_t du, uintptr_t dbg,
+           uintptr_t dbu, int64_t rows, int64_t cols, int act, double slope, bool from_output, int nthreads) {
+          gated_check_sizes("gated_backward", rows, cols, act, nthreads);
+          if (rows * cols > 0 && (!dh || !g || !u || !dg || !du))
+            throw std::invalid_argument("fastlayers._C.gated_backward: dh, g, u, dg and du must be non-null");
+          py::gil_scoped_release nogil;
+          by_dtype(dtype, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            gated_backward<T>(ptr<const T>(dh), ptr<const T>(g), ptr<const T>(u), ptr<T>(dg), ptr<T>(du),
+                              ptr<T>(dbg), ptr<T>(dbu), rows, cols, act, slope, from_output, nthreads);
+          });
+        },
+        py::arg("dtype"), py::arg("dh"), py::arg("g"), py::arg("u"), py::arg("dg"), py::arg("du"),
+        py::arg("dbg"), py::arg("dbu"), py::arg("rows"), py::arg("cols"), py::arg("act"), py::arg("slope"),
+        py::arg("from_output"), py::arg("nthreads"),
+        "dg = dh * u * act'(g), du = dh * act(g); dbg / dbu = their column sums (0: skipped).");
 
   m.def("advise_hugepages",
         [](uintptr_t p, int64_t nbytes) {
