@@ -102,7 +102,7 @@ PYBIND11_MODULE(_C, m) {
           gated_check_sizes("gated_forward", rows, cols, act, nthreads);
           if (rows * cols > 0 && (!g || !u || !h))
             throw std::invalid_argument("fastlayers._C.gated_forward: g, u and h must be non-null");
-          if (keep && h == g) throw std::invalid_argument("fastlayers._C.gated_forward: keep needs h apart from g");
+          if (keep && h == g && rows * cols > 0) throw std::invalid_argument("fastlayers._C.gated_forward: keep needs h apart from g");
           py::gil_scoped_release nogil;
           by_dtype(dtype, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;

@@ -83,9 +83,10 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, d
       V duv = dhv * a;
       if (full) { IO::store(dgr + j, dgv); IO::store(dur + j, duv); }
       else { store_n(dgr + j, dgv, k); store_n(dur + j, duv, k); }
-      // Bias gradients: sums of the gradients as stored (rounded to T), like summing the tensors.
-      if (acc_g) add_to(acc_g + j, full ? IO::load(dgr + j) : load_n(dgr + j, k), k);
-      if (acc_u) add_to(acc_u + j, full ? IO::load(dur + j) : load_n(dur + j, k), k);
+      // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage, in fp64
+      // accumulators), one rounding at the end.
+      if (acc_g) add_to(acc_g + j, dgv, k);
+      if (acc_u) add_to(acc_u + j, duv, k);
     }
   }
 }

@@ -167,11 +167,11 @@ def gated_grad_kernel(
         du_out = du.to(du_ptr.dtype.element_ty)
         tl.store(dg_ptr + offs, dg_out, mask=mask)
         tl.store(du_ptr + offs, du_out, mask=mask)
-        # bias gradients: sums of the gradients as stored (rounded), like summing the tensors
+        # bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 data)
         if NEED_DBG:
-            sum_g += tl.sum(tl.where(mask, dg_out.to(COMPUTE_DTYPE), 0.0), axis=0)
+            sum_g += tl.sum(tl.where(mask, dg, 0.0), axis=0)
         if NEED_DBU:
-            sum_u += tl.sum(tl.where(mask, du_out.to(COMPUTE_DTYPE), 0.0), axis=0)
+            sum_u += tl.sum(tl.where(mask, du, 0.0), axis=0)
     if NEED_DBG:
         tl.store(pg_ptr + pid_p.to(tl.int64) * N + offs_n, sum_g, mask=mask_n)
     if NEED_DBU:

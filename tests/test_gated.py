@@ -1,0 +1,463 @@
+"""fl.gated_linear (act(x Wg^T + bg) * (x Wu^T + bu)) and fl.FusedGatedMLP against PyTorch.
+
+The `backend` fixture (conftest.py) runs the op tests on cpp and reference; the Triton backend
+runs a smaller set through its interpreter (TRITON_INTERPRET=1, set by conftest.py) at the end.
+Tolerances: conftest.assert_matches (fp64 1e-7; fp32 with GEMM-scaled atol; bf16 / fp16 within
+2x PyTorch's own error against float64).
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlayers as fl
+from fastlayers.activations import ACTIVATIONS, NAMES
+from fastlayers.backends import load
+
+from conftest import FLOAT_DTYPES, assert_matches
+
+SLOPE = 0.01
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
+
+def eager(x, wg, wu, bg, bu, act, slope=SLOPE):
+    g = F.linear(x, wg, bg)
+    return (g if act == "none" else ACTIVATIONS[act].ref(g, slope)) * F.linear(x, wu, bu)
+
+
+def leaf(t):
+    return None if t is None else t.detach().requires_grad_(True)
+
+
+def check(x, wg, wu, bg, bu, act, dh, slope=SLOPE):
+    """fl.gated_linear forward + backward vs PyTorch in float64 and in x's dtype; inputs unchanged."""
+    ins = (x, wg, wu, bg, bu)
+    before = [None if t is None else t.detach().clone() for t in ins + (dh,)]
+    h = fl.gated_linear(x, wg, wu, bg, bu, act, slope)
+    h.backward(dh)
+    for t, t0 in zip(ins + (dh,), before):
+        if t is not None:
+            assert torch.equal(t.detach().isnan(), t0.isnan())
+            assert torch.equal(torch.nan_to_num(t.detach()), torch.nan_to_num(t0)), "an input was modified"
+    got = [h] + [t.grad for t in ins if t is not None]
+
+    def ref(dtype):
+        ts = [None if t is None else leaf(t.to(dtype)) for t in before[:5]]
+        hr = eager(*ts, act, slope)
+        hr.backward(before[5].to(dtype))
+        return [hr] + [t.grad for t in ts if t is not None]
+
+    r64, rlow = ref(torch.float64), ref(x.dtype)
+    m = x.numel() // max(x.shape[-1], 1)
+    k, n = wg.shape[1], wg.shape[0]
+    names = ["h", "dx", "dWg", "dWu"] + (["dbg"] if bg is not None else []) + (["dbu"] if bu is not None else [])
+    reds = {"h": k, "dx": 2 * n, "dWg": m, "dWu": m, "dbg": m, "dbu": m}
+    for name, o, r, e in zip(names, got, r64, rlow):
+        assert_matches(o.detach(), r, e, red=reds[name], what=f"{act} {x.dtype} {name}")
+
+
+def make(lead, k, n, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, dtype=dtype, generator=g)
+    wg = torch.randn(n, k, dtype=dtype, generator=g) / max(k, 1) ** 0.5
+    wu = torch.randn(n, k, dtype=dtype, generator=g) / max(k, 1) ** 0.5
+    bg = torch.randn(n, dtype=dtype, generator=g) if bias else None
+    bu = torch.randn(n, dtype=dtype, generator=g) if bias else None
+    dh = torch.randn(*lead, n, dtype=dtype, generator=g)
+    return [leaf(t) for t in (x, wg, wu, bg, bu)] + [dh]
+
+
+SHAPES = [  # (leading dims of x, in_features, intermediate)
+    ((1,), 1, 1),
+    ((3,), 7, 5),
+    ((33,), 65, 17),
+    ((2, 3), 9, 6),    # 3-D x
+    ((0,), 7, 5),      # zero-size batch
+    ((), 5, 4),        # 1-D x
+]
+
+
+# bf16 runs the shapes with enough values for its rule ("max error <= 2x PyTorch's own") to mean
+# something, plus a larger one: on a few values it is a coin toss between two roundings (eager
+# rounds act(g) before the product and each GEMM of dx = dg Wg + du Wu before their sum; we round
+# once fewer), not a measure of accuracy.
+CASES = ([(dt, *shape) for dt in (torch.float32, torch.float64) for shape in SHAPES]
+         + [(torch.bfloat16, *shape) for shape in (((33,), 65, 17), ((8, 16), 96, 80), ((0,), 7, 5))])
+
+
+@pytest.mark.parametrize("act", NAMES)
+@pytest.mark.parametrize("dtype,lead,k,n", CASES, ids=str)
+def test_matches_torch(backend, act, dtype, lead, k, n):
+    x, wg, wu, bg, bu, dh = make(lead, k, n, dtype, bias=True)
+    check(x, wg, wu, bg, bu, act, dh)
+
+
+@pytest.mark.parametrize("dtype,lead,k,n", [
+    (dt, *shape) for dt in FLOAT_DTYPES
+    for shape in (((127,), 131, 257), ((4, 0), 6, 3), ((5,), 0, 3), ((5,), 4, 0), ((1,), 1, 1))
+    if not (dt == torch.bfloat16 and shape[1] == 1)], ids=str)  # bf16: see CASES
+@pytest.mark.parametrize("bias", ["both", "gate", "up", "none"])
+def test_shapes_and_biases(backend, dtype, lead, k, n, bias):
+    """Primes past the vector widths, 0-size dims (K = 0: h = act(bg) * bu), each bias alone."""
+    x, wg, wu, bg, bu, dh = make(lead, k, n, dtype, bias=True, seed=1)
+    bg = bg if bias in ("both", "gate") else None
+    bu = bu if bias in ("both", "up") else None
+    check(x, wg, wu, bg, bu, "silu", dh)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu", "sigmoid"])
+@pytest.mark.parametrize("layout", ["x_transposed", "x_sliced", "w_transposed", "w_sliced", "grad_transposed",
+                                    "grad_expanded", "x_3d_permuted", "bias_strided"])
+def test_non_contiguous(backend, act, layout):
+    torch.manual_seed(1)
+    m, k, n, dt = 19, 23, 11, torch.float32
+    x, wg, wu = torch.randn(m, k), torch.randn(n, k) / k ** 0.5, torch.randn(n, k) / k ** 0.5
+    bg, bu, dh = torch.randn(n), torch.randn(n), torch.randn(m, n)
+    if layout == "x_transposed":
+        x = torch.randn(k, m).t()
+    elif layout == "x_sliced":
+        x = torch.randn(m, 2 * k)[:, ::2]
+    elif layout == "w_transposed":
+        wg, wu = torch.randn(k, n, dtype=dt).t(), torch.randn(k, n, dtype=dt).t()
+    elif layout == "w_sliced":
+        both = torch.randn(2 * n, k) / k ** 0.5
+        wg, wu = both[::2], both[1::2]
+    elif layout == "grad_transposed":
+        dh = torch.randn(n, m).t()
+    elif layout == "grad_expanded":
+        dh = torch.randn(1, n).expand(m, n)
+    elif layout == "x_3d_permuted":
+        x = torch.randn(k, 4, 5).permute(1, 2, 0)
+        dh = torch.randn(4, 5, n)
+    elif layout == "bias_strided":
+        bg, bu = torch.randn(2 * n)[::2], torch.randn(n, 2)[:, 1]
+    check(leaf(x), leaf(wg), leaf(wu), leaf(bg), leaf(bu), act, dh)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2, -0.3])
+def test_leaky_relu_slopes(backend, slope):
+    x, wg, wu, bg, bu, dh = make((9,), 8, 7, torch.float32)
+    check(x, wg, wu, bg, bu, "leaky_relu", dh, slope=slope)
+
+
+SPECIAL = [0.0, -0.0, 1e20, -1e20, 88.0, -88.0, float("nan"), 1.0, -1.0, 13.0, -13.0, 3.0, -3.0, 6.0,
+           1e-30, float("inf"), float("-inf")]
+
+
+def _close_to_either(out, a, b, what):
+    """Elementwise: out equals PyTorch's result a (same dtype) or the float64 result b rounded to
+    out's dtype, within rtol 1.3e-6 / atol 1e-30 (NaN only where a or b is NaN). PyTorch's fp32
+    GELU loses ~1e-4 relative in its tail (gelu(-3)), where ours is the more exact one."""
+    b = b.to(out.dtype)
+    ok = torch.isclose(out, a, rtol=1.3e-6, atol=1e-30, equal_nan=True)
+    ok |= torch.isclose(out, b, rtol=1.3e-6, atol=1e-30, equal_nan=True)
+    bad = torch.nonzero(~ok).flatten().tolist()
+    assert not bad, f"{what}: " + "; ".join(f"[{i}] {out[i].item()} vs torch {a[i].item()} / exact {b[i].item()}"
+                                            for i in bad[:5])
+
+
+@pytest.mark.parametrize("act", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_special_values(backend, act, dtype):
+    """h = act(z) * v and its gradients with z, v special (identity 1x1 weights, 64 rows so
+    PyTorch's activation kernels run vectorised): PyTorch's values (or the exact ones), NaN where
+    PyTorch has NaN, the same signs of zero; with an infinite input, PyTorch's value or the
+    limit act(+-inf) * v. dh = 1."""
+    z = torch.tensor((SPECIAL * 4)[:64], dtype=dtype)
+    v = torch.tensor((SPECIAL[5:] + SPECIAL[:5]) * 4, dtype=dtype)[:64]
+    x = torch.stack([z, v], 1)  # (64, 2): g = z, u = v
+    wg = torch.tensor([[1.0, 0.0]], dtype=dtype)
+    wu = torch.tensor([[0.0, 1.0]], dtype=dtype)
+    xs, xr, x64 = leaf(x), leaf(x), leaf(x.double())
+    h = fl.gated_linear(xs, wg, wu, None, None, act, SLOPE)
+    h.backward(torch.ones_like(h))
+    hr = eager(xr, wg, wu, None, None, act)
+    hr.backward(torch.ones_like(hr))
+    h64 = eager(x64, wg.double(), wu.double(), None, None, act)
+    h64.backward(torch.ones_like(h64))
+    finite = torch.isfinite(x).all(1)
+    _close_to_either(h[finite, 0], hr[finite, 0], h64[finite, 0], f"{act} h")
+    for j in range(2):
+        _close_to_either(xs.grad[finite, j], xr.grad[finite, j], x64.grad[finite, j], f"{act} dx[:, {j}]")
+    zero = (hr == 0) & finite[:, None]
+    assert torch.equal(torch.signbit(h[zero]), torch.signbit(hr[zero])), "sign of zero differs"
+    # with an infinity: PyTorch's value, or the limit (both NaN-free where PyTorch is)
+    for i in torch.nonzero(~finite).flatten().tolist():
+        a, b = h[i, 0].item(), hr[i, 0].item()
+        assert a == b or (math.isnan(b)) or (math.isnan(a) and math.isnan(b)) or math.isinf(a) == math.isinf(b), \
+            (act, x[i].tolist(), a, b)
+
+
+def off_kinks(g: torch.Tensor) -> bool:
+    kinks = torch.tensor([0.0, 3.0, -3.0, 6.0], dtype=g.dtype)
+    return bool(((g.unsqueeze(-1) - kinks).abs() > 2e-2).all())
+
+
+@pytest.mark.parametrize("act", NAMES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(backend, act, bias):
+    gen = torch.Generator().manual_seed(0)
+    while True:  # pre-activations away from the kinks of relu, hardswish, relu6 ...
+        x = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen) * 2
+        wg = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+        wu = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+        bg = torch.randn(4, dtype=torch.float64, generator=gen) if bias else None
+        bu = torch.randn(4, dtype=torch.float64, generator=gen) if bias else None
+        if off_kinks(F.linear(x, wg, bg)):
+            break
+    args = [t.requires_grad_() for t in (x, wg, wu, bg, bu) if t is not None]
+    if bias:
+        fn = lambda x, wg, wu, bg, bu: fl.gated_linear(x, wg, wu, bg, bu, act)  # noqa: E731
+    else:
+        fn = lambda x, wg, wu: fl.gated_linear(x, wg, wu, None, None, act)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "sigmoid", "leaky_relu"])
+def test_double_backward(backend, act):
+    """create_graph=True: exact higher-order gradients (fp64 gradgradcheck)."""
+    x, wg, wu, bg, bu, _ = make((3,), 4, 2, torch.float64, seed=6)
+    assert torch.autograd.gradgradcheck(lambda *a: fl.gated_linear(*a, activation=act), (x, wg, wu, bg, bu))
+
+
+@pytest.mark.parametrize("needs", [(1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (0, 0, 1, 0, 0), (0, 0, 0, 1, 0),
+                                   (0, 0, 0, 0, 1), (1, 1, 1, 1, 1), (0, 1, 1, 0, 0)])
+def test_only_requested_grads(backend, needs):
+    torch.manual_seed(3)
+    ts = [torch.randn(5, 4), torch.randn(3, 4), torch.randn(3, 4), torch.randn(3), torch.randn(3)]
+    for t, r in zip(ts, needs):
+        t.requires_grad_(bool(r))
+    h = fl.gated_linear(*ts, activation="gelu")
+    h.sum().backward()
+    for t, r in zip(ts, needs):
+        assert (t.grad is not None) == bool(r)
+    torch.testing.assert_close(h, eager(*ts, "gelu"))
+
+
+def test_no_grad_and_inference(backend):
+    x, wg, wu, bg, bu, _ = make((6,), 5, 4, torch.float32)
+    with torch.no_grad():
+        h = fl.gated_linear(x, wg, wu, bg, bu)
+    assert not h.requires_grad
+    torch.testing.assert_close(h, eager(x, wg, wu, bg, bu, "silu").detach())
+    with torch.inference_mode():
+        h = fl.gated_linear(x, wg, wu, bg, bu, "gelu_tanh")
+    torch.testing.assert_close(h, eager(x, wg, wu, bg, bu, "gelu_tanh").detach())
+
+
+def test_threads_agree_and_bias_grads_deterministic(backend):
+    """Enough rows for the OpenMP split; 1 thread and all threads agree (bias grads: fixed order)."""
+    x, wg, wu, bg, bu, dh = make((300,), 48, 100, torch.float32, seed=5)
+    n = torch.get_num_threads()
+    outs = []
+    for t in (1, n, n):
+        torch.set_num_threads(t)
+        try:
+            ins = [leaf(a) for a in (x, wg, wu, bg, bu)]
+            h = fl.gated_linear(*ins)
+            h.backward(dh)
+            outs.append([h.detach()] + [a.grad for a in ins])
+        finally:
+            torch.set_num_threads(n)
+    for a, b in zip(outs[1], outs[2]):
+        assert torch.equal(a, b)  # same thread count: bit-identical
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_output_can_be_modified_in_place(backend):
+    x, wg, wu, bg, bu, _ = make((2, 3), 4, 4, torch.float32)
+    h = fl.gated_linear(x, wg, wu, bg, bu)
+    h += x  # like any op's output
+    h.sum().backward()
+    xr, wgr, wur, bgr, bur = (leaf(t) for t in (x, wg, wu, bg, bu))
+    (eager(xr, wgr, wur, bgr, bur, "silu") + xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(wg.grad, wgr.grad)
+
+
+def test_saved_input_modified_in_place_raises(backend):
+    x, wg, wu, _, _, _ = make((3,), 4, 2, torch.float32)
+    xi = x * 1
+    h = fl.gated_linear(xi, wg, wu)
+    xi.mul_(2)  # x is saved for dWg, dWu
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.sum().backward()
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu6"])
+def test_float16(backend, act):
+    x, wg, wu, bg, bu, dh = make((33,), 65, 17, torch.float16, seed=7)
+    check(x, wg, wu, bg, bu, act, dh)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _ok(**over):
+    d = dict(x=torch.randn(3, 4), w_gate=torch.randn(5, 4), w_up=torch.randn(5, 4), b_gate=torch.randn(5),
+             b_up=torch.randn(5))
+    d.update(over)
+    return d
+
+
+@pytest.mark.parametrize("over,exc,pattern", [
+    (dict(x=[[1.0]]), TypeError, "expected x to be a torch.Tensor"),
+    (dict(w_up="w"), TypeError, "expected w_up to be a torch.Tensor"),
+    (dict(x=torch.ones(3, 4, dtype=torch.int64)), TypeError, "expected x to be a floating-point tensor"),
+    (dict(b_gate=torch.ones(5, dtype=torch.int32)), TypeError, "expected b_gate to be a floating-point"),
+    (dict(w_gate=torch.randn(5, 4, dtype=torch.float64)), TypeError, "expected w_gate to have the same dtype"),
+    (dict(b_up=torch.randn(5, dtype=torch.float64)), TypeError, "expected b_up to have the same dtype"),
+    (dict(w_gate=torch.randn(5, 4, 1)), ValueError, "expected w_gate of shape"),
+    (dict(w_up=torch.randn(6, 4)), ValueError, "expected w_up to have w_gate's shape"),
+    (dict(x=torch.randn(3, 7)), ValueError, "x has 7 features"),
+    (dict(x=torch.tensor(1.0)), ValueError, "0-d tensor"),
+    (dict(b_gate=torch.randn(4)), ValueError, r"expected b_gate of shape \(5,\)"),
+    (dict(b_up=torch.randn(5, 1)), ValueError, r"expected b_up of shape \(5,\)"),
+    (dict(w_up=torch.randn(5, 4, device="meta")), RuntimeError, "expected w_up on the same device"),
+    (dict(x=torch.randn(3, 4).to_sparse()), TypeError, "expected x to be a dense"),
+])
+def test_bad_input(over, exc, pattern):
+    with pytest.raises(exc, match=pattern) as info:
+        fl.gated_linear(**_ok(**over))
+    assert "fastlayers.gated_linear" in str(info.value)
+
+
+def test_bad_activation_and_slope():
+    with pytest.raises(ValueError, match="fastlayers.gated_linear: unknown activation 'swish'"):
+        fl.gated_linear(**_ok(), activation="swish")
+    with pytest.raises(TypeError, match="fastlayers.gated_linear: expected negative_slope to be a real"):
+        fl.gated_linear(**_ok(), activation="leaky_relu", negative_slope="0.1")
+
+
+def test_cpp_entry_points_check_their_arguments():
+    """The C++ side refuses what it cannot work on (never reads out of bounds)."""
+    C = pytest.importorskip("fastlayers._C")
+    with pytest.raises(ValueError, match="gated_forward: rows and cols"):
+        C.gated_forward(0, 1, 0, 1, 0, 1, -1, 4, 5, 0.0, False, 1)
+    with pytest.raises(ValueError, match="gated_forward: g, u and h must be non-null"):
+        C.gated_forward(0, 0, 0, 0, 0, 0, 2, 4, 5, 0.0, False, 1)
+    with pytest.raises(ValueError, match="gated_backward: unknown activation code"):
+        C.gated_backward(0, 1, 1, 1, 1, 1, 0, 0, 2, 4, 99, 0.0, False, 1)
+    with pytest.raises(ValueError, match="nthreads"):
+        C.gated_backward(0, 1, 1, 1, 1, 1, 0, 0, 2, 4, 5, 0.0, False, 0)
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        t = torch.zeros(2, 4)
+        C.gated_forward(9, t.data_ptr(), 0, t.data_ptr(), 0, torch.zeros(2, 4).data_ptr(), 2, 4, 5, 0.0, True, 1)
+
+
+def test_meta_tensors():
+    """Model init on the meta device: shapes and dtypes only (reference backend)."""
+    x, wg, wu = (torch.empty(s, device="meta") for s in ((2, 3, 4), (5, 4), (5, 4)))
+    h = fl.gated_linear(x, wg, wu)
+    assert h.shape == (2, 3, 5) and h.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- autocast, compile
+def test_autocast_matches_torch(backend):
+    x, wg, wu, bg, bu, _ = make((4, 6), 8, 5, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = fl.gated_linear(x, wg, wu, bg, bu)
+        hr = eager(x, wg, wu, bg, bu, "silu")
+    assert h.dtype == hr.dtype == torch.bfloat16
+    h.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and wg.grad.dtype == torch.float32
+    ref64 = eager(*(t.detach().bfloat16().double() for t in (x, wg, wu, bg, bu)), "silu")
+    assert_matches(h.detach(), ref64, hr.detach(), red=8, what="autocast h")
+
+
+def test_compile_fullgraph(backend):
+    """torch.compile sees fastlayers::gated_linear as one opaque op: no graph break; forward and
+    backward equal eager (the compiled backward reuses the op's saved g and u)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    x, wg, wu, bg, bu, dh = make((2, 3), 8, 6, torch.float32, seed=9)
+
+    def f(x, wg, wu, bg, bu):
+        return fl.gated_linear(x, wg, wu, bg, bu, "gelu") * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    h = compiled(x, wg, wu, bg, bu)
+    h.backward(dh)
+    got = [h.detach()] + [t.grad for t in (x, wg, wu, bg, bu)]
+    ins = [leaf(t) for t in (x, wg, wu, bg, bu)]
+    hr = f(*ins)
+    hr.backward(dh)
+    for a, b in zip(got, [hr.detach()] + [t.grad for t in ins]):
+        torch.testing.assert_close(a, b)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
+def test_library_op_opcheck(backend):
+    """torch.library.opcheck: schema, fake kernel, autograd registration of the custom ops."""
+    x, wg, wu, bg, bu, dh = make((3,), 4, 5, torch.float32)
+    op = torch.ops.fastlayers.gated_linear.default
+    torch.library.opcheck(op, (x, wg, wu, bg, bu, "silu", 0.01))
+    torch.library.opcheck(op, (x, wg, wu, None, None, "relu", 0.01))
+    g, u = F.linear(x, wg, bg).detach(), F.linear(x, wu, bu).detach()
+    torch.library.opcheck(torch.ops.fastlayers.gated_linear_backward.default,
+                          (dh, x.detach(), wg.detach(), wu.detach(), g, u, "silu", 0.01, True, True, True,
+                           True, False))
+
+
+# ----------------------------------------------------------------------------- triton (interpreter)
+def _triton_reason():
+    try:
+        return load("triton").unavailable_reason(torch.device("cpu"))
+    except Exception as e:  # noqa: BLE001 - triton missing
+        return str(e)
+
+
+needs_triton = pytest.mark.skipif(_triton_reason() is not None,
+                                  reason=f"triton backend cannot run on CPU tensors here: {_triton_reason()}")
+
+
+@needs_triton
+@pytest.mark.parametrize("act", NAMES)
+def test_triton_every_activation(act):
+    x, wg, wu, bg, bu, dh = make((2, 35), 40, 70, torch.float32, seed=2)  # straddles the 64-wide tiles
+    with fl.use_backend("triton"):
+        check(x, wg, wu, bg, bu, act, dh)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("lead,k,n,bias", [((1,), 1, 1, "both"), ((65,), 33, 129, "gate"), ((3,), 0, 4, "up"),
+                                           ((0,), 5, 4, "both"), ((6,), 5, 0, "none")], ids=str)
+def test_triton_shapes(dtype, lead, k, n, bias):
+    x, wg, wu, bg, bu, dh = make(lead, k, n, dtype, seed=3)
+    bg = bg if bias in ("both", "gate") else None
+    bu = bu if bias in ("both", "up") else None
+    with fl.use_backend("triton"):
+        check(x, wg, wu, bg, bu, "silu", dh)
+
+
+@needs_triton
+def test_triton_gradcheck_fp64_and_non_contiguous():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, dtype=torch.float64, generator=gen).t().requires_grad_()  # (6, 3), transposed
+    both = torch.randn(8, 3, dtype=torch.float64, generator=gen)
+    wg, wu = both[::2].detach().requires_grad_(), both[1::2].detach().requires_grad_()
+    bg = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True)
+    with fl.use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda *a: fl.gated_linear(*a, None, "gelu"), (x, wg, wu, bg))
+
+
+@needs_triton
+@pytest.mark.parametrize("act", ["silu", "hardswish", "relu6", "mish"])
+def test_triton_special_values(act):
+    z = torch.tensor((SPECIAL[:15] * 5)[:64])
+    x = torch.stack([z, z.flip(0)], 1)
+    wg, wu = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    xs, xr = leaf(x), leaf(x)
+    with fl.use_backend("triton"):
+        h = fl.gated_linear(xs, wg, wu, None, None, act)
+    h.backward(torch.ones_like(h))
+    hr = eager(xr, wg, wu, None, None, act)
+    hr.backward(torch.ones_like(hr))
+    torch.testing.assert_close(h, hr, equal_nan=True, rtol=1.3e-6, atol=1e-30)
+    torch.testing.assert_close(xs.grad, xr.grad, equal_nan=True, rtol=1.3e-6, atol=1e-30)
