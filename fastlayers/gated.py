@@ -284,3 +284,58 @@ def _backward_op(ctx, dh: Tensor, dg: Optional[Tensor], du: Optional[Tensor]):
 
 
 torch.library.register_autograd("fastlayers::gated_linear", _backward_op, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- module
+class FusedGatedMLP(torch.nn.Module):
+    """The gated MLP of Llama / Mistral / Qwen (SwiGLU), Gemma (GeGLU) ...:
+
+        down_proj(act(gate_proj(x)) * up_proj(x))
+
+    with the gating part as one fused op (fastlayers.gated_linear). gate_proj, up_proj and
+    down_proj are plain nn.Linear modules, so the parameters, their initialisation and the
+    state_dict keys (gate_proj.weight, up_proj.weight, down_proj.weight, and .bias with bias=True)
+    are those of Hugging Face's LlamaMLP: checkpoints load into it and back unchanged.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 activation: str = "silu", negative_slope: float = 0.01,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        _acts.get(activation, "fastlayers.FusedGatedMLP")  # fail at construction, not at first call
+        super().__init__()
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, **kw)
+        self.activation = activation
+        self.negative_slope = _check_slope(negative_slope)
+
+    @classmethod
+    def from_linears(cls, gate_proj: torch.nn.Linear, up_proj: torch.nn.Linear,
+                     down_proj: torch.nn.Linear, activation: str = "silu",
+                     negative_slope: float = 0.01) -> "FusedGatedMLP":
+        """A FusedGatedMLP over existing Linear modules (their Parameters are shared, not copied)."""
+        if gate_proj.weight.shape != up_proj.weight.shape or (gate_proj.bias is None) != (up_proj.bias is None):
+            raise ValueError("fastlayers.FusedGatedMLP.from_linears: gate_proj and up_proj must have the same "
+                             f"shape and bias setting, got {gate_proj} and {up_proj}")
+        if down_proj.in_features != gate_proj.out_features:
+            raise ValueError("fastlayers.FusedGatedMLP.from_linears: down_proj.in_features must equal "
+                             f"gate_proj.out_features ({gate_proj.out_features}), got {down_proj}")
+        _acts.get(activation, "fastlayers.FusedGatedMLP")
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self.hidden_size, self.intermediate_size = gate_proj.in_features, gate_proj.out_features
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.activation = activation
+        self.negative_slope = _check_slope(negative_slope)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = gated_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias,
+                         self.up_proj.bias, self.activation, self.negative_slope)  # (*, intermediate)
+        return self.down_proj(h)  # (*, hidden)
+
+    def extra_repr(self) -> str:
+        s = f"activation={self.activation}"
+        return s + (f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else "")

@@ -461,3 +461,85 @@ def test_triton_special_values(act):
     hr.backward(torch.ones_like(hr))
     torch.testing.assert_close(h, hr, equal_nan=True, rtol=1.3e-6, atol=1e-30)
     torch.testing.assert_close(xs.grad, xr.grad, equal_nan=True, rtol=1.3e-6, atol=1e-30)
+
+
+# ----------------------------------------------------------------------------- FusedGatedMLP
+class LlamaStyleMLP(nn.Module):
+    """The plain-PyTorch gated MLP of Llama / Mistral / Qwen (Hugging Face's LlamaMLP layout)."""
+
+    def __init__(self, hidden, inter, bias=False, act_fn=None):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.act_fn = act_fn or nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _compare_mlp(fused, plain, x, k):
+    xf, xp = leaf(x), leaf(x)
+    yf, yp = fused(xf), plain(xp)
+    dy = torch.randn_like(yp)
+    yf.backward(dy)
+    yp.backward(dy)
+    tol = dict(rtol=1.3e-6 * 4, atol=1e-5 * math.sqrt(k))
+    torch.testing.assert_close(yf, yp, **tol)
+    torch.testing.assert_close(xf.grad, xp.grad, **tol)
+    pf = dict(fused.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(pf[name].grad, p.grad, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("act,module", [("silu", nn.SiLU()), ("gelu", nn.GELU()), ("gelu_tanh", nn.GELU("tanh")),
+                                        ("relu", nn.ReLU())])
+def test_fused_gated_mlp_matches_llama_style(backend, bias, act, module):
+    torch.manual_seed(0)
+    plain = LlamaStyleMLP(24, 40, bias=bias, act_fn=module)
+    fused = fl.FusedGatedMLP(24, 40, bias=bias, activation=act)
+    assert list(fused.state_dict()) == list(plain.state_dict())  # same keys, same order
+    fused.load_state_dict(plain.state_dict())
+    _compare_mlp(fused, plain, torch.randn(2, 7, 24), 40)
+    # and back: the fused module's checkpoint loads into the plain one
+    plain2 = LlamaStyleMLP(24, 40, bias=bias, act_fn=module)
+    plain2.load_state_dict(fused.state_dict())
+    for (n1, a), (n2, b) in zip(plain2.state_dict().items(), fused.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b)
+
+
+def test_fused_gated_mlp_loads_hf_llama_mlp():
+    """state_dict compatibility with transformers' own LlamaMLP (random weights)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="silu")
+    torch.manual_seed(1)
+    hf = LlamaMLP(cfg)
+    fused = fl.FusedGatedMLP(32, 88)
+    fused.load_state_dict(hf.state_dict())  # strict
+    _compare_mlp(fused, hf, torch.randn(3, 5, 32), 88)
+
+
+def test_fused_gated_mlp_from_linears_shares_parameters(backend):
+    plain = LlamaStyleMLP(8, 12, bias=True)
+    fused = fl.FusedGatedMLP.from_linears(plain.gate_proj, plain.up_proj, plain.down_proj, "silu")
+    assert fused.gate_proj.weight is plain.gate_proj.weight
+    _compare_mlp(fused, copy.deepcopy(plain), torch.randn(4, 8), 12)
+    with pytest.raises(ValueError, match="gate_proj and up_proj must have the same shape"):
+        fl.FusedGatedMLP.from_linears(nn.Linear(8, 12), nn.Linear(8, 13), nn.Linear(12, 8))
+    with pytest.raises(ValueError, match="down_proj.in_features"):
+        fl.FusedGatedMLP.from_linears(nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(13, 8))
+
+
+def test_fused_gated_mlp_module_api():
+    m = fl.FusedGatedMLP(6, 10, activation="gelu_tanh", dtype=torch.float64)
+    assert m.gate_proj.weight.dtype == torch.float64 and m.down_proj.weight.shape == (6, 10)
+    assert "activation=gelu_tanh" in repr(m)
+    assert m.gate_proj.bias is None
+    with pytest.raises(ValueError, match="fastlayers.FusedGatedMLP: unknown activation 'swiglu'"):
+        fl.FusedGatedMLP(6, 10, activation="swiglu")
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,))
+    meta = fl.FusedGatedMLP(6, 10, device="meta")
+    assert meta(torch.empty(2, 6, device="meta")).shape == (2, 6)
