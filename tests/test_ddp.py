@@ -1,4 +1,4 @@
-"""DistributedDataParallel (issue 4, point 4): a model with fastlayers layers trains under DDP
+"""DistributedDataParallel: a model with fastlayers layers trains under DDP
 (gloo, 2 CPU processes), and after a few steps its parameters equal single-process training on
 the full batch. Takes a few seconds (two fresh Python processes)."""
 from __future__ import annotations
