@@ -1,12 +1,21 @@
-// pybind11 bindings of the CPU kernels over raw buffers: fastlayers.backends.cpp passes
-// tensor.data_ptr() values, sizes and a dtype code (common.h: F32, F64, BF16, F16). The module
-// does not link libtorch, so it needs no rebuild when torch changes. Validation (dtype,
-// contiguity, shapes) happens once in Python; here the GIL is released around each kernel.
+// pybind11 bindings of the CPU kernels. The module does not link libtorch (no rebuild when torch
+// changes): fastlayers.backends.cpp hands each tensor over as a buffer descriptor
+//     (data_ptr, dtype code, shape, strides)          -- see cpp.py's _buf()
+// and every entry point checks here, before any kernel runs, that each buffer is what the kernel
+// will read or write: a known dtype code (common.h), the same dtype for all buffers, the shape the
+// other arguments imply, contiguous strides, a non-null pointer when it has elements. A mismatch
+// raises ValueError naming the entry point and the argument, never an out-of-bounds access.
+// The GIL is released around each kernel.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -17,6 +26,52 @@
 
 namespace py = pybind11;
 using namespace fl;
+
+// (data_ptr, dtype code, shape, strides in elements), as cpp.py's _buf() builds it.
+using Buf = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
+
+static std::string dims(const std::vector<int64_t>& v) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
+  s << (v.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+// Checks that `b` is a contiguous buffer of dtype `dtype` and shape `shape`; returns its pointer.
+static uintptr_t expect(const char* fn, const char* name, const Buf& b, int dtype,
+                        const std::vector<int64_t>& shape) {
+  const auto& [p, code, sh, st] = b;
+  auto fail = [&](const std::string& what) {
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": argument '" + name + "' " + what);
+  };
+  if (code != dtype) fail("has dtype code " + std::to_string(code) + ", expected " + std::to_string(dtype));
+  if (sh != shape) fail("has shape " + dims(sh) + ", expected " + dims(shape));
+  if (st.size() != sh.size()) fail("has " + std::to_string(st.size()) + " strides for " + std::to_string(sh.size()) + " dims");
+  int64_t numel = 1;
+  for (int64_t d : sh) {
+    if (d < 0) fail("has a negative size");
+    numel *= d;
+  }
+  if (numel == 0) return p;  // nothing is read or written: any strides, any pointer
+  if (p == 0) fail("is a null pointer");
+  for (int64_t i = (int64_t)sh.size() - 1, expected = 1; i >= 0; expected *= sh[i--])
+    if (sh[i] != 1 && st[i] != expected) fail("is not contiguous (strides " + dims(st) + ")");
+  return p;
+}
+
+static const std::vector<int64_t>& shape_of(const Buf& b) { return std::get<2>(b); }
+
+static int dtype_of(const char* fn, const char* name, const Buf& b, size_t ndim) {
+  int code = std::get<1>(b);
+  if (code < F32 || code > F16)
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": argument '" + name +
+                                "' has unknown dtype code " + std::to_string(code));
+  if (shape_of(b).size() != ndim)
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": argument '" + name + "' must have " +
+                                std::to_string(ndim) + " dims, got shape " + dims(shape_of(b)));
+  return code;
+}
 
 template <class F>
 static void by_dtype(int dtype, F&& f) {
@@ -29,109 +84,136 @@ static void by_dtype(int dtype, F&& f) {
   }
 }
 
-template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
-// Sizes, activation code and thread count of a gated entry point (the dtype code is checked by by_dtype).
-static void gated_check_sizes(const char* op, int64_t rows, int64_t cols, int act, int nthreads) {
-  auto fail = [&](const char* what) { throw std::invalid_argument(std::string("fastlayers._C.") + op + ": " + what); };
-  if (rows < 0 || cols < 0) fail("rows and cols must be >= 0");
-  if (cols > 0 && rows > INT64_MAX / cols) fail("rows * cols overflows");
-  if (act < 0 || act > MISH) fail("unknown activation code");
-  if (nthreads < 1) fail("nthreads must be >= 1");
+static void check_act(const char* fn, int act) {
+  if (act < 0 || act >= kNumActs)
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": unknown activation code " + std::to_string(act));
 }
+
+template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
 
   m.def("bias_act_forward",
-        [](int dtype, uintptr_t z, uintptr_t b, uintptr_t y, int64_t rows, int64_t cols, int act,
-           double slope, int nthreads) {
+        [](const Buf& z, const std::optional<Buf>& b, const Buf& y, int act, double slope, int nthreads) {
+          const char* fn = "bias_act_forward";
+          int dt = dtype_of(fn, "z", z, 2);
+          int64_t rows = shape_of(z)[0], cols = shape_of(z)[1];
+          uintptr_t pz = expect(fn, "z", z, dt, {rows, cols}), py_ = expect(fn, "y", y, dt, {rows, cols});
+          uintptr_t pb = b ? expect(fn, "b", *b, dt, {cols}) : 0;
+          check_act(fn, act);
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            bias_act_forward<T>(ptr<T>(z), ptr<const T>(b), ptr<T>(y), rows, cols, act, slope, nthreads);
+            bias_act_forward<T>(ptr<T>(pz), ptr<const T>(pb), ptr<T>(py_), rows, cols, act, slope, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("z"), py::arg("b"), py::arg("y"), py::arg("rows"), py::arg("cols"),
-        py::arg("act"), py::arg("slope"), py::arg("nthreads"),
-        "y = act(z + b) over row-major (rows, cols); in place when y == z, else z becomes z + b.");
+        py::arg("z"), py::arg("b"), py::arg("y"), py::arg("act"), py::arg("slope"), py::arg("nthreads"),
+        "y = act(z + b) over row-major (rows, cols) z; in place when y is z, else z becomes z + b.");
 
   m.def("act_grad",
-        [](int dtype, uintptr_t dy, uintptr_t s, uintptr_t dz, uintptr_t db, int64_t rows, int64_t cols,
+        [](const Buf& dy, const std::optional<Buf>& s, const std::optional<Buf>& dz, const std::optional<Buf>& db,
            int act, double slope, int nthreads) {
+          const char* fn = "act_grad";
+          int dt = dtype_of(fn, "dy", dy, 2);
+          int64_t rows = shape_of(dy)[0], cols = shape_of(dy)[1];
+          uintptr_t pdy = expect(fn, "dy", dy, dt, {rows, cols});
+          check_act(fn, act);
+          if (act != NONE && !(s && dz))
+            throw std::invalid_argument("fastlayers._C.act_grad: 'saved' and 'dz' are required for an activation");
+          uintptr_t ps = act != NONE ? expect(fn, "saved", *s, dt, {rows, cols}) : 0;
+          uintptr_t pdz = act != NONE ? expect(fn, "dz", *dz, dt, {rows, cols}) : 0;
+          uintptr_t pdb = db ? expect(fn, "db", *db, dt, {cols}) : 0;
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            act_grad<T>(ptr<const T>(dy), ptr<const T>(s), ptr<T>(dz), ptr<T>(db), rows, cols, act, slope,
-                        nthreads);
+            act_grad<T>(ptr<const T>(pdy), ptr<const T>(ps), ptr<T>(pdz), ptr<T>(pdb), rows, cols, act, slope, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("dy"), py::arg("saved"), py::arg("dz"), py::arg("db"), py::arg("rows"),
-        py::arg("cols"), py::arg("act"), py::arg("slope"), py::arg("nthreads"),
-        "dz = dy * act'(saved) and db = column sums of dz (db == 0: skipped).");
+        py::arg("dy"), py::arg("saved"), py::arg("dz"), py::arg("db"), py::arg("act"), py::arg("slope"),
+        py::arg("nthreads"),
+        "dz = dy * act'(saved) and db = column sums of dz (db None: skipped; act NONE: only db).");
 
   m.def("softmax_forward",
-        [](int dtype, uintptr_t x, uintptr_t y, int64_t outer, int64_t len, int64_t inner, bool log,
-           int nthreads) {
+        [](const Buf& x, const Buf& y, bool log, int nthreads) {
+          const char* fn = "softmax_forward";
+          int dt = dtype_of(fn, "x", x, 3);
+          const auto sh = shape_of(x);
+          uintptr_t px = expect(fn, "x", x, dt, sh), py_ = expect(fn, "y", y, dt, sh);
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            softmax_forward<T>(ptr<const T>(x), ptr<T>(y), outer, len, inner, log, nthreads);
+            softmax_forward<T>(ptr<const T>(px), ptr<T>(py_), sh[0], sh[1], sh[2], log, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("outer"), py::arg("len"), py::arg("inner"),
-        py::arg("log"), py::arg("nthreads"));
+        py::arg("x"), py::arg("y"), py::arg("log"), py::arg("nthreads"),
+        "(log_)softmax over dim 1 of a contiguous (outer, len, inner) x into y.");
 
   m.def("softmax_backward",
-        [](int dtype, uintptr_t dy, uintptr_t y, uintptr_t dx, int64_t outer, int64_t len, int64_t inner,
-           bool log, int nthreads) {
+        [](const Buf& dy, const Buf& y, const Buf& dx, bool log, int nthreads) {
+          const char* fn = "softmax_backward";
+          int dt = dtype_of(fn, "y", y, 3);
+          const auto sh = shape_of(y);
+          uintptr_t pdy = expect(fn, "dy", dy, dt, sh), py_ = expect(fn, "y", y, dt, sh);
+          uintptr_t pdx = expect(fn, "dx", dx, dt, sh);
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            softmax_backward<T>(ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), outer, len, inner, log, nthreads);
+            softmax_backward<T>(ptr<const T>(pdy), ptr<const T>(py_), ptr<T>(pdx), sh[0], sh[1], sh[2], log, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("outer"), py::arg("len"),
-        py::arg("inner"), py::arg("log"), py::arg("nthreads"));
+        py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("log"), py::arg("nthreads"),
+        "dx from dy and the forward's output y, contiguous (outer, len, inner).");
 
-  // Gated linear unit (csrc/gated.cpp). Pointers that must be present are checked, as are sizes,
-  // the activation code and the thread count: a bad call raises ValueError, never reads out of bounds.
+  // Gated linear unit (csrc/gated.cpp): g, u, h, dh, dg, du (rows, cols); biases and their
+  // gradients (cols,). Checked like the others: dtype, shape, contiguity, non-null pointers.
   m.def("gated_forward",
-        [](int dtype, uintptr_t g, uintptr_t bg, uintptr_t u, uintptr_t bu, uintptr_t h, int64_t rows,
-           int64_t cols, int act, double slope, bool keep, int nthreads) {
-          gated_check_sizes("gated_forward", rows, cols, act, nthreads);
-          if (rows * cols > 0 && (!g || !u || !h))
-            throw std::invalid_argument("fastlayers._C.gated_forward: g, u and h must be non-null");
-          if (keep && h == g && rows * cols > 0) throw std::invalid_argument("fastlayers._C.gated_forward: keep needs h apart from g");
+        [](const Buf& g, const std::optional<Buf>& bg, const Buf& u, const std::optional<Buf>& bu, const Buf& h,
+           int act, double slope, bool keep, int nthreads) {
+          const char* fn = "gated_forward";
+          int dt = dtype_of(fn, "g", g, 2);
+          int64_t rows = shape_of(g)[0], cols = shape_of(g)[1];
+          uintptr_t pg = expect(fn, "g", g, dt, {rows, cols}), pu = expect(fn, "u", u, dt, {rows, cols});
+          uintptr_t ph = expect(fn, "h", h, dt, {rows, cols});
+          uintptr_t pbg = bg ? expect(fn, "bg", *bg, dt, {cols}) : 0, pbu = bu ? expect(fn, "bu", *bu, dt, {cols}) : 0;
+          check_act(fn, act);
+          if (keep && ph == pg && rows * cols > 0)
+            throw std::invalid_argument("fastlayers._C.gated_forward: keep=True needs 'h' apart from 'g'");
+          if (pu == pg && rows * cols > 0)
+            throw std::invalid_argument("fastlayers._C.gated_forward: 'g' and 'u' must be different buffers");
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            gated_forward<T>(ptr<T>(g), ptr<const T>(bg), ptr<T>(u), ptr<const T>(bu), ptr<T>(h), rows, cols,
+            gated_forward<T>(ptr<T>(pg), ptr<const T>(pbg), ptr<T>(pu), ptr<const T>(pbu), ptr<T>(ph), rows, cols,
                              act, slope, keep, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("g"), py::arg("bg"), py::arg("u"), py::arg("bu"), py::arg("h"),
-        py::arg("rows"), py::arg("cols"), py::arg("act"), py::arg("slope"), py::arg("keep"),
-        py::arg("nthreads"),
+        py::arg("g"), py::arg("bg"), py::arg("u"), py::arg("bu"), py::arg("h"), py::arg("act"), py::arg("slope"),
+        py::arg("keep"), py::arg("nthreads"),
         "h = act(g + bg) * (u + bu) over row-major (rows, cols); keep: g, u become g + bg, u + bu.");
 
   m.def("gated_backward",
-        [](int dtype, uintptr_t dh, uintptr_t g, uintptr_t u, uintptr_t dg, uintptr_t du, uintptr_t dbg,
-           uintptr_t dbu, int64_t rows, int64_t cols, int act, double slope, bool from_output, int nthreads) {
-          gated_check_sizes("gated_backward", rows, cols, act, nthreads);
-          if (rows * cols > 0 && (!dh || !g || !u || !dg || !du))
-            throw std::invalid_argument("fastlayers._C.gated_backward: dh, g, u, dg and du must be non-null");
+        [](const Buf& dh, const Buf& g, const Buf& u, const Buf& dg, const Buf& du, const std::optional<Buf>& dbg,
+           const std::optional<Buf>& dbu, int act, double slope, bool from_output, int nthreads) {
+          const char* fn = "gated_backward";
+          int dt = dtype_of(fn, "dh", dh, 2);
+          int64_t rows = shape_of(dh)[0], cols = shape_of(dh)[1];
+          uintptr_t pdh = expect(fn, "dh", dh, dt, {rows, cols}), pg = expect(fn, "g", g, dt, {rows, cols});
+          uintptr_t pu = expect(fn, "u", u, dt, {rows, cols}), pdg = expect(fn, "dg", dg, dt, {rows, cols});
+          uintptr_t pdu = expect(fn, "du", du, dt, {rows, cols});
+          uintptr_t pdbg = dbg ? expect(fn, "dbg", *dbg, dt, {cols}) : 0;
+          uintptr_t pdbu = dbu ? expect(fn, "dbu", *dbu, dt, {cols}) : 0;
+          check_act(fn, act);
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            gated_backward<T>(ptr<const T>(dh), ptr<const T>(g), ptr<const T>(u), ptr<T>(dg), ptr<T>(du),
-                              ptr<T>(dbg), ptr<T>(dbu), rows, cols, act, slope, from_output, nthreads);
+            gated_backward<T>(ptr<const T>(pdh), ptr<const T>(pg), ptr<const T>(pu), ptr<T>(pdg), ptr<T>(pdu),
+                              ptr<T>(pdbg), ptr<T>(pdbu), rows, cols, act, slope, from_output, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("dh"), py::arg("g"), py::arg("u"), py::arg("dg"), py::arg("du"),
-        py::arg("dbg"), py::arg("dbu"), py::arg("rows"), py::arg("cols"), py::arg("act"), py::arg("slope"),
-        py::arg("from_output"), py::arg("nthreads"),
-        "dg = dh * u * act'(g), du = dh * act(g); dbg / dbu = their column sums (0: skipped).");
+        py::arg("dh"), py::arg("g"), py::arg("u"), py::arg("dg"), py::arg("du"), py::arg("dbg"), py::arg("dbu"),
+        py::arg("act"), py::arg("slope"), py::arg("from_output"), py::arg("nthreads"),
+        "dg = dh * u * act'(g), du = dh * act(g); dbg / dbu (None: skipped) = their column sums.");
 
   m.def("advise_hugepages",
         [](uintptr_t p, int64_t nbytes) {
@@ -148,9 +230,13 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("ptr"), py::arg("nbytes"), "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a buffer.");
 
-#ifdef _OPENMP
-  m.attr("openmp") = true;
-#else
-  m.attr("openmp") = false;
-#endif
+  // The codes this build was compiled with; fastlayers.backends.cpp checks them against
+  // fastlayers/activations.py and its dtype table at import and refuses to run on a mismatch.
+  py::dict acts;
+  for (int a = 0; a < kNumActs; ++a) acts[py::str(kActNames[a])] = a;
+  m.attr("ACTIVATION_CODES") = acts;
+  py::dict dtypes;
+  dtypes["float32"] = (int)F32; dtypes["float64"] = (int)F64; dtypes["bfloat16"] = (int)BF16; dtypes["float16"] = (int)F16;
+  m.attr("DTYPE_CODES") = dtypes;
 }
+

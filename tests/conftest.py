@@ -31,9 +31,26 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a - ref)[finite].abs().max().item() if finite.any() else 0.0
 
 
+def fp32_gemm_tol(red: int):
+    """(rtol, atol) for an fp32 result behind a reduction of length `red` (GEMM K) against a
+    float64 reference: assert_close's defaults, atol scaled by sqrt(red / 16)."""
+    return 1.3e-6, 1e-5 * max(1.0, red / 16) ** 0.5
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, red: int, what: str = "") -> None:
+    """Two fp32 results of the same computation that both carry fp32 rounding (a swapped model
+    against the original, a compiled graph against eager): each may be off the exact value by
+    the fp32 GEMM tolerance, so they may differ by twice it."""
+    rtol, atol = fp32_gemm_tol(red)
+    torch.testing.assert_close(actual, expected, rtol=2 * rtol, atol=2 * atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, *, red: int = 1,
                    what: str = "") -> None:
-    """Tolerances of shared/NOTES.md, by dtype of `out`.
+    """The project's tolerance rule (README, "Tolerances"), by dtype of `out`: fp64 1e-7; fp32
+    assert_close's defaults with atol scaled by sqrt(red / 16); fp16/bf16 at most twice PyTorch's
+    own error against the float64 reference, plus a small epsilon.
 
     ref64: the float64 PyTorch result from the same (rounded) inputs; eager: PyTorch's own result
     in out's dtype. red: the length of the longest reduction behind a value (GEMM K), which scales
@@ -43,8 +60,8 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, 
     if out.dtype == torch.float64:
         torch.testing.assert_close(out, ref64, rtol=1e-7, atol=1e-7, equal_nan=True, msg=lambda m: f"{what}: {m}")
     elif out.dtype == torch.float32:
-        atol = 1e-5 * max(1.0, red / 16) ** 0.5
-        torch.testing.assert_close(out.double(), ref64, rtol=1.3e-6, atol=atol, equal_nan=True,
+        rtol, atol = fp32_gemm_tol(red)
+        torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=atol, equal_nan=True,
                                    msg=lambda m: f"{what}: {m}")
     else:
         assert torch.equal(out.isnan(), ref64.to(out.dtype).isnan()), f"{what}: NaN pattern differs"

@@ -1,4 +1,4 @@
-"""Autocast (issue 4, point 3): FusedLinear behaves like nn.Linear + activation (autocast dtype
+"""Autocast: FusedLinear behaves like nn.Linear + activation (autocast dtype
 out, low-precision GEMM, fp32 parameter gradients); fl.softmax/log_softmax follow PyTorch's
 autocast policy for softmax (compared with torch's own ops, so a policy change shows up here)."""
 from __future__ import annotations

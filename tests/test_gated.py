@@ -333,19 +333,26 @@ def test_bad_activation_and_slope():
 
 
 def test_cpp_entry_points_check_their_arguments():
-    """The C++ side refuses what it cannot work on (never reads out of bounds)."""
+    """The C++ side refuses buffers it cannot work on (never reads out of bounds)."""
     C = pytest.importorskip("fastlayers._C")
-    with pytest.raises(ValueError, match="gated_forward: rows and cols"):
-        C.gated_forward(0, 1, 0, 1, 0, 1, -1, 4, 5, 0.0, False, 1)
-    with pytest.raises(ValueError, match="gated_forward: g, u and h must be non-null"):
-        C.gated_forward(0, 0, 0, 0, 0, 0, 2, 4, 5, 0.0, False, 1)
-    with pytest.raises(ValueError, match="gated_backward: unknown activation code"):
-        C.gated_backward(0, 1, 1, 1, 1, 1, 0, 0, 2, 4, 99, 0.0, False, 1)
-    with pytest.raises(ValueError, match="nthreads"):
-        C.gated_backward(0, 1, 1, 1, 1, 1, 0, 0, 2, 4, 5, 0.0, False, 0)
-    with pytest.raises(ValueError, match="unknown dtype code"):
-        t = torch.zeros(2, 4)
-        C.gated_forward(9, t.data_ptr(), 0, t.data_ptr(), 0, torch.zeros(2, 4).data_ptr(), 2, 4, 5, 0.0, True, 1)
+    from fastlayers.backends.cpp import _buf
+    g, u, h, b = torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(4)
+    with pytest.raises(ValueError, match="gated_forward: argument 'u' has shape"):
+        C.gated_forward(_buf(g), None, _buf(torch.zeros(2, 3)), None, _buf(h), 5, 0.0, False, 1)
+    with pytest.raises(ValueError, match="gated_forward: argument 'bg' has shape"):
+        C.gated_forward(_buf(g), _buf(torch.zeros(3)), _buf(u), None, _buf(h), 5, 0.0, False, 1)
+    with pytest.raises(ValueError, match="gated_forward: argument 'h' has dtype code"):
+        C.gated_forward(_buf(g), None, _buf(u), None, _buf(h.double()), 5, 0.0, False, 1)
+    with pytest.raises(ValueError, match="gated_forward: argument 'u' is not contiguous"):
+        C.gated_forward(_buf(g), None, _buf(torch.zeros(4, 2).t()), None, _buf(h), 5, 0.0, False, 1)
+    with pytest.raises(ValueError, match="keep=True needs 'h' apart from 'g'"):
+        C.gated_forward(_buf(g), _buf(b), _buf(u), None, _buf(g), 5, 0.0, True, 1)
+    with pytest.raises(ValueError, match="gated_backward: unknown activation code 99"):
+        C.gated_backward(_buf(h), _buf(g), _buf(u), _buf(g.clone()), _buf(u.clone()), None, None, 99, 0.0,
+                         False, 1)
+    null = (0, 0, (2, 4), (4, 1))
+    with pytest.raises(ValueError, match="gated_backward: argument 'dg' is a null pointer"):
+        C.gated_backward(_buf(h), _buf(g), _buf(u), null, _buf(u.clone()), None, None, 5, 0.0, False, 1)
 
 
 def test_meta_tensors():

@@ -28,7 +28,7 @@ def check(x, w, b, act, g, slope=SLOPE):
     # inputs are never modified
     for t, t0 in ((x, x0), (w, w0), (b, b0), (g, g0)):
         if t is not None:
-            assert torch.equal(t.detach(), t0) or (t.isnan() == t0.isnan()).all()
+            torch.testing.assert_close(t.detach(), t0, rtol=0, atol=0, equal_nan=True)
 
     def ref(dtype):
         xs, ws, bs = (None if t is None else leaf(t.detach().to(dtype)) for t in (x0, w0, b0))
@@ -224,7 +224,7 @@ def test_long_rows_and_threads(backend):
     x, w, b = torch.randn(512, 96), torch.randn(200, 96), torch.randn(200)
     n = torch.get_num_threads()
     outs = []
-    for t in (1, n):
+    for t in (1, max(n, 3)):  # >= 3 threads even on a 1-core machine, or this compares 1 with 1
         torch.set_num_threads(t)
         try:
             xs, ws, bs = leaf(x), leaf(w), leaf(b)
