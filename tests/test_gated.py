@@ -550,3 +550,196 @@ def test_fused_gated_mlp_module_api():
     assert torch.autograd.gradcheck(m, (x,))
     meta = fl.FusedGatedMLP(6, 10, device="meta")
     assert meta(torch.empty(2, 6, device="meta")).shape == (2, 6)
+
+
+# ----------------------------------------------------------------------------- swap: gated MLPs
+class TimmSwiGLU(nn.Module):
+    """The shape of timm's layers/mlp.py SwiGLU (fc1_g / fc1_x / act / drop / norm / fc2), written here."""
+
+    def __init__(self, in_features, hidden_features, bias=True):
+        super().__init__()
+        self.fc1_g = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc1_x = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = nn.SiLU()
+        self.drop1 = nn.Dropout(0.0)
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+        self.drop2 = nn.Dropout(0.0)
+
+    def forward(self, x):
+        x_gate = self.fc1_g(x)
+        x = self.fc1_x(x)
+        x = self.act(x_gate) * x
+        x = self.drop1(x)
+        x = self.norm(x)
+        x = self.fc2(x)
+        return self.drop2(x)
+
+
+class ChunkGeGLU(nn.Module):
+    """GeGLU with one projection split in two (diffusers-style); gate_first picks which half gates."""
+
+    def __init__(self, dim_in, dim_out, gate_first=False, approximate="none"):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.gate_first, self.approximate = gate_first, approximate
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class ChunkGateFirst(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2, bias=False)
+
+    def forward(self, x):
+        gate, x = torch.chunk(self.proj(x), 2, dim=-1)
+        return F.silu(gate) * x
+
+
+def _swap_and_compare(model, x, k, *, n_gated, backend_name=None):
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    fl.swap(model)
+    rep = model.fastlayers_swap_report
+    assert len(rep.gated) == n_gated, str(rep)
+    assert list(model.state_dict()) == keys  # state_dict keys unchanged
+    xs, xr = leaf(x), leaf(x)
+    y, yr = model(xs), ref(xr)
+    dy = torch.randn_like(yr)
+    y.backward(dy)
+    yr.backward(dy)
+    tol = dict(rtol=1.3e-6 * 4, atol=1e-5 * math.sqrt(k))
+    torch.testing.assert_close(y, yr, **tol)
+    torch.testing.assert_close(xs.grad, xr.grad, **tol)
+    pr = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, pr[name].grad, **tol, msg=lambda m: f"{name}: {m}")
+    return rep
+
+
+def test_swap_llama_style_mlp(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(LlamaStyleMLP(16, 40), nn.LayerNorm(16), LlamaStyleMLP(16, 24, act_fn=nn.GELU("tanh")))
+    rep = _swap_and_compare(model, torch.randn(3, 5, 16), 40, n_gated=2)
+    assert [r[2] for r in rep.gated] == ["silu", "gelu_tanh"]
+    assert not any("gate_proj" in p or "up_proj" in p for p, _ in rep.left), str(rep)
+
+
+def test_swap_timm_swiglu_and_chunked_geglu(backend):
+    torch.manual_seed(1)
+    model = nn.Sequential(TimmSwiGLU(12, 20), ChunkGeGLU(12, 10), nn.Linear(10, 12), ChunkGateFirst(12, 6))
+    rep = _swap_and_compare(model, torch.randn(4, 12), 20, n_gated=3)
+    assert [r[2] for r in rep.gated] == ["silu", "gelu", "silu"]
+
+
+class _FcThen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+
+class FcHardswish(_FcThen):
+    def forward(self, x):
+        return F.hardswish(self.fc(x))
+
+
+class FcHardsigmoid(_FcThen):
+    def forward(self, x):
+        return F.hardsigmoid(self.fc(x))
+
+
+class FcRelu6(_FcThen):
+    def forward(self, x):
+        return F.relu6(self.fc(x))
+
+
+class FcMish(_FcThen):
+    def forward(self, x):
+        return F.mish(self.fc(x))
+
+
+@pytest.mark.parametrize("act,module,functional", [("hardswish", nn.Hardswish, FcHardswish),
+                                                   ("hardsigmoid", nn.Hardsigmoid, FcHardsigmoid),
+                                                   ("relu6", nn.ReLU6, FcRelu6), ("mish", nn.Mish, FcMish)])
+def test_swap_new_activations(backend, act, module, functional):
+    """Linear -> nn.Hardswish / ... and Linear -> F.hardswish / ... are fused like the others."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 8), module(), functional())
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    assert [f[2] for f in model.fastlayers_swap_report.fused] == [act, act], str(model.fastlayers_swap_report)
+    x = torch.randn(5, 8) * 3
+    torch.testing.assert_close(model(x), ref(x))
+
+
+def test_swap_leaves_gated_products_that_are_not_fusable(backend):
+    class UpUsedTwice(LlamaStyleMLP):
+        def forward(self, x):
+            u = self.up_proj(x)
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * u) + u.sum()
+
+    class ReadsState(LlamaStyleMLP):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.scale = 2.0
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * self.scale
+
+    class DifferentInputs(LlamaStyleMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x * 2))
+
+    hooked = LlamaStyleMLP(8, 16)
+    hooked.up_proj.register_forward_hook(lambda *a: None)
+    for mlp, reason in ((UpUsedTwice(8, 16), "its output is used by"), (ReadsState(8, 16), "reads Python state"),
+                        (DifferentInputs(8, 16), ""), (hooked, "has hooks registered")):
+        ref = copy.deepcopy(mlp)
+        fl.swap(mlp)
+        rep = mlp.fastlayers_swap_report
+        assert not rep.gated, str(rep)
+        left = dict(rep.left)
+        assert reason in left["up_proj"], str(rep)
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(mlp(x), ref(x))
+
+
+def _hf_model(name):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    kw = dict(vocab_size=101, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[name]
+    torch.manual_seed(0)
+    return cls[1](cls[0](**kw))
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+def test_swap_hf_causal_lm_fuses_every_mlp(backend, name):
+    """A real, unmodified Hugging Face model (small config, random weights): every MLP's gate, up
+    and activation become one gated_linear; logits, loss and every gradient equal the original's."""
+    model = _hf_model(name)
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    fl.swap(model)
+    rep = model.fastlayers_swap_report
+    n_layers = model.config.num_hidden_layers
+    assert len(rep.gated) == n_layers, str(rep)
+    assert all(g[2] == "silu" for g in rep.gated)
+    for i in range(n_layers):
+        assert f"model.layers.{i}.mlp" in rep.rewritten
+    assert list(model.state_dict()) == keys
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(1))
+    out, outr = model(ids, labels=ids), ref(ids, labels=ids)
+    tol = dict(rtol=1.3e-6 * 4, atol=1e-5 * math.sqrt(72))
+    torch.testing.assert_close(out.logits, outr.logits, **tol)
+    torch.testing.assert_close(out.loss, outr.loss, **tol)
+    out.loss.backward()
+    outr.loss.backward()
+    pr = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, pr[n].grad, **tol, msg=lambda m: f"{n}: {m}")

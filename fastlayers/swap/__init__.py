@@ -9,8 +9,14 @@ What is fused, module by module (each module's own forward is read on its own):
   ``F.leaky_relu(x, slope)``, ``F.silu``, ``torch.sigmoid``, ``torch.tanh``, ``x.relu()``, ...).
 
 Recognised activation modules: nn.ReLU, nn.LeakyReLU, nn.GELU (both approximations), nn.SiLU,
-nn.Sigmoid, nn.Tanh, and any parameterless module of another library whose forward traces to
-exactly one of the functional calls above (e.g. transformers' GELUActivation).
+nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.Mish (and F.hardswish,
+F.hardsigmoid, F.relu6, F.mish), and any parameterless module of another library whose forward
+traces to exactly one of the functional calls above (e.g. transformers' GELUActivation).
+
+Gated MLPs (swap/gated.py), in a traced forward, before the pairs above: ``act(gate(x)) * up(x)``
+(Hugging Face Llama / Mistral / Qwen, timm's SwiGLU) and ``a, b = proj(x).chunk(2, -1); a * act(b)``
+(GeGLU) become one fastlayers.gated_linear call reading the same Parameters; the report lists them
+under ``gated``.
 
 The Linear becomes a FusedLinear holding the *same* Parameter objects (state_dict keys unchanged,
 optimizers keep working); an activation module becomes nn.Identity. A functional activation can
