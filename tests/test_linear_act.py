@@ -6,7 +6,9 @@ import torch.nn.functional as F
 import fastlayers as fl
 from fastlayers.activations import ACTIVATIONS, NAMES
 
-from conftest import FLOAT_DTYPES, assert_matches
+from conftest import FLOAT_DTYPES, assert_matches, skip_low_precision_gemm
+
+pytestmark = pytest.mark.gemm
 
 SLOPE = 0.01
 
@@ -275,7 +277,8 @@ def test_zero_features(backend, k, n):
 @pytest.mark.parametrize("act", NAMES)
 @pytest.mark.parametrize("lead,k,n", [((3,), 7, 5), ((33,), 65, 17), ((2, 3), 9, 6)], ids=str)
 def test_float16(backend, act, lead, k, n):
-    """float16 on the CPU (fp16 storage, fp32 math): the low-precision rule against float64."""
+    """float16 (fp16 storage, fp32 math): the low-precision rule against float64."""
+    skip_low_precision_gemm(backend)
     torch.manual_seed(7)
     x = leaf(torch.randn(*lead, k, dtype=torch.float16))
     w = leaf(torch.randn(n, k, dtype=torch.float16) / k ** 0.5)
