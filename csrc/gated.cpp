@@ -5,7 +5,9 @@
 //   backward  dg = dh * u * act'(g),  du = dh * act(g)            one pass over dh, g and u,
 //             dbg = sum_rows(dg), dbu = sum_rows(du)              fused into the same pass
 //
-// Layout: row-major (M, N) buffers, contiguous; bg, bu, dbg, dbu are (N,). Threads own
+// Layout: row-major (M, N) buffers; h and dh contiguous, g and u with row stride ld, dg and du
+// with row stride ldd (ld = ldd = N; or 2N when g | u and dg | du are the two halves of one
+// (M, 2N) buffer: the output of one GEMM on the weights [Wg; Wu]). bg, bu, dbg, dbu are (N,). Threads own
 // contiguous blocks of whole rows (parallel_for); each bias gradient is summed per thread into its
 // own fp64 buffer, then the buffers are added in thread order: deterministic, no atomics.
 #include <stdexcept>
@@ -21,14 +23,14 @@ namespace fl {
 // Bytes: reads 2*M*N (+2N), writes M*N (3*M*N when keeping biased g, u).
 template <class T, int ACT>
 static void gated_rows(T* g, const T* bg, T* u, const T* bu, T* h, bool keep, int64_t r0, int64_t r1,
-                       int64_t n, double slope) {
+                       int64_t n, int64_t ld, double slope) {
   using IO = io<T>;
   using V = typename IO::V;
   using C = typename IO::C;
   constexpr int W = IO::W;
   for (int64_t r = r0; r < r1; ++r) {
-    T* gr = g + r * n;
-    T* ur = u + r * n;
+    T* gr = g + r * ld;
+    T* ur = u + r * ld;
     T* hr = h + r * n;
     for (int64_t j = 0; j < n; j += W) {
       int64_t k = std::min<int64_t>(W, n - j);
@@ -46,11 +48,11 @@ static void gated_rows(T* g, const T* bg, T* u, const T* bu, T* h, bool keep, in
 }
 
 template <class T>
-void gated_forward(T* g, const T* bg, T* u, const T* bu, T* h, int64_t m, int64_t n, int act,
+void gated_forward(T* g, const T* bg, T* u, const T* bu, T* h, int64_t m, int64_t n, int64_t ld, int act,
                    double slope, bool keep, int nthreads) {
   dispatch_act(act, [&]<int ACT>() {
     parallel_for(m, 2 * n, nthreads, [&](int64_t r0, int64_t r1, int) {
-      gated_rows<T, ACT>(g, bg, u, bu, h, keep, r0, r1, n, slope);
+      gated_rows<T, ACT>(g, bg, u, bu, h, keep, r0, r1, n, ld, slope);
     });
   });
 }
@@ -61,17 +63,18 @@ void gated_forward(T* g, const T* bg, T* u, const T* bu, T* h, int64_t m, int64_
 // Bytes: reads 3*M*N, writes 2*M*N.
 template <class T, int ACT>
 static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, double* acc_g, double* acc_u,
-                            int64_t r0, int64_t r1, int64_t n, double slope, bool from_output) {
+                            int64_t r0, int64_t r1, int64_t n, int64_t ld, int64_t ldd, double slope,
+                            bool from_output) {
   using IO = io<T>;
   using V = typename IO::V;
   using C = typename IO::C;
   constexpr int W = IO::W;
   for (int64_t r = r0; r < r1; ++r) {
     const T* dhr = dh + r * n;
-    const T* gr = g + r * n;
-    const T* ur = u + r * n;
-    T* dgr = dg + r * n;
-    T* dur = du + r * n;
+    const T* gr = g + r * ld;
+    const T* ur = u + r * ld;
+    T* dgr = dg + r * ldd;
+    T* dur = du + r * ldd;
     for (int64_t j = 0; j < n; j += W) {
       int64_t k = std::min<int64_t>(W, n - j);
       bool full = k == W;
@@ -93,13 +96,14 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, d
 
 template <class T>
 void gated_backward(const T* dh, const T* g, const T* u, T* dg, T* du, T* dbg, T* dbu, int64_t m,
-                    int64_t n, int act, double slope, bool from_output, int nthreads) {
+                    int64_t n, int64_t ld, int64_t ldd, int act, double slope, bool from_output, int nthreads) {
   int nt = threads_for(m, 3 * n, nthreads);
   std::vector<double> acc_g(dbg ? (size_t)nt * n : 0, 0.0), acc_u(dbu ? (size_t)nt * n : 0, 0.0);
   dispatch_act(act, [&]<int ACT>() {
     parallel_for(m, 3 * n, nthreads, [&](int64_t r0, int64_t r1, int t) {
       gated_grad_rows<T, ACT>(dh, g, u, dg, du, dbg ? acc_g.data() + (size_t)t * n : nullptr,
-                              dbu ? acc_u.data() + (size_t)t * n : nullptr, r0, r1, n, slope, from_output);
+                              dbu ? acc_u.data() + (size_t)t * n : nullptr, r0, r1, n, ld, ldd, slope,
+                              from_output);
     });
   });
   if (dbg) sum_thread_columns(acc_g.data(), nt, n, dbg);
@@ -107,9 +111,10 @@ void gated_backward(const T* dh, const T* g, const T* u, T* dg, T* du, T* dbg, T
 }
 
 #define FL_INSTANTIATE(T)                                                                               \
-  template void gated_forward<T>(T*, const T*, T*, const T*, T*, int64_t, int64_t, int, double, bool, int); \
-  template void gated_backward<T>(const T*, const T*, const T*, T*, T*, T*, T*, int64_t, int64_t, int, double, \
-                                  bool, int);
+  template void gated_forward<T>(T*, const T*, T*, const T*, T*, int64_t, int64_t, int64_t, int, double, bool, \
+                                 int);                                                                    \
+  template void gated_backward<T>(const T*, const T*, const T*, T*, T*, T*, T*, int64_t, int64_t, int64_t,    \
+                                  int64_t, int, double, bool, int);
 FL_INSTANTIATE(float)
 FL_INSTANTIATE(double)
 FL_INSTANTIATE(bf16)

@@ -308,6 +308,13 @@ class FusedGatedMLP(torch.nn.Module):
         self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
         self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, **kw)
+        # gate_proj.weight and up_proj.weight as the two halves of one (2 * intermediate, hidden)
+        # buffer: the cpp backend then runs both projections (and their backward GEMMs) as one GEMM
+        # each, without a copy. Still two Parameters with their own keys; load_state_dict copies into
+        # them in place (kept); .to() gives them separate storage again (still correct, two GEMMs).
+        both = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        self.gate_proj.weight = torch.nn.Parameter(both[:intermediate_size])
+        self.up_proj.weight = torch.nn.Parameter(both[intermediate_size:])
         self.activation = activation
         self.negative_slope = _check_slope(negative_slope)
 

@@ -17,10 +17,12 @@ import fastlayers as fl
 from fastlayers.activations import ACTIVATIONS, NAMES
 from fastlayers.backends import load
 
-from conftest import FLOAT_DTYPES, assert_matches
+from conftest import FLOAT_DTYPES, assert_matches, skip_low_precision_gemm
 
 SLOPE = 0.01
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+# gemm: bf16 / fp16 cases skip on the interpreted Triton backend (its bf16 tl.dot is broken; conftest)
+pytestmark = [pytest.mark.gemm,
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
@@ -291,8 +293,46 @@ def test_saved_input_modified_in_place_raises(backend):
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu6"])
 def test_float16(backend, act):
+    skip_low_precision_gemm(backend)
     x, wg, wu, bg, bu, dh = make((33,), 65, 17, torch.float16, seed=7)
     check(x, wg, wu, bg, bu, act, dh)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu", "gelu", "leaky_relu", "relu6", "none"])
+@pytest.mark.parametrize("dtype,lead,k,n", [(torch.float32, (2, 9), 33, 17), (torch.float64, (5,), 8, 3),
+                                            (torch.bfloat16, (8, 16), 96, 80)], ids=str)
+@pytest.mark.parametrize("bias", ["both", "gate", "none"])
+def test_stacked_weights(backend, act, dtype, lead, k, n, bias):
+    """w_up right after w_gate in memory: the cpp backend runs one GEMM on [Wg; Wu] each way
+    (and writes [dg | du] in one buffer); results equal the general path's."""
+    x, _, _, bg, bu, dh = make(lead, k, n, dtype, seed=11)
+    both = torch.randn(2 * n, k, dtype=dtype, generator=torch.Generator().manual_seed(12)) / k ** 0.5
+    wg, wu = nn.Parameter(both[:n]), nn.Parameter(both[n:])
+    if backend == "cpp":
+        from fastlayers.backends.cpp import _stacked
+        assert _stacked(wg, wu) is not None
+    bg = bg if bias in ("both", "gate") else None
+    bu = bu if bias == "both" else None
+    check(x, wg, wu, bg, bu, act, dh)
+
+
+@pytest.mark.parametrize("needs", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 1)])
+def test_stacked_weights_partial_grads_and_accumulation(backend, needs):
+    torch.manual_seed(13)
+    both = torch.randn(2 * 6, 5, dtype=torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=bool(needs[0]))
+    wg, wu = nn.Parameter(both[:6], requires_grad=bool(needs[1])), nn.Parameter(both[6:], requires_grad=bool(needs[2]))
+    ins = [t for t in (x, wg, wu) if t.requires_grad]
+    assert torch.autograd.gradcheck(lambda *a: fl.gated_linear(*(a[ins.index(t)] if t in ins else t
+                                                                  for t in (x, wg, wu)), activation="gelu"), ins)
+    for _ in range(2):  # .grad accumulates over two backward calls (the grads may share one buffer)
+        fl.gated_linear(x, wg, wu, activation="gelu").sum().backward()
+    xr, wgr, wur = (t.detach().requires_grad_(t.requires_grad) for t in (x, wg, wu))
+    for _ in range(2):
+        eager(xr, wgr, wur, None, None, "gelu").sum().backward()
+    for a, b in zip((x, wg, wu), (xr, wgr, wur)):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -364,6 +404,7 @@ def test_meta_tensors():
 
 # ----------------------------------------------------------------------------- autocast, compile
 def test_autocast_matches_torch(backend):
+    skip_low_precision_gemm(backend)
     x, wg, wu, bg, bu, _ = make((4, 6), 8, 5, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = fl.gated_linear(x, wg, wu, bg, bu)
@@ -541,6 +582,9 @@ def test_fused_gated_mlp_from_linears_shares_parameters(backend):
 
 def test_fused_gated_mlp_module_api():
     m = fl.FusedGatedMLP(6, 10, activation="gelu_tanh", dtype=torch.float64)
+    # gate and up weights back to back in one buffer (one GEMM on the cpp backend), two Parameters
+    assert m.up_proj.weight.data_ptr() == m.gate_proj.weight.data_ptr() + 60 * 8
+    assert m.gate_proj.weight._base is None and m.gate_proj.weight.is_leaf
     assert m.gate_proj.weight.dtype == torch.float64 and m.down_proj.weight.shape == (6, 10)
     assert "activation=gelu_tanh" in repr(m)
     assert m.gate_proj.bias is None
