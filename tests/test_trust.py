@@ -21,20 +21,8 @@ import fastlayers as fl
 from fastlayers.activations import NAMES
 from integration_helpers import backend_skip_reason
 
-ALL_BACKENDS = ["cpp", "reference", "triton"]
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def any_backend(request):
-    why = backend_skip_reason(request.param)
-    if why is not None:
-        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
-    with fl.use_backend(request.param):
-        yield request.param
-
-
 # ----------------------------------------------------------------------------- strided arguments
-def test_strided_bias_is_read_with_its_stride(any_backend):
+def test_strided_bias_is_read_with_its_stride(backend):
     torch.manual_seed(0)
     x = torch.randn(4, 8)
     packed = torch.randn(5, 9)
@@ -44,7 +32,7 @@ def test_strided_bias_is_read_with_its_stride(any_backend):
         torch.testing.assert_close(fl.linear_act(x, w, b, act), ref)
 
 
-def test_expanded_bias_and_weight(any_backend):
+def test_expanded_bias_and_weight(backend):
     x = torch.randn(3, 4)
     w = torch.randn(1, 4).expand(6, 4)     # stride (0, 1)
     b = torch.tensor(0.5).expand(6)         # stride (0,)
@@ -65,7 +53,7 @@ def test_huge_expanded_bias_does_not_read_out_of_bounds():
     assert torch.equal(y, torch.ones(2, n))
 
 
-def test_strided_grad_output(any_backend):
+def test_strided_grad_output(backend):
     x = torch.randn(5, 6, requires_grad=True)
     w = torch.randn(7, 6, requires_grad=True)
     g = torch.randn(7, 5).t()  # non-contiguous dy
