@@ -17,12 +17,11 @@ import fastlayers as fl
 from fastlayers.activations import ACTIVATIONS, NAMES
 from fastlayers.backends import load
 
-from conftest import FLOAT_DTYPES, assert_matches, skip_low_precision_gemm
+from conftest import FLOAT_DTYPES, assert_matches, skip_low_precision
 
 SLOPE = 0.01
-# gemm: bf16 / fp16 cases skip on the interpreted Triton backend (its bf16 tl.dot is broken; conftest)
-pytestmark = [pytest.mark.gemm,
-              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+# (bf16 / fp16 cases skip on the interpreted Triton backend: conftest's LOW_PRECISION_SKIP)
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
@@ -295,7 +294,7 @@ def test_saved_input_modified_in_place_raises(backend):
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu6"])
 def test_float16(backend, act):
-    skip_low_precision_gemm(backend)
+    skip_low_precision(backend)
     x, wg, wu, bg, bu, dh = make((33,), 65, 17, torch.float16, seed=7)
     check(x, wg, wu, bg, bu, act, dh)
 
@@ -412,7 +411,7 @@ def test_meta_tensors():
 
 # ----------------------------------------------------------------------------- autocast, compile
 def test_autocast_matches_torch(backend):
-    skip_low_precision_gemm(backend)
+    skip_low_precision(backend)
     x, wg, wu, bg, bu, _ = make((4, 6), 8, 5, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = fl.gated_linear(x, wg, wu, bg, bu)
