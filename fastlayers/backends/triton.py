@@ -14,8 +14,9 @@ linear_act backward: one elementwise launch ``dz = dy * act'(saved)`` that also 
 softmax / log_softmax: single-pass kernels for rows that fit one tile, streaming kernels (online
     max and rescaled sum, then a normalising pass) for longer rows; see kernels/softmax.py.
 
-fp32 GEMMs follow ``torch.backends.cuda.matmul.allow_tf32`` (exact fp32, input_precision="ieee",
-when it is off, as PyTorch's default). fp64 runs in fp64 throughout, GEMMs included (tl.dot
+fp32 GEMMs follow PyTorch's TF32 setting for CUDA matmuls exactly as ``torch.mm`` does (see
+``fp32_matmul_precision``: the ``fp32_precision`` API or the legacy ``allow_tf32`` flag; exact
+fp32, input_precision="ieee", when TF32 is off, as PyTorch's default). fp64 runs in fp64 throughout, GEMMs included (tl.dot
 on fp64), so gradcheck goes through these kernels.
 """
 from __future__ import annotations
@@ -99,6 +100,32 @@ def _split_slope(slope: float) -> Tuple[float, float]:
     return hi, float(torch.tensor(slope - hi, dtype=torch.float32))
 
 
+def fp32_matmul_precision() -> str:
+    """tl.dot's input_precision for fp32 CUDA GEMMs: "tf32" when PyTorch lets CUDA fp32 matmuls use
+    TF32, else "ieee". Never raises.
+
+    PyTorch has two APIs for this: ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9;
+    "tf32" / "ieee", or "none" to inherit the global ``torch.backends.fp32_precision``; the getter
+    returns the inherited value) and the legacy ``torch.backends.cuda.matmul.allow_tf32`` /
+    ``torch.set_float32_matmul_precision``. Setting the new one makes a read of the legacy flag
+    raise ("mix of legacy and new APIs"), so the new one is read first and the legacy one only
+    when the new one is absent or "none" (both unset: the legacy flag decides, default False).
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        new = getattr(matmul, "fp32_precision", None)
+    except Exception:  # noqa: BLE001 - an unexpected torch version: fall through to the legacy flag
+        new = None
+    if new == "tf32":
+        return "tf32"
+    if new == "ieee":
+        return "ieee"
+    try:
+        return "tf32" if bool(matmul.allow_tf32) else "ieee"
+    except Exception:  # noqa: BLE001 - a mixed-API state torch itself rejects: exact fp32
+        return "ieee"
+
+
 def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
           bias: Optional[Tensor] = None, act_code: int = 0, slope: float = 0.0) -> None:
     """c = act(a @ b + bias) with z = a @ b + bias (if z is given); a: (M, K), b: (K, N),
@@ -111,7 +138,7 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         a, b = c, c.t()
     fp64 = c.dtype == torch.float64
     kernel = _la.gemm_kernel_fp64 if fp64 else _la.gemm_kernel
-    tf32 = (c.dtype == torch.float32 and c.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    precision = fp32_matmul_precision() if c.dtype == torch.float32 and c.is_cuda else "ieee"
     hi, lo = _split_slope(slope)
 
     def grid(meta):
@@ -124,7 +151,7 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         hi, lo,
         _pow2(M), _pow2(N), _pow2(K),
         HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
-        ACC_DTYPE=_compute_dtype(c.dtype), PRECISION="tf32" if tf32 else "ieee",
+        ACC_DTYPE=_compute_dtype(c.dtype), PRECISION=precision,
         DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16,
     ))
 

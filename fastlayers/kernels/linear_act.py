@@ -133,7 +133,8 @@ def _gemm_kernel(
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # out_dtype explicit: triton 3.6 defaults it to fp32 and rejects an fp64 accumulator.
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
