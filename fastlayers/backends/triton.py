@@ -126,6 +126,46 @@ def fp32_matmul_precision() -> str:
         return "ieee"
 
 
+# Autotuning (see kernels/linear_act.py for the config classes). FASTLAYERS_AUTOTUNE=0 launches
+# one heuristic config per shape instead (no benchmarking: quick runs, deterministic choice).
+# During CUDA-graph capture nothing is benchmarked either: a config tuned earlier in this process
+# for the same key, else the heuristic one.
+AUTOTUNE = os.environ.get("FASTLAYERS_AUTOTUNE", "1") != "0"
+_tuned: dict = {}  # our autotuning key -> the config autotuning chose
+
+# Split-K for plain GEMMs whose output has fewer tiles than the GPU has SMs and whose reduction
+# is long (dW = dz^T @ x with M >> N x K): each split sums SPLIT_K_MIN_CHUNK or more of K.
+SPLIT_K_MIN_CHUNK = 1024
+SPLIT_K_MAX = 16
+# "SMs" of the interpreter (one program at a time): tests raise it to reach the split-K path.
+INTERPRETER_SMS = 1
+_sms: dict = {}
+
+
+def _num_sms(t: Tensor) -> int:
+    if not t.is_cuda:
+        return INTERPRETER_SMS
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _sms:
+        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sms[idx]
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no autotuning then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def split_k_count(dclass: str, M: int, N: int, K: int, sms: int) -> int:
+    """How many K ranges a plain (M, K) @ (K, N) GEMM is split into (1: no split). Depends on the
+    shape and the SM count only, so the summation order is fixed for a shape on a device."""
+    cfg = _la.SPLIT_K_CONFIG[dclass]
+    tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), K // SPLIT_K_MIN_CHUNK, SPLIT_K_MAX))
+
+
 def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
           bias: Optional[Tensor] = None, act_code: int = 0, slope: float = 0.0) -> None:
     """c = act(a @ b + bias) with z = a @ b + bias (if z is given); a: (M, K), b: (K, N),
@@ -136,24 +176,60 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         return
     if K == 0:  # nothing to load: point the operands at c so no empty tensor is passed
         a, b = c, c.t()
-    fp64 = c.dtype == torch.float64
-    kernel = _la.gemm_kernel_fp64 if fp64 else _la.gemm_kernel
     precision = fp32_matmul_precision() if c.dtype == torch.float32 and c.is_cuda else "ieee"
+    dclass = _la.dtype_class(str(c.dtype).rsplit(".", 1)[-1], precision)
+    plain = z is None and bias is None and act_code == 0
     hi, lo = _split_slope(slope)
+    layout = 2 * int(a.stride(1) == 1) + int(b.stride(1) == 1)
+    meta = dict(HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
+                ACC_DTYPE=_compute_dtype(c.dtype), PRECISION=precision,
+                DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16)
+    sms = _num_sms(c)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    def args(c_arg, k_per_split=0, stride_cs=0):
+        return (a, b, c_arg, z if z is not None else c, bias if bias is not None else c,
+                M, N, K,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_arg.stride(-2), c_arg.stride(-1),
+                hi, lo, k_per_split, stride_cs,
+                _pow2(M), _pow2(N), _pow2(K), layout)
 
-    _launch(op, c, lambda: kernel[grid](
-        a, b, c, z if z is not None else c, bias if bias is not None else c,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        hi, lo,
-        _pow2(M), _pow2(N), _pow2(K),
-        HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
-        ACC_DTYPE=_compute_dtype(c.dtype), PRECISION=precision,
-        DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16,
-    ))
+    split = split_k_count(dclass, M, N, K, sms) if plain and c.is_contiguous() else 1
+    if split > 1:  # partial tiles into an fp32 / fp64 workspace, then a fixed-order sum
+        cfg = _la.SPLIT_K_CONFIG[dclass]
+        bk = cfg.kwargs["BLOCK_K"]
+        k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+        split = triton.cdiv(K, k_per_split)
+        work = torch.empty((split, M, N), device=c.device,
+                           dtype=torch.float64 if dclass == "fp64" else torch.float32)
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]), split)
+        _launch(op, c, lambda: _la.gemm_kernel[grid](
+            *args(work, k_per_split, M * N), **meta, SPLIT_K=split, **cfg.all_kwargs()))
+        _sum_rows(op, work.view(split, M * N), c.view(M * N))
+        return
+
+    configs = _la.gemm_configs(dclass, _pow2(M), plain)
+    key = (dclass, plain, _pow2(M), _pow2(N), _pow2(K), layout, act_code, bias is not None,
+           z is not None, precision, c.dtype, c.device)
+    if AUTOTUNE and not _capturing(c):
+        kernel = _la.autotuned_gemm(configs)
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _launch(op, c, lambda: kernel[grid](*args(c), **meta, SPLIT_K=1))
+        _tuned[key] = kernel.best_config
+        return
+    cfg = _tuned.get(key) or _la.heuristic_config(configs, M, N, sms)
+    grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+    _launch(op, c, lambda: _la.gemm_kernel[grid](*args(c), **meta, SPLIT_K=1, **cfg.all_kwargs()))
+
+
+def _sum_rows(op: str, partial: Tensor, out: Tensor) -> None:
+    """out = partial.sum(0) in a fixed order; partial: (P, N) contiguous fp32/fp64, out: (N,)."""
+    P, N = partial.shape
+    _launch(op, out, lambda: _la.sum_rows_kernel[(triton.cdiv(N, _la.SUM_BLOCK_N),)](
+        partial, out, P, N, BLOCK_P=_la.SUM_BLOCK_P, BLOCK_N=_la.SUM_BLOCK_N,
+        num_warps=_la.SUM_NUM_WARPS))
 
 
 # ----------------------------------------------------------------------------- linear + act
@@ -207,8 +283,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
     if not need_db:
         return dz, None
     db = torch.empty(N, device=dy.device, dtype=dy.dtype)
-    _launch(op, dy, lambda: _la.sum_rows_kernel[(col_blocks,)](
-        partial, db, progs, N, BLOCK_N=bn, num_warps=_la.GRAD_NUM_WARPS))
+    _sum_rows(op, partial, db)
     return dz, db
 
 
@@ -244,10 +319,10 @@ def _softmax_launch(op: str, fwd: bool, log: bool, out: Tensor, *tensors: Tensor
         kernel = _sm.softmax_fwd_kernel if single else _sm.softmax_fwd_streaming_kernel
     else:
         kernel = _sm.softmax_bwd_kernel if single else _sm.softmax_bwd_streaming_kernel
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (_sm.grid_size(rows, inner, block_r),)
     _launch(op, out, lambda: kernel[grid](
         *tensors, out, rows, length, inner, LOG=log, COMPUTE_DTYPE=_compute_dtype(out.dtype),
-        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
+        STRIDED=inner > 1, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
 
 
 def softmax_forward(x: Tensor, log: bool) -> Tensor:
