@@ -168,13 +168,13 @@ def test_gemm_config_tables():
     """Every GPU config: tile dims powers of two >= 16 (tl.dot's minimum on a GPU); each class
     has a config for fused epilogues; small-M configs have BLOCK_M 16 / 32."""
     for dclass, entries in K_LA.GEMM_CONFIGS.items():
-        assert any(not plain_only for _, plain_only in entries), dclass
-        for cfg, _ in entries:
+        assert any(not plain_only and not sm90 for _, plain_only, sm90 in entries), dclass
+        for cfg, _, _ in entries:
             for d in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
                 v = cfg.kwargs[d]
                 assert v >= 16 and v & (v - 1) == 0, (dclass, cfg)
     for dclass, entries in K_LA.SMALL_M_CONFIGS.items():
-        for bn, bk, _, _ in entries:
+        for bn, bk, _, _, _ in entries:
             assert bn >= 16 and bk >= 16, dclass
     assert set(K_LA.GEMM_AUTOTUNE_KEY) <= set(K_LA._gemm_kernel.arg_names)
     for name in ("ACT", "HAS_BIAS", "STORE_Z", "PRECISION", "LAYOUT", "M_BUCKET", "N_BUCKET",
@@ -183,7 +183,7 @@ def test_gemm_config_tables():
 
 
 def test_heuristic_config_fills_the_gpu():
-    configs = [c for c, _ in K_LA.GEMM_CONFIGS["lp"]]
+    configs = [c for c, _, _ in K_LA.GEMM_CONFIGS["lp"]]
     big = K_LA.heuristic_config(configs, 8192, 8192, 132)
     assert (big.kwargs["BLOCK_M"], big.kwargs["BLOCK_N"]) == (128, 256)
     small = K_LA.heuristic_config(configs, 256, 256, 132)
@@ -206,6 +206,8 @@ def test_small_m_gpu_configs_by_bucket():
         return
     assert all(c.kwargs["BLOCK_M"] == 16 for c in K_LA.gemm_configs("lp", 16, True))
     assert all(c.kwargs["BLOCK_M"] == 32 for c in K_LA.gemm_configs("lp", 32, True))
+    sm80 = K_LA.gemm_configs("lp", 4096, True, capability=80)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in sm80)
 
 
 @pytest.fixture
@@ -319,3 +321,28 @@ def test_softmax_strided_streaming(monkeypatch):
     assert not K_SM.uses_single_pass(11, 17)
     _check_softmax((2, 11, 17), 1)
     _check_softmax((2, 11, 17), 1, dtype=torch.float64)
+
+
+def test_softmax_single_pass_limits_by_dtype_and_layout():
+    """fp64 and strided rows get half the single-pass tile each (they spill at 16 warps)."""
+    full = K_SM.single_pass_max_length(1)
+    assert K_SM.single_pass_max_length(1, fp64=True) == full // 2
+    assert K_SM.single_pass_max_length(16) * 16 == full // 2
+    assert K_SM.single_pass_max_length(16, fp64=True) * 16 == full // 4
+    for inner, fp64 in ((1, False), (1, True), (16, False), (3, True)):
+        n = K_SM.single_pass_max_length(inner, fp64)
+        assert K_SM.uses_single_pass(n, inner, fp64) and not K_SM.uses_single_pass(n + 1, inner, fp64)
+
+
+@pytest.mark.parametrize("delta", [0, 1])
+def test_softmax_fp64_boundary(delta):
+    """fp64 rows on both sides of their own (halved) single-pass limit."""
+    length = K_SM.single_pass_max_length(1, fp64=True) + delta
+    _check_softmax((2, length), -1, dtype=torch.float64)
+
+
+def test_act_grad_fp64_tile():
+    """fp64 backward uses an act-grad tile of GRAD_BLOCK_M_FP64 rows: M straddles it."""
+    bm = K_LA.GRAD_BLOCK_M_FP64
+    for M in (bm - 1, bm + 1, 4 * bm + 3):
+        _check_linear(M, 5, K_LA.GRAD_BLOCK_N + 1, act="gelu", dtype=torch.float64)

@@ -139,16 +139,23 @@ SPLIT_K_MIN_CHUNK = 1024
 SPLIT_K_MAX = 16
 # "SMs" of the interpreter (one program at a time): tests raise it to reach the split-K path.
 INTERPRETER_SMS = 1
-_sms: dict = {}
+_device_facts: dict = {}
+
+
+def _device(t: Tensor) -> Tuple[int, int]:
+    """(SM count, compute capability as 10 * major + minor) of t's GPU; for the interpreter
+    (INTERPRETER_SMS, 90)."""
+    if not t.is_cuda:
+        return INTERPRETER_SMS, 90
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _device_facts:
+        props = torch.cuda.get_device_properties(idx)
+        _device_facts[idx] = (props.multi_processor_count, 10 * props.major + props.minor)
+    return _device_facts[idx]
 
 
 def _num_sms(t: Tensor) -> int:
-    if not t.is_cuda:
-        return INTERPRETER_SMS
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if idx not in _sms:
-        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _sms[idx]
+    return _device(t)[0]
 
 
 def _capturing(t: Tensor) -> bool:
@@ -184,7 +191,7 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
     meta = dict(HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
                 ACC_DTYPE=_compute_dtype(c.dtype), PRECISION=precision,
                 DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16)
-    sms = _num_sms(c)
+    sms, capability = _device(c)
 
     def args(c_arg, k_per_split=0, stride_cs=0):
         return (a, b, c_arg, z if z is not None else c, bias if bias is not None else c,
@@ -207,7 +214,7 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         _sum_rows(op, work.view(split, M * N), c.view(M * N))
         return
 
-    configs = _la.gemm_configs(dclass, _pow2(M), plain)
+    configs = _la.gemm_configs(dclass, _pow2(M), plain, capability)
     key = (dclass, plain, _pow2(M), _pow2(N), _pow2(K), layout, act_code, bias is not None,
            z is not None, precision, c.dtype, c.device)
     if AUTOTUNE and not _capturing(c):
@@ -265,7 +272,8 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
     compute = torch.float64 if dy.dtype == torch.float64 else torch.float32
     if M == 0 or N == 0:
         return dz, (torch.zeros(N, device=dy.device, dtype=dy.dtype) if need_db else None)
-    bm, bn = _la.GRAD_BLOCK_M, _la.GRAD_BLOCK_N
+    bm = _la.GRAD_BLOCK_M_FP64 if dy.dtype == torch.float64 else _la.GRAD_BLOCK_M
+    bn = _la.GRAD_BLOCK_N
     col_blocks = triton.cdiv(N, bn)
     row_blocks = triton.cdiv(M, bm)
     progs = min(row_blocks, max(1, _GRAD_TARGET_PROGRAMS // col_blocks))
@@ -314,7 +322,7 @@ def _softmax_launch(op: str, fwd: bool, log: bool, out: Tensor, *tensors: Tensor
     rows = outer * inner
     if out.numel() == 0:
         return
-    single, block_r, block_l, warps = _sm.plan(rows, length, inner)
+    single, block_r, block_l, warps = _sm.plan(rows, length, inner, out.dtype == torch.float64)
     if fwd:
         kernel = _sm.softmax_fwd_kernel if single else _sm.softmax_fwd_streaming_kernel
     else:

@@ -58,41 +58,46 @@ def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> trit
 #   epilogue:    "plain" (no activation, no saved z: dx / dW / linear without activation) or
 #                "fused" (activation and / or z): the fused epilogue needs registers of its own,
 #                so the largest tiles are kept for plain GEMMs only.
-# Entries: (config, plain_only).
+#   target:      entries marked sm90 only are used on compute capability >= 9.0 (wgmma keeps the
+#                accumulator of the 128x256 tiles in registers without spilling; mma.sync on
+#                sm_80 spills there).
+# Entries: (config, plain_only, sm90_only).
 GEMM_CONFIGS = {
     "lp": [
-        (_cfg(128, 256, 64, 8, 8, 3), True),
-        (_cfg(256, 128, 64, 8, 8, 3), True),
-        (_cfg(128, 128, 64, 8, 8, 4), False),
-        (_cfg(128, 128, 32, 8, 4, 4), True),
-        (_cfg(128, 64, 64, 8, 4, 4), False),
-        (_cfg(64, 128, 64, 8, 4, 4), False),
-        (_cfg(64, 64, 64, 8, 4, 4), False),
+        (_cfg(128, 256, 64, 8, 8, 3), True, True),
+        (_cfg(256, 128, 64, 8, 8, 3), True, True),
+        (_cfg(128, 128, 64, 8, 8, 4), False, False),
+        (_cfg(128, 128, 32, 8, 4, 4), True, False),
+        (_cfg(128, 64, 64, 8, 4, 4), False, False),
+        (_cfg(64, 128, 64, 8, 4, 4), False, False),
+        (_cfg(64, 64, 64, 8, 4, 4), False, False),
     ],
     "tf32": [
-        (_cfg(128, 128, 32, 8, 8, 3), False),
-        (_cfg(128, 64, 32, 8, 4, 4), False),
-        (_cfg(64, 128, 32, 8, 4, 4), False),
-        (_cfg(64, 64, 32, 8, 4, 4), False),
+        (_cfg(128, 128, 32, 8, 8, 3), False, False),
+        (_cfg(128, 64, 32, 8, 4, 4), False, False),
+        (_cfg(64, 128, 32, 8, 4, 4), False, False),
+        (_cfg(64, 64, 32, 8, 4, 4), False, False),
     ],
     "ieee": [
-        (_cfg(128, 64, 16, 8, 8, 3), False),
-        (_cfg(64, 64, 16, 8, 4, 3), False),
-        (_cfg(64, 32, 16, 8, 4, 3), False),
+        (_cfg(128, 64, 16, 8, 8, 3), False, False),
+        (_cfg(64, 64, 16, 8, 4, 3), False, False),
+        (_cfg(64, 32, 16, 8, 4, 3), False, False),
     ],
     "fp64": [
-        (_cfg(64, 64, 16, 8, 4, 3), False),
-        (_cfg(64, 32, 16, 8, 4, 3), False),
-        (_cfg(32, 32, 16, 8, 4, 2), False),
+        (_cfg(64, 64, 16, 8, 8, 3), False, False),
+        (_cfg(64, 32, 16, 8, 4, 3), False, False),
+        (_cfg(32, 64, 16, 8, 4, 3), False, False),
+        (_cfg(32, 32, 16, 8, 4, 3), False, False),
     ],
 }
 # Decode-sized M (<= 32): BLOCK_M is 16 or 32 (the M bucket), wide N tiles, deep K steps.
-# Entries: (BLOCK_N, BLOCK_K, num_warps, num_stages) per dtype class.
+# Entries: (BLOCK_N, BLOCK_K, num_warps, num_stages, sm90_only) per dtype class.
 SMALL_M_CONFIGS = {
-    "lp": [(128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4)],
-    "tf32": [(128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
-    "ieee": [(64, 32, 4, 3), (64, 16, 4, 3)],
-    "fp64": [(64, 16, 4, 3), (32, 16, 4, 3)],
+    "lp": [(256, 64, 4, 3, True), (128, 64, 4, 4, False), (64, 128, 8, 4, False),
+           (64, 64, 4, 4, False)],
+    "tf32": [(128, 32, 4, 4, False), (64, 64, 4, 3, False), (64, 32, 4, 4, False)],
+    "ieee": [(128, 16, 8, 3, False), (64, 16, 4, 2, False), (32, 16, 4, 3, False)],
+    "fp64": [(64, 16, 4, 3, False), (32, 16, 4, 3, False)],
 }
 SMALL_M_MAX = 32
 
@@ -112,17 +117,21 @@ def dtype_class(dtype_name: str, precision: str) -> str:
     return "tf32" if precision == "tf32" else "ieee"
 
 
-def gemm_configs(dclass: str, m: int, plain: bool) -> list:
+def gemm_configs(dclass: str, m: int, plain: bool, capability: int = 90) -> list:
     """The configs autotuning chooses from for a GEMM of M = m rows (the launcher passes the M
-    bucket) of dtype class `dclass`; plain: no activation and no saved z."""
+    bucket) of dtype class `dclass`; plain: no activation and no saved z; capability: the GPU's
+    compute capability as 10 * major + minor (80 for A100, 90 for H100 / H200)."""
+    hopper = capability >= 90
     if m <= SMALL_M_MAX:
         if INTERPRET:
             return [INTERPRETER_SMALL_M_CONFIG]
         bm = 16 if m <= 16 else 32
-        return [_cfg(bm, bn, bk, 1, w, st) for bn, bk, w, st in SMALL_M_CONFIGS[dclass]]
+        return [_cfg(bm, bn, bk, 1, w, st) for bn, bk, w, st, sm90 in SMALL_M_CONFIGS[dclass]
+                if hopper or not sm90]
     if INTERPRET:
         return [INTERPRETER_GEMM_CONFIG]
-    return [c for c, plain_only in GEMM_CONFIGS[dclass] if plain or not plain_only]
+    return [c for c, plain_only, sm90 in GEMM_CONFIGS[dclass]
+            if (plain or not plain_only) and (hopper or not sm90)]
 
 
 def heuristic_config(configs: list, m: int, n: int, num_sms: int) -> triton.Config:
@@ -143,6 +152,7 @@ GEMM_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "ACT", "HAS_B
 # act_grad_bias_kernel's tile (not autotuned: it is bandwidth-bound and its reduction order must
 # not depend on a tuning result).
 GRAD_BLOCK_M = 32
+GRAD_BLOCK_M_FP64 = 8  # fp64 values take two registers each, and fp64 erf / exp many more
 GRAD_BLOCK_N = 128
 GRAD_NUM_WARPS = 4
 # sum_rows_kernel's tile: BLOCK_P partial rows x BLOCK_N columns per step.

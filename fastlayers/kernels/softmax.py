@@ -9,7 +9,8 @@ addresses, so a tile of BLOCK_R >= 16 neighbouring inner indices (of one outer i
 ``_row_offsets``) reads memory coalesced.
 
 Two paths, chosen by ``plan()`` (the boundary is ``uses_single_pass``):
-* single pass (BLOCK_R * next_pow2(L) <= SINGLE_PASS_MAX_ELEMS): the whole row in registers;
+* single pass (BLOCK_R * next_pow2(L) <= SINGLE_PASS_MAX_ELEMS, halved for fp64 and halved
+  for strided rows): the whole row in registers;
   forward reads x once and writes y once (2 * numel * itemsize bytes), backward reads dy and y
   and writes dx (3 * numel * itemsize).
 * streaming (longer rows, no length cap): forward makes an online pass over chunks of BLOCK_L
@@ -42,20 +43,27 @@ def rows_per_tile_min(inner: int) -> int:
     return 1 if inner == 1 else min(16, _next_pow2(inner))
 
 
-def uses_single_pass(length: int, inner: int) -> bool:
+def _max_elems(inner: int, fp64: bool) -> int:
+    """Largest single-pass tile: halved for fp64 (two registers per value) and halved for strided
+    rows (their reduction crosses warps), else the kernels spill at 16 warps (compile gate)."""
+    return SINGLE_PASS_MAX_ELEMS >> (int(fp64) + int(inner > 1))
+
+
+def uses_single_pass(length: int, inner: int, fp64: bool = False) -> bool:
     """The dispatch boundary: True when a row of `length` fits one single-pass tile."""
-    return rows_per_tile_min(inner) * _next_pow2(length) <= SINGLE_PASS_MAX_ELEMS
+    return rows_per_tile_min(inner) * _next_pow2(length) <= _max_elems(inner, fp64)
 
 
-def single_pass_max_length(inner: int) -> int:
+def single_pass_max_length(inner: int, fp64: bool = False) -> int:
     """Longest row (for this `inner`) that takes the single-pass kernels; tests straddle it."""
-    return SINGLE_PASS_MAX_ELEMS // rows_per_tile_min(inner)
+    return _max_elems(inner, fp64) // rows_per_tile_min(inner)
 
 
-def plan(rows: int, length: int, inner: int):
-    """(single_pass, BLOCK_R, BLOCK_L, num_warps) for `rows` rows of `length` elements."""
+def plan(rows: int, length: int, inner: int, fp64: bool = False):
+    """(single_pass, BLOCK_R, BLOCK_L, num_warps) for `rows` rows of `length` elements (fp64:
+    float64 data). fp64 and strided single-pass tiles get twice the warps per element."""
     r_min = rows_per_tile_min(inner)
-    if uses_single_pass(length, inner):
+    if uses_single_pass(length, inner, fp64):
         block_l = _next_pow2(length)
         # a strided tile holds inner indices of one outer index only: at most next_pow2(inner)
         most = _next_pow2(rows) if inner == 1 else _next_pow2(inner)
@@ -66,7 +74,8 @@ def plan(rows: int, length: int, inner: int):
         block_l = STREAM_CHUNK_ELEMS // r_min
         single = False
     elems = block_r * block_l
-    num_warps = min(16, max(4, elems // 1024))
+    per_warp = 512 if single and (fp64 or inner > 1) else 1024
+    num_warps = min(16, max(4, elems // per_warp))
     return single, block_r, block_l, num_warps
 
 
