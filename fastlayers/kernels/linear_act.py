@@ -76,7 +76,7 @@ GEMM_CONFIGS = {
         (_cfg(128, 128, 32, 8, 8, 3), False, False),
         (_cfg(128, 64, 32, 8, 4, 4), False, False),
         (_cfg(64, 128, 32, 8, 4, 4), False, False),
-        (_cfg(64, 64, 32, 8, 4, 4), False, False),
+        (_cfg(64, 64, 16, 8, 4, 4), False, False),
     ],
     "ieee": [
         (_cfg(128, 64, 16, 8, 8, 3), False, False),
@@ -95,7 +95,7 @@ GEMM_CONFIGS = {
 SMALL_M_CONFIGS = {
     "lp": [(256, 64, 4, 3, True), (128, 64, 4, 4, False), (64, 128, 8, 4, False),
            (64, 64, 4, 4, False)],
-    "tf32": [(128, 32, 4, 4, False), (64, 64, 4, 3, False), (64, 32, 4, 4, False)],
+    "tf32": [(128, 32, 4, 4, False), (64, 64, 4, 3, False), (64, 32, 8, 4, False)],
     "ieee": [(128, 16, 8, 3, False), (64, 16, 4, 2, False), (32, 16, 4, 3, False)],
     "fp64": [(64, 16, 4, 3, False), (32, 16, 4, 3, False)],
 }
