@@ -7,7 +7,9 @@ Three kernels (launched by fastlayers/backends/triton.py):
   row tiles share each column strip while it is in L2), fp32 accumulation (fp64 for fp64 data),
   and an epilogue that adds the bias, applies the activation and stores C in its own dtype, plus
   the pre-activation Z when the backward needs it. Used for the forward (A = x, B = W^T, with
-  epilogue) and both backward GEMMs (dx = dz @ W, dW = dz^T @ x; no epilogue).
+  epilogue) and both backward GEMMs (dx = dz @ W, dW = dz^T @ x; no epilogue). With SPLIT_K > 1
+  each program sums one range of K into an fp32/fp64 partial tile (deterministic split-K for
+  plain GEMMs with few output tiles and a long reduction, e.g. dW when M >> N x K).
   Cost: 2*M*N*K flops; reads M*K + K*N elements once per tile row/column of the other operand
   (bounded by L2 reuse), writes M*N (+ M*N for Z).
 * ``act_grad_bias_kernel`` — ``dz = dy * act'(saved)`` and the partial column sums of dz for the
@@ -19,7 +21,8 @@ Three kernels (launched by fastlayers/backends/triton.py):
 
 Offsets are computed in int64 so tensors beyond 2^31 elements are addressed correctly.
 Configs: one list per class of GEMM (``gemm_configs``: dtype / precision, decode-sized M, fused
-or plain epilogue), autotuned with a key holding everything that changes the best config (the
+or plain epilogue, sm_80 or sm_90), each passing scripts/compile_gate.py (no spills, shared
+memory within the target's limit), autotuned with a key holding everything that changes the best config (the
 powers of two of M, N, K, the layout, activation, bias, z, precision, dtypes; a new batch size
 re-uses the tuned config of its bucket); ``heuristic_config`` picks one without benchmarking.
 Exactly one config per class under TRITON_INTERPRET=1, where autotuning cannot benchmark. On a
