@@ -38,7 +38,8 @@ if _why is not None:
 
 # The interpreter evaluates kernels with numpy, which warns where a kernel relies on IEEE
 # overflow (exp(large) = inf, inf - inf = NaN in a fully -inf softmax row): expected here.
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+pytestmark = [pytest.mark.triton_interp,
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
 
