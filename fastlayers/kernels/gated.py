@@ -103,8 +103,9 @@ def _gated_gemm_kernel(
             a = a.to(tl.float32)
             bg = bg.to(tl.float32)
             bu = bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)  # one x tile, two products
-        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+        # one x tile, two products (out_dtype explicit: triton 3.6 asserts on an fp64 accumulator)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BG:
         acc_g = acc_g + tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
