@@ -37,11 +37,12 @@ except ImportError as e:  # the registry turns this into a BackendUnavailableErr
         "the 'triton' backend needs the triton package (pip install 'triton>=3.0', or "
         f"pip install 'fastlayers[triton]'); importing it failed: {e}") from e
 
-from ..activations import SAVE_INPUT, SAVE_OUTPUT, Activation
+from ..activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT, Activation
 from ..kernels import linear_act as _la
 from ..kernels import softmax as _sm
 
 NAME = "triton"
+_NONE = ACTIVATIONS["none"].code  # the identity: no epilogue, no act'
 DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 # Whether the kernels were built for the interpreter: triton reads TRITON_INTERPRET when each
@@ -174,7 +175,7 @@ def split_k_count(dclass: str, M: int, N: int, K: int, sms: int) -> int:
 
 
 def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
-          bias: Optional[Tensor] = None, act_code: int = 0, slope: float = 0.0) -> None:
+          bias: Optional[Tensor] = None, act_code: int = _NONE, slope: float = 0.0) -> None:
     """c = act(a @ b + bias) with z = a @ b + bias (if z is given); a: (M, K), b: (K, N),
     c and z: (M, N); any strides. All in one dtype."""
     M, K = a.shape
@@ -185,7 +186,7 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         a, b = c, c.t()
     precision = fp32_matmul_precision() if c.dtype == torch.float32 and c.is_cuda else "ieee"
     dclass = _la.dtype_class(str(c.dtype).rsplit(".", 1)[-1], precision)
-    plain = z is None and bias is None and act_code == 0
+    plain = z is None and bias is None and act_code == _NONE
     hi, lo = _split_slope(slope)
     layout = 2 * int(a.stride(1) == 1) + int(b.stride(1) == 1)
     meta = dict(HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
@@ -265,7 +266,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
                        need_dz: bool, need_db: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """dz = dy * act'(saved) (when need_dz) and db = dz.sum(0) (when need_db)."""
     M, N = dy.shape
-    store_dz = need_dz and act.code != 0
+    store_dz = need_dz and act.code != _NONE
     dz = torch.empty_like(dy) if store_dz else (dy if need_dz else None)
     if not (store_dz or need_db):
         return dz, None
@@ -281,7 +282,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
     progs = triton.cdiv(M, rows_per_prog)
     partial = torch.empty((progs, N), device=dy.device, dtype=compute) if need_db else dy
     hi, lo = _split_slope(slope)
-    saved_arg = saved.contiguous() if saved is not None and act.code != 0 else dy
+    saved_arg = saved.contiguous() if saved is not None and act.code != _NONE else dy
     _launch(op, dy, lambda: _la.act_grad_bias_kernel[(progs, col_blocks)](
         dy, saved_arg, dz if store_dz else dy, partial,
         M, N, rows_per_prog, hi, lo,

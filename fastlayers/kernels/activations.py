@@ -1,7 +1,8 @@
 """Activation functions and their derivatives as ``@triton.jit`` helpers.
 
-One table, keyed by ``Activation.code`` from fastlayers/activations.py (the C++ backend uses the
-same numbers). ``ACT`` is a ``tl.constexpr``, so each kernel specialisation keeps one branch only.
+One table, keyed by ``Activation.code``, whose numbers come from fastlayers/activations.py (the C++
+extension exports its own and is checked against it at import). ``ACT`` is a ``tl.constexpr``, so
+each kernel specialisation keeps one branch only.
 
 Semantics are PyTorch's, formula for formula (the CPU kernels in ATen), so special values match:
     relu(z)        = 0 if z < 0 else z            (relu(-0.) = -0., relu(nan) = nan)
@@ -33,20 +34,28 @@ older triton they round to fp32 first (relative error <= 3e-8, inside the fp64 t
 import triton
 import triton.language as tl
 
-# Activation codes: must equal Activation.code in fastlayers/activations.py.
-NONE: tl.constexpr = tl.constexpr(0)
-RELU: tl.constexpr = tl.constexpr(1)
-LEAKY_RELU: tl.constexpr = tl.constexpr(2)
-GELU: tl.constexpr = tl.constexpr(3)
-GELU_TANH: tl.constexpr = tl.constexpr(4)
-SILU: tl.constexpr = tl.constexpr(5)
-SIGMOID: tl.constexpr = tl.constexpr(6)
-TANH: tl.constexpr = tl.constexpr(7)
-HARDSWISH: tl.constexpr = tl.constexpr(8)
-HARDSIGMOID: tl.constexpr = tl.constexpr(9)
-RELU6: tl.constexpr = tl.constexpr(10)
-QUICK_GELU: tl.constexpr = tl.constexpr(11)
-MISH: tl.constexpr = tl.constexpr(12)
+from ..activations import ACTIVATIONS
+
+
+def _code(name: str) -> tl.constexpr:
+    """An activation's code, from the one table (fastlayers/activations.py)."""
+    return tl.constexpr(ACTIVATIONS[name].code)
+
+
+# Activation codes, named, from the one table (a kernel branches on `ACT == GELU`, never on a number).
+NONE: tl.constexpr = _code("none")
+RELU: tl.constexpr = _code("relu")
+LEAKY_RELU: tl.constexpr = _code("leaky_relu")
+GELU: tl.constexpr = _code("gelu")
+GELU_TANH: tl.constexpr = _code("gelu_tanh")
+SILU: tl.constexpr = _code("silu")
+SIGMOID: tl.constexpr = _code("sigmoid")
+TANH: tl.constexpr = _code("tanh")
+HARDSWISH: tl.constexpr = _code("hardswish")
+HARDSIGMOID: tl.constexpr = _code("hardsigmoid")
+RELU6: tl.constexpr = _code("relu6")
+QUICK_GELU: tl.constexpr = _code("quick_gelu")
+MISH: tl.constexpr = _code("mish")
 
 SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)    # 1 / sqrt(2)
 GELU_PDF: tl.constexpr = tl.constexpr(0.3989422804014327)   # 1 / sqrt(2 pi)

@@ -33,7 +33,7 @@ import inspect
 import triton
 import triton.language as tl
 
-from .activations import apply_act, act_grad
+from .activations import NONE, apply_act, act_grad
 
 
 @triton.jit
@@ -307,7 +307,7 @@ def act_grad_bias_kernel(
         mask = (offs_m < M)[:, None] & mask_n[None, :]
         offs = offs_m[:, None] * N + offs_n[None, :]
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        if ACT == 0:
+        if ACT == NONE:
             dz = dy
         else:
             saved = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
