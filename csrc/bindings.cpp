@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -82,6 +83,57 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("dtype"), py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("outer"), py::arg("len"),
         py::arg("inner"), py::arg("log"), py::arg("nthreads"));
+
+  // Cross-entropy: sizes and pointers are checked here (the kernels index x[t] by the targets,
+  // which loss.cpp checks against nc before reading any row).
+  auto ce_check = [](const char* what, uintptr_t x, uintptr_t target, uintptr_t probs, uintptr_t stats,
+                     uintptr_t out, int64_t rows, int64_t nc, double eps) {
+    const std::string op = std::string("fastlayers.cross_entropy (") + what + "): ";
+    if (rows < 0 || nc < 0) throw std::invalid_argument(op + "negative size");
+    if ((target == 0) == (probs == 0))
+      throw std::invalid_argument(op + "expected exactly one of target (class indices) and probs");
+    if (!(eps >= 0.0 && eps <= 1.0)) throw std::invalid_argument(op + "label smoothing must be in [0, 1]");
+    if (rows > 0 && (stats == 0 || out == 0 || (nc > 0 && x == 0)))
+      throw std::invalid_argument(op + "null buffer");
+  };
+
+  m.def("cross_entropy_forward",
+        [ce_check](int dtype, uintptr_t x, uintptr_t target, uintptr_t probs, uintptr_t weight, uintptr_t loss,
+                   uintptr_t stats, int64_t rows, int64_t nc, int64_t ignore_index, double eps, int nthreads) {
+          ce_check("forward", x, target, probs, stats, loss, rows, nc, eps);
+          py::gil_scoped_release nogil;
+          by_dtype(dtype, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            using C = typename io<T>::C;
+            cross_entropy_forward<T>(ptr<const T>(x), ptr<const int64_t>(target), ptr<const T>(probs),
+                                     ptr<const C>(weight), ptr<C>(loss), ptr<C>(stats), rows, nc, ignore_index,
+                                     eps, nthreads);
+          });
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("probs"), py::arg("weight"), py::arg("loss"),
+        py::arg("stats"), py::arg("rows"), py::arg("nc"), py::arg("ignore_index"), py::arg("eps"),
+        py::arg("nthreads"),
+        "Per-row softmax cross-entropy of a contiguous (rows, nc) x; loss (rows,), stats (rows, 3) in the "
+        "compute type (fp32, fp64 for fp64). target (int64) or probs (x's dtype): exactly one non-zero.");
+
+  m.def("cross_entropy_backward",
+        [ce_check](int dtype, uintptr_t x, uintptr_t target, uintptr_t probs, uintptr_t weight, uintptr_t stats,
+                   uintptr_t scale, uintptr_t dx, int64_t rows, int64_t nc, int64_t ignore_index, double eps,
+                   int nthreads) {
+          ce_check("backward", x, target, probs, stats, dx, rows, nc, eps);
+          if (rows > 0 && scale == 0) throw std::invalid_argument("fastlayers.cross_entropy (backward): null scale");
+          py::gil_scoped_release nogil;
+          by_dtype(dtype, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            using C = typename io<T>::C;
+            cross_entropy_backward<T>(ptr<const T>(x), ptr<const int64_t>(target), ptr<const T>(probs),
+                                      ptr<const C>(weight), ptr<const C>(stats), ptr<const C>(scale), ptr<T>(dx),
+                                      rows, nc, ignore_index, eps, nthreads);
+          });
+        },
+        py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("probs"), py::arg("weight"), py::arg("stats"),
+        py::arg("scale"), py::arg("dx"), py::arg("rows"), py::arg("nc"), py::arg("ignore_index"), py::arg("eps"),
+        py::arg("nthreads"), "dx = scale_i * dloss_i/dx (rows, nc); dx may equal x.");
 
   m.def("advise_hugepages",
         [](uintptr_t p, int64_t nbytes) {

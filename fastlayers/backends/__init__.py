@@ -18,6 +18,16 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
         x: (outer, L, inner) contiguous, softmax over dim 1; y contiguous, same dtype.
     softmax_backward(dy, y, log) -> dx
         dy, y: (outer, L, inner) contiguous; y is the forward's output.
+    cross_entropy_forward(x, target, weight, ignore_index, eps) -> (loss, stats)
+        x: (N, C) contiguous; target: (N,) int64 class indices, each in [0, C) or == ignore_index
+        (checked before), or (N, C) contiguous class probabilities in x's dtype; weight: (C,)
+        contiguous in the compute dtype (float64 for float64 x, else float32) or None; eps: label
+        smoothing >= 0. loss: (N,) per-row losses in the compute dtype (0 for ignored rows);
+        stats: (N, 3) compute dtype = (row max M, log sum exp(x - M), sum of the row's
+        coefficients A) -- the math is in fastlayers/loss.py.
+    cross_entropy_backward(x, target, weight, stats, scale, ignore_index, eps, out) -> out
+        out (N, C) contiguous in x's dtype (may be x itself) = scale_i * dloss_i/dx;
+        scale: (N,) compute dtype.
 
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
 cpu -> cpp, cuda -> triton, meta -> reference (shapes only).

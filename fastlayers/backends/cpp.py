@@ -116,3 +116,31 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     _C.softmax_backward(_CODES[y.dtype], dy.data_ptr(), y.data_ptr(), dx.data_ptr(), outer, length, inner,
                         log, torch.get_num_threads())
     return dx
+
+
+# --- cross entropy (contract in fastlayers/backends/__init__.py; kernels in csrc/loss.cpp)
+def _ce_pointers(target: Tensor) -> Tuple[int, int]:
+    """(class-index pointer, probabilities pointer): exactly one is non-zero."""
+    return (0, target.data_ptr()) if target.is_floating_point() else (target.data_ptr(), 0)
+
+
+def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                          eps: float) -> Tuple[Tensor, Tensor]:
+    n, nc = x.shape
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=cd)
+    stats = torch.empty(n, 3, dtype=cd)
+    tp, qp = _ce_pointers(target)
+    _C.cross_entropy_forward(_CODES[x.dtype], x.data_ptr(), tp, qp, _ptr(weight), loss.data_ptr(),
+                             stats.data_ptr(), n, nc, ignore_index, eps, torch.get_num_threads())
+    return loss, stats
+
+
+def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                           scale: Tensor, ignore_index: int, eps: float, out: Tensor) -> Tensor:
+    n, nc = x.shape
+    tp, qp = _ce_pointers(target)
+    _C.cross_entropy_backward(_CODES[x.dtype], x.data_ptr(), tp, qp, _ptr(weight), stats.data_ptr(),
+                              scale.data_ptr(), out.data_ptr(), n, nc, ignore_index, eps,
+                              torch.get_num_threads())
+    return out
