@@ -241,3 +241,46 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     dx = torch.empty_like(y, memory_format=torch.contiguous_format)
     _softmax_launch(op, False, log, dx, dy, y)
     return dx
+
+
+# --- cross entropy (contract in fastlayers/backends/__init__.py; kernels in kernels/cross_entropy.py)
+from ..kernels import cross_entropy as _ce  # noqa: E402
+
+
+def _ce_args(x: Tensor, target: Tensor, weight: Optional[Tensor]):
+    probs = target.is_floating_point()
+    # unused pointers point at x (never read: the kernels branch on constexpr flags)
+    return (x if probs else target), (target if probs else x), (weight if weight is not None else x), probs
+
+
+def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                          eps: float) -> Tuple[Tensor, Tensor]:
+    """Per-row losses and stats, one program per row. Bytes: N*C*itemsize read (+ q's)."""
+    n, nc = x.shape
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss = torch.zeros(n, dtype=cd, device=x.device)
+    stats = torch.zeros(n, 3, dtype=cd, device=x.device)
+    if n == 0 or nc == 0:
+        return loss, stats
+    t, q, w, probs = _ce_args(x, target, weight)
+    hi, lo = _split_slope(eps)
+    _launch("fastlayers.cross_entropy", x, lambda: _ce.ce_fwd_kernel[(n,)](
+        x, t, q, w, loss, stats, nc, ignore_index, hi, lo,
+        HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
+        COMPUTE_DTYPE=_compute_dtype(x.dtype), BLOCK=_ce.block_for(nc)))
+    return loss, stats
+
+
+def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                           scale: Tensor, ignore_index: int, eps: float, out: Tensor) -> Tensor:
+    """dx = scale_i * dloss_i/dx into out (may be x). Bytes: 2 * N*C*itemsize (+ q's)."""
+    n, nc = x.shape
+    if n == 0 or nc == 0:
+        return out
+    t, q, w, probs = _ce_args(x, target, weight)
+    hi, lo = _split_slope(eps)
+    _launch("fastlayers.cross_entropy (backward)", x, lambda: _ce.ce_bwd_kernel[(n,)](
+        x, t, q, w, stats, scale, out, nc, ignore_index, hi, lo,
+        HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
+        COMPUTE_DTYPE=_compute_dtype(x.dtype), BLOCK=_ce.block_for(nc)))
+    return out
