@@ -166,6 +166,7 @@ void backward_row(const T* x, const T* q, const typename io<T>::C* w, int64_t nc
   // class rows: c_j = (eps / C) w_j except at t; probability rows: w_j q'_j; ignored rows: 0
   const C cscale = probs ? C(1) : (ignored ? C(0) : C(eps / double(nc)));
   const bool any_c = probs || (!ignored && eps > 0);
+  const double xt = (!probs && !ignored) ? double(scalar(x[t])) : 0.0;  // read before dx may overwrite x
   for (int64_t j = 0; j < nc; j += W) {
     const int64_t k = std::min<int64_t>(W, nc - j);
     V p = vexp_nonpos((ldk(x + j, k, C(0)) - M) - logS);
@@ -176,7 +177,7 @@ void backward_row(const T* x, const T* q, const typename io<T>::C* w, int64_t nc
   }
   if (!probs && !ignored) {  // the target's own term, (1 - eps) w_t, once
     const double wt = w ? double(w[t]) : 1.0;
-    const double p = std::exp((double(scalar(x[t])) - double(M)) - double(logS));
+    const double p = std::exp((xt - double(M)) - double(logS));
     const double ct = (eps / double(nc)) * wt + (1 - eps) * wt;
     V v = splat<V>(C(double(g) * (p * double(A) - ct)));
     T tmp[W];

@@ -182,14 +182,22 @@ def _reduce(rows: Tensor, reduction: str, den: Tensor, out_dtype: torch.dtype, l
     return total.to(out_dtype)
 
 
-def _row_scale(grad: Tensor, reduction: str, den: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    """d(loss)/d(row loss i) times the incoming gradient, as an (n,) contiguous vector."""
+def _row_scale(grad: Tensor, reduction: str, den: Tensor, target: Tensor, ignore_index: int,
+               dtype: torch.dtype) -> Tensor:
+    """d(loss)/d(row loss i) times the incoming gradient, as an (N,) contiguous vector. Ignored rows
+    get 0 whatever the incoming gradient (torch's nll_loss backward writes 0 there): with "mean" over
+    an all-ignored batch their gradient is then 0 rather than 0 * (1 / 0)."""
+    n = target.shape[0]
     if reduction == "none":
-        return grad.reshape(-1).to(dtype).contiguous()
-    g = grad.to(dtype)
-    if reduction == "mean":
-        g = g / den.to(dtype)
-    return g.reshape(1).expand(n).contiguous()
+        scale = grad.reshape(-1).to(dtype)
+    else:
+        g = grad.to(dtype)
+        if reduction == "mean":
+            g = g / den.to(dtype)
+        scale = g.reshape(1).expand(n)
+    if not target.is_floating_point():
+        scale = torch.where(target != ignore_index, scale, 0)
+    return scale.contiguous()
 
 
 # ----------------------------------------------------------------------------- cross_entropy
@@ -217,7 +225,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
             return (_ce_backward_differentiable(x2, target, weight, grad, ctx.ignore_index, ctx.eps,
                                                 ctx.reduction), None, None, None, None, None, None, None, None)
-        scale = _row_scale(grad, ctx.reduction, den, x2.shape[0], stats.dtype)
+        scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
         dx = torch.empty_like(x2)
         ctx.backend.cross_entropy_backward(x2, target, weight, stats, scale, ctx.ignore_index, ctx.eps, dx)
         return dx, None, None, None, None, None, None, None, None
@@ -311,7 +319,7 @@ def _cross_entropy_backward_lib(grad: Tensor, x2: Tensor, target: Tensor, weight
                                 stats: Tensor, den: Tensor, ignore_index: int, eps: float,
                                 reduction: str) -> Tensor:
     backend = _ce_backend(x2)
-    scale = _row_scale(grad, reduction, den, x2.shape[0], stats.dtype)
+    scale = _row_scale(grad, reduction, den, target, ignore_index, stats.dtype)
     dx = torch.empty_like(x2)
     backend.cross_entropy_backward(x2, target, weight, stats, scale, ignore_index, eps, dx)
     return dx
@@ -342,3 +350,252 @@ torch.library.register_autograd("fastlayers::cross_entropy", _ce_lib_backward, s
 
 def _cross_entropy_op(x2, t2, w, ignore_index, eps, reduction, probs) -> Tensor:
     return _cross_entropy_lib(x2, t2, w, ignore_index, eps, reduction, probs)[0]
+
+
+# ----------------------------------------------------------------------------- linear + cross-entropy
+def chunk_rows(n: int, vocab: int, itemsize: int) -> int:
+    """Tokens per chunk: the (chunk, vocab) logits stay within CHUNK_BYTES (at least one token)."""
+    return max(1, min(n, CHUNK_BYTES // max(1, vocab * itemsize)))
+
+
+def _lce_run(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+             eps: float, scale: Optional[Tensor], need: Tuple[bool, bool, bool]):
+    """The chunk loop. Per chunk of tokens: z = h_c W^T + b (m, V), row losses; when `scale` (N,)
+    is given, dz = scale_i dloss_i/dz written over z, then dh_c = dz W, dW += dz^T h_c,
+    db += colsum(dz). Returns (row losses (N,) compute dtype, dh, dW, db); gradients not needed
+    (or scale None) are None. dW / db accumulate in fp32 for 16-bit weights."""
+    n, hidden = h2.shape
+    vocab = weight.shape[0]
+    cd = _compute_dtype(h2.dtype)
+    rows = torch.empty(n, dtype=cd, device=h2.device)
+    grads = scale is not None
+    acc = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    dh = torch.empty_like(h2) if grads and need[0] else None
+    dw = torch.zeros(vocab, hidden, dtype=acc, device=h2.device) if grads and need[1] else None
+    db = torch.zeros(vocab, dtype=acc, device=h2.device) if grads and need[2] and bias is not None else None
+    step = chunk_rows(n, vocab, h2.element_size())
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        hc, tc = h2[c0:c1], target[c0:c1]                                   # (m, H), (m,)
+        z = backend.linear_act_forward(hc, weight, bias, _NONE_ACT, 0.0, False)[0]  # (m, V) logits
+        z = z.contiguous()
+        loss_c, stats_c = backend.cross_entropy_forward(z, tc, None, ignore_index, eps)
+        rows[c0:c1] = loss_c
+        if grads:
+            backend.cross_entropy_backward(z, tc, None, stats_c, scale[c0:c1], ignore_index, eps, z)  # dz
+            backend.linear_ce_chunk_grads(z, hc, weight, None if dh is None else dh[c0:c1], dw, db)
+        del z
+    return rows, dh, dw, db
+
+
+def _lce_den(target: Tensor, ignore_index: int, dtype: torch.dtype) -> Tensor:
+    return (target != ignore_index).sum().to(dtype)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                eps: float, reduction: str, out_dtype: torch.dtype, loss_shape) -> Tensor:
+        op = "fastlayers.linear_cross_entropy"
+        backend = _ce_backend(h2, op)
+        cd = _compute_dtype(h2.dtype)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        den = _lce_den(target, ignore_index, cd)
+        early = reduction != "none"  # gradients now, scaled by the incoming scalar in backward
+        scale = _row_scale(torch.ones((), dtype=cd, device=h2.device), reduction, den, target, ignore_index,
+                           cd) if early else None
+        rows, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
+        ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction, ctx.need = backend, ignore_index, eps, reduction, need
+        ctx.early = early
+        if early:
+            ctx.grads = (dh, dw, db)  # gradients of the loss itself: no graph inputs among them
+            ctx.save_for_backward(h2, weight, bias, target, den)
+        else:
+            ctx.save_for_backward(h2, weight, bias, target, den)
+        return _reduce(rows, reduction, den, out_dtype, loss_shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h2, weight, bias, target, den = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
+            return _lce_backward_differentiable(h2, weight, bias, target, grad, ctx.ignore_index, ctx.eps,
+                                                ctx.reduction, ctx.need) + (None,) * 6
+        if ctx.early:
+            dh, dw, db = ctx.grads
+            g = grad.to(_compute_dtype(h2.dtype))
+        else:
+            scale = _row_scale(grad, "none", den, target, ctx.ignore_index, _compute_dtype(h2.dtype))
+            _, dh, dw, db = _lce_run(ctx.backend, h2, weight, bias, target, ctx.ignore_index, ctx.eps, scale,
+                                     ctx.need)
+            g = None
+        return (_scaled(dh, g, h2.dtype), _scaled(dw, g, weight.dtype),
+                _scaled(db, g, bias.dtype if bias is not None else h2.dtype), None, None, None, None, None, None)
+
+
+def _scaled(t: Optional[Tensor], g: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if g is not None:
+        t = t * g.to(t.dtype)  # out of place: the forward's tensor is never handed out or modified
+    return t.to(dtype)
+
+
+def _lce_backward_differentiable(h2, weight, bias, target, grad, ignore_index, eps, reduction, need):
+    import torch.nn.functional as F
+    with torch.enable_grad():
+        ins = [t.detach().requires_grad_() if (t is not None and not t.requires_grad) else t
+               for t in (h2, weight, bias)]
+        loss = F.cross_entropy(F.linear(ins[0], ins[1], ins[2]).float() if h2.dtype in (torch.float16, torch.bfloat16)
+                               else F.linear(ins[0], ins[1], ins[2]), target, ignore_index=ignore_index,
+                               label_smoothing=eps, reduction=reduction)
+        wrt = [t for t, n in zip(ins, need) if n]
+        got = iter(torch.autograd.grad(loss, wrt, grad.reshape(loss.shape).to(loss.dtype), create_graph=True))
+    return tuple(next(got) if n else None for n in need)
+
+
+def _check_linear_ce(op: str, h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                     ignore_index: int) -> Tensor:
+    _check_tensor(op, "h", h)
+    _check_tensor(op, "weight", weight)
+    if bias is not None:
+        _check_tensor(op, "bias", bias)
+    if weight.dim() != 2:
+        raise ShapeError(f"{op}: expected weight of shape (vocab, hidden), got shape {tuple(weight.shape)}")
+    if h.dim() < 1 or h.shape[-1] != weight.shape[1]:
+        raise ShapeError(f"{op}: expected h of shape (*, {weight.shape[1]}) to match weight "
+                         f"{tuple(weight.shape)}, got shape {tuple(h.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ShapeError(f"{op}: expected bias of shape ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("target", target)):
+        if t is None:
+            continue
+        if name != "target" and t.dtype != h.dtype:
+            raise DTypeError(f"{op}: expected {name} to have h's dtype ({h.dtype}), got {t.dtype}")
+        if t.device != h.device:
+            raise DeviceError(f"{op}: expected {name} on the same device as h ({h.device}), got {t.device}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{op}: expected target to be a torch.Tensor, got {type(target).__name__}")
+    if tuple(target.shape) != tuple(h.shape[:-1]):
+        raise ShapeError(f"{op}: expected target of shape {tuple(h.shape[:-1])} (h's leading dims), "
+                         f"got shape {tuple(target.shape)}")
+    return _check_class_target(op, target, weight.shape[0], ignore_index)
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                         ignore_index: int = -100, label_smoothing: float = 0.0,
+                         reduction: str = "mean") -> Tensor:
+    """``F.cross_entropy(F.linear(h, weight, bias), target, ...)`` without materialising the
+    (tokens, vocab) logits: tokens go through in chunks of at most CHUNK_BYTES of logits.
+
+    h: (*, hidden); weight: (vocab, hidden) as nn.Linear (an LM head); bias: (vocab,) or None;
+    target: (*,) class indices (int64, or uint8), each in [0, vocab) or == ignore_index.
+    Returns a 0-d loss ("mean", "sum") or one per token ("none", shape (*,)) in h's dtype
+    (float32 under autocast, where h, weight and bias are first cast like F.linear's inputs).
+    """
+    op = "fastlayers.linear_cross_entropy"
+    eps = _check_options(op, ignore_index, label_smoothing, reduction)
+    out_dtype = None
+    if isinstance(h, Tensor) and (ac := _autocast_dtype(h)) is not None:
+        h, weight, bias = (t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(ac)
+                           for t in (h, weight, bias))
+        out_dtype = torch.float32 if h.dtype != torch.float64 else None
+    target = _check_linear_ce(op, h, weight, bias, target, ignore_index)
+    out_dtype = out_dtype or h.dtype
+    loss_shape = tuple(h.shape[:-1])
+    h2 = h.reshape(-1, h.shape[-1])  # (N, H)
+    t2 = target.reshape(-1)
+    if h2.device.type == "meta":
+        return h2.new_empty(loss_shape if reduction == "none" else (), dtype=out_dtype)
+    grad_on = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
+                                           or (bias is not None and bias.requires_grad))
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        need = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
+                grad_on and bias is not None and bias.requires_grad)
+        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, *need)[0]
+        return loss.to(out_dtype).view(loss_shape) if reduction == "none" else loss.to(out_dtype)
+    if grad_on:
+        return LinearCrossEntropyFunction.apply(h2, weight, bias, t2, ignore_index, eps, reduction, out_dtype,
+                                                loss_shape)
+    backend = _ce_backend(h2, op)
+    rows, *_ = _lce_run(backend, h2, weight, bias, t2, ignore_index, eps, None, (False, False, False))
+    return _reduce(rows, reduction, _lce_den(t2, ignore_index, rows.dtype), out_dtype, loss_shape)
+
+
+# torch.library ops for torch.compile / jit.trace. The forward returns the loss (per row for
+# "none", in the compute dtype) and, for "mean"/"sum", the gradients computed with it (empty when
+# not needed); the backward scales them, or for "none" reruns the chunks with the per-row scale.
+@torch.library.custom_op("fastlayers::linear_cross_entropy", mutates_args=())
+def _lce_lib(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, eps: float,
+             reduction: str, need_dh: bool, need_dw: bool, need_db: bool
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    op = "fastlayers.linear_cross_entropy"
+    backend = _ce_backend(h2, op)
+    _check_target_values(op, target, weight.shape[0], ignore_index)
+    cd = _compute_dtype(h2.dtype)
+    den = _lce_den(target, ignore_index, cd)
+    need = (need_dh, need_dw, need_db and bias is not None)
+    early = reduction != "none" and any(need)
+    scale = _row_scale(torch.ones((), dtype=cd, device=h2.device), reduction, den, target, ignore_index,
+                       cd) if early else None
+    rows, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
+    loss = rows if reduction == "none" else _reduce(rows, reduction, den, cd, ())
+    e = h2.new_empty(0, dtype=cd)
+    return loss, den, (dh if dh is not None else e), (dw if dw is not None else e), (db if db is not None else e)
+
+
+@_lce_lib.register_fake
+def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, need_db):
+    cd = _compute_dtype(h2.dtype)
+    acc = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    early = reduction != "none" and (need_dh or need_dw or (need_db and bias is not None))
+    e = h2.new_empty(0, dtype=cd)
+    return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=cd), h2.new_empty((), dtype=cd),
+            h2.new_empty(h2.shape) if early and need_dh else e,
+            weight.new_empty(weight.shape, dtype=acc) if early and need_dw else e,
+            weight.new_empty((weight.shape[0],), dtype=acc) if early and need_db and bias is not None else e)
+
+
+@torch.library.custom_op("fastlayers::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_lib(grad: Tensor, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                      den: Tensor, ignore_index: int, eps: float, need_dh: bool, need_dw: bool,
+                      need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reduction "none": the chunks again, with dz scaled per row by grad."""
+    backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
+    cd = _compute_dtype(h2.dtype)
+    scale = _row_scale(grad, "none", den, target, ignore_index, cd)
+    need = (need_dh, need_dw, need_db and bias is not None)
+    _, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
+    e = h2.new_empty(0)
+    return (dh if dh is not None else e, dw.to(weight.dtype) if dw is not None else e,
+            db.to(weight.dtype) if db is not None else e)
+
+
+@_lce_backward_lib.register_fake
+def _(grad, h2, weight, bias, target, den, ignore_index, eps, need_dh, need_dw, need_db):
+    e = h2.new_empty(0)
+    return (h2.new_empty(h2.shape) if need_dh else e, weight.new_empty(weight.shape) if need_dw else e,
+            weight.new_empty((weight.shape[0],)) if need_db and bias is not None else e)
+
+
+def _lce_lib_setup(ctx, inputs, output) -> None:
+    h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, need_db = inputs
+    loss, den, dh, dw, db = output
+    ctx.mark_non_differentiable(den, dh, dw, db)
+    ctx.ignore_index, ctx.eps, ctx.reduction = ignore_index, eps, reduction
+    ctx.need = (need_dh, need_dw, need_db and bias is not None)
+    ctx.save_for_backward(h2, weight, bias, target, den, dh, dw, db)
+
+
+def _lce_lib_backward(ctx, grad, *_):
+    h2, weight, bias, target, den, dh, dw, db = ctx.saved_tensors
+    need = ctx.need
+    if ctx.reduction == "none":
+        dh, dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, ctx.ignore_index, ctx.eps, *need)
+    else:
+        g = grad.to(dh.dtype if dh.numel() else dw.dtype if dw.numel() else db.dtype) if any(need) else grad
+        dh, dw, db = (t * g.to(t.dtype) for t in (dh, dw, db))
+    return (dh.to(h2.dtype) if need[0] else None, dw.to(weight.dtype) if need[1] else None,
+            db.to(weight.dtype) if need[2] else None) + (None,) * 7
+
+
+torch.library.register_autograd("fastlayers::linear_cross_entropy", _lce_lib_backward, setup_context=_lce_lib_setup)

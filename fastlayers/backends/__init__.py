@@ -28,6 +28,9 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
     cross_entropy_backward(x, target, weight, stats, scale, ignore_index, eps, out) -> out
         out (N, C) contiguous in x's dtype (may be x itself) = scale_i * dloss_i/dx;
         scale: (N,) compute dtype.
+    linear_ce_chunk_grads(dz, h, w, dh, dw, db) -> None
+        dz: (m, V) contiguous, h: (m, H), w: (V, H); dh (m, H) is written with dz @ w; dw (V, H)
+        += dz^T @ h and db (V,) += colsum(dz) accumulate (fp32 for 16-bit dz); any may be None.
 
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
 cpu -> cpp, cuda -> triton, meta -> reference (shapes only).

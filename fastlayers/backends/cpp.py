@@ -144,3 +144,18 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
                               scale.data_ptr(), out.data_ptr(), n, nc, ignore_index, eps,
                               torch.get_num_threads())
     return out
+
+
+def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
+                          db: Optional[Tensor]) -> None:
+    """dh = dz @ w, dw += dz^T @ h, db += colsum(dz): PyTorch's BLAS, writing into dh's rows and
+    accumulating into dw in place (addmm: one read + write of dw per chunk, no temporary)."""
+    if dh is not None:
+        torch.mm(dz, w, out=dh) if dh.is_contiguous() else dh.copy_(torch.mm(dz, w))
+    if dw is not None:
+        if dw.dtype == dz.dtype:
+            dw.addmm_(dz.t(), h)
+        else:  # 16-bit data: fp32 accumulator
+            dw.add_(torch.mm(dz.t(), h))
+    if db is not None:
+        db.add_(dz.sum(0, dtype=db.dtype))

@@ -128,3 +128,18 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     c = _ce_coefficients(xc, target, weight, ignore_index, eps)
     out.copy_(scale[:, None] * (p * a[:, None] - c))
     return out
+
+
+def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
+                          db: Optional[Tensor]) -> None:
+    """dh = dz @ w (written); dw += dz^T @ h and db += colsum(dz) (accumulated, maybe in fp32).
+    dz: (m, V) contiguous, h: (m, H), w: (V, H); dh (m, H) a view into the full dh."""
+    if dh is not None:
+        dh.copy_(dz @ w)
+    if dw is not None:
+        if dw.dtype == dz.dtype:
+            dw.addmm_(dz.t(), h)
+        else:
+            dw.add_(dz.t() @ h)
+    if db is not None:
+        db.add_(dz.sum(0, dtype=db.dtype))

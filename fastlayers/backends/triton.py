@@ -284,3 +284,18 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
         HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
         COMPUTE_DTYPE=_compute_dtype(x.dtype), BLOCK=_ce.block_for(nc)))
     return out
+
+
+def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
+                          db: Optional[Tensor]) -> None:
+    """dh = dz @ w (written into dh's rows) and dw += dz^T @ h through the Triton GEMM; db += colsum(dz).
+    dz: (m, V) contiguous, h: (m, H), w: (V, H). The dW product goes through a (V, H) temporary."""
+    op = "fastlayers.linear_cross_entropy (backward)"
+    if dh is not None:
+        _gemm(op, dz, w, dh)
+    if dw is not None:
+        tmp = torch.empty(dw.shape, dtype=dz.dtype, device=dz.device)
+        _gemm(op, dz.t(), h, tmp)
+        dw.add_(tmp)
+    if db is not None:
+        db.add_(dz.sum(0, dtype=db.dtype))
