@@ -90,7 +90,7 @@ PYBIND11_MODULE(_C, m) {
                      uintptr_t out, int64_t rows, int64_t nc, double eps) {
     const std::string op = std::string("fastlayers.cross_entropy (") + what + "): ";
     if (rows < 0 || nc < 0) throw std::invalid_argument(op + "negative size");
-    if ((target == 0) == (probs == 0))
+    if (rows > 0 && nc > 0 && (target == 0) == (probs == 0))
       throw std::invalid_argument(op + "expected exactly one of target (class indices) and probs");
     if (!(eps >= 0.0 && eps <= 1.0)) throw std::invalid_argument(op + "label smoothing must be in [0, 1]");
     if (rows > 0 && (stats == 0 || out == 0 || (nc > 0 && x == 0)))

@@ -145,14 +145,14 @@ def _prepare(op: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     # (N, C, d1, ...) -> (N * d1 * ..., C): classes last, one row per position
     if logits.dim() > 2:
         x2 = logits.movedim(1, -1).reshape(-1, C).contiguous()
-        t2 = target.movedim(1, -1).reshape(-1, C).contiguous() if probs else target.reshape(-1)
+        t2 = target.movedim(1, -1).reshape(-1, C).contiguous() if probs else target.reshape(-1).contiguous()
         moved_shape = logits.movedim(1, -1).shape
 
         def back(dx2: Tensor) -> Tensor:
             return dx2.view(moved_shape).movedim(-1, 1)
     else:
         x2 = logits.reshape(-1, C).contiguous()
-        t2 = target.reshape(-1, C).contiguous() if probs else target.reshape(-1)
+        t2 = target.reshape(-1, C).contiguous() if probs else target.reshape(-1).contiguous()
 
         def back(dx2: Tensor) -> Tensor:
             return dx2.view(logits.shape)
@@ -178,7 +178,8 @@ def _reduce(rows: Tensor, reduction: str, den: Tensor, out_dtype: torch.dtype, l
         return rows.to(out_dtype).view(loss_shape)
     total = rows.sum(dtype=torch.float64) if rows.dtype != torch.float64 else rows.sum()
     if reduction == "mean":
-        total = total / den.double()
+        # den == 0 (all ignored, or only zero-weight classes): nan, as torch's nll part gives 0 / 0
+        total = torch.where(den == 0, float("nan"), total / den.double())
     return total.to(out_dtype)
 
 
@@ -192,8 +193,8 @@ def _row_scale(grad: Tensor, reduction: str, den: Tensor, target: Tensor, ignore
         scale = grad.reshape(-1).to(dtype)
     else:
         g = grad.to(dtype)
-        if reduction == "mean":
-            g = g / den.to(dtype)
+        if reduction == "mean":  # den == 0: nan for the rows that count (torch: -w_t * g / 0)
+            g = torch.where(den == 0, float("nan"), g / den.to(dtype))
         scale = g.reshape(1).expand(n)
     if not target.is_floating_point():
         scale = torch.where(target != ignore_index, scale, 0)
@@ -226,8 +227,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             return (_ce_backward_differentiable(x2, target, weight, grad, ctx.ignore_index, ctx.eps,
                                                 ctx.reduction), None, None, None, None, None, None, None, None)
         scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
-        dx = torch.empty_like(x2)
-        ctx.backend.cross_entropy_backward(x2, target, weight, stats, scale, ctx.ignore_index, ctx.eps, dx)
+        dx = ctx.backend.cross_entropy_backward(x2, target, weight, stats, scale, ctx.ignore_index, ctx.eps, None)
         return dx, None, None, None, None, None, None, None, None
 
 
@@ -320,9 +320,7 @@ def _cross_entropy_backward_lib(grad: Tensor, x2: Tensor, target: Tensor, weight
                                 reduction: str) -> Tensor:
     backend = _ce_backend(x2)
     scale = _row_scale(grad, reduction, den, target, ignore_index, stats.dtype)
-    dx = torch.empty_like(x2)
-    backend.cross_entropy_backward(x2, target, weight, stats, scale, ignore_index, eps, dx)
-    return dx
+    return backend.cross_entropy_backward(x2, target, weight, stats, scale, ignore_index, eps, None)
 
 
 @_cross_entropy_backward_lib.register_fake
@@ -503,7 +501,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
     out_dtype = out_dtype or h.dtype
     loss_shape = tuple(h.shape[:-1])
     h2 = h.reshape(-1, h.shape[-1])  # (N, H)
-    t2 = target.reshape(-1)
+    t2 = target.reshape(-1).contiguous()
     if h2.device.type == "meta":
         return h2.new_empty(loss_shape if reduction == "none" else (), dtype=out_dtype)
     grad_on = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad

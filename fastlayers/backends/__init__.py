@@ -26,7 +26,7 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
         stats: (N, 3) compute dtype = (row max M, log sum exp(x - M), sum of the row's
         coefficients A) -- the math is in fastlayers/loss.py.
     cross_entropy_backward(x, target, weight, stats, scale, ignore_index, eps, out) -> out
-        out (N, C) contiguous in x's dtype (may be x itself) = scale_i * dloss_i/dx;
+        out (N, C) contiguous in x's dtype (may be x itself; None: a new tensor) = scale_i * dloss_i/dx;
         scale: (N,) compute dtype.
     linear_ce_chunk_grads(dz, h, w, dh, dw, db) -> None
         dz: (m, V) contiguous, h: (m, H), w: (V, H); dh (m, H) is written with dz @ w; dw (V, H)

@@ -128,6 +128,8 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], i
                           eps: float) -> Tuple[Tensor, Tensor]:
     n, nc = x.shape
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if n == 0 or nc == 0:  # no rows, or rows without classes (all ignored: checked before)
+        return torch.zeros(n, dtype=cd), torch.zeros(n, 3, dtype=cd)
     loss = torch.empty(n, dtype=cd)
     stats = torch.empty(n, 3, dtype=cd)
     tp, qp = _ce_pointers(target)
@@ -139,6 +141,10 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], i
 def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                            scale: Tensor, ignore_index: int, eps: float, out: Tensor) -> Tensor:
     n, nc = x.shape
+    if out is None:
+        out = _empty(n, nc, dtype=x.dtype)
+    if n == 0 or nc == 0:
+        return out
     tp, qp = _ce_pointers(target)
     _C.cross_entropy_backward(_CODES[x.dtype], x.data_ptr(), tp, qp, _ptr(weight), stats.data_ptr(),
                               scale.data_ptr(), out.data_ptr(), n, nc, ignore_index, eps,

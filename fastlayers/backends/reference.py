@@ -126,8 +126,8 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     m, log_s, a = stats.unbind(1)
     p = ((xc - m[:, None]) - log_s[:, None]).exp()                  # (N, C) softmax
     c = _ce_coefficients(xc, target, weight, ignore_index, eps)
-    out.copy_(scale[:, None] * (p * a[:, None] - c))
-    return out
+    dx = scale[:, None] * (p * a[:, None] - c)
+    return dx.to(x.dtype) if out is None else out.copy_(dx)
 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],

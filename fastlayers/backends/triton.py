@@ -275,6 +275,8 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
                            scale: Tensor, ignore_index: int, eps: float, out: Tensor) -> Tensor:
     """dx = scale_i * dloss_i/dx into out (may be x). Bytes: 2 * N*C*itemsize (+ q's)."""
     n, nc = x.shape
+    if out is None:
+        out = torch.empty_like(x)
     if n == 0 or nc == 0:
         return out
     t, q, w, probs = _ce_args(x, target, weight)
