@@ -41,10 +41,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+import torch.nn.functional as F
+
 from . import activations as _acts
+from ._autocast import autocast_dtype as _autocast_dtype
+from ._dispatch import backend_for, check_tensor as _check_tensor, composite_reason
 from ._errors import DeviceError, DTypeError, ShapeError
-from .backends import select
-from .functional import _autocast_dtype, _check_backend_dtype, _check_tensor
 
 _REDUCTIONS = ("none", "mean", "sum")
 # Logits chunk of linear_cross_entropy, in bytes of the chunk's dtype (rows = CHUNK_BYTES / (V * itemsize)).
@@ -203,9 +205,7 @@ def _row_scale(grad: Tensor, reduction: str, den: Tensor, target: Tensor, ignore
 
 # ----------------------------------------------------------------------------- cross_entropy
 def _ce_backend(x: Tensor, op: str = "fastlayers.cross_entropy"):
-    backend = select(x.device, op)
-    _check_backend_dtype(op, backend, x.dtype)
-    return backend
+    return backend_for(op, x.device, x.dtype)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -231,17 +231,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         return dx, None, None, None, None, None, None, None, None
 
 
-def _reference_rows(x2: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, eps: float) -> Tensor:
-    """Per-row losses with PyTorch ops (differentiable)."""
-    import torch.nn.functional as F
-    return F.cross_entropy(x2, target, weight=None if weight is None else weight.to(x2.dtype),
-                           ignore_index=ignore_index, label_smoothing=eps, reduction="none")
-
-
 def _ce_backward_differentiable(x2, target, weight, grad, ignore_index, eps, reduction):
     with torch.enable_grad():
         xd = x2.detach().requires_grad_() if not x2.requires_grad else x2
-        import torch.nn.functional as F
         loss = F.cross_entropy(xd, target, weight=None if weight is None else weight.to(x2.dtype),
                                ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
         (dx,) = torch.autograd.grad(loss, xd, grad.reshape(loss.shape), create_graph=True)
@@ -267,13 +259,18 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
                           for t in (logits, weight))
         if isinstance(target, Tensor) and target.dtype in (torch.float16, torch.bfloat16):
             target = target.float()
+    if isinstance(logits, Tensor) and isinstance(target, Tensor) and composite_reason(logits, target, weight):
+        # tensors whose data kernels must not read (fake tensors, subclasses, torch.func
+        # transforms, dispatch modes): PyTorch's own op, which all of them understand
+        _check_tensor(op, "logits", logits)
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=eps)
     x2, t2, w, probs, loss_shape, back = _prepare(op, logits, target, weight, ignore_index)
     if weight is not None and weight.requires_grad and not probs:
         raise RuntimeError(f"{op}: the loss is not differentiable with respect to weight (as in torch); "
                            f"pass a weight with requires_grad=False")
     if probs and torch.is_grad_enabled() and (t2.requires_grad or (w is not None and w.requires_grad)):
-        # gradients for the targets / weights too: PyTorch's own ops (the fused kernels give dlogits)
-        import torch.nn.functional as F
+        # gradients for the targets / weights too: PyTorch's own op (the fused kernels give dlogits)
         return F.cross_entropy(logits, target, weight=weight, reduction=reduction, label_smoothing=eps)
     if x2.device.type == "meta":
         out = x2.new_empty(loss_shape if reduction == "none" else ())
@@ -439,7 +436,6 @@ def _scaled(t: Optional[Tensor], g: Optional[Tensor], dtype: torch.dtype) -> Opt
 
 
 def _lce_backward_differentiable(h2, weight, bias, target, grad, ignore_index, eps, reduction, need):
-    import torch.nn.functional as F
     with torch.enable_grad():
         ins = [t.detach().requires_grad_() if (t is not None and not t.requires_grad) else t
                for t in (h2, weight, bias)]
@@ -452,7 +448,7 @@ def _lce_backward_differentiable(h2, weight, bias, target, grad, ignore_index, e
 
 
 def _check_linear_ce(op: str, h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                     ignore_index: int) -> Tensor:
+                     ignore_index: int, values: bool = True) -> Tensor:
     _check_tensor(op, "h", h)
     _check_tensor(op, "weight", weight)
     if bias is not None:
@@ -476,6 +472,8 @@ def _check_linear_ce(op: str, h: Tensor, weight: Tensor, bias: Optional[Tensor],
     if tuple(target.shape) != tuple(h.shape[:-1]):
         raise ShapeError(f"{op}: expected target of shape {tuple(h.shape[:-1])} (h's leading dims), "
                          f"got shape {tuple(target.shape)}")
+    if not values:
+        return target
     return _check_class_target(op, target, weight.shape[0], ignore_index)
 
 
@@ -497,6 +495,11 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
         h, weight, bias = (t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(ac)
                            for t in (h, weight, bias))
         out_dtype = torch.float32 if h.dtype != torch.float64 else None
+    if composite_reason(h, weight, bias, target) is not None:  # see cross_entropy
+        _check_linear_ce(op, h, weight, bias, target, ignore_index, values=False)
+        z = F.linear(h, weight, bias)
+        return F.cross_entropy(z.movedim(-1, 1) if z.dim() > 2 else z, target, ignore_index=ignore_index,
+                               label_smoothing=eps, reduction=reduction)
     target = _check_linear_ce(op, h, weight, bias, target, ignore_index)
     out_dtype = out_dtype or h.dtype
     loss_shape = tuple(h.shape[:-1])

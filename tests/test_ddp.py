@@ -1,10 +1,9 @@
-"""DistributedDataParallel (issue 4, point 4): a model with fastlayers layers trains under DDP
+"""DistributedDataParallel: a model with fastlayers layers trains under DDP
 (gloo, 2 CPU processes), and after a few steps its parameters equal single-process training on
 the full batch. Takes a few seconds (two fresh Python processes)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -39,11 +38,12 @@ def _train(model: nn.Module, xs, ys) -> None:
         opt.step()
 
 
-def _worker(rank: int, port: int, backend: str, out: str) -> None:
+def _worker(rank: int, store: str, backend: str, out: str) -> None:
     os.environ["FASTLAYERS_BACKEND"] = backend  # forced in this process, as in the parent test
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    # A file rendezvous: no TCP port to pick, so no race with other processes for a free port
+    # (the suspected cause of an earlier rank abort under load).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         model = nn.parallel.DistributedDataParallel(_model())
         xs, ys = _data()
@@ -55,12 +55,6 @@ def _worker(rank: int, port: int, backend: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available in this build")
 def test_ddp_matches_single_process(tmp_path):
@@ -68,7 +62,7 @@ def test_ddp_matches_single_process(tmp_path):
     # on a loaded 2-core machine). DDP sees plain Parameters and autograd, whatever the backend.
     backend = "cpp" if backend_skip_reason("cpp") is None else "reference"
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(_free_port(), backend, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), backend, out), nprocs=WORLD, join=True)
     ddp_state = torch.load(out)
 
     with fl.use_backend(backend):

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import fastlayers as fl
 import fastlayers.loss as fl_loss
-from fastlayers.backends import load
 
 from conftest import assert_matches
 
@@ -27,15 +26,6 @@ INF, NAN = float("inf"), float("nan")
 REDUCTIONS = ["none", "mean", "sum"]
 
 
-def _triton_reason():
-    try:
-        return load("triton").unavailable_reason(torch.device("cpu"))
-    except Exception as e:  # noqa: BLE001 - triton missing or failing to import
-        return str(e)
-
-
-TRITON_WHY = _triton_reason()
-needs_triton = pytest.mark.skipif(TRITON_WHY is not None, reason=f"triton backend unavailable: {TRITON_WHY}")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf - inf
 
 
@@ -378,6 +368,7 @@ LCE_CASES = [pytest.param(dt, hs, id=f"{str(dt)[6:]}-{hs}")
              if not (dt == torch.bfloat16 and hs == (1, 16))]
 
 
+@pytest.mark.gemm
 @pytest.mark.parametrize("dtype,hshape", LCE_CASES)
 @pytest.mark.parametrize("bias", [False, True], ids=["b0", "b1"])
 @pytest.mark.parametrize("eps", [0.0, 0.15])
@@ -459,55 +450,6 @@ def test_chunk_rows_bounds_the_logits():
     assert fl_loss.chunk_rows(4096, 128256, 4) * 128256 * 4 <= fl_loss.CHUNK_BYTES
     assert fl_loss.chunk_rows(4096, 32000, 2) == fl_loss.CHUNK_BYTES // (32000 * 2)
     assert fl_loss.chunk_rows(3, 10, 4) == 3 and fl_loss.chunk_rows(5, 10 ** 9, 4) == 1
-
-
-# ----------------------------------------------------------------------------- triton (interpreter)
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("kind", ["class", "probs"])
-def test_triton_cross_entropy(dtype, kind):
-    with fl.use_backend("triton"):
-        for shape in [(5, 7), (2, 3, 4), (3, 1), (2, 4099)]:  # 4099 classes: two chunks of 4096
-            x, t, w = make_case(shape, kind, dtype, True, seed=21)
-            for reduction in REDUCTIONS:
-                check_ce(x, t, w, eps=0.1, reduction=reduction, what=f"triton {shape}")
-            check_ce(x, t, None, reduction="mean", what=f"triton {shape}")
-
-
-@needs_triton
-def test_triton_special_values_and_ignore():
-    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [-INF, 1.0, 2.0, -INF], [-INF] * 4, [NAN, 1.0, 2.0, 3.0],
-                      [INF, 1.0, 2.0, 3.0], [1e4, 1e4 + 1, 1e4 - 3, 1e4 + 0.5]])
-    t = torch.tensor([1, 0, 2, -100, 1, 1])
-    w = torch.tensor([0.5, 0.0, 2.0, 1.0])
-    with fl.use_backend("triton"):
-        for eps in (0.0, 0.3):
-            for reduction in REDUCTIONS:
-                check_ce(x, t, w, eps=eps, reduction=reduction)
-                check_ce(x, t, None, eps=eps, reduction=reduction)
-        check_ce(x[:2], torch.full((2,), -100), reduction="mean")
-
-
-@needs_triton
-def test_triton_gradcheck():
-    x, t, w = make_case((3, 6), "class", torch.float64, True, seed=22, scale=1.0)
-    t = t.clamp(min=0)
-    with fl.use_backend("triton"):
-        torch.autograd.gradcheck(lambda xx: fl.cross_entropy(xx, t, weight=w, label_smoothing=0.1),
-                                 (x.requires_grad_(),))
-
-
-@needs_triton
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_triton_linear_cross_entropy(small_chunks, reduction):
-    g = torch.Generator().manual_seed(23)
-    h = torch.randn(2, 4, 16, generator=g)
-    w, b = torch.randn(37, 16, generator=g) * 0.3, torch.randn(37, generator=g)
-    t = torch.randint(0, 37, (2, 4), generator=g)
-    t[1, 2] = -100
-    with fl.use_backend("triton"):
-        check_lce(h, w, t, b, eps=0.1, reduction=reduction)
-        check_lce(h.double(), w.double(), t, b.double(), reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- compile, autocast, meta
