@@ -296,29 +296,41 @@ def test_bad_inputs():
 
 def test_cpp_entry_points_check_their_arguments():
     """The C++ side checks what it is handed: never an out-of-bounds read."""
-    try:
-        from fastlayers import _C
-    except ImportError as e:
-        pytest.fail(f"the C++ extension must be built for the tests: {e}")
-    x = torch.randn(2, 3)
-    t = torch.tensor([0, 7])  # out of range: the kernel checks before reading x[t]
-    loss, stats = torch.empty(2), torch.empty(2, 3)
+    from fastlayers.backends import cpp
+    _C, buf = cpp._C, cpp._buf
+    keep = []  # the tensors behind the descriptors stay alive while the calls run
+
+    def b(t):
+        keep.append(t)
+        return buf(t)
+
+    def i64(*v):
+        t = torch.tensor(v)
+        keep.append(t)
+        return (t.data_ptr(), _C.INT64_CODE, t.shape, t.stride())
+
+    x, loss, stats = torch.randn(2, 3), torch.empty(2), torch.empty(2, 3)
+    fwd = _C.cross_entropy_forward
     with pytest.raises(IndexError, match=r"fastlayers\.cross_entropy: target 7 \(row 1\) is out of bounds for 3"):
-        _C.cross_entropy_forward(0, x.data_ptr(), t.data_ptr(), 0, 0, loss.data_ptr(), stats.data_ptr(), 2, 3,
-                                 -100, 0.0, 1)
-    with pytest.raises(ValueError, match=r"fastlayers\.cross_entropy \(forward\): negative size"):
-        _C.cross_entropy_forward(0, x.data_ptr(), t.data_ptr(), 0, 0, loss.data_ptr(), stats.data_ptr(), -2, 3,
-                                 -100, 0.0, 1)
-    with pytest.raises(ValueError, match=r"exactly one of target"):
-        _C.cross_entropy_forward(0, x.data_ptr(), 0, 0, 0, loss.data_ptr(), stats.data_ptr(), 2, 3, -100, 0.0, 1)
-    with pytest.raises(ValueError, match=r"null buffer"):
-        _C.cross_entropy_forward(0, x.data_ptr(), t.data_ptr(), 0, 0, 0, stats.data_ptr(), 2, 3, -100, 0.0, 1)
-    with pytest.raises(ValueError, match=r"null scale"):
-        _C.cross_entropy_backward(0, x.data_ptr(), t.data_ptr(), 0, 0, stats.data_ptr(), 0, x.data_ptr(), 2, 3,
-                                  -100, 0.0, 1)
+        fwd(b(x), i64(0, 7), None, None, b(loss), b(stats), -100, 0.0, 1)
+    with pytest.raises(ValueError, match=r"cross_entropy_forward: argument 'target' has shape \(3,\), expected \(2,\)"):
+        fwd(b(x), i64(0, 1, 2), None, None, b(loss), b(stats), -100, 0.0, 1)
+    with pytest.raises(ValueError, match=r"argument 'target' has dtype code 0"):
+        fwd(b(x), b(torch.zeros(2)), None, None, b(loss), b(stats), -100, 0.0, 1)
+    with pytest.raises(ValueError, match=r"exactly one of 'target'"):
+        fwd(b(x), None, None, None, b(loss), b(stats), -100, 0.0, 1)
+    with pytest.raises(ValueError, match=r"argument 'stats' has shape \(2, 2\)"):
+        fwd(b(x), i64(0, 1), None, None, b(loss), b(torch.empty(2, 2)), -100, 0.0, 1)
+    with pytest.raises(ValueError, match=r"argument 'weight' has dtype code 1, expected 0"):
+        fwd(b(x), i64(0, 1), None, b(torch.ones(3, dtype=torch.float64)), b(loss), b(stats), -100, 0.0, 1)
+    with pytest.raises(ValueError, match=r"argument 'probs' is not contiguous"):
+        fwd(b(x), None, b(torch.rand(3, 2).t()), None, b(loss), b(stats), -100, 0.0, 1)
+    with pytest.raises(ValueError, match=r"eps must be in \[0, 1\]"):
+        fwd(b(x), i64(0, 1), None, None, b(loss), b(stats), -100, 2.0, 1)
+    with pytest.raises(ValueError, match=r"cross_entropy_backward: argument 'scale' has shape \(1,\)"):
+        _C.cross_entropy_backward(b(x), i64(0, 1), None, None, b(stats), b(torch.ones(1)), b(x), -100, 0.0, 1)
     with pytest.raises(ValueError, match=r"unknown dtype code"):
-        _C.cross_entropy_forward(9, x.data_ptr(), torch.tensor([0, 1]).data_ptr(), 0, 0, loss.data_ptr(),
-                                 stats.data_ptr(), 2, 3, -100, 0.0, 1)
+        fwd((x.data_ptr(), 9, x.shape, x.stride()), i64(0, 1), None, None, b(loss), b(stats), -100, 0.0, 1)
 
 
 # ----------------------------------------------------------------------------- linear + cross-entropy
