@@ -284,7 +284,8 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     _launch("fastlayers.cross_entropy (backward)", x, lambda: _ce.ce_bwd_kernel[(n,)](
         x, t, q, w, stats, scale, out, nc, ignore_index, hi, lo,
         HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
-        COMPUTE_DTYPE=_compute_dtype(x.dtype), BLOCK=_ce.block_for(nc)))
+        COMPUTE_DTYPE=_compute_dtype(x.dtype), BF16_OUT=out.dtype == torch.bfloat16,
+        BLOCK=_ce.block_for(nc)))
     return out
 
 

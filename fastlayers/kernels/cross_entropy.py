@@ -105,8 +105,9 @@ def ce_fwd_kernel(x_ptr, t_ptr, q_ptr, w_ptr, loss_ptr, stats_ptr, C, ignore_ind
 @triton.jit
 def ce_bwd_kernel(x_ptr, t_ptr, q_ptr, w_ptr, stats_ptr, scale_ptr, dx_ptr, C, ignore_index, eps_hi, eps_lo,
                   HAS_W: tl.constexpr, PROBS: tl.constexpr, SMOOTH: tl.constexpr,
-                  COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """dx = scale * (softmax(x) * A - c) for one row per program (grid (N,)); dx may be x."""
+                  COMPUTE_DTYPE: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """dx = scale * (softmax(x) * A - c) for one row per program (grid (N,)); dx may be x.
+    BF16_OUT: dx is bfloat16 (rounded to nearest even explicitly)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * C
     zero = tl.sum(tl.zeros((BLOCK,), COMPUTE_DTYPE), 0)   # a 0-d COMPUTE_DTYPE zero
@@ -142,4 +143,11 @@ def ce_bwd_kernel(x_ptr, t_ptr, q_ptr, w_ptr, stats_ptr, scale_ptr, dx_ptr, C, i
             if SMOOTH:
                 d = d - cs * _coef(w_ptr, q_ptr, base, offs, mask, qa, qb, HAS_W, PROBS, COMPUTE_DTYPE, BLOCK)
             d = d - tl.where(offs == tt, ct, 0.0)
-        tl.store(dx_ptr + base + offs, (g * d).to(dx_ptr.dtype.element_ty), mask=mask)
+        out = (g * d).to(tl.float32) if BF16_OUT else g * d
+        if BF16_OUT:
+            # Round to nearest even in the fp32 bits; the cast below then only drops zero bits.
+            # (The interpreter's fp32 -> bf16 cast truncates; on a GPU this is what cvt.rn does.)
+            bits = out.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            out = tl.where(out != out, out, bits.to(tl.float32, bitcast=True))
+        tl.store(dx_ptr + base + offs, out.to(dx_ptr.dtype.element_ty), mask=mask)
