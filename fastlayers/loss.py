@@ -402,11 +402,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         rows, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
         ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction, ctx.need = backend, ignore_index, eps, reduction, need
         ctx.early = early
-        if early:
-            ctx.grads = (dh, dw, db)  # gradients of the loss itself: no graph inputs among them
-            ctx.save_for_backward(h2, weight, bias, target, den)
-        else:
-            ctx.save_for_backward(h2, weight, bias, target, den)
+        ctx.grads = (dh, dw, db) if early else None  # gradients of the loss itself, not graph inputs
+        ctx.save_for_backward(h2, weight, bias, target, den)
         return _reduce(rows, reduction, den, out_dtype, loss_shape)
 
     @staticmethod
@@ -415,24 +412,28 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
             return _lce_backward_differentiable(h2, weight, bias, target, grad, ctx.ignore_index, ctx.eps,
                                                 ctx.reduction, ctx.need) + (None,) * 6
-        if ctx.early:
-            dh, dw, db = ctx.grads
-            g = grad.to(_compute_dtype(h2.dtype))
+        cd = _compute_dtype(h2.dtype)
+        if ctx.early and ctx.grads is not None:
+            # The forward's gradients, handed out once: ctx lets go of them first so that nothing
+            # else holds them (autograd can then keep them as .grad without a copy), and they are
+            # scaled in place (no second (V, H) buffer at the peak).
+            (dh, dw, db), ctx.grads = ctx.grads, None
+            g = grad.to(cd)
+            for t in (dh, dw, db):
+                if t is not None:
+                    t.mul_(g)
         else:
-            scale = _row_scale(grad, "none", den, target, ctx.ignore_index, _compute_dtype(h2.dtype))
+            # reduction "none" (a per-token scale), or a second backward through the same graph
+            # (retain_graph=True: the forward's gradients were handed out): the chunks again.
+            scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, cd)
             _, dh, dw, db = _lce_run(ctx.backend, h2, weight, bias, target, ctx.ignore_index, ctx.eps, scale,
                                      ctx.need)
-            g = None
-        return (_scaled(dh, g, h2.dtype), _scaled(dw, g, weight.dtype),
-                _scaled(db, g, bias.dtype if bias is not None else h2.dtype), None, None, None, None, None, None)
+        return (_as(dh, h2.dtype), _as(dw, weight.dtype), _as(db, bias.dtype if bias is not None else h2.dtype),
+                None, None, None, None, None, None)
 
 
-def _scaled(t: Optional[Tensor], g: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    if t is None:
-        return None
-    if g is not None:
-        t = t * g.to(t.dtype)  # out of place: the forward's tensor is never handed out or modified
-    return t.to(dtype)
+def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
 
 
 def _lce_backward_differentiable(h2, weight, bias, target, grad, ignore_index, eps, reduction, need):

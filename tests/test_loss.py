@@ -604,3 +604,19 @@ else:  # pragma: no cover
     @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
     def test_fuzz_cross_entropy():
         pass
+
+
+def test_linear_cross_entropy_retain_graph(backend, small_chunks):
+    """A second backward through the same graph (its first took the forward's gradients) recomputes."""
+    g = torch.Generator().manual_seed(41)
+    h = torch.randn(7, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 37, (7,), generator=g)
+    for reduction in ("mean", "sum"):
+        y = fl.linear_cross_entropy(h, w, t, reduction=reduction)
+        first = torch.autograd.grad(y, (h, w), torch.tensor(0.5, dtype=torch.float64), retain_graph=True)
+        second = torch.autograd.grad(y, (h, w), torch.tensor(2.0, dtype=torch.float64))
+        ref = torch.autograd.grad(F.cross_entropy(F.linear(h, w), t, reduction=reduction), (h, w))
+        for a, b_, r in zip(first, second, ref):
+            torch.testing.assert_close(a, 0.5 * r)
+            torch.testing.assert_close(b_, 2.0 * r)
