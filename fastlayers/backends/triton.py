@@ -14,8 +14,9 @@ linear_act backward: one elementwise launch ``dz = dy * act'(saved)`` that also 
 softmax / log_softmax: single-pass kernels for rows that fit one tile, streaming kernels (online
     max and rescaled sum, then a normalising pass) for longer rows; see kernels/softmax.py.
 
-fp32 GEMMs follow ``torch.backends.cuda.matmul.allow_tf32`` (exact fp32, input_precision="ieee",
-when it is off, as PyTorch's default). fp64 runs in fp64 throughout, GEMMs included (tl.dot
+fp32 GEMMs follow PyTorch's TF32 setting for CUDA matmuls exactly as ``torch.mm`` does (see
+``fp32_matmul_precision``: the ``fp32_precision`` API or the legacy ``allow_tf32`` flag; exact
+fp32, input_precision="ieee", when TF32 is off, as PyTorch's default). fp64 runs in fp64 throughout, GEMMs included (tl.dot
 on fp64), so gradcheck goes through these kernels.
 """
 from __future__ import annotations
@@ -99,6 +100,79 @@ def _split_slope(slope: float) -> Tuple[float, float]:
     return hi, float(torch.tensor(slope - hi, dtype=torch.float32))
 
 
+def fp32_matmul_precision() -> str:
+    """tl.dot's input_precision for fp32 CUDA GEMMs: "tf32" when PyTorch lets CUDA fp32 matmuls use
+    TF32, else "ieee". Never raises.
+
+    PyTorch has two APIs for this: ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9;
+    "tf32" / "ieee", or "none" to inherit the global ``torch.backends.fp32_precision``; the getter
+    returns the inherited value) and the legacy ``torch.backends.cuda.matmul.allow_tf32`` /
+    ``torch.set_float32_matmul_precision``. Setting the new one makes a read of the legacy flag
+    raise ("mix of legacy and new APIs"), so the new one is read first and the legacy one only
+    when the new one is absent or "none" (both unset: the legacy flag decides, default False).
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        new = getattr(matmul, "fp32_precision", None)
+    except Exception:  # noqa: BLE001 - an unexpected torch version: fall through to the legacy flag
+        new = None
+    if new == "tf32":
+        return "tf32"
+    if new == "ieee":
+        return "ieee"
+    try:
+        return "tf32" if bool(matmul.allow_tf32) else "ieee"
+    except Exception:  # noqa: BLE001 - a mixed-API state torch itself rejects: exact fp32
+        return "ieee"
+
+
+# Autotuning (see kernels/linear_act.py for the config classes). FASTLAYERS_AUTOTUNE=0 launches
+# one heuristic config per shape instead (no benchmarking: quick runs, deterministic choice).
+# During CUDA-graph capture nothing is benchmarked either: a config tuned earlier in this process
+# for the same key, else the heuristic one.
+AUTOTUNE = os.environ.get("FASTLAYERS_AUTOTUNE", "1") != "0"
+_tuned: dict = {}  # our autotuning key -> the config autotuning chose
+
+# Split-K for plain GEMMs whose output has fewer tiles than the GPU has SMs and whose reduction
+# is long (dW = dz^T @ x with M >> N x K): each split sums SPLIT_K_MIN_CHUNK or more of K.
+SPLIT_K_MIN_CHUNK = 1024
+SPLIT_K_MAX = 16
+# "SMs" of the interpreter (one program at a time): tests raise it to reach the split-K path.
+INTERPRETER_SMS = 1
+_device_facts: dict = {}
+
+
+def _device(t: Tensor) -> Tuple[int, int]:
+    """(SM count, compute capability as 10 * major + minor) of t's GPU; for the interpreter
+    (INTERPRETER_SMS, 90)."""
+    if not t.is_cuda:
+        return INTERPRETER_SMS, 90
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _device_facts:
+        props = torch.cuda.get_device_properties(idx)
+        _device_facts[idx] = (props.multi_processor_count, 10 * props.major + props.minor)
+    return _device_facts[idx]
+
+
+def _num_sms(t: Tensor) -> int:
+    return _device(t)[0]
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no autotuning then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def split_k_count(dclass: str, M: int, N: int, K: int, sms: int) -> int:
+    """How many K ranges a plain (M, K) @ (K, N) GEMM is split into (1: no split). Depends on the
+    shape and the SM count only, so the summation order is fixed for a shape on a device."""
+    cfg = _la.SPLIT_K_CONFIG[dclass]
+    tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), K // SPLIT_K_MIN_CHUNK, SPLIT_K_MAX))
+
+
 def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
           bias: Optional[Tensor] = None, act_code: int = 0, slope: float = 0.0) -> None:
     """c = act(a @ b + bias) with z = a @ b + bias (if z is given); a: (M, K), b: (K, N),
@@ -109,24 +183,60 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         return
     if K == 0:  # nothing to load: point the operands at c so no empty tensor is passed
         a, b = c, c.t()
-    fp64 = c.dtype == torch.float64
-    kernel = _la.gemm_kernel_fp64 if fp64 else _la.gemm_kernel
-    tf32 = (c.dtype == torch.float32 and c.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    precision = fp32_matmul_precision() if c.dtype == torch.float32 and c.is_cuda else "ieee"
+    dclass = _la.dtype_class(str(c.dtype).rsplit(".", 1)[-1], precision)
+    plain = z is None and bias is None and act_code == 0
     hi, lo = _split_slope(slope)
+    layout = 2 * int(a.stride(1) == 1) + int(b.stride(1) == 1)
+    meta = dict(HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
+                ACC_DTYPE=_compute_dtype(c.dtype), PRECISION=precision,
+                DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16)
+    sms, capability = _device(c)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    def args(c_arg, k_per_split=0, stride_cs=0):
+        return (a, b, c_arg, z if z is not None else c, bias if bias is not None else c,
+                M, N, K,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_arg.stride(-2), c_arg.stride(-1),
+                hi, lo, k_per_split, stride_cs,
+                _pow2(M), _pow2(N), _pow2(K), layout)
 
-    _launch(op, c, lambda: kernel[grid](
-        a, b, c, z if z is not None else c, bias if bias is not None else c,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        hi, lo,
-        _pow2(M), _pow2(N), _pow2(K),
-        HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
-        ACC_DTYPE=_compute_dtype(c.dtype), PRECISION="tf32" if tf32 else "ieee",
-        DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16,
-    ))
+    split = split_k_count(dclass, M, N, K, sms) if plain and c.is_contiguous() else 1
+    if split > 1:  # partial tiles into an fp32 / fp64 workspace, then a fixed-order sum
+        cfg = _la.SPLIT_K_CONFIG[dclass]
+        bk = cfg.kwargs["BLOCK_K"]
+        k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+        split = triton.cdiv(K, k_per_split)
+        work = torch.empty((split, M, N), device=c.device,
+                           dtype=torch.float64 if dclass == "fp64" else torch.float32)
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]), split)
+        _launch(op, c, lambda: _la.gemm_kernel[grid](
+            *args(work, k_per_split, M * N), **meta, SPLIT_K=split, **cfg.all_kwargs()))
+        _sum_rows(op, work.view(split, M * N), c.view(M * N))
+        return
+
+    configs = _la.gemm_configs(dclass, _pow2(M), plain, capability)
+    key = (dclass, plain, _pow2(M), _pow2(N), _pow2(K), layout, act_code, bias is not None,
+           z is not None, precision, c.dtype, c.device)
+    if AUTOTUNE and not _capturing(c):
+        kernel = _la.autotuned_gemm(configs)
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _launch(op, c, lambda: kernel[grid](*args(c), **meta, SPLIT_K=1))
+        _tuned[key] = kernel.best_config
+        return
+    cfg = _tuned.get(key) or _la.heuristic_config(configs, M, N, sms)
+    grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+    _launch(op, c, lambda: _la.gemm_kernel[grid](*args(c), **meta, SPLIT_K=1, **cfg.all_kwargs()))
+
+
+def _sum_rows(op: str, partial: Tensor, out: Tensor) -> None:
+    """out = partial.sum(0) in a fixed order; partial: (P, N) contiguous fp32/fp64, out: (N,)."""
+    P, N = partial.shape
+    _launch(op, out, lambda: _la.sum_rows_kernel[(triton.cdiv(N, _la.SUM_BLOCK_N),)](
+        partial, out, P, N, BLOCK_P=_la.SUM_BLOCK_P, BLOCK_N=_la.SUM_BLOCK_N,
+        num_warps=_la.SUM_NUM_WARPS))
 
 
 # ----------------------------------------------------------------------------- linear + act
@@ -162,7 +272,8 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
     compute = torch.float64 if dy.dtype == torch.float64 else torch.float32
     if M == 0 or N == 0:
         return dz, (torch.zeros(N, device=dy.device, dtype=dy.dtype) if need_db else None)
-    bm, bn = _la.GRAD_BLOCK_M, _la.GRAD_BLOCK_N
+    bm = _la.GRAD_BLOCK_M_FP64 if dy.dtype == torch.float64 else _la.GRAD_BLOCK_M
+    bn = _la.GRAD_BLOCK_N
     col_blocks = triton.cdiv(N, bn)
     row_blocks = triton.cdiv(M, bm)
     progs = min(row_blocks, max(1, _GRAD_TARGET_PROGRAMS // col_blocks))
@@ -180,8 +291,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
     if not need_db:
         return dz, None
     db = torch.empty(N, device=dy.device, dtype=dy.dtype)
-    _launch(op, dy, lambda: _la.sum_rows_kernel[(col_blocks,)](
-        partial, db, progs, N, BLOCK_N=bn, num_warps=_la.GRAD_NUM_WARPS))
+    _sum_rows(op, partial, db)
     return dz, db
 
 
@@ -212,15 +322,15 @@ def _softmax_launch(op: str, fwd: bool, log: bool, out: Tensor, *tensors: Tensor
     rows = outer * inner
     if out.numel() == 0:
         return
-    single, block_r, block_l, warps = _sm.plan(rows, length, inner)
+    single, block_r, block_l, warps = _sm.plan(rows, length, inner, out.dtype == torch.float64)
     if fwd:
         kernel = _sm.softmax_fwd_kernel if single else _sm.softmax_fwd_streaming_kernel
     else:
         kernel = _sm.softmax_bwd_kernel if single else _sm.softmax_bwd_streaming_kernel
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (_sm.grid_size(rows, inner, block_r),)
     _launch(op, out, lambda: kernel[grid](
         *tensors, out, rows, length, inner, LOG=log, COMPUTE_DTYPE=_compute_dtype(out.dtype),
-        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
+        STRIDED=inner > 1, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
 
 
 def softmax_forward(x: Tensor, log: bool) -> Tensor:
