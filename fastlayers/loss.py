@@ -35,7 +35,6 @@ Peak extra memory: one logits chunk (+ a (V, H) fp32 accumulator for bf16/fp16 w
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
