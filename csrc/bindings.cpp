@@ -89,6 +89,9 @@ static void check_act(const char* fn, int act) {
     throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": unknown activation code " + std::to_string(act));
 }
 
+// Buffer code of int64 class-index targets (no float kernel is instantiated for it).
+constexpr int kI64 = 64;
+
 template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 PYBIND11_MODULE(_C, m) {
@@ -262,6 +265,69 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("dh"), py::arg("gu"), py::arg("dgu"), py::arg("dbg"), py::arg("dbu"), py::arg("act"), py::arg("slope"),
         py::arg("from_output"), py::arg("nthreads"), "gated_backward over gu = [g | u] into dgu = [dg | du].");
+
+  // Cross-entropy (loss.cpp). Class-index targets are int64 buffers (code kI64, cpp.py's
+  // _I64_CODE); weights, losses, stats and scales are in the compute type (fp32, fp64 for fp64 x).
+  // The kernels read x[t] at each target t: loss.cpp checks every target against nc first.
+  m.def("cross_entropy_forward",
+        [](const Buf& x, const std::optional<Buf>& target, const std::optional<Buf>& probs,
+           const std::optional<Buf>& weight, const Buf& loss, const Buf& stats, int64_t ignore_index, double eps,
+           int nthreads) {
+          const char* fn = "cross_entropy_forward";
+          int dt = dtype_of(fn, "x", x, 2), cd = dt == F64 ? F64 : F32;
+          int64_t rows = shape_of(x)[0], nc = shape_of(x)[1];
+          uintptr_t px = expect(fn, "x", x, dt, {rows, nc});
+          if (bool(target) == bool(probs))
+            throw std::invalid_argument("fastlayers._C.cross_entropy_forward: expected exactly one of 'target' "
+                                        "(class indices) and 'probs' (class probabilities)");
+          uintptr_t pt = target ? expect(fn, "target", *target, kI64, {rows}) : 0;
+          uintptr_t pq = probs ? expect(fn, "probs", *probs, dt, {rows, nc}) : 0;
+          uintptr_t pw = weight ? expect(fn, "weight", *weight, cd, {nc}) : 0;
+          uintptr_t pl = expect(fn, "loss", loss, cd, {rows}), ps = expect(fn, "stats", stats, cd, {rows, 3});
+          if (!(eps >= 0.0 && eps <= 1.0))
+            throw std::invalid_argument("fastlayers._C.cross_entropy_forward: eps must be in [0, 1]");
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            using C = typename io<T>::C;
+            cross_entropy_forward<T>(ptr<const T>(px), ptr<const int64_t>(pt), ptr<const T>(pq), ptr<const C>(pw),
+                                     ptr<C>(pl), ptr<C>(ps), rows, nc, ignore_index, eps, nthreads);
+          });
+        },
+        py::arg("x"), py::arg("target"), py::arg("probs"), py::arg("weight"), py::arg("loss"), py::arg("stats"),
+        py::arg("ignore_index"), py::arg("eps"), py::arg("nthreads"),
+        "Per-row softmax cross-entropy of a contiguous (rows, nc) x into loss (rows,) and stats (rows, 3).");
+
+  m.def("cross_entropy_backward",
+        [](const Buf& x, const std::optional<Buf>& target, const std::optional<Buf>& probs,
+           const std::optional<Buf>& weight, const Buf& stats, const Buf& scale, const Buf& dx, int64_t ignore_index,
+           double eps, int nthreads) {
+          const char* fn = "cross_entropy_backward";
+          int dt = dtype_of(fn, "x", x, 2), cd = dt == F64 ? F64 : F32;
+          int64_t rows = shape_of(x)[0], nc = shape_of(x)[1];
+          uintptr_t px = expect(fn, "x", x, dt, {rows, nc}), pdx = expect(fn, "dx", dx, dt, {rows, nc});
+          if (bool(target) == bool(probs))
+            throw std::invalid_argument("fastlayers._C.cross_entropy_backward: expected exactly one of 'target' "
+                                        "(class indices) and 'probs' (class probabilities)");
+          uintptr_t pt = target ? expect(fn, "target", *target, kI64, {rows}) : 0;
+          uintptr_t pq = probs ? expect(fn, "probs", *probs, dt, {rows, nc}) : 0;
+          uintptr_t pw = weight ? expect(fn, "weight", *weight, cd, {nc}) : 0;
+          uintptr_t ps = expect(fn, "stats", stats, cd, {rows, 3}), pg = expect(fn, "scale", scale, cd, {rows});
+          if (!(eps >= 0.0 && eps <= 1.0))
+            throw std::invalid_argument("fastlayers._C.cross_entropy_backward: eps must be in [0, 1]");
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            using C = typename io<T>::C;
+            cross_entropy_backward<T>(ptr<const T>(px), ptr<const int64_t>(pt), ptr<const T>(pq), ptr<const C>(pw),
+                                      ptr<const C>(ps), ptr<const C>(pg), ptr<T>(pdx), rows, nc, ignore_index, eps,
+                                      nthreads);
+          });
+        },
+        py::arg("x"), py::arg("target"), py::arg("probs"), py::arg("weight"), py::arg("stats"), py::arg("scale"),
+        py::arg("dx"), py::arg("ignore_index"), py::arg("eps"), py::arg("nthreads"),
+        "dx = scale_i * dloss_i/dx over a contiguous (rows, nc) x; dx may be x.");
+  m.attr("INT64_CODE") = kI64;
 
   m.def("advise_hugepages",
         [](uintptr_t p, int64_t nbytes) {

@@ -44,4 +44,20 @@ template <class T>
 void gated_backward(const T* dh, const T* g, const T* u, T* dg, T* du, T* dbg, T* dbu, int64_t m, int64_t n,
                     int64_t ld, int64_t ldd, int act, double slope, bool from_output, int nthreads);
 
+// Softmax cross-entropy over the rows of a contiguous (n, nc) x (csrc/loss.cpp has the math).
+// Exactly one of target ((n,) class indices, each in [0, nc) or == ignore_index: checked, throws
+// std::out_of_range) and probs ((n, nc) class probabilities) is non-null; weight: (nc,) or null.
+// loss: (n,) per-row losses; stats: (n, 3) = (row max, log sum exp(x - max), sum of coefficients).
+// Weights, losses, stats and scales are in the compute type io<T>::C (fp32, or fp64 for double).
+template <class T>
+void cross_entropy_forward(const T* x, const int64_t* target, const T* probs, const typename io<T>::C* weight,
+                           typename io<T>::C* loss, typename io<T>::C* stats, int64_t n, int64_t nc,
+                           int64_t ignore_index, double eps, int nthreads);
+
+// dx = scale_i * dloss_i/dx over (n, nc), from x and the forward's stats; dx may be x (in place).
+template <class T>
+void cross_entropy_backward(const T* x, const int64_t* target, const T* probs, const typename io<T>::C* weight,
+                            const typename io<T>::C* stats, const typename io<T>::C* scale, T* dx, int64_t n,
+                            int64_t nc, int64_t ignore_index, double eps, int nthreads);
+
 }  // namespace fl

@@ -26,6 +26,20 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
         dh: (M, N) contiguous, saved = (g, u); needs = (dx, dwg, dwu, dbg, dbu); a gradient not
         needed is None.
 
+    cross_entropy_forward(x, target, weight, ignore_index, eps) -> (loss, stats)
+        x: (N, C) contiguous; target: (N,) int64 class indices, each in [0, C) or == ignore_index
+        (checked before), or (N, C) contiguous class probabilities in x's dtype; weight: (C,)
+        contiguous in the compute dtype (float64 for float64 x, else float32) or None; eps: label
+        smoothing >= 0. loss: (N,) per-row losses in the compute dtype (0 for ignored rows);
+        stats: (N, 3) compute dtype = (row max M, log sum exp(x - M), sum of the row's
+        coefficients A) -- the math is in fastlayers/loss.py.
+    cross_entropy_backward(x, target, weight, stats, scale, ignore_index, eps, out) -> out
+        out (N, C) contiguous in x's dtype (may be x itself; None: a new tensor) = scale_i * dloss_i/dx;
+        scale: (N,) compute dtype.
+    linear_ce_chunk_grads(dz, h, w, dh, dw, db) -> None
+        dz: (m, V) contiguous, h: (m, H), w: (V, H); dh (m, H) is written with dz @ w; dw (V, H)
+        += dz^T @ h and db (V,) += colsum(dz) accumulate (fp32 for 16-bit dz); any may be None.
+
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
 cpu -> cpp, cuda -> triton, meta -> reference (shapes only).
 """

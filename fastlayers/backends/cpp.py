@@ -225,3 +225,55 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved: Tuple[T
     dwg = _mm(dg.t(), x) if need_dwg else None  # (N, K)
     dwu = _mm(du.t(), x) if need_dwu else None  # (N, K)
     return dx, dwg, dwu, dbg, dbu
+
+# --- cross entropy (contract in fastlayers/backends/__init__.py; kernels in csrc/loss.cpp)
+_I64_CODE = _C.INT64_CODE  # the extension's buffer code for int64 class-index targets
+
+
+def _ce_targets(target: Tensor):
+    """(class-index buffer, probabilities buffer): exactly one is given."""
+    if target.is_floating_point():
+        return None, _buf(target)
+    return (target.data_ptr(), _I64_CODE, target.shape, target.stride()), None
+
+
+def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                          eps: float) -> Tuple[Tensor, Tensor]:
+    n, nc = x.shape
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if n == 0 or nc == 0:  # no rows, or rows without classes (all ignored: checked before)
+        return torch.zeros(n, dtype=cd), torch.zeros(n, 3, dtype=cd)
+    loss = torch.empty(n, dtype=cd)
+    stats = torch.empty(n, 3, dtype=cd)
+    t, q = _ce_targets(target)
+    _C.cross_entropy_forward(_buf(x), t, q, _buf(weight), _buf(loss), _buf(stats), ignore_index, eps,
+                             torch.get_num_threads())
+    return loss, stats
+
+
+def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                           scale: Tensor, ignore_index: int, eps: float, out: Optional[Tensor]) -> Tensor:
+    n, nc = x.shape
+    if out is None:
+        out = _empty(n, nc, dtype=x.dtype)
+    if n == 0 or nc == 0:
+        return out
+    t, q = _ce_targets(target)
+    _C.cross_entropy_backward(_buf(x), t, q, _buf(weight), _buf(stats), _buf(scale), _buf(out), ignore_index,
+                              eps, torch.get_num_threads())
+    return out
+
+
+def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
+                          db: Optional[Tensor]) -> None:
+    """dh = dz @ w, dw += dz^T @ h, db += colsum(dz): PyTorch's BLAS, writing into dh's rows and
+    accumulating into dw in place (addmm: one read + write of dw per chunk, no temporary)."""
+    if dh is not None:
+        torch.mm(dz, w, out=dh) if dh.is_contiguous() else dh.copy_(torch.mm(dz, w))
+    if dw is not None:
+        if dw.dtype == dz.dtype:
+            dw.addmm_(dz.t(), h)
+        else:  # 16-bit data: fp32 accumulator
+            dw.add_(torch.mm(dz.t(), h))
+    if db is not None:
+        db.add_(dz.sum(0, dtype=db.dtype))

@@ -104,3 +104,76 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
     dx = dg @ wg + du @ wu if needs[0] else None
     return (dx, dg.t() @ x if needs[1] else None, du.t() @ x if needs[2] else None,
             dg.sum(0) if needs[3] else None, du.sum(0) if needs[4] else None)
+
+# --- cross entropy (contract in fastlayers/backends/__init__.py; the math in fastlayers/loss.py)
+def _ce_coefficients(xc: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                     eps: float) -> Tensor:
+    """c (N, C): the row's coefficients, loss_i = sum_j c_ij (log S_i - (x_ij - M_i))."""
+    n, C = xc.shape
+    w = torch.ones(C, dtype=xc.dtype, device=xc.device) if weight is None else weight.to(xc.dtype)
+    if target.is_floating_point():
+        q = target.to(xc.dtype)
+        if eps > 0:
+            q = q * (1 - eps) + eps / C
+        return w * q
+    keep = target != ignore_index
+    t = torch.where(keep, target, 0)
+    c = (eps / C) * w.expand(n, C).clone() if eps > 0 else xc.new_zeros(n, C)
+    c.scatter_add_(1, t[:, None], ((1 - eps) * w[t])[:, None])
+    return torch.where(keep[:, None], c, 0)
+
+
+def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                          eps: float) -> Tuple[Tensor, Tensor]:
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(cd)  # (N, C)
+    n, C = xc.shape
+    if C == 0:
+        z = xc.new_zeros(n)
+        return z, torch.stack([z, z, z], 1)
+    m = xc.amax(1)                                                   # (N,)
+    shifted = xc - m[:, None]
+    log_s = shifted.exp().sum(1).log()
+    logp = shifted - log_s[:, None]                                  # (N, C), torch's log_softmax
+    c = _ce_coefficients(xc, target, weight, ignore_index, eps)
+    if not target.is_floating_point() and eps == 0:
+        # only the target's term: no 0 * (-inf) from classes with c = 0 (torch's nll_loss)
+        keep = target != ignore_index
+        t = torch.where(keep, target, 0)
+        rows = torch.where(keep, -(c.gather(1, t[:, None]) * logp.gather(1, t[:, None]))[:, 0], 0)
+    elif not target.is_floating_point():
+        keep = target != ignore_index
+        t = torch.where(keep, target, 0)
+        w = torch.ones(C, dtype=cd, device=x.device) if weight is None else weight.to(cd)
+        nll = -(w[t] * logp.gather(1, t[:, None])[:, 0])
+        smooth = -(logp * w).sum(1)
+        rows = torch.where(keep, (1 - eps) * nll + (eps / C) * smooth, 0)
+    else:
+        rows = -(c * logp).sum(1)
+    return rows, torch.stack([m, log_s, c.sum(1)], 1)
+
+
+def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                           scale: Tensor, ignore_index: int, eps: float, out: Tensor) -> Tensor:
+    cd = stats.dtype
+    xc = x.to(cd)
+    m, log_s, a = stats.unbind(1)
+    p = ((xc - m[:, None]) - log_s[:, None]).exp()                  # (N, C) softmax
+    c = _ce_coefficients(xc, target, weight, ignore_index, eps)
+    dx = scale[:, None] * (p * a[:, None] - c)
+    return dx.to(x.dtype) if out is None else out.copy_(dx)
+
+
+def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
+                          db: Optional[Tensor]) -> None:
+    """dh = dz @ w (written); dw += dz^T @ h and db += colsum(dz) (accumulated, maybe in fp32).
+    dz: (m, V) contiguous, h: (m, H), w: (V, H); dh (m, H) a view into the full dh."""
+    if dh is not None:
+        dh.copy_(dz @ w)
+    if dw is not None:
+        if dw.dtype == dz.dtype:
+            dw.addmm_(dz.t(), h)
+        else:
+            dw.add_(dz.t() @ h)
+    if db is not None:
+        db.add_(dz.sum(0, dtype=db.dtype))

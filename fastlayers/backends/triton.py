@@ -458,3 +458,63 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
         dwu = torch.empty((N, K), device=dh.device, dtype=dh.dtype)
         _gemm(op, du.t(), x, dwu)
     return dx, dwg, dwu, dbg, dbu
+
+# --- cross entropy (contract in fastlayers/backends/__init__.py; kernels in kernels/cross_entropy.py)
+from ..kernels import cross_entropy as _ce  # noqa: E402
+
+
+def _ce_args(x: Tensor, target: Tensor, weight: Optional[Tensor]):
+    probs = target.is_floating_point()
+    # unused pointers point at x (never read: the kernels branch on constexpr flags)
+    return (x if probs else target), (target if probs else x), (weight if weight is not None else x), probs
+
+
+def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                          eps: float) -> Tuple[Tensor, Tensor]:
+    """Per-row losses and stats, one program per row. Bytes: N*C*itemsize read (+ q's)."""
+    n, nc = x.shape
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss = torch.zeros(n, dtype=cd, device=x.device)
+    stats = torch.zeros(n, 3, dtype=cd, device=x.device)
+    if n == 0 or nc == 0:
+        return loss, stats
+    t, q, w, probs = _ce_args(x, target, weight)
+    hi, lo = _split_slope(eps)
+    _launch("fastlayers.cross_entropy", x, lambda: _ce.ce_fwd_kernel[(n,)](
+        x, t, q, w, loss, stats, nc, ignore_index, hi, lo,
+        HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
+        COMPUTE_DTYPE=_compute_dtype(x.dtype), BLOCK=_ce.block_for(nc)))
+    return loss, stats
+
+
+def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                           scale: Tensor, ignore_index: int, eps: float, out: Tensor) -> Tensor:
+    """dx = scale_i * dloss_i/dx into out (may be x). Bytes: 2 * N*C*itemsize (+ q's)."""
+    n, nc = x.shape
+    if out is None:
+        out = torch.empty_like(x)
+    if n == 0 or nc == 0:
+        return out
+    t, q, w, probs = _ce_args(x, target, weight)
+    hi, lo = _split_slope(eps)
+    _launch("fastlayers.cross_entropy (backward)", x, lambda: _ce.ce_bwd_kernel[(n,)](
+        x, t, q, w, stats, scale, out, nc, ignore_index, hi, lo,
+        HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
+        COMPUTE_DTYPE=_compute_dtype(x.dtype), BF16_OUT=out.dtype == torch.bfloat16,
+        BLOCK=_ce.block_for(nc)))
+    return out
+
+
+def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
+                          db: Optional[Tensor]) -> None:
+    """dh = dz @ w (written into dh's rows) and dw += dz^T @ h through the Triton GEMM; db += colsum(dz).
+    dz: (m, V) contiguous, h: (m, H), w: (V, H). The dW product goes through a (V, H) temporary."""
+    op = "fastlayers.linear_cross_entropy (backward)"
+    if dh is not None:
+        _gemm(op, dz, w, dh)
+    if dw is not None:
+        tmp = torch.empty(dw.shape, dtype=dz.dtype, device=dz.device)
+        _gemm(op, dz.t(), h, tmp)
+        dw.add_(tmp)
+    if db is not None:
+        db.add_(dz.sum(0, dtype=db.dtype))
