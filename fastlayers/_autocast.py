@@ -37,11 +37,11 @@ def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t.to(dtype)
 
 
-def linear_inputs(x, weight, bias):
-    """(x, weight, bias) as autocast would hand them to a linear op."""
+def linear_inputs(x, *rest):
+    """(x, weights..., biases...) as autocast would hand them to a linear op."""
     if isinstance(x, Tensor) and (dtype := autocast_dtype(x)) is not None:
-        return tuple(cast(t, dtype) if isinstance(t, Tensor) else t for t in (x, weight, bias))
-    return x, weight, bias
+        return tuple(cast(t, dtype) if isinstance(t, Tensor) else t for t in (x, *rest))
+    return (x, *rest)
 
 
 def softmax_dtype(x: Tensor, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:

@@ -152,12 +152,25 @@ def as_3d(x: Tensor, dim: int) -> Tensor:
     return x.view(outer, length, inner)
 
 
+def contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    """t as the contract hands small operands (biases) over: contiguous (a copy only if needed)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def owned(t: Tensor) -> Tensor:
+    """A reshaped result as a tensor of its own rather than a view of the backend's buffer:
+    autograd forbids in-place edits of a custom Function's view outputs, and users may
+    legitimately write `y += residual` on any op's output."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 def linear_forward(backend: ModuleType, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                    act: Activation, slope: float, save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """(*, K) -> (*, N) through `backend`; saved is 2-D (M, N) or None (see the contract).
     The bias is handed over contiguous (a strided or expanded bias is copied: N elements)."""
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
+    bias = contiguous(bias)
     n = weight.shape[0]
     x2 = as_2d(x)  # (M, K), a view when x's leading dims are contiguous
     y2, saved = backend.linear_act_forward(x2, weight, bias, act, slope, save)  # (M, N)

@@ -21,20 +21,11 @@ from . import _autocast
 from . import _library
 from . import activations as _acts
 from ._dispatch import (as_2d, as_3d, backend_for, check_linear, check_slope, check_tensor,
-                        composite_reason, linear_composite, linear_forward, normalize_dim,
+                        composite_reason, linear_composite, linear_forward, normalize_dim, owned,
                         softmax_composite, softmax_forward)
 from .activations import DEFAULT_SLOPE, SAVE_INPUT, SAVE_OUTPUT, Activation
 
 LINEAR = "fastlayers.linear_act"
-
-
-def _owned(t: Tensor) -> Tensor:
-    """A contiguous reshaped result as a tensor of its own rather than a view of the backend's
-    buffer: autograd forbids in-place edits of a custom Function's view outputs, and users may
-    legitimately write `y += residual` on any op's output."""
-    if t._base is None:
-        return t
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 # ----------------------------------------------------------------------------- linear + act
@@ -44,7 +35,7 @@ class LinearActFunction(torch.autograd.Function):
                 slope: float) -> Tensor:
         backend = backend_for(LINEAR, x.device, x.dtype)
         y, saved = linear_forward(backend, x, weight, bias, act, slope, save=True)
-        y = _owned(y)
+        y = owned(y)
         kind = act.saves(slope)
         ctx.backend, ctx.act, ctx.slope = backend, act, slope
         ctx.x_shape = x.shape
@@ -112,7 +103,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, log: bool) -> Tensor:
         backend = backend_for(_softmax_name(log), x.device, x.dtype)
-        y = _owned(softmax_forward(backend, x, dim, log))
+        y = owned(softmax_forward(backend, x, dim, log))
         ctx.backend, ctx.dim, ctx.log = backend, dim, log
         ctx.save_for_backward(y)
         return y

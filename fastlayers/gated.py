@@ -28,8 +28,6 @@ torch.compile / jit.trace see two opaque ops (no graph break), like fastlayers::
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -39,31 +37,20 @@ from torch import Tensor
 from . import activations as _acts
 from ._errors import DeviceError, DTypeError, ShapeError
 from .activations import Activation
-from .backends import select
+from . import _autocast
+from ._dispatch import (as_2d, backend_for, check_slope, check_tensor, composite_reason, contiguous,
+                        owned)
 
 OP = "fastlayers.gated_linear"
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_tensor(name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{OP}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided or t.is_nested:
-        raise TypeError(f"{OP}: expected {name} to be a dense (strided) tensor, got layout {t.layout}"
-                        f"{' (nested)' if t.is_nested else ''}")
-    if t.dtype not in _FLOATS:
-        raise DTypeError(f"{OP}: expected {name} to be a floating-point tensor "
-                         f"(float16, bfloat16, float32 or float64), got dtype {t.dtype}")
-    return t
-
-
 def _check(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
            b_up: Optional[Tensor]) -> None:
     named = (("x", x), ("w_gate", w_gate), ("w_up", w_up), ("b_gate", b_gate), ("b_up", b_up))
     for name, t in named:
         if t is not None or name in ("x", "w_gate", "w_up"):
-            _check_tensor(name, t)
+            check_tensor(OP, name, t)
     for name, w in (("w_gate", w_gate), ("w_up", w_up)):
         if w.dim() != 2:
             raise ShapeError(f"{OP}: expected {name} of shape (intermediate, in_features), "
@@ -89,49 +76,11 @@ def _check(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
             raise DeviceError(f"{OP}: expected {name} on the same device as x ({x.device}), got {t.device}")
 
 
-def _check_slope(negative_slope: object) -> float:
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
-        raise TypeError(f"{OP}: expected negative_slope to be a real number (float or int), "
-                        f"got {type(negative_slope).__name__}")
-    return float(negative_slope)
-
-
-def _backend(device: torch.device, dtype: torch.dtype):
-    backend = select(device, OP)
-    if dtype not in backend.DTYPES:
-        ok = ", ".join(str(d).replace("torch.", "") for d in sorted(backend.DTYPES, key=str))
-        raise DTypeError(f"{OP}: dtype {dtype} is not supported by the {backend.NAME!r} backend "
-                         f"(supported: {ok})")
-    return backend
-
-
-# ----------------------------------------------------------------------------- autocast
-def _autocast(x, *rest):
-    """PyTorch's policy for linear ("lower precision" on cpu and cuda): floating inputs other than
-    float64 are cast to the autocast dtype."""
-    if not isinstance(x, Tensor) or not (x.is_cpu or x.is_cuda):
-        return (x, *rest)
-    dev = "cpu" if x.is_cpu else "cuda"
-    if not torch.is_autocast_enabled(dev):
-        return (x, *rest)
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 else t for t in (x, *rest))
-
-
 # ----------------------------------------------------------------------------- forward / backward
-def _as_2d(t: Tensor) -> Tensor:
-    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-
-
-def _contig(b: Optional[Tensor]) -> Optional[Tensor]:
-    return b if b is None or b.is_contiguous() else b.contiguous()
-
-
 def _forward(backend, x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: Optional[Tensor],
              act: Activation, slope: float, save: bool):
     """(*, K) -> h (*, N); saved = (g, u), each 2-D (M, N), or None."""
-    h, saved = backend.gated_forward(_as_2d(x), wg, wu, _contig(bg), _contig(bu), act, slope, save)
+    h, saved = backend.gated_forward(as_2d(x), wg, wu, contiguous(bg), contiguous(bu), act, slope, save)
     return (h if x.dim() == 2 else h.view(*x.shape[:-1], wg.shape[0])), saved
 
 
@@ -139,7 +88,7 @@ def _backward(backend, dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, g: Tensor,
               act: Activation, slope: float, needs):
     """Gradients of (x, wg, wu, bg, bu); dx shaped like x."""
     dx, dwg, dwu, dbg, dbu = backend.gated_backward(
-        _as_2d(dh).contiguous(), _as_2d(x), wg, wu, (_as_2d(g), _as_2d(u)), act, slope, needs)
+        as_2d(dh).contiguous(), as_2d(x), wg, wu, (as_2d(g), as_2d(u)), act, slope, needs)
     return (None if dx is None else dx.view(x.shape)), dwg, dwu, dbg, dbu
 
 
@@ -149,26 +98,18 @@ def _reference(x, wg, wu, bg, bu, act: Activation, slope: float) -> Tensor:
     return (g if act.name == "none" else act.ref(g, slope)) * F.linear(x, wu, bu)
 
 
-def _owned(t: Tensor) -> Tensor:
-    """A reshaped result as a tensor of its own, not a view of the backend's buffer (autograd
-    forbids in-place edits of a custom Function's view outputs; users may write h += r)."""
-    if t._base is None:
-        return t
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-
-
 class GatedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: Optional[Tensor],
                 act: Activation, slope: float) -> Tensor:
-        backend = _backend(x.device, x.dtype)
+        backend = backend_for(OP, x.device, x.dtype)
         h, (g, u) = _forward(backend, x, wg, wu, bg, bu, act, slope, save=True)
         ctx.backend, ctx.act, ctx.slope = backend, act, slope
         ctx.has_bg, ctx.has_bu = bg is not None, bu is not None
         # x, Wg, Wu (and the biases) are inputs: saving them copies nothing. Of the gating only
         # the two pre-activations g and u, (M, N) each.
         ctx.save_for_backward(x, wg, wu, bg, bu, g, u)
-        return _owned(h)
+        return owned(h)
 
     @staticmethod
     def backward(ctx, dh: Tensor):
@@ -195,29 +136,18 @@ def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tenso
     in x's dtype.
     """
     act = _acts.get(activation, OP)
-    x, w_gate, w_up, b_gate, b_up = _autocast(x, w_gate, w_up, b_gate, b_up)
+    x, w_gate, w_up, b_gate, b_up = _autocast.linear_inputs(x, w_gate, w_up, b_gate, b_up)
     _check(x, w_gate, w_up, b_gate, b_up)
-    slope = _check_slope(negative_slope)
+    slope = check_slope(OP, negative_slope)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered op: visible to both
         return gated_linear_op(x, w_gate, w_up, b_gate, b_up, act.name, slope)[0]
-    if _composite(x, w_gate, w_up, b_gate, b_up):
+    if composite_reason(x, w_gate, w_up, b_gate, b_up) is not None:
         return _reference(x, w_gate, w_up, b_gate, b_up, act, slope)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, w_gate, w_up, b_gate, b_up)):
         return GatedLinearFunction.apply(x, w_gate, w_up, b_gate, b_up, act, slope)
-    backend = _backend(x.device, x.dtype)
+    backend = backend_for(OP, x.device, x.dtype)
     return _forward(backend, x, w_gate, w_up, b_gate, b_up, act, slope, save=False)[0]
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _composite(*tensors: Optional[Tensor]) -> bool:
-    """Tensors whose data raw-pointer kernels must not read (fake tensors under a dispatch mode,
-    tensor subclasses, torch.func transforms' wrappers): run the PyTorch formula instead."""
-    if torch._C._functorch.peek_interpreter_stack() is not None or torch._C._len_torch_dispatch_stack():
-        return True
-    return any(t is not None and type(t) not in _PLAIN for t in tensors)
 
 
 # ----------------------------------------------------------------------------- torch.library
@@ -230,7 +160,7 @@ def gated_linear_op(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Te
                     b_up: Optional[Tensor], activation: str,
                     negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
     act = _acts.get(activation, OP)
-    backend = _backend(x.device, x.dtype)
+    backend = backend_for(OP, x.device, x.dtype)
     h, (g, u) = _forward(backend, x, w_gate, w_up, b_gate, b_up, act, negative_slope, save=True)
     shape = h.shape
     return h.contiguous(), g.view(shape).contiguous(), u.view(shape).contiguous()
@@ -248,7 +178,7 @@ def gated_linear_backward_op(dh: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor
                              need_dwu: bool, need_dbg: bool,
                              need_dbu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     act = _acts.get(activation, OP)
-    backend = _backend(dh.device, dh.dtype)
+    backend = backend_for(OP, dh.device, dh.dtype)
     needs = (need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
     grads = _backward(backend, dh, x, w_gate, w_up, g, u, act, negative_slope, needs)
     # contiguous, as the fake kernel promises
@@ -316,7 +246,7 @@ class FusedGatedMLP(torch.nn.Module):
         self.gate_proj.weight = torch.nn.Parameter(both[:intermediate_size])
         self.up_proj.weight = torch.nn.Parameter(both[intermediate_size:])
         self.activation = activation
-        self.negative_slope = _check_slope(negative_slope)
+        self.negative_slope = check_slope(OP, negative_slope)
 
     @classmethod
     def from_linears(cls, gate_proj: torch.nn.Linear, up_proj: torch.nn.Linear,
@@ -335,7 +265,7 @@ class FusedGatedMLP(torch.nn.Module):
         self.hidden_size, self.intermediate_size = gate_proj.in_features, gate_proj.out_features
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.activation = activation
-        self.negative_slope = _check_slope(negative_slope)
+        self.negative_slope = check_slope(OP, negative_slope)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
