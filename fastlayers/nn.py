@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import activations as _acts
-from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript)
+from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
 from ._dispatch import check_slope
 from .functional import linear_act, log_softmax, softmax
 
@@ -50,6 +50,21 @@ class FusedLinear(nn.Linear):
         return s
 
 
+def _softmax_forward(input: Tensor, dim: Optional[int], log: bool) -> Tensor:
+    """The forward of Softmax / LogSoftmax: the registered op under TorchScript (dim=None: torch's
+    legacy implicit dim, without the warning), else the functional op."""
+    if torch.jit.is_scripting():
+        if dim is None:
+            dim = 0 if input.dim() in (0, 1, 3) else 1
+        return torch.ops.fastlayers.softmax(input, dim, log)
+    return _eager_softmax(input, dim, log)
+
+
+@torch.jit.unused
+def _eager_softmax(input: Tensor, dim: Optional[int], log: bool) -> Tensor:
+    return (log_softmax if log else softmax)(input, dim)
+
+
 class Softmax(nn.Softmax):
     """Drop-in for nn.Softmax running fastlayers.softmax (dim=None: torch's legacy implicit dim)."""
 
@@ -57,13 +72,7 @@ class Softmax(nn.Softmax):
         super().__init__(dim=dim)
 
     def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return torch.ops.fastlayers.softmax(input, _implicit_dim(self.dim, input.dim()), False)
-        return self._eager(input)
-
-    @torch.jit.unused
-    def _eager(self, input: Tensor) -> Tensor:
-        return softmax(input, self.dim)
+        return _softmax_forward(input, self.dim, False)
 
 
 class LogSoftmax(nn.LogSoftmax):
@@ -73,17 +82,4 @@ class LogSoftmax(nn.LogSoftmax):
         super().__init__(dim=dim)
 
     def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return torch.ops.fastlayers.softmax(input, _implicit_dim(self.dim, input.dim()), True)
-        return self._eager(input)
-
-    @torch.jit.unused
-    def _eager(self, input: Tensor) -> Tensor:
-        return log_softmax(input, self.dim)
-
-
-def _implicit_dim(dim: Optional[int], ndim: int) -> int:
-    """torch's legacy choice for dim=None (TorchScript: no warning); else dim itself."""
-    if dim is not None:
-        return dim
-    return 0 if ndim in (0, 1, 3) else 1
+        return _softmax_forward(input, self.dim, True)

@@ -52,22 +52,21 @@ def backend(request):
         yield request.param
 
 
-GEMM_LOW_PRECISION_SKIP = "the Triton interpreter's bf16/fp16 tl.dot is broken: these GEMMs run on a GPU only"
+LOW_PRECISION_SKIP = ("the Triton interpreter's bf16/fp16 numerics are not a GPU's (its bf16 tl.dot "
+                      "returns garbage, its fp32 -> bf16/fp16 casts truncate): GPU only")
 
 
-def skip_low_precision_gemm(backend: str) -> None:
+def skip_low_precision(backend: str) -> None:
     """For tests whose low-precision dtype is not a `dtype` parameter (see pytest_runtest_setup)."""
     if INTERPRETED and backend == "triton":
-        pytest.skip(GEMM_LOW_PRECISION_SKIP)
+        pytest.skip(LOW_PRECISION_SKIP)
 
 
 def pytest_runtest_setup(item):
-    """Low-precision GEMMs (tests marked `gemm` with a bf16/fp16 dtype) are GPU-only for Triton:
-    the interpreter's bf16 tl.dot returns garbage (a Triton interpreter bug, not ours)."""
+    """bf16/fp16 tests of the Triton backend need a GPU (LOW_PRECISION_SKIP says why)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
-    if (INTERPRETED and params.get("backend") == "triton" and params.get("dtype") in LOW_PRECISION
-            and item.get_closest_marker("gemm")):
-        pytest.skip(GEMM_LOW_PRECISION_SKIP)
+    if INTERPRETED and params.get("backend") == "triton" and params.get("dtype") in LOW_PRECISION:
+        pytest.skip(LOW_PRECISION_SKIP)
 
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -92,6 +91,16 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, red: int, wh
                                msg=lambda m: f"{what}: {m}")
 
 
+def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, *, red: int = 1, what: str = "") -> None:
+    """fp64 / fp32 `out` against the float64 reference: fp64 within 1e-7; fp32 fp32_gemm_tol(red)."""
+    if out.dtype == torch.float64:
+        torch.testing.assert_close(out, ref64, rtol=1e-7, atol=1e-7, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    else:
+        rtol, atol = fp32_gemm_tol(red)
+        torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{what}: {m}")
+
+
 def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, *, red: int = 1,
                    what: str = "") -> None:
     """The project's tolerance rule (README, "Tolerances"), by dtype of `out`: fp64 1e-7; fp32
@@ -103,15 +112,12 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, 
     the fp32 atol. Low precision: error <= 2x PyTorch's own error vs ref64, plus a small epsilon.
     """
     assert out.dtype == eager.dtype and out.shape == eager.shape, what
-    if out.dtype == torch.float64:
-        torch.testing.assert_close(out, ref64, rtol=1e-7, atol=1e-7, equal_nan=True, msg=lambda m: f"{what}: {m}")
-    elif out.dtype == torch.float32:
-        rtol, atol = fp32_gemm_tol(red)
-        torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{what}: {m}")
+    if out.dtype in (torch.float64, torch.float32):
+        assert_close_to_ref(out, ref64, red=red, what=what)
     else:
         assert torch.equal(out.isnan(), ref64.to(out.dtype).isnan()), f"{what}: NaN pattern differs"
         ours, theirs = max_err(out, ref64), max_err(eager, ref64)
-        scale = ref64[torch.isfinite(ref64)].abs().max().item() if ref64.numel() else 0.0
+        finite = ref64[torch.isfinite(ref64)]
+        scale = finite.abs().max().item() if finite.numel() else 0.0
         eps = 2 ** -8 * scale * 0.25 + 1e-6
         assert ours <= 2 * theirs + eps, f"{what}: error {ours:.3g} > 2 x torch's {theirs:.3g} + {eps:.3g}"

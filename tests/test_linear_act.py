@@ -6,9 +6,7 @@ import torch.nn.functional as F
 import fastlayers as fl
 from fastlayers.activations import ACTIVATIONS, NAMES
 
-from conftest import FLOAT_DTYPES, assert_matches, skip_low_precision_gemm
-
-pytestmark = pytest.mark.gemm
+from conftest import FLOAT_DTYPES, assert_matches, skip_low_precision
 
 SLOPE = 0.01
 
@@ -269,7 +267,7 @@ def test_zero_features(backend, k, n):
 @pytest.mark.parametrize("lead,k,n", [((3,), 7, 5), ((33,), 65, 17), ((2, 3), 9, 6)], ids=str)
 def test_float16(backend, act, lead, k, n):
     """float16 (fp16 storage, fp32 math): the low-precision rule against float64."""
-    skip_low_precision_gemm(backend)
+    skip_low_precision(backend)
     torch.manual_seed(7)
     x = leaf(torch.randn(*lead, k, dtype=torch.float16))
     w = leaf(torch.randn(n, k, dtype=torch.float16) / k ** 0.5)

@@ -14,9 +14,9 @@ exactly one of the functional calls above (e.g. transformers' GELUActivation).
 
 The Linear becomes a FusedLinear holding the *same* Parameter objects (state_dict keys unchanged,
 optimizers keep working); an activation module becomes nn.Identity. A functional activation can
-only be removed by editing the forward: the module keeps its class, attributes and state, and gets
-an instance-level ``forward`` generated from its rewritten fx graph (it reads the module's live
-children, and survives deepcopy and pickling) -- only when the traced forward read no Python state
+only be removed by editing the forward: the module keeps its attributes and state and becomes an
+instance of a generated subclass of its class whose ``forward`` is the rewritten fx graph's code (it
+reads the module's live children; TorchScript, deepcopy and pickling work) -- only when the traced forward read no Python state
 (instance attributes such as ``self.scale`` or ``if self.flag:``, global or closure values), which a
 trace would freeze as constants. nn.Softmax / nn.LogSoftmax become
 fastlayers.Softmax / LogSoftmax with the same dim.

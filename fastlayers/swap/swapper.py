@@ -9,7 +9,7 @@ from torch import nn
 from ..nn import FusedLinear, LogSoftmax, Softmax
 from .patterns import call_activation, describe, hooks, module_activation
 from .report import SwapReport
-from .tracing import GraphForward, trace_checked
+from .tracing import rewrite_forward, trace_checked
 
 
 def _name(path: str) -> str:
@@ -170,7 +170,7 @@ class _Swapper:
         if erased:
             graph.lint()
             code = graph.python_code("self")
-            mod.forward = GraphForward(mod, code.src, code.globals)
+            rewrite_forward(mod, code.src, code.globals)
             self.report.rewritten.append(_name(prefix))
 
     def softmaxes(self) -> None:
