@@ -19,7 +19,7 @@ usage: python scripts/compile_gate.py [--quick] [--targets 90,80] [--jobs N] [--
            [--filter SUBSTRING]
   --quick   a subset for CI: sm_90 only; per GEMM class the largest config with the heaviest
             fused epilogue and the largest plain config, every split-K config, the reductions and
-            three softmax plans (about a minute on 2 cores).
+            three softmax plans (50 kernels, 42-48 s on the shared 2-core machine).
   --out     write the markdown table there (bench/results/sm90-compile.md for the full run).
 Run from the repository root.
 """
