@@ -2,6 +2,8 @@
 #
 #   make bench   set up, run the CPU benchmark suite, print the comparison table (+ chart, JSON)
 #   make test    set up, run the test suite
+#   make fuzz    the property-based differential tests for FUZZ_MINUTES (default 20), random seeds;
+#                failures saved under fuzz-failures/
 #
 # Set-up creates .venv (with --system-site-packages, so an installed torch, e.g. a machine's CUDA
 # build, is kept), installs what is missing (torch==2.13.0 only when no torch imports; triton
@@ -28,10 +30,22 @@ endif
 EXT     := fastlayers/.built-ext
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py
 
-.PHONY: test bench build setup clean
+FUZZ_MINUTES ?= 20
+
+.PHONY: test bench bench-quick fuzz build setup clean
 
 test: build
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+fuzz: build
+	$(PY) scripts/fuzz.py --minutes $(FUZZ_MINUTES)
+
+# A few shapes with few rounds (numbers mean nothing): proves the benchmark suite runs; CI runs it.
+bench-quick: build
+	@mkdir -p bench/results
+	FASTLAYERS_BENCH_QUICK=1 $(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py -q \
+		-p no:cacheprovider --benchmark-json=bench/results/quick.json $(PYTEST_ARGS)
+	$(PY) bench/report.py bench/results/quick.json --no-png
 
 bench: build
 	@mkdir -p bench/results
@@ -51,7 +65,7 @@ $(VENV)/.fastlayers-setup: Makefile pyproject.toml
 	@$(BASE_PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "fastlayers needs Python >= 3.10"'
 	test -x $(VENV)/bin/python || $(BASE_PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q "pybind11>=2.10" setuptools wheel pytest pytest-benchmark numpy scikit-learn \
+	$(PY) -m pip install -q "pybind11>=2.10" setuptools wheel pytest pytest-benchmark hypothesis numpy scikit-learn \
 		matplotlib tqdm transformers
 	$(PY) -c 'import triton' 2>/dev/null || $(PY) -m pip install -q triton \
 		|| echo "fastlayers: no triton wheel for this platform; the triton backend will be unavailable"

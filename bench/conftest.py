@@ -16,10 +16,12 @@ from fastlayers import backends as _backends  # noqa: E402
 
 # ----------------------------------------------------------------------------- pytest hooks
 def pytest_configure(config):
-    # pytest-benchmark writes --benchmark-json at the end without creating its folder.
-    path = config.getoption("benchmark_json", None)
-    if path:
-        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # pytest-benchmark 4.x keeps --benchmark-json as a path and writes it at the end without
+    # creating its folder; 5.x opens the file itself while parsing options (an open file object
+    # here, its folder must already exist: the Makefile creates it).
+    target = config.getoption("benchmark_json", None)
+    if isinstance(target, (str, pathlib.PurePath)):
+        pathlib.Path(target).parent.mkdir(parents=True, exist_ok=True)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

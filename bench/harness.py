@@ -1,6 +1,6 @@
 """Timing harness for the fastlayers benchmark suite (bench/test_bench_*.py; run `pytest bench/`).
 
-Method (see ../shared/NOTES.md, "Benchmarks"): this machine is shared and noisy, so contenders are
+Method: this machine is shared and noisy, so contenders are
 never timed in separate blocks. Each pytest-benchmark round runs every contender once, one after
 the other, and we keep each contender's time for that round. A speed-up is the median over rounds
 of the per-round ratio t_baseline / t_fastlayers, which cancels most of the slow drifts that a

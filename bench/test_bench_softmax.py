@@ -2,7 +2,7 @@
 
 eager_out (forward only) is torch's kernel writing into a preallocated output: fresh allocations
 over 32 MiB are mmap'd by glibc and page-faulted on every call (4096x4096 fp32 is 64 MiB), so it
-shows how much of eager's time is the allocator rather than the kernel (see ../shared/NOTES.md).
+shows how much of eager's time is the allocator rather than the kernel.
 Inputs are not rotated: 16 MiB fits this CPU's L3, which is the in-cache case worth measuring.
 FASTLAYERS_BENCH_QUICK=1 shrinks shapes and rounds to check the suite end to end.
 """

@@ -18,7 +18,11 @@
 
 namespace fl {
 
-enum Act { NONE = 0, RELU = 1, LEAKY_RELU = 2, GELU = 3, GELU_TANH = 4, SILU = 5, SIGMOID = 6, TANH = 7 };
+enum Act { NONE = 0, RELU = 1, LEAKY_RELU = 2, GELU = 3, GELU_TANH = 4, SILU = 5, SIGMOID = 6, TANH = 7, kNumActs };
+// Names by code, as in fastlayers/activations.py: exported as _C.ACTIVATION_CODES and checked
+// against the Python table when fastlayers.backends.cpp is imported.
+inline constexpr const char* kActNames[kNumActs] = {"none", "relu", "leaky_relu", "gelu", "gelu_tanh",
+                                                    "silu", "sigmoid", "tanh"};
 
 // ----------------------------------------------------------------------------- fp32 vector math
 // exp: x = n ln2 + r, |r| <= ln2/2; e^r = 1 + r + r^2 P(r) by Horner, 6 FMAs (P: our weighted

@@ -1,20 +1,77 @@
-// pybind11 bindings of the CPU kernels over raw buffers: fastlayers.backends.cpp passes
-// tensor.data_ptr() values, sizes and a dtype code (common.h: F32, F64, BF16, F16). The module
-// does not link libtorch, so it needs no rebuild when torch changes. Validation (dtype,
-// contiguity, shapes) happens once in Python; here the GIL is released around each kernel.
+// pybind11 bindings of the CPU kernels. The module does not link libtorch (no rebuild when torch
+// changes): fastlayers.backends.cpp hands each tensor over as a buffer descriptor
+//     (data_ptr, dtype code, shape, strides)          -- see cpp.py's _buf()
+// and every entry point checks here, before any kernel runs, that each buffer is what the kernel
+// will read or write: a known dtype code (common.h), the same dtype for all buffers, the shape the
+// other arguments imply, contiguous strides, a non-null pointer when it has elements. A mismatch
+// raises ValueError naming the entry point and the argument, never an out-of-bounds access.
+// The GIL is released around each kernel.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
+#include <sstream>
 #include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
 
+#include "activations.h"
 #include "kernels.h"
 
 namespace py = pybind11;
 using namespace fl;
+
+// (data_ptr, dtype code, shape, strides in elements), as cpp.py's _buf() builds it.
+using Buf = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
+
+static std::string dims(const std::vector<int64_t>& v) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
+  s << (v.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+// Checks that `b` is a contiguous buffer of dtype `dtype` and shape `shape`; returns its pointer.
+static uintptr_t expect(const char* fn, const char* name, const Buf& b, int dtype,
+                        const std::vector<int64_t>& shape) {
+  const auto& [p, code, sh, st] = b;
+  auto fail = [&](const std::string& what) {
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": argument '" + name + "' " + what);
+  };
+  if (code != dtype) fail("has dtype code " + std::to_string(code) + ", expected " + std::to_string(dtype));
+  if (sh != shape) fail("has shape " + dims(sh) + ", expected " + dims(shape));
+  if (st.size() != sh.size()) fail("has " + std::to_string(st.size()) + " strides for " + std::to_string(sh.size()) + " dims");
+  int64_t numel = 1;
+  for (int64_t d : sh) {
+    if (d < 0) fail("has a negative size");
+    numel *= d;
+  }
+  if (numel == 0) return p;  // nothing is read or written: any strides, any pointer
+  if (p == 0) fail("is a null pointer");
+  for (int64_t i = (int64_t)sh.size() - 1, expected = 1; i >= 0; expected *= sh[i--])
+    if (sh[i] != 1 && st[i] != expected) fail("is not contiguous (strides " + dims(st) + ")");
+  return p;
+}
+
+static const std::vector<int64_t>& shape_of(const Buf& b) { return std::get<2>(b); }
+
+static int dtype_of(const char* fn, const char* name, const Buf& b, size_t ndim) {
+  int code = std::get<1>(b);
+  if (code < F32 || code > F16)
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": argument '" + name +
+                                "' has unknown dtype code " + std::to_string(code));
+  if (shape_of(b).size() != ndim)
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": argument '" + name + "' must have " +
+                                std::to_string(ndim) + " dims, got shape " + dims(shape_of(b)));
+  return code;
+}
 
 template <class F>
 static void by_dtype(int dtype, F&& f) {
@@ -27,61 +84,86 @@ static void by_dtype(int dtype, F&& f) {
   }
 }
 
+static void check_act(const char* fn, int act) {
+  if (act < 0 || act >= kNumActs)
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": unknown activation code " + std::to_string(act));
+}
+
 template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
 
   m.def("bias_act_forward",
-        [](int dtype, uintptr_t z, uintptr_t b, uintptr_t y, int64_t rows, int64_t cols, int act,
-           double slope, int nthreads) {
+        [](const Buf& z, const std::optional<Buf>& b, const Buf& y, int act, double slope, int nthreads) {
+          const char* fn = "bias_act_forward";
+          int dt = dtype_of(fn, "z", z, 2);
+          int64_t rows = shape_of(z)[0], cols = shape_of(z)[1];
+          uintptr_t pz = expect(fn, "z", z, dt, {rows, cols}), py_ = expect(fn, "y", y, dt, {rows, cols});
+          uintptr_t pb = b ? expect(fn, "b", *b, dt, {cols}) : 0;
+          check_act(fn, act);
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            bias_act_forward<T>(ptr<T>(z), ptr<const T>(b), ptr<T>(y), rows, cols, act, slope, nthreads);
+            bias_act_forward<T>(ptr<T>(pz), ptr<const T>(pb), ptr<T>(py_), rows, cols, act, slope, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("z"), py::arg("b"), py::arg("y"), py::arg("rows"), py::arg("cols"),
-        py::arg("act"), py::arg("slope"), py::arg("nthreads"),
-        "y = act(z + b) over row-major (rows, cols); in place when y == z, else z becomes z + b.");
+        py::arg("z"), py::arg("b"), py::arg("y"), py::arg("act"), py::arg("slope"), py::arg("nthreads"),
+        "y = act(z + b) over row-major (rows, cols) z; in place when y is z, else z becomes z + b.");
 
   m.def("act_grad",
-        [](int dtype, uintptr_t dy, uintptr_t s, uintptr_t dz, uintptr_t db, int64_t rows, int64_t cols,
+        [](const Buf& dy, const std::optional<Buf>& s, const std::optional<Buf>& dz, const std::optional<Buf>& db,
            int act, double slope, int nthreads) {
+          const char* fn = "act_grad";
+          int dt = dtype_of(fn, "dy", dy, 2);
+          int64_t rows = shape_of(dy)[0], cols = shape_of(dy)[1];
+          uintptr_t pdy = expect(fn, "dy", dy, dt, {rows, cols});
+          check_act(fn, act);
+          if (act != NONE && !(s && dz))
+            throw std::invalid_argument("fastlayers._C.act_grad: 'saved' and 'dz' are required for an activation");
+          uintptr_t ps = act != NONE ? expect(fn, "saved", *s, dt, {rows, cols}) : 0;
+          uintptr_t pdz = act != NONE ? expect(fn, "dz", *dz, dt, {rows, cols}) : 0;
+          uintptr_t pdb = db ? expect(fn, "db", *db, dt, {cols}) : 0;
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            act_grad<T>(ptr<const T>(dy), ptr<const T>(s), ptr<T>(dz), ptr<T>(db), rows, cols, act, slope,
-                        nthreads);
+            act_grad<T>(ptr<const T>(pdy), ptr<const T>(ps), ptr<T>(pdz), ptr<T>(pdb), rows, cols, act, slope, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("dy"), py::arg("saved"), py::arg("dz"), py::arg("db"), py::arg("rows"),
-        py::arg("cols"), py::arg("act"), py::arg("slope"), py::arg("nthreads"),
-        "dz = dy * act'(saved) and db = column sums of dz (db == 0: skipped).");
+        py::arg("dy"), py::arg("saved"), py::arg("dz"), py::arg("db"), py::arg("act"), py::arg("slope"),
+        py::arg("nthreads"),
+        "dz = dy * act'(saved) and db = column sums of dz (db None: skipped; act NONE: only db).");
 
   m.def("softmax_forward",
-        [](int dtype, uintptr_t x, uintptr_t y, int64_t outer, int64_t len, int64_t inner, bool log,
-           int nthreads) {
+        [](const Buf& x, const Buf& y, bool log, int nthreads) {
+          const char* fn = "softmax_forward";
+          int dt = dtype_of(fn, "x", x, 3);
+          const auto sh = shape_of(x);
+          uintptr_t px = expect(fn, "x", x, dt, sh), py_ = expect(fn, "y", y, dt, sh);
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            softmax_forward<T>(ptr<const T>(x), ptr<T>(y), outer, len, inner, log, nthreads);
+            softmax_forward<T>(ptr<const T>(px), ptr<T>(py_), sh[0], sh[1], sh[2], log, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("outer"), py::arg("len"), py::arg("inner"),
-        py::arg("log"), py::arg("nthreads"));
+        py::arg("x"), py::arg("y"), py::arg("log"), py::arg("nthreads"),
+        "(log_)softmax over dim 1 of a contiguous (outer, len, inner) x into y.");
 
   m.def("softmax_backward",
-        [](int dtype, uintptr_t dy, uintptr_t y, uintptr_t dx, int64_t outer, int64_t len, int64_t inner,
-           bool log, int nthreads) {
+        [](const Buf& dy, const Buf& y, const Buf& dx, bool log, int nthreads) {
+          const char* fn = "softmax_backward";
+          int dt = dtype_of(fn, "y", y, 3);
+          const auto sh = shape_of(y);
+          uintptr_t pdy = expect(fn, "dy", dy, dt, sh), py_ = expect(fn, "y", y, dt, sh);
+          uintptr_t pdx = expect(fn, "dx", dx, dt, sh);
           py::gil_scoped_release nogil;
-          by_dtype(dtype, [&](auto* tag) {
+          by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
-            softmax_backward<T>(ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), outer, len, inner, log, nthreads);
+            softmax_backward<T>(ptr<const T>(pdy), ptr<const T>(py_), ptr<T>(pdx), sh[0], sh[1], sh[2], log, nthreads);
           });
         },
-        py::arg("dtype"), py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("outer"), py::arg("len"),
-        py::arg("inner"), py::arg("log"), py::arg("nthreads"));
+        py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("log"), py::arg("nthreads"),
+        "dx from dy and the forward's output y, contiguous (outer, len, inner).");
 
   m.def("advise_hugepages",
         [](uintptr_t p, int64_t nbytes) {
@@ -98,9 +180,13 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("ptr"), py::arg("nbytes"), "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a buffer.");
 
-#ifdef _OPENMP
-  m.attr("openmp") = true;
-#else
-  m.attr("openmp") = false;
-#endif
+  // The codes this build was compiled with; fastlayers.backends.cpp checks them against
+  // fastlayers/activations.py and its dtype table at import and refuses to run on a mismatch.
+  py::dict acts;
+  for (int a = 0; a < kNumActs; ++a) acts[py::str(kActNames[a])] = a;
+  m.attr("ACTIVATION_CODES") = acts;
+  py::dict dtypes;
+  dtypes["float32"] = (int)F32; dtypes["float64"] = (int)F64; dtypes["bfloat16"] = (int)BF16; dtypes["float16"] = (int)F16;
+  m.attr("DTYPE_CODES") = dtypes;
 }
+

@@ -154,7 +154,9 @@ static void softmax_row(const T* x, T* y, typename io<T>::C* e, int64_t n, int64
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t j0 = c * kChunk, j1 = std::min(n, j0 + kChunk);
       const int64_t jfull = j0 + (j1 - j0) / W * W, t = j1 - jfull;
-      const C f = sc[c] == 0 && big_m != ninf ? C(0) : (C)(rescale(c) / total);
+      // A chunk of only -inf has weight 0 -- unless the row's sum is NaN (a NaN or +inf in it):
+      // then every output is NaN, like torch, and rescale / total carries the NaN.
+      const C f = sc[c] == 0 && big_m != ninf && !std::isnan(total) ? C(0) : (C)(rescale(c) / total);
       for (int64_t j = j0; j < jfull; j += W) {
         V ex;
         std::memcpy(&ex, e + j, sizeof ex);
@@ -192,7 +194,7 @@ static void softmax_backward_row(const T* dy, const T* y, T* dx, int64_t n) {
 }
 
 // ----------------------------------------------------------------------------- columns (inner > 1)
-// Columns [c0, c0 + nc) of one (len, inner) slab, nc <= kCols; each step along len is a vector.
+// Columns [c0, c0 + nc) of one (len, inner) slab, nc <= kColVecs * W; each step along len is a vector.
 constexpr int kColVecs = 4;
 
 template <class T, bool LOG>
@@ -253,18 +255,28 @@ static void softmax_backward_cols(const T* dy, const T* y, T* dx, int64_t len, i
 }
 
 // ----------------------------------------------------------------------------- entry points
-// A per-thread scratch row of at least n values, 64-byte aligned, kept between calls (OpenMP's
-// pool threads persist): no allocation, zeroing or page faults per call. Grows to the longest row
-// seen (a 1M-element fp32 row keeps 4 MB per thread).
-template <class C> static C* scratch_row(int64_t n) {
-  thread_local std::unique_ptr<C[]> buf;
-  thread_local int64_t cap = 0;
-  if (cap < n + 64 / (int64_t)sizeof(C)) {
-    cap = n + 64 / (int64_t)sizeof(C);
-    buf.reset(new C[cap]);
+// Scratch rows for the exp values of softmax_row, 64-byte aligned. Rows up to kKeptScratch elements
+// use a per-thread buffer kept between calls (OpenMP's pool threads persist: no allocation or page
+// faults per call; at most 256 KiB per thread); longer rows get a buffer of their own, freed when
+// the call ends, so one huge row does not pin its size in memory.
+constexpr int64_t kKeptScratch = 1 << 16;
+
+template <class C> struct Scratch {
+  std::unique_ptr<C[]> own;
+  C* row;
+  explicit Scratch(int64_t n) {
+    constexpr int64_t pad = 64 / (int64_t)sizeof(C);
+    C* base;
+    if (n <= kKeptScratch) {
+      thread_local std::unique_ptr<C[]> kept(new C[kKeptScratch + pad]);
+      base = kept.get();
+    } else {
+      own.reset(new C[n + pad]);
+      base = own.get();
+    }
+    row = (C*)(((uintptr_t)base + 63) & ~(uintptr_t)63);
   }
-  return (C*)(((uintptr_t)buf.get() + 63) & ~(uintptr_t)63);
-}
+};
 
 template <class T>
 void softmax_forward(const T* x, T* y, int64_t outer, int64_t len, int64_t inner, bool log, int nthreads) {
@@ -275,7 +287,8 @@ void softmax_forward(const T* x, T* y, int64_t outer, int64_t len, int64_t inner
     const bool stream = outer * len * (int64_t)sizeof(T) >= (int64_t(4) << 20) &&
                         (len * sizeof(T)) % 64 == 0 && (uintptr_t)y % 64 == 0;
     parallel_for(outer, len, nthreads, [&](int64_t r0, int64_t r1, int) {
-      C* e = log ? nullptr : scratch_row<C>(len);
+      Scratch<C> scratch(log ? 0 : len);
+      C* e = log ? nullptr : scratch.row;
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = x + r * len;
         if (log) softmax_row<T, true>(xr, y + r * len, e, len, pf_dist, stream);

@@ -25,19 +25,11 @@ import torch
 from torch import Tensor
 
 from . import activations as _acts
+from ._dispatch import (as_2d, as_3d, backend_for, check_linear, linear_forward, normalize_dim,
+                        softmax_forward)
 from .activations import SAVE_INPUT, SAVE_OUTPUT
-from ._shapes import as_2d, as_3d
-from .backends import select
 
 _EMPTY_SHAPE = (0,)
-
-
-def _backend(device: torch.device, op: str, dtype: torch.dtype):
-    # Imported lazily: functional.py imports this module.
-    from .functional import _check_backend_dtype
-    backend = select(device, op)
-    _check_backend_dtype(op, backend, dtype)
-    return backend
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -48,10 +40,10 @@ def _empty(like: Tensor) -> Tensor:
 @torch.library.custom_op("fastlayers::linear_act", mutates_args=())
 def linear_act_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                   negative_slope: float) -> Tuple[Tensor, Tensor]:
-    from .functional import _linear_forward
     act = _acts.get(activation)
-    backend = _backend(x.device, "fastlayers.linear_act", x.dtype)
-    y, saved = _linear_forward(backend, x, weight, bias, act, negative_slope, save=True)
+    check_linear("fastlayers.linear_act", x, weight, bias)  # again: TorchScript calls this op directly
+    backend = backend_for("fastlayers.linear_act", x.device, x.dtype)
+    y, saved = linear_forward(backend, x, weight, bias, act, negative_slope, save=True)
     if act.saves(negative_slope) == SAVE_INPUT:
         return y, saved.view(y.shape).contiguous()
     # A custom op's outputs may not alias each other: y itself is saved via setup_context.
@@ -70,7 +62,7 @@ def linear_act_backward_op(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor,
                            negative_slope: float, need_dx: bool, need_dw: bool,
                            need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
     act = _acts.get(activation)
-    backend = _backend(dy.device, "fastlayers.linear_act", dy.dtype)
+    backend = backend_for("fastlayers.linear_act", dy.device, dy.dtype)
     kind = act.saves(negative_slope)
     s = as_2d(saved) if kind in (SAVE_INPUT, SAVE_OUTPUT) else None
     dx, dw, db = backend.linear_act_backward(
@@ -113,7 +105,7 @@ torch.library.register_autograd("fastlayers::linear_act", _linear_act_backward,
 
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                negative_slope: float) -> Tensor:
-    """Arguments already validated by fastlayers.functional.linear_act."""
+    """Arguments already validated by fastlayers.functional.linear_act (_dispatch's checks)."""
     return linear_act_op(x, weight, bias, activation, negative_slope)[0]
 
 
@@ -124,8 +116,8 @@ def _softmax_name(log: bool) -> str:
 
 @torch.library.custom_op("fastlayers::softmax", mutates_args=())
 def softmax_op(x: Tensor, dim: int, log: bool) -> Tensor:
-    backend = _backend(x.device, _softmax_name(log), x.dtype)
-    return backend.softmax_forward(as_3d(x, dim), log).view_as(x)
+    dim = normalize_dim(_softmax_name(log), x, dim)  # TorchScript calls this op directly
+    return softmax_forward(backend_for(_softmax_name(log), x.device, x.dtype), x, dim, log)
 
 
 @softmax_op.register_fake
@@ -135,7 +127,7 @@ def _(x, dim, log):
 
 @torch.library.custom_op("fastlayers::softmax_backward", mutates_args=())
 def softmax_backward_op(dy: Tensor, y: Tensor, dim: int, log: bool) -> Tensor:
-    backend = _backend(y.device, _softmax_name(log), y.dtype)
+    backend = backend_for(_softmax_name(log), y.device, y.dtype)
     return backend.softmax_backward(as_3d(dy, dim), as_3d(y, dim), log).view_as(y)
 
 
@@ -146,7 +138,7 @@ def _(dy, y, dim, log):
 
 def _softmax_setup(ctx, inputs, output) -> None:
     _, dim, log = inputs
-    ctx.dim, ctx.log = dim, log
+    ctx.dim, ctx.log = normalize_dim(_softmax_name(log), output, dim), log
     ctx.save_for_backward(output)
 
 

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# leaky_relu's default negative_slope (F.leaky_relu's), the default of every fastlayers API.
+DEFAULT_SLOPE = 0.01
+
 # What the backward pass needs besides grad_output.
 SAVE_NOTHING = "nothing"  # act'(z) == 1
 SAVE_OUTPUT = "output"    # act' is a function of y = act(z): relu, leaky_relu (slope >= 0), sigmoid, tanh

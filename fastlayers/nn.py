@@ -1,4 +1,9 @@
-"""nn.Module drop-ins: FusedLinear (an nn.Linear), Softmax, LogSoftmax."""
+"""nn.Module drop-ins: FusedLinear (an nn.Linear), Softmax, LogSoftmax.
+
+Their forwards take `input` like torch's modules. Under torch.jit.script they call the registered
+torch.library ops (torch.ops.fastlayers.*), which TorchScript can see; in Python, the functional
+ops (the eager fast path).
+"""
 from __future__ import annotations
 
 import os
@@ -8,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from . import activations as _acts
+from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript)
+from ._dispatch import check_slope
 from .backends import select
 from .functional import linear_act, log_softmax, softmax
 
@@ -20,23 +27,32 @@ class FusedLinear(nn.Linear):
     an ``nn.Linear`` loads into it and back.
     """
 
+    __jit_ignored_attributes__ = ["_packed"]  # the inference cache: opaque to TorchScript
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 activation: str = "relu", negative_slope: float = 0.01,
+                 activation: str = "relu", negative_slope: float = _acts.DEFAULT_SLOPE,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                  prepack: bool = True) -> None:
         _acts.get(activation, "fastlayers.FusedLinear")  # fail at construction, not at first call
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = check_slope("fastlayers.FusedLinear", negative_slope)
         self.prepack = bool(prepack)
         self._packed = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.fastlayers.linear_act(input, self.weight, self.bias, self.activation,
+                                                   self.negative_slope)[0]
+        return self._eager(input)
+
+    @torch.jit.unused
+    def _eager(self, input: Tensor) -> Tensor:
         if FAST_PATH:
-            y = self._forward_inference(x)
+            y = self._forward_inference(input)
             if y is not None:
                 return y
-        return linear_act(x, self.weight, self.bias, self.activation, self.negative_slope)
+        return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
 
     # ------------------------------------------------------------------ inference fast path
     # When no gradient is needed (torch.no_grad / inference_mode, or nothing requires grad) and
@@ -112,14 +128,29 @@ FAST_PATH = True
 PREPACK = os.environ.get("FASTLAYERS_PREPACK", "1") not in ("0", "")
 
 
+def _softmax_forward(input: Tensor, dim: Optional[int], log: bool) -> Tensor:
+    """The forward of Softmax / LogSoftmax: the registered op under TorchScript (dim=None: torch's
+    legacy implicit dim, without the warning), else the functional op."""
+    if torch.jit.is_scripting():
+        if dim is None:
+            dim = 0 if input.dim() in (0, 1, 3) else 1
+        return torch.ops.fastlayers.softmax(input, dim, log)
+    return _eager_softmax(input, dim, log)
+
+
+@torch.jit.unused
+def _eager_softmax(input: Tensor, dim: Optional[int], log: bool) -> Tensor:
+    return (log_softmax if log else softmax)(input, dim)
+
+
 class Softmax(nn.Softmax):
     """Drop-in for nn.Softmax running fastlayers.softmax (dim=None: torch's legacy implicit dim)."""
 
     def __init__(self, dim: Optional[int] = -1) -> None:
         super().__init__(dim=dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return softmax(x, self.dim)
+    def forward(self, input: Tensor) -> Tensor:
+        return _softmax_forward(input, self.dim, False)
 
 
 class LogSoftmax(nn.LogSoftmax):
@@ -128,5 +159,5 @@ class LogSoftmax(nn.LogSoftmax):
     def __init__(self, dim: Optional[int] = -1) -> None:
         super().__init__(dim=dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return log_softmax(x, self.dim)
+    def forward(self, input: Tensor) -> Tensor:
+        return _softmax_forward(input, self.dim, True)

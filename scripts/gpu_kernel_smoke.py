@@ -1,5 +1,5 @@
 """Calls every Triton kernel once, forward and backward, on CUDA: the script to run under
-compute-sanitizer (issue 5), e.g.
+compute-sanitizer, e.g.
 
     compute-sanitizer --tool memcheck  python3 scripts/gpu_kernel_smoke.py
     compute-sanitizer --tool racecheck python3 scripts/gpu_kernel_smoke.py

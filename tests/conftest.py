@@ -12,16 +12,61 @@ import pytest  # noqa: E402
 
 import fastlayers as fl  # noqa: E402
 
-# Backends the CPU tests run on: the C++ kernels and the PyTorch reference (the oracle itself is
-# also tested, so a wrong oracle cannot hide a wrong kernel). The Triton backend has its own tests.
-CPU_BACKENDS = ["cpp", "reference"]
+# Every op test runs on every backend: the C++ kernels, the Triton kernels (Triton's interpreter on
+# CPU tensors here, real kernels on CUDA) and the PyTorch reference (the oracle itself is tested
+# too, so a wrong oracle cannot hide a wrong kernel). A backend that cannot run here is skipped
+# with its reason.
+BACKENDS = ["cpp", "reference", "triton"]
+CPU_BACKENDS = BACKENDS  # the name older test modules use
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(params=CPU_BACKENDS)
+def _skip_reason(name: str):
+    from fastlayers._errors import BackendUnavailableError
+    from fastlayers.backends import load
+    try:
+        mod = load(name)
+    except BackendUnavailableError as e:
+        return str(e)
+    return mod.unavailable_reason(torch.device("cpu"))
+
+
+def _interpreted() -> bool:
+    try:
+        from fastlayers.backends import load
+        return bool(load("triton").INTERPRETED)
+    except Exception:  # noqa: BLE001 - not installed: nothing runs interpreted
+        return False
+
+
+INTERPRETED = _interpreted()
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request):
+    why = _skip_reason(request.param)
+    if why is not None:
+        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
     with fl.use_backend(request.param):
         yield request.param
+
+
+LOW_PRECISION_SKIP = ("the Triton interpreter's bf16/fp16 numerics are not a GPU's (its bf16 tl.dot "
+                      "returns garbage, its fp32 -> bf16/fp16 casts truncate): GPU only")
+
+
+def skip_low_precision(backend: str) -> None:
+    """For tests whose low-precision dtype is not a `dtype` parameter (see pytest_runtest_setup)."""
+    if INTERPRETED and backend == "triton":
+        pytest.skip(LOW_PRECISION_SKIP)
+
+
+def pytest_runtest_setup(item):
+    """bf16/fp16 tests of the Triton backend need a GPU (LOW_PRECISION_SKIP says why)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if INTERPRETED and params.get("backend") == "triton" and params.get("dtype") in LOW_PRECISION:
+        pytest.skip(LOW_PRECISION_SKIP)
 
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -31,9 +76,26 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a - ref)[finite].abs().max().item() if finite.any() else 0.0
 
 
+def fp32_gemm_tol(red: int):
+    """(rtol, atol) for an fp32 result behind a reduction of length `red` (GEMM K) against a
+    float64 reference: assert_close's defaults, atol scaled by sqrt(red / 16)."""
+    return 1.3e-6, 1e-5 * max(1.0, red / 16) ** 0.5
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, red: int, what: str = "") -> None:
+    """Two fp32 results of the same computation that both carry fp32 rounding (a swapped model
+    against the original, a compiled graph against eager): each may be off the exact value by
+    the fp32 GEMM tolerance, so they may differ by twice it."""
+    rtol, atol = fp32_gemm_tol(red)
+    torch.testing.assert_close(actual, expected, rtol=2 * rtol, atol=2 * atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, *, red: int = 1,
                    what: str = "") -> None:
-    """Tolerances of shared/NOTES.md, by dtype of `out`.
+    """The project's tolerance rule (README, "Tolerances"), by dtype of `out`: fp64 1e-7; fp32
+    assert_close's defaults with atol scaled by sqrt(red / 16); fp16/bf16 at most twice PyTorch's
+    own error against the float64 reference, plus a small epsilon.
 
     ref64: the float64 PyTorch result from the same (rounded) inputs; eager: PyTorch's own result
     in out's dtype. red: the length of the longest reduction behind a value (GEMM K), which scales
@@ -43,12 +105,13 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, 
     if out.dtype == torch.float64:
         torch.testing.assert_close(out, ref64, rtol=1e-7, atol=1e-7, equal_nan=True, msg=lambda m: f"{what}: {m}")
     elif out.dtype == torch.float32:
-        atol = 1e-5 * max(1.0, red / 16) ** 0.5
-        torch.testing.assert_close(out.double(), ref64, rtol=1.3e-6, atol=atol, equal_nan=True,
+        rtol, atol = fp32_gemm_tol(red)
+        torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=atol, equal_nan=True,
                                    msg=lambda m: f"{what}: {m}")
     else:
         assert torch.equal(out.isnan(), ref64.to(out.dtype).isnan()), f"{what}: NaN pattern differs"
         ours, theirs = max_err(out, ref64), max_err(eager, ref64)
-        scale = ref64[torch.isfinite(ref64)].abs().max().item() if ref64.numel() else 0.0
+        finite = ref64[torch.isfinite(ref64)]
+        scale = finite.abs().max().item() if finite.numel() else 0.0
         eps = 2 ** -8 * scale * 0.25 + 1e-6
         assert ours <= 2 * theirs + eps, f"{what}: error {ours:.3g} > 2 x torch's {theirs:.3g} + {eps:.3g}"

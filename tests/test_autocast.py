@@ -1,4 +1,4 @@
-"""Autocast (issue 4, point 3): FusedLinear behaves like nn.Linear + activation (autocast dtype
+"""Autocast: FusedLinear behaves like nn.Linear + activation (autocast dtype
 out, low-precision GEMM, fp32 parameter gradients); fl.softmax/log_softmax follow PyTorch's
 autocast policy for softmax (compared with torch's own ops, so a policy change shows up here)."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ from torch import nn
 
 import fastlayers as fl
 from fastlayers.activations import NAMES
+from conftest import skip_low_precision
 from integration_helpers import backend_skip_reason
 
 K, N = 48, 24
@@ -60,6 +61,7 @@ def _check_linear(act: str, device: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("act", NAMES)
 def test_fused_linear_cpu_bf16(backend, act):
+    skip_low_precision(backend)
     _check_linear(act, "cpu", torch.bfloat16)
 
 
@@ -93,6 +95,7 @@ def test_float64_is_not_cast(backend):
 
 
 def test_autocast_under_compile(backend):
+    skip_low_precision(backend)
     fused, plain = _pair("silu", "cpu")
     torch._dynamo.reset()
     compiled = torch.compile(nn.Sequential(fused, fl.Softmax(-1)), fullgraph=True)

@@ -1,4 +1,4 @@
-"""torch.compile (issue 4, point 2): fastlayers models compile with fullgraph=True and zero graph
+"""torch.compile: fastlayers models compile with fullgraph=True and zero graph
 breaks, give eager's results forward and backward; every registered op passes opcheck; eager
 calls do not go through the registered ops."""
 from __future__ import annotations

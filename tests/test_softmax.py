@@ -141,7 +141,7 @@ def test_threads_agree(backend):
     x = torch.randn(64, 2048)
     n = torch.get_num_threads()
     outs = []
-    for t in (1, n):
+    for t in (1, max(n, 3)):  # >= 3 threads even on a 1-core machine, or this compares 1 with 1
         torch.set_num_threads(t)
         try:
             outs.append((fl.softmax(x, 1), fl.log_softmax(x, 0)))

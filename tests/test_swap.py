@@ -1,4 +1,4 @@
-"""fastlayers.swap (issue 4, point 1): what gets fused, what is left and why, and that the swapped
+"""fastlayers.swap: what gets fused, what is left and why, and that the swapped
 model is the same model: outputs, gradients, state_dict keys, Parameter objects, save/load."""
 from __future__ import annotations
 

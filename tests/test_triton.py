@@ -9,7 +9,7 @@ Shapes straddle the block sizes the kernels use on this device: the interpreter'
 (kernels.linear_act.INTERPRETER_GEMM_CONFIG), the act-grad tile (GRAD_BLOCK_M/N) and the softmax
 single-pass boundary (kernels.softmax.single_pass_max_length).
 
-Tolerances (shared/NOTES.md): fp64 1e-7; fp32 elementwise and softmax at assert_close's defaults;
+Tolerances (tests/conftest.py): fp64 1e-7; fp32 elementwise and softmax at assert_close's defaults;
 fp32 GEMM outputs with atol scaled by sqrt(reduction length / 16); fp16/bf16 within 2x PyTorch's
 own error against a float64 reference (+ a small epsilon).
 """

@@ -20,16 +20,35 @@ except ImportError as e:  # never fall back silently to something slower
         "(or `python setup.py build_ext --inplace`, or `pip install .`)") from e
 
 NAME = "cpp"
-_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # csrc/common.h
+# dtype codes of the extension's buffers (csrc/common.h), checked against _C below.
+_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 DTYPES = frozenset(_CODES)
+
+
+def _check_codes() -> None:
+    """The extension's activation and dtype codes must be the Python tables' (one source of
+    truth: fastlayers/activations.py and _CODES above); a stale build fails loudly here."""
+    from ..activations import ACTIVATIONS
+    acts = {name: a.code for name, a in ACTIVATIONS.items()}
+    dtypes = {str(d).replace("torch.", ""): c for d, c in _CODES.items()}
+    if dict(_C.ACTIVATION_CODES) != acts or dict(_C.DTYPE_CODES) != dtypes:
+        raise ImportError(
+            "fastlayers._C was built with other activation/dtype codes than this fastlayers "
+            f"(extension: {dict(_C.ACTIVATION_CODES)}, {dict(_C.DTYPE_CODES)}; python: {acts}, "
+            f"{dtypes}); rebuild it with `make build`")
+
+
+_check_codes()
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     return None if device.type == "cpu" else "the cpp backend runs on CPU tensors only"
 
 
-def _ptr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
+def _buf(t: Optional[Tensor]):
+    """A tensor as the extension's buffer descriptor (data_ptr, dtype code, shape, strides);
+    the extension checks it against what each kernel reads (csrc/bindings.cpp)."""
+    return None if t is None else (t.data_ptr(), _CODES[t.dtype], t.shape, t.stride())
 
 
 # glibc serves allocations from 32 MiB up (its largest mmap threshold) with fresh mmaps, faulted in
@@ -243,15 +262,14 @@ def _epilogue(z: Tensor, bias: Optional[Tensor], act: Activation, slope: float,
               kind: Optional[str]) -> Tuple[Tensor, Optional[Tensor]]:
     """y = act(z + bias) by the C++ pass; z (M, N) contiguous, ours to overwrite unless kept."""
     m, n = z.shape
-    if act.code == 0 and bias is None:
+    if act.name == "none" and bias is None:
         return z, None
     if kind == SAVE_INPUT:
         y = _empty(m, n, dtype=z.dtype)  # z (+ bias) is kept for the backward, y is new
-        _C.bias_act_forward(_CODES[z.dtype], z.data_ptr(), _ptr(bias), y.data_ptr(), m, n, act.code,
-                            slope, torch.get_num_threads())
+        _C.bias_act_forward(_buf(z), _buf(bias), _buf(y), act.code, slope, torch.get_num_threads())
         return y, z
-    _C.bias_act_forward(_CODES[z.dtype], z.data_ptr(), _ptr(bias), z.data_ptr(), m, n, act.code, slope,
-                        torch.get_num_threads())  # in place
+    zb = _buf(z)
+    _C.bias_act_forward(zb, _buf(bias), zb, act.code, slope, torch.get_num_threads())  # in place
     return z, (z if kind == SAVE_OUTPUT else None)
 
 
@@ -261,15 +279,13 @@ def linear_act_backward(dy: Tensor, x: Optional[Tensor], w: Optional[Tensor], sa
     need_dx, need_dw, need_db = needs
     m, n = dy.shape
     db = torch.empty(n, dtype=dy.dtype) if need_db else None
-    if act.code == 0:
+    if act.name == "none":
         dz = dy
         if need_db:
-            _C.act_grad(_CODES[dy.dtype], dy.data_ptr(), 0, 0, db.data_ptr(), m, n, 0, slope,
-                        torch.get_num_threads())
+            _C.act_grad(_buf(dy), None, None, _buf(db), act.code, slope, torch.get_num_threads())
     else:
         dz = _empty(m, n, dtype=dy.dtype)
-        _C.act_grad(_CODES[dy.dtype], dy.data_ptr(), saved.data_ptr(), dz.data_ptr(), _ptr(db), m, n,
-                    act.code, slope, torch.get_num_threads())
+        _C.act_grad(_buf(dy), _buf(saved.contiguous()), _buf(dz), _buf(db), act.code, slope, torch.get_num_threads())
     dx = _mm(dz, w) if need_dx else None        # (M, K)
     dw = _mm(dz.t(), x) if need_dw else None    # (N, K)
     return dx, dw, db
@@ -278,16 +294,14 @@ def linear_act_backward(dy: Tensor, x: Optional[Tensor], w: Optional[Tensor], sa
 def softmax_forward(x: Tensor, log: bool) -> Tensor:
     outer, length, inner = x.shape
     y = _empty(outer, length, inner, dtype=x.dtype)
-    _C.softmax_forward(_CODES[x.dtype], x.data_ptr(), y.data_ptr(), outer, length, inner, log,
-                       torch.get_num_threads())
+    _C.softmax_forward(_buf(x), _buf(y), log, torch.get_num_threads())
     return y
 
 
 def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     outer, length, inner = y.shape
     dx = _empty(outer, length, inner, dtype=y.dtype)
-    _C.softmax_backward(_CODES[y.dtype], dy.data_ptr(), y.data_ptr(), dx.data_ptr(), outer, length, inner,
-                        log, torch.get_num_threads())
+    _C.softmax_backward(_buf(dy), _buf(y), _buf(dx), log, torch.get_num_threads())
     return dx
 
 

@@ -1,0 +1,183 @@
+"""The boundary between the public ops and the backends: argument checks, the route a call
+takes, backend choice and the 2-D / 3-D layouts of the backend contract.
+
+Imported by fastlayers/functional.py (eager autograd Functions) and fastlayers/_library.py (the
+torch.library ops used while torch.compile / jit.trace record); it imports neither.
+
+Every call takes one of two routes:
+* kernels: plain dense tensors (torch.Tensor or nn.Parameter, strided layout) on a device with a
+  backend. Their data is handed to a backend as the contract in fastlayers/backends/__init__.py
+  says: x as (M, K) or (outer, L, inner), the bias contiguous.
+* composite: tensors whose data must not or cannot be read by raw-pointer kernels -- fake tensors
+  (FakeTensorMode, torch.export), other tensor subclasses (DTensor, ...), the wrappers of
+  torch.func transforms (vmap, grad, jacrev), or any call made while a TorchDispatchMode is
+  active. These run the PyTorch reference formula (activations.py), which every such subsystem
+  understands, so the result is PyTorch's own.
+Layouts no kernel reads (sparse, mkldnn, nested) and non-float dtypes (quantized, int, complex)
+are refused with a TypeError naming the op and the argument.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from types import ModuleType
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._errors import DeviceError, DTypeError, ShapeError
+from .activations import Activation
+from .backends import select
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def check_tensor(op: str, name: str, t: object) -> Tensor:
+    """t is a dense floating-point tensor, or a TypeError names what it is instead."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{op}: expected {name} to be a dense tensor, got a nested tensor "
+                        "(not supported; unbind it or pad it first)")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: expected {name} to be a dense (strided) tensor, got layout "
+                        f"{t.layout} (not supported; convert it with .to_dense())")
+    if t.dtype not in FLOATS:
+        raise DTypeError(f"{op}: expected {name} to be a floating-point tensor "
+                         f"(float16, bfloat16, float32 or float64), got dtype {t.dtype}")
+    return t
+
+
+def check_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """x: (*, K), weight: (N, K), bias: (N,) or None; one dtype, one device."""
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight)
+    if bias is not None:
+        check_tensor(op, "bias", bias)
+    if weight.dim() != 2:
+        raise ShapeError(f"{op}: expected weight of shape (out_features, in_features), "
+                         f"got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ShapeError(f"{op}: expected x of shape (*, in_features), got a 0-d tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ShapeError(f"{op}: x has {x.shape[-1]} features in its last dim but weight of shape "
+                         f"{tuple(weight.shape)} expects {weight.shape[1]} "
+                         f"(x: {tuple(x.shape)}, weight: (out_features, in_features))")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ShapeError(f"{op}: expected bias of shape ({weight.shape[0]},) to match weight "
+                         f"{tuple(weight.shape)}, got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise DTypeError(f"{op}: expected {name} to have the same dtype as x ({x.dtype}), "
+                             f"got {t.dtype}")
+        if t.device != x.device:
+            raise DeviceError(f"{op}: expected {name} on the same device as x ({x.device}), "
+                              f"got {t.device}")
+
+
+def check_slope(op: str, negative_slope: object) -> float:
+    """leaky_relu's negative_slope: a real number (as F.leaky_relu's Number), not a bool,
+    string or tensor (a tensor slope would silently drop its autograd history)."""
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"{op}: expected negative_slope to be a real number (float or int), "
+                        f"got {type(negative_slope).__name__}")
+    return float(negative_slope)
+
+
+def normalize_dim(op: str, x: Tensor, dim: object) -> int:
+    """dim as torch.softmax takes it: an int-like (int, numpy integer, 0-d integer tensor; not a
+    bool), in [-ndim, ndim) (a 0-d tensor has one dim); returned in [0, max(ndim, 1))."""
+    if isinstance(dim, bool):
+        raise TypeError(f"{op}: expected dim to be an int, got bool")
+    try:
+        d = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"{op}: expected dim to be an int, got {type(dim).__name__}") from None
+    n = max(x.dim(), 1)
+    if not -n <= d < n:
+        raise IndexError(f"{op}: Dimension out of range (expected to be in range of "
+                         f"[{-n}, {n - 1}], but got {d})")
+    return d % n
+
+
+# ----------------------------------------------------------------------------- the route
+def composite_reason(*tensors: Optional[Tensor]) -> Optional[str]:
+    """Why these (already checked) tensors must take the composite route, or None for kernels.
+    Cost on the kernel route: a few type checks (~0.3 us)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform is active"
+    if torch._C._len_torch_dispatch_stack():
+        return "a TorchDispatchMode (e.g. FakeTensorMode) is active"
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TYPES:
+            return f"a tensor subclass ({type(t).__name__})"
+    return None
+
+
+def backend_for(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module for tensors of `device` and `dtype` (see backends.select)."""
+    backend = select(device, op)
+    if dtype not in backend.DTYPES:
+        ok = ", ".join(str(d).replace("torch.", "") for d in sorted(backend.DTYPES, key=str))
+        raise DTypeError(f"{op}: dtype {dtype} is not supported by the {backend.NAME!r} backend "
+                         f"(supported: {ok})")
+    return backend
+
+
+# ----------------------------------------------------------------------------- layouts
+def as_2d(t: Tensor) -> Tensor:
+    """(*, K) -> (M, K) with M = prod(*): a view when the leading dims allow (K may be 0)."""
+    if t.dim() == 2:
+        return t
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def as_3d(x: Tensor, dim: int) -> Tensor:
+    """(*pre, L, *post) -> (outer, L, inner) contiguous, for an op over `dim` (a 0-d x is (1, 1, 1))."""
+    x = x.contiguous()
+    if x.dim() == 0:
+        return x.view(1, 1, 1)
+    shape = x.shape
+    length, inner = shape[dim], 1
+    for s in shape[dim + 1:]:
+        inner *= s
+    n = length * inner
+    outer = x.numel() // n if n else math.prod(shape[:dim])
+    return x.view(outer, length, inner)
+
+
+def linear_forward(backend: ModuleType, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                   act: Activation, slope: float, save: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(*, K) -> (*, N) through `backend`; saved is 2-D (M, N) or None (see the contract).
+    The bias is handed over contiguous (a strided or expanded bias is copied: N elements)."""
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    n = weight.shape[0]
+    x2 = as_2d(x)  # (M, K), a view when x's leading dims are contiguous
+    y2, saved = backend.linear_act_forward(x2, weight, bias, act, slope, save)  # (M, N)
+    return (y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)), saved
+
+
+def linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation,
+                     slope: float) -> Tensor:
+    """act(F.linear(x, weight, bias)) in PyTorch ops (the composite route)."""
+    return act.ref(torch.nn.functional.linear(x, weight, bias), slope)
+
+
+def softmax_forward(backend: ModuleType, x: Tensor, dim: int, log: bool) -> Tensor:
+    """softmax over `dim` of any-shaped x through `backend`; returns a tensor shaped like x."""
+    return backend.softmax_forward(as_3d(x, dim), log).view(x.shape)
+
+
+def softmax_composite(x: Tensor, dim: int, log: bool) -> Tensor:
+    return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
+
+
+
+

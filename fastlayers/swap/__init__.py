@@ -1,0 +1,71 @@
+"""fastlayers.swap(model): fuse an existing model's Linear -> activation pairs in place.
+
+What is fused, module by module (each module's own forward is read on its own):
+
+* ``nn.Sequential`` (forward not overridden): a Linear child directly followed by an activation child.
+* any other module whose forward torch.fx can trace with its submodules as leaves: a Linear child
+  whose output goes *only* into an activation — a module child (``self.act(self.fc(x))``, the
+  Hugging Face MLP-block pattern) or a functional call (``F.relu``, ``F.gelu(approximate=...)``,
+  ``F.leaky_relu(x, slope)``, ``F.silu``, ``torch.sigmoid``, ``torch.tanh``, ``x.relu()``, ...).
+
+Recognised activation modules: nn.ReLU, nn.LeakyReLU, nn.GELU (both approximations), nn.SiLU,
+nn.Sigmoid, nn.Tanh, and any parameterless module of another library whose forward traces to
+exactly one of the functional calls above (e.g. transformers' GELUActivation).
+
+The Linear becomes a FusedLinear holding the *same* Parameter objects (state_dict keys unchanged,
+optimizers keep working); an activation module becomes nn.Identity. A functional activation can
+only be removed by editing the forward: the module keeps its class, attributes and state, and gets
+an instance-level ``forward`` generated from its rewritten fx graph (it reads the module's live
+children, and survives deepcopy and pickling) -- only when the traced forward read no Python state
+(instance attributes such as ``self.scale`` or ``if self.flag:``, global or closure values), which a
+trace would freeze as constants. nn.Softmax / nn.LogSoftmax become
+fastlayers.Softmax / LogSoftmax with the same dim.
+
+Left alone, with the reason in the report: a Linear whose output is used anywhere else (or
+returned), a Linear or activation that has hooks, is shared between modules, is called more than
+once, or is a subclass (its forward may differ); modules fx cannot trace; forwards whose traced
+graph would specialise to one path (optional arguments, ``*args``, a branch on ``self.training``).
+
+Package layout: patterns.py (what counts as an activation), tracing.py (fx tracing, the safety
+checks and the rewritten forward), swapper.py (the walk over the model), report.py (SwapReport).
+"""
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ..nn import LogSoftmax, Softmax
+from .patterns import hooks
+from .report import SwapReport
+from .swapper import _Swapper
+
+__all__ = ["swap", "SwapReport"]
+
+log = logging.getLogger("fastlayers.swap")
+
+
+def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
+    """Fuse `model`'s Linear -> activation pairs and softmax modules in place; returns `model`.
+
+    Parameters stay the same objects (state_dict keys and optimizers unchanged); outputs and
+    gradients match the original model up to floating-point rounding. The report of what was
+    fused and what was left and why is printed when `verbose` and attached as
+    ``model.fastlayers_swap_report`` (a :class:`SwapReport`). A model that *is* an nn.Softmax /
+    nn.LogSoftmax is returned replaced.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastlayers.swap: expected an nn.Module, got {type(model).__name__}")
+    if type(model) in (nn.Softmax, nn.LogSoftmax) and model.dim is not None and not hooks(model):
+        new = (Softmax if type(model) is nn.Softmax else LogSoftmax)(model.dim)
+        new.train(model.training)
+        model, report = new, SwapReport(replaced=[("<model>", f"fastlayers.{type(new).__name__}")])
+    else:
+        swapper = _Swapper(model)
+        swapper.run()
+        report = swapper.report
+    model.fastlayers_swap_report = report
+    log.info("%s", report)
+    if verbose:
+        print(report)
+    return model

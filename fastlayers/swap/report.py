@@ -1,0 +1,25 @@
+"""SwapReport: what fastlayers.swap fused, replaced and left alone (and why)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap` did; also attached to the model as ``model.fastlayers_swap_report``."""
+    fused: List[Tuple[str, str, str]] = field(default_factory=list)  # (linear, activation site, name)
+    replaced: List[Tuple[str, str]] = field(default_factory=list)     # (module path, new class)
+    left: List[Tuple[str, str]] = field(default_factory=list)         # (module path, reason)
+    rewritten: List[str] = field(default_factory=list)                # modules given a new forward
+
+    def __str__(self) -> str:
+        lines = [f"fastlayers.swap: fused {len(self.fused)} Linear+activation pair(s), "
+                 f"replaced {len(self.replaced)} softmax module(s), left {len(self.left)} alone"]
+        lines += [f"  fused     {lin} + {site} -> FusedLinear(activation={name})"
+                  for lin, site, name in self.fused]
+        lines += [f"  replaced  {path} -> {new}" for path, new in self.replaced]
+        lines += [f"  rewrote   {path}.forward (functional activations removed)"
+                  for path in self.rewritten]
+        lines += [f"  left      {path}: {why}" for path, why in self.left]
+        return "\n".join(lines)

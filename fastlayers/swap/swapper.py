@@ -1,0 +1,217 @@
+"""The swapper: walks a model's modules and fuses what the patterns recognise (see __init__)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, Iterator, Optional, Tuple
+
+from torch import nn
+
+from ..nn import FusedLinear, LogSoftmax, Softmax
+from .patterns import call_activation, describe, hooks, module_activation
+from .report import SwapReport
+from .tracing import GraphForward, trace_checked
+
+
+def _name(path: str) -> str:
+    return path or "<model>"
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _fusable_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear or (type(m) is FusedLinear and m.activation == "none")
+
+
+def _linear_problem(m: nn.Module, refs: Counter) -> Optional[str]:
+    if hooks(m):
+        return "has hooks registered (fusing would change what they see)"
+    if refs[id(m)] > 1:
+        return "the same Linear is shared by several modules"
+    return None
+
+
+def _fused_linear(lin: nn.Linear, act: str, slope: float) -> FusedLinear:
+    """A FusedLinear around the very same Parameter objects (no copy, same state_dict keys)."""
+    new = FusedLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                      activation=act, negative_slope=slope, device="meta")
+    new.weight = lin.weight
+    if lin.bias is not None:
+        new.bias = lin.bias
+    for k, v in lin.__dict__.items():  # keep user attributes (e.g. library init flags)
+        if k not in new.__dict__:
+            new.__dict__[k] = v
+    new.train(lin.training)
+    return new
+
+
+def _identity_like(m: nn.Module) -> nn.Identity:
+    new = nn.Identity()
+    new.train(m.training)
+    return new
+
+
+def _set(parent: nn.Module, rel: str, new: nn.Module) -> None:
+    owner, _, name = rel.rpartition(".")
+    setattr(parent.get_submodule(owner) if owner else parent, name, new)
+
+
+def _direct_children(mod: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
+    """Children as mod.forward calls them: through ModuleList / ModuleDict (which have no forward)."""
+    for name, child in mod._modules.items():
+        if child is None:
+            continue
+        rel = _join(prefix, name)
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield from _direct_children(child, rel)
+        else:
+            yield rel, child
+
+
+class _Swapper:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.report = SwapReport()
+        self.refs = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        self.why_left: Dict[int, str] = {}  # id(Linear) -> reason it was not fused
+        self.act_cache: Dict[int, Optional[Tuple[str, float]]] = {}
+
+    def activation_module(self, m: nn.Module) -> Tuple[Optional[Tuple[str, float]], str]:
+        act = module_activation(m, self.act_cache)
+        if act is None:
+            return None, f"not a supported activation ({type(m).__name__})"
+        if hooks(m):
+            return None, f"{type(m).__name__} has hooks registered"
+        if self.refs[id(m)] > 1:
+            return None, f"the {type(m).__name__} module is shared by several modules"
+        return act, ""
+
+    def fuse(self, parent: nn.Module, prefix: str, lin_rel: str, act: Tuple[str, float],
+             site: str, act_rel: Optional[str]) -> None:
+        lin = parent.get_submodule(lin_rel)
+        _set(parent, lin_rel, _fused_linear(lin, *act))
+        if act_rel is not None:
+            _set(parent, act_rel, _identity_like(parent.get_submodule(act_rel)))
+        self.why_left.pop(id(lin), None)
+        self.report.fused.append((_join(prefix, lin_rel), site, act[0]))
+
+    def sequential(self, seq: nn.Sequential, prefix: str) -> None:
+        names = [k for k, v in seq._modules.items() if v is not None]
+        if names and _fusable_linear(seq._modules[names[-1]]):
+            self.why_left[id(seq._modules[names[-1]])] = "last in its Sequential: its output leaves it"
+        for a, b in zip(names, names[1:]):
+            lin, nxt = seq._modules[a], seq._modules[b]
+            if not _fusable_linear(lin):
+                continue
+            why = _linear_problem(lin, self.refs)
+            act, why_act = (None, "") if why else self.activation_module(nxt)
+            if why or act is None:
+                self.why_left[id(lin)] = why or f"followed by {_join(prefix, b)}: {why_act}"
+                continue
+            self.fuse(seq, prefix, a, act, f"{_join(prefix, b)} ({type(nxt).__name__})", b)
+
+    def traced(self, mod: nn.Module, prefix: str) -> None:
+        children = dict(_direct_children(mod))
+        linears = {rel: m for rel, m in children.items() if _fusable_linear(m)}
+        if not linears:
+            return
+        graph, why, frozen = trace_checked(mod)
+        if graph is None:
+            for m in linears.values():
+                self.why_left[id(m)] = f"in {_name(prefix)}: {why}"
+            return
+        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        erased = False
+        for node in list(graph.nodes):
+            if node.op != "call_module" or node.target not in linears:
+                continue
+            lin = linears[node.target]
+            if not _fusable_linear(mod.get_submodule(node.target)):  # fused via another call
+                continue
+            why = _linear_problem(lin, self.refs)
+            if why is None and calls[node.target] > 1:
+                why = f"called {calls[node.target]} times in {type(mod).__name__}.forward"
+            users = list(node.users)
+            if why is None and len(users) != 1:
+                why = ("its output is used by " + ", ".join(describe(u) if u.op != "call_module"
+                                                             else u.target for u in users)
+                       if users else "its output is unused")
+            if why is not None:
+                self.why_left[id(lin)] = why
+                continue
+            user = users[0]
+            if user.op == "call_module":
+                act_mod = children.get(user.target)
+                if act_mod is None:
+                    self.why_left[id(lin)] = f"its output goes to {user.target}, not a direct child"
+                    continue
+                act, why_act = self.activation_module(act_mod)
+                if act is not None and (calls[user.target] > 1 or user.args != (node,) or user.kwargs):
+                    act, why_act = None, f"{user.target} is called more than once or with more arguments"
+                if act is None:
+                    self.why_left[id(lin)] = f"its output goes to {_join(prefix, user.target)}: {why_act}"
+                    continue
+                self.fuse(mod, prefix, node.target, act,
+                          f"{_join(prefix, user.target)} ({type(act_mod).__name__})", user.target)
+            else:
+                act = call_activation(user, node)
+                if act is None:
+                    self.why_left[id(lin)] = f"its output goes to {describe(user)}, not an activation"
+                    continue
+                if frozen is not None:  # removing the call means rewriting the forward
+                    self.why_left[id(lin)] = f"its output goes to {describe(user)}, but {frozen}"
+                    continue
+                site = f"{describe(user)} in {type(mod).__name__}.forward"
+                user.replace_all_uses_with(node)
+                graph.erase_node(user)
+                erased = True
+                self.fuse(mod, prefix, node.target, act, site, None)
+        if erased:
+            graph.lint()
+            code = graph.python_code("self")
+            mod.forward = GraphForward(mod, code.src, code.globals)
+            self.report.rewritten.append(_name(prefix))
+
+    def softmaxes(self) -> None:
+        done: Dict[int, nn.Module] = {}
+        for ppath, parent in list(self.model.named_modules()):
+            for name, child in list(parent._modules.items()):
+                if type(child) not in (nn.Softmax, nn.LogSoftmax):
+                    continue
+                path = _join(ppath, name)
+                if child.dim is None:
+                    self.report.left.append((path, f"{type(child).__name__}(dim=None) picks its dim "
+                                                   "from the input's rank (deprecated); not replaced"))
+                    continue
+                if hooks(child):
+                    self.report.left.append((path, f"{type(child).__name__} has hooks registered"))
+                    continue
+                new = done.get(id(child))
+                if new is None:  # a module shared by several parents stays shared
+                    new = (Softmax if type(child) is nn.Softmax else LogSoftmax)(child.dim)
+                    new.train(child.training)
+                    done[id(child)] = new
+                setattr(parent, name, new)
+                self.report.replaced.append((path, f"fastlayers.{type(new).__name__}(dim={child.dim})"))
+
+    def run(self) -> nn.Module:
+        for prefix, mod in list(self.model.named_modules()):
+            if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+                continue
+            if isinstance(mod, nn.Sequential) and type(mod).forward is nn.Sequential.forward:
+                self.sequential(mod, prefix)
+            else:
+                self.traced(mod, prefix)
+        self.softmaxes()
+        for path, m in self.model.named_modules():
+            if isinstance(m, FusedLinear) and m.activation != "none":
+                continue
+            if isinstance(m, nn.Linear):
+                why = self.why_left.get(id(m))
+                if why is None:
+                    why = (f"{type(m).__name__} is a subclass of nn.Linear (its forward may differ)"
+                           if not _fusable_linear(m) else
+                           "its output does not go straight into an activation in its parent's forward")
+                self.report.left.append((path, why))
+        return self.model

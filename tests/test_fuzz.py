@@ -1,0 +1,212 @@
+"""Property-based differential tests (hypothesis): every op x activation x backend against float64
+PyTorch on random shapes (0, 1, primes, long rows), dtypes, layouts of every tensor argument
+(contiguous, transposed, sliced, stride-0 expanded) and value classes (ordinary, tiny/subnormal,
+large, NaN and -0 sprinkled in, -inf masks for softmax), forward and backward.
+
+Profiles (HYPOTHESIS_PROFILE, or pytest --hypothesis-profile):
+    ci    (default) a bounded number of examples per test, derandomized: part of `make test`
+    fuzz  many examples, random seeds: `make fuzz` loops over seeds for FUZZ_MINUTES and saves
+          each failure's output (with its @reproduce_failure blob) under fuzz-failures/
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (make installs it)")
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastlayers as fl  # noqa: E402
+from fastlayers.activations import ACTIVATIONS, NAMES  # noqa: E402
+from conftest import assert_matches  # noqa: E402
+from integration_helpers import backend_skip_reason  # noqa: E402
+
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("fuzz", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+# Longest row the softmax fuzz draws (the interpreter's: 5000): 2^20 when fuzzing long, 2^17 in CI.
+LONGEST_ROW = 1 << 20 if PROFILE == "fuzz" else 1 << 17
+
+BACKENDS = [b for b in ("cpp", "reference", "triton") if backend_skip_reason(b) is None]
+# Interpreter programs cost ~2 ms each: triton gets small sizes; its bf16/fp16 numerics are not a
+# GPU's there (conftest.LOW_PRECISION_SKIP), so it fuzzes fp32/fp64 only.
+INTERPRETED = "triton" in BACKENDS and not torch.cuda.is_available()
+SIZES = [0, 1, 2, 3, 5, 7, 13, 16, 31, 64, 97, 127]
+SMALL = [0, 1, 2, 3, 5, 7, 13, 17, 33]
+
+
+def _count(op: str, backend: str, dtype: torch.dtype) -> None:
+    """`make fuzz` tallies the cases run per op x backend x dtype (scripts/fuzz.py)."""
+    path = os.environ.get("FASTLAYERS_FUZZ_COUNTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{op} {backend} {str(dtype).replace('torch.', '')}\n")
+
+
+# ----------------------------------------------------------------------------- strategies
+@st.composite
+def values(draw, shape, dtype, klass=None):
+    """A float64 tensor of `shape` in a value class, then rounded to dtype (so the float64
+    reference sees exactly the rounded inputs)."""
+    klass = klass or draw(st.sampled_from(["normal", "tiny", "large", "special"]))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    if klass == "tiny":
+        t = t * (1e-39 if dtype == torch.float32 else 1e-300 if dtype == torch.float64 else 1e-30)
+    elif klass == "large":
+        t = t * 30
+    elif klass == "special" and t.numel():
+        idx = torch.randint(0, t.numel(), (max(1, t.numel() // 7),), generator=g)
+        flat = t.view(-1)
+        flat[idx[::2]] = -0.0
+        flat[idx[1::2]] = math.nan
+    return t.to(dtype)
+
+
+@st.composite
+def laid_out(draw, t: torch.Tensor):
+    """The same values as `t` in another memory layout (never changes what the op computes)."""
+    kind = draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"]))
+    if kind == "transposed" and t.dim() >= 2:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if kind == "sliced" and t.dim() >= 1:
+        wide = torch.empty(*t.shape[:-1], t.shape[-1] * 2 + 1, dtype=t.dtype)
+        wide[..., 1::2] = t
+        return wide[..., 1::2]
+    if kind == "expanded" and t.dim() >= 1 and t.numel() and t.shape[0] > 1:
+        # rows all equal to the first one, as a stride-0 view
+        return t[:1].expand(t.shape)
+    return t
+
+
+def _dtypes(backend: str):
+    out = [torch.float32, torch.float64]
+    if not (backend == "triton" and INTERPRETED):
+        out += [torch.bfloat16]
+    return out
+
+
+# ----------------------------------------------------------------------------- linear + act
+@st.composite
+def linear_case(draw):
+    backend = draw(st.sampled_from(BACKENDS))
+    sizes = SMALL if backend == "triton" else SIZES
+    m, k, n = (draw(st.sampled_from(sizes)) for _ in range(3))
+    lead = draw(st.sampled_from([(m,), (1, m), (m, 1)] if m else [(m,)]))
+    dtype = draw(st.sampled_from(_dtypes(backend)))
+    act = draw(st.sampled_from(NAMES))
+    slope = draw(st.sampled_from([0.01, 0.2, 0.0, -0.3]))
+    klass = draw(st.sampled_from(["normal", "tiny", "large", "special"]))
+    # "large" pre-activations (saturating exp, tanh, erf) come from a large bias: added exactly,
+    # so the fp32 reference error stays that of an ordinary GEMM rather than K * 30 * eps.
+    x = draw(laid_out(draw(values((*lead, k), dtype, "normal" if klass == "large" else klass))))
+    w = draw(laid_out(draw(values((n, k), dtype, "normal"))))
+    b = draw(st.one_of(st.none(), values((n,), dtype, "large" if klass == "large" else "normal").flatmap(laid_out)))
+    dy = draw(laid_out(draw(values((*lead, n), dtype, "normal"))))
+    return backend, x, w, b, act, slope, dy, klass
+
+
+def _linear_ref(x, w, b, act, slope, dy, dtype):
+    xs, ws = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+    bs = None if b is None else b.detach().to(dtype).requires_grad_()
+    y = ACTIVATIONS[act].ref(F.linear(xs, ws, bs), slope)
+    y.backward(dy.to(dtype))
+    return [y.detach(), xs.grad, ws.grad] + ([] if bs is None else [bs.grad])
+
+
+@given(linear_case())
+def test_fuzz_linear_act(case):
+    backend, x, w, b, act, slope, dy, klass = case
+    _count("linear_act", backend, x.dtype)
+    inputs = [t.clone() for t in (x, w, dy)] + ([] if b is None else [b.clone()])
+    xl, wl = x.detach().requires_grad_(), w.detach().requires_grad_()
+    bl = None if b is None else b.detach().requires_grad_()
+    with fl.use_backend(backend):
+        y = fl.linear_act(xl, wl, bl, act, slope)
+        y.backward(dy)
+    outs = [y.detach(), xl.grad, wl.grad] + ([] if bl is None else [bl.grad])
+    for t, t0 in zip([x, w, dy] + ([] if b is None else [b]), inputs):  # inputs never modified
+        torch.testing.assert_close(t.detach(), t0, rtol=0, atol=0, equal_nan=True)
+    ref64, eager = _linear_ref(x, w, b, act, slope, dy, torch.float64), _linear_ref(x, w, b, act, slope, dy, x.dtype)
+    m = x.numel() // max(x.shape[-1], 1)
+    k, n = w.shape[1], w.shape[0]
+    names = ("y", "dx", "dW", "db")
+    for i, (out, r, e) in enumerate(zip(outs, ref64, eager)):
+        if klass == "special" and i > 0:  # NaN rows spread through the GEMMs of the backward
+            continue
+        assert_matches(out, r, e, red=(k, n, m, m)[i], what=f"{backend} {act} {x.dtype} {names[i]}")
+
+
+# ----------------------------------------------------------------------------- softmax
+@st.composite
+def softmax_case(draw):
+    backend = draw(st.sampled_from(BACKENDS))
+    ndim = draw(st.integers(0, 4))
+    sizes = SMALL if backend == "triton" else SIZES
+    shape = [draw(st.sampled_from(sizes)) for _ in range(ndim)]
+    dim = draw(st.integers(-max(ndim, 1), max(ndim, 1) - 1))
+    if ndim and draw(st.integers(0, 9)) == 0:  # now and then one long row
+        longest = 5000 if backend == "triton" else LONGEST_ROW
+        shape = [1] * ndim
+        shape[dim] = draw(st.sampled_from([2047, 2049, 4096 + 3, longest]))
+    dtype = draw(st.sampled_from(_dtypes(backend)))
+    klass = draw(st.sampled_from(["normal", "tiny", "large", "special", "masked"]))
+    x = draw(values(tuple(shape), dtype, "normal" if klass == "masked" else klass))
+    if klass == "masked" and x.numel():
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+        x = x.masked_fill(torch.rand(x.shape, generator=g) < 0.6, -math.inf)  # some rows all -inf
+    x = draw(laid_out(x))
+    dy = draw(laid_out(draw(values(tuple(shape), dtype, "normal"))))
+    return backend, x, dim, draw(st.booleans()), dy, klass
+
+
+@given(softmax_case())
+def test_fuzz_softmax(case):
+    backend, x, dim, log, dy, klass = case
+    _count("log_softmax" if log else "softmax", backend, x.dtype)
+    x0 = x.clone()
+    xl = x.detach().requires_grad_()
+    with fl.use_backend(backend):
+        y = (fl.log_softmax if log else fl.softmax)(xl, dim)
+        y.backward(dy)
+    torch.testing.assert_close(x, x0, rtol=0, atol=0, equal_nan=True)
+    op = torch.log_softmax if log else torch.softmax
+
+    def ref(dtype):
+        xs = x.detach().to(dtype).requires_grad_()
+        yr = op(xs, dim)
+        yr.backward(dy.to(dtype))
+        return yr.detach(), xs.grad
+
+    (y64, g64), (ye, ge) = ref(torch.float64), ref(x.dtype)
+    red = x.shape[dim] if x.dim() else 1
+    assert_matches(y.detach(), y64, ye, red=red, what=f"{backend} {op.__name__} {x.dtype} y")
+    if klass not in ("special", "masked"):  # NaN / fully -inf rows: the forward says it all
+        assert_matches(xl.grad, g64, ge, red=red, what=f"{backend} {op.__name__} {x.dtype} dx")
+
+
+# ----------------------------------------------------------------------------- bad input
+@given(st.sampled_from(BACKENDS), st.sampled_from([(3, 4), (3,), (4, 3, 2)]),
+       st.sampled_from([(5, 4), (4,), (5, 4, 1), (0, 4)]), st.sampled_from([None, (5,), (4,), (1, 5)]))
+def test_fuzz_bad_shapes_raise_clearly(backend, xs, ws, bs):
+    x, w = torch.randn(xs), torch.randn(ws)
+    b = None if bs is None else torch.randn(bs)
+    try:
+        ref = F.linear(x, w, b)
+    except RuntimeError:
+        ref = None
+    with fl.use_backend(backend):
+        if ref is None or w.dim() != 2 or (b is not None and b.dim() != 1):
+            with pytest.raises((ValueError, TypeError), match="fastlayers.linear_act: "):
+                fl.linear_act(x, w, b, "relu")
+        else:
+            torch.testing.assert_close(fl.linear_act(x, w, b, "none"), ref)
