@@ -43,13 +43,13 @@ fuzz: build
 # A few shapes with few rounds (numbers mean nothing): proves the benchmark suite runs; CI runs it.
 bench-quick: build
 	@mkdir -p bench/results
-	FASTLAYERS_BENCH_QUICK=1 $(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py -q \
+	FASTLAYERS_BENCH_QUICK=1 $(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_models.py -q \
 		-p no:cacheprovider --benchmark-json=bench/results/quick.json $(PYTEST_ARGS)
 	$(PY) bench/report.py bench/results/quick.json --no-png
 
 bench: build
 	@mkdir -p bench/results
-	$(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py -q -p no:cacheprovider \
+	$(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_models.py -q -p no:cacheprovider \
 		--benchmark-json=bench/results/cpu-latest.json $(PYTEST_ARGS)
 	$(PY) bench/report.py bench/results/cpu-latest.json
 
