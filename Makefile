@@ -12,6 +12,21 @@
 #
 #   make test PYTHON=python3   use that interpreter as it is (no venv, no installs: e.g. a GPU
 #                              machine without registry access); only builds fastlayers._C.
+#
+#   make test-triton36   (part of make test) the Triton tests (`pytest tests -k triton`: the files
+#                        test_triton*.py and every test parametrised with the triton backend) under
+#                        triton 3.6.0, the GPU machine's version, in the interpreter. triton 3.6 and
+#                        numpy < 2.4 (3.6's interpreter needs it) are installed once into .triton36/
+#                        and put first on PYTHONPATH; torch and the rest come from the main env.
+#                        Skipped (with a message) when the main env has no triton or already has
+#                        3.6, or when PYTHON= is given (no installs) and .triton36/ is missing.
+#                        Adds ~2 min to make test on the 2-core CI machine (+ a one-off 20 s install).
+#   make compile-gate    compile every Triton kernel x config x layout x dtype for sm_90 and sm_80
+#                        without a GPU and fail on spills or too much shared memory
+#                        (scripts/compile_gate.py): under triton 3.6 -> bench/results/sm90-compile.md,
+#                        under the main env's triton -> sm90-compile-triton-main.md (~25 min each on
+#                        2 cores). make test runs the --quick subset (sm_90, 50 kernels, ~1 min)
+#                        under triton 3.6.
 
 BASE_PYTHON ?= python3
 TORCH_PIN   ?= torch==2.13.0
@@ -32,10 +47,48 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py
 
 FUZZ_MINUTES ?= 20
 
-.PHONY: test bench bench-quick fuzz build setup clean
+.PHONY: test bench bench-quick fuzz build setup clean test-triton36 compile-gate compile-gate-quick
 
 test: build
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-triton36 compile-gate-quick
+
+# ----------------------------------------------------------------------------- triton 3.6 / sm_90
+TRITON36_VERSION := 3.6.0
+TRITON36_DIR     := .triton36
+TRITON36_STAMP   := $(TRITON36_DIR)/.fastlayers-$(TRITON36_VERSION)
+TRITON36_PY      := PYTHONPATH=$(CURDIR)/$(TRITON36_DIR) $(PY)
+
+test-triton36: build
+	@if ! $(PY) -c 'import triton' 2>/dev/null; then \
+		echo "test-triton36: skipped: no triton in the main environment (the triton backend is unavailable)"; \
+	elif $(PY) -c 'import triton, sys; sys.exit(triton.__version__ != "$(TRITON36_VERSION)")'; then \
+		echo "test-triton36: skipped: the main environment already runs triton $(TRITON36_VERSION)"; \
+	elif [ -n "$(strip $(PYTHON))" ] && [ ! -f $(TRITON36_STAMP) ]; then \
+		echo "test-triton36: skipped: PYTHON= given (no installs) and no $(TRITON36_DIR)/"; \
+	else \
+		$(MAKE) --no-print-directory $(TRITON36_STAMP) && \
+		$(TRITON36_PY) -c 'import triton, numpy; assert triton.__version__ == "$(TRITON36_VERSION)", triton.__file__; print("test-triton36: triton", triton.__version__, "numpy", numpy.__version__, "from", triton.__file__)' && \
+		$(TRITON36_PY) -m pytest tests -q -k triton -p no:cacheprovider; \
+	fi
+
+$(TRITON36_STAMP):
+	@rm -rf $(TRITON36_DIR)
+	$(PY) -m pip install -q --target $(TRITON36_DIR) --no-deps triton==$(TRITON36_VERSION) "numpy<2.4"
+	@touch $@
+
+# The compile gate runs with the GPU machine's triton (3.6, from .triton36/) when it is there.
+GATE_PY = $$([ -f $(TRITON36_STAMP) ] && echo PYTHONPATH=$(CURDIR)/$(TRITON36_DIR)) $(PY)
+
+compile-gate: build
+	@$(PY) -c 'import triton' 2>/dev/null || { echo "compile-gate: needs triton"; exit 1; }
+	@[ -n "$(strip $(PYTHON))" ] || $(MAKE) --no-print-directory $(TRITON36_STAMP)
+	env $(GATE_PY) scripts/compile_gate.py --out bench/results/sm90-compile.md
+	$(PY) scripts/compile_gate.py --out bench/results/sm90-compile-triton-main.md
+
+compile-gate-quick: build
+	@if $(PY) -c 'import triton' 2>/dev/null; then env $(GATE_PY) scripts/compile_gate.py --quick; \
+	else echo "compile-gate-quick: skipped: triton is not installed"; fi
 
 fuzz: build
 	$(PY) scripts/fuzz.py --minutes $(FUZZ_MINUTES)
@@ -43,13 +96,13 @@ fuzz: build
 # A few shapes with few rounds (numbers mean nothing): proves the benchmark suite runs; CI runs it.
 bench-quick: build
 	@mkdir -p bench/results
-	FASTLAYERS_BENCH_QUICK=1 $(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_models.py -q \
+	FASTLAYERS_BENCH_QUICK=1 $(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py bench/test_bench_models.py -q \
 		-p no:cacheprovider --benchmark-json=bench/results/quick.json $(PYTEST_ARGS)
 	$(PY) bench/report.py bench/results/quick.json --no-png
 
 bench: build
 	@mkdir -p bench/results
-	$(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_models.py -q -p no:cacheprovider \
+	$(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py bench/test_bench_models.py -q -p no:cacheprovider \
 		--benchmark-json=bench/results/cpu-latest.json $(PYTEST_ARGS)
 	$(PY) bench/report.py bench/results/cpu-latest.json
 
@@ -72,4 +125,4 @@ $(VENV)/.fastlayers-setup: Makefile pyproject.toml
 	@touch $@
 
 clean:
-	rm -rf build fastlayers/_C*.so $(EXT) .pytest_cache
+	rm -rf build fastlayers/_C*.so $(EXT) .pytest_cache $(TRITON36_DIR)

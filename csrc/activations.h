@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common.h"
 
@@ -18,11 +19,15 @@
 
 namespace fl {
 
-enum Act { NONE = 0, RELU = 1, LEAKY_RELU = 2, GELU = 3, GELU_TANH = 4, SILU = 5, SIGMOID = 6, TANH = 7, kNumActs };
+enum Act {
+  NONE = 0, RELU = 1, LEAKY_RELU = 2, GELU = 3, GELU_TANH = 4, SILU = 5, SIGMOID = 6, TANH = 7,
+  HARDSWISH = 8, HARDSIGMOID = 9, RELU6 = 10, QUICK_GELU = 11, MISH = 12, kNumActs
+};
 // Names by code, as in fastlayers/activations.py: exported as _C.ACTIVATION_CODES and checked
 // against the Python table when fastlayers.backends.cpp is imported.
 inline constexpr const char* kActNames[kNumActs] = {"none", "relu", "leaky_relu", "gelu", "gelu_tanh",
-                                                    "silu", "sigmoid", "tanh"};
+                                                    "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+                                                    "relu6", "quick_gelu", "mish"};
 
 // ----------------------------------------------------------------------------- fp32 vector math
 // exp: x = n ln2 + r, |r| <= ln2/2; e^r = 1 + r + r^2 P(r) by Horner, 6 FMAs (P: our weighted
@@ -183,10 +188,37 @@ static inline vd vnormcdf(vd x) {
   return per_lane(x, [](double v) { return 0.5 * std::erfc(-v * 0.70710678118654752440); });
 }
 
+// Mish: t = tanh(softplus(z)) = n / (n + 2) with n = e (e + 2), e = exp(z), since
+// tanh(log(1 + e)) = ((1 + e)^2 - 1) / ((1 + e)^2 + 1): one exp and one division, no log or tanh.
+// Above z = 20, t is 1 to within 1e-17 (and n would overflow): t = 1 there.
+// fp64 evaluates PyTorch's own formula per lane (tanh(log1p(exp(z)))).
+static inline vf vmish_t(vf z, vf* one_minus_t2) {
+  vf e = vexp(z);
+  vf n = e * (e + 2.f);
+  vf inv = 1.f / (n + 2.f);
+  vf t = z > 20.f ? splat<vf>(1.f) : n * inv;
+  if (one_minus_t2) *one_minus_t2 = z > 20.f ? vf{} : 4.f * (n + 1.f) * inv * inv;  // no 1 - t*t cancellation
+  return t;
+}
+static inline vd vmish_t(vd z, vd* one_minus_t2) {
+  vd t = per_lane(z, [](double v) { return std::tanh(std::log1p(std::exp(v))); });
+  if (one_minus_t2) *one_minus_t2 = 1.0 - t * t;
+  return t;
+}
+
 // ----------------------------------------------------------------------------- the table
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1 / sqrt(2 pi)
 constexpr double kTanhBeta = 0.79788456080286535588;    // sqrt(2 / pi)
 constexpr double kTanhKappa = 0.044715;
+constexpr double kQuickGelu = 1.702;                     // quick_gelu(z) = z sigmoid(1.702 z)
+constexpr float kOneSixthF = 1.0f / 6.0f;                // PyTorch's hardsigmoid' constant (fp32 1/6, all dtypes)
+
+// min(max(z + 3, 0), 6): NaN passes (comparisons with NaN are false), like std::max / std::min.
+template <class V, class C>
+static inline V relu6_of(V t) {
+  t = t < C(0) ? V{} : t;
+  return t > C(6) ? splat<V>(C(6)) : t;
+}
 
 // y = act(z). slope is used by LEAKY_RELU only.
 template <int ACT, class V, class C>
@@ -203,11 +235,17 @@ static inline V act_forward(V z, C slope) {
   if constexpr (ACT == SILU) return z * vrcp(C(1) + vexp(-z));
   if constexpr (ACT == SIGMOID) return vrcp(C(1) + vexp(-z));
   if constexpr (ACT == TANH) return vtanh(z);
+  if constexpr (ACT == HARDSWISH) return z * relu6_of<V, C>(z + C(3)) / C(6);  // z < -3: z * 0 = -0, like torch
+  if constexpr (ACT == HARDSIGMOID) return relu6_of<V, C>(z + C(3)) / C(6);
+  if constexpr (ACT == RELU6) return relu6_of<V, C>(z);  // keeps -0 and NaN
+  if constexpr (ACT == QUICK_GELU) return z * vrcp(C(1) + vexp(C(-kQuickGelu) * z));
+  if constexpr (ACT == MISH) return z * vmish_t(z, (V*)nullptr);
 }
 
-// dz = dy * act'(.) from `s`, the tensor the forward saved: the output y for RELU, SIGMOID, TANH
-// and LEAKY_RELU with slope >= 0; the pre-activation z for GELU, GELU_TANH, SILU and LEAKY_RELU
-// with slope < 0 (for LEAKY_RELU `s > 0` is the same test either way). PyTorch's formulas.
+// dz = dy * act'(.) from `s`, the tensor the forward saved: the output y for RELU, SIGMOID, TANH,
+// RELU6 and LEAKY_RELU with slope >= 0; the pre-activation z for GELU, GELU_TANH, SILU,
+// HARDSWISH, HARDSIGMOID, QUICK_GELU, MISH and LEAKY_RELU with slope < 0 (for LEAKY_RELU `s > 0` is
+// the same test either way; for RELU6 `0 < s < 6` too). PyTorch's formulas (vectorised CPU path).
 template <int ACT, class V, class C>
 static inline V act_backward(V dy, V s, C slope) {
   if constexpr (ACT == NONE) return dy;
@@ -231,6 +269,22 @@ static inline V act_backward(V dy, V s, C slope) {
   }
   if constexpr (ACT == SIGMOID) return dy * (C(1) - s) * s;
   if constexpr (ACT == TANH) return dy * (C(1) - s * s);
+  if constexpr (ACT == HARDSWISH) {
+    V mid = s >= C(3) ? dy : dy * (s / C(3) + C(0.5));  // NaN: dy * NaN
+    return s <= C(-3) ? V{} : mid;
+  }
+  if constexpr (ACT == HARDSIGMOID) return (s > C(-3)) & (s < C(3)) ? dy * C(kOneSixthF) : V{};
+  if constexpr (ACT == RELU6) return (s > C(0)) & (s < C(6)) ? dy : V{};  // 0 at 0, 6 and NaN
+  if constexpr (ACT == QUICK_GELU) {
+    V sg = vrcp(C(1) + vexp(C(-kQuickGelu) * s));
+    return dy * (sg + C(kQuickGelu) * s * sg * (C(1) - sg));
+  }
+  if constexpr (ACT == MISH) {
+    V omt2;
+    V t = vmish_t(s, &omt2);
+    V sg = vrcp(C(1) + vexp(-s));
+    return dy * (t + s * sg * omt2);
+  }
 }
 
 // Calls f.template operator()<ACT>() for the runtime activation code.
@@ -245,6 +299,11 @@ static void dispatch_act(int act, F&& f) {
     case SILU: f.template operator()<SILU>(); break;
     case SIGMOID: f.template operator()<SIGMOID>(); break;
     case TANH: f.template operator()<TANH>(); break;
+    case HARDSWISH: f.template operator()<HARDSWISH>(); break;
+    case HARDSIGMOID: f.template operator()<HARDSIGMOID>(); break;
+    case RELU6: f.template operator()<RELU6>(); break;
+    case QUICK_GELU: f.template operator()<QUICK_GELU>(); break;
+    case MISH: f.template operator()<MISH>(); break;
     default: throw std::invalid_argument("fastlayers._C: unknown activation code");
   }
 }

@@ -165,6 +165,104 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dy"), py::arg("y"), py::arg("dx"), py::arg("log"), py::arg("nthreads"),
         "dx from dy and the forward's output y, contiguous (outer, len, inner).");
 
+  // Gated linear unit (csrc/gated.cpp): g, u, h, dh, dg, du (rows, cols); biases and their
+  // gradients (cols,). Checked like the others: dtype, shape, contiguity, non-null pointers.
+  m.def("gated_forward",
+        [](const Buf& g, const std::optional<Buf>& bg, const Buf& u, const std::optional<Buf>& bu, const Buf& h,
+           int act, double slope, bool keep, int nthreads) {
+          const char* fn = "gated_forward";
+          int dt = dtype_of(fn, "g", g, 2);
+          int64_t rows = shape_of(g)[0], cols = shape_of(g)[1];
+          uintptr_t pg = expect(fn, "g", g, dt, {rows, cols}), pu = expect(fn, "u", u, dt, {rows, cols});
+          uintptr_t ph = expect(fn, "h", h, dt, {rows, cols});
+          uintptr_t pbg = bg ? expect(fn, "bg", *bg, dt, {cols}) : 0, pbu = bu ? expect(fn, "bu", *bu, dt, {cols}) : 0;
+          check_act(fn, act);
+          if (keep && ph == pg && rows * cols > 0)
+            throw std::invalid_argument("fastlayers._C.gated_forward: keep=True needs 'h' apart from 'g'");
+          if (pu == pg && rows * cols > 0)
+            throw std::invalid_argument("fastlayers._C.gated_forward: 'g' and 'u' must be different buffers");
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            gated_forward<T>(ptr<T>(pg), ptr<const T>(pbg), ptr<T>(pu), ptr<const T>(pbu), ptr<T>(ph), rows, cols,
+                             cols, act, slope, keep, nthreads);
+          });
+        },
+        py::arg("g"), py::arg("bg"), py::arg("u"), py::arg("bu"), py::arg("h"), py::arg("act"), py::arg("slope"),
+        py::arg("keep"), py::arg("nthreads"),
+        "h = act(g + bg) * (u + bu) over row-major (rows, cols); keep: g, u become g + bg, u + bu.");
+
+  m.def("gated_backward",
+        [](const Buf& dh, const Buf& g, const Buf& u, const Buf& dg, const Buf& du, const std::optional<Buf>& dbg,
+           const std::optional<Buf>& dbu, int act, double slope, bool from_output, int nthreads) {
+          const char* fn = "gated_backward";
+          int dt = dtype_of(fn, "dh", dh, 2);
+          int64_t rows = shape_of(dh)[0], cols = shape_of(dh)[1];
+          uintptr_t pdh = expect(fn, "dh", dh, dt, {rows, cols}), pg = expect(fn, "g", g, dt, {rows, cols});
+          uintptr_t pu = expect(fn, "u", u, dt, {rows, cols}), pdg = expect(fn, "dg", dg, dt, {rows, cols});
+          uintptr_t pdu = expect(fn, "du", du, dt, {rows, cols});
+          uintptr_t pdbg = dbg ? expect(fn, "dbg", *dbg, dt, {cols}) : 0;
+          uintptr_t pdbu = dbu ? expect(fn, "dbu", *dbu, dt, {cols}) : 0;
+          check_act(fn, act);
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            gated_backward<T>(ptr<const T>(pdh), ptr<const T>(pg), ptr<const T>(pu), ptr<T>(pdg), ptr<T>(pdu),
+                              ptr<T>(pdbg), ptr<T>(pdbu), rows, cols, cols, cols, act, slope, from_output, nthreads);
+          });
+        },
+        py::arg("dh"), py::arg("g"), py::arg("u"), py::arg("dg"), py::arg("du"), py::arg("dbg"), py::arg("dbu"),
+        py::arg("act"), py::arg("slope"), py::arg("from_output"), py::arg("nthreads"),
+        "dg = dh * u * act'(g), du = dh * act(g); dbg / dbu (None: skipped) = their column sums.");
+
+  // The same over one (rows, 2 * cols) buffer gu = [g | u] (and dgu = [dg | du]): the output of one
+  // GEMM on the stacked weights [Wg; Wu] when they lie back to back in memory.
+  m.def("gated_forward_paired",
+        [](const Buf& gu, const std::optional<Buf>& bg, const std::optional<Buf>& bu, const Buf& h, int act,
+           double slope, bool keep, int nthreads) {
+          const char* fn = "gated_forward_paired";
+          int dt = dtype_of(fn, "gu", gu, 2);
+          int64_t rows = shape_of(gu)[0], cols2 = shape_of(gu)[1], cols = cols2 / 2;
+          if (cols2 % 2) throw std::invalid_argument("fastlayers._C.gated_forward_paired: 'gu' must have an even number of columns");
+          uintptr_t pgu = expect(fn, "gu", gu, dt, {rows, cols2}), ph = expect(fn, "h", h, dt, {rows, cols});
+          uintptr_t pbg = bg ? expect(fn, "bg", *bg, dt, {cols}) : 0, pbu = bu ? expect(fn, "bu", *bu, dt, {cols}) : 0;
+          check_act(fn, act);
+          if (ph == pgu && rows * cols > 0)
+            throw std::invalid_argument("fastlayers._C.gated_forward_paired: 'h' must be apart from 'gu'");
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            T* g = ptr<T>(pgu);
+            gated_forward<T>(g, ptr<const T>(pbg), g + cols, ptr<const T>(pbu), ptr<T>(ph), rows, cols, cols2, act,
+                             slope, keep, nthreads);
+          });
+        },
+        py::arg("gu"), py::arg("bg"), py::arg("bu"), py::arg("h"), py::arg("act"), py::arg("slope"), py::arg("keep"),
+        py::arg("nthreads"), "gated_forward over gu = [g | u] (rows, 2 * cols) into h (rows, cols).");
+
+  m.def("gated_backward_paired",
+        [](const Buf& dh, const Buf& gu, const Buf& dgu, const std::optional<Buf>& dbg, const std::optional<Buf>& dbu,
+           int act, double slope, bool from_output, int nthreads) {
+          const char* fn = "gated_backward_paired";
+          int dt = dtype_of(fn, "dh", dh, 2);
+          int64_t rows = shape_of(dh)[0], cols = shape_of(dh)[1];
+          uintptr_t pdh = expect(fn, "dh", dh, dt, {rows, cols}), pgu = expect(fn, "gu", gu, dt, {rows, 2 * cols});
+          uintptr_t pdgu = expect(fn, "dgu", dgu, dt, {rows, 2 * cols});
+          uintptr_t pdbg = dbg ? expect(fn, "dbg", *dbg, dt, {cols}) : 0;
+          uintptr_t pdbu = dbu ? expect(fn, "dbu", *dbu, dt, {cols}) : 0;
+          check_act(fn, act);
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            const T* g = ptr<const T>(pgu);
+            T* dg = ptr<T>(pdgu);
+            gated_backward<T>(ptr<const T>(pdh), g, g + cols, dg, dg + cols, ptr<T>(pdbg), ptr<T>(pdbu), rows, cols,
+                              2 * cols, 2 * cols, act, slope, from_output, nthreads);
+          });
+        },
+        py::arg("dh"), py::arg("gu"), py::arg("dgu"), py::arg("dbg"), py::arg("dbu"), py::arg("act"), py::arg("slope"),
+        py::arg("from_output"), py::arg("nthreads"), "gated_backward over gu = [g | u] into dgu = [dg | du].");
+
   m.def("advise_hugepages",
         [](uintptr_t p, int64_t nbytes) {
           // Ask for transparent huge pages on the 2 MiB-aligned interior of a fresh buffer: its first

@@ -110,6 +110,35 @@ template <> inline auto hsum<vf>(vf v) {
 }
 #endif
 
+// acc[0:k] += v[0:k] in fp64 (column sums of the backward passes: bias gradients).
+static inline void add_to(double* acc, vd v, int64_t k) {
+  if (k == 8) { vd a; std::memcpy(&a, acc, sizeof a); a += v; std::memcpy(acc, &a, sizeof a); return; }
+  for (int64_t l = 0; l < k; ++l) acc[l] += v[l];
+}
+static inline void add_to(double* acc, vf v, int64_t k) {
+  typedef float vf8 __attribute__((vector_size(32)));
+  vf8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  vf8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  add_to(acc, __builtin_convertvector(lo, vd), std::min<int64_t>(k, 8));
+  if (k > 8) add_to(acc + 8, __builtin_convertvector(hi, vd), k - 8);
+}
+
+// out[j] = sum over t = 0..nt-1 of acc[t * n + j], in thread order (deterministic), rounded to T.
+template <class T>
+static void sum_thread_columns(const double* acc, int nt, int64_t n, T* out) {
+  using IO = io<T>;
+  for (int64_t j = 0; j < n; j += IO::W) {
+    int64_t k = std::min<int64_t>(IO::W, n - j);
+    typename IO::V v{};
+    for (int64_t l = 0; l < k; ++l) {
+      double total = 0;
+      for (int t = 0; t < nt; ++t) total += acc[(size_t)t * n + j + l];
+      v[l] = (typename IO::C)total;
+    }
+    store_n(out + j, v, k);
+  }
+}
+
 // Threads for a problem of n items of cost_per_item work each: min(nthreads, n * cost / grain),
 // so small problems stay on the calling thread. Also sizes per-thread scratch buffers.
 static inline int threads_for(int64_t n, int64_t cost_per_item, int nthreads) {

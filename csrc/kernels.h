@@ -28,4 +28,20 @@ template <class T>
 void softmax_backward(const T* dy, const T* y, T* dx, int64_t outer, int64_t len, int64_t inner, bool log,
                       int nthreads);
 
+// Gated linear unit, elementwise part (csrc/gated.cpp); g, u, h row-major (m, n) (g and u with row
+// stride ld), bg, bu (n,) or null.
+// h = act(g + bg) * (u + bu). keep: g and u are overwritten with g + bg and u + bu (the backward's
+// saved pre-activations); h may equal g when keep is false (in place).
+template <class T>
+void gated_forward(T* g, const T* bg, T* u, const T* bu, T* h, int64_t m, int64_t n, int64_t ld, int act,
+                   double slope, bool keep, int nthreads);
+
+// dg = dh * u * act'(g), du = dh * act(g) from the biased pre-activations g, u; dbg / dbu (if not
+// null) = column sums of dg / du; g, u have row stride ld, dg, du row stride ldd, dh is contiguous.
+// from_output: act' is evaluated from act(g) (the activations
+// whose backward reads their output) rather than from g.
+template <class T>
+void gated_backward(const T* dh, const T* g, const T* u, T* dg, T* du, T* dbg, T* dbu, int64_t m, int64_t n,
+                    int64_t ld, int64_t ldd, int act, double slope, bool from_output, int nthreads);
+
 }  // namespace fl

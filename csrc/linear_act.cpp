@@ -52,19 +52,6 @@ void bias_act_forward(T* z, const T* b, T* y, int64_t m, int64_t n, int act, dou
   });
 }
 
-// acc[0:k] += v[0:k] in fp64.
-static inline void add_to(double* acc, vd v, int64_t k) {
-  if (k == 8) { vd a; std::memcpy(&a, acc, sizeof a); a += v; std::memcpy(acc, &a, sizeof a); return; }
-  for (int64_t l = 0; l < k; ++l) acc[l] += v[l];
-}
-static inline void add_to(double* acc, vf v, int64_t k) {
-  typedef float vf8 __attribute__((vector_size(32)));
-  vf8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  vf8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  add_to(acc, __builtin_convertvector(lo, vd), std::min<int64_t>(k, 8));
-  if (k > 8) add_to(acc + 8, __builtin_convertvector(hi, vd), k - 8);
-}
-
 // Backward prologue for rows [r0, r1): dz = dy * act'(s); acc[j] += dz[r, j] in fp64.
 // Bytes: reads 2*M*N, writes M*N (dz is skipped for act NONE, where dz is dy itself).
 template <class T, int ACT>
@@ -103,18 +90,7 @@ void act_grad(const T* dy, const T* s, T* dz, T* db, int64_t m, int64_t n, int a
       act_grad_rows<T, ACT>(dy, s, dz, db ? acc.data() + (size_t)t * n : nullptr, r0, r1, n, slope);
     });
   });
-  if (!db) return;
-  using IO = io<T>;
-  for (int64_t j = 0; j < n; j += IO::W) {
-    int64_t k = std::min<int64_t>(IO::W, n - j);
-    typename IO::V v{};
-    for (int64_t l = 0; l < k; ++l) {
-      double total = 0;
-      for (int t = 0; t < nt; ++t) total += acc[(size_t)t * n + j + l];
-      v[l] = (typename IO::C)total;
-    }
-    store_n(db + j, v, k);
-  }
+  if (db) sum_thread_columns(acc.data(), nt, n, db);
 }
 
 #define FL_INSTANTIATE(T)                                                                            \

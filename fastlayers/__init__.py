@@ -9,13 +9,14 @@ from . import activations
 from ._errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
 from .backends import available_backends, use_backend
 from .functional import linear_act, log_softmax, softmax
+from .gated import FusedGatedMLP, gated_linear
 from .nn import FusedLinear, LogSoftmax, Softmax
 from .swap import SwapReport, swap
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "linear_act", "softmax", "log_softmax", "FusedLinear", "Softmax", "LogSoftmax",
+    "linear_act", "gated_linear", "softmax", "log_softmax", "FusedLinear", "FusedGatedMLP", "Softmax", "LogSoftmax",
     "available_backends", "use_backend", "activations", "swap", "SwapReport",
     "BackendUnavailableError", "DeviceError", "DTypeError", "ShapeError",
 ]

@@ -18,8 +18,10 @@ DEFAULT_SLOPE = 0.01
 
 # What the backward pass needs besides grad_output.
 SAVE_NOTHING = "nothing"  # act'(z) == 1
-SAVE_OUTPUT = "output"    # act' is a function of y = act(z): relu, leaky_relu (slope >= 0), sigmoid, tanh
-SAVE_INPUT = "input"      # act' needs the pre-activation z: gelu, gelu_tanh, silu, leaky_relu (slope < 0)
+SAVE_OUTPUT = "output"    # act' is a function of y = act(z): relu, leaky_relu (slope >= 0), sigmoid, tanh,
+                          # relu6
+SAVE_INPUT = "input"      # act' needs the pre-activation z: gelu, gelu_tanh, silu, leaky_relu (slope < 0),
+                          # hardswish, hardsigmoid, quick_gelu, mish
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,22 @@ class Activation:
         return SAVE_OUTPUT if self.saves_output else SAVE_INPUT
 
 
+class QuickGELU(torch.nn.Module):
+    """x * sigmoid(1.702 x) (CLIP's and Hugging Face's "quick_gelu"); PyTorch has no module for it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _quick_gelu(x)
+
+
+def _quick_gelu(z: Tensor) -> Tensor:
+    # Low precision is computed in fp32 and rounded once, as PyTorch's own activation kernels do
+    # for fp16 / bf16 (the three-op formula in bf16 would round 1.702 z first: 4% off at z = -20).
+    if z.dtype in (torch.float16, torch.bfloat16):
+        zf = z.float()
+        return (zf * torch.sigmoid(1.702 * zf)).to(z.dtype)
+    return z * torch.sigmoid(1.702 * z)
+
+
 def _table() -> Dict[str, Activation]:
     rows = [
         Activation("none", 0, False, lambda z, s: z, lambda s: torch.nn.Identity()),
@@ -51,6 +69,22 @@ def _table() -> Dict[str, Activation]:
         Activation("silu", 5, False, lambda z, s: F.silu(z), lambda s: torch.nn.SiLU()),
         Activation("sigmoid", 6, True, lambda z, s: torch.sigmoid(z), lambda s: torch.nn.Sigmoid()),
         Activation("tanh", 7, True, lambda z, s: torch.tanh(z), lambda s: torch.nn.Tanh()),
+        # Activations of real models (MobileNetV3, CLIP, YOLO ...). Semantics of PyTorch's CPU
+        # kernels on their vectorised path (every tensor of >= 2 vectors; ATen's scalar tail differs
+        # at NaN: hardswish'(nan) = dy and relu6'(nan) = dy there, NaN and 0 here, as vectorised):
+        #   hardswish(z)   = z * min(max(z + 3, 0), 6) / 6;  ' = 0 (z <= -3), z/3 + 1/2, 1 (z >= 3)
+        #   hardsigmoid(z) = min(max(z + 3, 0), 6) / 6;      ' = 1/6 on (-3, 3), else 0 (NaN: 0)
+        #   relu6(z)       = hardtanh(z, 0, 6) (keeps -0, NaN); ' = 1 on (0, 6), else 0 (NaN: 0)
+        #   quick_gelu(z)  = z * sigmoid(1.702 z)
+        #   mish(z)        = z * tanh(softplus(z));  ' = t + z sigmoid(z) (1 - t^2), t = tanh(softplus z)
+        # relu6 saves its output (0 < y < 6 <=> 0 < z < 6, clamping is exact); hardsigmoid cannot
+        # (z = 3 - ulp rounds to y = 1 but has slope 1/6), nor can the others.
+        Activation("hardswish", 8, False, lambda z, s: F.hardswish(z), lambda s: torch.nn.Hardswish()),
+        Activation("hardsigmoid", 9, False, lambda z, s: F.hardsigmoid(z),
+                   lambda s: torch.nn.Hardsigmoid()),
+        Activation("relu6", 10, True, lambda z, s: F.relu6(z), lambda s: torch.nn.ReLU6()),
+        Activation("quick_gelu", 11, False, lambda z, s: _quick_gelu(z), lambda s: QuickGELU()),
+        Activation("mish", 12, False, lambda z, s: F.mish(z), lambda s: torch.nn.Mish()),
     ]
     return {a.name: a for a in rows}
 

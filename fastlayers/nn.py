@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import activations as _acts
-from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript)
+from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
 from ._dispatch import check_slope
 from .backends import select
 from .functional import linear_act, log_softmax, softmax

@@ -91,6 +91,16 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, red: int, wh
                                msg=lambda m: f"{what}: {m}")
 
 
+def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, *, red: int = 1, what: str = "") -> None:
+    """fp64 / fp32 `out` against the float64 reference: fp64 within 1e-7; fp32 fp32_gemm_tol(red)."""
+    if out.dtype == torch.float64:
+        torch.testing.assert_close(out, ref64, rtol=1e-7, atol=1e-7, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    else:
+        rtol, atol = fp32_gemm_tol(red)
+        torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{what}: {m}")
+
+
 def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, *, red: int = 1,
                    what: str = "") -> None:
     """The project's tolerance rule (README, "Tolerances"), by dtype of `out`: fp64 1e-7; fp32
@@ -102,12 +112,8 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, 
     the fp32 atol. Low precision: error <= 2x PyTorch's own error vs ref64, plus a small epsilon.
     """
     assert out.dtype == eager.dtype and out.shape == eager.shape, what
-    if out.dtype == torch.float64:
-        torch.testing.assert_close(out, ref64, rtol=1e-7, atol=1e-7, equal_nan=True, msg=lambda m: f"{what}: {m}")
-    elif out.dtype == torch.float32:
-        rtol, atol = fp32_gemm_tol(red)
-        torch.testing.assert_close(out.double(), ref64, rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{what}: {m}")
+    if out.dtype in (torch.float64, torch.float32):
+        assert_close_to_ref(out, ref64, red=red, what=what)
     else:
         assert torch.equal(out.isnan(), ref64.to(out.dtype).isnan()), f"{what}: NaN pattern differs"
         ours, theirs = max_err(out, ref64), max_err(eager, ref64)

@@ -3,7 +3,6 @@ out, low-precision GEMM, fp32 parameter gradients); fl.softmax/log_softmax follo
 autocast policy for softmax (compared with torch's own ops, so a policy change shows up here)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

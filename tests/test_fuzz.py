@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (make installs it)")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastlayers as fl  # noqa: E402

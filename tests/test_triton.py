@@ -1,17 +1,14 @@
-"""The Triton backend against the `reference` backend (plain PyTorch), outputs and gradients.
+"""Triton-kernel-specific tests: the tilings and dispatch boundaries of the kernels (the op
+semantics -- every activation, layout, special value, gradcheck -- are the shared op suites', which
+run `triton` as a value of the `backend` fixture), the launcher, and the GPU-only checks.
 
 Runs on CUDA tensors when a GPU is present, else on CPU tensors through Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 before fastlayers' kernels are imported). Interpreter
 programs cost ~2 ms each, so shapes here stay small; the larger ones and the fp16/bf16 GEMMs
-(the interpreter's bf16 tl.dot is broken) are marked `gpu`.
-
-Shapes straddle the block sizes the kernels use on this device: the interpreter's GEMM tile
-(kernels.linear_act.INTERPRETER_GEMM_CONFIG), the act-grad tile (GRAD_BLOCK_M/N) and the softmax
-single-pass boundary (kernels.softmax.single_pass_max_length).
-
-Tolerances (tests/conftest.py): fp64 1e-7; fp32 elementwise and softmax at assert_close's defaults;
-fp32 GEMM outputs with atol scaled by sqrt(reduction length / 16); fp16/bf16 within 2x PyTorch's
-own error against a float64 reference (+ a small epsilon).
+are marked `gpu`. Shapes straddle the block sizes the kernels use on this device: the
+interpreter's GEMM tile (kernels.linear_act.INTERPRETER_GEMM_CONFIG), the act-grad tile and the
+softmax single-pass boundary (kernels.softmax.single_pass_max_length). Tolerances: conftest's.
+The new kernel paths (small-M, split-K, autotune switches) are in tests/test_triton_kernels.py.
 """
 import math
 import os
@@ -23,6 +20,7 @@ if not torch.cuda.is_available():  # normally done by conftest.py; harmless when
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastlayers as fl  # noqa: E402
+from conftest import assert_close_to_ref, assert_matches  # noqa: E402
 from fastlayers import activations as acts  # noqa: E402
 from fastlayers.backends import load  # noqa: E402
 
@@ -38,7 +36,8 @@ if _why is not None:
 
 # The interpreter evaluates kernels with numpy, which warns where a kernel relies on IEEE
 # overflow (exp(large) = inf, inf - inf = NaN in a fully -inf softmax row): expected here.
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+pytestmark = [pytest.mark.triton_interp,
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
 
@@ -63,16 +62,9 @@ def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
 
 
 def _close(out, ref, red=1, what=""):
-    """Tolerance by out's dtype; ref is float64 (or out's dtype). fp64: 1e-7. fp32: assert_close
-    defaults, atol scaled for a reduction of length `red` (GEMMs)."""
+    """conftest's fp32/fp64 rule against a float64 (or same-dtype) reference."""
     assert out.shape == ref.shape and ref.dtype in (out.dtype, torch.float64), what
-    if out.dtype == torch.float64:
-        rtol, atol = 1e-7, 1e-7
-    else:
-        rtol, atol = 1.3e-6, 1e-5 * math.sqrt(max(1.0, red / 16))
-    torch.testing.assert_close(out.to(ref.dtype), ref, rtol=rtol, atol=atol, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
-
+    assert_close_to_ref(out, ref.double(), red=red, what=what)
 
 
 def _linear_both(x, w, b, act, slope, dy, ref64=True):
@@ -109,14 +101,7 @@ def _check_linear(M, K, N, act, slope, dtype, bias=True, x_shape=None):
 
 
 # ----------------------------------------------------------------------------- linear + act
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
-def test_linear_act_every_activation(act, slope, dtype):
-    # Partial tiles in every dim: M, N > one tile, K > one k-step.
-    _check_linear(_BM + 7, _BK + 3, _BN + 5, act, slope, dtype)
 
-
-# Shapes (M, K, N) straddling each block size B as B-1, B, B+1 (GEMM tile, k-step, grad tile).
 _SHAPES = [(1, 1, 1), (2, 3, 5)]
 _SHAPES += [(_BM + d, _BK + d, _BN - d) for d in (-1, 0, 1)]
 _SHAPES += [(_GM + d, 7, _GN + d) for d in (-1, 0, 1)]
@@ -131,104 +116,12 @@ def test_linear_act_shapes(shape, act, dtype):
     _check_linear(M, K, N, act, 0.01, dtype)
 
 
-@pytest.mark.parametrize("act,slope", [("silu", 0.01), ("leaky_relu", -0.2), ("none", 0.01)])
-def test_linear_act_no_bias_3d(act, slope):
-    _check_linear(0, 9, 17, act, slope, torch.float32, bias=False, x_shape=(2, 5, 9))
-    _check_linear(0, 1, 1, act, slope, torch.float64, bias=False, x_shape=(1, 1, 1))
-
-
-@pytest.mark.parametrize("act", ["gelu_tanh", "relu", "none"])
-def test_linear_act_noncontiguous(act):
-    """Non-contiguous x (transposed 3-D slice), weight (a transposed view) and grad_output."""
-    K, N = 33, 70
-    x = _rand(K, 4, 2 * 9, seed=1).permute(1, 2, 0)[:, ::2, :]  # (4, 9, K), strided
-    w = _rand(K, N, scale=K ** -0.5, seed=2).t()                # (N, K), column-major
-    b = _rand(2 * N, seed=3)[::2]                                # stride 2
-    dy = _rand(N, 4, 9, seed=4).permute(1, 2, 0)                 # (4, 9, N), non-contiguous
-    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous() or dy.is_contiguous())
-    got, ref = _linear_both(x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), act, 0.01, dy)
-    for name, g, r, red in zip(("y", "dx", "dw", "db"), got, ref, (K, N, 36, 36)):
-        _close(g, r, red=red, what=name)
-
-
-@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
-                                   (False, True, True)], ids=["x", "w", "b", "wb"])
-def test_linear_act_partial_grads(needs):
-    x, w, b = _rand(40, 20, seed=1), _rand(30, 20, seed=2), _rand(30, seed=3)
-    for t, n in zip((x, w, b), needs):
-        t.requires_grad_(n)
-    got, ref = _linear_both(x, w, b, "gelu", 0.01, _rand(40, 30, seed=4))
-    for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
-        assert (g is None) == (r is None), name
-        if r is not None:
-            _close(g, r, red=40, what=name)
-
-
-def test_linear_act_inference_and_zero_sizes():
-    x, w, b = _rand(10, 6), _rand(7, 6, seed=2), _rand(7, seed=3)
-    with fl.use_backend("triton"):
-        y = fl.linear_act(x, w, b, "tanh")
-    _close(y, torch.tanh(x @ w.t() + b), red=6)
-    # K = 0 through the backend contract directly: y = act(bias), dw = 0 (x.reshape(-1, 0) in
-    # fastlayers.functional cannot flatten a (10, 0) input).
-    x, w, b = _rand(10, 0), _rand(7, 0), _rand(7, seed=3)
-    sig = acts.get("sigmoid")
-    y, saved = _tb.linear_act_forward(x, w, b, sig, 0.01, True)
-    _close(y, torch.sigmoid(b).expand(10, 7).contiguous())
-    assert saved is y
-    dy = _rand(10, 7, seed=4)
-    dx, dw, db = _tb.linear_act_backward(dy, x, w, saved, sig, 0.01, (True, True, True))
-    _close(db, (dy * y * (1 - y)).sum(0))
-    assert dx.shape == (10, 0) and dw.shape == (7, 0)
-    # N = 0 likewise (dy.reshape(-1, 0) in fastlayers.functional's backward).
-    x, w, b, dy = _rand(10, 6), _rand(0, 6), _rand(0), _rand(10, 0)
-    y, saved = _tb.linear_act_forward(x, w, b, sig, 0.01, True)
-    dx, dw, db = _tb.linear_act_backward(dy, x, w, saved, sig, 0.01, (True, True, True))
-    assert y.shape == (10, 0) and dw.shape == (0, 6) and db.shape == (0,)
-    _close(dx, torch.zeros(10, 6, device=DEVICE))
-    for M, K, N in ((0, 6, 7),):
-        x = _rand(M, K).requires_grad_()
-        w = _rand(N, K, seed=2).requires_grad_()
-        b = _rand(N, seed=3).requires_grad_()
-        got, ref = _linear_both(x, w, b, "sigmoid", 0.01, _rand(M, N, seed=4))
-        for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
-            _close(g, r, what=f"{name} {M}x{K}x{N}")
-
-
 def test_linear_act_bias_grad_is_deterministic():
     x, w, b = _rand(150, 8), _rand(200, 8, seed=2), _rand(200, seed=3).requires_grad_()
     dy = _rand(150, 200, seed=4)
     with fl.use_backend("triton"):
         runs = [torch.autograd.grad(fl.linear_act(x, w, b, "gelu"), b, dy)[0] for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
-
-
-# Special values: z = x exactly (K = 1, weight 1, no bias), so each activation sees them as is.
-_SPECIAL = [0.0, -0.0, 1e20, -1e20, 88.0, -88.0, 1.0, -1.0, 1e-30, -1e-30, float("nan")]
-_INF_LIMIT = {  # act(+inf), act(-inf): the mathematical limits (PyTorch gives NaN for some)
-    "none": (math.inf, -math.inf), "relu": (math.inf, 0.0), "gelu": (math.inf, 0.0),
-    "gelu_tanh": (math.inf, 0.0), "silu": (math.inf, 0.0), "sigmoid": (1.0, 0.0),
-    "tanh": (1.0, -1.0),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
-def test_special_values(act, slope, dtype):
-    vals = torch.tensor(_SPECIAL, dtype=dtype, device=DEVICE).view(-1, 1)
-    w = torch.ones(1, 1, dtype=dtype, device=DEVICE)
-    dy = torch.ones(len(_SPECIAL), 1, dtype=dtype, device=DEVICE)
-    got, ref = _linear_both(vals.clone().requires_grad_(), w, None, act, slope, dy, ref64=False)
-    torch.testing.assert_close(got[0], ref[0], equal_nan=True, msg=lambda m: f"y: {m}")
-    torch.testing.assert_close(got[1], ref[1], equal_nan=True, msg=lambda m: f"dx: {m}")
-    # ±inf: PyTorch's value or the mathematical limit; never anything else.
-    infs = torch.tensor([math.inf, -math.inf], dtype=dtype, device=DEVICE).view(-1, 1)
-    with fl.use_backend("triton"):
-        y = fl.linear_act(infs, w, None, act, slope).view(-1).tolist()
-    torch_y = acts.get(act).ref(infs, slope).view(-1).tolist()
-    lim = _INF_LIMIT.get(act) or (math.inf, -math.inf * slope if slope != 0 else 0.0)
-    for v, t, m in zip(y, torch_y, lim):
-        assert v == m or v == t or (math.isnan(v) and math.isnan(t)), (act, v, t, m)
 
 
 def test_leaky_relu_fp64_slope_is_exact():
@@ -238,20 +131,6 @@ def test_leaky_relu_fp64_slope_is_exact():
     with fl.use_backend("triton"):
         y = fl.linear_act(x, w, None, "leaky_relu", 0.1)
     torch.testing.assert_close(y, torch.where(x > 0, x, x * 0.1), rtol=1e-15, atol=0)
-
-
-@pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
-def test_linear_act_gradcheck(act, slope):
-    x, w, b = _rand(3, 4, dtype=torch.float64), _rand(5, 4, dtype=torch.float64, seed=2), \
-        _rand(5, dtype=torch.float64, seed=3)
-    # Away from the kinks of relu / leaky_relu at z = 0.
-    z = x @ w.t() + b
-    b = b + torch.where(z.abs().min(0).values < 0.1, 0.3, 0.0)
-    assert (x @ w.t() + b).abs().min() > 0.05
-    with fl.use_backend("triton"):
-        assert torch.autograd.gradcheck(
-            lambda x, w, b: fl.linear_act(x, w, b, act, slope),
-            (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
 
 
 # ----------------------------------------------------------------------------- softmax
@@ -296,13 +175,6 @@ def test_softmax_rows(length, log, dtype):
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("shape,dim", [((4, 7, 5), 1), ((3, 7, 2, 9), 0), ((6, 1, 3), 1),
-                                       ((5, 4), 0), ((), 0), ((0, 3), 1), ((3, 0), 1)])
-def test_softmax_dims(shape, dim, log):
-    _check_softmax(_rand(*shape, scale=2.0), dim, log, what=f"{shape} dim={dim}")
-
-
-@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("delta", [-1, 0, 1])
 def test_softmax_strided_boundary(delta, log):
     """inner > 1 (dim != -1) on both sides of its own single-pass boundary."""
@@ -323,14 +195,6 @@ def test_softmax_inf_rows(length, log):
     _check_softmax(x, -1, log, what=f"L={length}")
 
 
-def test_softmax_noncontiguous():
-    x = _rand(20, 3, 8, scale=2.0).transpose(0, 2)    # (8, 3, 20), non-contiguous
-    dy = _rand(20, 3, 8, seed=5).transpose(0, 2)
-    for dim in (0, 2, -1):
-        for log in (False, True):
-            _check_softmax(x, dim, log, dy=dy, what=f"dim={dim}")
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU (the interpreter's fp32 -> fp16/bf16 casts truncate)")
@@ -348,20 +212,7 @@ def test_softmax_low_precision(dtype, log):
 
 
 def _assert_low_precision(ours, theirs, ref64, what=""):
-    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, what
-    err = (ours.double() - ref64).abs().max().item()
-    torch_err = (theirs.double() - ref64).abs().max().item()
-    eps = 1e-6 + 2 ** -10 * ref64.abs().max().item()
-    assert err <= 2 * torch_err + eps, f"{what}: error {err:.3g} > 2 x torch's {torch_err:.3g} + {eps:.3g}"
-
-
-@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("shape,dim", [((3, 5), -1), ((2, 3, 4), 1), ((2, 3), 0)])
-def test_softmax_gradcheck(shape, dim, log):
-    x = _rand(*shape, dtype=torch.float64).requires_grad_()
-    f = fl.log_softmax if log else fl.softmax
-    with fl.use_backend("triton"):
-        assert torch.autograd.gradcheck(lambda t: f(t, dim), (x,))
+    assert_matches(ours, ref64, theirs, what=what)
 
 
 def test_softmax_gradcheck_streaming(monkeypatch):

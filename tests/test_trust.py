@@ -196,6 +196,23 @@ def test_scriptable_model_stays_scriptable_after_swap(backend):
     torch.testing.assert_close(torch.jit.script(net)(x), ref)
 
 
+def test_rewritten_forward_stays_scriptable(backend):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(F.silu(self.fc(x)))
+
+    net = Net()
+    x = torch.randn(4, 8)
+    ref = torch.jit.script(net)(x)
+    fl.swap(net)
+    assert net.fastlayers_swap_report.rewritten == ["<model>"] and net.fc.activation == "silu"
+    torch.testing.assert_close(torch.jit.script(net)(x), ref)
+
+
 @pytest.mark.parametrize("slope", ["0.5", True, None, torch.tensor(0.5, requires_grad=True), [0.1]])
 def test_negative_slope_must_be_a_number(backend, slope):
     with pytest.raises(TypeError, match="fastlayers.linear_act: expected negative_slope to be a real number"):

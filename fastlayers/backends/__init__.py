@@ -25,6 +25,13 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
         x: (outer, L, inner) contiguous, softmax over dim 1; y contiguous, same dtype.
     softmax_backward(dy, y, log) -> dx
         dy, y: (outer, L, inner) contiguous; y is the forward's output.
+    gated_forward(x, wg, wu, bg, bu, act, slope, save) -> (h, saved)
+        h = act(x @ wg.T + bg) * (x @ wu.T + bu); x: (M, K), wg / wu: (N, K) (any strides),
+        bg / bu: (N,) contiguous or None -> h: (M, N) contiguous. saved = (g, u), the biased
+        pre-activations (M, N), when save; None otherwise (work may be in place).
+    gated_backward(dh, x, wg, wu, saved, act, slope, needs) -> (dx, dwg, dwu, dbg, dbu)
+        dh: (M, N) contiguous, saved = (g, u); needs = (dx, dwg, dwu, dbg, dbu); a gradient not
+        needed is None.
 
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
 cpu -> cpp, cuda -> triton, meta -> reference (shapes only).

@@ -49,6 +49,19 @@ def act_grad(dy: Tensor, saved: Optional[Tensor], act: Activation, slope: float)
         return torch.ops.aten.sigmoid_backward(dy, saved)
     if name == "tanh":
         return torch.ops.aten.tanh_backward(dy, saved)
+    if name == "hardswish":
+        return torch.ops.aten.hardswish_backward(dy, saved)
+    if name == "hardsigmoid":
+        return torch.ops.aten.hardsigmoid_backward(dy, saved)
+    if name == "relu6":  # saved is y; 0 < y < 6 <=> 0 < z < 6
+        return torch.ops.aten.hardtanh_backward(dy, saved, 0.0, 6.0)
+    if name == "mish":
+        return torch.ops.aten.mish_backward(dy, saved)
+    if name == "quick_gelu":  # no ATen op: autograd's product rule on z * sigmoid(1.702 z), in the
+        # order autograd evaluates it (fp32 for fp16 / bf16, rounded once, like the forward)
+        z, g = (saved.float(), dy.float()) if saved.dtype in (torch.float16, torch.bfloat16) else (saved, dy)
+        s = torch.sigmoid(1.702 * z)
+        return (g * s + 1.702 * torch.ops.aten.sigmoid_backward(g * z, s)).to(dy.dtype)
     raise AssertionError(name)
 
 
@@ -69,3 +82,25 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     if log:
         return torch.ops.aten._log_softmax_backward_data(dy, y, 1, y.dtype)
     return torch.ops.aten._softmax_backward_data(dy, y, 1, y.dtype)
+
+
+# --- gated linear
+def gated_forward(x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: Optional[Tensor],
+                  act: Activation, slope: float, save: bool):
+    """h = act(x Wg^T + bg) * (x Wu^T + bu); saved = (g, u), the pre-activations (M, N)."""
+    g, u = F.linear(x, wg, bg), F.linear(x, wu, bu)  # (M, N) each
+    h = (g if act.name == "none" else act.ref(g, slope)) * u
+    return h, ((g, u) if save else None)
+
+
+def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Activation, slope: float,
+                   needs: Tuple[bool, bool, bool, bool, bool]):
+    """dg = act'(g) * (dh * u), du = dh * act(g); dx = dg Wg + du Wu, dW* = d*^T x, db* = d*.sum(0)."""
+    g, u = saved
+    a = g if act.name == "none" else act.ref(g, slope)
+    kind = act.saves(slope)
+    dg = act_grad(dh * u, a if kind == SAVE_OUTPUT else g if kind == SAVE_INPUT else None, act, slope)
+    du = dh * a
+    dx = dg @ wg + du @ wu if needs[0] else None
+    return (dx, dg.t() @ x if needs[1] else None, du.t() @ x if needs[2] else None,
+            dg.sum(0) if needs[3] else None, du.sum(0) if needs[4] else None)

@@ -14,8 +14,9 @@ linear_act backward: one elementwise launch ``dz = dy * act'(saved)`` that also 
 softmax / log_softmax: single-pass kernels for rows that fit one tile, streaming kernels (online
     max and rescaled sum, then a normalising pass) for longer rows; see kernels/softmax.py.
 
-fp32 GEMMs follow ``torch.backends.cuda.matmul.allow_tf32`` (exact fp32, input_precision="ieee",
-when it is off, as PyTorch's default). fp64 runs in fp64 throughout, GEMMs included (tl.dot
+fp32 GEMMs follow PyTorch's TF32 setting for CUDA matmuls exactly as ``torch.mm`` does (see
+``fp32_matmul_precision``: the ``fp32_precision`` API or the legacy ``allow_tf32`` flag; exact
+fp32, input_precision="ieee", when TF32 is off, as PyTorch's default). fp64 runs in fp64 throughout, GEMMs included (tl.dot
 on fp64), so gradcheck goes through these kernels.
 """
 from __future__ import annotations
@@ -36,11 +37,12 @@ except ImportError as e:  # the registry turns this into a BackendUnavailableErr
         "the 'triton' backend needs the triton package (pip install 'triton>=3.0', or "
         f"pip install 'fastlayers[triton]'); importing it failed: {e}") from e
 
-from ..activations import SAVE_INPUT, SAVE_OUTPUT, Activation
+from ..activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT, Activation
 from ..kernels import linear_act as _la
 from ..kernels import softmax as _sm
 
 NAME = "triton"
+_NONE = ACTIVATIONS["none"].code  # the identity: no epilogue, no act'
 DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 # Whether the kernels were built for the interpreter: triton reads TRITON_INTERPRET when each
@@ -99,8 +101,81 @@ def _split_slope(slope: float) -> Tuple[float, float]:
     return hi, float(torch.tensor(slope - hi, dtype=torch.float32))
 
 
+def fp32_matmul_precision() -> str:
+    """tl.dot's input_precision for fp32 CUDA GEMMs: "tf32" when PyTorch lets CUDA fp32 matmuls use
+    TF32, else "ieee". Never raises.
+
+    PyTorch has two APIs for this: ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9;
+    "tf32" / "ieee", or "none" to inherit the global ``torch.backends.fp32_precision``; the getter
+    returns the inherited value) and the legacy ``torch.backends.cuda.matmul.allow_tf32`` /
+    ``torch.set_float32_matmul_precision``. Setting the new one makes a read of the legacy flag
+    raise ("mix of legacy and new APIs"), so the new one is read first and the legacy one only
+    when the new one is absent or "none" (both unset: the legacy flag decides, default False).
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        new = getattr(matmul, "fp32_precision", None)
+    except Exception:  # noqa: BLE001 - an unexpected torch version: fall through to the legacy flag
+        new = None
+    if new == "tf32":
+        return "tf32"
+    if new == "ieee":
+        return "ieee"
+    try:
+        return "tf32" if bool(matmul.allow_tf32) else "ieee"
+    except Exception:  # noqa: BLE001 - a mixed-API state torch itself rejects: exact fp32
+        return "ieee"
+
+
+# Autotuning (see kernels/linear_act.py for the config classes). FASTLAYERS_AUTOTUNE=0 launches
+# one heuristic config per shape instead (no benchmarking: quick runs, deterministic choice).
+# During CUDA-graph capture nothing is benchmarked either: a config tuned earlier in this process
+# for the same key, else the heuristic one.
+AUTOTUNE = os.environ.get("FASTLAYERS_AUTOTUNE", "1") != "0"
+_tuned: dict = {}  # our autotuning key -> the config autotuning chose
+
+# Split-K for plain GEMMs whose output has fewer tiles than the GPU has SMs and whose reduction
+# is long (dW = dz^T @ x with M >> N x K): each split sums SPLIT_K_MIN_CHUNK or more of K.
+SPLIT_K_MIN_CHUNK = 1024
+SPLIT_K_MAX = 16
+# "SMs" of the interpreter (one program at a time): tests raise it to reach the split-K path.
+INTERPRETER_SMS = 1
+_device_facts: dict = {}
+
+
+def _device(t: Tensor) -> Tuple[int, int]:
+    """(SM count, compute capability as 10 * major + minor) of t's GPU; for the interpreter
+    (INTERPRETER_SMS, 90)."""
+    if not t.is_cuda:
+        return INTERPRETER_SMS, 90
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if idx not in _device_facts:
+        props = torch.cuda.get_device_properties(idx)
+        _device_facts[idx] = (props.multi_processor_count, 10 * props.major + props.minor)
+    return _device_facts[idx]
+
+
+def _num_sms(t: Tensor) -> int:
+    return _device(t)[0]
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no autotuning then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def split_k_count(dclass: str, M: int, N: int, K: int, sms: int) -> int:
+    """How many K ranges a plain (M, K) @ (K, N) GEMM is split into (1: no split). Depends on the
+    shape and the SM count only, so the summation order is fixed for a shape on a device."""
+    cfg = _la.SPLIT_K_CONFIG[dclass]
+    tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), K // SPLIT_K_MIN_CHUNK, SPLIT_K_MAX))
+
+
 def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
-          bias: Optional[Tensor] = None, act_code: int = 0, slope: float = 0.0) -> None:
+          bias: Optional[Tensor] = None, act_code: int = _NONE, slope: float = 0.0) -> None:
     """c = act(a @ b + bias) with z = a @ b + bias (if z is given); a: (M, K), b: (K, N),
     c and z: (M, N); any strides. All in one dtype."""
     M, K = a.shape
@@ -109,24 +184,60 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         return
     if K == 0:  # nothing to load: point the operands at c so no empty tensor is passed
         a, b = c, c.t()
-    fp64 = c.dtype == torch.float64
-    kernel = _la.gemm_kernel_fp64 if fp64 else _la.gemm_kernel
-    tf32 = (c.dtype == torch.float32 and c.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    precision = fp32_matmul_precision() if c.dtype == torch.float32 and c.is_cuda else "ieee"
+    dclass = _la.dtype_class(str(c.dtype).rsplit(".", 1)[-1], precision)
+    plain = z is None and bias is None and act_code == _NONE
     hi, lo = _split_slope(slope)
+    layout = 2 * int(a.stride(1) == 1) + int(b.stride(1) == 1)
+    meta = dict(HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
+                ACC_DTYPE=_compute_dtype(c.dtype), PRECISION=precision,
+                DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16)
+    sms, capability = _device(c)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    def args(c_arg, k_per_split=0, stride_cs=0):
+        return (a, b, c_arg, z if z is not None else c, bias if bias is not None else c,
+                M, N, K,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_arg.stride(-2), c_arg.stride(-1),
+                hi, lo, k_per_split, stride_cs,
+                _pow2(M), _pow2(N), _pow2(K), layout)
 
-    _launch(op, c, lambda: kernel[grid](
-        a, b, c, z if z is not None else c, bias if bias is not None else c,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        hi, lo,
-        _pow2(M), _pow2(N), _pow2(K),
-        HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
-        ACC_DTYPE=_compute_dtype(c.dtype), PRECISION="tf32" if tf32 else "ieee",
-        DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16,
-    ))
+    split = split_k_count(dclass, M, N, K, sms) if plain and c.is_contiguous() else 1
+    if split > 1:  # partial tiles into an fp32 / fp64 workspace, then a fixed-order sum
+        cfg = _la.SPLIT_K_CONFIG[dclass]
+        bk = cfg.kwargs["BLOCK_K"]
+        k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+        split = triton.cdiv(K, k_per_split)
+        work = torch.empty((split, M, N), device=c.device,
+                           dtype=torch.float64 if dclass == "fp64" else torch.float32)
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]), split)
+        _launch(op, c, lambda: _la.gemm_kernel[grid](
+            *args(work, k_per_split, M * N), **meta, SPLIT_K=split, **cfg.all_kwargs()))
+        _sum_rows(op, work.view(split, M * N), c.view(M * N))
+        return
+
+    configs = _la.gemm_configs(dclass, _pow2(M), plain, capability)
+    key = (dclass, plain, _pow2(M), _pow2(N), _pow2(K), layout, act_code, bias is not None,
+           z is not None, precision, c.dtype, c.device)
+    if AUTOTUNE and not _capturing(c):
+        kernel = _la.autotuned_gemm(configs)
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _launch(op, c, lambda: kernel[grid](*args(c), **meta, SPLIT_K=1))
+        _tuned[key] = kernel.best_config
+        return
+    cfg = _tuned.get(key) or _la.heuristic_config(configs, M, N, sms)
+    grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+    _launch(op, c, lambda: _la.gemm_kernel[grid](*args(c), **meta, SPLIT_K=1, **cfg.all_kwargs()))
+
+
+def _sum_rows(op: str, partial: Tensor, out: Tensor) -> None:
+    """out = partial.sum(0) in a fixed order; partial: (P, N) contiguous fp32/fp64, out: (N,)."""
+    P, N = partial.shape
+    _launch(op, out, lambda: _la.sum_rows_kernel[(triton.cdiv(N, _la.SUM_BLOCK_N),)](
+        partial, out, P, N, BLOCK_P=_la.SUM_BLOCK_P, BLOCK_N=_la.SUM_BLOCK_N,
+        num_warps=_la.SUM_NUM_WARPS))
 
 
 # ----------------------------------------------------------------------------- linear + act
@@ -155,14 +266,15 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
                        need_dz: bool, need_db: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """dz = dy * act'(saved) (when need_dz) and db = dz.sum(0) (when need_db)."""
     M, N = dy.shape
-    store_dz = need_dz and act.code != 0
+    store_dz = need_dz and act.code != _NONE
     dz = torch.empty_like(dy) if store_dz else (dy if need_dz else None)
     if not (store_dz or need_db):
         return dz, None
     compute = torch.float64 if dy.dtype == torch.float64 else torch.float32
     if M == 0 or N == 0:
         return dz, (torch.zeros(N, device=dy.device, dtype=dy.dtype) if need_db else None)
-    bm, bn = _la.GRAD_BLOCK_M, _la.GRAD_BLOCK_N
+    bm = _la.GRAD_BLOCK_M_FP64 if dy.dtype == torch.float64 else _la.GRAD_BLOCK_M
+    bn = _la.GRAD_BLOCK_N
     col_blocks = triton.cdiv(N, bn)
     row_blocks = triton.cdiv(M, bm)
     progs = min(row_blocks, max(1, _GRAD_TARGET_PROGRAMS // col_blocks))
@@ -170,7 +282,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
     progs = triton.cdiv(M, rows_per_prog)
     partial = torch.empty((progs, N), device=dy.device, dtype=compute) if need_db else dy
     hi, lo = _split_slope(slope)
-    saved_arg = saved.contiguous() if saved is not None and act.code != 0 else dy
+    saved_arg = saved.contiguous() if saved is not None and act.code != _NONE else dy
     _launch(op, dy, lambda: _la.act_grad_bias_kernel[(progs, col_blocks)](
         dy, saved_arg, dz if store_dz else dy, partial,
         M, N, rows_per_prog, hi, lo,
@@ -180,8 +292,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
     if not need_db:
         return dz, None
     db = torch.empty(N, device=dy.device, dtype=dy.dtype)
-    _launch(op, dy, lambda: _la.sum_rows_kernel[(col_blocks,)](
-        partial, db, progs, N, BLOCK_N=bn, num_warps=_la.GRAD_NUM_WARPS))
+    _sum_rows(op, partial, db)
     return dz, db
 
 
@@ -212,15 +323,15 @@ def _softmax_launch(op: str, fwd: bool, log: bool, out: Tensor, *tensors: Tensor
     rows = outer * inner
     if out.numel() == 0:
         return
-    single, block_r, block_l, warps = _sm.plan(rows, length, inner)
+    single, block_r, block_l, warps = _sm.plan(rows, length, inner, out.dtype == torch.float64)
     if fwd:
         kernel = _sm.softmax_fwd_kernel if single else _sm.softmax_fwd_streaming_kernel
     else:
         kernel = _sm.softmax_bwd_kernel if single else _sm.softmax_bwd_streaming_kernel
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (_sm.grid_size(rows, inner, block_r),)
     _launch(op, out, lambda: kernel[grid](
         *tensors, out, rows, length, inner, LOG=log, COMPUTE_DTYPE=_compute_dtype(out.dtype),
-        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
+        STRIDED=inner > 1, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
 
 
 def softmax_forward(x: Tensor, log: bool) -> Tensor:
@@ -241,3 +352,109 @@ def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     dx = torch.empty_like(y, memory_format=torch.contiguous_format)
     _softmax_launch(op, False, log, dx, dy, y)
     return dx
+
+
+# --- gated linear
+# Forward: one launch of kernels/gated.py's dual-accumulator GEMM (x read once for both products;
+# bias, activation and product in the epilogue). Backward: one elementwise launch for dg, du and
+# the partial bias sums, fixed-order reductions into dbg / dbu, then linear_act's GEMM for
+# dx = dg Wg (+ du Wu, a second GEMM added in place: a dual-operand GEMM would save that M*K
+# temporary; not written yet), dWg = dg^T x and dWu = du^T x.
+from ..kernels import gated as _gl  # noqa: E402  (kept with its section)
+
+
+def gated_forward(x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: Optional[Tensor],
+                  act: Activation, slope: float, save: bool):
+    """h = act(x Wg^T + bg) * (x Wu^T + bu): x (M, K), wg / wu (N, K) any strides, biases (N,)
+    contiguous or None. saved = (g, u), the biased pre-activations (M, N), when save.
+    Cost: 4*M*N*K flops; reads M*K + 2*N*K (+2N), writes M*N (3*M*N when saving)."""
+    op = "fastlayers.gated_linear"
+    M, K = x.shape
+    N = wg.shape[0]
+    h = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    g = torch.empty_like(h) if save else None
+    u = torch.empty_like(h) if save else None
+    if M and N:
+        if K == 0:  # nothing to load: point the operands at h so no empty tensor is passed
+            x, wg, wu = h, h.t(), h.t()
+        fp64 = h.dtype == torch.float64
+        kernel = _gl.gated_gemm_kernel_fp64 if fp64 else _gl.gated_gemm_kernel
+        precision = fp32_matmul_precision() if h.dtype == torch.float32 and h.is_cuda else "ieee"
+        hi, lo = _split_slope(slope)
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _launch(op, h, lambda: kernel[grid](
+            x, wg, wu, h, g if save else h, u if save else h,
+            bg if bg is not None else h, bu if bu is not None else h,
+            M, N, K,
+            x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
+            hi, lo, _pow2(M), _pow2(N), _pow2(K),
+            HAS_BG=bg is not None, HAS_BU=bu is not None, ACT=act.code, STORE_GU=save,
+            ACC_DTYPE=_compute_dtype(h.dtype), PRECISION=precision,
+            DOT_FP32=INTERPRETED and h.dtype == torch.bfloat16))
+    return h, ((g, u) if save else None)
+
+
+def _column_sums(op: str, partial: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """out[n] = sum_p partial[p, n] in a fixed order (_sum_rows: linear_act's sum_rows_kernel)."""
+    out = torch.empty(partial.shape[1], device=partial.device, dtype=out_dtype)
+    _sum_rows(op, partial, out)
+    return out
+
+
+def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Activation, slope: float,
+                   needs: Tuple[bool, bool, bool, bool, bool]):
+    """dg = dh * u * act'(g), du = dh * act(g); dx = dg Wg + du Wu (M, K); dWg = dg^T x,
+    dWu = du^T x (N, K); dbg, dbu = column sums (N,). dh: (M, N) contiguous; g, u: the saved
+    pre-activations. Cost: 6*M*N*K flops (dx, dWg, dWu); the elementwise pass reads 3*M*N and
+    writes 2*M*N."""
+    op = "fastlayers.gated_linear (backward)"
+    need_dx, need_dwg, need_dwu, need_dbg, need_dbu = needs
+    g, u = saved
+    dh = dh.contiguous()
+    M, N = dh.shape
+    K = x.shape[1]
+    dg, du = torch.empty_like(dh), torch.empty_like(dh)
+    dbg = dbu = None
+    if M == 0 or N == 0:  # dg, du are empty
+        if need_dbg:
+            dbg = torch.zeros(N, device=dh.device, dtype=dh.dtype)
+        if need_dbu:
+            dbu = torch.zeros(N, device=dh.device, dtype=dh.dtype)
+    else:
+        compute = torch.float64 if dh.dtype == torch.float64 else torch.float32
+        bm, bn = _gl.GRAD_BLOCK_M, _gl.GRAD_BLOCK_N
+        col_blocks = triton.cdiv(N, bn)
+        row_blocks = triton.cdiv(M, bm)
+        progs = min(row_blocks, max(1, _GRAD_TARGET_PROGRAMS // col_blocks))
+        rows_per_prog = triton.cdiv(row_blocks, progs) * bm
+        progs = triton.cdiv(M, rows_per_prog)
+        pg = torch.empty((progs, N), device=dh.device, dtype=compute) if need_dbg else dh
+        pu = torch.empty((progs, N), device=dh.device, dtype=compute) if need_dbu else dh
+        hi, lo = _split_slope(slope)
+        _launch(op, dh, lambda: _gl.gated_grad_kernel[(progs, col_blocks)](
+            dh, g.contiguous(), u.contiguous(), dg, du, pg, pu, M, N, rows_per_prog, hi, lo,
+            ACT=act.code, FROM_OUTPUT=act.saves(slope) == SAVE_OUTPUT, NEED_DBG=need_dbg,
+            NEED_DBU=need_dbu, COMPUTE_DTYPE=_compute_dtype(dh.dtype), BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=_gl.GRAD_NUM_WARPS))
+        if need_dbg:
+            dbg = _column_sums(op, pg, dh.dtype)
+        if need_dbu:
+            dbu = _column_sums(op, pu, dh.dtype)
+    # The GEMMs write zeros for an empty reduction (N = 0 for dx, M = 0 for the weights).
+    dx = dwg = dwu = None
+    if need_dx:
+        dx = torch.empty((M, K), device=dh.device, dtype=dh.dtype)
+        tmp = torch.empty_like(dx)
+        _gemm(op, dg, wg, dx)   # (M, K)
+        _gemm(op, du, wu, tmp)
+        dx += tmp
+    if need_dwg:
+        dwg = torch.empty((N, K), device=dh.device, dtype=dh.dtype)
+        _gemm(op, dg.t(), x, dwg)  # (N, K)
+    if need_dwu:
+        dwu = torch.empty((N, K), device=dh.device, dtype=dh.dtype)
+        _gemm(op, du.t(), x, dwu)
+    return dx, dwg, dwu, dbg, dbu

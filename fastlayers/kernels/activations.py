@@ -1,7 +1,8 @@
 """Activation functions and their derivatives as ``@triton.jit`` helpers.
 
-One table, keyed by ``Activation.code`` from fastlayers/activations.py (the C++ backend uses the
-same numbers). ``ACT`` is a ``tl.constexpr``, so each kernel specialisation keeps one branch only.
+One table, keyed by ``Activation.code``, whose numbers come from fastlayers/activations.py (the C++
+extension exports its own and is checked against it at import). ``ACT`` is a ``tl.constexpr``, so
+each kernel specialisation keeps one branch only.
 
 Semantics are PyTorch's, formula for formula (the CPU kernels in ATen), so special values match:
     relu(z)        = 0 if z < 0 else z            (relu(-0.) = -0., relu(nan) = nan)
@@ -12,9 +13,19 @@ Semantics are PyTorch's, formula for formula (the CPU kernels in ATen), so speci
     silu(z)        = z / (1 + exp(-z))
     sigmoid(z)     = 1 / (1 + exp(-z))
     tanh(z)        = stable form below (no libdevice tanh in core Triton / the interpreter)
+    hardswish(z)   = z * min(max(z + 3, 0), 6) / 6
+    hardsigmoid(z) = min(max(z + 3, 0), 6) / 6
+    relu6(z)       = min(max(z, 0), 6)             (keeps -0. and NaN, like hardtanh)
+    quick_gelu(z)  = z * sigmoid(1.702 z)
+    mish(z)        = z * tanh(softplus(z)), tanh(softplus(z)) = n / (n + 2), n = e (e + 2), e = exp(z)
+                     (1 above z = 20, where n would overflow)
+The clamps are written with tl.where so NaN passes (tl.minimum / tl.maximum may drop it).
 Derivatives follow ATen's backward kernels: threshold_backward / leaky_relu_backward (mask from
 the saved value), gelu_backward (erf and tanh), silu_backward, sigmoid_backward and
-tanh_backward (from the saved output).
+tanh_backward (from the saved output), hardswish_backward / hardsigmoid_backward /
+mish_backward (from z), hardtanh_backward for relu6 (from y; 0 < y < 6 <=> 0 < z < 6), and
+autograd's product rule for quick_gelu. At NaN they follow ATen's vectorised CPU path:
+hardswish' = NaN, hardsigmoid' = relu6' = 0.
 
 All helpers compute in the dtype of their inputs: callers pass fp32 (fp16/bf16/fp32 data) or fp64.
 Float literals are fine in fp64 arithmetic on triton >= 3.2 (kept in the computation type); on
@@ -23,20 +34,36 @@ older triton they round to fp32 first (relative error <= 3e-8, inside the fp64 t
 import triton
 import triton.language as tl
 
-# Activation codes: must equal Activation.code in fastlayers/activations.py.
-NONE: tl.constexpr = tl.constexpr(0)
-RELU: tl.constexpr = tl.constexpr(1)
-LEAKY_RELU: tl.constexpr = tl.constexpr(2)
-GELU: tl.constexpr = tl.constexpr(3)
-GELU_TANH: tl.constexpr = tl.constexpr(4)
-SILU: tl.constexpr = tl.constexpr(5)
-SIGMOID: tl.constexpr = tl.constexpr(6)
-TANH: tl.constexpr = tl.constexpr(7)
+from ..activations import ACTIVATIONS
+
+
+def _code(name: str) -> tl.constexpr:
+    """An activation's code, from the one table (fastlayers/activations.py)."""
+    return tl.constexpr(ACTIVATIONS[name].code)
+
+
+# Activation codes, named, from the one table (a kernel branches on `ACT == GELU`, never on a number).
+NONE: tl.constexpr = _code("none")
+RELU: tl.constexpr = _code("relu")
+LEAKY_RELU: tl.constexpr = _code("leaky_relu")
+GELU: tl.constexpr = _code("gelu")
+GELU_TANH: tl.constexpr = _code("gelu_tanh")
+SILU: tl.constexpr = _code("silu")
+SIGMOID: tl.constexpr = _code("sigmoid")
+TANH: tl.constexpr = _code("tanh")
+HARDSWISH: tl.constexpr = _code("hardswish")
+HARDSIGMOID: tl.constexpr = _code("hardsigmoid")
+RELU6: tl.constexpr = _code("relu6")
+QUICK_GELU: tl.constexpr = _code("quick_gelu")
+MISH: tl.constexpr = _code("mish")
 
 SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)    # 1 / sqrt(2)
 GELU_PDF: tl.constexpr = tl.constexpr(0.3989422804014327)   # 1 / sqrt(2 pi)
 SQRT_2_PI: tl.constexpr = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 KAPPA: tl.constexpr = tl.constexpr(0.044715)
+QUICK_GELU_A: tl.constexpr = tl.constexpr(1.702)
+# PyTorch's hardsigmoid' constant, 1/6 rounded to fp32, in every dtype (exact in decimal).
+ONE_SIXTH_F32: tl.constexpr = tl.constexpr(0.16666667163372039794921875)
 
 
 @triton.jit
@@ -71,6 +98,20 @@ def tanh(z):
 
 
 @triton.jit
+def relu6(t):
+    """min(max(t, 0), 6) with NaN passing and relu6(-0.) = -0. (comparisons with NaN are false)."""
+    t = tl.where(t < 0, 0.0, t)
+    return tl.where(t > 6, 6.0, t)
+
+
+@triton.jit
+def mish_n(z):
+    """n = e (e + 2), e = exp(z): tanh(softplus(z)) = n / (n + 2), 1 - tanh^2 = 4 (n + 1) / (n + 2)^2."""
+    e = tl.exp(z)
+    return e * (e + 2.0)
+
+
+@triton.jit
 def apply_act(z, ACT: tl.constexpr, slope):
     """act(z) for the activation with code ACT; `slope` is leaky_relu's negative slope (ignored
     by the others). Returns a tensor of z's dtype."""
@@ -89,6 +130,17 @@ def apply_act(z, ACT: tl.constexpr, slope):
         return sigmoid(z)
     elif ACT == TANH:
         return tanh(z)
+    elif ACT == HARDSWISH:
+        return z * relu6(z + 3.0) / 6.0
+    elif ACT == HARDSIGMOID:
+        return relu6(z + 3.0) / 6.0
+    elif ACT == RELU6:
+        return relu6(z)
+    elif ACT == QUICK_GELU:
+        return z * sigmoid(z * QUICK_GELU_A)
+    elif ACT == MISH:
+        n = mish_n(z)
+        return z * tl.where(z > 20.0, 1.0, n / (n + 2.0))
     else:  # NONE
         return z
 
@@ -96,8 +148,9 @@ def apply_act(z, ACT: tl.constexpr, slope):
 @triton.jit
 def act_grad(dy, saved, ACT: tl.constexpr, slope):
     """dz = dy * act'(z), from what the forward saved: the output y for relu, leaky_relu
-    (slope >= 0), sigmoid and tanh; the pre-activation z for gelu, gelu_tanh, silu and
-    leaky_relu (slope < 0); nothing for none (`saved` is then ignored)."""
+    (slope >= 0), sigmoid, tanh and relu6; the pre-activation z for gelu, gelu_tanh, silu,
+    hardswish, hardsigmoid, quick_gelu, mish and leaky_relu (slope < 0); nothing for none
+    (`saved` is then ignored)."""
     if ACT == RELU:
         # threshold_backward(dy, y, 0): y <= 0 -> 0 (so relu'(0) = 0; NaN passes dy through).
         return tl.where(saved <= 0, 0.0, dy)
@@ -123,5 +176,22 @@ def act_grad(dy, saved, ACT: tl.constexpr, slope):
         return dy * (1.0 - saved) * saved
     elif ACT == TANH:
         return dy * (1.0 - saved * saved)
+    elif ACT == HARDSWISH:
+        mid = tl.where(saved >= 3.0, dy, dy * (saved / 3.0 + 0.5))  # NaN: dy * NaN
+        return tl.where(saved <= -3.0, 0.0, mid)
+    elif ACT == HARDSIGMOID:
+        return tl.where((saved > -3.0) & (saved < 3.0), dy * ONE_SIXTH_F32, 0.0)
+    elif ACT == RELU6:
+        return tl.where((saved > 0.0) & (saved < 6.0), dy, 0.0)
+    elif ACT == QUICK_GELU:
+        sig = sigmoid(saved * QUICK_GELU_A)
+        return dy * (sig + QUICK_GELU_A * saved * sig * (1.0 - sig))
+    elif ACT == MISH:
+        n = mish_n(saved)
+        inv = 1.0 / (n + 2.0)
+        big = saved > 20.0
+        t = tl.where(big, 1.0, n * inv)
+        one_minus_t2 = tl.where(big, 0.0, 4.0 * (n + 1.0) * inv * inv)
+        return dy * (t + saved * sigmoid(saved) * one_minus_t2)
     else:  # NONE
         return dy

@@ -7,24 +7,33 @@ Three kernels (launched by fastlayers/backends/triton.py):
   row tiles share each column strip while it is in L2), fp32 accumulation (fp64 for fp64 data),
   and an epilogue that adds the bias, applies the activation and stores C in its own dtype, plus
   the pre-activation Z when the backward needs it. Used for the forward (A = x, B = W^T, with
-  epilogue) and both backward GEMMs (dx = dz @ W, dW = dz^T @ x; no epilogue).
+  epilogue) and both backward GEMMs (dx = dz @ W, dW = dz^T @ x; no epilogue). With SPLIT_K > 1
+  each program sums one range of K into an fp32/fp64 partial tile (deterministic split-K for
+  plain GEMMs with few output tiles and a long reduction, e.g. dW when M >> N x K).
   Cost: 2*M*N*K flops; reads M*K + K*N elements once per tile row/column of the other operand
   (bounded by L2 reuse), writes M*N (+ M*N for Z).
 * ``act_grad_bias_kernel`` — ``dz = dy * act'(saved)`` and the partial column sums of dz for the
   bias gradient, one row-slab of ROWS_PER_PROG rows per program. Reads 2*M*N, writes M*N
   (+ P*N fp32 partial sums). No atomics: program (p, j) owns partial[p, j-block].
-* ``sum_rows_kernel`` — db = sum over p of partial[p, :], in a fixed order (deterministic).
+* ``sum_rows_kernel`` — out = sum over p of partial[p, :], BLOCK_P rows per step in a fixed
+  order (deterministic): the bias gradient, and the reduction of split-K partial tiles.
   Reads P*N, writes N.
 
 Offsets are computed in int64 so tensors beyond 2^31 elements are addressed correctly.
-Autotuning: a few configs keyed by the powers of two of M, N, K (a new batch size re-uses the
-tuned config of its bucket); exactly one config under TRITON_INTERPRET=1, where autotuning
-cannot benchmark. On a GPU every tile dimension is >= 16 (``tl.dot``'s minimum).
+Configs: one list per class of GEMM (``gemm_configs``: dtype / precision, decode-sized M, fused
+or plain epilogue, sm_80 or sm_90), each passing scripts/compile_gate.py (no spills, shared
+memory within the target's limit), autotuned with a key holding everything that changes the best config (the
+powers of two of M, N, K, the layout, activation, bias, z, precision, dtypes; a new batch size
+re-uses the tuned config of its bucket); ``heuristic_config`` picks one without benchmarking.
+Exactly one config per class under TRITON_INTERPRET=1, where autotuning cannot benchmark. On a
+GPU every tile dimension is >= 16 (``tl.dot``'s minimum).
 """
+import inspect
+
 import triton
 import triton.language as tl
 
-from .activations import apply_act, act_grad
+from .activations import NONE, apply_act, act_grad
 
 
 @triton.jit
@@ -42,36 +51,123 @@ def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> trit
                          num_warps=warps, num_stages=stages)
 
 
-# fp16 / bf16 / fp32. Configs whose shared memory does not fit (e.g. fp32 with the large tiles)
-# fail to compile and are skipped by the autotuner.
-GEMM_CONFIGS = [
-    _cfg(128, 256, 64, 8, 8, 3),
-    _cfg(256, 128, 64, 8, 8, 3),
-    _cfg(128, 128, 64, 8, 8, 4),
-    _cfg(128, 128, 32, 8, 4, 4),
-    _cfg(128, 64, 32, 8, 4, 4),
-    _cfg(64, 128, 32, 8, 4, 4),
-    _cfg(64, 64, 32, 8, 4, 4),
-]
-# fp64 accumulators take twice the registers: smaller tiles.
-GEMM_CONFIGS_FP64 = [
-    _cfg(64, 64, 16, 8, 4, 3),
-    _cfg(64, 32, 16, 8, 4, 3),
-    _cfg(32, 32, 16, 8, 4, 2),
-]
-# The interpreter runs one program at a time (~2 ms each): few, large-ish tiles.
-INTERPRETER_GEMM_CONFIG = _cfg(64, 64, 32, 4, 4, 1)
-if INTERPRET:
-    GEMM_CONFIGS = [INTERPRETER_GEMM_CONFIG]
-    GEMM_CONFIGS_FP64 = [INTERPRETER_GEMM_CONFIG]
+# GEMM configs, one list per class of GEMM, largest tiles first. Each list passes the compile
+# gate (scripts/compile_gate.py: sm_90 and sm_80, no spills, shared memory within the limit) for
+# every layout and epilogue it is used with. The classes:
+#   dtype class: "lp" (fp16 / bf16 operands, tensor cores), "tf32" (fp32 data, TF32 tensor cores),
+#                "ieee" (fp32 data, exact fp32: FMA dots, register-hungry), "fp64".
+#   size class:  "large" (M > 32) or "small" (M <= 32, decode-sized: BLOCK_M 16 / 32, so most of
+#                each tile is not wasted on rows that do not exist).
+#   epilogue:    "plain" (no activation, no saved z: dx / dW / linear without activation) or
+#                "fused" (activation and / or z): the fused epilogue needs registers of its own,
+#                so the largest tiles are kept for plain GEMMs only.
+#   target:      entries marked sm90 only are used on compute capability >= 9.0 (wgmma keeps the
+#                accumulator of the 128x256 tiles in registers without spilling; mma.sync on
+#                sm_80 spills there).
+# Entries: (config, plain_only, sm90_only).
+GEMM_CONFIGS = {
+    "lp": [
+        (_cfg(128, 256, 64, 8, 8, 3), True, True),
+        (_cfg(256, 128, 64, 8, 8, 3), True, True),
+        (_cfg(128, 128, 64, 8, 8, 4), False, False),
+        (_cfg(128, 128, 32, 8, 4, 4), True, False),
+        (_cfg(128, 64, 64, 8, 4, 4), False, False),
+        (_cfg(64, 128, 64, 8, 4, 4), False, False),
+        (_cfg(64, 64, 64, 8, 4, 4), False, False),
+    ],
+    "tf32": [
+        (_cfg(128, 128, 32, 8, 8, 3), False, False),
+        (_cfg(128, 64, 32, 8, 4, 4), False, False),
+        (_cfg(64, 128, 32, 8, 4, 4), False, False),
+        (_cfg(64, 64, 16, 8, 4, 4), False, False),
+    ],
+    "ieee": [
+        (_cfg(128, 64, 16, 8, 8, 3), False, False),
+        (_cfg(64, 64, 16, 8, 4, 3), False, False),
+        (_cfg(64, 32, 16, 8, 4, 3), False, False),
+    ],
+    "fp64": [
+        (_cfg(64, 64, 16, 8, 8, 3), False, False),
+        (_cfg(64, 32, 16, 8, 4, 3), False, False),
+        (_cfg(32, 64, 16, 8, 4, 3), False, False),
+        (_cfg(32, 32, 16, 8, 4, 3), False, False),
+    ],
+}
+# Decode-sized M (<= 32): BLOCK_M is 16 or 32 (the M bucket), wide N tiles, deep K steps.
+# Entries: (BLOCK_N, BLOCK_K, num_warps, num_stages, sm90_only) per dtype class.
+SMALL_M_CONFIGS = {
+    "lp": [(256, 64, 4, 3, True), (128, 64, 4, 4, False), (64, 128, 8, 4, False),
+           (64, 64, 4, 4, False)],
+    "tf32": [(128, 32, 4, 4, False), (64, 64, 4, 3, False), (64, 32, 8, 4, False)],
+    "ieee": [(128, 16, 8, 3, False), (64, 16, 4, 2, False), (32, 16, 4, 3, False)],
+    "fp64": [(64, 16, 4, 3, False), (32, 16, 4, 3, False)],
+}
+SMALL_M_MAX = 32
 
-GEMM_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET"]
+# The interpreter runs one program at a time (~2 ms each): one config per class (autotuning
+# cannot benchmark there), few, large-ish tiles; BLOCK_M 16 for the small class so its code path
+# is the one tested.
+INTERPRETER_GEMM_CONFIG = _cfg(64, 64, 32, 4, 4, 1)
+INTERPRETER_SMALL_M_CONFIG = _cfg(16, 64, 32, 1, 4, 1)
+
+
+def dtype_class(dtype_name: str, precision: str) -> str:
+    """"lp", "tf32", "ieee" or "fp64" for data of torch dtype name `dtype_name`."""
+    if dtype_name in ("float16", "bfloat16"):
+        return "lp"
+    if dtype_name == "float64":
+        return "fp64"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def gemm_configs(dclass: str, m: int, plain: bool, capability: int = 90) -> list:
+    """The configs autotuning chooses from for a GEMM of M = m rows (the launcher passes the M
+    bucket) of dtype class `dclass`; plain: no activation and no saved z; capability: the GPU's
+    compute capability as 10 * major + minor (80 for A100, 90 for H100 / H200)."""
+    hopper = capability >= 90
+    if m <= SMALL_M_MAX:
+        if INTERPRET:
+            return [INTERPRETER_SMALL_M_CONFIG]
+        bm = 16 if m <= 16 else 32
+        return [_cfg(bm, bn, bk, 1, w, st) for bn, bk, w, st, sm90 in SMALL_M_CONFIGS[dclass]
+                if hopper or not sm90]
+    if INTERPRET:
+        return [INTERPRETER_GEMM_CONFIG]
+    return [c for c, plain_only, sm90 in GEMM_CONFIGS[dclass]
+            if (plain or not plain_only) and (hopper or not sm90)]
+
+
+def heuristic_config(configs: list, m: int, n: int, num_sms: int) -> triton.Config:
+    """One config without benchmarking (FASTLAYERS_AUTOTUNE=0, CUDA-graph capture): the largest
+    tile that still gives every SM a program, else the smallest tile."""
+    for c in configs:
+        tiles = triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
+        if tiles >= num_sms:
+            return c
+    return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+
+
+# Autotuning key: everything that changes the best config. The dtypes of the tensor arguments are
+# added by Triton itself. LAYOUT: which operand dimensions are contiguous (see the kernel).
+GEMM_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "ACT", "HAS_BIAS", "STORE_Z",
+                     "PRECISION", "SPLIT_K"]
 
 # act_grad_bias_kernel's tile (not autotuned: it is bandwidth-bound and its reduction order must
 # not depend on a tuning result).
 GRAD_BLOCK_M = 32
+GRAD_BLOCK_M_FP64 = 8  # fp64 values take two registers each, and fp64 erf / exp many more
 GRAD_BLOCK_N = 128
 GRAD_NUM_WARPS = 4
+# sum_rows_kernel's tile: BLOCK_P partial rows x BLOCK_N columns per step.
+SUM_BLOCK_P = 32
+SUM_BLOCK_N = 64
+SUM_NUM_WARPS = 4
+# Split-K (dW when the reduction M is long and N x K has few tiles): a fixed config, so the
+# summation order depends on the shape only.
+SPLIT_K_CONFIG = {"lp": _cfg(128, 128, 64, 1, 8, 4), "tf32": _cfg(64, 64, 32, 1, 4, 4),
+                  "ieee": _cfg(64, 64, 16, 1, 4, 3), "fp64": _cfg(64, 32, 16, 1, 4, 3)}
+if INTERPRET:
+    SPLIT_K_CONFIG = {k: INTERPRETER_GEMM_CONFIG for k in SPLIT_K_CONFIG}
 
 
 @triton.jit
@@ -80,9 +176,11 @@ def _gemm_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     slope_hi, slope_lo,
-    M_BUCKET, N_BUCKET, K_BUCKET,
+    k_per_split, stride_cs,
+    M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = act(A[M, K] @ B[K, N] + bias[N]); Z = the pre-activation when STORE_Z.
@@ -91,7 +189,12 @@ def _gemm_kernel(
     c_ptr: output with strides (stride_cm, stride_cn); z_ptr: same strides as C (used only when
     STORE_Z). bias_ptr: (N,) contiguous (used only when HAS_BIAS). slope_hi + slope_lo: leaky_relu's
     negative slope split into two fp32 numbers, so fp64 kernels see it at full precision.
-    M_BUCKET, N_BUCKET, K_BUCKET: powers of two, read only by the autotuner's key.
+    M_BUCKET, N_BUCKET, K_BUCKET: powers of two; LAYOUT: 2 * (stride_ak == 1) + (stride_bn == 1).
+    Read only by the autotuner's key.
+    SPLIT_K > 1: program (tile, s) sums k in [s * k_per_split, (s + 1) * k_per_split) only
+    (k_per_split a multiple of BLOCK_K) and writes its partial tile at c_ptr + s * stride_cs (an
+    (SPLIT_K, M, N) fp32 / fp64 workspace); no bias, activation or z then. The launcher reduces
+    the partials in a fixed order (sum_rows_kernel), so the result is deterministic.
     ACT: activation code (fastlayers/activations.py). ACC_DTYPE: tl.float32 or tl.float64.
     PRECISION: tl.dot input precision, "ieee" or "tf32" (fp32 data only; ignored otherwise).
     DOT_FP32: upcast the operand tiles to fp32 before tl.dot. Set only under the interpreter for
@@ -121,10 +224,19 @@ def _gemm_kernel(
     a_rows = a_ptr + offs_m64[:, None] * stride_am  # (BLOCK_M, 1) pointers
     b_cols = b_ptr + offs_n64[None, :] * stride_bn  # (1, BLOCK_N) pointers
 
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        pid_s = tl.program_id(1)
+        k_lo = pid_s * k_per_split
+        k_hi = tl.minimum(K, k_lo + k_per_split)
+        c_ptr += pid_s.to(tl.int64) * stride_cs
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
-        mask_k = kk < K
+        mask_k = kk < k_hi
         kk64 = kk.to(tl.int64)
         a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :],
                     other=0.0)
@@ -133,7 +245,8 @@ def _gemm_kernel(
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # out_dtype explicit: triton 3.6 defaults it to fp32 and rejects an fp64 accumulator.
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
@@ -147,9 +260,23 @@ def _gemm_kernel(
     tl.store(c_ptr + c_offs, y.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-# Two autotuned entry points over the same kernel: their config lists differ by dtype.
-gemm_kernel = triton.autotune(configs=GEMM_CONFIGS, key=GEMM_AUTOTUNE_KEY)(_gemm_kernel)
-gemm_kernel_fp64 = triton.autotune(configs=GEMM_CONFIGS_FP64, key=GEMM_AUTOTUNE_KEY)(_gemm_kernel)
+gemm_kernel = _gemm_kernel  # launched directly with one config (heuristic, split-K)
+_AUTOTUNED = {}
+
+
+def autotuned_gemm(configs: list):
+    """The GEMM autotuned over `configs` (one Autotuner per distinct list, made on first use).
+    Tuned results are kept on disk between processes where this triton supports it."""
+    key = tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs)
+    kernel = _AUTOTUNED.get(key)
+    if kernel is None:
+        extra = {"cache_results": True} if "cache_results" in _AUTOTUNE_PARAMS else {}
+        kernel = triton.autotune(configs=configs, key=GEMM_AUTOTUNE_KEY, **extra)(_gemm_kernel)
+        _AUTOTUNED[key] = kernel
+    return kernel
+
+
+_AUTOTUNE_PARAMS = inspect.signature(triton.autotune).parameters
 
 
 @triton.jit
@@ -180,7 +307,7 @@ def act_grad_bias_kernel(
         mask = (offs_m < M)[:, None] & mask_n[None, :]
         offs = offs_m[:, None] * N + offs_n[None, :]
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        if ACT == 0:
+        if ACT == NONE:
             dz = dy
         else:
             saved = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
@@ -194,16 +321,22 @@ def act_grad_bias_kernel(
 
 
 @triton.jit
-def sum_rows_kernel(partial_ptr, out_ptr, P, N, BLOCK_N: tl.constexpr):
-    """out[n] = sum_{p = 0..P-1} partial[p, n], in order p = 0, 1, ... (deterministic).
+def sum_rows_kernel(partial_ptr, out_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n] = sum over p of partial[p, n]: the bias gradient from act_grad_bias_kernel's
+    partial column sums, and split-K's partial tiles (N = M * N of the GEMM there).
 
-    partial: (P, N) contiguous fp32/fp64; out: (N,) in the bias dtype. One program per BLOCK_N
-    columns."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    partial: (P, N) contiguous fp32/fp64; out: (N,) contiguous, any float dtype. One program per
+    BLOCK_N columns; it adds BLOCK_P rows per step (a tree of fixed shape inside the tile, the
+    steps in order p = 0, BLOCK_P, ...), so the result depends on the shape only
+    (deterministic), and there are P / BLOCK_P dependent steps instead of P.
+    Reads P*N, writes N elements."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    ptrs = partial_ptr + offs_n
-    acc = tl.load(ptrs, mask=mask_n, other=0.0)
-    for _ in range(1, P):
-        ptrs += N  # pointer arithmetic is 64-bit: no int32 overflow for P * N >= 2^31
-        acc += tl.load(ptrs, mask=mask_n, other=0.0)
+    offs_p = tl.arange(0, BLOCK_P)
+    acc = tl.zeros((BLOCK_N,), dtype=partial_ptr.dtype.element_ty)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + offs_p
+        ptrs = partial_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tile = tl.load(ptrs, mask=(rows < P)[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
     tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)

@@ -5,10 +5,12 @@ A "row" r in [0, outer * inner) is o = r // inner, i = r % inner; its L elements
     o * L * inner + i + l * inner,   l = 0 .. L-1
 so inner == 1 is the usual contiguous row, and inner > 1 a strided one. Every kernel works on a
 (BLOCK_R rows) x (BLOCK_L positions) tile; for inner > 1, neighbouring rows are neighbouring
-addresses, so a tile with BLOCK_R >= 16 still reads memory coalesced.
+addresses, so a tile of BLOCK_R >= 16 neighbouring inner indices (of one outer index: see
+``_row_offsets``) reads memory coalesced.
 
 Two paths, chosen by ``plan()`` (the boundary is ``uses_single_pass``):
-* single pass (BLOCK_R * next_pow2(L) <= SINGLE_PASS_MAX_ELEMS): the whole row in registers;
+* single pass (BLOCK_R * next_pow2(L) <= SINGLE_PASS_MAX_ELEMS, halved for fp64 and halved
+  for strided rows): the whole row in registers;
   forward reads x once and writes y once (2 * numel * itemsize bytes), backward reads dy and y
   and writes dx (3 * numel * itemsize).
 * streaming (longer rows, no length cap): forward makes an online pass over chunks of BLOCK_L
@@ -41,46 +43,77 @@ def rows_per_tile_min(inner: int) -> int:
     return 1 if inner == 1 else min(16, _next_pow2(inner))
 
 
-def uses_single_pass(length: int, inner: int) -> bool:
+def _max_elems(inner: int, fp64: bool) -> int:
+    """Largest single-pass tile: halved for fp64 (two registers per value) and halved for strided
+    rows (their reduction crosses warps), else the kernels spill at 16 warps (compile gate)."""
+    return SINGLE_PASS_MAX_ELEMS >> (int(fp64) + int(inner > 1))
+
+
+def uses_single_pass(length: int, inner: int, fp64: bool = False) -> bool:
     """The dispatch boundary: True when a row of `length` fits one single-pass tile."""
-    return rows_per_tile_min(inner) * _next_pow2(length) <= SINGLE_PASS_MAX_ELEMS
+    return rows_per_tile_min(inner) * _next_pow2(length) <= _max_elems(inner, fp64)
 
 
-def single_pass_max_length(inner: int) -> int:
+def single_pass_max_length(inner: int, fp64: bool = False) -> int:
     """Longest row (for this `inner`) that takes the single-pass kernels; tests straddle it."""
-    return SINGLE_PASS_MAX_ELEMS // rows_per_tile_min(inner)
+    return _max_elems(inner, fp64) // rows_per_tile_min(inner)
 
 
-def plan(rows: int, length: int, inner: int):
-    """(single_pass, BLOCK_R, BLOCK_L, num_warps) for `rows` rows of `length` elements."""
+def plan(rows: int, length: int, inner: int, fp64: bool = False):
+    """(single_pass, BLOCK_R, BLOCK_L, num_warps) for `rows` rows of `length` elements (fp64:
+    float64 data). fp64 and strided single-pass tiles get twice the warps per element."""
     r_min = rows_per_tile_min(inner)
-    if uses_single_pass(length, inner):
+    if uses_single_pass(length, inner, fp64):
         block_l = _next_pow2(length)
-        block_r = max(r_min, min(_next_pow2(rows), max(1, MIN_TILE_ELEMS // block_l)))
+        # a strided tile holds inner indices of one outer index only: at most next_pow2(inner)
+        most = _next_pow2(rows) if inner == 1 else _next_pow2(inner)
+        block_r = max(r_min, min(most, max(1, MIN_TILE_ELEMS // block_l)))
         single = True
     else:
         block_r = r_min
         block_l = STREAM_CHUNK_ELEMS // r_min
         single = False
     elems = block_r * block_l
-    num_warps = min(16, max(4, elems // 1024))
+    per_warp = 512 if single and (fp64 or inner > 1) else 1024
+    num_warps = min(16, max(4, elems // per_warp))
     return single, block_r, block_l, num_warps
 
 
+def grid_size(rows: int, inner: int, block_r: int) -> int:
+    """Programs of a launch: contiguous rows (inner == 1) are packed BLOCK_R per program; strided
+    rows get one program per (outer index, BLOCK_R neighbouring inner indices)."""
+    if inner == 1:
+        return -(-rows // block_r)
+    return (rows // inner) * -(-inner // block_r)
+
+
 @triton.jit
-def _row_offsets(pid, R, L, INNER, BLOCK_R: tl.constexpr):
-    """int64 offset of element 0 of each row of this program's tile, and the row mask."""
-    offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    base = (offs_r // INNER) * L * INNER + offs_r % INNER
-    return base, offs_r < R
+def _row_offsets(pid, R, L, INNER, STRIDED: tl.constexpr, BLOCK_R: tl.constexpr):
+    """int64 offset of element 0 of each row of this program's tile, and the row mask.
+
+    not STRIDED (INNER == 1): rows r = pid * BLOCK_R + [0, BLOCK_R), at offsets r * L.
+    STRIDED (INNER > 1): the tile is BLOCK_R neighbouring inner indices i of one outer index o, so
+    the row offsets o * L * INNER + i are consecutive addresses (an arange the compiler sees as
+    contiguous: coalesced, vectorisable loads), never split by a division per element."""
+    if STRIDED:
+        blocks_per_outer = tl.cdiv(INNER, BLOCK_R)
+        o = (pid // blocks_per_outer).to(tl.int64)
+        i = (pid % blocks_per_outer) * BLOCK_R + tl.arange(0, BLOCK_R)
+        base = o * L * INNER + i
+        mask = i < INNER
+    else:
+        offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        base = offs_r * L
+        mask = offs_r < R
+    return base, mask
 
 
 @triton.jit
 def softmax_fwd_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+                       STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """Single pass: y = softmax(x) (or log_softmax when LOG) over rows of L <= BLOCK_L elements.
     x, y: (outer, L, INNER) contiguous, R = outer * INNER rows; BLOCK_R rows per program."""
-    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, BLOCK_R)
+    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
     offs_l = tl.arange(0, BLOCK_L)
     offs = base[:, None] + offs_l.to(tl.int64)[None, :] * INNER
     mask = mask_r[:, None] & (offs_l < L)[None, :]
@@ -99,11 +132,11 @@ def softmax_fwd_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr, COMPUTE_DTY
 @triton.jit
 def softmax_fwd_streaming_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr,
                                  COMPUTE_DTYPE: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+                                 STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """Streaming: rows of any length L, BLOCK_L positions at a time. Pass 1 keeps the running max
     m and s = sum exp(x - m), rescaling s by exp(m_old - m_new) when the max grows; pass 2 writes
     y = exp(x - m) / s (or x - m - log s)."""
-    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, BLOCK_R)
+    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
     offs_l = tl.arange(0, BLOCK_L)
     m = tl.full((BLOCK_R,), float("-inf"), COMPUTE_DTYPE)
     s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
@@ -136,11 +169,11 @@ def softmax_fwd_streaming_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr,
 @triton.jit
 def softmax_bwd_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
                        COMPUTE_DTYPE: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+                       STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """Single pass backward (ATen's formulas), y = the forward's output:
     softmax:      dx = y * (dy - sum(dy * y))
     log_softmax:  dx = dy - exp(y) * sum(dy)"""
-    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, BLOCK_R)
+    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
     offs_l = tl.arange(0, BLOCK_L)
     offs = base[:, None] + offs_l.to(tl.int64)[None, :] * INNER
     mask = mask_r[:, None] & (offs_l < L)[None, :]
@@ -158,10 +191,10 @@ def softmax_bwd_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
 @triton.jit
 def softmax_bwd_streaming_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
                                  COMPUTE_DTYPE: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+                                 STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """Streaming backward: pass 1 accumulates sum(dy * y) (softmax) or sum(dy) (log_softmax)
     over chunks of BLOCK_L; pass 2 writes dx with the formulas of softmax_bwd_kernel."""
-    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, BLOCK_R)
+    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
     offs_l = tl.arange(0, BLOCK_L)
     s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
     for l0 in range(0, L, BLOCK_L):

@@ -9,14 +9,20 @@ What is fused, module by module (each module's own forward is read on its own):
   ``F.leaky_relu(x, slope)``, ``F.silu``, ``torch.sigmoid``, ``torch.tanh``, ``x.relu()``, ...).
 
 Recognised activation modules: nn.ReLU, nn.LeakyReLU, nn.GELU (both approximations), nn.SiLU,
-nn.Sigmoid, nn.Tanh, and any parameterless module of another library whose forward traces to
-exactly one of the functional calls above (e.g. transformers' GELUActivation).
+nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.Mish (and F.hardswish,
+F.hardsigmoid, F.relu6, F.mish), and any parameterless module of another library whose forward
+traces to exactly one of the functional calls above (e.g. transformers' GELUActivation).
+
+Gated MLPs (swap/gated.py), in a traced forward, before the pairs above: ``act(gate(x)) * up(x)``
+(Hugging Face Llama / Mistral / Qwen, timm's SwiGLU) and ``a, b = proj(x).chunk(2, -1); a * act(b)``
+(GeGLU) become one fastlayers.gated_linear call reading the same Parameters; the report lists them
+under ``gated``.
 
 The Linear becomes a FusedLinear holding the *same* Parameter objects (state_dict keys unchanged,
 optimizers keep working); an activation module becomes nn.Identity. A functional activation can
-only be removed by editing the forward: the module keeps its class, attributes and state, and gets
-an instance-level ``forward`` generated from its rewritten fx graph (it reads the module's live
-children, and survives deepcopy and pickling) -- only when the traced forward read no Python state
+only be removed by editing the forward: the module keeps its attributes and state and becomes an
+instance of a generated subclass of its class whose ``forward`` is the rewritten fx graph's code (it
+reads the module's live children; TorchScript, deepcopy and pickling work) -- only when the traced forward read no Python state
 (instance attributes such as ``self.scale`` or ``if self.flag:``, global or closure values), which a
 trace would freeze as constants. nn.Softmax / nn.LogSoftmax become
 fastlayers.Softmax / LogSoftmax with the same dim.

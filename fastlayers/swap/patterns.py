@@ -21,6 +21,10 @@ _MODULE_ACTS: Dict[type, Callable[[nn.Module], Tuple[str, float]]] = {
     nn.SiLU: lambda m: ("silu", _DEFAULT_SLOPE),
     nn.Sigmoid: lambda m: ("sigmoid", _DEFAULT_SLOPE),
     nn.Tanh: lambda m: ("tanh", _DEFAULT_SLOPE),
+    nn.Hardswish: lambda m: ("hardswish", _DEFAULT_SLOPE),
+    nn.Hardsigmoid: lambda m: ("hardsigmoid", _DEFAULT_SLOPE),
+    nn.ReLU6: lambda m: ("relu6", _DEFAULT_SLOPE),
+    nn.Mish: lambda m: ("mish", _DEFAULT_SLOPE),
 }
 
 
@@ -60,6 +64,8 @@ _FUNCTION_ACTS: Dict[Any, Callable] = {
     F.silu: _sig_inplace("silu"),
     torch.sigmoid: _sig_unary("sigmoid"), F.sigmoid: _sig_unary("sigmoid"),
     torch.tanh: _sig_unary("tanh"), F.tanh: _sig_unary("tanh"),
+    F.hardswish: _sig_inplace("hardswish"), F.hardsigmoid: _sig_inplace("hardsigmoid"),
+    F.relu6: _sig_inplace("relu6"), F.mish: _sig_inplace("mish"),
 }
 _METHOD_ACTS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                 "tanh": "tanh", "tanh_": "tanh"}

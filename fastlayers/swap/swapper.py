@@ -7,9 +7,10 @@ from typing import Dict, Iterator, Optional, Tuple
 from torch import nn
 
 from ..nn import FusedLinear, LogSoftmax, Softmax
+from . import gated as _gated
 from .patterns import call_activation, describe, hooks, module_activation
 from .report import SwapReport
-from .tracing import GraphForward, trace_checked
+from .tracing import rewrite_forward, trace_checked
 
 
 def _name(path: str) -> str:
@@ -76,6 +77,8 @@ class _Swapper:
         self.refs = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.why_left: Dict[int, str] = {}  # id(Linear) -> reason it was not fused
         self.act_cache: Dict[int, Optional[Tuple[str, float]]] = {}
+        self.gated_ids = set()  # id(Linear) of the gate / up Linears now read by a gated_linear call
+        self.gated_why: Dict[int, str] = {}  # id(Linear) -> why its gated product was not fused
 
     def activation_module(self, m: nn.Module) -> Tuple[Optional[Tuple[str, float]], str]:
         act = module_activation(m, self.act_cache)
@@ -122,7 +125,7 @@ class _Swapper:
                 self.why_left[id(m)] = f"in {_name(prefix)}: {why}"
             return
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-        erased = False
+        erased = self.gated(mod, prefix, graph, children, linears, calls, frozen)
         for node in list(graph.nodes):
             if node.op != "call_module" or node.target not in linears:
                 continue
@@ -170,8 +173,45 @@ class _Swapper:
         if erased:
             graph.lint()
             code = graph.python_code("self")
-            mod.forward = GraphForward(mod, code.src, code.globals)
+            rewrite_forward(mod, code.src, code.globals)
             self.report.rewritten.append(_name(prefix))
+
+    def gated(self, mod: nn.Module, prefix: str, graph, children, linears, calls, frozen) -> bool:
+        """Gated MLPs (swap/gated.py) in mod's graph, rewritten to gated_linear calls; True if any."""
+        def linear_ok(target):
+            if target not in linears:
+                return f"{target} is not a Linear child of {type(mod).__name__}"
+            return _gated.linear_problem(mod, target, self.refs)
+
+        def activation_of(node, src):
+            if node.op == "call_module":
+                act_mod = children.get(node.target)
+                if act_mod is None or calls[node.target] > 1 or node.args != (src,) or node.kwargs:
+                    return None, "not a single call of an activation child"
+                return self.activation_module(act_mod)
+            act = call_activation(node, src)
+            return act, "" if act else "not an activation"
+
+        matches, why = _gated.find(graph, linear_ok, activation_of, calls)
+        for target, reason in why.items():
+            if target in linears:
+                self.gated_why[id(linears[target])] = reason
+        done = False
+        for m in matches:
+            names = [t for t in (m.gate, m.up) if t is not None]
+            problem = _gated.chunk_problem(mod, m) or frozen
+            if problem is not None:
+                for t in names:
+                    self.gated_why[id(linears[t])] = f"in a gated product ({m.site}), but {problem}"
+                continue
+            _gated.rewrite(graph, mod, m)
+            for t in names:
+                self.gated_ids.add(id(linears[t]))
+                self.why_left.pop(id(linears[t]), None)
+            self.report.gated.append((_join(prefix, m.gate) if m.up is None else
+                                      f"{_join(prefix, m.gate)} + {_join(prefix, m.up)}", m.site, m.act[0]))
+            done = True
+        return done
 
     def softmaxes(self) -> None:
         done: Dict[int, nn.Module] = {}
@@ -205,10 +245,10 @@ class _Swapper:
                 self.traced(mod, prefix)
         self.softmaxes()
         for path, m in self.model.named_modules():
-            if isinstance(m, FusedLinear) and m.activation != "none":
+            if (isinstance(m, FusedLinear) and m.activation != "none") or id(m) in self.gated_ids:
                 continue
             if isinstance(m, nn.Linear):
-                why = self.why_left.get(id(m))
+                why = self.gated_why.get(id(m)) or self.why_left.get(id(m))
                 if why is None:
                     why = (f"{type(m).__name__} is a subclass of nn.Linear (its forward may differ)"
                            if not _fusable_linear(m) else

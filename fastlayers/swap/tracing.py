@@ -1,9 +1,10 @@
 """torch.fx tracing of one module's own forward, the checks that make a rewritten forward safe,
-and the rewritten forward itself (GraphForward)."""
+and the rewritten forward itself (rewrite_forward)."""
 from __future__ import annotations
 
 import importlib
 import inspect
+import linecache
 import types
 from typing import Any, Dict, Optional, Set, Tuple
 
@@ -116,35 +117,57 @@ def trace_checked(mod: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str], Op
     return graph, None, frozen_state(mod, reads)
 
 
-class GraphForward:
-    """An instance-level ``forward`` compiled from a rewritten fx graph of the module's own forward.
-
-    The generated code reads ``self.<child>`` on the live module, so later ``.to()``,
-    ``load_state_dict`` or submodule replacement behave as with the original forward.
-    Pickles as (source, globals by name) and recompiles when loaded.
-    """
-
-    def __init__(self, module: nn.Module, src: str, globals_: Dict[str, Any]) -> None:
-        self.module, self.src, self.globals = module, src, globals_
-        self._compile()
-
-    def _compile(self) -> None:
-        ns = dict(self.globals)
-        exec(compile(self.src, f"<fastlayers.swap: {type(self.module).__name__}.forward>", "exec"), ns)
-        self._fn = ns["forward"]
-
-    def __call__(self, *args, **kwargs):
-        return self._fn(self.module, *args, **kwargs)
-
-    def __getstate__(self) -> Dict[str, Any]:
-        globals_ = {k: ("module", v.__name__) if isinstance(v, types.ModuleType) else ("value", v)
-                    for k, v in self.globals.items()}
-        return {"module": self.module, "src": self.src, "globals": globals_}
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.module, self.src = state["module"], state["src"]
-        self.globals = {k: importlib.import_module(v) if kind == "module" else v
-                        for k, (kind, v) in state["globals"].items()}
-        self._compile()
+# ----------------------------------------------------------------------------- the rewritten forward
+# A module whose forward is rewritten becomes an instance of a generated subclass of its own class
+# whose `forward` is the rewritten graph's code: the module keeps its class's name, attributes,
+# other methods and isinstance checks; the code reads `self.<child>` on the live module (later
+# `.to()`, `load_state_dict` or submodule replacement act as with the original forward); its
+# source is registered with linecache, so TorchScript can compile it; and the instance pickles /
+# deep-copies as (original class, source, globals by name), rebuilt on load. One class per
+# (original class, source): identical layers share it.
+_SWAPPED: Dict[Tuple[type, str], type] = {}
 
 
+def _globals_by_name(globals_: Dict[str, Any]) -> Dict[str, Tuple[str, Any]]:
+    return {k: ("module", v.__name__) if isinstance(v, types.ModuleType) else ("value", v)
+            for k, v in globals_.items()}
+
+
+def _globals_from_names(spec: Dict[str, Tuple[str, Any]]) -> Dict[str, Any]:
+    return {k: importlib.import_module(v) if kind == "module" else v for k, (kind, v) in spec.items()}
+
+
+def _rebuild(base: type, src: str, spec: Dict[str, Tuple[str, Any]]) -> nn.Module:
+    obj = base.__new__(base)
+    obj.__class__ = swapped_class(base, src, _globals_from_names(spec))
+    return obj
+
+
+def _reduce_ex(self, protocol):
+    cls = type(self)
+    return (_rebuild, (cls.fastlayers_original_class, cls.fastlayers_forward_src,
+                       _globals_by_name(cls.fastlayers_forward_globals)), self.__getstate__())
+
+
+def swapped_class(base: type, src: str, globals_: Dict[str, Any]) -> type:
+    """The subclass of `base` whose forward is compiled from `src` (fx's generated code)."""
+    key = (base, src)
+    cls = _SWAPPED.get(key)
+    if cls is None:
+        filename = f"<fastlayers.swap: {base.__qualname__}.forward #{len(_SWAPPED)}>"
+        linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
+        ns = dict(globals_)
+        exec(compile(src, filename, "exec"), ns)
+        cls = type(base.__name__, (base,), {
+            "forward": ns["forward"], "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "__reduce_ex__": _reduce_ex, "fastlayers_original_class": base,
+            "fastlayers_forward_src": src, "fastlayers_forward_globals": dict(globals_),
+        })
+        _SWAPPED[key] = cls
+    return cls
+
+
+def rewrite_forward(mod: nn.Module, src: str, globals_: Dict[str, Any]) -> None:
+    """Give `mod` the forward compiled from `src`, in place (see the comment above)."""
+    base = getattr(type(mod), "fastlayers_original_class", type(mod))
+    mod.__class__ = swapped_class(base, src, globals_)

@@ -1,0 +1,123 @@
+// The elementwise work of the gated linear unit h = act(g) * u, with g = x Wg^T + bg and
+// u = x Wu^T + bu (the two GEMMs run in PyTorch's BLAS, called from Python):
+//
+//   forward   h = act(g + bg) * (u + bu)                          one pass over g and u
+//   backward  dg = dh * u * act'(g),  du = dh * act(g)            one pass over dh, g and u,
+//             dbg = sum_rows(dg), dbu = sum_rows(du)              fused into the same pass
+//
+// Layout: row-major (M, N) buffers; h and dh contiguous, g and u with row stride ld, dg and du
+// with row stride ldd (ld = ldd = N; or 2N when g | u and dg | du are the two halves of one
+// (M, 2N) buffer: the output of one GEMM on the weights [Wg; Wu]). bg, bu, dbg, dbu are (N,). Threads own
+// contiguous blocks of whole rows (parallel_for); each bias gradient is summed per thread into its
+// own fp64 buffer, then the buffers are added in thread order: deterministic, no atomics.
+#include <stdexcept>
+#include <vector>
+
+#include "activations.h"
+#include "kernels.h"
+
+namespace fl {
+
+// Forward for rows [r0, r1). keep: write g + bg and u + bu back into g and u (the backward's
+// saved pre-activations). h may be g itself (in place) when nothing is kept.
+// Bytes: reads 2*M*N (+2N), writes M*N (3*M*N when keeping biased g, u).
+template <class T, int ACT>
+static void gated_rows(T* g, const T* bg, T* u, const T* bu, T* h, bool keep, int64_t r0, int64_t r1,
+                       int64_t n, int64_t ld, double slope) {
+  using IO = io<T>;
+  using V = typename IO::V;
+  using C = typename IO::C;
+  constexpr int W = IO::W;
+  for (int64_t r = r0; r < r1; ++r) {
+    T* gr = g + r * ld;
+    T* ur = u + r * ld;
+    T* hr = h + r * n;
+    for (int64_t j = 0; j < n; j += W) {
+      int64_t k = std::min<int64_t>(W, n - j);
+      bool full = k == W;
+      V gv = full ? IO::load(gr + j) : load_n(gr + j, k);
+      V uv = full ? IO::load(ur + j) : load_n(ur + j, k);
+      if (bg) gv += full ? IO::load(bg + j) : load_n(bg + j, k);
+      if (bu) uv += full ? IO::load(bu + j) : load_n(bu + j, k);
+      if (keep && bg) { if (full) IO::store(gr + j, gv); else store_n(gr + j, gv, k); }
+      if (keep && bu) { if (full) IO::store(ur + j, uv); else store_n(ur + j, uv, k); }
+      V hv = act_forward<ACT>(gv, (C)slope) * uv;
+      if (full) IO::store(hr + j, hv); else store_n(hr + j, hv, k);
+    }
+  }
+}
+
+template <class T>
+void gated_forward(T* g, const T* bg, T* u, const T* bu, T* h, int64_t m, int64_t n, int64_t ld, int act,
+                   double slope, bool keep, int nthreads) {
+  dispatch_act(act, [&]<int ACT>() {
+    parallel_for(m, 2 * n, nthreads, [&](int64_t r0, int64_t r1, int) {
+      gated_rows<T, ACT>(g, bg, u, bu, h, keep, r0, r1, n, ld, slope);
+    });
+  });
+}
+
+// Backward for rows [r0, r1): a = act(g); dg = act'(g) * (dh * u) (act' from g, or from a for
+// the activations whose backward reads their output, see activations.h); du = dh * a. acc_g and
+// acc_u (n fp64 each, or null) collect the column sums of dg and du as stored (rounded to T).
+// Bytes: reads 3*M*N, writes 2*M*N.
+template <class T, int ACT>
+static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, double* acc_g, double* acc_u,
+                            int64_t r0, int64_t r1, int64_t n, int64_t ld, int64_t ldd, double slope,
+                            bool from_output) {
+  using IO = io<T>;
+  using V = typename IO::V;
+  using C = typename IO::C;
+  constexpr int W = IO::W;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* dhr = dh + r * n;
+    const T* gr = g + r * ld;
+    const T* ur = u + r * ld;
+    T* dgr = dg + r * ldd;
+    T* dur = du + r * ldd;
+    for (int64_t j = 0; j < n; j += W) {
+      int64_t k = std::min<int64_t>(W, n - j);
+      bool full = k == W;
+      V dhv = full ? IO::load(dhr + j) : load_n(dhr + j, k);
+      V gv = full ? IO::load(gr + j) : load_n(gr + j, k);
+      V uv = full ? IO::load(ur + j) : load_n(ur + j, k);
+      V a = act_forward<ACT>(gv, (C)slope);
+      V dgv = act_backward<ACT>(dhv * uv, from_output ? a : gv, (C)slope);
+      V duv = dhv * a;
+      if (full) { IO::store(dgr + j, dgv); IO::store(dur + j, duv); }
+      else { store_n(dgr + j, dgv, k); store_n(dur + j, duv, k); }
+      // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage, in fp64
+      // accumulators), one rounding at the end.
+      if (acc_g) add_to(acc_g + j, dgv, k);
+      if (acc_u) add_to(acc_u + j, duv, k);
+    }
+  }
+}
+
+template <class T>
+void gated_backward(const T* dh, const T* g, const T* u, T* dg, T* du, T* dbg, T* dbu, int64_t m,
+                    int64_t n, int64_t ld, int64_t ldd, int act, double slope, bool from_output, int nthreads) {
+  int nt = threads_for(m, 3 * n, nthreads);
+  std::vector<double> acc_g(dbg ? (size_t)nt * n : 0, 0.0), acc_u(dbu ? (size_t)nt * n : 0, 0.0);
+  dispatch_act(act, [&]<int ACT>() {
+    parallel_for(m, 3 * n, nthreads, [&](int64_t r0, int64_t r1, int t) {
+      gated_grad_rows<T, ACT>(dh, g, u, dg, du, dbg ? acc_g.data() + (size_t)t * n : nullptr,
+                              dbu ? acc_u.data() + (size_t)t * n : nullptr, r0, r1, n, ld, ldd, slope,
+                              from_output);
+    });
+  });
+  if (dbg) sum_thread_columns(acc_g.data(), nt, n, dbg);
+  if (dbu) sum_thread_columns(acc_u.data(), nt, n, dbu);
+}
+
+#define FL_INSTANTIATE(T)                                                                               \
+  template void gated_forward<T>(T*, const T*, T*, const T*, T*, int64_t, int64_t, int64_t, int, double, bool, \
+                                 int);                                                                    \
+  template void gated_backward<T>(const T*, const T*, const T*, T*, T*, T*, T*, int64_t, int64_t, int64_t,    \
+                                  int64_t, int, double, bool, int);
+FL_INSTANTIATE(float)
+FL_INSTANTIATE(double)
+FL_INSTANTIATE(bf16)
+FL_INSTANTIATE(f16)
+
+}  // namespace fl

@@ -1,0 +1,375 @@
+"""Ahead-of-time compile gate for fastlayers' Triton kernels: no GPU needed.
+
+Compiles every kernel x shipped config x layout x dtype x epilogue the launcher
+(fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80 (A100), with the
+installed triton's own compiler and its bundled ptxas, and reports per compiled kernel the
+registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped config
+
+* does not compile,
+* spills registers (any spill store: the kernels are one loop plus an epilogue, and a spill in the
+  epilogue of a GEMM tile is as much a sign of a tile too large as one in the loop), or
+* needs more shared memory than one block may have on the target (227 KB on sm_90, 163 KB on
+  sm_80: such a config fails at launch).
+
+The arguments mimic the JIT's specialisation at a real launch (pointers 16-byte aligned, int
+arguments equal to 1 become constants, ints divisible by 16 get the divisibility hint), with the
+launcher's constexprs, so the code compiled here is the code a GPU would run.
+
+usage: python scripts/compile_gate.py [--quick] [--targets 90,80] [--jobs N] [--out FILE.md]
+           [--filter SUBSTRING]
+  --quick   a subset for CI: sm_90 only; per GEMM class the largest config with the heaviest
+            fused epilogue and the largest plain config, every split-K config, the reductions and
+            three softmax plans (about a minute on 2 cores).
+  --out     write the markdown table there (bench/results/sm90-compile.md for the full run).
+Run from the repository root.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+
+# Compile for a GPU, never interpret; re-run ptxas for every job so its log (registers, spills)
+# is printed even when the kernel is in Triton's cache.
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (silences its warning)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastlayers.kernels import activations as A  # noqa: E402
+from fastlayers.kernels import linear_act as LA  # noqa: E402
+from fastlayers.kernels import softmax as SM  # noqa: E402
+
+# Shared memory one block may use (opt-in maximum), bytes.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+KERNELS = {
+    "gemm": LA._gemm_kernel, "act_grad_bias": LA.act_grad_bias_kernel,
+    "sum_rows": LA.sum_rows_kernel, "softmax_fwd": SM.softmax_fwd_kernel,
+    "softmax_fwd_streaming": SM.softmax_fwd_streaming_kernel, "softmax_bwd": SM.softmax_bwd_kernel,
+    "softmax_bwd_streaming": SM.softmax_bwd_streaming_kernel,
+}
+TORCH_NAME = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
+
+
+class Ptr:
+    """A pointer argument of element type `dt` ("fp16", "bf16", "fp32", "fp64")."""
+
+    def __init__(self, dt: str):
+        self.dt = dt
+
+
+def source(fn, args: dict) -> ASTSource:
+    """ASTSource with the JIT's specialisation of these argument values."""
+    missing = set(fn.arg_names) ^ set(args)
+    if missing:
+        raise TypeError(f"{fn.__name__}: arguments differ from the kernel's: {sorted(missing)}")
+    sig, consts, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        v = args[name]
+        if param.is_constexpr:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, Ptr):
+            sig[name] = "*" + v.dt
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "u1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name}={v!r}")
+    return ASTSource(fn, sig, consts, attrs)
+
+
+def parse_ptxas(log: str) -> dict:
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    spill_st = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log)]
+    spill_ld = [int(x) for x in re.findall(r"(\d+) bytes spill loads", log)]
+    return {"regs": max(regs) if regs else None, "spill_stores": sum(spill_st) if spill_st else None,
+            "spill_loads": sum(spill_ld) if spill_ld else None}
+
+
+def run_job(job: dict) -> dict:
+    out = {k: v for k, v in job.items() if k != "args"}
+    t0 = time.time()
+    log = io.StringIO()
+    try:
+        src = source(KERNELS[job["kernel"]], job["args"])
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
+                               options=dict(job["options"]))
+        out.update(parse_ptxas(log.getvalue()))
+        out["smem"] = int(k.metadata.shared)
+        ttgir = k.asm.get("ttgir", "")
+        out["mma"] = ("wgmma" if "warp_group_dot" in ttgir else
+                      "mma" if "nvidia_mma" in ttgir else "fma" if "tt.dot" in ttgir else "")
+        problems = []
+        if out["regs"] is None or out["spill_stores"] is None:
+            problems.append("no ptxas log")
+        elif out["spill_stores"] > 0 or out["spill_loads"] > 0:
+            problems.append(f"spills {out['spill_stores']}/{out['spill_loads']} B")
+        if out["smem"] > SMEM_LIMIT[job["arch"]]:
+            problems.append(f"shared memory {out['smem']} > {SMEM_LIMIT[job['arch']]}")
+        out["ok"] = not problems
+        out["problem"] = "; ".join(problems)
+    except Exception as e:  # noqa: BLE001 - any compile failure fails the gate with its message
+        msg = str(e).strip().splitlines()
+        out.update(ok=False, problem=f"compile error: {type(e).__name__}: {msg[-1] if msg else ''}"[:300])
+    out["secs"] = round(time.time() - t0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- jobs
+def cfg_tag(c) -> str:
+    k = c.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+
+
+# (name, ACT, HAS_BIAS, STORE_Z): the epilogues the forward GEMM is launched with. Activations that
+# save their output store no z; gelu / gelu_tanh / silu (and leaky_relu with a negative slope)
+# store z when the backward needs it.
+SAVES_Z = {A.GELU.value, A.GELU_TANH.value, A.SILU.value, A.LEAKY_RELU.value}
+ACT_NAMES = {A.NONE.value: "none", A.RELU.value: "relu", A.LEAKY_RELU.value: "leaky_relu",
+             A.GELU.value: "gelu", A.GELU_TANH.value: "gelu_tanh", A.SILU.value: "silu",
+             A.SIGMOID.value: "sigmoid", A.TANH.value: "tanh"}
+
+
+# The heaviest epilogues: erf GELU and tanh GELU with bias and z.
+HEAVIEST = [(A.GELU.value, True, True), (A.GELU_TANH.value, True, True)]
+
+
+def fused_epilogues(quick: bool):
+    """Every activation with bias (and z where it saves one), and bias alone."""
+    if quick:
+        return HEAVIEST[:1]
+    return [(act, True, act in SAVES_Z) for act in ACT_NAMES]
+
+
+def gemm_args(dt: str, layout: str, M: int, N: int, K: int, act: int, bias: bool, z: bool,
+              precision: str, cfg, split: int = 1) -> dict:
+    """The launcher's arguments for one GEMM (see fastlayers/backends/triton.py `_gemm`)."""
+    if layout == "fwd":    # x (M, K) row-major @ W^T: W (N, K) row-major seen as (K, N)
+        strides = dict(stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K)
+    elif layout == "dx":   # dz (M, N') row-major @ W (N', K') row-major
+        strides = dict(stride_am=K, stride_ak=1, stride_bk=N, stride_bn=1)
+    else:                  # dW: dz^T (N', M') = view of dz with strides (1, N') @ x (M', K')
+        strides = dict(stride_am=1, stride_ak=M, stride_bk=N, stride_bn=1)
+    acc = tl.float64 if dt == "fp64" else tl.float32
+    c_dt = ("fp64" if dt == "fp64" else "fp32") if split > 1 else dt
+    layout_code = 2 * int(strides["stride_ak"] == 1) + int(strides["stride_bn"] == 1)
+    return dict(
+        a_ptr=Ptr(dt), b_ptr=Ptr(dt), c_ptr=Ptr(c_dt), z_ptr=Ptr(dt), bias_ptr=Ptr(dt),
+        M=M, N=N, K=K, **strides, stride_cm=N, stride_cn=1, slope_hi=0.01, slope_lo=0.0,
+        k_per_split=(K // split if split > 1 else 0), stride_cs=(M * N if split > 1 else 0),
+        M_BUCKET=M, N_BUCKET=N, K_BUCKET=K, LAYOUT=layout_code,
+        HAS_BIAS=bias, ACT=act, STORE_Z=z, ACC_DTYPE=acc, PRECISION=precision, DOT_FP32=False,
+        SPLIT_K=split, **cfg.kwargs)
+
+
+def gemm_jobs(quick: bool, arch: int):
+    jobs = []
+    classes = [("lp", "bf16", "ieee"), ("lp", "fp16", "ieee"), ("tf32", "fp32", "tf32"),
+               ("ieee", "fp32", "ieee"), ("fp64", "fp64", "ieee")]
+    if quick:
+        classes = [c for c in classes if c[1] != "fp16"]
+    for dclass, dt, prec in classes:
+        for m in (4096, 32, 16):
+            n = k = 4096
+            for plain in (False, True):
+                configs = LA.gemm_configs(dclass, m, plain, arch)
+                if quick:
+                    configs = configs[:1]
+                if plain:
+                    work = [("fwd", A.NONE.value, False, False), ("dx", A.NONE.value, False, False),
+                            ("dW", A.NONE.value, False, False)]
+                else:
+                    # every epilogue for the main dtype of the class at large M; elsewhere the
+                    # heaviest two (the others need fewer registers)
+                    full = not quick and m > LA.SMALL_M_MAX and dt != "fp16"
+                    work = [("fwd",) + e for e in (fused_epilogues(False) if full else HEAVIEST)]
+                if quick and m != 4096:
+                    work = work[:1]
+                for c in configs:
+                    for layout, act, bias, z in work:
+                        epi = ACT_NAMES[act] + ("+bias" if bias else "") + ("+z" if z else "")
+                        jobs.append(dict(
+                            kernel="gemm", arch=arch, name=f"gemm {dclass} {dt} M={m} {layout} {epi}",
+                            config=cfg_tag(c),
+                            args=gemm_args(dt, layout, m, n, k, act, bias, z, prec, c),
+                            options=dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+        c = LA.SPLIT_K_CONFIG[dclass]
+        jobs.append(dict(kernel="gemm", arch=arch, name=f"gemm split-K {dclass} {dt} dW", config=cfg_tag(c),
+                         args=gemm_args(dt, "dW", 256, 256, 65536, A.NONE.value, False, False,
+                                        prec, c, split=8),
+                         options=dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+    return jobs
+
+
+def reduction_jobs(quick: bool):
+    jobs = []
+    for dt in (["bf16", "fp64"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
+        comp = tl.float64 if dt == "fp64" else tl.float32
+        pdt = "fp64" if dt == "fp64" else "fp32"
+        bm = LA.GRAD_BLOCK_M_FP64 if dt == "fp64" else LA.GRAD_BLOCK_M
+        acts = [A.GELU.value] if quick else list(ACT_NAMES)
+        for act in acts:
+            args = dict(dy_ptr=Ptr(dt), saved_ptr=Ptr(dt), dz_ptr=Ptr(dt), partial_ptr=Ptr(pdt),
+                        M=8192, N=4096, rows_per_prog=256, slope_hi=0.01, slope_lo=0.0, ACT=act,
+                        STORE_DZ=act != A.NONE.value, NEED_DB=True, COMPUTE_DTYPE=comp,
+                        BLOCK_M=bm, BLOCK_N=LA.GRAD_BLOCK_N)
+            jobs.append(dict(kernel="act_grad_bias", name=f"act_grad_bias {dt} {ACT_NAMES[act]}",
+                             config=f"{bm}x{LA.GRAD_BLOCK_N} w{LA.GRAD_NUM_WARPS}",
+                             args=args, options=dict(num_warps=LA.GRAD_NUM_WARPS)))
+        args = dict(partial_ptr=Ptr(pdt), out_ptr=Ptr(dt), P=256, N=4096,
+                    BLOCK_P=LA.SUM_BLOCK_P, BLOCK_N=LA.SUM_BLOCK_N)
+        jobs.append(dict(kernel="sum_rows", name=f"sum_rows {pdt}->{dt}",
+                         config=f"{LA.SUM_BLOCK_P}x{LA.SUM_BLOCK_N} w{LA.SUM_NUM_WARPS}",
+                         args=args, options=dict(num_warps=LA.SUM_NUM_WARPS)))
+    return jobs
+
+
+# (rows, L, inner): contiguous rows from short to past the single-pass limit, and strided ones.
+SOFTMAX_SHAPES = [(8192, 128, 1), (8192, 1000, 1), (4096, 4096, 1), (1024, 16384, 1),
+                  (512, 32768, 1), (64, 131072, 1), (64, 1024, 3), (64, 1024, 100),
+                  (64, 2048, 64), (64, 50257, 8)]
+SOFTMAX_QUICK = [(4096, 4096, 1), (64, 131072, 1), (64, 2048, 64)]
+
+
+def softmax_jobs(quick: bool):
+    jobs = []
+    for rows, L, inner in (SOFTMAX_QUICK if quick else SOFTMAX_SHAPES):
+        for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
+            single, br, bl, warps = SM.plan(rows * inner, L, inner, dt == "fp64")
+            comp = tl.float64 if dt == "fp64" else tl.float32
+            for kind in ("fwd", "bwd"):
+                kernel = f"softmax_{kind}" + ("" if single else "_streaming")
+                for log in ((False,) if quick else (False, True)):
+                    base = dict(R=rows * inner, L=L, INNER=inner, LOG=log, COMPUTE_DTYPE=comp,
+                                STRIDED=inner > 1, BLOCK_R=br, BLOCK_L=bl)
+                    if kind == "fwd":
+                        args = dict(x_ptr=Ptr(dt), y_ptr=Ptr(dt), **base)
+                    else:
+                        args = dict(dy_ptr=Ptr(dt), y_ptr=Ptr(dt), dx_ptr=Ptr(dt), **base)
+                    jobs.append(dict(kernel=kernel,
+                                     name=f"{kernel} {dt} {'log_softmax' if log else 'softmax'} "
+                                          f"L={L} inner={inner}",
+                                     config=f"{br}x{bl} w{warps}", args=args,
+                                     options=dict(num_warps=warps)))
+    return jobs
+
+
+def all_jobs(quick: bool, targets):
+    jobs = []
+    for t in targets:
+        jobs += gemm_jobs(quick, t)
+        jobs += [dict(j, arch=t) for j in reduction_jobs(quick) + softmax_jobs(quick)]
+    return jobs
+
+
+# ----------------------------------------------------------------------------- report
+def family(r: dict) -> str:
+    parts = r["name"].split()
+    if parts[0] == "gemm":
+        return "gemm split-K " + parts[3] if parts[1] == "split-K" else f"gemm {parts[1]}"
+    return parts[0]
+
+
+def markdown(results, targets, quick: bool, secs: float) -> str:
+    lines = [f"# Triton kernels compiled ahead of time for {', '.join(f'sm_{t}' for t in targets)}",
+             "",
+             f"`scripts/compile_gate.py{' --quick' if quick else ''}`, triton {triton.__version__}, "
+             f"{len(results)} kernels in {secs:.0f} s, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+             "No GPU involved: registers and spills from ptxas -v, shared memory from the kernel "
+             "metadata (limit per block: sm_90 227 KB, sm_80 163 KB). GEMMs at M = N = K = 4096 "
+             "(M = 16 / 32 for the small-M configs); `mma`: wgmma (Hopper), mma (mma.sync) or fma.",
+             ""]
+    bad = [r for r in results if not r["ok"]]
+    lines.append(f"**{'FAIL' if bad else 'PASS'}**: {len(bad)} of {len(results)} kernels fail the gate.")
+    lines += ["", "## Summary per kernel", "",
+              "| target | kernel | compiled | configs | max regs | max spill B | max smem KB | mma |",
+              "|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["arch"], family(r)), []).append(r)
+    for (arch, fam), rs in sorted(groups.items()):
+        ok = [r for r in rs if r.get("regs") is not None]
+        lines.append(
+            f"| sm_{arch} | {fam} | {len(rs)} | {len({r['config'] for r in rs})} | "
+            f"{max((r['regs'] for r in ok), default='-')} | "
+            f"{max((r['spill_stores'] for r in ok), default='-')} | "
+            f"{max((r['smem'] for r in ok), default=0) / 1024:.1f} | "
+            f"{', '.join(sorted({r.get('mma', '') for r in rs} - {''})) or '-'} |")
+    lines += ["", "## Per config (worst case over the layouts and epilogues compiled with it)", "",
+              "| target | kernel | config | compiled | regs | spill B | smem KB | mma | status |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    per = {}
+    for r in results:
+        per.setdefault((r["arch"], family(r), r["config"]), []).append(r)
+    for (arch, fam, cfg), rs in sorted(per.items()):
+        ok = [r for r in rs if r.get("regs") is not None]
+        status = "ok" if all(r["ok"] for r in rs) else "; ".join(
+            sorted({f"{r['name']}: {r['problem']}" for r in rs if not r["ok"]}))[:400]
+        lines.append(
+            f"| sm_{arch} | {fam} | {cfg} | {len(rs)} | {max((r['regs'] for r in ok), default='-')} | "
+            f"{max((r['spill_stores'] for r in ok), default='-')} | "
+            f"{max((r['smem'] for r in ok), default=0) / 1024:.1f} | "
+            f"{', '.join(sorted({r.get('mma', '') for r in rs} - {''})) or '-'} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--targets", default=None, help="comma-separated compute capabilities")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--filter", default="")
+    ap.add_argument("-v", "--verbose", action="store_true", help="one line per compiled kernel")
+    opts = ap.parse_args()
+    targets = [int(t) for t in (opts.targets or ("90" if opts.quick else "90,80")).split(",")]
+    jobs = [j for j in all_jobs(opts.quick, targets) if opts.filter in f"{j['name']} {j['config']}"]
+    print(f"compile gate: {len(jobs)} kernels for {', '.join(f'sm_{t}' for t in targets)}, "
+          f"triton {triton.__version__}, {opts.jobs} processes", flush=True)
+    t0 = time.time()
+    results = []
+    with mp.get_context("fork").Pool(opts.jobs) as pool:
+        for r in pool.imap_unordered(run_job, jobs):
+            results.append(r)
+            if opts.verbose or not r["ok"]:
+                facts = (f"regs={r.get('regs')} spill={r.get('spill_stores')} "
+                         f"smem={r.get('smem')} {r.get('mma', '')}")
+                print(f"[{r['secs']:5.1f}s] {'ok ' if r['ok'] else 'BAD'} sm_{r['arch']} {r['name']} "
+                      f"{r['config']}: {facts} {r.get('problem', '')}", flush=True)
+    secs = time.time() - t0
+    report = markdown(results, targets, opts.quick, secs)
+    if opts.out:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+        with open(opts.out, "w") as f:
+            f.write(report)
+    summary = report.split("## Per config")[0]
+    print(summary if not opts.quick else summary.split("## Summary")[0].strip())
+    bad = [r for r in results if not r["ok"]]
+    print(f"compile gate: {'FAIL' if bad else 'PASS'} ({len(results) - len(bad)}/{len(results)} ok, "
+          f"{secs:.0f} s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

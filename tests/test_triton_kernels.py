@@ -1,0 +1,348 @@
+"""Kernel-specific tests of the Triton backend: launcher decisions (TF32, autotuning, kernel paths)
+and the kernel designs that tests/test_triton.py does not reach at its shapes.
+
+Like tests/test_triton.py, these run on CUDA tensors when a GPU is present, else on CPU tensors
+through Triton's interpreter (~2 ms per program): shapes stay small (dims <= ~300). Every test is
+marked `triton_interp`, so `pytest -m triton_interp` selects the Triton suite (the triton-3.6 run
+of the Makefile does).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # normally done by conftest.py; harmless when it already ran
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastlayers as fl  # noqa: E402
+from fastlayers.backends import load  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+try:
+    _tb = load("triton")
+    _why = _tb.unavailable_reason(torch.device(DEVICE))
+except Exception as e:  # noqa: BLE001 - triton not installed or failed to import
+    _tb, _why = None, str(e)
+if _why is not None:
+    pytest.skip(f"triton backend cannot run on {DEVICE}: {_why}", allow_module_level=True)
+
+pytestmark = [pytest.mark.triton_interp,
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def _close(out, ref, red=1, what=""):
+    """fp64: 1e-7; fp32: assert_close defaults with atol scaled by sqrt(reduction length / 16)."""
+    assert out.shape == ref.shape, what
+    if out.dtype == torch.float64:
+        rtol, atol = 1e-7, 1e-7
+    else:
+        rtol, atol = 1.3e-6, 1e-5 * math.sqrt(max(1.0, red / 16))
+    torch.testing.assert_close(out.to(ref.dtype), ref, rtol=rtol, atol=atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------------------- TF32 switch
+def _set_tf32_state(fmp, glob, matmul):
+    """Legacy float32_matmul_precision first (its setter also writes the new matmul setting),
+    then the new global and matmul settings."""
+    if fmp is not None:
+        torch.set_float32_matmul_precision(fmp)
+    if glob is not None and hasattr(torch.backends, "fp32_precision"):
+        torch.backends.fp32_precision = glob
+    if matmul is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+@pytest.fixture
+def restore_tf32():
+    """Each test starts from PyTorch's defaults (no TF32, nothing set through the new API) and
+    PyTorch's settings are put back afterwards."""
+    glob = getattr(torch.backends, "fp32_precision", None)
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    try:
+        fmp = torch.get_float32_matmul_precision()
+    except RuntimeError:  # mixed legacy / new state: the new settings restore it
+        fmp = None
+    _set_tf32_state("highest", "none", "none")
+    yield
+    _set_tf32_state(fmp, glob, matmul)
+
+
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def test_tf32_default_is_ieee(restore_tf32):
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert _tb.fp32_matmul_precision() == "ieee"
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_tf32_legacy_flag(on, restore_tf32):
+    torch.backends.cuda.matmul.allow_tf32 = on
+    assert _tb.fp32_matmul_precision() == ("tf32" if on else "ieee")
+
+
+@pytest.mark.parametrize("mode,expect", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_tf32_float32_matmul_precision(mode, expect, restore_tf32):
+    """torch.set_float32_matmul_precision: "high" and "medium" let cuBLAS use TF32."""
+    torch.set_float32_matmul_precision(mode)
+    assert _tb.fp32_matmul_precision() == expect
+
+
+@pytest.mark.skipif(not _NEW_API, reason=f"torch {torch.__version__} has no fp32_precision API")
+@pytest.mark.parametrize("value", ["tf32", "ieee"])
+def test_tf32_new_matmul_api(value, restore_tf32):
+    torch.backends.cuda.matmul.fp32_precision = value
+    if value == "tf32":  # the state in which reading the legacy flag raises: the helper must not
+        with pytest.raises(RuntimeError):
+            torch.backends.cuda.matmul.allow_tf32  # noqa: B018
+    assert _tb.fp32_matmul_precision() == value
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"),
+                    reason=f"torch {torch.__version__} has no global fp32_precision")
+def test_tf32_new_global_api(restore_tf32):
+    """The global setting (which recent transformers versions set) is inherited by CUDA matmuls,
+    unless the matmul-specific one overrides it."""
+    torch.backends.fp32_precision = "tf32"
+    assert _tb.fp32_matmul_precision() == "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert _tb.fp32_matmul_precision() == "ieee"
+    torch.backends.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    assert _tb.fp32_matmul_precision() == "ieee"
+
+
+@pytest.mark.skipif(not _NEW_API, reason=f"torch {torch.__version__} has no fp32_precision API")
+def test_tf32_new_api_linear_runs(restore_tf32):
+    """A linear_act in fp32 with the new API set runs (it used to raise reading allow_tf32).
+    On CPU tensors (interpreter) the GEMM is exact fp32 whatever the setting, as torch.mm's."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    x, w, b = _rand(9, 20), _rand(7, 20, seed=2), _rand(7, seed=3)
+    with fl.use_backend("triton"):
+        y = fl.linear_act(x, w, b, "gelu")
+    ref = torch.nn.functional.gelu(x.double() @ w.double().t() + b.double())
+    if DEVICE == "cpu":
+        _close(y, ref, red=20)
+    else:
+        torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- GEMM paths
+from fastlayers.kernels import linear_act as K_LA  # noqa: E402
+from fastlayers.kernels import softmax as K_SM  # noqa: E402
+
+
+def _linear_grads(x, w, b, act, dy, backend):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    with fl.use_backend(backend):
+        y = fl.linear_act(leaves[0], leaves[1], leaves[2], act)
+        need = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(y, need, dy)
+    return [y.detach(), *grads]
+
+
+def _check_linear(M, K, N, act="gelu", dtype=torch.float32, bias=True, what=""):
+    x = _rand(M, K, dtype=dtype, seed=1)
+    w = _rand(N, K, dtype=dtype, scale=K ** -0.5, seed=2)
+    b = _rand(N, dtype=dtype, seed=3) if bias else None
+    dy = _rand(M, N, dtype=dtype, seed=4)
+    got = _linear_grads(x, w, b, act, dy, "triton")
+    ref = _linear_grads(x.double(), w.double(), b.double() if bias else None, act, dy.double(),
+                        "reference")
+    for name, g, r, red in zip(("y", "dx", "dw", "db"), got, ref, (K, N, M, M)):
+        _close(g, r, red=red, what=f"{name} {M}x{K}->{N} {dtype} {what}")
+    return got
+
+
+def test_gemm_config_tables():
+    """Every GPU config: tile dims powers of two >= 16 (tl.dot's minimum on a GPU); each class
+    has a config for fused epilogues; small-M configs have BLOCK_M 16 / 32."""
+    for dclass, entries in K_LA.GEMM_CONFIGS.items():
+        assert any(not plain_only and not sm90 for _, plain_only, sm90 in entries), dclass
+        for cfg, _, _ in entries:
+            for d in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                v = cfg.kwargs[d]
+                assert v >= 16 and v & (v - 1) == 0, (dclass, cfg)
+    for dclass, entries in K_LA.SMALL_M_CONFIGS.items():
+        for bn, bk, _, _, _ in entries:
+            assert bn >= 16 and bk >= 16, dclass
+    assert set(K_LA.GEMM_AUTOTUNE_KEY) <= set(K_LA._gemm_kernel.arg_names)
+    for name in ("ACT", "HAS_BIAS", "STORE_Z", "PRECISION", "LAYOUT", "M_BUCKET", "N_BUCKET",
+                 "K_BUCKET"):
+        assert name in K_LA.GEMM_AUTOTUNE_KEY
+
+
+def test_heuristic_config_fills_the_gpu():
+    configs = [c for c, _, _ in K_LA.GEMM_CONFIGS["lp"]]
+    big = K_LA.heuristic_config(configs, 8192, 8192, 132)
+    assert (big.kwargs["BLOCK_M"], big.kwargs["BLOCK_N"]) == (128, 256)
+    small = K_LA.heuristic_config(configs, 256, 256, 132)
+    assert small.kwargs["BLOCK_M"] * small.kwargs["BLOCK_N"] == min(
+        c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 32, 33])
+def test_small_m_path(M):
+    """Decode-sized M (<= 32) takes the small-M configs (BLOCK_M 16 under the interpreter)."""
+    assert (K_LA.gemm_configs("ieee", _tb._pow2(M), False)[0].kwargs["BLOCK_M"] <= 32) == (M <= 32)
+    _check_linear(M, 70, 90, dtype=torch.float32, what=f"M={M}")
+    if M in (1, 17):
+        _check_linear(M, 20, 33, act="leaky_relu", dtype=torch.float64, what=f"M={M}")
+
+
+def test_small_m_gpu_configs_by_bucket():
+    if K_LA.INTERPRET:
+        assert K_LA.gemm_configs("lp", 16, True) == [K_LA.INTERPRETER_SMALL_M_CONFIG]
+        return
+    assert all(c.kwargs["BLOCK_M"] == 16 for c in K_LA.gemm_configs("lp", 16, True))
+    assert all(c.kwargs["BLOCK_M"] == 32 for c in K_LA.gemm_configs("lp", 32, True))
+    sm80 = K_LA.gemm_configs("lp", 4096, True, capability=80)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in sm80)
+
+
+@pytest.fixture
+def split_k_on(monkeypatch):
+    """Make the interpreter look like a GPU with 8 SMs and split K in chunks of >= 64, so small
+    dW GEMMs take the split-K path."""
+    monkeypatch.setattr(_tb, "INTERPRETER_SMS", 8)
+    monkeypatch.setattr(_tb, "SPLIT_K_MIN_CHUNK", 64)
+    calls = []
+    orig = _tb._sum_rows
+
+    def spy(op, partial, out):
+        calls.append(tuple(partial.shape))
+        return orig(op, partial, out)
+
+    monkeypatch.setattr(_tb, "_sum_rows", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_split_k_dw(split_k_on, dtype):
+    """dW = dz^T @ x with M = 300 >> N x K: split over M (the reduction), partial tiles summed in
+    a fixed order; same result as the reference, bit-identical across runs."""
+    M, K, N = 300, 20, 24
+    assert _tb.split_k_count("ieee", N, K, M, 8) > 1
+    got = _check_linear(M, K, N, act="relu", dtype=dtype, bias=False)
+    assert any(len(s) == 2 and s[1] == N * K for s in split_k_on), split_k_on  # dW was split
+    again = _check_linear(M, K, N, act="relu", dtype=dtype, bias=False)
+    assert torch.equal(got[2], again[2])
+
+
+def test_split_k_count_rules():
+    assert _tb.split_k_count("lp", 8192, 8192, 8192, 132) == 1          # enough tiles
+    assert _tb.split_k_count("lp", 256, 256, 512, 132) == 1             # short reduction
+    s = _tb.split_k_count("lp", 256, 256, 65536, 132)                   # dW of a small layer
+    assert 1 < s <= _tb.SPLIT_K_MAX
+
+
+@pytest.mark.parametrize("P,N", [(1, 5), (31, 7), (32, 64), (70, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_rows(P, N, dtype):
+    partial = _rand(P, N, dtype=dtype, seed=P)
+    out = torch.empty(N, dtype=dtype, device=DEVICE)
+    _tb._sum_rows("test", partial, out)
+    _close(out, partial.double().sum(0), red=P)
+
+
+def test_bias_grad_many_partials():
+    """Enough rows that act_grad_bias_kernel writes more partial rows than one sum_rows step."""
+    M = K_LA.GRAD_BLOCK_M * (K_LA.SUM_BLOCK_P + 3)
+    _check_linear(M, 3, 5, act="silu")
+
+
+def test_autotune_off_uses_one_heuristic_config(monkeypatch):
+    monkeypatch.setattr(_tb, "AUTOTUNE", False)
+    monkeypatch.setattr(K_LA, "autotuned_gemm", lambda configs: pytest.fail("autotuner used"))
+    _check_linear(70, 40, 50, act="gelu_tanh")
+
+
+def test_no_autotuning_while_capturing(monkeypatch):
+    """During CUDA-graph capture: a config tuned before for the same key, else the heuristic one;
+    never the autotuner (it would benchmark inside the capture)."""
+    _check_linear(40, 30, 20, act="tanh")          # tunes (records) these keys
+    tuned = dict(_tb._tuned)
+    assert tuned
+    monkeypatch.setattr(_tb, "_capturing", lambda t: True)
+    monkeypatch.setattr(K_LA, "autotuned_gemm", lambda configs: pytest.fail("autotuner used"))
+    _check_linear(40, 30, 20, act="tanh")          # re-uses the recorded configs
+    _check_linear(90, 30, 20, act="sigmoid")       # new keys: heuristic
+
+
+def test_not_capturing_outside_a_graph():
+    assert _tb._capturing(_rand(1)) is False
+
+
+# ----------------------------------------------------------------------------- softmax paths
+def _check_softmax(shape, dim, dtype=torch.float32):
+    x = _rand(*shape, dtype=dtype, scale=2.0, seed=5)
+    dy = _rand(*shape, dtype=dtype, seed=6)
+    for f in (fl.softmax, fl.log_softmax):
+        out = {}
+        for backend, conv in (("triton", lambda t: t.clone()), ("reference", lambda t: t.double())):
+            xl = conv(x).requires_grad_()
+            with fl.use_backend(backend):
+                y = f(xl, dim)
+                (dx,) = torch.autograd.grad(y, xl, conv(dy))
+            out[backend] = (y, dx)
+        _close(out["triton"][0], out["reference"][0], what=f"y {f.__name__} {shape} dim={dim}")
+        _close(out["triton"][1], out["reference"][1], what=f"dx {f.__name__} {shape} dim={dim}")
+
+
+@pytest.mark.parametrize("shape,dim", [((2, 5, 16), 1), ((3, 4, 17), 1), ((2, 3, 40), 1),
+                                       ((2, 9, 8), 1), ((3, 70, 2), 1), ((2, 3, 33), 0)])
+def test_softmax_strided_tiles(shape, dim):
+    """inner > 1: each program holds BLOCK_R neighbouring inner indices of one outer index;
+    inner on both sides of BLOCK_R (16) and several outer indices."""
+    _check_softmax(shape, dim)
+
+
+def test_softmax_strided_plan_stays_in_one_outer():
+    for inner in (2, 3, 16, 17, 100):
+        single, block_r, block_l, _ = K_SM.plan(1000 * inner, 5, inner)
+        assert block_r <= K_SM._next_pow2(inner) and block_r >= K_SM.rows_per_tile_min(inner)
+        assert K_SM.grid_size(1000 * inner, inner, block_r) == 1000 * -(-inner // block_r)
+
+
+def test_softmax_strided_streaming(monkeypatch):
+    """The streaming kernels with inner > 1 (tiny single-pass limit so rows stay short)."""
+    monkeypatch.setattr(K_SM, "SINGLE_PASS_MAX_ELEMS", 64)
+    monkeypatch.setattr(K_SM, "STREAM_CHUNK_ELEMS", 64)
+    assert not K_SM.uses_single_pass(11, 17)
+    _check_softmax((2, 11, 17), 1)
+    _check_softmax((2, 11, 17), 1, dtype=torch.float64)
+
+
+def test_softmax_single_pass_limits_by_dtype_and_layout():
+    """fp64 and strided rows get half the single-pass tile each (they spill at 16 warps)."""
+    full = K_SM.single_pass_max_length(1)
+    assert K_SM.single_pass_max_length(1, fp64=True) == full // 2
+    assert K_SM.single_pass_max_length(16) * 16 == full // 2
+    assert K_SM.single_pass_max_length(16, fp64=True) * 16 == full // 4
+    for inner, fp64 in ((1, False), (1, True), (16, False), (3, True)):
+        n = K_SM.single_pass_max_length(inner, fp64)
+        assert K_SM.uses_single_pass(n, inner, fp64) and not K_SM.uses_single_pass(n + 1, inner, fp64)
+
+
+@pytest.mark.parametrize("delta", [0, 1])
+def test_softmax_fp64_boundary(delta):
+    """fp64 rows on both sides of their own (halved) single-pass limit."""
+    length = K_SM.single_pass_max_length(1, fp64=True) + delta
+    _check_softmax((2, length), -1, dtype=torch.float64)
+
+
+def test_act_grad_fp64_tile():
+    """fp64 backward uses an act-grad tile of GRAD_BLOCK_M_FP64 rows: M straddles it."""
+    bm = K_LA.GRAD_BLOCK_M_FP64
+    for M in (bm - 1, bm + 1, 4 * bm + 3):
+        _check_linear(M, 5, K_LA.GRAD_BLOCK_N + 1, act="gelu", dtype=torch.float64)
