@@ -48,6 +48,8 @@ EXT     := fastlayers/.built-ext
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py
 
 FUZZ_MINUTES ?= 20
+BENCH_FILES := bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py \
+               bench/test_bench_loss.py bench/test_bench_models.py
 
 .PHONY: test bench bench-quick fuzz build setup clean test-triton36 compile-gate compile-gate-quick
 
@@ -105,13 +107,13 @@ fuzz: build
 # A few shapes with few rounds (numbers mean nothing): proves the benchmark suite runs; CI runs it.
 bench-quick: build
 	@mkdir -p bench/results
-	FASTLAYERS_BENCH_QUICK=1 $(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py bench/test_bench_loss.py -q \
+	FASTLAYERS_BENCH_QUICK=1 $(PY) -m pytest $(BENCH_FILES) -q \
 		-p no:cacheprovider --benchmark-json=bench/results/quick.json $(PYTEST_ARGS)
 	$(PY) bench/report.py bench/results/quick.json --no-png
 
 bench: build
 	@mkdir -p bench/results
-	$(PY) -m pytest bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py bench/test_bench_loss.py -q -p no:cacheprovider \
+	$(PY) -m pytest $(BENCH_FILES) -q -p no:cacheprovider \
 		--benchmark-json=bench/results/cpu-latest.json $(PYTEST_ARGS)
 	$(PY) bench/report.py bench/results/cpu-latest.json
 

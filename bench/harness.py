@@ -35,7 +35,8 @@ QUICK = os.environ.get("FASTLAYERS_BENCH_QUICK", "") not in ("", "0")
 # Round budget per test on the CPU: enough rounds for a stable median, few enough that the
 # whole suite stays around 6-10 minutes on 2 cores (the biggest linear fwd+bwd round is ~1 s).
 TARGET_S = 0.3 if QUICK else 3.0
-MIN_ROUNDS = 3 if QUICK else 11
+# FASTLAYERS_BENCH_MIN_ROUNDS overrides the floor (e.g. 5 for a shorter run on a busy machine).
+MIN_ROUNDS = int(os.environ.get("FASTLAYERS_BENCH_MIN_ROUNDS") or (3 if QUICK else 11))
 MAX_ROUNDS = 15 if QUICK else 200
 
 

@@ -24,8 +24,9 @@ from collections import defaultdict
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # Column order; contenders not listed here follow in the order they appear.
-ORDER = ["fastlayers", "eager", "eager_out", "compile", "compile_max", "addmm_act", "mm", "copy"]
-CEILINGS = {"copy": "gbps", "mm": "gflops"}  # contender -> the rate it is a ceiling for
+ORDER = ["fastlayers", "fl_functional", "eager", "eager_out", "eager_module", "compile", "compile_max",
+         "onednn", "addmm_act", "mm", "linear", "copy"]
+CEILINGS = {"copy": "gbps", "mm": "gflops", "linear": "gflops"}  # contender -> the rate it is a ceiling for
 
 
 def fail(msg: str) -> "NoReturn":  # noqa: F821
@@ -140,6 +141,22 @@ def summary(rows):
     return cols, out
 
 
+def throughput_table(rows):
+    """Whole-model rows: items per second per contender (tokens/s or images/s)."""
+    rows = [r for r in rows if r.get("throughput")]
+    if not rows:
+        return None
+    names = contender_names(rows)
+    cols = ["model", "shape", "dtype", "pass", "unit"] + [f"{n}" for n in names] + ["fl/eager", "fl/compile"]
+    out = []
+    for r in rows:
+        sp = r.get("fastlayers_speedup", {})
+        out.append([r.get("op", "?"), r.get("shape", "?"), r.get("dtype", "?"), r.get("pass", "?"),
+                    r.get("unit", "items/s")] + [fmt(r["throughput"].get(n)) for n in names]
+                   + [fmt(sp.get("eager"), 3), fmt(sp.get("compile"), 3)])
+    return cols, out
+
+
 def render(cols, rows, markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -239,6 +256,9 @@ def main(argv=None) -> int:
             srows = [r for r in rows if r.get("suite", "cpu") == suite]
             print(render(*build_table(srows), args.markdown) + "\n")
             print(render(*summary(srows), args.markdown) + "\n")
+            tp = throughput_table(srows)
+            if tp:
+                print(render(*tp, args.markdown) + "\n")
         print("speed-ups are fastlayers' (>1 = fastlayers faster): median of per-round ratios, "
               "contenders interleaved in one run.\n")
         if not args.no_png:

@@ -38,6 +38,39 @@ def contenders(act):
             "compile": torch.compile(eager, dynamic=False)}
 
 
+# oneDNN's fused GEMM + post-op as PyTorch exposes it (private op), for the peers column.
+ONEDNN_ATTR = {"gelu": ("gelu", "none"), "relu": ("relu", "")}
+
+
+def inference_peers(act, x, w, b):
+    """No-grad forward contenders besides eager / compile, all on the same x, W, b:
+    fastlayers     FusedLinear in no-grad use: what a swapped model runs (prepacked weight)
+    fl_functional  fl.linear_act(x, w, b) (no prepacking)
+    onednn         torch.ops.mkldnn._linear_pointwise(x, w, b, act)
+    compile_max    torch.compile(mode="max-autotune") of Linear + activation with inductor
+                   freezing (weights prepacked, CPP GEMM template); gelu only (compile time)
+    linear         F.linear(x, w, b) alone: the epilogue-is-free ceiling"""
+    n, k = w.shape
+    mod = fl.FusedLinear(k, n, activation=act, dtype=w.dtype)
+    ref = torch.nn.Sequential(torch.nn.Linear(k, n, dtype=w.dtype), EAGER_MODULE[act]())
+    with torch.no_grad():
+        for m in (mod, ref[0]):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    mod.eval(), ref.eval()
+    attr, alg = ONEDNN_ATTR[act]
+    out = {"fastlayers": lambda: mod(x),
+           "fl_functional": lambda: fl.linear_act(x, w, b, activation=act),
+           "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], alg)}
+    if act == "gelu" and not QUICK:
+        out["compile_max"] = torch.compile(ref, mode="max-autotune", dynamic=False)
+    out["linear"] = lambda: F.linear(x, w, b)
+    return out
+
+
+EAGER_MODULE = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("act", ["gelu", "relu"])
@@ -57,9 +90,16 @@ def test_linear_act(compare, cpu_backend, pass_, act, shape, dtype):
     if not grad:
         def run(f):
             return lambda: f(x, w, b)
-        with torch.no_grad():
-            compare({name: run(f) for name, f in contenders(act).items()}, info=info,
-                    bytes_moved=fwd_bytes, flops=2 * m * k * n)
+        c = {name: run(f) for name, f in contenders(act).items()}
+        peers = inference_peers(act, x, w, b)
+        c["fastlayers"] = peers.pop("fastlayers")
+        c.update(peers)
+        compile_max = "compile_max" in c
+        if compile_max:
+            c["compile_max"] = (lambda f: lambda: f(x))(c["compile_max"])
+        with torch.no_grad(), torch._inductor.config.patch(freezing=compile_max):
+            compare(c, info=info, bytes_moved=fwd_bytes, flops=2 * m * k * n,
+                    baselines=("eager", "compile", "compile_max", "onednn"))
     else:
         dy = randn(m, n, dtype=dtype, seed=4)
 
@@ -71,6 +111,32 @@ def test_linear_act(compare, cpu_backend, pass_, act, shape, dtype):
 
 
 CALLS = 200  # calls per timed sample: one tiny call is too short to time on its own
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 64), (8, 256, 256), (32, 512, 512)], ids=lambda s: "x".join(map(str, s)))
+def test_small_batch_linear_relu(compare, cpu_backend, shape):
+    """Small batches without grad: FusedLinear (fastlayers) and fl.linear_act vs eager."""
+    m, k, n = shape
+    x, w, b = randn(m, k, seed=1), randn(n, k, seed=2, scale=k ** -0.5), randn(n, seed=3)
+    mod = fl.FusedLinear(k, n, activation="relu")
+    ref = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.ReLU())
+    with torch.no_grad():
+        for lin in (mod, ref[0]):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+    fns = {"fastlayers": lambda: mod(x), "fl_functional": lambda: fl.linear_act(x, w, b, "relu"),
+           "eager": lambda: F.relu(F.linear(x, w, b)), "eager_module": lambda: ref(x)}
+
+    def loop(f):
+        def run():
+            for _ in range(CALLS):
+                f()
+        return run
+    with torch.no_grad():
+        compare({name: loop(f) for name, f in fns.items()}, calls_per_sample=CALLS,
+                info={"suite": "cpu", "op": "small_batch_linear_relu", "shape": "x".join(map(str, shape)),
+                      "dtype": "float32", "pass": "fwd", "backend": cpu_backend},
+                baselines=("eager", "eager_module"))
 
 
 def test_overhead_linear_relu(compare, cpu_backend):

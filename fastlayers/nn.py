@@ -6,6 +6,7 @@ ops (the eager fast path).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from . import activations as _acts
 from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
 from ._dispatch import check_slope
+from .backends import select
 from .functional import linear_act, log_softmax, softmax
 
 
@@ -25,13 +27,18 @@ class FusedLinear(nn.Linear):
     an ``nn.Linear`` loads into it and back.
     """
 
+    __jit_ignored_attributes__ = ["_packed"]  # the inference cache: opaque to TorchScript
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "relu", negative_slope: float = _acts.DEFAULT_SLOPE,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                 prepack: bool = True) -> None:
         _acts.get(activation, "fastlayers.FusedLinear")  # fail at construction, not at first call
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
         self.negative_slope = check_slope("fastlayers.FusedLinear", negative_slope)
+        self.prepack = bool(prepack)
+        self._packed = None
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
@@ -41,13 +48,84 @@ class FusedLinear(nn.Linear):
 
     @torch.jit.unused
     def _eager(self, input: Tensor) -> Tensor:
+        if FAST_PATH:
+            y = self._forward_inference(input)
+            if y is not None:
+                return y
         return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
+
+    # ------------------------------------------------------------------ inference fast path
+    # When no gradient is needed (torch.no_grad / inference_mode, or nothing requires grad) and
+    # the call is plain (x a CPU tensor of the weight's dtype with in_features last, no autocast,
+    # not traced by torch.compile / jit.trace) on a backend with a packed forward (cpp), forward
+    # skips the functional wrapper's checks and autograd plumbing, and runs on a prepacked copy
+    # of the weight (cpp: oneDNN's blocked layout, see backends/cpp.py). Anything else takes the
+    # general path, which validates and raises the usual errors.
+    #
+    # Memory: the packed copy costs one more weight (out_features * in_features elements of its
+    # dtype) per FusedLinear, built on the first such call. It is rebuilt when the weight changes
+    # (its version counter moves on in-place updates and load_state_dict; .to() and `.data = `
+    # give it a new data pointer; the old storage is held until then, so a pointer cannot be
+    # reused unnoticed). Never in the state_dict, dropped by pickle / deepcopy.
+    # Opt out of prepacking: FusedLinear(..., prepack=False), or FASTLAYERS_PREPACK=0 in the environment.
+    def _forward_inference(self, x: Tensor) -> Optional[Tensor]:
+        w, b = self.weight, self.bias
+        if type(x) is not Tensor or not x.is_cpu:  # (is_cpu: cheaper than x.device.type)
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                        or (b is not None and b.requires_grad)):
+            return None
+        dtype = x.dtype
+        if (w.dtype != dtype or not w.is_cpu or x.dim() == 0 or w.dim() != 2 or x.shape[-1] != w.shape[1]
+                or (b is not None and (b.dtype != dtype or not b.is_cpu or b.shape != w.shape[:1]))
+                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):
+            return None
+        backend = select(x.device, "fastlayers.FusedLinear")
+        forward = getattr(backend, "linear_act_forward_packed", None)
+        if forward is None or dtype not in backend.DTYPES:
+            return None
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (M, K)
+        packed = self._packed_weight(backend, w, x2.shape[0])
+        y2 = forward(x2, packed, w, b, _acts.get(self.activation), self.negative_slope)  # (M, N)
+        return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], w.shape[0])  # (*, N)
+
+    def _packed_weight(self, backend, w: Tensor, batch: int):
+        """The backend's packed copy of w, (re)built when w changed; None when not prepacking."""
+        if not (self.prepack and PREPACK) or type(w) is not nn.Parameter or w.is_inference():
+            # Only a Parameter (a computed weight, e.g. torch.nn.utils.parametrize, is new every
+            # call), and never an inference tensor (no version counter: in-place updates unseen).
+            self._packed = None
+            return None
+        key = (w.data_ptr(), w._version, backend, w.dtype, w.shape, w.stride())
+        cached = self._packed
+        if cached is None or cached[0] != key:
+            # (key, the packed weight or None, w's storage held so its address stays unique)
+            cached = self._packed = (key, backend.prepack_weight(w, batch), w.detach())
+        return cached[1]
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_packed"] = None  # an opaque oneDNN tensor: rebuilt on demand, never pickled
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_packed", None)
+        self.__dict__.setdefault("prepack", True)
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, activation={self.activation}"
         if self.activation == "leaky_relu":
             s += f", negative_slope={self.negative_slope}"
         return s
+
+
+# Module switches (read once at import; tests flip them): the no-grad fast path of FusedLinear,
+# and prepacking on it (FASTLAYERS_PREPACK=0 turns prepacking off for every FusedLinear).
+FAST_PATH = True
+PREPACK = os.environ.get("FASTLAYERS_PREPACK", "1") not in ("0", "")
 
 
 def _softmax_forward(input: Tensor, dim: Optional[int], log: bool) -> Tensor:

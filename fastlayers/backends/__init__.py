@@ -14,6 +14,13 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
                     "input", None for "nothing". Never write into saved afterwards.
     linear_act_backward(dy, x, w, saved, act, slope, needs) -> (dx, dw, db)
         dy: (M, N) contiguous, needs = (need_dx, need_dw, need_db); a gradient not needed is None.
+    Optional, inference only (FusedLinear's no-grad fast path; a backend without them is simply
+    called through linear_act_forward):
+    prepack_weight(w, batch_hint) -> packed or None
+        An opaque copy of w (N, K) laid out for this backend's GEMM, or None where it has none.
+    linear_act_forward_packed(x, packed, w, b, act, slope) -> y
+        == linear_act_forward(x, w, b, act, slope, save=False)[0]; packed from prepack_weight(w)
+        or None (then the plain w).
     softmax_forward(x, log) -> y
         x: (outer, L, inner) contiguous, softmax over dim 1; y contiguous, same dtype.
     softmax_backward(dy, y, log) -> dx

@@ -1,0 +1,391 @@
+"""The cpp backend's forward routes (oneDNN fused, oneDNN + C++ pass, MKL + C++ pass), each forced
+on small shapes and compared with float64 PyTorch at the tolerances of conftest.assert_matches,
+special values included; the rule that picks a route; the fallback when oneDNN is missing."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlayers as fl
+from fastlayers.activations import ACTIVATIONS, NAMES, SAVE_INPUT
+from fastlayers.backends import cpp
+
+from conftest import assert_matches
+
+ROUTES = ["fused", "onednn", "mkl"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
+SLOPE = 0.01
+
+
+@pytest.fixture
+def route(request, monkeypatch):
+    """Force cpp.ROUTE and count the oneDNN calls (a forced route must really be taken)."""
+    monkeypatch.setattr(cpp, "ROUTE", request.param)
+    for dtype in DTYPES:  # the probe's own calls are not the route's
+        cpp._probe_onednn(dtype)
+    calls = []
+    real = cpp._linear_pointwise
+
+    def spy(*args):
+        calls.append(args[3])
+        return real(*args)
+    monkeypatch.setattr(cpp, "_linear_pointwise", spy)
+    with fl.use_backend("cpp"):
+        yield request.param, calls
+
+
+def expected_onednn_attr(route_name, act, dtype, grad, slope=SLOPE):
+    """The attr the route must hand oneDNN, or None when it must not call oneDNN at all."""
+    if route_name == "mkl" or not cpp._probe_onednn(dtype):
+        return None
+    fused = (route_name == "fused" and act in cpp._probe_onednn(dtype)
+             and not (act == "leaky_relu" and slope == 0)
+             and not (grad and ACTIVATIONS[act].saves(slope) == SAVE_INPUT))
+    return cpp._ONEDNN_POSTOPS[act][0] if fused else "none"
+
+
+def leaf(t):
+    return t.detach().requires_grad_(True)
+
+
+def reference(x, w, b, act, g, dtype):
+    xs, ws, bs = (None if t is None else leaf(t.detach().to(dtype)) for t in (x, w, b))
+    y = ACTIVATIONS[act].ref(F.linear(xs, ws, bs), SLOPE)
+    if g is None:
+        return [y.detach()]
+    y.backward(g.to(dtype))
+    return [y.detach(), xs.grad, ws.grad] + ([bs.grad] if bs is not None else [])
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("act", NAMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("lead,k,n,bias", [((33,), 65, 17, True), ((2, 3), 9, 6, False)], ids=str)
+def test_route_matches_torch(route, act, dtype, grad, lead, k, n, bias):
+    route_name, calls = route
+    torch.manual_seed(0)
+    x = torch.randn(*lead, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype) / k ** 0.5
+    b = torch.randn(n, dtype=dtype) if bias else None
+    g = torch.randn(*lead, n, dtype=dtype) if grad else None
+    xs, ws, bs = (None if t is None else t.clone().requires_grad_(grad) for t in (x, w, b))
+    y = fl.linear_act(xs, ws, bs, act, SLOPE)
+    outs = [y.detach()]
+    if grad:
+        y.backward(g)
+        outs += [xs.grad, ws.grad] + ([bs.grad] if bias else [])
+    want = expected_onednn_attr(route_name, act, dtype, grad)
+    assert calls == ([] if want is None else [want]), f"route {route_name}: oneDNN calls {calls}"
+    r64, rlow = reference(x, w, b, act, g, torch.float64), reference(x, w, b, act, g, dtype)
+    m = x.numel() // k
+    for name, out, r, e, red in zip(("y", "dx", "dW", "db"), outs, r64, rlow, (k, n, m, m)):
+        assert_matches(out, r, e, red=red, what=f"{route_name} {act} {dtype} {name}")
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("layout", ["x_transposed", "w_transposed", "x_sliced"])
+def test_route_non_contiguous(route, layout):
+    torch.manual_seed(1)
+    x, w, b = torch.randn(12, 10), torch.randn(8, 10), torch.randn(8)
+    if layout == "x_transposed":
+        x = x.t().contiguous().t()
+    elif layout == "w_transposed":
+        w = w.t().contiguous().t()
+    else:
+        x = torch.randn(12, 20)[:, ::2]
+    for act in ("gelu", "relu", "sigmoid"):
+        y = fl.linear_act(x, w, b, act)
+        r64 = ACTIVATIONS[act].ref(F.linear(x.double(), w.double(), b.double()), SLOPE)
+        assert_matches(y, r64, ACTIVATIONS[act].ref(F.linear(x, w, b), SLOPE), red=10, what=f"{layout} {act}")
+
+
+SPECIAL = [0.0, -0.0, 1e20, -1e20, 88.0, -88.0, float("nan"), 1.0, -1.0, 13.0, -13.0, 20.0, -20.0,
+           1e-30, -1e-30]
+INF = [float("inf"), float("-inf")]
+# The mathematical limits, accepted at +-inf next to PyTorch's own (IEEE-artefact) values.
+LIMITS = {"none": (float("inf"), float("-inf")), "relu": (float("inf"), 0.0),
+          "leaky_relu": (float("inf"), float("-inf")), "gelu": (float("inf"), 0.0),
+          "gelu_tanh": (float("inf"), 0.0), "silu": (float("inf"), 0.0), "sigmoid": (1.0, 0.0),
+          "tanh": (1.0, -1.0), "hardswish": (float("inf"), 0.0), "hardsigmoid": (1.0, 0.0),
+          "relu6": (6.0, 0.0), "quick_gelu": (float("inf"), 0.0), "mish": (float("inf"), 0.0)}
+
+
+@pytest.mark.parametrize("route", ROUTES, indirect=True)
+@pytest.mark.parametrize("act", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("width", [1, 40])
+def test_route_special_values(route, act, dtype, grad, width):
+    """±0 (sign included), finite extremes, NaN and ±inf through each route, as test_linear_act's;
+    width 40: z = x @ one.T repeats each value over 40 columns (oneDNN's vectorised kernels).
+    x = [v, 0] against w = [1, 1]: z = v + 0, whose zeros are +0 in every BLAS (with K = 1 the
+    sign of a zero z depends on the GEMM: oneDNN's accumulator turns -0 into +0, MKL's keeps it),
+    so signs of zero test the activation."""
+    z = torch.tensor(SPECIAL, dtype=dtype).unsqueeze(1)
+    z = torch.cat([z, torch.zeros_like(z)], 1)  # (15, 2) @ (width, 2): y = act(v + 0)
+    one = torch.ones(width, 2, dtype=dtype)
+    x = z.clone().requires_grad_(grad)
+    y = fl.linear_act(x, one, None, act, SLOPE)
+    xr = z.clone().requires_grad_(grad)
+    yr = ACTIVATIONS[act].ref(F.linear(xr, one), SLOPE)
+    tol = 1.3e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.detach(), yr.detach(), equal_nan=True, rtol=tol, atol=1e-30)
+    zero = yr == 0
+    assert torch.equal(torch.signbit(y[zero]), torch.signbit(yr[zero])), "sign of zero differs"
+    if grad and (act in cpp._ONEDNN_POSTOPS or act == "relu"):
+        # (the routes differ in the forward only; the other activations' backward at special
+        # values, NaN included, is test_linear_act's test_special_values, with its own rules)
+        y.backward(torch.ones_like(y))
+        yr.backward(torch.ones_like(yr))
+        torch.testing.assert_close(x.grad, xr.grad, equal_nan=True, rtol=tol, atol=1e-30)
+    zi = torch.tensor(INF, dtype=dtype).unsqueeze(1)
+    yi = fl.linear_act(zi, one[:, :1], None, act, SLOPE)[:, -1]
+    torch_yi = ACTIVATIONS[act].ref(zi, SLOPE).squeeze(1)
+    for i, v in enumerate(yi.tolist()):
+        ok = {torch_yi[i].item(), LIMITS[act][i]}
+        assert v in ok or (v != v and any(o != o for o in ok)), f"{act}({INF[i]}) = {v}, expected one of {ok}"
+
+
+@pytest.mark.parametrize("route", ["fused"], indirect=True)
+@pytest.mark.parametrize("slope", [0.0, -0.5, 2.0])
+def test_fused_leaky_relu_slopes(route, slope):
+    """The slope reaches oneDNN as its scalar (negative slopes save z: the "onednn" route;
+    slope 0 is never fused)."""
+    _, calls = route
+    torch.manual_seed(2)
+    x, w, b = torch.randn(9, 11), torch.randn(7, 11), torch.randn(7)
+    for grad in (False, True):
+        xs = x.clone().requires_grad_(grad)
+        calls.clear()
+        y = fl.linear_act(xs, w, b, "leaky_relu", slope)
+        want = expected_onednn_attr("fused", "leaky_relu", torch.float32, grad, slope)
+        assert calls == ([] if want is None else [want])
+        yr = F.leaky_relu(F.linear(x.double(), w.double(), b.double()), slope)
+        torch.testing.assert_close(y.double(), yr, rtol=1.3e-6, atol=1e-5)
+        zero = yr == 0
+        assert torch.equal(torch.signbit(y[zero]), torch.signbit(yr[zero].float()))
+
+
+def wide(m, k, n, dtype=torch.float32):
+    """(M, K) and (N, K) tensors of that shape without the memory (the rule reads shapes only)."""
+    return torch.zeros(1, 1, dtype=dtype).expand(m, k), torch.zeros(1, 1, dtype=dtype).expand(n, k)
+
+
+@pytest.mark.skipif(not cpp._probe_onednn(torch.float32), reason="this torch has no usable oneDNN fused linear")
+def test_auto_rule(monkeypatch):
+    monkeypatch.setattr(cpp, "ROUTE", "auto")
+    gelu, gelu_t, relu = ACTIVATIONS["gelu"], ACTIVATIONS["gelu_tanh"], ACTIVATIONS["relu"]
+    sigmoid, tanh, leaky = ACTIVATIONS["sigmoid"], ACTIVATIONS["tanh"], ACTIVATIONS["leaky_relu"]
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = wide(2048, 1024, 4096, dtype)
+        assert cpp._forward_route(x, w, tanh, 0.0, None) == "fused"           # inference
+        assert cpp._forward_route(x, w, gelu_t, 0.0, SAVE_INPUT) == "onednn"  # training keeps z
+        assert cpp._forward_route(x, w, sigmoid, 0.0, "output") == "fused"    # training keeps y
+        assert cpp._forward_route(x, w, relu, 0.0, None) == "onednn"          # no exact post-op
+        assert cpp._forward_route(x, w, leaky, 0.0, None) == "onednn"         # slope 0: relu there
+        x, w = wide(1, 64, 64, dtype)
+        assert cpp._forward_route(x, w, tanh, 0.0, None) == "mkl"             # too small for oneDNN
+    x, w = wide(2048, 1024, 4096, torch.float32)
+    assert cpp._forward_route(x, w, gelu, 0.0, None) == "onednn"  # fp32 erf GELU: signs of zero differ
+    x, w = wide(2048, 1024, 4096, torch.float64)
+    assert cpp._forward_route(x, w, gelu, 0.0, None) == "mkl"
+    x, w = wide(0, 1024, 4096)
+    assert cpp._forward_route(x, w, gelu, 0.0, None) == "mkl"
+
+
+def test_probe_failure_falls_back(monkeypatch):
+    """A torch whose oneDNN op is missing (or wrong) runs the "mkl" route, with right results."""
+    real = cpp._linear_pointwise
+    def missing(*args):
+        raise RuntimeError("No such operator mkldnn::_linear_pointwise")
+    monkeypatch.setattr(cpp, "_linear_pointwise", missing)
+    monkeypatch.setattr(cpp, "_onednn_ok", {})
+    monkeypatch.setattr(cpp, "ROUTE", "fused")
+    torch.manual_seed(3)
+    x, w, b = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4)
+    with fl.use_backend("cpp"):
+        y = fl.linear_act(x, w, b, "gelu")
+    torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)))
+    assert cpp._onednn_ok == {torch.float32: frozenset()}
+
+    def nan_to_zero(x, w, b, attr, scalars, alg):  # a post-op that loses NaN: not fused
+        y = real(x, w, b, attr, scalars, alg)
+        return y.nan_to_num(0.0) if attr == "tanh" else y
+    monkeypatch.setattr(cpp, "_linear_pointwise", nan_to_zero)
+    monkeypatch.setattr(cpp, "_onednn_ok", {})
+    assert "tanh" not in cpp._probe_onednn(torch.float32) and "none" in cpp._probe_onednn(torch.float32)
+
+    def wrong(x, w, b, attr, scalars, alg):  # a wrong GEMM: no oneDNN route at all
+        return torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
+    monkeypatch.setattr(cpp, "_linear_pointwise", wrong)
+    monkeypatch.setattr(cpp, "_onednn_ok", {})
+    assert not cpp._probe_onednn(torch.float32)
+
+
+# ----------------------------------------------------------------------------- FusedLinear inference
+from fastlayers import nn as flnn  # noqa: E402
+
+
+@pytest.fixture
+def pack_calls(monkeypatch):
+    """Count the cpp backend's prepacks and its fast-path forwards with / without a packed weight."""
+    calls = {"pack": 0, "packed": 0, "plain": 0}
+    real_pack, real_forward = cpp.prepack_weight, cpp.linear_act_forward_packed
+
+    def pack(*a):
+        calls["pack"] += 1
+        return real_pack(*a)
+
+    def forward(x, packed, *a):
+        calls["plain" if packed is None else "packed"] += 1
+        return real_forward(x, packed, *a)
+    monkeypatch.setattr(cpp, "prepack_weight", pack)
+    monkeypatch.setattr(cpp, "linear_act_forward_packed", forward)
+    monkeypatch.setattr(cpp, "ROUTE", "fused")  # small test shapes take the oneDNN routes too
+    with fl.use_backend("cpp"):
+        yield calls
+
+
+def module(act="gelu", dtype=torch.float32, **kw):
+    torch.manual_seed(4)
+    return fl.FusedLinear(24, 16, activation=act, dtype=dtype, **kw)
+
+
+def eager_module(m, x):
+    return ACTIVATIONS[m.activation].ref(F.linear(x, m.weight, m.bias), m.negative_slope)
+
+
+needs_onednn = pytest.mark.skipif(not cpp._probe_onednn(torch.float32),
+                                  reason="this torch has no usable oneDNN fused linear: nothing is prepacked")
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prepacked_matches_unpacked(pack_calls, act, dtype):
+    m = module(act, dtype)
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    with torch.no_grad():
+        y = m(x)
+        r64 = ACTIVATIONS[act].ref(F.linear(x.double(), m.weight.double(), m.bias.double()), SLOPE)
+        assert_matches(y, r64, eager_module(m, x), red=24, what=f"prepacked {act} {dtype}")
+        assert pack_calls["pack"] == 1 and pack_calls["packed"] == 1
+        m(x[0])  # another batch size: same packed weight
+        assert pack_calls["pack"] == 1 and pack_calls["packed"] == 2
+        flnn.PREPACK = False
+        try:
+            y_plain = m(x)
+        finally:
+            flnn.PREPACK = True
+    assert pack_calls["packed"] == 2 and pack_calls["plain"] == 1
+    assert_matches(y_plain, r64, eager_module(m, x), red=24, what=f"unpacked {act} {dtype}")
+
+
+@needs_onednn
+def test_prepack_not_used_when_grad_needed(pack_calls):
+    m = module()
+    x = torch.randn(4, 24)
+    y = m(x)  # parameters require grad: the autograd path
+    assert y.requires_grad and pack_calls["pack"] == 0 and pack_calls["packed"] == 0
+    y.sum().backward()
+    assert m.weight.grad is not None
+    xg = x.clone().requires_grad_(True)
+    m.weight.requires_grad_(False)
+    m.bias.requires_grad_(False)
+    y = m(xg)  # only x requires grad: still autograd
+    assert y.requires_grad and pack_calls["packed"] == 0
+    with torch.no_grad():
+        m(xg)
+    assert pack_calls["packed"] == 1
+    with torch.inference_mode():
+        m(x)
+    assert pack_calls["packed"] == 2
+
+
+@needs_onednn
+def test_prepack_opt_out(pack_calls):
+    m = module(prepack=False)
+    with torch.no_grad():
+        y = m(torch.randn(4, 24))
+    assert pack_calls["pack"] == 0 and pack_calls["packed"] == 0 and pack_calls["plain"] == 1
+    assert y.shape == (4, 16)
+
+
+@needs_onednn
+@pytest.mark.parametrize("change", ["in_place", "load_state_dict", "to_dtype", "to_back", "data", "optimizer"])
+def test_prepack_invalidated_when_weight_changes(pack_calls, change):
+    m = module()
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        m(x)
+    assert pack_calls["pack"] == 1
+    if change == "in_place":
+        with torch.no_grad():
+            m.weight.mul_(-2)
+    elif change == "load_state_dict":
+        sd = {k: torch.randn_like(v) for k, v in m.state_dict().items()}
+        m.load_state_dict(sd)
+    elif change in ("to_dtype", "to_back"):
+        m.to(torch.bfloat16)
+        if change == "to_back":
+            m.to(torch.float32)
+        else:
+            x = x.bfloat16()
+    elif change == "data":
+        m.weight.data = torch.randn(16, 24)
+    else:
+        m(x).sum().backward()  # a training step between two evaluations
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        y = m(x)
+        y_again = m(x)
+    assert pack_calls["pack"] == 2, "the packed weight was not rebuilt"
+    torch.testing.assert_close(y, y_again, rtol=0, atol=0)
+    r64 = F.gelu(F.linear(x.double(), m.weight.double(), m.bias.double()))
+    assert_matches(y, r64, eager_module(m, x), red=24, what=change)
+
+
+@needs_onednn
+def test_prepack_not_in_state_dict_and_copies(pack_calls):
+    import copy
+    import io
+    m = module()
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        y = m(x)
+    assert set(m.state_dict()) == {"weight", "bias"}
+    m2 = copy.deepcopy(m)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m3 = torch.load(buf, weights_only=False)
+    for other in (m2, m3):
+        assert other._packed is None
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), y, rtol=0, atol=0)
+
+
+def test_fast_path_falls_back_for_errors_and_autocast():
+    """Calls the fast path does not take still raise the general path's errors / follow autocast."""
+    m = module("relu")
+    with torch.no_grad():
+        with pytest.raises(fl.ShapeError, match="linear_act"):
+            m(torch.randn(3, 7))
+        with pytest.raises(fl.DTypeError, match="linear_act"):
+            m(torch.randn(3, 24, dtype=torch.float64))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(torch.randn(3, 24))
+        assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=str)
+def test_no_grad_fast_path_matches(monkeypatch, fast, lead):
+    monkeypatch.setattr(flnn, "FAST_PATH", fast)
+    for act in NAMES:
+        m = module(act)
+        x = torch.randn(*lead, 24)
+        with torch.no_grad():
+            y = m(x)
+        r64 = ACTIVATIONS[act].ref(F.linear(x.double(), m.weight.double(), m.bias.double()), SLOPE)
+        assert_matches(y, r64, eager_module(m, x), red=24, what=f"{act} fast={fast}")
