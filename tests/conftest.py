@@ -42,6 +42,25 @@ def _interpreted() -> bool:
 
 INTERPRETED = _interpreted()
 
+# For the Triton-kernel test modules: the device their tensors live on, why they cannot run here
+# (None when they can), and their marks (the interpreter evaluates kernels with numpy, which warns
+# where a kernel relies on IEEE overflow: exp(large) = inf, a fully -inf softmax row's NaN).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_skip_reason():
+    why = _skip_reason("triton") if TRITON_DEVICE == "cpu" else None
+    if why is None and TRITON_DEVICE == "cuda":
+        from fastlayers.backends import load
+        why = load("triton").unavailable_reason(torch.device("cuda"))
+    return None if why is None else f"triton backend cannot run on {TRITON_DEVICE}: {why}"
+
+
+TRITON_MARKS = [pytest.mark.triton_interp,
+                pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+                pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+                pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):

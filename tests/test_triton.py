@@ -24,22 +24,12 @@ from conftest import assert_close_to_ref, assert_matches  # noqa: E402
 from fastlayers import activations as acts  # noqa: E402
 from fastlayers.backends import load  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import TRITON_DEVICE as DEVICE, TRITON_MARKS, triton_skip_reason  # noqa: E402
 
-try:
-    _tb = load("triton")
-    _why = _tb.unavailable_reason(torch.device(DEVICE))
-except Exception as e:  # noqa: BLE001 - triton not installed or failed to import
-    _tb, _why = None, str(e)
-if _why is not None:
-    pytest.skip(f"triton backend cannot run on {DEVICE}: {_why}", allow_module_level=True)
-
-# The interpreter evaluates kernels with numpy, which warns where a kernel relies on IEEE
-# overflow (exp(large) = inf, inf - inf = NaN in a fully -inf softmax row): expected here.
-pytestmark = [pytest.mark.triton_interp,
-              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+if triton_skip_reason() is not None:
+    pytest.skip(triton_skip_reason(), allow_module_level=True)
+pytestmark = TRITON_MARKS
+_tb = load("triton")
 
 from fastlayers.kernels import linear_act as K_LA  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402

@@ -6,7 +6,6 @@ through Triton's interpreter (~2 ms per program): shapes stay small (dims <= ~30
 marked `triton_interp`, so `pytest -m triton_interp` selects the Triton suite (the triton-3.6 run
 of the Makefile does).
 """
-import math
 import os
 
 import pytest
@@ -18,20 +17,12 @@ if not torch.cuda.is_available():  # normally done by conftest.py; harmless when
 import fastlayers as fl  # noqa: E402
 from fastlayers.backends import load  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import TRITON_DEVICE as DEVICE, TRITON_MARKS, assert_close_to_ref, triton_skip_reason  # noqa: E402
 
-try:
-    _tb = load("triton")
-    _why = _tb.unavailable_reason(torch.device(DEVICE))
-except Exception as e:  # noqa: BLE001 - triton not installed or failed to import
-    _tb, _why = None, str(e)
-if _why is not None:
-    pytest.skip(f"triton backend cannot run on {DEVICE}: {_why}", allow_module_level=True)
-
-pytestmark = [pytest.mark.triton_interp,
-              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+if triton_skip_reason() is not None:
+    pytest.skip(triton_skip_reason(), allow_module_level=True)
+pytestmark = TRITON_MARKS
+_tb = load("triton")
 
 
 def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
@@ -40,14 +31,9 @@ def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
 
 
 def _close(out, ref, red=1, what=""):
-    """fp64: 1e-7; fp32: assert_close defaults with atol scaled by sqrt(reduction length / 16)."""
+    """conftest's fp32/fp64 rule against a float64 (or same-dtype) reference."""
     assert out.shape == ref.shape, what
-    if out.dtype == torch.float64:
-        rtol, atol = 1e-7, 1e-7
-    else:
-        rtol, atol = 1.3e-6, 1e-5 * math.sqrt(max(1.0, red / 16))
-    torch.testing.assert_close(out.to(ref.dtype), ref, rtol=rtol, atol=atol, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
+    assert_close_to_ref(out, ref.double(), red=red, what=what)
 
 
 # ----------------------------------------------------------------------------- TF32 switch

@@ -76,10 +76,6 @@ _import_errors: Dict[str, str] = {}
 _forced = threading.local()
 
 
-def names() -> List[str]:
-    return list(_MODULES)
-
-
 def load(name: str) -> ModuleType:
     """Import a backend module, or raise a BackendUnavailableError that says why it can't."""
     mod = _loaded.get(name)

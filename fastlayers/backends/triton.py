@@ -84,8 +84,8 @@ def _launch(op: str, t: Tensor, fn: Callable[[], object]) -> None:
 
 
 def _pow2(n: int) -> int:
-    """Autotune bucket: the next power of two."""
-    return 1 << max(0, (int(n) - 1).bit_length())
+    """Autotune bucket: the next power of two (1 for 0)."""
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 def _compute_dtype(dtype: torch.dtype):

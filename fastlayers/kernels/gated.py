@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_grad, apply_act
-from .linear_act import INTERPRET, _cfg
+from .linear_act import INTERPRET, _cfg, grouped_tile
 
 # Two accumulators per program: half the tile area of linear_act's largest configs.
 GATED_CONFIGS = [
@@ -68,15 +68,7 @@ def _gated_gemm_kernel(
     the tiles to fp32 before tl.dot (interpreter + bf16 only: its bf16 tl.dot is broken).
     One program computes one BLOCK_M x BLOCK_N tile of h.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -34,7 +34,7 @@ MIN_TILE_ELEMS = 2048
 
 
 def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 def rows_per_tile_min(inner: int) -> int:
