@@ -52,25 +52,28 @@ def check_tensor(op: str, name: str, t: object) -> Tensor:
     return t
 
 
-def check_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    """x: (*, K), weight: (N, K), bias: (N,) or None; one dtype, one device."""
+def check_linear(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 names: Tuple[str, str] = ("weight", "bias")) -> None:
+    """x: (*, K), weight: (N, K), bias: (N,) or None; one dtype, one device. `names`: how the
+    op calls its weight and bias (gated_linear: w_gate / b_gate, w_up / b_up)."""
+    wname, bname = names
     check_tensor(op, "x", x)
-    check_tensor(op, "weight", weight)
+    check_tensor(op, wname, weight)
     if bias is not None:
-        check_tensor(op, "bias", bias)
+        check_tensor(op, bname, bias)
     if weight.dim() != 2:
-        raise ShapeError(f"{op}: expected weight of shape (out_features, in_features), "
+        raise ShapeError(f"{op}: expected {wname} of shape (out_features, in_features), "
                          f"got shape {tuple(weight.shape)}")
     if x.dim() < 1:
         raise ShapeError(f"{op}: expected x of shape (*, in_features), got a 0-d tensor")
     if x.shape[-1] != weight.shape[1]:
-        raise ShapeError(f"{op}: x has {x.shape[-1]} features in its last dim but weight of shape "
+        raise ShapeError(f"{op}: x has {x.shape[-1]} features in its last dim but {wname} of shape "
                          f"{tuple(weight.shape)} expects {weight.shape[1]} "
-                         f"(x: {tuple(x.shape)}, weight: (out_features, in_features))")
+                         f"(x: {tuple(x.shape)}, {wname}: (out_features, in_features))")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ShapeError(f"{op}: expected bias of shape ({weight.shape[0]},) to match weight "
+        raise ShapeError(f"{op}: expected {bname} of shape ({weight.shape[0]},) to match {wname} "
                          f"{tuple(weight.shape)}, got shape {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in ((wname, weight), (bname, bias)):
         if t is None:
             continue
         if t.dtype != x.dtype:

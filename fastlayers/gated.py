@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import activations as _acts
-from ._errors import DeviceError, DTypeError, ShapeError
+from ._errors import ShapeError
 from .activations import Activation
 from . import _autocast
-from ._dispatch import (as_2d, backend_for, check_slope, check_tensor, composite_reason, contiguous,
-                        owned)
+from ._dispatch import (as_2d, backend_for, check_linear, check_slope, check_tensor, composite_reason,
+                        contiguous, owned)
 
 OP = "fastlayers.gated_linear"
 
@@ -47,33 +47,13 @@ OP = "fastlayers.gated_linear"
 # ----------------------------------------------------------------------------- checks
 def _check(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
            b_up: Optional[Tensor]) -> None:
-    named = (("x", x), ("w_gate", w_gate), ("w_up", w_up), ("b_gate", b_gate), ("b_up", b_up))
-    for name, t in named:
-        if t is not None or name in ("x", "w_gate", "w_up"):
-            check_tensor(OP, name, t)
-    for name, w in (("w_gate", w_gate), ("w_up", w_up)):
-        if w.dim() != 2:
-            raise ShapeError(f"{OP}: expected {name} of shape (intermediate, in_features), "
-                             f"got shape {tuple(w.shape)}")
+    """Each projection as a linear layer's arguments, and the two projections of one shape."""
+    check_linear(OP, x, w_gate, b_gate, ("w_gate", "b_gate"))
+    check_tensor(OP, "w_up", w_up)
     if w_up.shape != w_gate.shape:
         raise ShapeError(f"{OP}: expected w_up to have w_gate's shape {tuple(w_gate.shape)}, "
                          f"got {tuple(w_up.shape)}")
-    if x.dim() < 1:
-        raise ShapeError(f"{OP}: expected x of shape (*, in_features), got a 0-d tensor")
-    if x.shape[-1] != w_gate.shape[1]:
-        raise ShapeError(f"{OP}: x has {x.shape[-1]} features in its last dim but w_gate of shape "
-                         f"{tuple(w_gate.shape)} expects {w_gate.shape[1]} (x: {tuple(x.shape)})")
-    n = w_gate.shape[0]
-    for name, b in (("b_gate", b_gate), ("b_up", b_up)):
-        if b is not None and (b.dim() != 1 or b.shape[0] != n):
-            raise ShapeError(f"{OP}: expected {name} of shape ({n},), got shape {tuple(b.shape)}")
-    for name, t in named[1:]:
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise DTypeError(f"{OP}: expected {name} to have the same dtype as x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise DeviceError(f"{OP}: expected {name} on the same device as x ({x.device}), got {t.device}")
+    check_linear(OP, x, w_up, b_up, ("w_up", "b_up"))
 
 
 # ----------------------------------------------------------------------------- forward / backward

@@ -262,6 +262,17 @@ def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activatio
 _GRAD_TARGET_PROGRAMS = 1024
 
 
+def _row_slabs(M: int, N: int, bm: int, bn: int) -> Tuple[int, int, int]:
+    """The grid of the elementwise backward kernels: (row-slab programs, column blocks, rows per
+    slab). About _GRAD_TARGET_PROGRAMS programs in all; slabs are whole multiples of bm rows, so
+    the bias gradient's summation order depends only on the shape."""
+    col_blocks = triton.cdiv(N, bn)
+    row_blocks = triton.cdiv(M, bm)
+    progs = min(row_blocks, max(1, _GRAD_TARGET_PROGRAMS // col_blocks))
+    rows_per_prog = triton.cdiv(row_blocks, progs) * bm
+    return triton.cdiv(M, rows_per_prog), col_blocks, rows_per_prog
+
+
 def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activation, slope: float,
                        need_dz: bool, need_db: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """dz = dy * act'(saved) (when need_dz) and db = dz.sum(0) (when need_db)."""
@@ -275,11 +286,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
         return dz, (torch.zeros(N, device=dy.device, dtype=dy.dtype) if need_db else None)
     bm = _la.GRAD_BLOCK_M_FP64 if dy.dtype == torch.float64 else _la.GRAD_BLOCK_M
     bn = _la.GRAD_BLOCK_N
-    col_blocks = triton.cdiv(N, bn)
-    row_blocks = triton.cdiv(M, bm)
-    progs = min(row_blocks, max(1, _GRAD_TARGET_PROGRAMS // col_blocks))
-    rows_per_prog = triton.cdiv(row_blocks, progs) * bm
-    progs = triton.cdiv(M, rows_per_prog)
+    progs, col_blocks, rows_per_prog = _row_slabs(M, N, bm, bn)
     partial = torch.empty((progs, N), device=dy.device, dtype=compute) if need_db else dy
     hi, lo = _split_slope(slope)
     saved_arg = saved.contiguous() if saved is not None and act.code != _NONE else dy
@@ -426,11 +433,7 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
     else:
         compute = torch.float64 if dh.dtype == torch.float64 else torch.float32
         bm, bn = _gl.GRAD_BLOCK_M, _gl.GRAD_BLOCK_N
-        col_blocks = triton.cdiv(N, bn)
-        row_blocks = triton.cdiv(M, bm)
-        progs = min(row_blocks, max(1, _GRAD_TARGET_PROGRAMS // col_blocks))
-        rows_per_prog = triton.cdiv(row_blocks, progs) * bm
-        progs = triton.cdiv(M, rows_per_prog)
+        progs, col_blocks, rows_per_prog = _row_slabs(M, N, bm, bn)
         pg = torch.empty((progs, N), device=dh.device, dtype=compute) if need_dbg else dh
         pu = torch.empty((progs, N), device=dh.device, dtype=compute) if need_dbu else dh
         hi, lo = _split_slope(slope)
