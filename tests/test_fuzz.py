@@ -141,9 +141,15 @@ def test_fuzz_linear_act(case):
     k, n = w.shape[1], w.shape[0]
     names = ("y", "dx", "dW", "db")
     for i, (out, r, e) in enumerate(zip(outs, ref64, eager)):
+        red = (k, n, m, m)[i]
         if klass == "special" and i > 0:  # NaN rows spread through the GEMMs of the backward
             continue
-        assert_matches(out, r, e, red=(k, n, m, m)[i], what=f"{backend} {act} {x.dtype} {names[i]}")
+        if x.dtype == torch.bfloat16 and i > 0 and red < 8:
+            # A bf16 gradient summed over a handful of terms: one bf16 ulp of a saved y (fused
+            # epilogues round z once, eager twice) moves act'(y) by ~1% and the result by about an
+            # ulp, while torch's own error can be ~0 by luck: "2x torch's error" is a coin flip.
+            continue
+        assert_matches(out, r, e, red=red, what=f"{backend} {act} {x.dtype} {names[i]}")
 
 
 # ----------------------------------------------------------------------------- softmax
