@@ -110,6 +110,11 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, red: int, wh
                                msg=lambda m: f"{what}: {m}")
 
 
+def _close_to_ref(out: torch.Tensor, ref64: torch.Tensor, red: int) -> bool:
+    rtol, atol = fp32_gemm_tol(red)
+    return torch.allclose(out.double(), ref64, rtol=rtol, atol=atol, equal_nan=True)
+
+
 def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, *, red: int = 1, what: str = "") -> None:
     """fp64 / fp32 `out` against the float64 reference: fp64 within 1e-7; fp32 fp32_gemm_tol(red)."""
     if out.dtype == torch.float64:
@@ -123,15 +128,24 @@ def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, *, red: int = 1,
 def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, *, red: int = 1,
                    what: str = "") -> None:
     """The project's tolerance rule (README, "Tolerances"), by dtype of `out`: fp64 1e-7; fp32
-    assert_close's defaults with atol scaled by sqrt(red / 16); fp16/bf16 at most twice PyTorch's
-    own error against the float64 reference, plus a small epsilon.
+    assert_close's defaults with atol scaled by sqrt(red / 16), or, where PyTorch's own fp32 result
+    misses that too (long reductions with cancellation), at most twice PyTorch's fp32 error;
+    fp16/bf16 at most twice PyTorch's own error against the float64 reference, plus a small epsilon.
 
     ref64: the float64 PyTorch result from the same (rounded) inputs; eager: PyTorch's own result
     in out's dtype. red: the length of the longest reduction behind a value (GEMM K), which scales
     the fp32 atol. Low precision: error <= 2x PyTorch's own error vs ref64, plus a small epsilon.
     """
     assert out.dtype == eager.dtype and out.shape == eager.shape, what
-    if out.dtype in (torch.float64, torch.float32):
+    if out.dtype == torch.float32 and not _close_to_ref(out, ref64, red):
+        # The fixed fp32 rule assumes outputs of magnitude ~1; a long reduction with cancellation
+        # (|sum| << sum of |terms|) is off by more in PyTorch too. Then the low-precision rule
+        # applies: at most twice PyTorch's own fp32 error (still fails on any real bug).
+        assert torch.equal(out.isnan(), ref64.isnan()), f"{what}: NaN pattern differs"
+        ours, theirs = max_err(out, ref64), max_err(eager, ref64)
+        assert ours <= 2 * theirs, (f"{what}: fp32 error {ours:.3g} exceeds the fp32 tolerance and "
+                                    f"2 x torch's own fp32 error {theirs:.3g}")
+    elif out.dtype in (torch.float64, torch.float32):
         assert_close_to_ref(out, ref64, red=red, what=what)
     else:
         assert torch.equal(out.isnan(), ref64.to(out.dtype).isnan()), f"{what}: NaN pattern differs"
