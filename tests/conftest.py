@@ -154,3 +154,19 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, 
         scale = finite.abs().max().item() if finite.numel() else 0.0
         eps = 2 ** -8 * scale * 0.25 + 1e-6
         assert ours <= 2 * theirs + eps, f"{what}: error {ours:.3g} > 2 x torch's {theirs:.3g} + {eps:.3g}"
+
+
+# ----------------------------------------------------------------------------- special values
+# Inputs of the activation special-value tests (every backend, every route).
+SPECIAL = [0.0, -0.0, 1e20, -1e20, 88.0, -88.0, float("nan"), 1.0, -1.0, 13.0, -13.0, 20.0, -20.0,
+           1e-30, -1e-30]
+# Not +-3e38: there PyTorch's gelu overflows an intermediate (gelu(3e38) = inf) where ours returns
+# the true value; deep-tail results below 1e-30 (gelu(-13) = -7.9e-38 vs torch's -0.) count as equal.
+INF = [float("inf"), float("-inf")]
+# PyTorch 2.13's values at +-inf are IEEE artefacts of its formulas (gelu(+-inf) = nan, silu(-inf) = nan);
+# the mathematical limits are equally acceptable there, garbage is not.
+LIMITS = {"none": (float("inf"), float("-inf")), "relu": (float("inf"), 0.0),
+          "leaky_relu": (float("inf"), float("-inf")), "gelu": (float("inf"), 0.0),
+          "gelu_tanh": (float("inf"), 0.0), "silu": (float("inf"), 0.0), "sigmoid": (1.0, 0.0),
+          "tanh": (1.0, -1.0), "hardswish": (float("inf"), 0.0), "hardsigmoid": (1.0, 0.0),
+          "relu6": (6.0, 0.0), "quick_gelu": (float("inf"), 0.0), "mish": (float("inf"), 0.0)}

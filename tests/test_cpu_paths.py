@@ -9,7 +9,7 @@ import fastlayers as fl
 from fastlayers.activations import ACTIVATIONS, NAMES, SAVE_INPUT
 from fastlayers.backends import cpp
 
-from conftest import assert_matches
+from conftest import INF, LIMITS, SPECIAL, assert_matches
 
 ROUTES = ["fused", "onednn", "mkl"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
@@ -97,17 +97,6 @@ def test_route_non_contiguous(route, layout):
         y = fl.linear_act(x, w, b, act)
         r64 = ACTIVATIONS[act].ref(F.linear(x.double(), w.double(), b.double()), SLOPE)
         assert_matches(y, r64, ACTIVATIONS[act].ref(F.linear(x, w, b), SLOPE), red=10, what=f"{layout} {act}")
-
-
-SPECIAL = [0.0, -0.0, 1e20, -1e20, 88.0, -88.0, float("nan"), 1.0, -1.0, 13.0, -13.0, 20.0, -20.0,
-           1e-30, -1e-30]
-INF = [float("inf"), float("-inf")]
-# The mathematical limits, accepted at +-inf next to PyTorch's own (IEEE-artefact) values.
-LIMITS = {"none": (float("inf"), float("-inf")), "relu": (float("inf"), 0.0),
-          "leaky_relu": (float("inf"), float("-inf")), "gelu": (float("inf"), 0.0),
-          "gelu_tanh": (float("inf"), 0.0), "silu": (float("inf"), 0.0), "sigmoid": (1.0, 0.0),
-          "tanh": (1.0, -1.0), "hardswish": (float("inf"), 0.0), "hardsigmoid": (1.0, 0.0),
-          "relu6": (6.0, 0.0), "quick_gelu": (float("inf"), 0.0), "mish": (float("inf"), 0.0)}
 
 
 @pytest.mark.parametrize("route", ROUTES, indirect=True)

@@ -17,7 +17,7 @@ import fastlayers as fl
 from fastlayers.activations import ACTIVATIONS, NAMES
 from fastlayers.backends import load
 
-from conftest import FLOAT_DTYPES, assert_matches, skip_low_precision
+from conftest import FLOAT_DTYPES, assert_close_fp32, assert_matches, skip_low_precision
 
 SLOPE = 0.01
 # (bf16 / fp16 cases skip on the interpreted Triton backend: conftest's LOW_PRECISION_SKIP)
@@ -533,18 +533,22 @@ class LlamaStyleMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _assert_same_model(model, ref, x, k):
+    """Outputs and every gradient of two fp32 models equal at conftest's rule for two fp32 results."""
+    xs, xr = leaf(x), leaf(x)
+    y, yr = model(xs), ref(xr)
+    dy = torch.randn_like(yr)
+    y.backward(dy)
+    yr.backward(dy)
+    assert_close_fp32(y, yr, red=k, what="output")
+    assert_close_fp32(xs.grad, xr.grad, red=k, what="dx")
+    pr = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close_fp32(p.grad, pr[name].grad, red=k, what=name)
+
+
 def _compare_mlp(fused, plain, x, k):
-    xf, xp = leaf(x), leaf(x)
-    yf, yp = fused(xf), plain(xp)
-    dy = torch.randn_like(yp)
-    yf.backward(dy)
-    yp.backward(dy)
-    tol = dict(rtol=1.3e-6 * 4, atol=1e-5 * math.sqrt(k))
-    torch.testing.assert_close(yf, yp, **tol)
-    torch.testing.assert_close(xf.grad, xp.grad, **tol)
-    pf = dict(fused.named_parameters())
-    for name, p in plain.named_parameters():
-        torch.testing.assert_close(pf[name].grad, p.grad, **tol, msg=lambda m: f"{name}: {m}")
+    _assert_same_model(fused, plain, x, k)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -657,17 +661,7 @@ def _swap_and_compare(model, x, k, *, n_gated, backend_name=None):
     rep = model.fastlayers_swap_report
     assert len(rep.gated) == n_gated, str(rep)
     assert list(model.state_dict()) == keys  # state_dict keys unchanged
-    xs, xr = leaf(x), leaf(x)
-    y, yr = model(xs), ref(xr)
-    dy = torch.randn_like(yr)
-    y.backward(dy)
-    yr.backward(dy)
-    tol = dict(rtol=1.3e-6 * 4, atol=1e-5 * math.sqrt(k))
-    torch.testing.assert_close(y, yr, **tol)
-    torch.testing.assert_close(xs.grad, xr.grad, **tol)
-    pr = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, pr[name].grad, **tol, msg=lambda m: f"{name}: {m}")
+    _assert_same_model(model, ref, x, k)
     return rep
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import fastlayers as fl
 from fastlayers.activations import ACTIVATIONS, NAMES
 
-from conftest import FLOAT_DTYPES, assert_matches, skip_low_precision
+from conftest import FLOAT_DTYPES, INF, LIMITS, SPECIAL, assert_matches, skip_low_precision
 
 SLOPE = 0.01
 
@@ -147,20 +147,6 @@ def test_dense_grid_distinguishes_variants(backend, act):
     yr.backward(torch.ones_like(yr))
     torch.testing.assert_close(y.double(), yr, rtol=1.3e-6, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), zr.grad, rtol=1.3e-6, atol=1e-5)
-
-
-SPECIAL = [0.0, -0.0, 1e20, -1e20, 88.0, -88.0, float("nan"), 1.0, -1.0, 13.0, -13.0, 20.0, -20.0,
-           1e-30, -1e-30]
-# Not +-3e38: there PyTorch's gelu overflows an intermediate (gelu(3e38) = inf) where ours returns
-# the true value; deep-tail results below 1e-30 (gelu(-13) = -7.9e-38 vs torch's -0.) count as equal.
-INF = [float("inf"), float("-inf")]
-# PyTorch 2.13's values at +-inf are IEEE artefacts of its formulas (gelu(+-inf) = nan, silu(-inf) = nan);
-# the mathematical limits are equally acceptable there, garbage is not.
-LIMITS = {"none": (float("inf"), float("-inf")), "relu": (float("inf"), 0.0),
-          "leaky_relu": (float("inf"), float("-inf")), "gelu": (float("inf"), 0.0),
-          "gelu_tanh": (float("inf"), 0.0), "silu": (float("inf"), 0.0), "sigmoid": (1.0, 0.0),
-          "tanh": (1.0, -1.0), "hardswish": (float("inf"), 0.0), "hardsigmoid": (1.0, 0.0),
-          "relu6": (6.0, 0.0), "quick_gelu": (float("inf"), 0.0), "mish": (float("inf"), 0.0)}
 
 
 @pytest.mark.parametrize("act", NAMES)

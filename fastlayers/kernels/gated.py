@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_grad, apply_act
-from .linear_act import INTERPRET, _cfg, grouped_tile
+from .linear_act import INTERPRET, _cfg, grouped_tile, slab_columns, slab_tile
 
 # Two accumulators per program: half the tile area of linear_act's largest configs.
 GATED_CONFIGS = [
@@ -136,17 +136,12 @@ def gated_grad_kernel(
     rows at a time in a fixed order. COMPUTE_DTYPE: tl.float32 (fp16/bf16/fp32 data) or tl.float64.
     """
     pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    slope = tl.cast(slope_hi, COMPUTE_DTYPE) + tl.cast(slope_lo, COMPUTE_DTYPE)
+    offs_n, mask_n, slope = slab_columns(N, slope_hi, slope_lo, BLOCK_N, COMPUTE_DTYPE)
     sum_g = tl.zeros((BLOCK_N,), dtype=COMPUTE_DTYPE)
     sum_u = tl.zeros((BLOCK_N,), dtype=COMPUTE_DTYPE)
     row0 = pid_p.to(tl.int64) * rows_per_prog
     for r in range(0, rows_per_prog, BLOCK_M):
-        offs_m = row0 + r + tl.arange(0, BLOCK_M)
-        mask = (offs_m < M)[:, None] & mask_n[None, :]
-        offs = offs_m[:, None] * N + offs_n[None, :]
+        offs, mask = slab_tile(row0 + r, M, N, offs_n, mask_n, BLOCK_M)
         dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)

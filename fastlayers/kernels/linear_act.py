@@ -37,6 +37,23 @@ from .activations import NONE, apply_act, act_grad
 
 
 @triton.jit
+def slab_columns(N, slope_hi, slope_lo, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """For the elementwise backward kernels: this program's columns (offsets, mask) and
+    leaky_relu's slope recombined from its two fp32 halves."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slope = tl.cast(slope_hi, COMPUTE_DTYPE) + tl.cast(slope_lo, COMPUTE_DTYPE)
+    return offs_n, offs_n < N, slope
+
+
+@triton.jit
+def slab_tile(row, M, N, offs_n, mask_n, BLOCK_M: tl.constexpr):
+    """Offsets and mask of the BLOCK_M x BLOCK_N tile starting at `row` of an (M, N) contiguous tensor."""
+    offs_m = row + tl.arange(0, BLOCK_M)
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    return offs_m[:, None] * N + offs_n[None, :], mask
+
+
+@triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(tile row, tile column) of program `pid` in grouped order: consecutive programs walk GROUP_M
     tile rows down one tile column, so the B strip they share stays in L2."""
@@ -301,16 +318,11 @@ def act_grad_bias_kernel(
     in a fixed order. COMPUTE_DTYPE: tl.float32 (fp16/bf16/fp32 data) or tl.float64.
     """
     pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    slope = tl.cast(slope_hi, COMPUTE_DTYPE) + tl.cast(slope_lo, COMPUTE_DTYPE)
+    offs_n, mask_n, slope = slab_columns(N, slope_hi, slope_lo, BLOCK_N, COMPUTE_DTYPE)
     col_sum = tl.zeros((BLOCK_N,), dtype=COMPUTE_DTYPE)
     row0 = pid_p.to(tl.int64) * rows_per_prog
     for r in range(0, rows_per_prog, BLOCK_M):
-        offs_m = row0 + r + tl.arange(0, BLOCK_M)
-        mask = (offs_m < M)[:, None] & mask_n[None, :]
-        offs = offs_m[:, None] * N + offs_n[None, :]
+        offs, mask = slab_tile(row0 + r, M, N, offs_n, mask_n, BLOCK_M)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         if ACT == NONE:
             dz = dy
