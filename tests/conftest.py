@@ -56,6 +56,15 @@ def triton_skip_reason():
     return None if why is None else f"triton backend cannot run on {TRITON_DEVICE}: {why}"
 
 
+def triton_backend_or_skip():
+    """The triton backend module for a Triton-kernel test module, or a module-level skip saying why."""
+    why = triton_skip_reason()
+    if why is not None:
+        pytest.skip(why, allow_module_level=True)
+    from fastlayers.backends import load
+    return load("triton")
+
+
 TRITON_MARKS = [pytest.mark.triton_interp,
                 pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
                 pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),

@@ -11,25 +11,16 @@ softmax single-pass boundary (kernels.softmax.single_pass_max_length). Tolerance
 The new kernel paths (small-M, split-K, autotune switches) are in tests/test_triton_kernels.py.
 """
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # normally done by conftest.py; harmless when it already ran
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import fastlayers as fl
+from conftest import TRITON_DEVICE as DEVICE, TRITON_MARKS, assert_close_to_ref, assert_matches, triton_backend_or_skip
+from fastlayers import activations as acts
 
-import fastlayers as fl  # noqa: E402
-from conftest import assert_close_to_ref, assert_matches  # noqa: E402
-from fastlayers import activations as acts  # noqa: E402
-from fastlayers.backends import load  # noqa: E402
-
-from conftest import TRITON_DEVICE as DEVICE, TRITON_MARKS, triton_skip_reason  # noqa: E402
-
-if triton_skip_reason() is not None:
-    pytest.skip(triton_skip_reason(), allow_module_level=True)
+_tb = triton_backend_or_skip()
 pytestmark = TRITON_MARKS
-_tb = load("triton")
 
 from fastlayers.kernels import linear_act as K_LA  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402

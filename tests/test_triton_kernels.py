@@ -6,23 +6,14 @@ through Triton's interpreter (~2 ms per program): shapes stay small (dims <= ~30
 marked `triton_interp`, so `pytest -m triton_interp` selects the Triton suite (the triton-3.6 run
 of the Makefile does).
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # normally done by conftest.py; harmless when it already ran
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import fastlayers as fl
+from conftest import TRITON_DEVICE as DEVICE, TRITON_MARKS, assert_close_to_ref, triton_backend_or_skip
 
-import fastlayers as fl  # noqa: E402
-from fastlayers.backends import load  # noqa: E402
-
-from conftest import TRITON_DEVICE as DEVICE, TRITON_MARKS, assert_close_to_ref, triton_skip_reason  # noqa: E402
-
-if triton_skip_reason() is not None:
-    pytest.skip(triton_skip_reason(), allow_module_level=True)
+_tb = triton_backend_or_skip()
 pytestmark = TRITON_MARKS
-_tb = load("triton")
 
 
 def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
