@@ -68,15 +68,8 @@ def _gated_gemm_kernel(
     the tiles to fp32 before tl.dot (interpreter + bf16 only: its bf16 tl.dot is broken).
     One program computes one BLOCK_M x BLOCK_N tile of h.
     """
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m64, offs_n64, mask_m, mask_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
     x_rows = x_ptr + offs_m64[:, None] * stride_xm   # (BLOCK_M, 1)
     wg_cols = wg_ptr + offs_n64[None, :] * stride_wn  # (1, BLOCK_N): W^T's columns are W's rows
     wu_cols = wu_ptr + offs_n64[None, :] * stride_vn
@@ -100,9 +93,9 @@ def _gated_gemm_kernel(
         acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BG:
-        acc_g = acc_g + tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+        acc_g = acc_g + tl.load(bg_ptr + offs_n64, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     if HAS_BU:
-        acc_u = acc_u + tl.load(bu_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+        acc_u = acc_u + tl.load(bu_ptr + offs_n64, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     offs = offs_m64[:, None] * N + offs_n64[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if STORE_GU:

@@ -55,8 +55,9 @@ def slab_tile(row, M, N, offs_n, mask_n, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(tile row, tile column) of program `pid` in grouped order: consecutive programs walk GROUP_M
-    tile rows down one tile column, so the B strip they share stays in L2."""
+    """The tile of program `pid` in grouped order (consecutive programs walk GROUP_M tile rows down
+    one tile column, so the B strip they share stays in L2): its row and column offsets (int64, so
+    tensors past 2^31 elements are addressed right) and their masks."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -65,7 +66,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m.to(tl.int64), offs_n.to(tl.int64), offs_m < M, offs_n < N
 
 
 @triton.jit
@@ -234,15 +237,8 @@ def _gemm_kernel(
     accumulation (products of bf16 numbers are exact in fp32).
     One program computes one BLOCK_M x BLOCK_N tile of C.
     """
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m64, offs_n64, mask_m, mask_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
     a_rows = a_ptr + offs_m64[:, None] * stride_am  # (BLOCK_M, 1) pointers
     b_cols = b_ptr + offs_n64[None, :] * stride_bn  # (1, BLOCK_N) pointers
 
@@ -271,7 +267,7 @@ def _gemm_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + offs_n64, mask=mask_n, other=0.0)
         acc = acc + bias.to(ACC_DTYPE)[None, :]
     c_offs = offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
     mask = mask_m[:, None] & mask_n[None, :]
