@@ -94,6 +94,22 @@ constexpr int kI64 = 64;
 
 template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// The targets of a cross-entropy entry point: exactly one of class indices `target` (rows,) int64
+// and class probabilities `probs` (rows, nc) in x's dtype; `weight` (nc,) in the compute dtype;
+// label smoothing eps in [0, 1]. Returns their checked pointers (0 for the absent ones).
+static std::tuple<uintptr_t, uintptr_t, uintptr_t> ce_targets(
+    const char* fn, const std::optional<Buf>& target, const std::optional<Buf>& probs,
+    const std::optional<Buf>& weight, int dt, int cd, int64_t rows, int64_t nc, double eps) {
+  if (bool(target) == bool(probs))
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": expected exactly one of 'target' "
+                                "(class indices) and 'probs' (class probabilities)");
+  if (!(eps >= 0.0 && eps <= 1.0))
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": eps must be in [0, 1]");
+  return {target ? expect(fn, "target", *target, kI64, {rows}) : 0,
+          probs ? expect(fn, "probs", *probs, dt, {rows, nc}) : 0,
+          weight ? expect(fn, "weight", *weight, cd, {nc}) : 0};
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
 
@@ -277,15 +293,8 @@ PYBIND11_MODULE(_C, m) {
           int dt = dtype_of(fn, "x", x, 2), cd = dt == F64 ? F64 : F32;
           int64_t rows = shape_of(x)[0], nc = shape_of(x)[1];
           uintptr_t px = expect(fn, "x", x, dt, {rows, nc});
-          if (bool(target) == bool(probs))
-            throw std::invalid_argument("fastlayers._C.cross_entropy_forward: expected exactly one of 'target' "
-                                        "(class indices) and 'probs' (class probabilities)");
-          uintptr_t pt = target ? expect(fn, "target", *target, kI64, {rows}) : 0;
-          uintptr_t pq = probs ? expect(fn, "probs", *probs, dt, {rows, nc}) : 0;
-          uintptr_t pw = weight ? expect(fn, "weight", *weight, cd, {nc}) : 0;
+          auto [pt, pq, pw] = ce_targets(fn, target, probs, weight, dt, cd, rows, nc, eps);
           uintptr_t pl = expect(fn, "loss", loss, cd, {rows}), ps = expect(fn, "stats", stats, cd, {rows, 3});
-          if (!(eps >= 0.0 && eps <= 1.0))
-            throw std::invalid_argument("fastlayers._C.cross_entropy_forward: eps must be in [0, 1]");
           py::gil_scoped_release nogil;
           by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
@@ -306,15 +315,8 @@ PYBIND11_MODULE(_C, m) {
           int dt = dtype_of(fn, "x", x, 2), cd = dt == F64 ? F64 : F32;
           int64_t rows = shape_of(x)[0], nc = shape_of(x)[1];
           uintptr_t px = expect(fn, "x", x, dt, {rows, nc}), pdx = expect(fn, "dx", dx, dt, {rows, nc});
-          if (bool(target) == bool(probs))
-            throw std::invalid_argument("fastlayers._C.cross_entropy_backward: expected exactly one of 'target' "
-                                        "(class indices) and 'probs' (class probabilities)");
-          uintptr_t pt = target ? expect(fn, "target", *target, kI64, {rows}) : 0;
-          uintptr_t pq = probs ? expect(fn, "probs", *probs, dt, {rows, nc}) : 0;
-          uintptr_t pw = weight ? expect(fn, "weight", *weight, cd, {nc}) : 0;
+          auto [pt, pq, pw] = ce_targets(fn, target, probs, weight, dt, cd, rows, nc, eps);
           uintptr_t ps = expect(fn, "stats", stats, cd, {rows, 3}), pg = expect(fn, "scale", scale, cd, {rows});
-          if (!(eps >= 0.0 && eps <= 1.0))
-            throw std::invalid_argument("fastlayers._C.cross_entropy_backward: eps must be in [0, 1]");
           py::gil_scoped_release nogil;
           by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;

@@ -94,6 +94,14 @@ static inline void store_n(T* p, typename io<T>::V v, int64_t n) {
   std::memcpy(p, buf, n * sizeof(T));
 }
 
+// Full vector or masked tail load of k <= W elements.
+template <class T> static inline typename io<T>::V load_k(const T* p, int64_t k) {
+  return k == io<T>::W ? io<T>::load(p) : load_n(p, k);
+}
+template <class T> static inline void store_k(T* p, typename io<T>::V v, int64_t k) {
+  if (k == io<T>::W) io<T>::store(p, v); else store_n(p, v, k);
+}
+
 template <class V> static inline V splat(decltype(V{}[0]) s) { return V{} + s; }
 
 template <class V> static inline auto hsum(V v) {

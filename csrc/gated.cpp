@@ -34,15 +34,14 @@ static void gated_rows(T* g, const T* bg, T* u, const T* bu, T* h, bool keep, in
     T* hr = h + r * n;
     for (int64_t j = 0; j < n; j += W) {
       int64_t k = std::min<int64_t>(W, n - j);
-      bool full = k == W;
-      V gv = full ? IO::load(gr + j) : load_n(gr + j, k);
-      V uv = full ? IO::load(ur + j) : load_n(ur + j, k);
-      if (bg) gv += full ? IO::load(bg + j) : load_n(bg + j, k);
-      if (bu) uv += full ? IO::load(bu + j) : load_n(bu + j, k);
-      if (keep && bg) { if (full) IO::store(gr + j, gv); else store_n(gr + j, gv, k); }
-      if (keep && bu) { if (full) IO::store(ur + j, uv); else store_n(ur + j, uv, k); }
+      V gv = load_k(gr + j, k);
+      V uv = load_k(ur + j, k);
+      if (bg) gv += load_k(bg + j, k);
+      if (bu) uv += load_k(bu + j, k);
+      if (keep && bg) store_k(gr + j, gv, k);
+      if (keep && bu) store_k(ur + j, uv, k);
       V hv = act_forward<ACT>(gv, (C)slope) * uv;
-      if (full) IO::store(hr + j, hv); else store_n(hr + j, hv, k);
+      store_k(hr + j, hv, k);
     }
   }
 }
@@ -77,15 +76,14 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, d
     T* dur = du + r * ldd;
     for (int64_t j = 0; j < n; j += W) {
       int64_t k = std::min<int64_t>(W, n - j);
-      bool full = k == W;
-      V dhv = full ? IO::load(dhr + j) : load_n(dhr + j, k);
-      V gv = full ? IO::load(gr + j) : load_n(gr + j, k);
-      V uv = full ? IO::load(ur + j) : load_n(ur + j, k);
+      V dhv = load_k(dhr + j, k);
+      V gv = load_k(gr + j, k);
+      V uv = load_k(ur + j, k);
       V a = act_forward<ACT>(gv, (C)slope);
       V dgv = act_backward<ACT>(dhv * uv, from_output ? a : gv, (C)slope);
       V duv = dhv * a;
-      if (full) { IO::store(dgr + j, dgv); IO::store(dur + j, duv); }
-      else { store_n(dgr + j, dgv, k); store_n(dur + j, duv, k); }
+      store_k(dgr + j, dgv, k);
+      store_k(dur + j, duv, k);
       // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage, in fp64
       // accumulators), one rounding at the end.
       if (acc_g) add_to(acc_g + j, dgv, k);

@@ -46,13 +46,6 @@ template <> inline auto hmax<vf>(vf v) {
 }
 #endif
 
-// Full vector or masked tail load of k <= W elements.
-template <class T> static inline typename io<T>::V ld(const T* p, int64_t k) {
-  return k == io<T>::W ? io<T>::load(p) : load_n(p, k);
-}
-template <class T> static inline void st(T* p, typename io<T>::V v, int64_t k) {
-  if (k == io<T>::W) io<T>::store(p, v); else store_n(p, v, k);
-}
 
 // ----------------------------------------------------------------------------- rows (inner == 1)
 // Full vectors run branch-free; the last partial vector goes through a padded buffer (load_n),
@@ -210,10 +203,10 @@ static void softmax_cols(const T* x, T* y, int64_t len, int64_t inner, int64_t c
   for (int v = 0; v < nv; ++v) m[v] = splat<V>(ninf);
   auto width = [&](int v) { return std::min<int64_t>(W, nc - (int64_t)v * W); };
   for (int64_t l = 0; l < len; ++l)
-    for (int v = 0; v < nv; ++v) m[v] = vmax(m[v], ld(x + l * inner + c0 + v * W, width(v)));
+    for (int v = 0; v < nv; ++v) m[v] = vmax(m[v], load_k(x + l * inner + c0 + v * W, width(v)));
   for (int64_t l = 0; l < len; ++l)
     for (int v = 0; v < nv; ++v) {
-      V ex = vexp_nonpos(ld(x + l * inner + c0 + v * W, width(v)) - m[v]);
+      V ex = vexp_nonpos(load_k(x + l * inner + c0 + v * W, width(v)) - m[v]);
       for (int i = 0; i < W; ++i) sum[v * W + i] += (double)ex[i];
     }
   for (int v = 0; v < nv; ++v)
@@ -222,8 +215,8 @@ static void softmax_cols(const T* x, T* y, int64_t len, int64_t inner, int64_t c
   for (int64_t l = 0; l < len; ++l)
     for (int v = 0; v < nv; ++v) {
       int64_t off = l * inner + c0 + v * W;
-      V d = ld(x + off, width(v)) - m[v];
-      st(y + off, LOG ? d - inv[v] : vexp_nonpos(d) * inv[v], width(v));
+      V d = load_k(x + off, width(v)) - m[v];
+      store_k(y + off, LOG ? d - inv[v] : vexp_nonpos(d) * inv[v], width(v));
     }
 }
 
@@ -241,7 +234,7 @@ static void softmax_backward_cols(const T* dy, const T* y, T* dx, int64_t len, i
   for (int64_t l = 0; l < len; ++l)
     for (int v = 0; v < nv; ++v) {
       int64_t off = l * inner + c0 + v * W;
-      V t = LOG ? ld(dy + off, width(v)) : ld(dy + off, width(v)) * ld(y + off, width(v));
+      V t = LOG ? load_k(dy + off, width(v)) : load_k(dy + off, width(v)) * load_k(y + off, width(v));
       for (int i = 0; i < W; ++i) s[v * W + i] += (double)t[i];
     }
   for (int v = 0; v < nv; ++v)
@@ -249,8 +242,8 @@ static void softmax_backward_cols(const T* dy, const T* y, T* dx, int64_t len, i
   for (int64_t l = 0; l < len; ++l)
     for (int v = 0; v < nv; ++v) {
       int64_t off = l * inner + c0 + v * W;
-      V g = ld(dy + off, width(v)), yv = ld(y + off, width(v));
-      st(dx + off, LOG ? g - vexp_nonpos(yv) * sv[v] : yv * (g - sv[v]), width(v));
+      V g = load_k(dy + off, width(v)), yv = load_k(y + off, width(v));
+      store_k(dx + off, LOG ? g - vexp_nonpos(yv) * sv[v] : yv * (g - sv[v]), width(v));
     }
 }
 
