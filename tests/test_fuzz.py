@@ -196,8 +196,13 @@ def test_fuzz_softmax(case):
     (y64, g64), (ye, ge) = ref(torch.float64), ref(x.dtype)
     red = x.shape[dim] if x.dim() else 1
     assert_matches(y.detach(), y64, ye, red=red, what=f"{backend} {op.__name__} {x.dtype} y")
-    if klass not in ("special", "masked"):  # NaN / fully -inf rows: the forward says it all
-        assert_matches(xl.grad, g64, ge, red=red, what=f"{backend} {op.__name__} {x.dtype} dx")
+    if klass in ("special", "masked"):  # NaN / fully -inf rows: the forward says it all
+        return
+    if x.dtype == torch.bfloat16 and red < 8:
+        # As for linear_act: over a few terms, one bf16 ulp of the saved y (its rounding depends on
+        # the layout the row was reduced in -- found with the reference backend itself) decides dx.
+        return
+    assert_matches(xl.grad, g64, ge, red=red, what=f"{backend} {op.__name__} {x.dtype} dx")
 
 
 # ----------------------------------------------------------------------------- bad input
