@@ -94,6 +94,12 @@ constexpr int kI64 = 64;
 
 template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// The optional bias gradients (cols,) of the gated backward entry points: checked pointers, 0 if absent.
+static std::pair<uintptr_t, uintptr_t> bias_grads(const char* fn, const std::optional<Buf>& dbg,
+                                                  const std::optional<Buf>& dbu, int dt, int64_t cols) {
+  return {dbg ? expect(fn, "dbg", *dbg, dt, {cols}) : 0, dbu ? expect(fn, "dbu", *dbu, dt, {cols}) : 0};
+}
+
 // The targets of a cross-entropy entry point: exactly one of class indices `target` (rows,) int64
 // and class probabilities `probs` (rows, nc) in x's dtype; `weight` (nc,) in the compute dtype;
 // label smoothing eps in [0, 1]. Returns their checked pointers (0 for the absent ones).
@@ -220,8 +226,7 @@ PYBIND11_MODULE(_C, m) {
           uintptr_t pdh = expect(fn, "dh", dh, dt, {rows, cols}), pg = expect(fn, "g", g, dt, {rows, cols});
           uintptr_t pu = expect(fn, "u", u, dt, {rows, cols}), pdg = expect(fn, "dg", dg, dt, {rows, cols});
           uintptr_t pdu = expect(fn, "du", du, dt, {rows, cols});
-          uintptr_t pdbg = dbg ? expect(fn, "dbg", *dbg, dt, {cols}) : 0;
-          uintptr_t pdbu = dbu ? expect(fn, "dbu", *dbu, dt, {cols}) : 0;
+          auto [pdbg, pdbu] = bias_grads(fn, dbg, dbu, dt, cols);
           check_act(fn, act);
           py::gil_scoped_release nogil;
           by_dtype(dt, [&](auto* tag) {
@@ -267,8 +272,7 @@ PYBIND11_MODULE(_C, m) {
           int64_t rows = shape_of(dh)[0], cols = shape_of(dh)[1];
           uintptr_t pdh = expect(fn, "dh", dh, dt, {rows, cols}), pgu = expect(fn, "gu", gu, dt, {rows, 2 * cols});
           uintptr_t pdgu = expect(fn, "dgu", dgu, dt, {rows, 2 * cols});
-          uintptr_t pdbg = dbg ? expect(fn, "dbg", *dbg, dt, {cols}) : 0;
-          uintptr_t pdbu = dbu ? expect(fn, "dbu", *dbu, dt, {cols}) : 0;
+          auto [pdbg, pdbu] = bias_grads(fn, dbg, dbu, dt, cols);
           check_act(fn, act);
           py::gil_scoped_release nogil;
           by_dtype(dt, [&](auto* tag) {
