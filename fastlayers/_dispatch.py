@@ -123,6 +123,37 @@ def composite_reason(*tensors: Optional[Tensor]) -> Optional[str]:
     return None
 
 
+def plain_cpu_inference(x: object, w: object, b: object) -> bool:
+    """Whether a linear call x (*, K), w (N, K), b (N,) or None may skip the general path's checks
+    and autograd plumbing: plain dense CPU tensors of one dtype whose shapes fit, nothing that
+    needs grad, and no autocast, torch.compile / jit.trace recording, torch.func transform or
+    dispatch mode active. False only means "take the general path", which checks every argument
+    and raises the usual errors; True implies everything check_linear and composite_reason
+    would accept (dtype support is the backend's to check). The no-grad fast paths of
+    FusedLinear and linear_act; ~1 us cheaper than those checks at 1 x 64 -> 64, where the
+    whole eager F.relu(F.linear(x, w, b)) takes ~4 us."""
+    if (type(x) not in _PLAIN_TYPES or type(w) not in _PLAIN_TYPES
+            or (b is not None and type(b) not in _PLAIN_TYPES)):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                    or (b is not None and b.requires_grad)):
+        return False
+    if (torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+            or torch._C._get_tracing_state() is not None
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._len_torch_dispatch_stack()):
+        return False
+    dtype = x.dtype
+    return (x.is_cpu and w.is_cpu and x.layout == _STRIDED and w.layout == _STRIDED
+            and not x.is_nested and not w.is_nested and w.dtype == dtype and dtype in FLOATS
+            and w.dim() == 2 and x.dim() >= 1 and x.shape[-1] == w.shape[1]
+            and (b is None or (b.is_cpu and b.layout == _STRIDED and b.dtype == dtype
+                               and b.dim() == 1 and b.shape[0] == w.shape[0])))
+
+
+_STRIDED = torch.strided
+
+
 def backend_for(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """The backend module for tensors of `device` and `dtype` (see backends.select)."""
     backend = select(device, op)

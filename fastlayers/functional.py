@@ -22,7 +22,7 @@ from . import _library
 from . import activations as _acts
 from ._dispatch import (as_2d, as_3d, backend_for, check_linear, check_slope, check_tensor,
                         composite_reason, linear_composite, linear_forward, normalize_dim, owned,
-                        softmax_composite, softmax_forward)
+                        plain_cpu_inference, softmax_composite, softmax_forward)
 from .activations import DEFAULT_SLOPE, SAVE_INPUT, SAVE_OUTPUT, Activation
 
 LINEAR = "fastlayers.linear_act"
@@ -80,7 +80,10 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     or None. activation: one of fastlayers.activations.NAMES. Returns (*, out_features) in x's dtype.
     """
     act = _acts.get(activation, LINEAR)
-    slope = check_slope(LINEAR, negative_slope)
+    slope = negative_slope if type(negative_slope) is float else check_slope(LINEAR, negative_slope)
+    if plain_cpu_inference(x, weight, bias):  # no grad, nothing unusual: skip the checks below
+        backend = backend_for(LINEAR, x.device, x.dtype)
+        return linear_forward(backend, x, weight, bias, act, slope, save=False)[0]
     x, weight, bias = _autocast.linear_inputs(x, weight, bias)
     check_linear(LINEAR, x, weight, bias)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered ops: visible to both

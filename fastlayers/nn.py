@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import activations as _acts
 from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
-from ._dispatch import check_slope
+from ._dispatch import check_slope, plain_cpu_inference
 from .backends import select
 from .functional import linear_act, log_softmax, softmax
 
@@ -48,51 +48,49 @@ class FusedLinear(nn.Linear):
 
     @torch.jit.unused
     def _eager(self, input: Tensor) -> Tensor:
-        if FAST_PATH:
-            y = self._forward_inference(input)
+        # The parameters straight from _parameters (Module.__getattr__ is a Python fallback that
+        # costs ~0.2 us per lookup); a parametrized or reassigned weight is not there: getattr.
+        params = self._parameters
+        w = params.get("weight")
+        if w is None:
+            w = self.weight
+        b = params["bias"] if "bias" in params else self.bias
+        if FAST_PATH and plain_cpu_inference(input, w, b):
+            y = self._forward_inference(input, w, b)
             if y is not None:
                 return y
-        return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
+        return linear_act(input, w, b, self.activation, self.negative_slope)
 
     # ------------------------------------------------------------------ inference fast path
     # When no gradient is needed (torch.no_grad / inference_mode, or nothing requires grad) and
-    # the call is plain (x a CPU tensor of the weight's dtype with in_features last, no autocast,
-    # not traced by torch.compile / jit.trace) on a backend with a packed forward (cpp), forward
-    # skips the functional wrapper's checks and autograd plumbing, and runs on a prepacked copy
-    # of the weight (cpp: oneDNN's blocked layout, see backends/cpp.py). Anything else takes the
-    # general path, which validates and raises the usual errors.
+    # the call is plain (see _dispatch.plain_cpu_inference: CPU tensors of one dtype, shapes that
+    # fit, no autocast, not recorded by torch.compile / jit.trace, no torch.func transform or
+    # dispatch mode) on a backend with a packed forward (cpp), forward skips the functional
+    # wrapper's checks and autograd plumbing, and runs on a prepacked copy of the weight (cpp:
+    # oneDNN's blocked layout, for GEMMs large enough to take oneDNN; see backends/cpp.py).
+    # Anything else takes the general path, which validates and raises the usual errors.
     #
     # Memory: the packed copy costs one more weight (out_features * in_features elements of its
-    # dtype) per FusedLinear, built on the first such call. It is rebuilt when the weight changes
-    # (its version counter moves on in-place updates and load_state_dict; .to() and `.data = `
-    # give it a new data pointer; the old storage is held until then, so a pointer cannot be
-    # reused unnoticed). Never in the state_dict, dropped by pickle / deepcopy.
+    # dtype) per FusedLinear, built on the first call that uses it. It is rebuilt when the weight
+    # changes (its version counter moves on in-place updates and load_state_dict; .to() and
+    # `.data = ` give it a new data pointer; the old storage is held until then, so a pointer
+    # cannot be reused unnoticed). Never in the state_dict, dropped by pickle / deepcopy.
     # Opt out of prepacking: FusedLinear(..., prepack=False), or FASTLAYERS_PREPACK=0 in the environment.
-    def _forward_inference(self, x: Tensor) -> Optional[Tensor]:
-        w, b = self.weight, self.bias
-        if type(x) is not Tensor or not x.is_cpu:  # (is_cpu: cheaper than x.device.type)
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                        or (b is not None and b.requires_grad)):
-            return None
-        dtype = x.dtype
-        if (w.dtype != dtype or not w.is_cpu or x.dim() == 0 or w.dim() != 2 or x.shape[-1] != w.shape[1]
-                or (b is not None and (b.dtype != dtype or not b.is_cpu or b.shape != w.shape[:1]))
-                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
-                or torch.jit.is_tracing()):
-            return None
+    def _forward_inference(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Optional[Tensor]:
         backend = select(x.device, "fastlayers.FusedLinear")
         forward = getattr(backend, "linear_act_forward_packed", None)
-        if forward is None or dtype not in backend.DTYPES:
+        if forward is None or x.dtype not in backend.DTYPES:
             return None
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (M, K)
-        packed = self._packed_weight(backend, w, x2.shape[0])
-        y2 = forward(x2, packed, w, b, _acts.get(self.activation), self.negative_slope)  # (M, N)
+        packed = self._packed_weight if self.prepack and PREPACK else _no_packing
+        y2 = forward(x2, w, b, _acts.get(self.activation, "fastlayers.FusedLinear"),
+                     self.negative_slope, packed)  # (M, N)
         return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], w.shape[0])  # (*, N)
 
     def _packed_weight(self, backend, w: Tensor, batch: int):
-        """The backend's packed copy of w, (re)built when w changed; None when not prepacking."""
-        if not (self.prepack and PREPACK) or type(w) is not nn.Parameter or w.is_inference():
+        """The backend's packed copy of w, (re)built when w changed; None for a weight that can't
+        be cached. Called by the backend only when its route for this call uses one."""
+        if type(w) is not nn.Parameter or w.is_inference():
             # Only a Parameter (a computed weight, e.g. torch.nn.utils.parametrize, is new every
             # call), and never an inference tensor (no version counter: in-place updates unseen).
             self._packed = None
@@ -126,6 +124,11 @@ class FusedLinear(nn.Linear):
 # and prepacking on it (FASTLAYERS_PREPACK=0 turns prepacking off for every FusedLinear).
 FAST_PATH = True
 PREPACK = os.environ.get("FASTLAYERS_PREPACK", "1") not in ("0", "")
+
+
+def _no_packing(backend, w: Tensor, batch: int) -> None:
+    """The packed-weight source of a FusedLinear that does not prepack."""
+    return None
 
 
 def _softmax_forward(input: Tensor, dim: Optional[int], log: bool) -> Tensor:

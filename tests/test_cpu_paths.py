@@ -1,6 +1,8 @@
 """The cpp backend's forward routes (oneDNN fused, oneDNN + C++ pass, MKL + C++ pass), each forced
 on small shapes and compared with float64 PyTorch at the tolerances of conftest.assert_matches,
 special values included; the rule that picks a route; the fallback when oneDNN is missing."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -225,9 +227,15 @@ def pack_calls(monkeypatch):
         calls["pack"] += 1
         return real_pack(*a)
 
-    def forward(x, packed, *a):
-        calls["plain" if packed is None else "packed"] += 1
-        return real_forward(x, packed, *a)
+    def forward(x, w, b, act, slope, packed):
+        got = []
+
+        def counted(*a):
+            got.append(packed(*a))
+            return got[-1]
+        y = real_forward(x, w, b, act, slope, counted)
+        calls["packed" if got and got[-1] is not None else "plain"] += 1
+        return y
     monkeypatch.setattr(cpp, "prepack_weight", pack)
     monkeypatch.setattr(cpp, "linear_act_forward_packed", forward)
     monkeypatch.setattr(cpp, "ROUTE", "fused")  # small test shapes take the oneDNN routes too
@@ -378,3 +386,46 @@ def test_no_grad_fast_path_matches(monkeypatch, fast, lead):
             y = m(x)
         r64 = ACTIVATIONS[act].ref(F.linear(x.double(), m.weight.double(), m.bias.double()), SLOPE)
         assert_matches(y, r64, eager_module(m, x), red=24, what=f"{act} fast={fast}")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
+def test_no_grad_paths_under_transforms_and_modes(monkeypatch, fast):
+    """No-grad calls under vmap, a dispatch mode, FakeTensorMode and a tensor subclass give
+    PyTorch's result (the fast paths must hand these to the general path, not to raw pointers)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(flnn, "FAST_PATH", fast)
+    m = module("gelu")
+    xs = torch.randn(3, 4, 24)
+
+    def ref(x):
+        return F.gelu(F.linear(x, m.weight, m.bias))
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(m)(xs), ref(xs))
+        torch.testing.assert_close(torch.func.vmap(lambda x: fl.linear_act(x, m.weight, m.bias, "gelu"))(xs),
+                                   ref(xs))
+        with Seen() as mode:
+            y = m(xs[0])
+        torch.testing.assert_close(y, ref(xs[0]))
+        assert mode.ops, "the dispatch mode saw no op: a raw-pointer kernel ran under it"
+        with FakeTensorMode() as fake:
+            fm = fl.FusedLinear(24, 16, activation="gelu")
+            assert fm(fake.from_tensor(xs)).shape == (3, 4, 16)
+
+
+def test_env_reader_matches_os_environ(monkeypatch):
+    """FASTLAYERS_BACKEND is read on every call through a cheap reader; it must agree with
+    os.environ whatever is set, changed or removed after import."""
+    from fastlayers import backends as B
+    for value in ("reference", "cpp", "", "triton"):
+        monkeypatch.setenv("FASTLAYERS_BACKEND", value)
+        assert B._read_env() == os.environ.get("FASTLAYERS_BACKEND") == value
+    monkeypatch.delenv("FASTLAYERS_BACKEND")
+    assert B._read_env() is None and B.forced() is None

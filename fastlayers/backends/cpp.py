@@ -5,7 +5,9 @@ fastlayers/backends/__init__.py; here we only allocate, call BLAS and call the k
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import sys
+from types import ModuleType
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -321,24 +323,32 @@ def prepack_weight(w: Tensor, batch_hint: int) -> Optional[Tensor]:
         return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), max(int(batch_hint), 1))
 
 
-def linear_act_forward_packed(x: Tensor, packed: Optional[Tensor], w: Tensor, b: Optional[Tensor],
-                              act: Activation, slope: float) -> Tensor:
-    """linear_act_forward(x, w, b, act, slope, save=False)[0], on w's prepacked copy when given
-    (packed None: the plain weight). x: (M, K) -> y: (M, N). The no-grad fast path of
-    FusedLinear: one route decision, nothing for autograd."""
+def linear_act_forward_packed(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
+                              packed: Callable[[ModuleType, Tensor, int], Optional[Tensor]]) -> Tensor:
+    """linear_act_forward(x, w, b, act, slope, save=False)[0] for FusedLinear's no-grad fast path:
+    one route decision, nothing for autograd. x: (M, K) -> y: (M, N). packed(backend, w, M): w's
+    prepacked copy (from prepack_weight, cached by the caller) or None; asked only on the oneDNN
+    routes, so small calls pay nothing for it."""
     m, k = x.shape
     n = w.shape[0]
+    if b is not None and not b.is_contiguous():
+        b = b.contiguous()
     if ROUTE == "auto" and m * k * n < ONEDNN_MIN_MACS:  # small: one ATen call + one pass
         return _epilogue(*_mm_bias(x, w, b), act, slope, None)[0]
     route = _forward_route(x, w, act, slope, None)
     if route == "mkl":
         return _epilogue(*_mm_bias(x, w, b), act, slope, None)[0]
-    wp = w if packed is None else packed
+    wp = packed(_SELF, w, m)
+    if wp is None:
+        wp = w
     if route == "fused":
         attr, scalar, alg = _ONEDNN_POSTOPS[act.name]
         return _linear_pointwise(x, wp, b, attr, [slope] if scalar else [], alg)
     z = _linear_pointwise(x, wp, b, "none", [], "")
     return _epilogue(z, None, act, slope, None)[0]
+
+
+_SELF = sys.modules[__name__]  # this backend, as the packed-weight cache keys it
 
 
 # --- gated linear
