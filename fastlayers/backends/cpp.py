@@ -235,6 +235,14 @@ def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, kind: Op
     return "onednn"
 
 
+def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype) -> bool:
+    """Whether a linear with no activation, (M, K) x (N, K)^T, runs faster here than F.linear:
+    only where the oneDNN routes apply (oneDNN's GEMM, prepacked without grad, against F.linear's
+    MKL sgemm / per-call weight reorder); below ONEDNN_MIN_MACS there is nothing to fuse and
+    F.linear is one ATen call."""
+    return ROUTE != "mkl" and m * k * n >= ONEDNN_MIN_MACS and bool(_probe_onednn(dtype))
+
+
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
                        save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     # x: (M, K), w: (N, K) -> z: (M, N).

@@ -27,6 +27,11 @@ reads the module's live children; TorchScript, deepcopy and pickling work) -- on
 trace would freeze as constants. nn.Softmax / nn.LogSoftmax become
 fastlayers.Softmax / LogSoftmax with the same dim.
 
+Plain Linears (``linears=True``, the default): every nn.Linear not fused above and without hooks
+becomes a FusedLinear(activation="none") on the same Parameters (listed under ``linear`` with the
+reason it has no activation); it calls F.linear except where fastlayers' GEMM is faster (the CPU
+backend's oneDNN routes for large GEMMs, prepacked without grad).
+
 Left alone, with the reason in the report: a Linear whose output is used anywhere else (or
 returned), a Linear or activation that has hooks, is shared between modules, is called more than
 once, or is a subclass (its forward may differ); modules fx cannot trace; forwards whose traced
@@ -51,8 +56,14 @@ __all__ = ["swap", "SwapReport"]
 log = logging.getLogger("fastlayers.swap")
 
 
-def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
+def swap(model: nn.Module, verbose: bool = False, linears: bool = True) -> nn.Module:
     """Fuse `model`'s Linear -> activation pairs and softmax modules in place; returns `model`.
+
+    With `linears` (the default), every other plain nn.Linear (no hooks, not read by a gated
+    product) becomes a FusedLinear(activation="none") on the same Parameters: it runs F.linear
+    except where fastlayers is faster (on the CPU: large GEMMs on oneDNN, with a prepacked weight
+    when no gradient is needed, costing one more copy of each such weight). linears=False leaves
+    them as they are.
 
     Parameters stay the same objects (state_dict keys and optimizers unchanged); outputs and
     gradients match the original model up to floating-point rounding. The report of what was
@@ -67,7 +78,7 @@ def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
         new.train(model.training)
         model, report = new, SwapReport(replaced=[("<model>", f"fastlayers.{type(new).__name__}")])
     else:
-        swapper = _Swapper(model)
+        swapper = _Swapper(model, linears)
         swapper.run()
         report = swapper.report
     model.fastlayers_swap_report = report

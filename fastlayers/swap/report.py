@@ -13,16 +13,19 @@ class SwapReport:
     left: List[Tuple[str, str]] = field(default_factory=list)         # (module path, reason)
     rewritten: List[str] = field(default_factory=list)                # modules given a new forward
     gated: List[Tuple[str, str, str]] = field(default_factory=list)   # (gate [+ up] linear, site, activation)
+    linear: List[Tuple[str, str]] = field(default_factory=list)       # (plain Linear -> FusedLinear, why no activation)
 
     def __str__(self) -> str:
         lines = [f"fastlayers.swap: fused {len(self.fused)} Linear+activation pair(s), "
                  f"{len(self.gated)} gated MLP product(s), "
-                 f"replaced {len(self.replaced)} softmax module(s), left {len(self.left)} alone"]
+                 f"replaced {len(self.replaced)} softmax module(s), {len(self.linear)} plain Linear(s), "
+                 f"left {len(self.left)} alone"]
         lines += [f"  fused     {lin} + {site} -> FusedLinear(activation={name})"
                   for lin, site, name in self.fused]
         lines += [f"  gated     {lins}: {site} -> gated_linear(activation={name})"
                   for lins, site, name in self.gated]
         lines += [f"  replaced  {path} -> {new}" for path, new in self.replaced]
+        lines += [f"  linear    {path} -> FusedLinear(activation=none) ({why})" for path, why in self.linear]
         lines += [f"  rewrote   {path}.forward (functional activations / gated products replaced)"
                   for path in self.rewritten]
         lines += [f"  left      {path}: {why}" for path, why in self.left]

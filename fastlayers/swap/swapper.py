@@ -71,8 +71,9 @@ def _direct_children(mod: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn
 
 
 class _Swapper:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, linears: bool = True) -> None:
         self.model = model
+        self.linears = linears
         self.report = SwapReport()
         self.refs = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.why_left: Dict[int, str] = {}  # id(Linear) -> reason it was not fused
@@ -235,6 +236,27 @@ class _Swapper:
                 setattr(parent, name, new)
                 self.report.replaced.append((path, f"fastlayers.{type(new).__name__}(dim={child.dim})"))
 
+    def plain_linears(self, unfused: Dict[str, nn.Linear]) -> Dict[str, nn.Linear]:
+        """Each remaining plain nn.Linear (no hooks) becomes a FusedLinear(activation="none") on
+        the same Parameters, every reference to it (a shared Linear stays shared); returns the
+        ones left as they were. FusedLinear calls F.linear where that is faster (see nn.py), so
+        this only moves GEMMs that fastlayers runs faster (CPU: prepacked oneDNN)."""
+        new: Dict[int, FusedLinear] = {}
+        left = {}
+        for path, m in unfused.items():
+            if type(m) is not nn.Linear or hooks(m) or id(m) in self.gated_ids:
+                left[path] = m
+                continue
+            if id(m) not in new:
+                new[id(m)] = _fused_linear(m, "none", 0.0)
+            self.report.linear.append((path, self.why_left.get(id(m))
+                                       or "its output does not go straight into an activation"))
+        for parent in list(self.model.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and id(child) in new:
+                    setattr(parent, name, new[id(child)])
+        return left
+
     def run(self) -> nn.Module:
         for prefix, mod in list(self.model.named_modules()):
             if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
@@ -244,14 +266,16 @@ class _Swapper:
             else:
                 self.traced(mod, prefix)
         self.softmaxes()
-        for path, m in self.model.named_modules():
-            if (isinstance(m, FusedLinear) and m.activation != "none") or id(m) in self.gated_ids:
-                continue
-            if isinstance(m, nn.Linear):
-                why = self.gated_why.get(id(m)) or self.why_left.get(id(m))
-                if why is None:
-                    why = (f"{type(m).__name__} is a subclass of nn.Linear (its forward may differ)"
-                           if not _fusable_linear(m) else
-                           "its output does not go straight into an activation in its parent's forward")
-                self.report.left.append((path, why))
+        unfused = {path: m for path, m in self.model.named_modules()
+                   if isinstance(m, nn.Linear) and id(m) not in self.gated_ids
+                   and not (isinstance(m, FusedLinear) and m.activation != "none")}
+        if self.linears:
+            unfused = self.plain_linears(unfused)
+        for path, m in unfused.items():
+            why = self.gated_why.get(id(m)) or self.why_left.get(id(m))
+            if why is None:
+                why = (f"{type(m).__name__} is a subclass of nn.Linear (its forward may differ)"
+                       if not _fusable_linear(m) else
+                       "its output does not go straight into an activation in its parent's forward")
+            self.report.left.append((path, why))
         return self.model
