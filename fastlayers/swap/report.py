@@ -13,17 +13,19 @@ class SwapReport:
     left: List[Tuple[str, str]] = field(default_factory=list)         # (module path, reason)
     rewritten: List[str] = field(default_factory=list)                # modules given a new forward
     gated: List[Tuple[str, str, str]] = field(default_factory=list)   # (gate [+ up] linear, site, activation)
+    losses: List[Tuple[str, str, str]] = field(default_factory=list)  # (head or module, site, fastlayers op)
 
     def __str__(self) -> str:
         lines = [f"fastlayers.swap: fused {len(self.fused)} Linear+activation pair(s), "
-                 f"{len(self.gated)} gated MLP product(s), "
+                 f"{len(self.gated)} gated MLP product(s), {len(self.losses)} loss(es), "
                  f"replaced {len(self.replaced)} softmax module(s), left {len(self.left)} alone"]
         lines += [f"  fused     {lin} + {site} -> FusedLinear(activation={name})"
                   for lin, site, name in self.fused]
         lines += [f"  gated     {lins}: {site} -> gated_linear(activation={name})"
                   for lins, site, name in self.gated]
+        lines += [f"  loss      {path}: {site} -> fastlayers.{op}" for path, site, op in self.losses]
         lines += [f"  replaced  {path} -> {new}" for path, new in self.replaced]
-        lines += [f"  rewrote   {path}.forward (functional activations / gated products replaced)"
+        lines += [f"  rewrote   {path}.forward (functional activations / gated products / losses replaced)"
                   for path in self.rewritten]
         lines += [f"  left      {path}: {why}" for path, why in self.left]
         return "\n".join(lines)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..nn import FusedLinear, LogSoftmax, Softmax
 from . import gated as _gated
+from . import loss as _loss
 from .patterns import call_activation, describe, hooks, module_activation
 from .report import SwapReport
 from .tracing import rewrite_forward, trace_checked
@@ -79,6 +80,8 @@ class _Swapper:
         self.act_cache: Dict[int, Optional[Tuple[str, float]]] = {}
         self.gated_ids = set()  # id(Linear) of the gate / up Linears now read by a gated_linear call
         self.gated_why: Dict[int, str] = {}  # id(Linear) -> why its gated product was not fused
+        self.loss_heads = set()  # id(Linear) of heads now read by a linear_cross_entropy call
+        self.loss_decided = set()  # id(module) whose losses the traced route decided (swap/loss.py)
 
     def activation_module(self, m: nn.Module) -> Tuple[Optional[Tuple[str, float]], str]:
         act = module_activation(m, self.act_cache)
@@ -126,6 +129,7 @@ class _Swapper:
             return
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         erased = self.gated(mod, prefix, graph, children, linears, calls, frozen)
+        erased = _loss.in_graph(self, mod, prefix, graph, children, calls, frozen) or erased
         for node in list(graph.nodes):
             if node.op != "call_module" or node.target not in linears:
                 continue
@@ -244,8 +248,10 @@ class _Swapper:
             else:
                 self.traced(mod, prefix)
         self.softmaxes()
+        _loss.untraced(self)
         for path, m in self.model.named_modules():
-            if (isinstance(m, FusedLinear) and m.activation != "none") or id(m) in self.gated_ids:
+            if ((isinstance(m, FusedLinear) and m.activation != "none") or id(m) in self.gated_ids
+                    or id(m) in self.loss_heads):
                 continue
             if isinstance(m, nn.Linear):
                 why = self.gated_why.get(id(m)) or self.why_left.get(id(m))
