@@ -420,6 +420,8 @@ def in_graph(sw, mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[st
     losses = GraphLosses(graph, children, linear_problem, calls)
     sites, left = losses.sites()
     if frozen is not None:
+        if sites:  # the untraced route may still redirect F.cross_entropy; else this is why not
+            sw.loss_frozen[id(mod)] = f"loss {', '.join(s.what for s in sites)}: {frozen}"
         return False
     sw.loss_decided.add(id(mod))
     for what, why in left:
@@ -458,5 +460,5 @@ def untraced(sw) -> None:
         if sites:
             sw.report.losses.append((_where(prefix), f"{', '.join(sites)} in a copy of {where} (not traced: "
                                                      "the head's logits are materialised)", CROSS_ENTROPY))
-        elif why:
-            sw.report.left.append((_where(prefix), f"loss in {where}: {why}"))
+        elif why or id(mod) in sw.loss_frozen:
+            sw.report.left.append((_where(prefix), f"loss in {where}: {why}" if why else sw.loss_frozen[id(mod)]))
