@@ -378,13 +378,16 @@ def redirected_class(base: type) -> type:
     return cls
 
 
-def redirect(mod: nn.Module) -> Tuple[List[str], str]:
-    """Give mod the redirected forward (see the module docstring): (sites, "") or ([], why not)."""
+def redirect(mod: nn.Module, plans: Dict[Any, Tuple[Dict[str, Any], List[str], str]]) -> Tuple[List[str], str]:
+    """Give mod the redirected forward (see the module docstring): (sites, "") or ([], why not).
+    plans: redirect_plan's answers by forward function, for this swap."""
     base = type(mod)
     forward = getattr(base, "forward", None)
     if not isinstance(forward, types.FunctionType) or hasattr(base, "fastlayers_original_class"):
         return [], ""
-    overrides, sites, why = redirect_plan(forward)
+    if forward not in plans:
+        plans[forward] = redirect_plan(forward)
+    overrides, sites, why = plans[forward]
     if not overrides:
         return [], why
     glob = sorted(_global_values(mod))
@@ -401,15 +404,11 @@ __all__ = ["cross_entropy_as_torch", "head_cross_entropy", "logits_stand_in", "c
 
 
 # ----------------------------------------------------------------------------- the swapper's hooks
-def _where(prefix: str) -> str:
-    return prefix or "<model>"
-
-
 def in_graph(sw, mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[str, nn.Module],
              calls: Dict[str, int], frozen: Optional[str]) -> bool:
     """The traced route for `mod` (called by the swapper with mod's graph); True if the graph changed.
     A forward that may not be rewritten (`frozen`) is left to the untraced route."""
-    from .swapper import _fusable_linear, _linear_problem
+    from .swapper import _fusable_linear, _join, _linear_problem, _name
 
     def linear_problem(target: str) -> Optional[str]:
         m = children[target]
@@ -419,13 +418,13 @@ def in_graph(sw, mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[st
 
     losses = GraphLosses(graph, children, linear_problem, calls)
     sites, left = losses.sites()
+    for what, why in left:
+        sw.report.left.append((_name(prefix), f"loss {what}: {why}"))
     if frozen is not None:
         if sites:  # the untraced route may still redirect F.cross_entropy; else this is why not
             sw.loss_frozen[id(mod)] = f"loss {', '.join(s.what for s in sites)}: {frozen}"
         return False
     sw.loss_decided.add(id(mod))
-    for what, why in left:
-        sw.report.left.append((_where(prefix), f"loss {what}: {why}"))
     for site in sites:
         head, why = losses.head_of(site)
         where = f"{site.what} in {type(mod).__name__}.forward"
@@ -435,30 +434,29 @@ def in_graph(sw, mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[st
             sw.why_left.pop(id(lin), None)
             sw.report.losses.append((_join(prefix, head.target), where, FUSED))
         else:
-            sw.report.losses.append((_where(prefix), f"{where}; not fused with the head: {why}", CROSS_ENTROPY))
+            sw.report.losses.append((_name(prefix), f"{where}; not fused with the head: {why}", CROSS_ENTROPY))
         losses.rewrite(site, head)
     return bool(sites)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def untraced(sw) -> None:
     """Hugging Face loss functions, and forwards the traced route did not decide (see the module
     docstring); run by the swapper after its walk."""
+    from .swapper import _name
+
+    plans: Dict[Any, Tuple[Dict[str, Any], List[str], str]] = {}
     for prefix, mod in sw.model.named_modules():
         ok, what = hf_causal_lm(mod)
         if ok:
-            sw.report.losses.append((_where(prefix), what, CROSS_ENTROPY))
+            sw.report.losses.append((_name(prefix), what, CROSS_ENTROPY))
         elif what:
-            sw.report.left.append((_where(prefix), f"loss_function: {what}"))
+            sw.report.left.append((_name(prefix), f"loss_function: {what}"))
         if id(mod) in sw.loss_decided or not any(isinstance(c, nn.Linear) for c in mod.children()):
             continue
-        sites, why = redirect(mod)
+        sites, why = redirect(mod, plans)
         where = f"{type(mod).__name__}.forward"
         if sites:
-            sw.report.losses.append((_where(prefix), f"{', '.join(sites)} in a copy of {where} (not traced: "
+            sw.report.losses.append((_name(prefix), f"{', '.join(sites)} in a copy of {where} (not traced: "
                                                      "the head's logits are materialised)", CROSS_ENTROPY))
         elif why or id(mod) in sw.loss_frozen:
-            sw.report.left.append((_where(prefix), f"loss in {where}: {why}" if why else sw.loss_frozen[id(mod)]))
+            sw.report.left.append((_name(prefix), f"loss in {where}: {why}" if why else sw.loss_frozen[id(mod)]))
