@@ -34,6 +34,13 @@ def _targets(*shape, ignore=-100, seed=1):
     return t
 
 
+def _spy(monkeypatch, name):
+    """The shapes of the first argument of each call swap/loss.py makes of its `name`."""
+    calls, real = [], getattr(swap_loss, name)
+    monkeypatch.setattr(swap_loss, name, lambda *a, **k: calls.append(tuple(a[0].shape)) or real(*a, **k))
+    return calls
+
+
 def _check_same(model, ref, x, *rest, red=H):
     """Swapped vs original: every output (the loss, logits where returned) and every gradient."""
     xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -101,9 +108,7 @@ def test_head_loss_becomes_linear_cross_entropy(backend, monkeypatch, cls, bias)
     assert _losses(model) == [("head", "linear_cross_entropy")], str(model.fastlayers_swap_report)
     assert "head" not in _left(model)
     assert all(p is params[n] for n, p in model.named_parameters())
-    calls = []
-    real = swap_loss.linear_cross_entropy
-    monkeypatch.setattr(swap_loss, "linear_cross_entropy", lambda h, *a, **k: calls.append(h.shape) or real(h, *a, **k))
+    calls = _spy(monkeypatch, "linear_cross_entropy")
     model.head.register_forward_hook(lambda *a: pytest.fail("the head was called: its logits were materialised"))
     x, t = torch.randn(3, 5, H), _targets(3, 5, ignore=cls.IGNORE)
     _check_same(model, ref, x, t)
@@ -168,7 +173,8 @@ CE_ONLY = [
 ]
 
 
-@pytest.mark.parametrize("make,why,args", CE_ONLY, ids=["returned", "weight", "logits-used", "head-twice", "not-a-head", "hooks"])
+@pytest.mark.parametrize("make,why,args", CE_ONLY,
+                         ids=["returned", "weight", "logits-used", "head-twice", "not-a-head", "hooks"])
 def test_loss_not_fused_with_the_head_is_still_fastlayers(backend, monkeypatch, make, why, args):
     """Where the head's logits are needed anyway (returned, used, class weights...), only the loss
     call becomes fastlayers'; the report says why the head was not fused into it."""
@@ -179,10 +185,9 @@ def test_loss_not_fused_with_the_head_is_still_fastlayers(backend, monkeypatch, 
     rep = model.fastlayers_swap_report
     assert _losses(model) == [("<model>", "cross_entropy")], str(rep)
     assert why in rep.losses[0][1], str(rep)
-    calls = []
-    monkeypatch.setattr(swap_loss, "cross_entropy", lambda *a, **k: calls.append(1) or fl.cross_entropy(*a, **k))
+    calls = _spy(monkeypatch, "cross_entropy")
     _check_same(model, ref, torch.randn(2, 5, H), *args(_targets(2, 5, ignore=model.IGNORE)))
-    assert calls == [1]
+    assert calls == [(10, V)]
 
 
 def test_probability_targets_fall_back_at_run_time(backend):
@@ -367,8 +372,7 @@ def test_nanogpt_style_redirected_forward_survives_copies(backend, monkeypatch):
     torch.save(model, buf)
     buf.seek(0)
     for m in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
-        calls = []
-        monkeypatch.setattr(swap_loss, "cross_entropy", lambda *a, **k: calls.append(1) or fl.cross_entropy(*a, **k))
+        calls = _spy(monkeypatch, "cross_entropy")
         idx = _targets(2, 5).clamp(min=0)
         torch.testing.assert_close(m(idx, idx)[1], model(idx, idx)[1])
         assert len(calls) == 2 and m.lm_head.weight is m.transformer.wte.weight

@@ -26,7 +26,7 @@ import dis
 import inspect
 import sys
 import types
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -36,6 +36,9 @@ from torch import Tensor, nn
 from ..loss import cross_entropy, linear_cross_entropy
 from .patterns import describe, hooks
 from .tracing import _global_values, make_subclass
+
+if TYPE_CHECKING:
+    from .swapper import _Swapper
 
 FUSED, CROSS_ENTROPY = "linear_cross_entropy", "cross_entropy"
 
@@ -147,8 +150,8 @@ class GraphLosses:
         for node in list(self.graph.nodes):
             if node.op == "call_function" and node.target is F.cross_entropy:
                 if not is_torch_cross_entropy(node.target):
-                    left.append((describe(node), "torch.nn.functional.cross_entropy has been replaced by "
-                                 f"{getattr(node.target, '__module__', '?')}.{getattr(node.target, '__qualname__', '?')}"))
+                    left.append((describe(node), "torch.nn.functional.cross_entropy is not PyTorch's own "
+                                 f"(replaced by {node.target!r})"))
                     continue
                 site = _bind_function(node)
             elif node.op == "call_module" and isinstance(self.children.get(node.target), nn.CrossEntropyLoss):
@@ -372,7 +375,8 @@ def redirected_class(base: type) -> type:
     if cls is None:
         overrides, _, why = redirect_plan(base.forward)
         if not overrides:
-            raise RuntimeError(f"fastlayers.swap: {base.__qualname__}.forward cannot be redirected ({why or 'no cross_entropy'})")
+            raise RuntimeError(f"fastlayers.swap: {base.__qualname__}.forward cannot be redirected "
+                               f"({why or 'it calls no cross_entropy'})")
         cls = make_subclass(base, _redirected_forward(base.forward, overrides), _reduce_ex)
         _REDIRECTED[base] = cls
     return cls
@@ -404,7 +408,7 @@ __all__ = ["cross_entropy_as_torch", "head_cross_entropy", "logits_stand_in", "c
 
 
 # ----------------------------------------------------------------------------- the swapper's hooks
-def in_graph(sw, mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[str, nn.Module],
+def in_graph(sw: "_Swapper", mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[str, nn.Module],
              calls: Dict[str, int], frozen: Optional[str]) -> bool:
     """The traced route for `mod` (called by the swapper with mod's graph); True if the graph changed.
     A forward that may not be rewritten (`frozen`) is left to the untraced route."""
@@ -439,7 +443,7 @@ def in_graph(sw, mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[st
     return bool(sites)
 
 
-def untraced(sw) -> None:
+def untraced(sw: "_Swapper") -> None:
     """Hugging Face loss functions, and forwards the traced route did not decide (see the module
     docstring); run by the swapper after its walk."""
     from .swapper import _name
