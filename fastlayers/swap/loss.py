@@ -12,8 +12,9 @@ Three routes, tried in this order for each module:
 * Hugging Face models whose ``loss_function`` is transformers' ForCausalLMLoss (``*ForCausalLM``
   called with ``labels``): the model's loss_function is set to causal_lm_loss, the same
   computation on fastlayers.cross_entropy (the logits are returned, so they exist anyway).
-* a forward fx cannot trace (nanoGPT's ``forward(idx, targets=None)`` branches on its optional
-  argument) or whose trace froze Python state: the module gets a copy of its forward function
+* a module with a Linear child whose forward fx cannot trace (nanoGPT's ``forward(idx,
+  targets=None)`` branches on its optional argument) or whose trace froze Python state (a rewritten
+  graph may not replace it): the module gets a copy of its forward function
   whose globals resolve ``F.cross_entropy`` (F: the torch.nn.functional module, any name) or a
   from-imported ``cross_entropy`` to cross_entropy_as_torch -- only where that name really is
   torch's function at swap time. The copy's globals hold the values the forward reads at swap
