@@ -34,6 +34,15 @@ def _targets(*shape, ignore=-100, seed=1):
     return t
 
 
+def _swapped(make):
+    """(swapped model, untouched copy) of make()'s model, made under seed 0."""
+    torch.manual_seed(0)
+    model = make()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    return model, ref
+
+
 def _spy(monkeypatch, name):
     """The shapes of the first argument of each call swap/loss.py makes of its `name`."""
     calls, real = [], getattr(swap_loss, name)
@@ -117,10 +126,7 @@ def test_head_loss_becomes_linear_cross_entropy(backend, monkeypatch, cls, bias)
 
 def test_module_loss_options_are_read_live(backend):
     """nn.CrossEntropyLoss's attributes are read at each call, as its own forward does."""
-    torch.manual_seed(0)
-    model = HeadLossModule()
-    ref = copy.deepcopy(model)
-    fl.swap(model)
+    model, ref = _swapped(HeadLossModule)
     x, t = torch.randn(2, 4, H), _targets(2, 4, ignore=3)
     for m in (model, ref):
         m.loss_fn.ignore_index, m.loss_fn.reduction = 3, "mean"
@@ -178,10 +184,7 @@ CE_ONLY = [
 def test_loss_not_fused_with_the_head_is_still_fastlayers(backend, monkeypatch, make, why, args):
     """Where the head's logits are needed anyway (returned, used, class weights...), only the loss
     call becomes fastlayers'; the report says why the head was not fused into it."""
-    torch.manual_seed(0)
-    model = make()
-    ref = copy.deepcopy(model)
-    fl.swap(model)
+    model, ref = _swapped(make)
     rep = model.fastlayers_swap_report
     assert _losses(model) == [("<model>", "cross_entropy")], str(rep)
     assert why in rep.losses[0][1], str(rep)
@@ -192,10 +195,7 @@ def test_loss_not_fused_with_the_head_is_still_fastlayers(backend, monkeypatch, 
 
 def test_probability_targets_fall_back_at_run_time(backend):
     """Class-probability targets cannot be seen when swapping: the fused call computes the logits."""
-    torch.manual_seed(0)
-    model = ProbabilityTargets()
-    ref = copy.deepcopy(model)
-    fl.swap(model)
+    model, ref = _swapped(ProbabilityTargets)
     assert _losses(model) == [("head", "linear_cross_entropy")]
     _check_same(model, ref, torch.randn(2, 5, H), torch.softmax(torch.randn(2, 5, V), -1))
 
@@ -248,10 +248,7 @@ LEFT = [(SubclassLossModel, "<model>", "loss loss_fn: loss_fn is a subclass of n
 
 @pytest.mark.parametrize("cls,path,why", LEFT, ids=[c[0].__name__ for c in LEFT])
 def test_losses_left_alone_with_a_reason(backend, cls, path, why):
-    torch.manual_seed(0)
-    model = cls()
-    ref = copy.deepcopy(model)
-    fl.swap(model)
+    model, ref = _swapped(cls)
     rep = model.fastlayers_swap_report
     assert not rep.losses, str(rep)
     assert why in _left(model)[path], str(rep)
@@ -261,10 +258,7 @@ def test_losses_left_alone_with_a_reason(backend, cls, path, why):
 def test_forward_reading_state_gets_a_redirected_copy(backend):
     """A traced forward that reads Python state is not rewritten; its F.cross_entropy is
     redirected in a copy of the forward instead (the state is still read live)."""
-    torch.manual_seed(0)
-    model = ReadsVocab()
-    ref = copy.deepcopy(model)
-    fl.swap(model)
+    model, ref = _swapped(ReadsVocab)
     assert _losses(model) == [("<model>", "cross_entropy")], str(model.fastlayers_swap_report)
     assert type(model).__name__ == "ReadsVocab" and isinstance(model, ReadsVocab)
     _check_same(model, ref, torch.randn(2, 5, H), _targets(2, 5, ignore=model.IGNORE))
