@@ -255,6 +255,17 @@ def test_losses_left_alone_with_a_reason(backend, cls, path, why):
     _check_same(model, ref, torch.randn(2, 5, H), _targets(2, 5, ignore=model.IGNORE))
 
 
+def test_replaced_torch_cross_entropy_is_left_alone(backend, monkeypatch):
+    """Someone else's F.cross_entropy (installed in torch's place) is theirs: not redirected."""
+    theirs = lambda *a, **k: torch.zeros(())  # noqa: E731
+    monkeypatch.setattr(F, "cross_entropy", theirs)
+    model = fl.swap(_gpt())
+    assert not model.fastlayers_swap_report.losses, str(model.fastlayers_swap_report)
+    assert "is not PyTorch's own" in _left(model)["<model>"]
+    idx = _targets(2, 5).clamp(min=0)
+    assert model(idx, idx)[1] is not None and float(model(idx, idx)[1]) == 0.0
+
+
 def test_forward_reading_state_gets_a_redirected_copy(backend):
     """A traced forward that reads Python state is not rewritten; its F.cross_entropy is
     redirected in a copy of the forward instead (the state is still read live)."""

@@ -321,6 +321,9 @@ def redirect_plan(forward: types.FunctionType) -> Tuple[Dict[str, Any], List[str
             overrides[name] = cross_entropy_as_torch
             sites.append(name)
         elif obj is F and attrs[:1] == ["cross_entropy"]:
+            if not is_torch_cross_entropy(F.cross_entropy):
+                why = f"torch.nn.functional.cross_entropy is not PyTorch's own (replaced by {F.cross_entropy!r})"
+                break
             overrides[name] = _functional_with_fastlayers_ce()
             sites.append(f"{name}.cross_entropy")
         elif isinstance(obj, types.ModuleType) and obj is not F:
