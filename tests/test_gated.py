@@ -18,6 +18,7 @@ from fastlayers.activations import ACTIVATIONS, NAMES
 from fastlayers.backends import load
 
 from conftest import FLOAT_DTYPES, assert_close_fp32, assert_matches, skip_low_precision
+from integration_helpers import hf_causal_lm
 
 SLOPE = 0.01
 # (bf16 / fp16 cases skip on the interpreted Triton backend: conftest's LOW_PRECISION_SKIP)
@@ -746,28 +747,17 @@ def test_swap_leaves_gated_products_that_are_not_fusable(backend):
         fl.swap(mlp)
         rep = mlp.fastlayers_swap_report
         assert not rep.gated, str(rep)
-        left = dict(rep.left)
+        left = rep.why_not_fused()
         assert reason in left["up_proj"], str(rep)
         x = torch.randn(3, 8)
         torch.testing.assert_close(mlp(x), ref(x))
-
-
-def _hf_model(name):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    kw = dict(vocab_size=101, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[name]
-    torch.manual_seed(0)
-    return cls[1](cls[0](**kw))
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
 def test_swap_hf_causal_lm_fuses_every_mlp(backend, name):
     """A real, unmodified Hugging Face model (small config, random weights): every MLP's gate, up
     and activation become one gated_linear; logits, loss and every gradient equal the original's."""
-    model = _hf_model(name)
+    model = hf_causal_lm(name)
     ref = copy.deepcopy(model)
     keys = list(model.state_dict())
     fl.swap(model)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..nn import FusedLinear, LogSoftmax, Softmax
 from . import gated as _gated
+from . import loss as _loss
 from .patterns import call_activation, describe, hooks, module_activation
 from .report import SwapReport
 from .tracing import rewrite_forward, trace_checked
@@ -80,6 +81,9 @@ class _Swapper:
         self.act_cache: Dict[int, Optional[Tuple[str, float]]] = {}
         self.gated_ids = set()  # id(Linear) of the gate / up Linears now read by a gated_linear call
         self.gated_why: Dict[int, str] = {}  # id(Linear) -> why its gated product was not fused
+        self.loss_heads = set()  # id(Linear) of heads now read by a linear_cross_entropy call
+        self.loss_decided = set()  # id(module) whose losses the traced route decided (swap/loss.py)
+        self.loss_frozen: Dict[int, str] = {}  # id(module) -> why its traced losses were not rewritten
 
     def activation_module(self, m: nn.Module) -> Tuple[Optional[Tuple[str, float]], str]:
         act = module_activation(m, self.act_cache)
@@ -127,6 +131,7 @@ class _Swapper:
             return
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         erased = self.gated(mod, prefix, graph, children, linears, calls, frozen)
+        erased = _loss.in_graph(self, mod, prefix, graph, children, calls, frozen) or erased
         for node in list(graph.nodes):
             if node.op != "call_module" or node.target not in linears:
                 continue
@@ -236,6 +241,14 @@ class _Swapper:
                 setattr(parent, name, new)
                 self.report.replaced.append((path, f"fastlayers.{type(new).__name__}(dim={child.dim})"))
 
+    def why_not_fused(self, m: nn.Linear) -> str:
+        why = self.gated_why.get(id(m)) or self.why_left.get(id(m))
+        if why is not None:
+            return why
+        if not _fusable_linear(m):
+            return f"{type(m).__name__} is a subclass of nn.Linear (its forward may differ)"
+        return "its output does not go straight into an activation in its parent's forward"
+
     def plain_linears(self, unfused: Dict[str, nn.Linear]) -> Dict[str, nn.Linear]:
         """Each remaining plain nn.Linear (no hooks) becomes a FusedLinear(activation="none") on
         the same Parameters, every reference to it (a shared Linear stays shared); returns the
@@ -249,8 +262,7 @@ class _Swapper:
                 continue
             if id(m) not in new:
                 new[id(m)] = _fused_linear(m, "none", 0.0)
-            self.report.linear.append((path, self.why_left.get(id(m))
-                                       or "its output does not go straight into an activation"))
+            self.report.linear.append((path, self.why_not_fused(m)))
         for parent in list(self.model.modules()):
             for name, child in list(parent._modules.items()):
                 if child is not None and id(child) in new:
@@ -266,16 +278,12 @@ class _Swapper:
             else:
                 self.traced(mod, prefix)
         self.softmaxes()
+        _loss.untraced(self)
         unfused = {path: m for path, m in self.model.named_modules()
-                   if isinstance(m, nn.Linear) and id(m) not in self.gated_ids
+                   if isinstance(m, nn.Linear) and id(m) not in self.gated_ids and id(m) not in self.loss_heads
                    and not (isinstance(m, FusedLinear) and m.activation != "none")}
         if self.linears:
             unfused = self.plain_linears(unfused)
         for path, m in unfused.items():
-            why = self.gated_why.get(id(m)) or self.why_left.get(id(m))
-            if why is None:
-                why = (f"{type(m).__name__} is a subclass of nn.Linear (its forward may differ)"
-                       if not _fusable_linear(m) else
-                       "its output does not go straight into an activation in its parent's forward")
-            self.report.left.append((path, why))
+            self.report.left.append((path, self.why_not_fused(m)))
         return self.model
