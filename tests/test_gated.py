@@ -680,39 +680,25 @@ def test_swap_timm_swiglu_and_chunked_geglu(backend):
     assert [r[2] for r in rep.gated] == ["silu", "gelu", "silu"]
 
 
-class _FcThen(nn.Module):
-    def __init__(self):
+class FcThen(nn.Module):
+    """Linear followed by a functional activation: swap sees the call of `act_fn` (F.hardswish, ...)."""
+
+    def __init__(self, act_fn):
         super().__init__()
         self.fc = nn.Linear(8, 8)
+        self.act_fn = act_fn
 
-
-class FcHardswish(_FcThen):
     def forward(self, x):
-        return F.hardswish(self.fc(x))
+        return self.act_fn(self.fc(x))
 
 
-class FcHardsigmoid(_FcThen):
-    def forward(self, x):
-        return F.hardsigmoid(self.fc(x))
-
-
-class FcRelu6(_FcThen):
-    def forward(self, x):
-        return F.relu6(self.fc(x))
-
-
-class FcMish(_FcThen):
-    def forward(self, x):
-        return F.mish(self.fc(x))
-
-
-@pytest.mark.parametrize("act,module,functional", [("hardswish", nn.Hardswish, FcHardswish),
-                                                   ("hardsigmoid", nn.Hardsigmoid, FcHardsigmoid),
-                                                   ("relu6", nn.ReLU6, FcRelu6), ("mish", nn.Mish, FcMish)])
+@pytest.mark.parametrize("act,module,functional", [("hardswish", nn.Hardswish, F.hardswish),
+                                                   ("hardsigmoid", nn.Hardsigmoid, F.hardsigmoid),
+                                                   ("relu6", nn.ReLU6, F.relu6), ("mish", nn.Mish, F.mish)])
 def test_swap_new_activations(backend, act, module, functional):
     """Linear -> nn.Hardswish / ... and Linear -> F.hardswish / ... are fused like the others."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(8, 8), module(), functional())
+    model = nn.Sequential(nn.Linear(8, 8), module(), FcThen(functional))
     ref = copy.deepcopy(model)
     fl.swap(model)
     assert [f[2] for f in model.fastlayers_swap_report.fused] == [act, act], str(model.fastlayers_swap_report)
