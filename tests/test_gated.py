@@ -680,16 +680,19 @@ def test_swap_timm_swiglu_and_chunked_geglu(backend):
     assert [r[2] for r in rep.gated] == ["silu", "gelu", "silu"]
 
 
-class FcThen(nn.Module):
-    """Linear followed by a functional activation: swap sees the call of `act_fn` (F.hardswish, ...)."""
+def _fc_then(act_fn):
+    """A module class whose forward is act_fn(Linear(x)): swap sees the call of act_fn
+    (F.hardswish, ...), a constant of the class, not state of the instance."""
 
-    def __init__(self, act_fn):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.act_fn = act_fn
+    class FcThen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
 
-    def forward(self, x):
-        return self.act_fn(self.fc(x))
+        def forward(self, x):
+            return act_fn(self.fc(x))
+
+    return FcThen
 
 
 @pytest.mark.parametrize("act,module,functional", [("hardswish", nn.Hardswish, F.hardswish),
@@ -698,7 +701,7 @@ class FcThen(nn.Module):
 def test_swap_new_activations(backend, act, module, functional):
     """Linear -> nn.Hardswish / ... and Linear -> F.hardswish / ... are fused like the others."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(8, 8), module(), FcThen(functional))
+    model = nn.Sequential(nn.Linear(8, 8), module(), _fc_then(functional)())
     ref = copy.deepcopy(model)
     fl.swap(model)
     assert [f[2] for f in model.fastlayers_swap_report.fused] == [act, act], str(model.fastlayers_swap_report)
