@@ -26,7 +26,7 @@ static void gated_rows(T* g, const T* bg, T* u, const T* bu, T* h, bool keep, in
                        int64_t n, int64_t ld, double slope) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_vectors<T>(r0, r1, n, [&](int64_t r, int64_t j, int64_t k) {
+  for_row_vectors<T>(r0, r1, n, [=](int64_t r, int64_t j, int64_t k) {
     T* gj = g + r * ld + j;
     T* uj = u + r * ld + j;
     V gv = load_k(gj, k);
@@ -59,7 +59,7 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, d
                             bool from_output) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_vectors<T>(r0, r1, n, [&](int64_t r, int64_t j, int64_t k) {
+  for_row_vectors<T>(r0, r1, n, [=](int64_t r, int64_t j, int64_t k) {
     V dhv = load_k(dh + r * n + j, k);
     V gv = load_k(g + r * ld + j, k);
     V uv = load_k(u + r * ld + j, k);

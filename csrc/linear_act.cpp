@@ -59,7 +59,7 @@ static void act_grad_rows(const T* dy, const T* s, T* dz, double* acc, int64_t r
                           int64_t n, double slope) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_vectors<T>(r0, r1, n, [&](int64_t r, int64_t j, int64_t k) {
+  for_row_vectors<T>(r0, r1, n, [=](int64_t r, int64_t j, int64_t k) {
     V g = load_k(dy + r * n + j, k);
     if constexpr (ACT != NONE) {
       T* dzj = dz + r * n + j;
