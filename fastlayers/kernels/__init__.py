@@ -1,4 +1,4 @@
-"""Triton kernels (``@triton.jit`` functions and their autotune configs only).
+"""Triton kernels (``@triton.jit`` functions, their autotune configs and block-size helpers only).
 
 Launchers live in fastlayers/backends/triton.py. Importing this package imports triton, and the
 kernels are built for the interpreter when TRITON_INTERPRET=1 is set *before* the import (triton
