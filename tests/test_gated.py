@@ -681,39 +681,28 @@ def test_swap_timm_swiglu_and_chunked_geglu(backend):
     assert [r[2] for r in rep.gated] == ["silu", "gelu", "silu"]
 
 
-class _FcThen(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
+def _fc_then(act_fn):
+    """A module class whose forward is act_fn(Linear(x)): swap sees the call of act_fn
+    (F.hardswish, ...), a constant of the class, not state of the instance."""
+
+    class FcThen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return act_fn(self.fc(x))
+
+    return FcThen
 
 
-class FcHardswish(_FcThen):
-    def forward(self, x):
-        return F.hardswish(self.fc(x))
-
-
-class FcHardsigmoid(_FcThen):
-    def forward(self, x):
-        return F.hardsigmoid(self.fc(x))
-
-
-class FcRelu6(_FcThen):
-    def forward(self, x):
-        return F.relu6(self.fc(x))
-
-
-class FcMish(_FcThen):
-    def forward(self, x):
-        return F.mish(self.fc(x))
-
-
-@pytest.mark.parametrize("act,module,functional", [("hardswish", nn.Hardswish, FcHardswish),
-                                                   ("hardsigmoid", nn.Hardsigmoid, FcHardsigmoid),
-                                                   ("relu6", nn.ReLU6, FcRelu6), ("mish", nn.Mish, FcMish)])
+@pytest.mark.parametrize("act,module,functional", [("hardswish", nn.Hardswish, F.hardswish),
+                                                   ("hardsigmoid", nn.Hardsigmoid, F.hardsigmoid),
+                                                   ("relu6", nn.ReLU6, F.relu6), ("mish", nn.Mish, F.mish)])
 def test_swap_new_activations(backend, act, module, functional):
     """Linear -> nn.Hardswish / ... and Linear -> F.hardswish / ... are fused like the others."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(8, 8), module(), functional())
+    model = nn.Sequential(nn.Linear(8, 8), module(), _fc_then(functional)())
     ref = copy.deepcopy(model)
     fl.swap(model)
     assert [f[2] for f in model.fastlayers_swap_report.fused] == [act, act], str(model.fastlayers_swap_report)
