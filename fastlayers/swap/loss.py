@@ -27,7 +27,7 @@ import dis
 import inspect
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -35,11 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..loss import cross_entropy, linear_cross_entropy
-from .patterns import describe, hooks
+from .patterns import fusable_linear, join, linear_problem, path_name, describe, hooks
 from .tracing import _global_values, make_subclass
-
-if TYPE_CHECKING:
-    from .swapper import _Swapper
 
 FUSED, CROSS_ENTROPY = "linear_cross_entropy", "cross_entropy"
 
@@ -412,22 +409,21 @@ __all__ = ["cross_entropy_as_torch", "head_cross_entropy", "logits_stand_in", "c
 
 
 # ----------------------------------------------------------------------------- the swapper's hooks
-def in_graph(sw: "_Swapper", mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[str, nn.Module],
+def in_graph(sw, mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[str, nn.Module],
              calls: Dict[str, int], frozen: Optional[str]) -> bool:
     """The traced route for `mod` (called by the swapper with mod's graph); True if the graph changed.
     A forward that may not be rewritten (`frozen`) is left to the untraced route."""
-    from .swapper import _fusable_linear, _join, _linear_problem, _name
 
-    def linear_problem(target: str) -> Optional[str]:
+    def head_problem(target: str) -> Optional[str]:
         m = children[target]
-        if not _fusable_linear(m):
+        if not fusable_linear(m):
             return f"{type(m).__name__} is not a plain nn.Linear"
-        return _linear_problem(m, sw.refs)
+        return linear_problem(m, sw.refs)
 
-    losses = GraphLosses(graph, children, linear_problem, calls)
+    losses = GraphLosses(graph, children, head_problem, calls)
     sites, left = losses.sites()
     for what, why in left:
-        sw.report.left.append((_name(prefix), f"loss {what}: {why}"))
+        sw.report.left.append((path_name(prefix), f"loss {what}: {why}"))
     if frozen is not None:
         if sites:  # the untraced route may still redirect F.cross_entropy; else this is why not
             sw.loss_frozen[id(mod)] = f"loss {', '.join(s.what for s in sites)}: {frozen}"
@@ -440,31 +436,30 @@ def in_graph(sw: "_Swapper", mod: nn.Module, prefix: str, graph: fx.Graph, child
             lin = children[head.target]
             sw.loss_heads.add(id(lin))
             sw.why_left.pop(id(lin), None)
-            sw.report.losses.append((_join(prefix, head.target), where, FUSED))
+            sw.report.losses.append((join(prefix, head.target), where, FUSED))
         else:
-            sw.report.losses.append((_name(prefix), f"{where}; not fused with the head: {why}", CROSS_ENTROPY))
+            sw.report.losses.append((path_name(prefix), f"{where}; not fused with the head: {why}", CROSS_ENTROPY))
         losses.rewrite(site, head)
     return bool(sites)
 
 
-def untraced(sw: "_Swapper") -> None:
+def untraced(sw) -> None:
     """Hugging Face loss functions, and forwards the traced route did not decide (see the module
     docstring); run by the swapper after its walk."""
-    from .swapper import _name
 
     plans: Dict[Any, Tuple[Dict[str, Any], List[str], str]] = {}
     for prefix, mod in sw.model.named_modules():
         ok, what = hf_causal_lm(mod)
         if ok:
-            sw.report.losses.append((_name(prefix), what, CROSS_ENTROPY))
+            sw.report.losses.append((path_name(prefix), what, CROSS_ENTROPY))
         elif what:
-            sw.report.left.append((_name(prefix), f"loss_function: {what}"))
+            sw.report.left.append((path_name(prefix), f"loss_function: {what}"))
         if id(mod) in sw.loss_decided or not any(isinstance(c, nn.Linear) for c in mod.children()):
             continue
         sites, why = redirect(mod, plans)
         where = f"{type(mod).__name__}.forward"
         if sites:
-            sw.report.losses.append((_name(prefix), f"{', '.join(sites)} in a copy of {where} (not traced: "
+            sw.report.losses.append((path_name(prefix), f"{', '.join(sites)} in a copy of {where} (not traced: "
                                                      "the head's logits are materialised)", CROSS_ENTROPY))
         elif why or id(mod) in sw.loss_frozen:
-            sw.report.left.append((_name(prefix), f"loss in {where}: {why}" if why else sw.loss_frozen[id(mod)]))
+            sw.report.left.append((path_name(prefix), f"loss in {where}: {why}" if why else sw.loss_frozen[id(mod)]))
