@@ -1,6 +1,7 @@
 """Ahead-of-time compile gate for fastlayers' Triton kernels: no GPU needed.
 
-Compiles every kernel x shipped config x layout x dtype x epilogue the launcher
+Compiles every kernel (GEMM and its reductions, softmax: single pass / streaming / split rows,
+gated linear, cross-entropy) x shipped config x layout x dtype x epilogue the launcher
 (fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80 (A100), with the
 installed triton's own compiler and its bundled ptxas, and reports per compiled kernel the
 registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped config
@@ -18,9 +19,13 @@ launcher's constexprs, so the code compiled here is the code a GPU would run.
 usage: python scripts/compile_gate.py [--quick] [--targets 90,80] [--jobs N] [--out FILE.md]
            [--filter SUBSTRING]
   --quick   a subset for CI: sm_90 only; per GEMM class the largest config with the heaviest
-            fused epilogue and the largest plain config, every split-K config, the reductions and
-            three softmax plans (50 kernels, 42-48 s on the shared 2-core machine).
+            fused epilogue and the largest plain config, every split-K config, the reductions,
+            four softmax plans (single pass, streaming contiguous and strided, split rows), the
+            largest bf16 and fp64 gated configs, the gated backward and the cross-entropy pair
+            (59 kernels, ~55 s on the shared 2-core machine).
   --out     write the markdown table there (bench/results/sm90-compile.md for the full run).
+  --filter  only the kernels whose "name config" contains SUBSTRING, e.g. a family: "gated",
+            "ce_", "softmax", "_split", "gemm lp", "act_grad_bias".
 Run from the repository root.
 """
 from __future__ import annotations
@@ -61,6 +66,10 @@ KERNELS = {
     "sum_rows": LA.sum_rows_kernel, "softmax_fwd": SM.softmax_fwd_kernel,
     "softmax_fwd_streaming": SM.softmax_fwd_streaming_kernel, "softmax_bwd": SM.softmax_bwd_kernel,
     "softmax_bwd_streaming": SM.softmax_bwd_streaming_kernel,
+    "softmax_fwd_split_stats": SM.softmax_fwd_split_stats_kernel,
+    "softmax_fwd_split": SM.softmax_fwd_split_kernel,
+    "softmax_bwd_split_stats": SM.softmax_bwd_split_stats_kernel,
+    "softmax_bwd_split": SM.softmax_bwd_split_kernel,
     "gated_gemm": GL._gated_gemm_kernel, "gated_grad": GL.gated_grad_kernel,
     "ce_fwd": CE.ce_fwd_kernel, "ce_bwd": CE.ce_bwd_kernel,
 }
@@ -317,33 +326,53 @@ def ce_jobs(quick: bool):
     return jobs
 
 
-# (rows, L, inner): contiguous rows from short to past the single-pass limit, and strided ones.
+# (rows, L, inner): contiguous rows from short to past the single-pass limit, and strided ones;
+# long rows too few to fill an H100 / H200 take the split path (SOFTMAX_SMS SMs).
 SOFTMAX_SHAPES = [(8192, 128, 1), (8192, 1000, 1), (4096, 4096, 1), (1024, 16384, 1),
                   (512, 32768, 1), (64, 131072, 1), (64, 1024, 3), (64, 1024, 100),
-                  (64, 2048, 64), (64, 50257, 8)]
-SOFTMAX_QUICK = [(4096, 4096, 1), (64, 131072, 1), (64, 2048, 64)]
+                  (64, 2048, 64), (64, 50257, 8), (8, 131072, 1), (1, 4194304, 1),
+                  (4, 65536, 16)]
+SOFTMAX_QUICK = [(4096, 4096, 1), (512, 32768, 1), (64, 2048, 64), (8, 131072, 1)]
+SOFTMAX_SMS = 132
 
 
 def softmax_jobs(quick: bool):
+    """The kernels the launcher (fastlayers/backends/triton.py `_softmax_launch`) runs per shape:
+    single pass, streaming, or the two kernels of split rows, forward and backward."""
     jobs = []
     for rows, L, inner in (SOFTMAX_QUICK if quick else SOFTMAX_SHAPES):
         for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
             single, br, bl, warps = SM.plan(rows * inner, L, inner, dt == "fp64")
+            segments, seg = (1, L) if single else SM.split_plan(rows * inner, L, inner, br, bl, SOFTMAX_SMS)
             comp = tl.float64 if dt == "fp64" else tl.float32
+            pdt = "fp64" if dt == "fp64" else "fp32"
+            config = f"{br}x{bl} w{warps}"
             for kind in ("fwd", "bwd"):
-                kernel = f"softmax_{kind}" + ("" if single else "_streaming")
                 for log in ((False,) if quick else (False, True)):
-                    base = dict(R=rows * inner, L=L, INNER=inner, LOG=log, COMPUTE_DTYPE=comp,
+                    base = dict(R=rows * inner, L=L, INNER=inner, COMPUTE_DTYPE=comp,
                                 STRIDED=inner > 1, BLOCK_R=br, BLOCK_L=bl)
-                    if kind == "fwd":
-                        args = dict(x_ptr=Ptr(dt), y_ptr=Ptr(dt), **base)
+                    io = (dict(x_ptr=Ptr(dt), y_ptr=Ptr(dt)) if kind == "fwd" else
+                          dict(dy_ptr=Ptr(dt), y_ptr=Ptr(dt), dx_ptr=Ptr(dt)))
+                    if segments == 1:
+                        launches = [(f"softmax_{kind}" + ("" if single else "_streaming"), config,
+                                     dict(io, **base, LOG=log))]
                     else:
-                        args = dict(dy_ptr=Ptr(dt), y_ptr=Ptr(dt), dx_ptr=Ptr(dt), **base)
-                    jobs.append(dict(kernel=kernel,
-                                     name=f"{kernel} {dt} {'log_softmax' if log else 'softmax'} "
-                                          f"L={L} inner={inner}",
-                                     config=f"{br}x{bl} w{warps}", args=args,
-                                     options=dict(num_warps=warps)))
+                        split = dict(base, part_ptr=Ptr(pdt), SEG=seg, S=segments)
+                        if kind == "fwd":
+                            stats = dict(x_ptr=Ptr(dt), **split)
+                        else:
+                            stats = dict(dy_ptr=Ptr(dt), y_ptr=Ptr(dt), **split, LOG=log)
+                        bs = triton.next_power_of_2(segments)
+                        launches = [(f"softmax_{kind}_split_stats", f"{config} S{segments}", stats),
+                                    (f"softmax_{kind}_split", f"{config} S{segments}",
+                                     dict(io, **split, LOG=log, BLOCK_S=bs))]
+                        if kind == "fwd" and log:  # the stats kernel has no LOG: compiled once
+                            launches = launches[1:]
+                    for kernel, cfg, args in launches:
+                        jobs.append(dict(kernel=kernel,
+                                         name=f"{kernel} {dt} {'log_softmax' if log else 'softmax'} "
+                                              f"L={L} inner={inner}",
+                                         config=cfg, args=args, options=dict(num_warps=warps)))
     return jobs
 
 
@@ -414,7 +443,8 @@ def main() -> int:
     ap.add_argument("--targets", default=None, help="comma-separated compute capabilities")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=None)
-    ap.add_argument("--filter", default="")
+    ap.add_argument("--filter", default="", metavar="SUBSTRING",
+                    help='only kernels whose "name config" contains it (a family: "gated", "ce_", "softmax")')
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per compiled kernel")
     opts = ap.parse_args()
     targets = [int(t) for t in (opts.targets or ("90" if opts.quick else "90,80")).split(",")]

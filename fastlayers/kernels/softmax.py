@@ -160,6 +160,8 @@ def softmax_fwd_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr, COMPUTE_DTY
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# The loops over positions [lo, hi) below count from 0 (l0 = lo + d): with range(lo, hi, BLOCK_L)
+# ptxas spilled a few bytes in some fp64 split kernels (scripts/compile_gate.py).
 @triton.jit
 def _chunk(base, mask_r, l0, hi, INNER, BLOCK_L: tl.constexpr):
     """Offsets and mask of positions [l0, l0 + BLOCK_L) of the tile's rows, cut at `hi`."""
@@ -176,8 +178,8 @@ def _max_sum(x_ptr, base, mask_r, lo, hi, INNER, COMPUTE_DTYPE: tl.constexpr,
     -inf ends with m = -inf, s = 0."""
     m = tl.full((BLOCK_R,), float("-inf"), COMPUTE_DTYPE)
     s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
-    for l0 in range(lo, hi, BLOCK_L):
-        offs, mask = _chunk(base, mask_r, l0, hi, INNER, BLOCK_L)
+    for d in range(0, hi - lo, BLOCK_L):
+        offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         # While a row has seen only -inf, shift by 0 so exp(-inf - 0) = 0 (not exp(NaN)).
@@ -194,8 +196,8 @@ def _write_y(x_ptr, y_ptr, base, mask_r, lo, hi, INNER, m, s, LOG: tl.constexpr,
     max m and s = sum exp(x - m). A fully -inf row (m = -inf, s = 0) gets NaN, like torch."""
     log_s = tl.log(s)
     inv_s = 1.0 / s
-    for l0 in range(lo, hi, BLOCK_L):
-        offs, mask = _chunk(base, mask_r, l0, hi, INNER, BLOCK_L)
+    for d in range(0, hi - lo, BLOCK_L):
+        offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
         shifted = x - m[:, None]
         if LOG:
@@ -243,8 +245,8 @@ def _grad_sum(dy_ptr, y_ptr, base, mask_r, lo, hi, INNER, LOG: tl.constexpr,
               COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """sum(dy * y) (softmax) or sum(dy) (log_softmax) over positions [lo, hi) of each row."""
     s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
-    for l0 in range(lo, hi, BLOCK_L):
-        offs, mask = _chunk(base, mask_r, l0, hi, INNER, BLOCK_L)
+    for d in range(0, hi - lo, BLOCK_L):
+        offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         if LOG:
             s += tl.sum(dy, axis=1)
@@ -259,8 +261,8 @@ def _write_dx(dy_ptr, y_ptr, dx_ptr, base, mask_r, lo, hi, INNER, s, LOG: tl.con
               COMPUTE_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx over positions [lo, hi) of each row with the formulas of softmax_bwd_kernel, given the
     row's sum s (``_grad_sum`` over the whole row)."""
-    for l0 in range(lo, hi, BLOCK_L):
-        offs, mask = _chunk(base, mask_r, l0, hi, INNER, BLOCK_L)
+    for d in range(0, hi - lo, BLOCK_L):
+        offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         if LOG:
