@@ -286,6 +286,7 @@ def gated_jobs(quick: bool, arch: int):
                                  options=dict(num_warps=c.num_warps, num_stages=c.num_stages)))
     for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
         pdt = "fp64" if dt == "fp64" else "fp32"
+        bm = GL.GRAD_BLOCK_M_FP64 if dt == "fp64" else GL.GRAD_BLOCK_M
         for act in ([A.GELU.value] if quick else list(ACT_NAMES)):
             from_output = next(a for a in ACTIVATIONS.values() if a.code == act).saves(0.01) == SAVE_OUTPUT
             args = dict(dh_ptr=Ptr(dt), g_ptr=Ptr(dt), u_ptr=Ptr(dt), dg_ptr=Ptr(dt), du_ptr=Ptr(dt),
@@ -293,9 +294,9 @@ def gated_jobs(quick: bool, arch: int):
                         slope_hi=0.01, slope_lo=0.0, ACT=act, FROM_OUTPUT=from_output,
                         NEED_DBG=True, NEED_DBU=True,
                         COMPUTE_DTYPE=tl.float64 if dt == "fp64" else tl.float32,
-                        BLOCK_M=GL.GRAD_BLOCK_M, BLOCK_N=GL.GRAD_BLOCK_N)
+                        BLOCK_M=bm, BLOCK_N=GL.GRAD_BLOCK_N)
             jobs.append(dict(kernel="gated_grad", arch=arch, name=f"gated_grad {dt} {ACT_NAMES[act]}",
-                             config=f"{GL.GRAD_BLOCK_M}x{GL.GRAD_BLOCK_N} w{GL.GRAD_NUM_WARPS}",
+                             config=f"{bm}x{GL.GRAD_BLOCK_N} w{GL.GRAD_NUM_WARPS}",
                              args=args, options=dict(num_warps=GL.GRAD_NUM_WARPS)))
     return jobs
 

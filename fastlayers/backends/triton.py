@@ -460,7 +460,8 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
             dbu = torch.zeros(N, device=dh.device, dtype=dh.dtype)
     else:
         compute = torch.float64 if dh.dtype == torch.float64 else torch.float32
-        bm, bn = _gl.GRAD_BLOCK_M, _gl.GRAD_BLOCK_N
+        bm = _gl.GRAD_BLOCK_M_FP64 if dh.dtype == torch.float64 else _gl.GRAD_BLOCK_M
+        bn = _gl.GRAD_BLOCK_N
         progs, col_blocks, rows_per_prog = _row_slabs(M, N, bm, bn)
         pg = torch.empty((progs, N), device=dh.device, dtype=compute) if need_dbg else dh
         pu = torch.empty((progs, N), device=dh.device, dtype=compute) if need_dbu else dh

@@ -58,6 +58,7 @@ if INTERPRET:
 
 # gated_grad_kernel's tile (fixed: bandwidth-bound, and the bias-sum order must not depend on tuning).
 GRAD_BLOCK_M = 32
+GRAD_BLOCK_M_FP64 = 8  # fp64 values take two registers each, and fp64 erf / exp many more (32 spills)
 GRAD_BLOCK_N = 128
 GRAD_NUM_WARPS = 4
 
