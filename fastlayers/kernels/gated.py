@@ -29,29 +29,14 @@ from .linear_act import INTERPRET, _cfg, grouped_tile, slab_columns, slab_tile
 # per dtype class (linear_act.dtype_class: "lp" fp16/bf16, "tf32", "ieee" exact fp32, "fp64"),
 # each passing scripts/compile_gate.py on sm_90 and sm_80 (no spills, shared memory within the
 # limit) with every activation.
-GATED_CONFIGS = {
-    "lp": [
-        _cfg(128, 64, 32, 8, 8, 4),
-        _cfg(64, 128, 32, 8, 8, 4),
-        _cfg(128, 64, 64, 8, 8, 3),
-        _cfg(64, 64, 64, 8, 4, 4),
-        _cfg(64, 64, 32, 8, 4, 4),
-    ],
-    "tf32": [
-        _cfg(128, 64, 32, 8, 8, 4),
-        _cfg(64, 128, 32, 8, 8, 3),
-        _cfg(64, 64, 32, 8, 4, 4),
-    ],
-    "ieee": [
-        _cfg(128, 64, 16, 8, 8, 3),
-        _cfg(64, 128, 16, 8, 8, 3),
-        _cfg(32, 64, 16, 8, 4, 3),
-    ],
-    "fp64": [
-        _cfg(32, 64, 16, 8, 4, 2),
-        _cfg(32, 32, 16, 8, 4, 2),
-    ],
-}
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+GATED_CONFIGS = {k: [_cfg(*c) for c in v] for k, v in {
+    "lp": [(128, 64, 32, 8, 8, 4), (64, 128, 32, 8, 8, 4), (128, 64, 64, 8, 8, 3),
+           (64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 4, 4)],
+    "tf32": [(128, 64, 32, 8, 8, 4), (64, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4)],
+    "ieee": [(128, 64, 16, 8, 8, 3), (64, 128, 16, 8, 8, 3), (32, 64, 16, 8, 4, 3)],
+    "fp64": [(32, 64, 16, 8, 4, 2), (32, 32, 16, 8, 4, 2)],
+}.items()}
 INTERPRETER_GATED_CONFIG = _cfg(64, 64, 32, 4, 4, 1)
 if INTERPRET:
     GATED_CONFIGS = {k: [INTERPRETER_GATED_CONFIG] for k in GATED_CONFIGS}
