@@ -115,6 +115,7 @@ def test_tf32_new_api_linear_runs(restore_tf32):
 
 
 # ----------------------------------------------------------------------------- GEMM paths
+from fastlayers.kernels import gated as K_GL  # noqa: E402
 from fastlayers.kernels import linear_act as K_LA  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402
 
@@ -157,6 +158,18 @@ def test_gemm_config_tables():
     for name in ("ACT", "HAS_BIAS", "STORE_Z", "PRECISION", "LAYOUT", "M_BUCKET", "N_BUCKET",
                  "K_BUCKET"):
         assert name in K_LA.GEMM_AUTOTUNE_KEY
+
+
+def test_gated_config_tables():
+    """One autotuned gated kernel per GEMM dtype class (the launcher looks it up by class), every
+    tile dim a power of two >= 16."""
+    assert set(K_GL.GATED_CONFIGS) == set(K_GL.gated_gemm_kernels) == set(K_LA.GEMM_CONFIGS)
+    for dclass, configs in K_GL.GATED_CONFIGS.items():
+        assert configs, dclass
+        for cfg in configs:
+            for d in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                v = cfg.kwargs[d]
+                assert v >= 16 and v & (v - 1) == 0, (dclass, cfg)
 
 
 def test_heuristic_config_fills_the_gpu():
