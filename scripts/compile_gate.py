@@ -22,7 +22,7 @@ usage: python scripts/compile_gate.py [--quick] [--targets 90,80] [--jobs N] [--
             fused epilogue and the largest plain config, every split-K config, the reductions,
             four softmax plans (single pass, streaming contiguous and strided, split rows), the
             largest bf16 and fp64 gated configs, the gated backward and the cross-entropy pair
-            (59 kernels, ~55 s on the shared 2-core machine).
+            (59 kernels, 35 s on the 2-core machine when quiet, up to ~60 s when busy).
   --out     write the markdown table there (bench/results/sm90-compile.md for the full run).
   --filter  only the kernels whose "name config" contains SUBSTRING, e.g. a family: "gated",
             "ce_", "softmax", "_split", "gemm lp", "act_grad_bias".
