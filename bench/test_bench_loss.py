@@ -5,8 +5,8 @@ linear_cross_entropy fwd+bwd: F.cross_entropy(F.linear(h, W), t) then dh and dW 
 hidden 768). Besides time, each contender's **peak extra memory** is recorded: the peak resident
 set size during one forward + backward above the resident size just before it (Linux: the peak
 VmHWM is reset through /proc/self/clear_refs). Tensors this large are mmapped by glibc and returned
-on free, so the resident size follows the live tensors. Token counts are scaled down from the
-issue's N = 4096 so a run fits this 2-core machine (a 4096 x 128256 fp32 step is ~2.4 TFLOP, ~10 s
+on free, so the resident size follows the live tensors. Token counts are scaled down from an LM
+step's N = 4096 so a run fits this 2-core machine (a 4096 x 128256 fp32 step is ~2.4 TFLOP, ~10 s
 per contender per round here): N = 2048 at vocab 32000 and N = 1024 at vocab 128256.
 FASTLAYERS_BENCH_QUICK=1 shrinks shapes and rounds to check the suite end to end.
 """

@@ -287,24 +287,16 @@ static inline V act_backward(V dy, V s, C slope) {
   }
 }
 
-// Calls f.template operator()<ACT>() for the runtime activation code.
-template <class F>
+// Calls f.template operator()<ACT>() for the runtime activation code: tries the codes from A up
+// (one instantiation of f per activation; a new code below kNumActs needs no edit here).
+template <int A = 0, class F>
 static void dispatch_act(int act, F&& f) {
-  switch (act) {
-    case NONE: f.template operator()<NONE>(); break;
-    case RELU: f.template operator()<RELU>(); break;
-    case LEAKY_RELU: f.template operator()<LEAKY_RELU>(); break;
-    case GELU: f.template operator()<GELU>(); break;
-    case GELU_TANH: f.template operator()<GELU_TANH>(); break;
-    case SILU: f.template operator()<SILU>(); break;
-    case SIGMOID: f.template operator()<SIGMOID>(); break;
-    case TANH: f.template operator()<TANH>(); break;
-    case HARDSWISH: f.template operator()<HARDSWISH>(); break;
-    case HARDSIGMOID: f.template operator()<HARDSIGMOID>(); break;
-    case RELU6: f.template operator()<RELU6>(); break;
-    case QUICK_GELU: f.template operator()<QUICK_GELU>(); break;
-    case MISH: f.template operator()<MISH>(); break;
-    default: throw std::invalid_argument("fastlayers._C: unknown activation code");
+  if constexpr (A == kNumActs) {
+    throw std::invalid_argument("fastlayers._C: unknown activation code");
+  } else if (act == A) {
+    f.template operator()<A>();
+  } else {
+    dispatch_act<A + 1>(act, f);
   }
 }
 

@@ -102,6 +102,15 @@ template <class T> static inline void store_k(T* p, typename io<T>::V v, int64_t
   if (k == io<T>::W) io<T>::store(p, v); else store_n(p, v, k);
 }
 
+// Calls f(r, j, k) for each row r in [r0, r1) and each vector of its n columns starting at column
+// j: k = W lanes, or k < W for the row's tail (pair with load_k / store_k).
+template <class T, class F>
+static inline void for_row_vectors(int64_t r0, int64_t r1, int64_t n, F&& f) {
+  constexpr int W = io<T>::W;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < n; j += W) f(r, j, std::min<int64_t>(W, n - j));
+}
+
 template <class V> static inline V splat(decltype(V{}[0]) s) { return V{} + s; }
 
 template <class V> static inline auto hsum(V v) {

@@ -24,26 +24,19 @@ namespace fl {
 template <class T, int ACT>
 static void gated_rows(T* g, const T* bg, T* u, const T* bu, T* h, bool keep, int64_t r0, int64_t r1,
                        int64_t n, int64_t ld, double slope) {
-  using IO = io<T>;
-  using V = typename IO::V;
-  using C = typename IO::C;
-  constexpr int W = IO::W;
-  for (int64_t r = r0; r < r1; ++r) {
-    T* gr = g + r * ld;
-    T* ur = u + r * ld;
-    T* hr = h + r * n;
-    for (int64_t j = 0; j < n; j += W) {
-      int64_t k = std::min<int64_t>(W, n - j);
-      V gv = load_k(gr + j, k);
-      V uv = load_k(ur + j, k);
-      if (bg) gv += load_k(bg + j, k);
-      if (bu) uv += load_k(bu + j, k);
-      if (keep && bg) store_k(gr + j, gv, k);
-      if (keep && bu) store_k(ur + j, uv, k);
-      V hv = act_forward<ACT>(gv, (C)slope) * uv;
-      store_k(hr + j, hv, k);
-    }
-  }
+  using V = typename io<T>::V;
+  using C = typename io<T>::C;
+  for_row_vectors<T>(r0, r1, n, [=](int64_t r, int64_t j, int64_t k) {
+    T* gj = g + r * ld + j;
+    T* uj = u + r * ld + j;
+    V gv = load_k(gj, k);
+    V uv = load_k(uj, k);
+    if (bg) gv += load_k(bg + j, k);
+    if (bu) uv += load_k(bu + j, k);
+    if (keep && bg) store_k(gj, gv, k);
+    if (keep && bu) store_k(uj, uv, k);
+    store_k(h + r * n + j, act_forward<ACT>(gv, (C)slope) * uv, k);
+  });
 }
 
 template <class T>
@@ -64,32 +57,22 @@ template <class T, int ACT>
 static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, double* acc_g, double* acc_u,
                             int64_t r0, int64_t r1, int64_t n, int64_t ld, int64_t ldd, double slope,
                             bool from_output) {
-  using IO = io<T>;
-  using V = typename IO::V;
-  using C = typename IO::C;
-  constexpr int W = IO::W;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* dhr = dh + r * n;
-    const T* gr = g + r * ld;
-    const T* ur = u + r * ld;
-    T* dgr = dg + r * ldd;
-    T* dur = du + r * ldd;
-    for (int64_t j = 0; j < n; j += W) {
-      int64_t k = std::min<int64_t>(W, n - j);
-      V dhv = load_k(dhr + j, k);
-      V gv = load_k(gr + j, k);
-      V uv = load_k(ur + j, k);
-      V a = act_forward<ACT>(gv, (C)slope);
-      V dgv = act_backward<ACT>(dhv * uv, from_output ? a : gv, (C)slope);
-      V duv = dhv * a;
-      store_k(dgr + j, dgv, k);
-      store_k(dur + j, duv, k);
-      // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage, in fp64
-      // accumulators), one rounding at the end.
-      if (acc_g) add_to(acc_g + j, dgv, k);
-      if (acc_u) add_to(acc_u + j, duv, k);
-    }
-  }
+  using V = typename io<T>::V;
+  using C = typename io<T>::C;
+  for_row_vectors<T>(r0, r1, n, [=](int64_t r, int64_t j, int64_t k) {
+    V dhv = load_k(dh + r * n + j, k);
+    V gv = load_k(g + r * ld + j, k);
+    V uv = load_k(u + r * ld + j, k);
+    V a = act_forward<ACT>(gv, (C)slope);
+    V dgv = act_backward<ACT>(dhv * uv, from_output ? a : gv, (C)slope);
+    V duv = dhv * a;
+    store_k(dg + r * ldd + j, dgv, k);
+    store_k(du + r * ldd + j, duv, k);
+    // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage, in fp64
+    // accumulators), one rounding at the end.
+    if (acc_g) add_to(acc_g + j, dgv, k);
+    if (acc_u) add_to(acc_u + j, duv, k);
+  });
 }
 
 template <class T>

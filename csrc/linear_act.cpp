@@ -57,27 +57,19 @@ void bias_act_forward(T* z, const T* b, T* y, int64_t m, int64_t n, int act, dou
 template <class T, int ACT>
 static void act_grad_rows(const T* dy, const T* s, T* dz, double* acc, int64_t r0, int64_t r1,
                           int64_t n, double slope) {
-  using IO = io<T>;
-  using V = typename IO::V;
-  using C = typename IO::C;
-  constexpr int W = IO::W;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* dyr = dy + r * n;
-    const T* sr = s ? s + r * n : nullptr;
-    T* dzr = dz ? dz + r * n : nullptr;
-    for (int64_t j = 0; j < n; j += W) {
-      int64_t k = std::min<int64_t>(W, n - j);
-      V g = k == W ? IO::load(dyr + j) : load_n(dyr + j, k);
-      if constexpr (ACT != NONE) {
-        V sv = k == W ? IO::load(sr + j) : load_n(sr + j, k);
-        g = act_backward<ACT>(g, sv, (C)slope);
-        if (k == W) IO::store(dzr + j, g); else store_n(dzr + j, g, k);
-        // db is the sum of dz as stored (rounded to T), like summing the dz tensor.
-        g = k == W ? IO::load(dzr + j) : load_n(dzr + j, k);
-      }
-      if (acc) add_to(acc + j, g, k);
+  using V = typename io<T>::V;
+  using C = typename io<T>::C;
+  for_row_vectors<T>(r0, r1, n, [=](int64_t r, int64_t j, int64_t k) {
+    V g = load_k(dy + r * n + j, k);
+    if constexpr (ACT != NONE) {
+      T* dzj = dz + r * n + j;
+      g = act_backward<ACT>(g, load_k(s + r * n + j, k), (C)slope);
+      store_k(dzj, g, k);
+      // db is the sum of dz as stored (rounded to T), like summing the dz tensor.
+      g = load_k(dzj, k);
     }
-  }
+    if (acc) add_to(acc + j, g, k);
+  });
 }
 
 template <class T>

@@ -200,6 +200,12 @@ def owned(t: Tensor) -> Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
+def placeholder(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A new 0-element tensor on like's device (of like's dtype unless given): a custom op's output
+    for a result it did not compute (custom ops cannot return None, and outputs may not alias)."""
+    return like.new_empty((0,), dtype=dtype)
+
+
 def linear_forward(backend: ModuleType, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                    act: Activation, slope: float, save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """(*, K) -> (*, N) through `backend`; saved is 2-D (M, N) or None (see the contract).

@@ -26,15 +26,8 @@ from torch import Tensor
 
 from . import activations as _acts
 from ._dispatch import (as_2d, as_3d, backend_for, check_linear, linear_forward, normalize_dim,
-                        softmax_forward)
+                        placeholder as _empty, softmax_forward)
 from .activations import SAVE_INPUT, SAVE_OUTPUT
-
-_EMPTY_SHAPE = (0,)
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(_EMPTY_SHAPE)
-
 
 # ----------------------------------------------------------------------------- linear + act
 @torch.library.custom_op("fastlayers::linear_act", mutates_args=())
@@ -110,14 +103,14 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: st
 
 
 # ----------------------------------------------------------------------------- softmax
-def _softmax_name(log: bool) -> str:
+def softmax_name(log: bool) -> str:
     return "fastlayers.log_softmax" if log else "fastlayers.softmax"
 
 
 @torch.library.custom_op("fastlayers::softmax", mutates_args=())
 def softmax_op(x: Tensor, dim: int, log: bool) -> Tensor:
-    dim = normalize_dim(_softmax_name(log), x, dim)  # TorchScript calls this op directly
-    return softmax_forward(backend_for(_softmax_name(log), x.device, x.dtype), x, dim, log)
+    dim = normalize_dim(softmax_name(log), x, dim)  # TorchScript calls this op directly
+    return softmax_forward(backend_for(softmax_name(log), x.device, x.dtype), x, dim, log)
 
 
 @softmax_op.register_fake
@@ -127,7 +120,7 @@ def _(x, dim, log):
 
 @torch.library.custom_op("fastlayers::softmax_backward", mutates_args=())
 def softmax_backward_op(dy: Tensor, y: Tensor, dim: int, log: bool) -> Tensor:
-    backend = backend_for(_softmax_name(log), y.device, y.dtype)
+    backend = backend_for(softmax_name(log), y.device, y.dtype)
     return backend.softmax_backward(as_3d(dy, dim), as_3d(y, dim), log).view_as(y)
 
 
@@ -138,7 +131,7 @@ def _(dy, y, dim, log):
 
 def _softmax_setup(ctx, inputs, output) -> None:
     _, dim, log = inputs
-    ctx.dim, ctx.log = normalize_dim(_softmax_name(log), output, dim), log
+    ctx.dim, ctx.log = normalize_dim(softmax_name(log), output, dim), log
     ctx.save_for_backward(output)
 
 

@@ -98,14 +98,10 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 
 # ----------------------------------------------------------------------------- softmax
-def _softmax_name(log: bool) -> str:
-    return "fastlayers.log_softmax" if log else "fastlayers.softmax"
-
-
 class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, log: bool) -> Tensor:
-        backend = backend_for(_softmax_name(log), x.device, x.dtype)
+        backend = backend_for(_library.softmax_name(log), x.device, x.dtype)
         y = owned(softmax_forward(backend, x, dim, log))
         ctx.backend, ctx.dim, ctx.log = backend, dim, log
         ctx.save_for_backward(y)
@@ -123,7 +119,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
 
 def _softmax(x: Tensor, dim, dtype: Optional[torch.dtype], log: bool) -> Tensor:
-    op = _softmax_name(log)
+    op = _library.softmax_name(log)
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: expected x to be a torch.Tensor, got {type(x).__name__}")
     dtype = _autocast.softmax_dtype(x, dtype)

@@ -39,7 +39,7 @@ from ._errors import ShapeError
 from .activations import Activation
 from . import _autocast
 from ._dispatch import (as_2d, backend_for, check_linear, check_slope, check_tensor, composite_reason,
-                        contiguous, owned)
+                        contiguous, owned, placeholder as _empty)
 
 OP = "fastlayers.gated_linear"
 
@@ -131,10 +131,6 @@ def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tenso
 
 
 # ----------------------------------------------------------------------------- torch.library
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
-
-
 @torch.library.custom_op("fastlayers::gated_linear", mutates_args=())
 def gated_linear_op(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
                     b_up: Optional[Tensor], activation: str,

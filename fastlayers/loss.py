@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from . import activations as _acts
 from ._autocast import autocast_dtype as _autocast_dtype
-from ._dispatch import backend_for, check_tensor as _check_tensor, composite_reason
+from ._dispatch import backend_for, check_tensor as _check_tensor, composite_reason, placeholder
 from ._errors import DeviceError, DTypeError, ShapeError
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -540,9 +540,8 @@ def _lce_lib(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                        cd) if early else None
     rows, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
     loss = rows if reduction == "none" else _reduce(rows, reduction, den, cd, ())
-    def e() -> Tensor:  # outputs may not alias each other: a new empty tensor for each
-        return h2.new_empty(0, dtype=cd)
-    return loss, den, (dh if dh is not None else e()), (dw if dw is not None else e()), (db if db is not None else e())
+    return (loss, den, dh if dh is not None else placeholder(h2, cd),
+            dw if dw is not None else placeholder(h2, cd), db if db is not None else placeholder(h2, cd))
 
 
 @_lce_lib.register_fake
@@ -550,12 +549,11 @@ def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, 
     cd = _compute_dtype(h2.dtype)
     acc = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     early = reduction != "none" and (need_dh or need_dw or (need_db and bias is not None))
-    def e() -> Tensor:
-        return h2.new_empty(0, dtype=cd)
     return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=cd), h2.new_empty((), dtype=cd),
-            h2.new_empty(h2.shape) if early and need_dh else e(),
-            weight.new_empty(weight.shape, dtype=acc) if early and need_dw else e(),
-            weight.new_empty((weight.shape[0],), dtype=acc) if early and need_db and bias is not None else e())
+            h2.new_empty(h2.shape) if early and need_dh else placeholder(h2, cd),
+            weight.new_empty(weight.shape, dtype=acc) if early and need_dw else placeholder(h2, cd),
+            weight.new_empty((weight.shape[0],), dtype=acc) if early and need_db and bias is not None
+            else placeholder(h2, cd))
 
 
 @torch.library.custom_op("fastlayers::linear_cross_entropy_backward", mutates_args=())
@@ -568,18 +566,15 @@ def _lce_backward_lib(grad: Tensor, h2: Tensor, weight: Tensor, bias: Optional[T
     scale = _row_scale(grad, "none", den, target, ignore_index, cd)
     need = (need_dh, need_dw, need_db and bias is not None)
     _, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
-    def e() -> Tensor:
-        return h2.new_empty(0)
-    return (dh if dh is not None else e(), dw.to(weight.dtype) if dw is not None else e(),
-            db.to(weight.dtype) if db is not None else e())
+    return (dh if dh is not None else placeholder(h2), dw.to(weight.dtype) if dw is not None else placeholder(h2),
+            db.to(weight.dtype) if db is not None else placeholder(h2))
 
 
 @_lce_backward_lib.register_fake
 def _(grad, h2, weight, bias, target, den, ignore_index, eps, need_dh, need_dw, need_db):
-    def e() -> Tensor:
-        return h2.new_empty(0)
-    return (h2.new_empty(h2.shape) if need_dh else e(), weight.new_empty(weight.shape) if need_dw else e(),
-            weight.new_empty((weight.shape[0],)) if need_db and bias is not None else e())
+    return (h2.new_empty(h2.shape) if need_dh else placeholder(h2),
+            weight.new_empty(weight.shape) if need_dw else placeholder(h2),
+            weight.new_empty((weight.shape[0],)) if need_db and bias is not None else placeholder(h2))
 
 
 def _lce_lib_setup(ctx, inputs, output) -> None:

@@ -10,12 +10,13 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import activations as _acts
 from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
 from ._dispatch import check_slope, plain_cpu_inference
-from .backends import select
+from .backends import forced, select
 from .functional import linear_act, log_softmax, softmax
 
 
@@ -55,6 +56,8 @@ class FusedLinear(nn.Linear):
         if w is None:
             w = self.weight
         b = params["bias"] if "bias" in params else self.bias
+        if self.activation == "none" and _f_linear_is_faster(input, w):
+            return F.linear(input, w, b)
         if FAST_PATH and plain_cpu_inference(input, w, b):
             y = self._forward_inference(input, w, b)
             if y is not None:
@@ -124,6 +127,20 @@ class FusedLinear(nn.Linear):
 # and prepacking on it (FASTLAYERS_PREPACK=0 turns prepacking off for every FusedLinear).
 FAST_PATH = True
 PREPACK = os.environ.get("FASTLAYERS_PREPACK", "1") not in ("0", "")
+
+
+def _f_linear_is_faster(x: Tensor, w: Tensor) -> bool:
+    """FusedLinear(activation="none") has nothing to fuse but the bias: it calls F.linear (exactly
+    nn.Linear's forward, errors included) unless a backend is forced (tests, use_backend) or the
+    backend for x measures faster than F.linear at this size (plain_linear_gain: cpp's oneDNN
+    GEMMs, prepacked without grad). On CUDA that is cuBLAS."""
+    if forced() is not None:
+        return False
+    if type(x) is not Tensor or not x.is_cpu or x.dim() == 0 or w.dim() != 2:
+        return True
+    gain = getattr(select(x.device, "fastlayers.FusedLinear"), "plain_linear_gain", None)
+    k = x.shape[-1]
+    return gain is None or not gain(x.numel() // k if k else 0, k, w.shape[0], x.dtype)
 
 
 def _no_packing(backend, w: Tensor, batch: int) -> None:

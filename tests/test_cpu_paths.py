@@ -429,3 +429,48 @@ def test_env_reader_matches_os_environ(monkeypatch):
         assert B._read_env() == os.environ.get("FASTLAYERS_BACKEND") == value
     monkeypatch.delenv("FASTLAYERS_BACKEND")
     assert B._read_env() is None and B.forced() is None
+
+
+# FusedLinear(activation="none") with no backend forced: F.linear (nn.Linear's own forward) where
+# fastlayers has nothing to add, the cpp backend's oneDNN GEMM where plain_linear_gain says so.
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n", [(3, 16, 8), (64, 256, 256)], ids=["small", "large"])
+def test_fused_linear_none_routes(monkeypatch, grad, dtype, m, k, n):
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    cpp._probe_onednn(dtype)  # (its own F.linear calls are not the route's)
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, dtype=dtype)
+    fused = fl.FusedLinear(k, n, activation="none", dtype=dtype)
+    fused.load_state_dict(lin.state_dict())
+    x = torch.randn(2, m, k, dtype=dtype, requires_grad=grad)
+    x64, w64, b64 = (leaf(t.detach().double()) for t in (x, lin.weight, lin.bias))
+    with torch.set_grad_enabled(grad):
+        y = fused(x)
+        ours = not calls
+        calls.clear()
+        eager, ref64 = real(x, lin.weight, lin.bias), real(x64, w64, b64)
+    assert ours == cpp.plain_linear_gain(2 * m, k, n, dtype), "route"
+    assert ours == (m * 2 * k * n >= cpp.ONEDNN_MIN_MACS and bool(cpp._probe_onednn(dtype)))
+    assert_matches(y, ref64, eager, red=k)
+    if grad:
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, fused.weight, fused.bias), g)
+        exp = torch.autograd.grad(eager, (x, lin.weight, lin.bias), g)
+        exp64 = torch.autograd.grad(ref64, (x64, w64, b64), g.double())
+        for a, b, c, red in zip(got, exp, exp64, (n, 2 * m, 2 * m)):
+            assert_matches(a, c, b, red=red)
+
+
+def test_fused_linear_none_errors_are_nn_linear_errors(monkeypatch):
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    lin, fused = torch.nn.Linear(4, 3), fl.FusedLinear(4, 3, activation="none")
+    for x in (torch.randn(2, 5), torch.randn(2, 4, dtype=torch.float64)):
+        with pytest.raises(RuntimeError) as want:
+            lin(x)
+        with pytest.raises(RuntimeError) as got:
+            fused(x)
+        assert str(got.value) == str(want.value)

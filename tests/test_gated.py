@@ -18,6 +18,7 @@ from fastlayers.activations import ACTIVATIONS, NAMES
 from fastlayers.backends import load
 
 from conftest import FLOAT_DTYPES, assert_close_fp32, assert_matches, skip_low_precision
+from integration_helpers import hf_causal_lm
 
 SLOPE = 0.01
 # (bf16 / fp16 cases skip on the interpreted Triton backend: conftest's LOW_PRECISION_SKIP)
@@ -680,39 +681,28 @@ def test_swap_timm_swiglu_and_chunked_geglu(backend):
     assert [r[2] for r in rep.gated] == ["silu", "gelu", "silu"]
 
 
-class _FcThen(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
+def _fc_then(act_fn):
+    """A module class whose forward is act_fn(Linear(x)): swap sees the call of act_fn
+    (F.hardswish, ...), a constant of the class, not state of the instance."""
+
+    class FcThen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return act_fn(self.fc(x))
+
+    return FcThen
 
 
-class FcHardswish(_FcThen):
-    def forward(self, x):
-        return F.hardswish(self.fc(x))
-
-
-class FcHardsigmoid(_FcThen):
-    def forward(self, x):
-        return F.hardsigmoid(self.fc(x))
-
-
-class FcRelu6(_FcThen):
-    def forward(self, x):
-        return F.relu6(self.fc(x))
-
-
-class FcMish(_FcThen):
-    def forward(self, x):
-        return F.mish(self.fc(x))
-
-
-@pytest.mark.parametrize("act,module,functional", [("hardswish", nn.Hardswish, FcHardswish),
-                                                   ("hardsigmoid", nn.Hardsigmoid, FcHardsigmoid),
-                                                   ("relu6", nn.ReLU6, FcRelu6), ("mish", nn.Mish, FcMish)])
+@pytest.mark.parametrize("act,module,functional", [("hardswish", nn.Hardswish, F.hardswish),
+                                                   ("hardsigmoid", nn.Hardsigmoid, F.hardsigmoid),
+                                                   ("relu6", nn.ReLU6, F.relu6), ("mish", nn.Mish, F.mish)])
 def test_swap_new_activations(backend, act, module, functional):
     """Linear -> nn.Hardswish / ... and Linear -> F.hardswish / ... are fused like the others."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(8, 8), module(), functional())
+    model = nn.Sequential(nn.Linear(8, 8), module(), _fc_then(functional)())
     ref = copy.deepcopy(model)
     fl.swap(model)
     assert [f[2] for f in model.fastlayers_swap_report.fused] == [act, act], str(model.fastlayers_swap_report)
@@ -746,28 +736,17 @@ def test_swap_leaves_gated_products_that_are_not_fusable(backend):
         fl.swap(mlp)
         rep = mlp.fastlayers_swap_report
         assert not rep.gated, str(rep)
-        left = dict(rep.left)
+        left = rep.why_not_fused()
         assert reason in left["up_proj"], str(rep)
         x = torch.randn(3, 8)
         torch.testing.assert_close(mlp(x), ref(x))
-
-
-def _hf_model(name):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    kw = dict(vocab_size=101, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[name]
-    torch.manual_seed(0)
-    return cls[1](cls[0](**kw))
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
 def test_swap_hf_causal_lm_fuses_every_mlp(backend, name):
     """A real, unmodified Hugging Face model (small config, random weights): every MLP's gate, up
     and activation become one gated_linear; logits, loss and every gradient equal the original's."""
-    model = _hf_model(name)
+    model = hf_causal_lm(name)
     ref = copy.deepcopy(model)
     keys = list(model.state_dict())
     fl.swap(model)

@@ -103,7 +103,8 @@ def test_functional_forms_are_fused(backend):
     assert isinstance(model, Functional) and type(model).__name__ == "Functional"
     assert list(model.state_dict()) == keys
     assert model.fastlayers_swap_report.rewritten == ["<model>"]
-    assert [p for p, _ in model.fastlayers_swap_report.left] == ["head"]
+    assert list(model.fastlayers_swap_report.why_not_fused()) == ["head"]
+    assert [p for p, _ in model.fastlayers_swap_report.linear] == ["head"]  # a FusedLinear("none")
     _check_same(model, ref, torch.randn(2, 5, 8))
 
 
@@ -140,10 +141,11 @@ class SharedOutput(nn.Module):
 def test_shared_output_linear_is_not_fused(backend):
     torch.manual_seed(0)
     model = SharedOutput()
-    ref = copy.deepcopy(model)
+    ref, ref_w = copy.deepcopy(model), model.fc.weight
     fl.swap(model)
-    assert type(model.fc) is nn.Linear and type(model.act) is nn.GELU
-    left = dict(model.fastlayers_swap_report.left)
+    assert model.fc.weight is ref_w and getattr(model.fc, "activation", "none") == "none"
+    assert type(model.act) is nn.GELU
+    left = model.fastlayers_swap_report.why_not_fused()
     assert "fc" in left and "used by" in left["fc"], left
     _check_same(model, ref, torch.randn(4, H))
 
@@ -176,7 +178,7 @@ def test_doubtful_pairs_are_left_alone(backend):
     ref = copy.deepcopy(model)
     fl.swap(model)
     assert _fused(model) == {}
-    left = dict(model.fastlayers_swap_report.left)
+    left = model.fastlayers_swap_report.why_not_fused()
     assert "called 2 times" in left["twice"]
     assert "hooks" in left["hooked"]
     assert "called more than once" in left["a"] and "called more than once" in left["b"]
@@ -209,7 +211,7 @@ def test_foreign_activation_modules(backend):
     fl.swap(model)
     assert _fused(model) == {"0": "gelu_tanh", "4": "gelu"}
     assert isinstance(model[3], FormulaGELU)  # not one recognised call: left alone
-    assert "FormulaGELU" in dict(model.fastlayers_swap_report.left)["2"]
+    assert "FormulaGELU" in model.fastlayers_swap_report.why_not_fused()["2"]
     _check_same(model, ref, torch.randn(4, 8))
 
 
@@ -252,7 +254,7 @@ def test_untraceable_or_path_dependent_modules_are_left(backend, cls, why):
     ref = copy.deepcopy(model)
     fl.swap(model)
     assert _fused(model) == {}
-    assert why in dict(model.fastlayers_swap_report.left)["0.fc"]
+    assert why in model.fastlayers_swap_report.why_not_fused()["0.fc"]
     assert type(model[0]) is cls  # no rewritten forward
     _check_same(model, ref, torch.randn(4, H))
 
@@ -277,7 +279,7 @@ def test_verbose_prints_what_was_fused_and_left(backend, capsys):
     fl.swap(model, verbose=True)
     out = capsys.readouterr().out
     assert "fused     0 + 1 (ReLU) -> FusedLinear(activation=relu)" in out
-    assert "left      2.fc: its output is used by" in out
+    assert "linear    2.fc -> FusedLinear(activation=none) (its output is used by" in out
     assert isinstance(model.fastlayers_swap_report, SwapReport)
     assert str(model.fastlayers_swap_report) in out
 
@@ -321,3 +323,64 @@ def test_transformers_bert_encoder(backend):
     for name, p in ref.named_parameters():
         if p.grad is not None:
             assert_close_gemm(got[name].grad, p.grad, 64)
+
+
+class _SubLinear(nn.Linear):
+    pass
+
+
+class _PlainLinears(nn.Module):
+    """Linears with no activation after them: one shared by two attributes, one hooked, one subclass."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, H)
+        self.b = nn.Linear(H, H, bias=False)
+        self.b_again = self.b
+        self.hooked = nn.Linear(H, H)
+        self.sub = _SubLinear(H, 4)
+        self.hooked.register_forward_hook(lambda m, i, o: o * 2)
+
+    def forward(self, x):
+        return self.sub(self.hooked(self.b_again(self.b(self.a(x)))))
+
+
+@pytest.mark.parametrize("linears", [True, False])
+def test_plain_linears_become_fused_linear_none(backend, linears):
+    torch.manual_seed(0)
+    model = _PlainLinears()
+    ref = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    fl.swap(model, linears=linears)
+    rep = model.fastlayers_swap_report
+    if linears:
+        for name in ("a", "b"):
+            m = getattr(model, name)
+            assert type(m) is fl.FusedLinear and m.activation == "none", name
+        assert model.b_again is model.b  # a shared Linear stays shared
+        assert sorted(p for p, _ in rep.linear) == ["a", "b"]
+    else:
+        assert type(model.a) is nn.Linear and type(model.b) is nn.Linear and not rep.linear
+    assert type(model.hooked) is nn.Linear and "hooks" in dict(rep.left)["hooked"]
+    assert type(model.sub) is _SubLinear and "subclass" in dict(rep.left)["sub"]
+    assert dict(model.named_parameters()) == params and list(model.state_dict()) == keys
+    _check_same(model, ref, torch.randn(3, 8))
+
+
+def test_plain_linears_prepacked_in_inference(monkeypatch):
+    """Without a forced backend, a large plain Linear runs prepacked (cpp) after swap, and its
+    output is nn.Linear's."""
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    from fastlayers.backends import cpp
+    if not cpp.plain_linear_gain(256, 256, 256, torch.float32):
+        pytest.skip("oneDNN's fused linear is unusable in this torch: plain Linears run F.linear")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Dropout(0.0), nn.Linear(256, 256)).eval()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    x = torch.randn(256, 256)
+    with torch.no_grad():
+        out, exp = model(x), ref(x)
+    assert model[0]._packed is not None and model[2]._packed is not None
+    assert_close_gemm(out, exp, 256)

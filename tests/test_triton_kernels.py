@@ -115,6 +115,7 @@ def test_tf32_new_api_linear_runs(restore_tf32):
 
 
 # ----------------------------------------------------------------------------- GEMM paths
+from fastlayers import kernels as K  # noqa: E402
 from fastlayers.kernels import gated as K_GL  # noqa: E402
 from fastlayers.kernels import linear_act as K_LA  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402
@@ -146,11 +147,10 @@ def test_gemm_config_tables():
     """Every GPU config: tile dims powers of two >= 16 (tl.dot's minimum on a GPU); each class
     has a config for fused epilogues; small-M configs have BLOCK_M 16 / 32."""
     for dclass, entries in K_LA.GEMM_CONFIGS.items():
-        assert any(not plain_only and not sm90 for _, plain_only, sm90 in entries), dclass
-        for cfg, _, _ in entries:
-            for d in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-                v = cfg.kwargs[d]
-                assert v >= 16 and v & (v - 1) == 0, (dclass, cfg)
+        assert K_LA.large_m_configs(dclass, plain=False, hopper=False), dclass
+        for entry in entries:
+            for v in entry[:3]:
+                assert v >= 16 and v & (v - 1) == 0, (dclass, entry)
     for dclass, entries in K_LA.SMALL_M_CONFIGS.items():
         for bn, bk, _, _, _ in entries:
             assert bn >= 16 and bk >= 16, dclass
@@ -173,7 +173,7 @@ def test_gated_config_tables():
 
 
 def test_heuristic_config_fills_the_gpu():
-    configs = [c for c, _, _ in K_LA.GEMM_CONFIGS["lp"]]
+    configs = K_LA.large_m_configs("lp", plain=True)
     big = K_LA.heuristic_config(configs, 8192, 8192, 132)
     assert (big.kwargs["BLOCK_M"], big.kwargs["BLOCK_N"]) == (128, 256)
     small = K_LA.heuristic_config(configs, 256, 256, 132)
@@ -184,7 +184,7 @@ def test_heuristic_config_fills_the_gpu():
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 32, 33])
 def test_small_m_path(M):
     """Decode-sized M (<= 32) takes the small-M configs (BLOCK_M 16 under the interpreter)."""
-    assert (K_LA.gemm_configs("ieee", _tb._pow2(M), False)[0].kwargs["BLOCK_M"] <= 32) == (M <= 32)
+    assert (K_LA.gemm_configs("ieee", K.next_pow2(M), False)[0].kwargs["BLOCK_M"] <= 32) == (M <= 32)
     _check_linear(M, 70, 90, dtype=torch.float32, what=f"M={M}")
     if M in (1, 17):
         _check_linear(M, 20, 33, act="leaky_relu", dtype=torch.float64, what=f"M={M}")
@@ -302,7 +302,7 @@ def test_softmax_strided_tiles(shape, dim):
 def test_softmax_strided_plan_stays_in_one_outer():
     for inner in (2, 3, 16, 17, 100):
         single, block_r, block_l, _ = K_SM.plan(1000 * inner, 5, inner)
-        assert block_r <= K_SM._next_pow2(inner) and block_r >= K_SM.rows_per_tile_min(inner)
+        assert block_r <= K.next_pow2(inner) and block_r >= K_SM.rows_per_tile_min(inner)
         assert K_SM.grid_size(1000 * inner, inner, block_r) == 1000 * -(-inner // block_r)
 
 

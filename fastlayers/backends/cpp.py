@@ -59,10 +59,35 @@ def _buf(t: Optional[Tensor]):
 _HUGE_MIN_BYTES = 32 << 20
 
 
+def _mkl_sgemm_is_generic() -> bool:
+    """Whether PyTorch's fp32 mm runs MKL's generic code here: MKL takes its AVX-512 sgemm kernels
+    on Intel CPUs only. Measured on this project's AMD EPYC (AVX-512), 2 threads, 2026-12-02:
+    torch.mm fp32 30-55 GFLOP/s against oneDNN's 76-106 on the backward's dz @ W and dz^T @ x
+    (1024x768x3072, 2048x1024x4096, 256x4096x4096, 8192x256x1024: 1.3-2.9x, except dW at
+    8192x256x1024, 0.8-0.9x). On Intel CPUs fp32 GEMMs stay with MKL (not measured here)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return False
+    return bool(vendor) and "GenuineIntel" not in vendor
+
+
+_FP32_MM_ONEDNN = _mkl_sgemm_is_generic()  # fp32 GEMMs from ONEDNN_MIN_MACS up go to oneDNN (see _mm)
+
+
 def _mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """a @ b (+ bias, added in the GEMM by addmm) in PyTorch's BLAS; a large result goes into a
-    huge-page-backed buffer (see _empty), a small one skips the out= plumbing."""
+    """a (M, K) @ b (K, N) (+ bias (N,), added in the GEMM) -> (M, N) contiguous, any strides in.
+    PyTorch's mm / addmm (MKL sgemm for fp32, oneDNN matmul for 16-bit), a large result in a
+    huge-page-backed buffer (see _empty); fp32 GEMMs of ONEDNN_MIN_MACS and more on oneDNN's
+    inner product instead where MKL's sgemm is its generic code (_mkl_sgemm_is_generic): the
+    backward's dx and dW, the gated and loss GEMMs, and the forward's "mkl" route."""
     m, n = a.shape[0], b.shape[1]
+    if (_FP32_MM_ONEDNN and a.dtype == torch.float32 and ROUTE != "mkl"
+            and m * a.shape[1] * n >= ONEDNN_MIN_MACS and _probe_onednn(torch.float32)):
+        return _linear_pointwise(a, b.t(), bias, "none", [], "")  # b.t(): the (N, K) "weight"
     if m * n * a.element_size() < _HUGE_MIN_BYTES:
         return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
     out = _empty(m, n, dtype=a.dtype)
@@ -233,6 +258,14 @@ def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, kind: Op
             and not (slope == 0 and act.name == "leaky_relu")):  # oneDNN's slope 0 is its relu
         return "fused"
     return "onednn"
+
+
+def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype) -> bool:
+    """Whether a linear with no activation, (M, K) x (N, K)^T, runs faster here than F.linear:
+    only where the oneDNN routes apply (oneDNN's GEMM, prepacked without grad, against F.linear's
+    MKL sgemm / per-call weight reorder); below ONEDNN_MIN_MACS there is nothing to fuse and
+    F.linear is one ATen call."""
+    return ROUTE != "mkl" and m * k * n >= ONEDNN_MIN_MACS and bool(_probe_onednn(dtype))
 
 
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,

@@ -41,6 +41,7 @@ except ImportError as e:  # the registry turns this into a BackendUnavailableErr
 
 from ..activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT, Activation
 from ..kernels import linear_act as _la
+from ..kernels import next_pow2
 from ..kernels import softmax as _sm
 
 NAME = "triton"
@@ -83,11 +84,6 @@ def _launch(op: str, t: Tensor, fn: Callable[[], object]) -> None:
         cause = f"{type(e).__name__}: {msg[-1] if msg else ''}"[:500]
         raise RuntimeError(f"{op}: the triton backend failed to run its kernel "
                            f"(dtype {t.dtype}, device {t.device}): {cause}") from e
-
-
-def _pow2(n: int) -> int:
-    """Autotune bucket: the next power of two (1 for 0)."""
-    return triton.next_power_of_2(max(int(n), 1))
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -201,7 +197,7 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
                 M, N, K,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_arg.stride(-2), c_arg.stride(-1),
                 hi, lo, k_per_split, stride_cs,
-                _pow2(M), _pow2(N), _pow2(K), layout)
+                next_pow2(M), next_pow2(N), next_pow2(K), layout)
 
     split = split_k_count(dclass, M, N, K, sms) if plain and c.is_contiguous() else 1
     if split > 1:  # partial tiles into an fp32 / fp64 workspace, then a fixed-order sum
@@ -217,8 +213,8 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         _sum_rows(op, work.view(split, M * N), c.view(M * N))
         return
 
-    configs = _la.gemm_configs(dclass, _pow2(M), plain, capability)
-    key = (dclass, plain, _pow2(M), _pow2(N), _pow2(K), layout, act_code, bias is not None,
+    configs = _la.gemm_configs(dclass, next_pow2(M), plain, capability)
+    key = (dclass, plain, next_pow2(M), next_pow2(N), next_pow2(K), layout, act_code, bias is not None,
            z is not None, precision, c.dtype, c.device)
     if AUTOTUNE and not _capturing(c):
         kernel = _la.autotuned_gemm(configs)
@@ -367,7 +363,7 @@ def _softmax_split(op: str, fwd: bool, log: bool, out: Tensor, tensors: Tuple[Te
             *tensors, part, *sizes, LOG=log, **meta))
         kernel = _sm.softmax_bwd_split_kernel
     _launch(op, out, lambda: kernel[grid](*tensors, out, part, *sizes, LOG=log,
-                                          BLOCK_S=triton.next_power_of_2(segments), **meta))
+                                          BLOCK_S=next_pow2(segments), **meta))
 
 
 def softmax_forward(x: Tensor, log: bool) -> Tensor:
@@ -425,7 +421,7 @@ def gated_forward(x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: O
             bg if bg is not None else h, bu if bu is not None else h,
             M, N, K,
             x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
-            hi, lo, _pow2(M), _pow2(N), _pow2(K),
+            hi, lo, next_pow2(M), next_pow2(N), next_pow2(K),
             HAS_BG=bg is not None, HAS_BU=bu is not None, ACT=act.code, STORE_GU=save,
             ACC_DTYPE=_compute_dtype(h.dtype), PRECISION=precision,
             DOT_FP32=INTERPRETED and h.dtype == torch.bfloat16))

@@ -37,25 +37,12 @@ import triton.language as tl
 from ..activations import ACTIVATIONS
 
 
-def _code(name: str) -> tl.constexpr:
-    """An activation's code, from the one table (fastlayers/activations.py)."""
-    return tl.constexpr(ACTIVATIONS[name].code)
-
-
-# Activation codes, named, from the one table (a kernel branches on `ACT == GELU`, never on a number).
-NONE: tl.constexpr = _code("none")
-RELU: tl.constexpr = _code("relu")
-LEAKY_RELU: tl.constexpr = _code("leaky_relu")
-GELU: tl.constexpr = _code("gelu")
-GELU_TANH: tl.constexpr = _code("gelu_tanh")
-SILU: tl.constexpr = _code("silu")
-SIGMOID: tl.constexpr = _code("sigmoid")
-TANH: tl.constexpr = _code("tanh")
-HARDSWISH: tl.constexpr = _code("hardswish")
-HARDSIGMOID: tl.constexpr = _code("hardsigmoid")
-RELU6: tl.constexpr = _code("relu6")
-QUICK_GELU: tl.constexpr = _code("quick_gelu")
-MISH: tl.constexpr = _code("mish")
+# Activation codes as module constants named after the one table (fastlayers/activations.py):
+# GELU for "gelu", ..., so a kernel branches on `ACT == GELU`, never on a number, and a new table
+# row needs no line here. tl.constexpr values, so @triton.jit functions may read them as globals.
+for _act in ACTIVATIONS.values():
+    globals()[_act.name.upper()] = tl.constexpr(_act.code)
+del _act
 
 SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)    # 1 / sqrt(2)
 GELU_PDF: tl.constexpr = tl.constexpr(0.3989422804014327)   # 1 / sqrt(2 pi)

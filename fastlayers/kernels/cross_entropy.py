@@ -16,12 +16,14 @@ halves (eps_hi + eps_lo) so fp64 kernels see it at full precision.
 import triton
 import triton.language as tl
 
+from . import next_pow2
+
 # Classes per chunk of a row.
 MAX_BLOCK = 4096
 
 
 def block_for(num_classes: int) -> int:
-    return max(16, min(MAX_BLOCK, 1 << max(0, (int(num_classes) - 1).bit_length())))
+    return max(16, min(MAX_BLOCK, next_pow2(num_classes)))
 
 
 @triton.jit

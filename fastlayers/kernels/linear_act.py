@@ -99,34 +99,18 @@ def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> trit
 #   target:      entries marked sm90 only are used on compute capability >= 9.0 (wgmma keeps the
 #                accumulator of the 128x256 tiles in registers without spilling; mma.sync on
 #                sm_80 spills there).
-# Entries: (config, plain_only, sm90_only).
+# Entries: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, plain_only, sm90_only); GROUP_M 8.
 GEMM_CONFIGS = {
-    "lp": [
-        (_cfg(128, 256, 64, 8, 8, 3), True, True),
-        (_cfg(256, 128, 64, 8, 8, 3), True, True),
-        (_cfg(128, 128, 64, 8, 8, 4), False, False),
-        (_cfg(128, 128, 32, 8, 4, 4), True, False),
-        (_cfg(128, 64, 64, 8, 4, 4), False, False),
-        (_cfg(64, 128, 64, 8, 4, 4), False, False),
-        (_cfg(64, 64, 64, 8, 4, 4), False, False),
-    ],
-    "tf32": [
-        (_cfg(128, 128, 32, 8, 8, 3), False, False),
-        (_cfg(128, 64, 32, 8, 4, 4), False, False),
-        (_cfg(64, 128, 32, 8, 4, 4), False, False),
-        (_cfg(64, 64, 16, 8, 4, 4), False, False),
-    ],
-    "ieee": [
-        (_cfg(128, 64, 16, 8, 8, 3), False, False),
-        (_cfg(64, 64, 16, 8, 4, 3), False, False),
-        (_cfg(64, 32, 16, 8, 4, 3), False, False),
-    ],
-    "fp64": [
-        (_cfg(64, 64, 16, 8, 8, 3), False, False),
-        (_cfg(64, 32, 16, 8, 4, 3), False, False),
-        (_cfg(32, 64, 16, 8, 4, 3), False, False),
-        (_cfg(32, 32, 16, 8, 4, 3), False, False),
-    ],
+    "lp": [(128, 256, 64, 8, 3, True, True), (256, 128, 64, 8, 3, True, True),
+           (128, 128, 64, 8, 4, False, False), (128, 128, 32, 4, 4, True, False),
+           (128, 64, 64, 4, 4, False, False), (64, 128, 64, 4, 4, False, False),
+           (64, 64, 64, 4, 4, False, False)],
+    "tf32": [(128, 128, 32, 8, 3, False, False), (128, 64, 32, 4, 4, False, False),
+             (64, 128, 32, 4, 4, False, False), (64, 64, 16, 4, 4, False, False)],
+    "ieee": [(128, 64, 16, 8, 3, False, False), (64, 64, 16, 4, 3, False, False),
+             (64, 32, 16, 4, 3, False, False)],
+    "fp64": [(64, 64, 16, 8, 3, False, False), (64, 32, 16, 4, 3, False, False),
+             (32, 64, 16, 4, 3, False, False), (32, 32, 16, 4, 3, False, False)],
 }
 # Decode-sized M (<= 32): BLOCK_M is 16 or 32 (the M bucket), wide N tiles, deep K steps.
 # Entries: (BLOCK_N, BLOCK_K, num_warps, num_stages, sm90_only) per dtype class.
@@ -168,7 +152,12 @@ def gemm_configs(dclass: str, m: int, plain: bool, capability: int = 90) -> list
                 if hopper or not sm90]
     if INTERPRET:
         return [INTERPRETER_GEMM_CONFIG]
-    return [c for c, plain_only, sm90 in GEMM_CONFIGS[dclass]
+    return large_m_configs(dclass, plain, hopper)
+
+
+def large_m_configs(dclass: str, plain: bool, hopper: bool = True) -> list:
+    """The GPU configs for M > 32 (GEMM_CONFIGS), largest tiles first; hopper: sm_90 or newer."""
+    return [_cfg(bm, bn, bk, 8, w, st) for bm, bn, bk, w, st, plain_only, sm90 in GEMM_CONFIGS[dclass]
             if (plain or not plain_only) and (hopper or not sm90)]
 
 

@@ -33,6 +33,8 @@ from typing import Tuple
 import triton
 import triton.language as tl
 
+from . import next_pow2
+
 # Longest tile (rows x positions) held in registers by the single-pass kernels; longer rows take
 # the streaming path. For inner == 1 this is the longest single-pass row.
 SINGLE_PASS_MAX_ELEMS = 16384
@@ -48,14 +50,10 @@ SPLIT_MIN_SEGMENT = 8192
 SPLIT_MAX_SEGMENTS = 128
 
 
-def _next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
 def rows_per_tile_min(inner: int) -> int:
     """Rows one program must hold at once: 1 for contiguous rows; for strided rows (inner > 1)
     enough neighbouring rows (up to 16) that each load touches contiguous memory."""
-    return 1 if inner == 1 else min(16, _next_pow2(inner))
+    return 1 if inner == 1 else min(16, next_pow2(inner))
 
 
 def _max_elems(inner: int, fp64: bool) -> int:
@@ -66,7 +64,7 @@ def _max_elems(inner: int, fp64: bool) -> int:
 
 def uses_single_pass(length: int, inner: int, fp64: bool = False) -> bool:
     """The dispatch boundary: True when a row of `length` fits one single-pass tile."""
-    return rows_per_tile_min(inner) * _next_pow2(length) <= _max_elems(inner, fp64)
+    return rows_per_tile_min(inner) * next_pow2(length) <= _max_elems(inner, fp64)
 
 
 def single_pass_max_length(inner: int, fp64: bool = False) -> int:
@@ -79,9 +77,9 @@ def plan(rows: int, length: int, inner: int, fp64: bool = False):
     float64 data). fp64 and strided single-pass tiles get twice the warps per element."""
     r_min = rows_per_tile_min(inner)
     if uses_single_pass(length, inner, fp64):
-        block_l = _next_pow2(length)
+        block_l = next_pow2(length)
         # a strided tile holds inner indices of one outer index only: at most next_pow2(inner)
-        most = _next_pow2(rows) if inner == 1 else _next_pow2(inner)
+        most = next_pow2(rows) if inner == 1 else next_pow2(inner)
         block_r = max(r_min, min(most, max(1, MIN_TILE_ELEMS // block_l)))
         single = True
     else:

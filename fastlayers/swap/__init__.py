@@ -1,4 +1,5 @@
-"""fastlayers.swap(model): fuse an existing model's Linear -> activation pairs in place.
+"""fastlayers.swap(model): fuse an existing model's Linear -> activation pairs, gated MLPs and the
+loss of its own head, in place.
 
 What is fused, module by module (each module's own forward is read on its own):
 
@@ -18,6 +19,26 @@ Gated MLPs (swap/gated.py), in a traced forward, before the pairs above: ``act(g
 (GeGLU) become one fastlayers.gated_linear call reading the same Parameters; the report lists them
 under ``gated``.
 
+The loss a model computes from its own head (swap/loss.py; the report lists it under ``losses``):
+
+* in a traced forward, ``F.cross_entropy(<view / reshape / flatten of> self.head(x), t, ...)`` or an
+  ``nn.CrossEntropyLoss`` child's call (its options read live from the module) becomes one
+  fastlayers.linear_cross_entropy call reading the head's own Parameters (tied weights stay tied)
+  when the head is a plain nn.Linear child called once, without hooks, and its logits are used
+  nowhere else but shape reads (``logits.size(-1)``), with no class weights; the views must end in
+  (tokens, vocab), else (or for class-probability targets) the call computes the logits itself at
+  run time. Where the logits are also returned or used, or the input is not a head, the call
+  becomes fastlayers.cross_entropy with F.cross_entropy's signature, the reason in the report.
+* Hugging Face models whose ``loss_function`` is transformers' ForCausalLMLoss (``*ForCausalLM``):
+  it is set to an exact equivalent on fastlayers.cross_entropy (same float32 upcast, label shift,
+  ignore_index, ``num_items_in_batch`` "sum" / else "mean"); the logits are returned, so they exist.
+* a module with a Linear child whose forward fx cannot trace or may not rewrite (nanoGPT's
+  ``forward(idx, targets=None)``): it gets a copy of its forward function whose globals resolve
+  ``F.cross_entropy`` (F being torch.nn.functional) or a from-imported ``cross_entropy`` to
+  fastlayers.cross_entropy -- only where the name is PyTorch's own function, only when the other
+  globals it reads are code (a copy would freeze values), never ``torch.nn.functional.cross_entropy``
+  spelt out; nothing global is patched. The logits are materialised there (the forward is not traced).
+
 The Linear becomes a FusedLinear holding the *same* Parameter objects (state_dict keys unchanged,
 optimizers keep working); an activation module becomes nn.Identity. A functional activation can
 only be removed by editing the forward: the module keeps its attributes and state and becomes an
@@ -27,13 +48,19 @@ reads the module's live children; TorchScript, deepcopy and pickling work) -- on
 trace would freeze as constants. nn.Softmax / nn.LogSoftmax become
 fastlayers.Softmax / LogSoftmax with the same dim.
 
+Plain Linears (``linears=True``, the default): every nn.Linear not fused above and without hooks
+becomes a FusedLinear(activation="none") on the same Parameters (listed under ``linear`` with the
+reason it has no activation); it calls F.linear except where fastlayers' GEMM is faster (the CPU
+backend's oneDNN routes for large GEMMs, prepacked without grad).
+
 Left alone, with the reason in the report: a Linear whose output is used anywhere else (or
 returned), a Linear or activation that has hooks, is shared between modules, is called more than
 once, or is a subclass (its forward may differ); modules fx cannot trace; forwards whose traced
 graph would specialise to one path (optional arguments, ``*args``, a branch on ``self.training``).
 
 Package layout: patterns.py (what counts as an activation), tracing.py (fx tracing, the safety
-checks and the rewritten forward), swapper.py (the walk over the model), report.py (SwapReport).
+checks and the rewritten forward), gated.py (gated MLPs), loss.py (the head's loss), swapper.py (the
+walk over the model), report.py (SwapReport).
 """
 from __future__ import annotations
 
@@ -51,8 +78,15 @@ __all__ = ["swap", "SwapReport"]
 log = logging.getLogger("fastlayers.swap")
 
 
-def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
-    """Fuse `model`'s Linear -> activation pairs and softmax modules in place; returns `model`.
+def swap(model: nn.Module, verbose: bool = False, linears: bool = True) -> nn.Module:
+    """Fuse `model`'s Linear -> activation pairs, gated MLPs, head losses and softmax modules in
+    place; returns `model`.
+
+    With `linears` (the default), every other plain nn.Linear (no hooks, not read by a gated
+    product or a fused loss) becomes a FusedLinear(activation="none") on the same Parameters: it runs F.linear
+    except where fastlayers is faster (on the CPU: large GEMMs on oneDNN, with a prepacked weight
+    when no gradient is needed, costing one more copy of each such weight). linears=False leaves
+    them as they are.
 
     Parameters stay the same objects (state_dict keys and optimizers unchanged); outputs and
     gradients match the original model up to floating-point rounding. The report of what was
@@ -67,7 +101,7 @@ def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
         new.train(model.training)
         model, report = new, SwapReport(replaced=[("<model>", f"fastlayers.{type(new).__name__}")])
     else:
-        swapper = _Swapper(model)
+        swapper = _Swapper(model, linears)
         swapper.run()
         report = swapper.report
     model.fastlayers_swap_report = report

@@ -3,6 +3,7 @@ an fx node: (activation name, negative_slope) or None."""
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torch.fx.node import _get_qualified_name
 
 from ..activations import DEFAULT_SLOPE as _DEFAULT_SLOPE
+from ..nn import FusedLinear
 from .tracing import trace
 
 _MODULE_ACTS: Dict[type, Callable[[nn.Module], Tuple[str, float]]] = {
@@ -141,3 +143,22 @@ def module_activation(m: nn.Module, cache) -> Optional[Tuple[str, float]]:
     return known(m) if known is not None else _foreign_activation(m, cache)
 
 
+# --- helpers the swapper and the loss patterns share
+def path_name(path: str) -> str:
+    return path or "<model>"
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def fusable_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear or (type(m) is FusedLinear and m.activation == "none")
+
+
+def linear_problem(m: nn.Module, refs: Counter) -> Optional[str]:
+    if hooks(m):
+        return "has hooks registered (fusing would change what they see)"
+    if refs[id(m)] > 1:
+        return "the same Linear is shared by several modules"
+    return None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 
 @dataclass
@@ -13,17 +13,27 @@ class SwapReport:
     left: List[Tuple[str, str]] = field(default_factory=list)         # (module path, reason)
     rewritten: List[str] = field(default_factory=list)                # modules given a new forward
     gated: List[Tuple[str, str, str]] = field(default_factory=list)   # (gate [+ up] linear, site, activation)
+    linear: List[Tuple[str, str]] = field(default_factory=list)       # (plain Linear -> FusedLinear, why no activation)
+    losses: List[Tuple[str, str, str]] = field(default_factory=list)  # (head or module, site, fastlayers op)
+
+    def why_not_fused(self) -> Dict[str, str]:
+        """Module path -> why it was not fused with an activation: the modules left alone and the
+        plain Linears that became FusedLinear(activation="none")."""
+        return {**dict(self.linear), **dict(self.left)}
 
     def __str__(self) -> str:
         lines = [f"fastlayers.swap: fused {len(self.fused)} Linear+activation pair(s), "
-                 f"{len(self.gated)} gated MLP product(s), "
-                 f"replaced {len(self.replaced)} softmax module(s), left {len(self.left)} alone"]
+                 f"{len(self.gated)} gated MLP product(s), {len(self.losses)} loss(es), "
+                 f"replaced {len(self.replaced)} softmax module(s), {len(self.linear)} plain Linear(s), "
+                 f"left {len(self.left)} alone"]
         lines += [f"  fused     {lin} + {site} -> FusedLinear(activation={name})"
                   for lin, site, name in self.fused]
         lines += [f"  gated     {lins}: {site} -> gated_linear(activation={name})"
                   for lins, site, name in self.gated]
+        lines += [f"  loss      {path}: {site} -> fastlayers.{op}" for path, site, op in self.losses]
         lines += [f"  replaced  {path} -> {new}" for path, new in self.replaced]
-        lines += [f"  rewrote   {path}.forward (functional activations / gated products replaced)"
+        lines += [f"  linear    {path} -> FusedLinear(activation=none) ({why})" for path, why in self.linear]
+        lines += [f"  rewrote   {path}.forward (functional activations / gated products / losses replaced)"
                   for path in self.rewritten]
         lines += [f"  left      {path}: {why}" for path, why in self.left]
         return "\n".join(lines)

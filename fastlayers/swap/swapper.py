@@ -8,29 +8,11 @@ from torch import nn
 
 from ..nn import FusedLinear, LogSoftmax, Softmax
 from . import gated as _gated
-from .patterns import call_activation, describe, hooks, module_activation
+from . import loss as _loss
+from .patterns import (fusable_linear, join, linear_problem, path_name, call_activation, describe, hooks,
+                       module_activation)
 from .report import SwapReport
 from .tracing import rewrite_forward, trace_checked
-
-
-def _name(path: str) -> str:
-    return path or "<model>"
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _fusable_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear or (type(m) is FusedLinear and m.activation == "none")
-
-
-def _linear_problem(m: nn.Module, refs: Counter) -> Optional[str]:
-    if hooks(m):
-        return "has hooks registered (fusing would change what they see)"
-    if refs[id(m)] > 1:
-        return "the same Linear is shared by several modules"
-    return None
 
 
 def _fused_linear(lin: nn.Linear, act: str, slope: float) -> FusedLinear:
@@ -63,7 +45,7 @@ def _direct_children(mod: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn
     for name, child in mod._modules.items():
         if child is None:
             continue
-        rel = _join(prefix, name)
+        rel = join(prefix, name)
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
             yield from _direct_children(child, rel)
         else:
@@ -71,14 +53,18 @@ def _direct_children(mod: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn
 
 
 class _Swapper:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, linears: bool = True) -> None:
         self.model = model
+        self.linears = linears
         self.report = SwapReport()
         self.refs = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.why_left: Dict[int, str] = {}  # id(Linear) -> reason it was not fused
         self.act_cache: Dict[int, Optional[Tuple[str, float]]] = {}
         self.gated_ids = set()  # id(Linear) of the gate / up Linears now read by a gated_linear call
         self.gated_why: Dict[int, str] = {}  # id(Linear) -> why its gated product was not fused
+        self.loss_heads = set()  # id(Linear) of heads now read by a linear_cross_entropy call
+        self.loss_decided = set()  # id(module) whose losses the traced route decided (swap/loss.py)
+        self.loss_frozen: Dict[int, str] = {}  # id(module) -> why its traced losses were not rewritten
 
     def activation_module(self, m: nn.Module) -> Tuple[Optional[Tuple[str, float]], str]:
         act = module_activation(m, self.act_cache)
@@ -97,42 +83,43 @@ class _Swapper:
         if act_rel is not None:
             _set(parent, act_rel, _identity_like(parent.get_submodule(act_rel)))
         self.why_left.pop(id(lin), None)
-        self.report.fused.append((_join(prefix, lin_rel), site, act[0]))
+        self.report.fused.append((join(prefix, lin_rel), site, act[0]))
 
     def sequential(self, seq: nn.Sequential, prefix: str) -> None:
         names = [k for k, v in seq._modules.items() if v is not None]
-        if names and _fusable_linear(seq._modules[names[-1]]):
+        if names and fusable_linear(seq._modules[names[-1]]):
             self.why_left[id(seq._modules[names[-1]])] = "last in its Sequential: its output leaves it"
         for a, b in zip(names, names[1:]):
             lin, nxt = seq._modules[a], seq._modules[b]
-            if not _fusable_linear(lin):
+            if not fusable_linear(lin):
                 continue
-            why = _linear_problem(lin, self.refs)
+            why = linear_problem(lin, self.refs)
             act, why_act = (None, "") if why else self.activation_module(nxt)
             if why or act is None:
-                self.why_left[id(lin)] = why or f"followed by {_join(prefix, b)}: {why_act}"
+                self.why_left[id(lin)] = why or f"followed by {join(prefix, b)}: {why_act}"
                 continue
-            self.fuse(seq, prefix, a, act, f"{_join(prefix, b)} ({type(nxt).__name__})", b)
+            self.fuse(seq, prefix, a, act, f"{join(prefix, b)} ({type(nxt).__name__})", b)
 
     def traced(self, mod: nn.Module, prefix: str) -> None:
         children = dict(_direct_children(mod))
-        linears = {rel: m for rel, m in children.items() if _fusable_linear(m)}
+        linears = {rel: m for rel, m in children.items() if fusable_linear(m)}
         if not linears:
             return
         graph, why, frozen = trace_checked(mod)
         if graph is None:
             for m in linears.values():
-                self.why_left[id(m)] = f"in {_name(prefix)}: {why}"
+                self.why_left[id(m)] = f"in {path_name(prefix)}: {why}"
             return
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         erased = self.gated(mod, prefix, graph, children, linears, calls, frozen)
+        erased = _loss.in_graph(self, mod, prefix, graph, children, calls, frozen) or erased
         for node in list(graph.nodes):
             if node.op != "call_module" or node.target not in linears:
                 continue
             lin = linears[node.target]
-            if not _fusable_linear(mod.get_submodule(node.target)):  # fused via another call
+            if not fusable_linear(mod.get_submodule(node.target)):  # fused via another call
                 continue
-            why = _linear_problem(lin, self.refs)
+            why = linear_problem(lin, self.refs)
             if why is None and calls[node.target] > 1:
                 why = f"called {calls[node.target]} times in {type(mod).__name__}.forward"
             users = list(node.users)
@@ -153,10 +140,10 @@ class _Swapper:
                 if act is not None and (calls[user.target] > 1 or user.args != (node,) or user.kwargs):
                     act, why_act = None, f"{user.target} is called more than once or with more arguments"
                 if act is None:
-                    self.why_left[id(lin)] = f"its output goes to {_join(prefix, user.target)}: {why_act}"
+                    self.why_left[id(lin)] = f"its output goes to {join(prefix, user.target)}: {why_act}"
                     continue
                 self.fuse(mod, prefix, node.target, act,
-                          f"{_join(prefix, user.target)} ({type(act_mod).__name__})", user.target)
+                          f"{join(prefix, user.target)} ({type(act_mod).__name__})", user.target)
             else:
                 act = call_activation(user, node)
                 if act is None:
@@ -174,7 +161,7 @@ class _Swapper:
             graph.lint()
             code = graph.python_code("self")
             rewrite_forward(mod, code.src, code.globals)
-            self.report.rewritten.append(_name(prefix))
+            self.report.rewritten.append(path_name(prefix))
 
     def gated(self, mod: nn.Module, prefix: str, graph, children, linears, calls, frozen) -> bool:
         """Gated MLPs (swap/gated.py) in mod's graph, rewritten to gated_linear calls; True if any."""
@@ -208,8 +195,8 @@ class _Swapper:
             for t in names:
                 self.gated_ids.add(id(linears[t]))
                 self.why_left.pop(id(linears[t]), None)
-            self.report.gated.append((_join(prefix, m.gate) if m.up is None else
-                                      f"{_join(prefix, m.gate)} + {_join(prefix, m.up)}", m.site, m.act[0]))
+            self.report.gated.append((join(prefix, m.gate) if m.up is None else
+                                      f"{join(prefix, m.gate)} + {join(prefix, m.up)}", m.site, m.act[0]))
             done = True
         return done
 
@@ -219,7 +206,7 @@ class _Swapper:
             for name, child in list(parent._modules.items()):
                 if type(child) not in (nn.Softmax, nn.LogSoftmax):
                     continue
-                path = _join(ppath, name)
+                path = join(ppath, name)
                 if child.dim is None:
                     self.report.left.append((path, f"{type(child).__name__}(dim=None) picks its dim "
                                                    "from the input's rank (deprecated); not replaced"))
@@ -235,6 +222,34 @@ class _Swapper:
                 setattr(parent, name, new)
                 self.report.replaced.append((path, f"fastlayers.{type(new).__name__}(dim={child.dim})"))
 
+    def why_not_fused(self, m: nn.Linear) -> str:
+        why = self.gated_why.get(id(m)) or self.why_left.get(id(m))
+        if why is not None:
+            return why
+        if not fusable_linear(m):
+            return f"{type(m).__name__} is a subclass of nn.Linear (its forward may differ)"
+        return "its output does not go straight into an activation in its parent's forward"
+
+    def plain_linears(self, unfused: Dict[str, nn.Linear]) -> Dict[str, nn.Linear]:
+        """Each remaining plain nn.Linear (no hooks) becomes a FusedLinear(activation="none") on
+        the same Parameters, every reference to it (a shared Linear stays shared); returns the
+        ones left as they were. FusedLinear calls F.linear where that is faster (see nn.py), so
+        this only moves GEMMs that fastlayers runs faster (CPU: prepacked oneDNN)."""
+        new: Dict[int, FusedLinear] = {}
+        left = {}
+        for path, m in unfused.items():
+            if type(m) is not nn.Linear or hooks(m) or id(m) in self.gated_ids:
+                left[path] = m
+                continue
+            if id(m) not in new:
+                new[id(m)] = _fused_linear(m, "none", 0.0)
+            self.report.linear.append((path, self.why_not_fused(m)))
+        for parent in list(self.model.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and id(child) in new:
+                    setattr(parent, name, new[id(child)])
+        return left
+
     def run(self) -> nn.Module:
         for prefix, mod in list(self.model.named_modules()):
             if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
@@ -244,14 +259,12 @@ class _Swapper:
             else:
                 self.traced(mod, prefix)
         self.softmaxes()
-        for path, m in self.model.named_modules():
-            if (isinstance(m, FusedLinear) and m.activation != "none") or id(m) in self.gated_ids:
-                continue
-            if isinstance(m, nn.Linear):
-                why = self.gated_why.get(id(m)) or self.why_left.get(id(m))
-                if why is None:
-                    why = (f"{type(m).__name__} is a subclass of nn.Linear (its forward may differ)"
-                           if not _fusable_linear(m) else
-                           "its output does not go straight into an activation in its parent's forward")
-                self.report.left.append((path, why))
+        _loss.untraced(self)
+        unfused = {path: m for path, m in self.model.named_modules()
+                   if isinstance(m, nn.Linear) and id(m) not in self.gated_ids and id(m) not in self.loss_heads
+                   and not (isinstance(m, FusedLinear) and m.activation != "none")}
+        if self.linears:
+            unfused = self.plain_linears(unfused)
+        for path, m in unfused.items():
+            self.report.left.append((path, self.why_not_fused(m)))
         return self.model

@@ -158,13 +158,19 @@ def swapped_class(base: type, src: str, globals_: Dict[str, Any]) -> type:
         linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
         ns = dict(globals_)
         exec(compile(src, filename, "exec"), ns)
-        cls = type(base.__name__, (base,), {
-            "forward": ns["forward"], "__module__": base.__module__, "__qualname__": base.__qualname__,
-            "__reduce_ex__": _reduce_ex, "fastlayers_original_class": base,
-            "fastlayers_forward_src": src, "fastlayers_forward_globals": dict(globals_),
-        })
+        cls = make_subclass(base, ns["forward"], _reduce_ex, fastlayers_forward_src=src,
+                            fastlayers_forward_globals=dict(globals_))
         _SWAPPED[key] = cls
     return cls
+
+
+def make_subclass(base: type, forward, reduce_ex, **attrs: Any) -> type:
+    """A subclass of `base` with this forward, passing for `base` (name, module, qualname), that
+    pickles and deep-copies through `reduce_ex` (which rebuilds it from
+    ``fastlayers_original_class``)."""
+    return type(base.__name__, (base,), {
+        "forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+        "__reduce_ex__": reduce_ex, "fastlayers_original_class": base, **attrs})
 
 
 def rewrite_forward(mod: nn.Module, src: str, globals_: Dict[str, Any]) -> None:
