@@ -395,6 +395,9 @@ def test_softmax_split_plan():
     assert K_SM.split_plan(2 * sms, 131072, 1, 1, block_l, sms)[0] == 1
     # rows shorter than two segments: no split
     assert K_SM.split_plan(1, 2 * K_SM.SPLIT_MIN_SEGMENT - 1, 1, 1, block_l, sms)[0] == 1
+    # rows past int32 positions stay on the streaming path (int64 lengths)
+    assert K_SM.split_plan(1, 2 ** 31 - 1, 1, 1, block_l, sms)[0] == 1
+    assert K_SM.split_plan(1, 2 ** 31 - 2 ** 20, 1, 1, block_l, sms)[0] > 1
     for rows, length, inner in ((1, 10 ** 7, 1), (3, 50001, 1), (5, 100003, 1), (64, 50257, 8)):
         r_min = K_SM.rows_per_tile_min(inner)
         bl = block_l // r_min

@@ -103,7 +103,8 @@ def grid_size(rows: int, inner: int, block_r: int) -> int:
 def split_plan(rows: int, length: int, inner: int, block_r: int, block_l: int,
                sms: int) -> Tuple[int, int]:
     """(segments S, segment length SEG) for streaming-path rows (tiles of block_r rows, chunks of
-    block_l) on a GPU of `sms` SMs; S == 1: no split (enough row tiles, or rows too short).
+    block_l) on a GPU of `sms` SMs; S == 1: no split (enough row tiles, rows too short, or rows
+    of 2^31 positions or more).
     SEG is a multiple of block_l and every segment is non-empty."""
     tiles = grid_size(rows, inner, block_r)
     target = SPLIT_PROGRAMS_PER_SM * sms
@@ -111,7 +112,10 @@ def split_plan(rows: int, length: int, inner: int, block_r: int, block_l: int,
     if segments <= 1:
         return 1, length
     seg = -(-(-(-length // segments)) // block_l) * block_l
-    return -(-length // seg), seg
+    segments = -(-length // seg)
+    if segments * seg >= 2 ** 31:  # the split kernels index positions in a row in int32
+        return 1, length
+    return segments, seg
 
 
 @triton.jit
