@@ -22,13 +22,13 @@
 #                        Skipped (with a message) when the main env has no triton or already has
 #                        3.6, or when PYTHON= is given (no installs) and .triton36/ is missing.
 #                        Adds 36 s to make test (140 tests, quiet 2-core machine; 2-4 min when busy)
-#                        + a one-off 20 s install, plus 42-48 s for compile-gate-quick.
+#                        + a one-off 20 s install, plus 35-60 s for compile-gate-quick.
 #   make compile-gate    compile every Triton kernel x config x layout x dtype for sm_90 and sm_80
 #                        without a GPU and fail on spills or too much shared memory
 #                        (scripts/compile_gate.py): under triton 3.6 -> bench/results/sm90-compile.md
 #                        (fails the target), then under the main env's triton ->
-#                        sm90-compile-triton-main.md (a report only). ~20 min each on 2 cores.
-#                        make test runs the --quick subset (sm_90, 50 kernels, ~45 s) under 3.6.
+#                        sm90-compile-triton-main.md (a report only). ~21 min each on 2 cores (2220 kernels).
+#                        make test runs the --quick subset (sm_90, 59 kernels, ~35 s) under 3.6.
 
 BASE_PYTHON ?= python3
 TORCH_PIN   ?= torch==2.13.0

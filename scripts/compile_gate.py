@@ -1,6 +1,7 @@
 """Ahead-of-time compile gate for fastlayers' Triton kernels: no GPU needed.
 
-Compiles every kernel x shipped config x layout x dtype x epilogue the launcher
+Compiles every kernel (GEMM and its reductions, softmax: single pass / streaming / split rows,
+gated linear, cross-entropy) x shipped config x layout x dtype x epilogue the launcher
 (fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80 (A100), with the
 installed triton's own compiler and its bundled ptxas, and reports per compiled kernel the
 registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped config
@@ -18,9 +19,13 @@ launcher's constexprs, so the code compiled here is the code a GPU would run.
 usage: python scripts/compile_gate.py [--quick] [--targets 90,80] [--jobs N] [--out FILE.md]
            [--filter SUBSTRING]
   --quick   a subset for CI: sm_90 only; per GEMM class the largest config with the heaviest
-            fused epilogue and the largest plain config, every split-K config, the reductions and
-            three softmax plans (50 kernels, 42-48 s on the shared 2-core machine).
+            fused epilogue and the largest plain config, every split-K config, the reductions,
+            four softmax plans (single pass, streaming contiguous and strided, split rows), the
+            largest bf16 and fp64 gated configs, the gated backward and the cross-entropy pair
+            (59 kernels, 35 s on the 2-core machine when quiet, up to ~60 s when busy).
   --out     write the markdown table there (bench/results/sm90-compile.md for the full run).
+  --filter  only the kernels whose "name config" contains SUBSTRING, e.g. a family: "gated",
+            "ce_", "softmax", "_split", "gemm lp", "act_grad_bias".
 Run from the repository root.
 """
 from __future__ import annotations
@@ -47,7 +52,10 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastlayers.activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT  # noqa: E402
 from fastlayers.kernels import activations as A  # noqa: E402
+from fastlayers.kernels import cross_entropy as CE  # noqa: E402
+from fastlayers.kernels import gated as GL  # noqa: E402
 from fastlayers.kernels import linear_act as LA  # noqa: E402
 from fastlayers.kernels import softmax as SM  # noqa: E402
 
@@ -58,8 +66,13 @@ KERNELS = {
     "sum_rows": LA.sum_rows_kernel, "softmax_fwd": SM.softmax_fwd_kernel,
     "softmax_fwd_streaming": SM.softmax_fwd_streaming_kernel, "softmax_bwd": SM.softmax_bwd_kernel,
     "softmax_bwd_streaming": SM.softmax_bwd_streaming_kernel,
+    "softmax_fwd_split_stats": SM.softmax_fwd_split_stats_kernel,
+    "softmax_fwd_split": SM.softmax_fwd_split_kernel,
+    "softmax_bwd_split_stats": SM.softmax_bwd_split_stats_kernel,
+    "softmax_bwd_split": SM.softmax_bwd_split_kernel,
+    "gated_gemm": GL._gated_gemm_kernel, "gated_grad": GL.gated_grad_kernel,
+    "ce_fwd": CE.ce_fwd_kernel, "ce_bwd": CE.ce_bwd_kernel,
 }
-TORCH_NAME = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 
 
 class Ptr:
@@ -143,12 +156,10 @@ def cfg_tag(c) -> str:
 
 
 # (name, ACT, HAS_BIAS, STORE_Z): the epilogues the forward GEMM is launched with. Activations that
-# save their output store no z; gelu / gelu_tanh / silu (and leaky_relu with a negative slope)
-# store z when the backward needs it.
-SAVES_Z = {A.GELU.value, A.GELU_TANH.value, A.SILU.value, A.LEAKY_RELU.value}
-ACT_NAMES = {A.NONE.value: "none", A.RELU.value: "relu", A.LEAKY_RELU.value: "leaky_relu",
-             A.GELU.value: "gelu", A.GELU_TANH.value: "gelu_tanh", A.SILU.value: "silu",
-             A.SIGMOID.value: "sigmoid", A.TANH.value: "tanh"}
+# save their output store no z; the others (and leaky_relu with a negative slope) store z when the
+# backward needs it. Every activation of the one table (fastlayers/activations.py).
+SAVES_Z = {a.code for a in ACTIVATIONS.values() if a.saves(-1.0) == SAVE_INPUT}
+ACT_NAMES = {a.code: a.name for a in ACTIVATIONS.values()}
 
 
 # The heaviest epilogues: erf GELU and tanh GELU with bias and z.
@@ -183,12 +194,14 @@ def gemm_args(dt: str, layout: str, M: int, N: int, K: int, act: int, bias: bool
         SPLIT_K=split, **cfg.kwargs)
 
 
+# (dtype class, data dtype, tl.dot precision) of every GEMM class, main dtype of the class first.
+GEMM_CLASSES = [("lp", "bf16", "ieee"), ("lp", "fp16", "ieee"), ("tf32", "fp32", "tf32"),
+                ("ieee", "fp32", "ieee"), ("fp64", "fp64", "ieee")]
+
+
 def gemm_jobs(quick: bool, arch: int):
     jobs = []
-    classes = [("lp", "bf16", "ieee"), ("lp", "fp16", "ieee"), ("tf32", "fp32", "tf32"),
-               ("ieee", "fp32", "ieee"), ("fp64", "fp64", "ieee")]
-    if quick:
-        classes = [c for c in classes if c[1] != "fp16"]
+    classes = [c for c in GEMM_CLASSES if not (quick and c[1] == "fp16")]
     for dclass, dt, prec in classes:
         for m in (4096, 32, 16):
             n = k = 4096
@@ -245,41 +258,130 @@ def reduction_jobs(quick: bool):
     return jobs
 
 
-# (rows, L, inner): contiguous rows from short to past the single-pass limit, and strided ones.
+def gated_jobs(quick: bool, arch: int):
+    """The gated forward GEMM (x and both weights row-major, as nn.Linear's) per dtype class and
+    config with both biases and g, u stored: every activation for the main dtype of a class, the
+    heaviest two for fp16; and the elementwise backward per dtype and activation."""
+    jobs = []
+    M = N = K = 4096
+    for dclass, dt, prec in GEMM_CLASSES:
+        if quick and dt not in ("bf16", "fp64"):
+            continue
+        configs = GL.GATED_CONFIGS[dclass][:1] if quick else GL.GATED_CONFIGS[dclass]
+        acts = ([A.GELU.value] if quick else
+                [a for a, _, _ in HEAVIEST] if dt == "fp16" else list(ACT_NAMES))
+        for c in configs:
+            for act in acts:
+                args = dict(
+                    x_ptr=Ptr(dt), wg_ptr=Ptr(dt), wu_ptr=Ptr(dt), h_ptr=Ptr(dt), g_ptr=Ptr(dt),
+                    u_ptr=Ptr(dt), bg_ptr=Ptr(dt), bu_ptr=Ptr(dt), M=M, N=N, K=K,
+                    stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_vn=K, stride_vk=1,
+                    slope_hi=0.01, slope_lo=0.0, M_BUCKET=M, N_BUCKET=N, K_BUCKET=K,
+                    HAS_BG=True, HAS_BU=True, ACT=act, STORE_GU=True,
+                    ACC_DTYPE=tl.float64 if dt == "fp64" else tl.float32, PRECISION=prec,
+                    DOT_FP32=False, **c.kwargs)
+                jobs.append(dict(kernel="gated_gemm", arch=arch,
+                                 name=f"gated_gemm {dclass} {dt} {ACT_NAMES[act]}+biases+gu",
+                                 config=cfg_tag(c), args=args,
+                                 options=dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+    for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
+        pdt = "fp64" if dt == "fp64" else "fp32"
+        bm = GL.GRAD_BLOCK_M_FP64 if dt == "fp64" else GL.GRAD_BLOCK_M
+        for act in ([A.GELU.value] if quick else list(ACT_NAMES)):
+            from_output = next(a for a in ACTIVATIONS.values() if a.code == act).saves(0.01) == SAVE_OUTPUT
+            args = dict(dh_ptr=Ptr(dt), g_ptr=Ptr(dt), u_ptr=Ptr(dt), dg_ptr=Ptr(dt), du_ptr=Ptr(dt),
+                        pg_ptr=Ptr(pdt), pu_ptr=Ptr(pdt), M=8192, N=4096, rows_per_prog=256,
+                        slope_hi=0.01, slope_lo=0.0, ACT=act, FROM_OUTPUT=from_output,
+                        NEED_DBG=True, NEED_DBU=True,
+                        COMPUTE_DTYPE=tl.float64 if dt == "fp64" else tl.float32,
+                        BLOCK_M=bm, BLOCK_N=GL.GRAD_BLOCK_N)
+            jobs.append(dict(kernel="gated_grad", arch=arch, name=f"gated_grad {dt} {ACT_NAMES[act]}",
+                             config=f"{bm}x{GL.GRAD_BLOCK_N} w{GL.GRAD_NUM_WARPS}",
+                             args=args, options=dict(num_warps=GL.GRAD_NUM_WARPS)))
+    return jobs
+
+
+def ce_jobs(quick: bool):
+    """Cross-entropy forward and backward per dtype, for class-index and probability targets, with
+    and without class weights and label smoothing, at the smallest and the largest chunk."""
+    jobs = []
+    variants = [(p, w, sm) for p in (False, True) for w in (False, True) for sm in (False, True)]
+    for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
+        cdt = "fp64" if dt == "fp64" else "fp32"
+        for probs, has_w, smooth in (variants[-1:] if quick else variants):
+            for C in ((128256,) if quick else (10, 128256)):
+                block = CE.block_for(C)
+                base = dict(x_ptr=Ptr(dt), t_ptr=Ptr("i64"), q_ptr=Ptr(dt), w_ptr=Ptr(cdt), C=C,
+                            ignore_index=-100, eps_hi=0.1, eps_lo=0.0, HAS_W=has_w, PROBS=probs,
+                            SMOOTH=smooth, COMPUTE_DTYPE=tl.float64 if dt == "fp64" else tl.float32,
+                            BLOCK=block)
+                what = (f"{dt} {'probs' if probs else 'index'}{' weight' if has_w else ''}"
+                        f"{' smooth' if smooth else ''} C={C}")
+                jobs.append(dict(kernel="ce_fwd", name=f"ce_fwd {what}", config=f"block {block} w4",
+                                 args=dict(base, loss_ptr=Ptr(cdt), stats_ptr=Ptr(cdt)),
+                                 options=dict(num_warps=4)))
+                jobs.append(dict(kernel="ce_bwd", name=f"ce_bwd {what}", config=f"block {block} w4",
+                                 args=dict(base, stats_ptr=Ptr(cdt), scale_ptr=Ptr(cdt), dx_ptr=Ptr(dt),
+                                           BF16_OUT=dt == "bf16"),
+                                 options=dict(num_warps=4)))
+    return jobs
+
+
+# (rows, L, inner): contiguous rows from short to past the single-pass limit, and strided ones;
+# long rows too few to fill an H100 / H200 take the split path (SOFTMAX_SMS SMs).
 SOFTMAX_SHAPES = [(8192, 128, 1), (8192, 1000, 1), (4096, 4096, 1), (1024, 16384, 1),
                   (512, 32768, 1), (64, 131072, 1), (64, 1024, 3), (64, 1024, 100),
-                  (64, 2048, 64), (64, 50257, 8)]
-SOFTMAX_QUICK = [(4096, 4096, 1), (64, 131072, 1), (64, 2048, 64)]
+                  (64, 2048, 64), (64, 50257, 8), (8, 131072, 1), (1, 4194304, 1),
+                  (4, 65536, 16)]
+SOFTMAX_QUICK = [(4096, 4096, 1), (512, 32768, 1), (64, 2048, 64), (8, 131072, 1)]
+SOFTMAX_SMS = 132
 
 
 def softmax_jobs(quick: bool):
+    """The kernels the launcher (fastlayers/backends/triton.py `_softmax_launch`) runs per shape:
+    single pass, streaming, or the two kernels of split rows, forward and backward."""
     jobs = []
     for rows, L, inner in (SOFTMAX_QUICK if quick else SOFTMAX_SHAPES):
         for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
             single, br, bl, warps = SM.plan(rows * inner, L, inner, dt == "fp64")
+            segments, seg = (1, L) if single else SM.split_plan(rows * inner, L, inner, br, bl, SOFTMAX_SMS)
             comp = tl.float64 if dt == "fp64" else tl.float32
+            pdt = "fp64" if dt == "fp64" else "fp32"
+            config = f"{br}x{bl} w{warps}"
             for kind in ("fwd", "bwd"):
-                kernel = f"softmax_{kind}" + ("" if single else "_streaming")
                 for log in ((False,) if quick else (False, True)):
-                    base = dict(R=rows * inner, L=L, INNER=inner, LOG=log, COMPUTE_DTYPE=comp,
+                    base = dict(R=rows * inner, L=L, INNER=inner, COMPUTE_DTYPE=comp,
                                 STRIDED=inner > 1, BLOCK_R=br, BLOCK_L=bl)
-                    if kind == "fwd":
-                        args = dict(x_ptr=Ptr(dt), y_ptr=Ptr(dt), **base)
+                    io = (dict(x_ptr=Ptr(dt), y_ptr=Ptr(dt)) if kind == "fwd" else
+                          dict(dy_ptr=Ptr(dt), y_ptr=Ptr(dt), dx_ptr=Ptr(dt)))
+                    if segments == 1:
+                        launches = [(f"softmax_{kind}" + ("" if single else "_streaming"), config,
+                                     dict(io, **base, LOG=log))]
                     else:
-                        args = dict(dy_ptr=Ptr(dt), y_ptr=Ptr(dt), dx_ptr=Ptr(dt), **base)
-                    jobs.append(dict(kernel=kernel,
-                                     name=f"{kernel} {dt} {'log_softmax' if log else 'softmax'} "
-                                          f"L={L} inner={inner}",
-                                     config=f"{br}x{bl} w{warps}", args=args,
-                                     options=dict(num_warps=warps)))
+                        split = dict(base, part_ptr=Ptr(pdt), SEG=seg, S=segments)
+                        if kind == "fwd":
+                            stats = dict(x_ptr=Ptr(dt), **split)
+                        else:
+                            stats = dict(dy_ptr=Ptr(dt), y_ptr=Ptr(dt), **split, LOG=log)
+                        bs = triton.next_power_of_2(segments)
+                        launches = [(f"softmax_{kind}_split_stats", f"{config} S{segments}", stats),
+                                    (f"softmax_{kind}_split", f"{config} S{segments}",
+                                     dict(io, **split, LOG=log, BLOCK_S=bs))]
+                        if kind == "fwd" and log:  # the stats kernel has no LOG: compiled once
+                            launches = launches[1:]
+                    for kernel, cfg, args in launches:
+                        jobs.append(dict(kernel=kernel,
+                                         name=f"{kernel} {dt} {'log_softmax' if log else 'softmax'} "
+                                              f"L={L} inner={inner}",
+                                         config=cfg, args=args, options=dict(num_warps=warps)))
     return jobs
 
 
 def all_jobs(quick: bool, targets):
     jobs = []
     for t in targets:
-        jobs += gemm_jobs(quick, t)
-        jobs += [dict(j, arch=t) for j in reduction_jobs(quick) + softmax_jobs(quick)]
+        jobs += gemm_jobs(quick, t) + gated_jobs(quick, t)
+        jobs += [dict(j, arch=t) for j in reduction_jobs(quick) + softmax_jobs(quick) + ce_jobs(quick)]
     return jobs
 
 
@@ -288,6 +390,8 @@ def family(r: dict) -> str:
     parts = r["name"].split()
     if parts[0] == "gemm":
         return "gemm split-K " + parts[3] if parts[1] == "split-K" else f"gemm {parts[1]}"
+    if parts[0] == "gated_gemm":
+        return f"gated_gemm {parts[1]}"
     return parts[0]
 
 
@@ -340,7 +444,8 @@ def main() -> int:
     ap.add_argument("--targets", default=None, help="comma-separated compute capabilities")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=None)
-    ap.add_argument("--filter", default="")
+    ap.add_argument("--filter", default="", metavar="SUBSTRING",
+                    help='only kernels whose "name config" contains it (a family: "gated", "ce_", "softmax")')
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per compiled kernel")
     opts = ap.parse_args()
     targets = [int(t) for t in (opts.targets or ("90" if opts.quick else "90,80")).split(",")]

@@ -116,6 +116,7 @@ def test_tf32_new_api_linear_runs(restore_tf32):
 
 # ----------------------------------------------------------------------------- GEMM paths
 from fastlayers import kernels as K  # noqa: E402
+from fastlayers.kernels import gated as K_GL  # noqa: E402
 from fastlayers.kernels import linear_act as K_LA  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402
 
@@ -157,6 +158,18 @@ def test_gemm_config_tables():
     for name in ("ACT", "HAS_BIAS", "STORE_Z", "PRECISION", "LAYOUT", "M_BUCKET", "N_BUCKET",
                  "K_BUCKET"):
         assert name in K_LA.GEMM_AUTOTUNE_KEY
+
+
+def test_gated_config_tables():
+    """One autotuned gated kernel per GEMM dtype class (the launcher looks it up by class), every
+    tile dim a power of two >= 16."""
+    assert set(K_GL.GATED_CONFIGS) == set(K_GL.gated_gemm_kernels) == set(K_LA.GEMM_CONFIGS)
+    for dclass, configs in K_GL.GATED_CONFIGS.items():
+        assert configs, dclass
+        for cfg in configs:
+            for d in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                v = cfg.kwargs[d]
+                assert v >= 16 and v & (v - 1) == 0, (dclass, cfg)
 
 
 def test_heuristic_config_fills_the_gpu():
@@ -261,8 +274,10 @@ def test_not_capturing_outside_a_graph():
 
 
 # ----------------------------------------------------------------------------- softmax paths
-def _check_softmax(shape, dim, dtype=torch.float32):
-    x = _rand(*shape, dtype=dtype, scale=2.0, seed=5)
+def _check_softmax(shape, dim, dtype=torch.float32, x=None):
+    """y and dx of softmax and log_softmax against the reference backend in float64 (x: random
+    unless given)."""
+    x = _rand(*shape, dtype=dtype, scale=2.0, seed=5) if x is None else x
     dy = _rand(*shape, dtype=dtype, seed=6)
     for f in (fl.softmax, fl.log_softmax):
         out = {}
@@ -316,6 +331,107 @@ def test_softmax_fp64_boundary(delta):
     """fp64 rows on both sides of their own (halved) single-pass limit."""
     length = K_SM.single_pass_max_length(1, fp64=True) + delta
     _check_softmax((2, length), -1, dtype=torch.float64)
+
+
+# Split rows: tiny single-pass and segment limits and 8 "SMs" for the interpreter, so rows of
+# ~100 elements take the split path (chunks of 16 positions, segments of >= 16).
+@pytest.fixture
+def split_rows(monkeypatch):
+    monkeypatch.setattr(K_SM, "SINGLE_PASS_MAX_ELEMS", 64)
+    monkeypatch.setattr(K_SM, "STREAM_CHUNK_ELEMS", 16)
+    monkeypatch.setattr(K_SM, "SPLIT_MIN_SEGMENT", 16)
+    monkeypatch.setattr(_tb, "INTERPRETER_SMS", 8)
+
+
+def _segments(shape, dim):
+    """The split launch's segment count for softmax over `dim` of `shape` (1: no split)."""
+    dim = dim % len(shape)
+    length, inner = shape[dim], 1
+    for n in shape[dim + 1:]:
+        inner *= n
+    rows = torch.Size(shape).numel() // length
+    single, block_r, block_l, _ = K_SM.plan(rows, length, inner)
+    assert not single
+    return K_SM.split_plan(rows, length, inner, block_r, block_l, _tb._num_sms(_rand(1)))[0]
+
+
+# (shape, dim): L not a multiple of the chunk (100, 70), a last segment of one element (65), a
+# multiple of the chunk (80), strided rows (inner 3 and 17).
+_SPLIT_SHAPES = [((3, 100), -1), ((1, 65), -1), ((2, 80), -1), ((2, 70, 3), 1), ((1, 40, 17), 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,dim", _SPLIT_SHAPES)
+def test_softmax_split_rows(split_rows, shape, dim, dtype):
+    assert _segments(shape, dim) > 1
+    _check_softmax(shape, dim, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_split_rows_special_values(split_rows, dtype):
+    """inf / -inf / NaN inside one segment; a fully -inf row (NaN everywhere, like torch); a row
+    whose first segments are all -inf; a row with a single finite value in its last segment."""
+    inf = float("inf")
+    x = _rand(7, 100, dtype=dtype, scale=3.0, seed=11)
+    x[0] = -inf
+    x[1, :70] = -inf
+    x[2, 50] = inf
+    x[3, 37] = float("nan")
+    x[4, ::3] = -inf
+    x[5, :99] = -inf
+    x[6] = x[6] * 1000.0  # segment maxima far apart: the combine's rescaling matters
+    assert _segments(x.shape, -1) > 1
+    _check_softmax(x.shape, -1, x=x)
+
+
+def test_softmax_split_plan():
+    """Split only when a streaming launch has fewer than SPLIT_PROGRAMS_PER_SM * SMs programs and
+    rows hold two segments; segments are whole chunks, all non-empty, at most SPLIT_MAX_SEGMENTS."""
+    sms = 132
+    block_l = K_SM.STREAM_CHUNK_ELEMS
+    # 8 rows of 128K on an H100 / H200: 16 segments of 8192 (128 programs instead of 8)
+    assert K_SM.split_plan(8, 131072, 1, 1, block_l, sms) == (16, 8192)
+    # enough rows to fill the GPU: streaming as before
+    assert K_SM.split_plan(2 * sms, 131072, 1, 1, block_l, sms)[0] == 1
+    # rows shorter than two segments: no split
+    assert K_SM.split_plan(1, 2 * K_SM.SPLIT_MIN_SEGMENT - 1, 1, 1, block_l, sms)[0] == 1
+    # rows past int32 positions stay on the streaming path (int64 lengths)
+    assert K_SM.split_plan(1, 2 ** 31 - 1, 1, 1, block_l, sms)[0] == 1
+    assert K_SM.split_plan(1, 2 ** 31 - 2 ** 20, 1, 1, block_l, sms)[0] > 1
+    for rows, length, inner in ((1, 10 ** 7, 1), (3, 50001, 1), (5, 100003, 1), (64, 50257, 8)):
+        r_min = K_SM.rows_per_tile_min(inner)
+        bl = block_l // r_min
+        segments, seg = K_SM.split_plan(rows * inner, length, inner, r_min, bl, sms)
+        assert 1 < segments <= K_SM.SPLIT_MAX_SEGMENTS and seg % bl == 0
+        assert (segments - 1) * seg < length <= segments * seg
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (the interpreter's fp32 -> fp16/bf16 casts truncate)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softmax_split_rows_low_precision(dtype):
+    """A real split launch (8 rows of 128K on the GPU's SMs): error <= 2x PyTorch's own vs a
+    float64 reference, forward and backward."""
+    from conftest import assert_matches
+    x = _rand(8, 131072, dtype=dtype, scale=3.0, seed=3)
+    dy = _rand(8, 131072, dtype=dtype, seed=4)
+    assert _segments(x.shape, -1) > 1
+    for f, tf in ((fl.softmax, torch.softmax), (fl.log_softmax, torch.log_softmax)):
+        res = {}
+        for name, conv in (("ours", lambda t: t.clone()), ("torch", lambda t: t.clone()),
+                           ("ref", lambda t: t.double())):
+            xl = conv(x).requires_grad_()
+            if name == "ours":
+                with fl.use_backend("triton"):
+                    y = f(xl, -1)
+            else:
+                y = tf(xl, -1)
+            (dx,) = torch.autograd.grad(y, xl, conv(dy))
+            res[name] = (y, dx)
+        for i, what in ((0, "y"), (1, "dx")):
+            assert_matches(res["ours"][i], res["ref"][i], res["torch"][i],
+                           what=f"{what} {f.__name__} {dtype}")
 
 
 def test_act_grad_fp64_tile():

@@ -12,7 +12,9 @@ linear_act backward: one elementwise launch ``dz = dy * act'(saved)`` that also 
     dx = dz @ W and dW = dz^T @ x. (Fusing act' into the GEMM prologue instead would save one
     write + read of dz; not measured yet.)
 softmax / log_softmax: single-pass kernels for rows that fit one tile, streaming kernels (online
-    max and rescaled sum, then a normalising pass) for longer rows; see kernels/softmax.py.
+    max and rescaled sum, then a normalising pass) for longer rows, and split rows (several
+    programs per row: per-segment partials, then a combine and write per segment) when long rows
+    are too few to fill the GPU; see kernels/softmax.py.
 
 fp32 GEMMs follow PyTorch's TF32 setting for CUDA matmuls exactly as ``torch.mm`` does (see
 ``fp32_matmul_precision``: the ``fp32_precision`` API or the legacy ``allow_tf32`` flag; exact
@@ -327,19 +329,46 @@ def _softmax_launch(op: str, fwd: bool, log: bool, out: Tensor, *tensors: Tensor
     if out.numel() == 0:
         return
     single, block_r, block_l, warps = _sm.plan(rows, length, inner, out.dtype == torch.float64)
+    meta = dict(COMPUTE_DTYPE=_compute_dtype(out.dtype), STRIDED=inner > 1, BLOCK_R=block_r,
+                BLOCK_L=block_l, num_warps=warps)
+    tiles = _sm.grid_size(rows, inner, block_r)
+    segments, seg = (1, length) if single else _sm.split_plan(rows, length, inner, block_r, block_l,
+                                                              _num_sms(out))
+    if segments > 1:
+        _softmax_split(op, fwd, log, out, tensors, tiles, segments, seg, meta)
+        return
     if fwd:
         kernel = _sm.softmax_fwd_kernel if single else _sm.softmax_fwd_streaming_kernel
     else:
         kernel = _sm.softmax_bwd_kernel if single else _sm.softmax_bwd_streaming_kernel
-    grid = (_sm.grid_size(rows, inner, block_r),)
-    _launch(op, out, lambda: kernel[grid](
-        *tensors, out, rows, length, inner, LOG=log, COMPUTE_DTYPE=_compute_dtype(out.dtype),
-        STRIDED=inner > 1, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
+    _launch(op, out, lambda: kernel[(tiles,)](*tensors, out, rows, length, inner, LOG=log, **meta))
+
+
+def _softmax_split(op: str, fwd: bool, log: bool, out: Tensor, tensors: Tuple[Tensor, ...],
+                   tiles: int, segments: int, seg: int, meta: dict) -> None:
+    """Split rows (see kernels/softmax.py): per-segment partials, then each segment's output from
+    its row's combined partials. Partials: (2, R, S) (max, sum exp) forward, (R, S) backward, in
+    the compute dtype."""
+    outer, length, inner = out.shape
+    rows = outer * inner
+    part = torch.empty((2 if fwd else 1, rows, segments), device=out.device,
+                       dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+    grid = (tiles, segments)
+    sizes = (rows, length, inner, seg, segments)
+    if fwd:
+        _launch(op, out, lambda: _sm.softmax_fwd_split_stats_kernel[grid](*tensors, part, *sizes, **meta))
+        kernel = _sm.softmax_fwd_split_kernel
+    else:
+        _launch(op, out, lambda: _sm.softmax_bwd_split_stats_kernel[grid](
+            *tensors, part, *sizes, LOG=log, **meta))
+        kernel = _sm.softmax_bwd_split_kernel
+    _launch(op, out, lambda: kernel[grid](*tensors, out, part, *sizes, LOG=log,
+                                          BLOCK_S=next_pow2(segments), **meta))
 
 
 def softmax_forward(x: Tensor, log: bool) -> Tensor:
     """softmax (or log_softmax) over dim 1 of x: (outer, L, inner) contiguous.
-    Bytes: 2 * numel * itemsize (single pass) or 3 * numel * itemsize (streaming)."""
+    Bytes: 2 * numel * itemsize (single pass) or 3 * numel * itemsize (streaming, split rows)."""
     op = "fastlayers.log_softmax" if log else "fastlayers.softmax"
     x = x.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -349,7 +378,7 @@ def softmax_forward(x: Tensor, log: bool) -> Tensor:
 
 def softmax_backward(dy: Tensor, y: Tensor, log: bool) -> Tensor:
     """dx from dy and the forward's output y, both (outer, L, inner) contiguous.
-    Bytes: 3 * numel * itemsize (single pass) or 5 * numel * itemsize (streaming)."""
+    Bytes: 3 * numel * itemsize (single pass) or 5 * numel * itemsize (streaming, split rows)."""
     op = "fastlayers.log_softmax (backward)" if log else "fastlayers.softmax (backward)"
     dy, y = dy.contiguous(), y.contiguous()
     dx = torch.empty_like(y, memory_format=torch.contiguous_format)
@@ -380,9 +409,8 @@ def gated_forward(x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: O
     if M and N:
         if K == 0:  # nothing to load: point the operands at h so no empty tensor is passed
             x, wg, wu = h, h.t(), h.t()
-        fp64 = h.dtype == torch.float64
-        kernel = _gl.gated_gemm_kernel_fp64 if fp64 else _gl.gated_gemm_kernel
         precision = fp32_matmul_precision() if h.dtype == torch.float32 and h.is_cuda else "ieee"
+        kernel = _gl.gated_gemm_kernels[_la.dtype_class(str(h.dtype).rsplit(".", 1)[-1], precision)]
         hi, lo = _split_slope(slope)
 
         def grid(meta):
@@ -428,7 +456,8 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
             dbu = torch.zeros(N, device=dh.device, dtype=dh.dtype)
     else:
         compute = torch.float64 if dh.dtype == torch.float64 else torch.float32
-        bm, bn = _gl.GRAD_BLOCK_M, _gl.GRAD_BLOCK_N
+        bm = _gl.GRAD_BLOCK_M_FP64 if dh.dtype == torch.float64 else _gl.GRAD_BLOCK_M
+        bn = _gl.GRAD_BLOCK_N
         progs, col_blocks, rows_per_prog = _row_slabs(M, N, bm, bn)
         pg = torch.empty((progs, N), device=dh.device, dtype=compute) if need_dbg else dh
         pu = torch.empty((progs, N), device=dh.device, dtype=compute) if need_dbu else dh

@@ -24,24 +24,26 @@ import triton.language as tl
 from .activations import act_grad, apply_act
 from .linear_act import INTERPRET, _cfg, grouped_tile, slab_columns, slab_tile
 
-# Two accumulators per program: half the tile area of linear_act's largest configs.
-GATED_CONFIGS = [
-    _cfg(128, 128, 32, 8, 8, 3),
-    _cfg(128, 64, 32, 8, 4, 4),
-    _cfg(64, 128, 32, 8, 4, 4),
-    _cfg(64, 64, 32, 8, 4, 4),
-]
-GATED_CONFIGS_FP64 = [
-    _cfg(32, 64, 16, 8, 4, 2),
-    _cfg(32, 32, 16, 8, 4, 2),
-]
+# Two accumulators per program, so at most 64 accumulator values per thread and accumulator
+# (128 x 128 tiles spill on sm_90 at 8 warps, and at 16 warps under its 128-register cap). One list
+# per dtype class (linear_act.dtype_class: "lp" fp16/bf16, "tf32", "ieee" exact fp32, "fp64"),
+# each passing scripts/compile_gate.py on sm_90 and sm_80 (no spills, shared memory within the
+# limit) with every activation.
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+GATED_CONFIGS = {k: [_cfg(*c) for c in v] for k, v in {
+    "lp": [(128, 64, 32, 8, 8, 4), (64, 128, 32, 8, 8, 4), (128, 64, 64, 8, 8, 3),
+           (64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 4, 4)],
+    "tf32": [(128, 64, 32, 8, 8, 4), (64, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4)],
+    "ieee": [(128, 64, 16, 8, 8, 3), (64, 128, 16, 8, 8, 3), (32, 64, 16, 8, 4, 3)],
+    "fp64": [(32, 64, 16, 8, 4, 2), (32, 32, 16, 8, 4, 2)],
+}.items()}
 INTERPRETER_GATED_CONFIG = _cfg(64, 64, 32, 4, 4, 1)
 if INTERPRET:
-    GATED_CONFIGS = [INTERPRETER_GATED_CONFIG]
-    GATED_CONFIGS_FP64 = [INTERPRETER_GATED_CONFIG]
+    GATED_CONFIGS = {k: [INTERPRETER_GATED_CONFIG] for k in GATED_CONFIGS}
 
 # gated_grad_kernel's tile (fixed: bandwidth-bound, and the bias-sum order must not depend on tuning).
 GRAD_BLOCK_M = 32
+GRAD_BLOCK_M_FP64 = 8  # fp64 values take two registers each, and fp64 erf / exp many more (32 spills)
 GRAD_BLOCK_N = 128
 GRAD_NUM_WARPS = 4
 
@@ -107,8 +109,9 @@ def _gated_gemm_kernel(
 
 
 GATED_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET"]
-gated_gemm_kernel = triton.autotune(configs=GATED_CONFIGS, key=GATED_AUTOTUNE_KEY)(_gated_gemm_kernel)
-gated_gemm_kernel_fp64 = triton.autotune(configs=GATED_CONFIGS_FP64, key=GATED_AUTOTUNE_KEY)(_gated_gemm_kernel)
+# One autotuned kernel per dtype class.
+gated_gemm_kernels = {k: triton.autotune(configs=v, key=GATED_AUTOTUNE_KEY)(_gated_gemm_kernel)
+                      for k, v in GATED_CONFIGS.items()}
 
 
 @triton.jit

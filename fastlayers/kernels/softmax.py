@@ -8,7 +8,7 @@ so inner == 1 is the usual contiguous row, and inner > 1 a strided one. Every ke
 addresses, so a tile of BLOCK_R >= 16 neighbouring inner indices (of one outer index: see
 ``_row_offsets``) reads memory coalesced.
 
-Two paths, chosen by ``plan()`` (the boundary is ``uses_single_pass``):
+Three paths, chosen by ``plan()`` (the boundary is ``uses_single_pass``) and ``split_plan``:
 * single pass (BLOCK_R * next_pow2(L) <= SINGLE_PASS_MAX_ELEMS, halved for fp64 and halved
   for strided rows): the whole row in registers;
   forward reads x once and writes y once (2 * numel * itemsize bytes), backward reads dy and y
@@ -17,10 +17,19 @@ Two paths, chosen by ``plan()`` (the boundary is ``uses_single_pass``):
   (running max m and the sum s of exp(x - m), rescaled whenever m grows), then a normalising pass
   (3 * numel * itemsize bytes); backward makes one pass for the row's dot product / sum and one
   for dx (5 * numel * itemsize).
+* split rows (streaming-length rows too few to fill the GPU, ``split_plan``: 8 rows of 128K would
+  be 8 programs on a 132-SM GPU): each row is cut into S segments, one program per (row tile,
+  segment). Forward: kernel 1 writes each segment's (max, sum exp) partials; kernel 2 combines
+  the S partials of its rows into the row's (max, sum) and writes y over its segment. Backward:
+  kernel 1 writes each segment's sum(dy * y) (sum(dy)), kernel 2 sums the S partials and writes
+  dx over its segment. Same bytes as streaming (+ 2 * R * S or R * S partials); the combine is in
+  a fixed order, so results do not depend on scheduling.
 Math is fp32 for fp16/bf16/fp32 data and fp64 for fp64 (COMPUTE_DTYPE). -inf behaves as in
 torch: a partly -inf row is fine, a fully -inf row (max = -inf) gives NaN everywhere.
 About 5 flops per element forward (sub, exp, add, div or sub/log), 4 backward.
 """
+from typing import Tuple
+
 import triton
 import triton.language as tl
 
@@ -33,6 +42,12 @@ SINGLE_PASS_MAX_ELEMS = 16384
 STREAM_CHUNK_ELEMS = 4096
 # Short rows are packed into tiles of at least this many elements (several rows per program).
 MIN_TILE_ELEMS = 2048
+# Split rows: a streaming launch of fewer than SPLIT_PROGRAMS_PER_SM * SMs programs is split into
+# segments of at least SPLIT_MIN_SEGMENT positions (two chunks, so each program still streams),
+# at most SPLIT_MAX_SEGMENTS per row, to reach about that many programs.
+SPLIT_PROGRAMS_PER_SM = 2
+SPLIT_MIN_SEGMENT = 8192
+SPLIT_MAX_SEGMENTS = 128
 
 
 def rows_per_tile_min(inner: int) -> int:
@@ -85,9 +100,28 @@ def grid_size(rows: int, inner: int, block_r: int) -> int:
     return (rows // inner) * -(-inner // block_r)
 
 
+def split_plan(rows: int, length: int, inner: int, block_r: int, block_l: int,
+               sms: int) -> Tuple[int, int]:
+    """(segments S, segment length SEG) for streaming-path rows (tiles of block_r rows, chunks of
+    block_l) on a GPU of `sms` SMs; S == 1: no split (enough row tiles, rows too short, or rows
+    of 2^31 positions or more).
+    SEG is a multiple of block_l and every segment is non-empty."""
+    tiles = grid_size(rows, inner, block_r)
+    target = SPLIT_PROGRAMS_PER_SM * sms
+    segments = min(-(-target // tiles), length // SPLIT_MIN_SEGMENT, SPLIT_MAX_SEGMENTS)
+    if segments <= 1:
+        return 1, length
+    seg = -(-(-(-length // segments)) // block_l) * block_l
+    segments = -(-length // seg)
+    if segments * seg >= 2 ** 31:  # the split kernels index positions in a row in int32
+        return 1, length
+    return segments, seg
+
+
 @triton.jit
 def _row_offsets(pid, R, L, INNER, STRIDED: tl.constexpr, BLOCK_R: tl.constexpr):
-    """int64 offset of element 0 of each row of this program's tile, and the row mask.
+    """int64 offset of element 0 of each row of this program's tile, the rows' indices in
+    [0, R) (int64) and the row mask.
 
     not STRIDED (INNER == 1): rows r = pid * BLOCK_R + [0, BLOCK_R), at offsets r * L.
     STRIDED (INNER > 1): the tile is BLOCK_R neighbouring inner indices i of one outer index o, so
@@ -98,12 +132,13 @@ def _row_offsets(pid, R, L, INNER, STRIDED: tl.constexpr, BLOCK_R: tl.constexpr)
         o = (pid // blocks_per_outer).to(tl.int64)
         i = (pid % blocks_per_outer) * BLOCK_R + tl.arange(0, BLOCK_R)
         base = o * L * INNER + i
+        rows = o * INNER + i
         mask = i < INNER
     else:
-        offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        base = offs_r * L
-        mask = offs_r < R
-    return base, mask
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        base = rows * L
+        mask = rows < R
+    return base, rows, mask
 
 
 @triton.jit
@@ -111,7 +146,7 @@ def softmax_fwd_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr, COMPUTE_DTY
                        STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """Single pass: y = softmax(x) (or log_softmax when LOG) over rows of L <= BLOCK_L elements.
     x, y: (outer, L, INNER) contiguous, R = outer * INNER rows; BLOCK_R rows per program."""
-    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
+    base, _, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
     offs_l = tl.arange(0, BLOCK_L)
     offs = base[:, None] + offs_l.to(tl.int64)[None, :] * INNER
     mask = mask_r[:, None] & (offs_l < L)[None, :]
@@ -127,34 +162,44 @@ def softmax_fwd_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr, COMPUTE_DTY
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# The loops over positions [lo, hi) below count from 0 (l0 = lo + d): with range(lo, hi, BLOCK_L)
+# ptxas spilled a few bytes in some fp64 split kernels (scripts/compile_gate.py).
 @triton.jit
-def softmax_fwd_streaming_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr,
-                                 COMPUTE_DTYPE: tl.constexpr,
-                                 STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Streaming: rows of any length L, BLOCK_L positions at a time. Pass 1 keeps the running max
-    m and s = sum exp(x - m), rescaling s by exp(m_old - m_new) when the max grows; pass 2 writes
-    y = exp(x - m) / s (or x - m - log s)."""
-    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
-    offs_l = tl.arange(0, BLOCK_L)
+def _chunk(base, mask_r, l0, hi, INNER, BLOCK_L: tl.constexpr):
+    """Offsets and mask of positions [l0, l0 + BLOCK_L) of the tile's rows, cut at `hi`."""
+    ll = l0 + tl.arange(0, BLOCK_L)
+    offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
+    return offs, mask_r[:, None] & (ll < hi)[None, :]
+
+
+@triton.jit
+def _max_sum(x_ptr, base, mask_r, lo, hi, INNER, COMPUTE_DTYPE: tl.constexpr,
+             BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Online pass over positions [lo, hi) of each row, BLOCK_L at a time: the max m and
+    s = sum exp(x - m), s rescaled by exp(m_old - m_new) when the max grows. A row that saw only
+    -inf ends with m = -inf, s = 0."""
     m = tl.full((BLOCK_R,), float("-inf"), COMPUTE_DTYPE)
     s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
-    for l0 in range(0, L, BLOCK_L):
-        ll = l0 + offs_l
-        offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
-        mask = mask_r[:, None] & (ll < L)[None, :]
+    for d in range(0, hi - lo, BLOCK_L):
+        offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         # While a row has seen only -inf, shift by 0 so exp(-inf - 0) = 0 (not exp(NaN)).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
         m = m_new
-    # A fully -inf row ends with m = -inf, s = 0: both formulas below then give NaN, like torch.
+    return m, s
+
+
+@triton.jit
+def _write_y(x_ptr, y_ptr, base, mask_r, lo, hi, INNER, m, s, LOG: tl.constexpr,
+             COMPUTE_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr):
+    """y = exp(x - m) / s (or x - m - log s) over positions [lo, hi) of each row, given the row's
+    max m and s = sum exp(x - m). A fully -inf row (m = -inf, s = 0) gets NaN, like torch."""
     log_s = tl.log(s)
     inv_s = 1.0 / s
-    for l0 in range(0, L, BLOCK_L):
-        ll = l0 + offs_l
-        offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
-        mask = mask_r[:, None] & (ll < L)[None, :]
+    for d in range(0, hi - lo, BLOCK_L):
+        offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
         shifted = x - m[:, None]
         if LOG:
@@ -165,13 +210,24 @@ def softmax_fwd_streaming_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr,
 
 
 @triton.jit
+def softmax_fwd_streaming_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr,
+                                 COMPUTE_DTYPE: tl.constexpr,
+                                 STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Streaming: rows of any length L, BLOCK_L positions at a time. Pass 1 keeps the running max
+    m and s = sum exp(x - m) (``_max_sum``); pass 2 writes y (``_write_y``)."""
+    base, _, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
+    m, s = _max_sum(x_ptr, base, mask_r, 0, L, INNER, COMPUTE_DTYPE, BLOCK_R, BLOCK_L)
+    _write_y(x_ptr, y_ptr, base, mask_r, 0, L, INNER, m, s, LOG, COMPUTE_DTYPE, BLOCK_L)
+
+
+@triton.jit
 def softmax_bwd_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
                        COMPUTE_DTYPE: tl.constexpr,
                        STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """Single pass backward (ATen's formulas), y = the forward's output:
     softmax:      dx = y * (dy - sum(dy * y))
     log_softmax:  dx = dy - exp(y) * sum(dy)"""
-    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
+    base, _, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
     offs_l = tl.arange(0, BLOCK_L)
     offs = base[:, None] + offs_l.to(tl.int64)[None, :] * INNER
     mask = mask_r[:, None] & (offs_l < L)[None, :]
@@ -187,28 +243,28 @@ def softmax_bwd_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
 
 
 @triton.jit
-def softmax_bwd_streaming_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
-                                 COMPUTE_DTYPE: tl.constexpr,
-                                 STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Streaming backward: pass 1 accumulates sum(dy * y) (softmax) or sum(dy) (log_softmax)
-    over chunks of BLOCK_L; pass 2 writes dx with the formulas of softmax_bwd_kernel."""
-    base, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
-    offs_l = tl.arange(0, BLOCK_L)
+def _grad_sum(dy_ptr, y_ptr, base, mask_r, lo, hi, INNER, LOG: tl.constexpr,
+              COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """sum(dy * y) (softmax) or sum(dy) (log_softmax) over positions [lo, hi) of each row."""
     s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
-    for l0 in range(0, L, BLOCK_L):
-        ll = l0 + offs_l
-        offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
-        mask = mask_r[:, None] & (ll < L)[None, :]
+    for d in range(0, hi - lo, BLOCK_L):
+        offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         if LOG:
             s += tl.sum(dy, axis=1)
         else:
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             s += tl.sum(dy * y, axis=1)
-    for l0 in range(0, L, BLOCK_L):
-        ll = l0 + offs_l
-        offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
-        mask = mask_r[:, None] & (ll < L)[None, :]
+    return s
+
+
+@triton.jit
+def _write_dx(dy_ptr, y_ptr, dx_ptr, base, mask_r, lo, hi, INNER, s, LOG: tl.constexpr,
+              COMPUTE_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr):
+    """dx over positions [lo, hi) of each row with the formulas of softmax_bwd_kernel, given the
+    row's sum s (``_grad_sum`` over the whole row)."""
+    for d in range(0, hi - lo, BLOCK_L):
+        offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         if LOG:
@@ -216,3 +272,90 @@ def softmax_bwd_streaming_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.con
         else:
             dx = y * (dy - s[:, None])
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_bwd_streaming_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.constexpr,
+                                 COMPUTE_DTYPE: tl.constexpr,
+                                 STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Streaming backward: pass 1 accumulates sum(dy * y) (softmax) or sum(dy) (log_softmax)
+    over chunks of BLOCK_L; pass 2 writes dx with the formulas of softmax_bwd_kernel."""
+    base, _, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
+    s = _grad_sum(dy_ptr, y_ptr, base, mask_r, 0, L, INNER, LOG, COMPUTE_DTYPE, BLOCK_R, BLOCK_L)
+    _write_dx(dy_ptr, y_ptr, dx_ptr, base, mask_r, 0, L, INNER, s, LOG, COMPUTE_DTYPE, BLOCK_L)
+
+
+# ----------------------------------------------------------------------------- split rows
+# Program (t, j) of a split launch handles segment j, positions [j * SEG, min((j + 1) * SEG, L)),
+# of the rows of tile t (the tiles of the streaming path). Kernel 1 writes per (row, segment)
+# partials into part (R, S) arrays; kernel 2 combines the S partials of its rows in its prologue
+# (a fixed order: deterministic) and writes its segment.
+@triton.jit
+def _segment(L, SEG):
+    lo = tl.program_id(1) * SEG
+    return lo, tl.minimum(lo + SEG, L)
+
+
+@triton.jit
+def _partials(part_ptr, rows, mask_r, S, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the S partials of each row of the tile in an (R, S) array."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs = rows[:, None] * S + offs_s[None, :]
+    return part_ptr + offs, mask_r[:, None] & (offs_s < S)[None, :]
+
+
+@triton.jit
+def softmax_fwd_split_stats_kernel(x_ptr, part_ptr, R, L, INNER, SEG, S,
+                                   COMPUTE_DTYPE: tl.constexpr, STRIDED: tl.constexpr,
+                                   BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Split forward, kernel 1 (grid (tiles, S)): the segment's max m and s = sum exp(x - m), into
+    part[0] and part[1], two (R, S) arrays of COMPUTE_DTYPE (part[1] at part_ptr + R * S)."""
+    base, rows, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
+    lo, hi = _segment(L, SEG)
+    m, s = _max_sum(x_ptr, base, mask_r, lo, hi, INNER, COMPUTE_DTYPE, BLOCK_R, BLOCK_L)
+    out = rows * S + tl.program_id(1)
+    tl.store(part_ptr + out, m, mask=mask_r)
+    tl.store(part_ptr + R * S + out, s, mask=mask_r)
+
+
+@triton.jit
+def softmax_fwd_split_kernel(x_ptr, y_ptr, part_ptr, R, L, INNER, SEG, S, LOG: tl.constexpr,
+                             COMPUTE_DTYPE: tl.constexpr, STRIDED: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Split forward, kernel 2 (grid (tiles, S)): the row's max M = max m_j and sum
+    sum_j s_j exp(m_j - M) from the S partials (BLOCK_S >= S), then y over the segment."""
+    base, rows, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
+    ptrs, pmask = _partials(part_ptr, rows, mask_r, S, BLOCK_S)
+    m_j = tl.load(ptrs, mask=pmask, other=float("-inf"))
+    s_j = tl.load(ptrs + R * S, mask=pmask, other=0.0)
+    m = tl.max(m_j, axis=1)
+    # Segments (and rows) of only -inf have s_j = 0: shift by 0 there, not by -inf (NaN).
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(s_j * tl.exp(m_j - m_safe[:, None]), axis=1)
+    lo, hi = _segment(L, SEG)
+    _write_y(x_ptr, y_ptr, base, mask_r, lo, hi, INNER, m, s, LOG, COMPUTE_DTYPE, BLOCK_L)
+
+
+@triton.jit
+def softmax_bwd_split_stats_kernel(dy_ptr, y_ptr, part_ptr, R, L, INNER, SEG, S, LOG: tl.constexpr,
+                                   COMPUTE_DTYPE: tl.constexpr, STRIDED: tl.constexpr,
+                                   BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Split backward, kernel 1 (grid (tiles, S)): the segment's sum(dy * y) (sum(dy) for
+    log_softmax) into part, an (R, S) array of COMPUTE_DTYPE."""
+    base, rows, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
+    lo, hi = _segment(L, SEG)
+    s = _grad_sum(dy_ptr, y_ptr, base, mask_r, lo, hi, INNER, LOG, COMPUTE_DTYPE, BLOCK_R, BLOCK_L)
+    tl.store(part_ptr + rows * S + tl.program_id(1), s, mask=mask_r)
+
+
+@triton.jit
+def softmax_bwd_split_kernel(dy_ptr, y_ptr, dx_ptr, part_ptr, R, L, INNER, SEG, S, LOG: tl.constexpr,
+                             COMPUTE_DTYPE: tl.constexpr, STRIDED: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Split backward, kernel 2 (grid (tiles, S)): the row's sum of its S partials, then dx over
+    the segment."""
+    base, rows, mask_r = _row_offsets(tl.program_id(0), R, L, INNER, STRIDED, BLOCK_R)
+    ptrs, pmask = _partials(part_ptr, rows, mask_r, S, BLOCK_S)
+    s = tl.sum(tl.load(ptrs, mask=pmask, other=0.0), axis=1)
+    lo, hi = _segment(L, SEG)
+    _write_dx(dy_ptr, y_ptr, dx_ptr, base, mask_r, lo, hi, INNER, s, LOG, COMPUTE_DTYPE, BLOCK_L)
