@@ -48,8 +48,12 @@ from ._dispatch import backend_for, check_tensor as _check_tensor, composite_rea
 from ._errors import DeviceError, DTypeError, ShapeError
 
 _REDUCTIONS = ("none", "mean", "sum")
-# Logits chunk of linear_cross_entropy, in bytes of the chunk's dtype (rows = CHUNK_BYTES / (V * itemsize)).
+# linear_cross_entropy's logits in flight, in bytes of h's dtype (module docstring): the forward's
+# (tokens, whole vocab) chunks, and the gradient pass's (tokens, vocab block) blocks, these at least
+# MIN_BLOCK_COLS vocabulary entries wide.
 CHUNK_BYTES = 64 << 20
+GRAD_BLOCK_BYTES = 16 << 20
+MIN_BLOCK_COLS = 1024
 _NONE_ACT = _acts.get("none")
 
 
@@ -348,38 +352,71 @@ def _cross_entropy_op(x2, t2, w, ignore_index, eps, reduction, probs) -> Tensor:
 
 # ----------------------------------------------------------------------------- linear + cross-entropy
 def chunk_rows(n: int, vocab: int, itemsize: int) -> int:
-    """Tokens per chunk: the (chunk, vocab) logits stay within CHUNK_BYTES (at least one token)."""
+    """Tokens per forward chunk: the (chunk, vocab) logits stay within CHUNK_BYTES (at least one token)."""
     return max(1, min(n, CHUNK_BYTES // max(1, vocab * itemsize)))
 
 
-def _lce_run(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-             eps: float, scale: Optional[Tensor], need: Tuple[bool, bool, bool]):
-    """The chunk loop. Per chunk of tokens: z = h_c W^T + b (m, V), row losses; when `scale` (N,)
-    is given, dz = scale_i dloss_i/dz written over z, then dh_c = dz W, dW += dz^T h_c,
-    db += colsum(dz). Returns (row losses (N,) compute dtype, dh, dW, db); gradients not needed
-    (or scale None) are None. dW / db accumulate in fp32 for 16-bit weights."""
-    n, hidden = h2.shape
-    vocab = weight.shape[0]
+def grad_blocks(n: int, vocab: int, itemsize: int) -> Tuple[int, int]:
+    """(tokens, vocabulary entries) per block of the gradient pass: about GRAD_BLOCK_BYTES of logits,
+    all tokens when that leaves at least MIN_BLOCK_COLS entries (then dW's block is one GEMM over
+    every token, written once), else MIN_BLOCK_COLS entries and fewer tokens."""
+    elems = max(1, GRAD_BLOCK_BYTES // itemsize)
+    cols = max(1, min(vocab, max(MIN_BLOCK_COLS, elems // max(1, n))))
+    return max(1, min(n, elems // cols)), cols
+
+
+def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                 eps: float) -> Tuple[Tensor, Tensor]:
+    """Row losses (N,) and stats (N, 3) in the compute dtype: per chunk of tokens z = h_c W^T + b
+    (m, V), then the fused cross-entropy forward over its whole rows."""
+    n, vocab = h2.shape[0], weight.shape[0]
     cd = _compute_dtype(h2.dtype)
     rows = torch.empty(n, dtype=cd, device=h2.device)
-    grads = scale is not None
-    acc = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    dh = torch.empty_like(h2) if grads and need[0] else None
-    dw = torch.zeros(vocab, hidden, dtype=acc, device=h2.device) if grads and need[1] else None
-    db = torch.zeros(vocab, dtype=acc, device=h2.device) if grads and need[2] and bias is not None else None
+    stats = torch.empty(n, 3, dtype=cd, device=h2.device)
     step = chunk_rows(n, vocab, h2.element_size())
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        hc, tc = h2[c0:c1], target[c0:c1]                                   # (m, H), (m,)
-        z = backend.linear_act_forward(hc, weight, bias, _NONE_ACT, 0.0, False)[0]  # (m, V) logits
-        z = z.contiguous()
-        loss_c, stats_c = backend.cross_entropy_forward(z, tc, None, ignore_index, eps)
-        rows[c0:c1] = loss_c
-        if grads:
-            backend.cross_entropy_backward(z, tc, None, stats_c, scale[c0:c1], ignore_index, eps, z)  # dz
-            backend.linear_ce_chunk_grads(z, hc, weight, None if dh is None else dh[c0:c1], dw, db)
+        z = backend.linear_act_forward(h2[c0:c1], weight, bias, _NONE_ACT, 0.0, False)[0].contiguous()
+        rows[c0:c1], stats[c0:c1] = backend.cross_entropy_forward(z, target[c0:c1], None, ignore_index, eps)
         del z
-    return rows, dh, dw, db
+    return rows, stats
+
+
+def _lce_grads(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, stats: Tensor,
+               scale: Tensor, ignore_index: int, eps: float, need: Tuple[bool, bool, bool]):
+    """(dh, dW, db) of sum_i scale_i loss_i, None where not needed, in the inputs' dtypes. Per block of
+    (tokens c, vocabulary v): z = h_c W_v^T + b_v, dz = scale_i dloss_i/dz over z in place (from the
+    forward's row stats), dh_c += dz W_v, dW_v (+)= dz^T h_c, db_v (+)= colsum(dz)."""
+    n, hidden = h2.shape
+    vocab = weight.shape[0]
+    cd = stats.dtype
+    low = h2.dtype in (torch.float16, torch.bfloat16)
+    dh = torch.zeros(n, hidden, dtype=cd if low else h2.dtype, device=h2.device) if need[0] else None
+    dw = torch.empty(vocab, hidden, dtype=weight.dtype, device=h2.device) if need[1] else None
+    db = torch.empty(vocab, dtype=weight.dtype, device=h2.device) if need[2] else None
+    tokens, cols = grad_blocks(n, vocab, h2.element_size())
+    if n == 0:  # no tokens: zero gradients
+        return (None if dh is None else dh.to(h2.dtype), None if dw is None else dw.zero_(),
+                None if db is None else db.zero_())
+    split = tokens < n and low  # dW_v / db_v summed over token blocks: in fp32 accumulators
+    for v0 in range(0, vocab, cols):
+        v1 = min(vocab, v0 + cols)
+        wv, bv = weight[v0:v1], None if bias is None else bias[v0:v1]
+        dwv = None if dw is None else dw[v0:v1] if not split else h2.new_empty(v1 - v0, hidden, dtype=cd)
+        dbv = None if db is None else db[v0:v1] if not split else h2.new_empty(v1 - v0, dtype=cd)
+        for c0 in range(0, n, tokens):
+            c1 = min(n, c0 + tokens)
+            hc = h2[c0:c1]
+            z = backend.linear_act_forward(hc, wv, bv, _NONE_ACT, 0.0, False)[0].contiguous()  # (m, v1 - v0)
+            backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], scale[c0:c1], ignore_index, eps,
+                                           z, v0, vocab)
+            backend.linear_ce_chunk_grads(z, hc, wv, None if dh is None else dh[c0:c1], dwv, dbv, c0 > 0)
+            del z
+        if split:
+            for full, part in ((dw, dwv), (db, dbv)):
+                if full is not None:
+                    full[v0:v1].copy_(part)
+    return (None if dh is None else dh.to(h2.dtype)), dw, db
 
 
 def _lce_den(target: Tensor, ignore_index: int, dtype: torch.dtype) -> Tensor:
@@ -390,61 +427,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                 eps: float, reduction: str, out_dtype: torch.dtype, loss_shape) -> Tensor:
-        op = "fastlayers.linear_cross_entropy"
-        backend = _ce_backend(h2, op)
-        cd = _compute_dtype(h2.dtype)
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        den = _lce_den(target, ignore_index, cd)
-        early = reduction != "none"  # gradients now, scaled by the incoming scalar in backward
-        scale = _row_scale(torch.ones((), dtype=cd, device=h2.device), reduction, den, target, ignore_index,
-                           cd) if early else None
-        rows, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
-        ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction, ctx.need = backend, ignore_index, eps, reduction, need
-        ctx.early = early
-        ctx.grads = (dh, dw, db) if early else None  # gradients of the loss itself, not graph inputs
-        ctx.save_for_backward(h2, weight, bias, target, den)
+        backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
+        rows, stats = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps)
+        den = _lce_den(target, ignore_index, rows.dtype)
+        ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction = backend, ignore_index, eps, reduction
+        ctx.save_for_backward(h2, weight, bias, target, den, stats)
         return _reduce(rows, reduction, den, out_dtype, loss_shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h2, weight, bias, target, den = ctx.saved_tensors
+        h2, weight, bias, target, den, stats = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
             return _lce_backward_differentiable(h2, weight, bias, target, grad, ctx.ignore_index, ctx.eps,
-                                                ctx.reduction, ctx.need) + (None,) * 6
-        cd = _compute_dtype(h2.dtype)
-        if ctx.early and ctx.grads is not None:
-            # The forward's gradients, handed out once: ctx lets go of them first so that nothing
-            # else holds them (autograd can then keep them as .grad without a copy), and they are
-            # scaled in place (no second (V, H) buffer at the peak).
-            (dh, dw, db), ctx.grads = ctx.grads, None
-            g = grad.to(cd)
-            for t in (dh, dw, db):
-                if t is not None:
-                    t.mul_(g)
-        else:
-            # reduction "none" (a per-token scale), or a second backward through the same graph
-            # (retain_graph=True: the forward's gradients were handed out): the chunks again.
-            scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, cd)
-            _, dh, dw, db = _lce_run(ctx.backend, h2, weight, bias, target, ctx.ignore_index, ctx.eps, scale,
-                                     ctx.need)
-        return (_as(dh, h2.dtype), _as(dw, weight.dtype), _as(db, bias.dtype if bias is not None else h2.dtype),
-                None, None, None, None, None, None)
-
-
-def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
-
-
-def _lce_backward_differentiable(h2, weight, bias, target, grad, ignore_index, eps, reduction, need):
-    with torch.enable_grad():
-        ins = [t.detach().requires_grad_() if (t is not None and not t.requires_grad) else t
-               for t in (h2, weight, bias)]
-        loss = F.cross_entropy(F.linear(ins[0], ins[1], ins[2]).float() if h2.dtype in (torch.float16, torch.bfloat16)
-                               else F.linear(ins[0], ins[1], ins[2]), target, ignore_index=ignore_index,
-                               label_smoothing=eps, reduction=reduction)
-        wrt = [t for t, n in zip(ins, need) if n]
-        got = iter(torch.autograd.grad(loss, wrt, grad.reshape(loss.shape).to(loss.dtype), create_graph=True))
-    return tuple(next(got) if n else None for n in need)
+                                                ctx.reduction, need) + (None,) * 6
+        scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
+        return _lce_grads(ctx.backend, h2, weight, bias, target, stats, scale, ctx.ignore_index, ctx.eps,
+                          need) + (None,) * 6
 
 
 def _check_linear_ce(op: str, h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -510,97 +509,68 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
     grad_on = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        need = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
-                grad_on and bias is not None and bias.requires_grad)
-        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, *need)[0]
+        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction)[0]
         return loss.to(out_dtype).view(loss_shape) if reduction == "none" else loss.to(out_dtype)
     if grad_on:
         return LinearCrossEntropyFunction.apply(h2, weight, bias, t2, ignore_index, eps, reduction, out_dtype,
                                                 loss_shape)
-    backend = _ce_backend(h2, op)
-    rows, *_ = _lce_run(backend, h2, weight, bias, t2, ignore_index, eps, None, (False, False, False))
+    rows, _ = _lce_forward(_ce_backend(h2, op), h2, weight, bias, t2, ignore_index, eps)
     return _reduce(rows, reduction, _lce_den(t2, ignore_index, rows.dtype), out_dtype, loss_shape)
 
 
-# torch.library ops for torch.compile / jit.trace. The forward returns the loss (per row for
-# "none", in the compute dtype) and, for "mean"/"sum", the gradients computed with it (empty when
-# not needed); the backward scales them, or for "none" reruns the chunks with the per-row scale.
+# torch.library ops for torch.compile / jit.trace: the forward returns the loss (per row for
+# "none", in the compute dtype), the "mean" denominator and the row stats; the backward runs the
+# gradient pass with the per-row scale.
 @torch.library.custom_op("fastlayers::linear_cross_entropy", mutates_args=())
 def _lce_lib(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, eps: float,
-             reduction: str, need_dh: bool, need_dw: bool, need_db: bool
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             reduction: str) -> Tuple[Tensor, Tensor, Tensor]:
     op = "fastlayers.linear_cross_entropy"
-    backend = _ce_backend(h2, op)
     _check_target_values(op, target, weight.shape[0], ignore_index)
-    cd = _compute_dtype(h2.dtype)
-    den = _lce_den(target, ignore_index, cd)
-    need = (need_dh, need_dw, need_db and bias is not None)
-    early = reduction != "none" and any(need)
-    scale = _row_scale(torch.ones((), dtype=cd, device=h2.device), reduction, den, target, ignore_index,
-                       cd) if early else None
-    rows, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
-    loss = rows if reduction == "none" else _reduce(rows, reduction, den, cd, ())
-    def e() -> Tensor:  # outputs may not alias each other: a new empty tensor for each
-        return h2.new_empty(0, dtype=cd)
-    return loss, den, (dh if dh is not None else e()), (dw if dw is not None else e()), (db if db is not None else e())
+    rows, stats = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps)
+    den = _lce_den(target, ignore_index, rows.dtype)
+    loss = rows if reduction == "none" else _reduce(rows, reduction, den, rows.dtype, ())
+    return loss, den, stats
 
 
 @_lce_lib.register_fake
-def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, need_db):
+def _(h2, weight, bias, target, ignore_index, eps, reduction):
     cd = _compute_dtype(h2.dtype)
-    acc = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    early = reduction != "none" and (need_dh or need_dw or (need_db and bias is not None))
-    def e() -> Tensor:
-        return h2.new_empty(0, dtype=cd)
     return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=cd), h2.new_empty((), dtype=cd),
-            h2.new_empty(h2.shape) if early and need_dh else e(),
-            weight.new_empty(weight.shape, dtype=acc) if early and need_dw else e(),
-            weight.new_empty((weight.shape[0],), dtype=acc) if early and need_db and bias is not None else e())
+            h2.new_empty((h2.shape[0], 3), dtype=cd))
 
 
 @torch.library.custom_op("fastlayers::linear_cross_entropy_backward", mutates_args=())
 def _lce_backward_lib(grad: Tensor, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                      den: Tensor, ignore_index: int, eps: float, need_dh: bool, need_dw: bool,
-                      need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Reduction "none": the chunks again, with dz scaled per row by grad."""
+                      den: Tensor, stats: Tensor, ignore_index: int, eps: float, reduction: str, need_dh: bool,
+                      need_dw: bool, need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
     backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
-    cd = _compute_dtype(h2.dtype)
-    scale = _row_scale(grad, "none", den, target, ignore_index, cd)
-    need = (need_dh, need_dw, need_db and bias is not None)
-    _, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
-    def e() -> Tensor:
-        return h2.new_empty(0)
-    return (dh if dh is not None else e(), dw.to(weight.dtype) if dw is not None else e(),
-            db.to(weight.dtype) if db is not None else e())
+    scale = _row_scale(grad, reduction, den, target, ignore_index, stats.dtype)
+    grads = _lce_grads(backend, h2, weight, bias, target, stats, scale, ignore_index, eps,
+                       (need_dh, need_dw, need_db and bias is not None))
+    return tuple(h2.new_empty(0) if t is None else t for t in grads)  # type: ignore[return-value]
 
 
 @_lce_backward_lib.register_fake
-def _(grad, h2, weight, bias, target, den, ignore_index, eps, need_dh, need_dw, need_db):
-    def e() -> Tensor:
-        return h2.new_empty(0)
-    return (h2.new_empty(h2.shape) if need_dh else e(), weight.new_empty(weight.shape) if need_dw else e(),
-            weight.new_empty((weight.shape[0],)) if need_db and bias is not None else e())
+def _(grad, h2, weight, bias, target, den, stats, ignore_index, eps, reduction, need_dh, need_dw, need_db):
+    return (h2.new_empty(h2.shape) if need_dh else h2.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else h2.new_empty(0),
+            weight.new_empty((weight.shape[0],)) if need_db and bias is not None else h2.new_empty(0))
 
 
 def _lce_lib_setup(ctx, inputs, output) -> None:
-    h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, need_db = inputs
-    loss, den, dh, dw, db = output
-    ctx.mark_non_differentiable(den, dh, dw, db)
+    h2, weight, bias, target, ignore_index, eps, reduction = inputs
+    loss, den, stats = output
+    ctx.mark_non_differentiable(den, stats)
     ctx.ignore_index, ctx.eps, ctx.reduction = ignore_index, eps, reduction
-    ctx.need = (need_dh, need_dw, need_db and bias is not None)
-    ctx.save_for_backward(h2, weight, bias, target, den, dh, dw, db)
+    ctx.save_for_backward(h2, weight, bias, target, den, stats)
 
 
 def _lce_lib_backward(ctx, grad, *_):
-    h2, weight, bias, target, den, dh, dw, db = ctx.saved_tensors
-    need = ctx.need
-    if ctx.reduction == "none":
-        dh, dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, ctx.ignore_index, ctx.eps, *need)
-    else:
-        g = grad.to(dh.dtype if dh.numel() else dw.dtype if dw.numel() else db.dtype) if any(need) else grad
-        dh, dw, db = (t * g.to(t.dtype) for t in (dh, dw, db))
-    return (dh.to(h2.dtype) if need[0] else None, dw.to(weight.dtype) if need[1] else None,
-            db.to(weight.dtype) if need[2] else None) + (None,) * 7
+    h2, weight, bias, target, den, stats = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    dh, dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, stats, ctx.ignore_index, ctx.eps,
+                                   ctx.reduction, *need)
+    return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * 4
 
 
 torch.library.register_autograd("fastlayers::linear_cross_entropy", _lce_lib_backward, setup_context=_lce_lib_setup)
