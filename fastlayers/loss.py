@@ -366,57 +366,78 @@ def grad_blocks(n: int, vocab: int, itemsize: int) -> Tuple[int, int]:
 
 
 def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                 eps: float) -> Tuple[Tensor, Tensor]:
-    """Row losses (N,) and stats (N, 3) in the compute dtype: per chunk of tokens z = h_c W^T + b
-    (m, V), then the fused cross-entropy forward over its whole rows."""
+                 eps: float, dh_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Row losses (N,) and stats (N, 3) in the compute dtype, and with dh_scale (N,) given, dh0 =
+    the gradient of sum_i dh_scale_i loss_i wrt h (h's dtype; else None). Per chunk of tokens:
+    z = h_c W^T + b (m, V), the fused cross-entropy forward over its whole rows, then dz over z in
+    place and dh0_c = dz W (a GEMM over the whole vocabulary)."""
     n, vocab = h2.shape[0], weight.shape[0]
     cd = _compute_dtype(h2.dtype)
     rows = torch.empty(n, dtype=cd, device=h2.device)
     stats = torch.empty(n, 3, dtype=cd, device=h2.device)
+    dh0 = None if dh_scale is None else torch.zeros_like(h2, memory_format=torch.contiguous_format)
     step = chunk_rows(n, vocab, h2.element_size())
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         z = backend.linear_act_forward(h2[c0:c1], weight, bias, _NONE_ACT, 0.0, False)[0].contiguous()
         rows[c0:c1], stats[c0:c1] = backend.cross_entropy_forward(z, target[c0:c1], None, ignore_index, eps)
+        if dh0 is not None:
+            backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], dh_scale[c0:c1], ignore_index,
+                                           eps, z)
+            backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, dh0[c0:c1], None, None, False)
         del z
-    return rows, stats
+    return rows, stats, dh0
 
 
 def _lce_grads(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, stats: Tensor,
-               scale: Tensor, ignore_index: int, eps: float, need: Tuple[bool, bool, bool]):
-    """(dh, dW, db) of sum_i scale_i loss_i, None where not needed, in the inputs' dtypes. Per block of
+               scale: Tensor, ignore_index: int, eps: float, need_dw: bool, need_db: bool):
+    """(dW, db) of sum_i scale_i loss_i, None where not needed, in the weight's dtype. Per block of
     (tokens c, vocabulary v): z = h_c W_v^T + b_v, dz = scale_i dloss_i/dz over z in place (from the
-    forward's row stats), dh_c += dz W_v, dW_v (+)= dz^T h_c, db_v (+)= colsum(dz)."""
+    forward's row stats), dW_v (+)= dz^T h_c, db_v (+)= colsum(dz)."""
     n, hidden = h2.shape
     vocab = weight.shape[0]
     cd = stats.dtype
-    low = h2.dtype in (torch.float16, torch.bfloat16)
-    dh = torch.zeros(n, hidden, dtype=cd if low else h2.dtype, device=h2.device) if need[0] else None
-    dw = torch.empty(vocab, hidden, dtype=weight.dtype, device=h2.device) if need[1] else None
-    db = torch.empty(vocab, dtype=weight.dtype, device=h2.device) if need[2] else None
-    tokens, cols = grad_blocks(n, vocab, h2.element_size())
+    dw = torch.empty(vocab, hidden, dtype=weight.dtype, device=h2.device) if need_dw else None
+    db = torch.empty(vocab, dtype=weight.dtype, device=h2.device) if need_db else None
     if n == 0:  # no tokens: zero gradients
-        return (None if dh is None else dh.to(h2.dtype), None if dw is None else dw.zero_(),
-                None if db is None else db.zero_())
-    split = tokens < n and low  # dW_v / db_v summed over token blocks: in fp32 accumulators
+        return None if dw is None else dw.zero_(), None if db is None else db.zero_()
+    tokens, cols = grad_blocks(n, vocab, h2.element_size())
+    # dW_v / db_v summed over several token blocks: in fp32 accumulators for 16-bit weights
+    split = tokens < n and weight.dtype in (torch.float16, torch.bfloat16)
     for v0 in range(0, vocab, cols):
         v1 = min(vocab, v0 + cols)
         wv, bv = weight[v0:v1], None if bias is None else bias[v0:v1]
-        dwv = None if dw is None else dw[v0:v1] if not split else h2.new_empty(v1 - v0, hidden, dtype=cd)
-        dbv = None if db is None else db[v0:v1] if not split else h2.new_empty(v1 - v0, dtype=cd)
+        dwv = None if dw is None else h2.new_empty(v1 - v0, hidden, dtype=cd) if split else dw[v0:v1]
+        dbv = None if db is None else h2.new_empty(v1 - v0, dtype=cd) if split else db[v0:v1]
         for c0 in range(0, n, tokens):
             c1 = min(n, c0 + tokens)
-            hc = h2[c0:c1]
-            z = backend.linear_act_forward(hc, wv, bv, _NONE_ACT, 0.0, False)[0].contiguous()  # (m, v1 - v0)
+            z = backend.linear_act_forward(h2[c0:c1], wv, bv, _NONE_ACT, 0.0, False)[0].contiguous()  # (m, v1 - v0)
             backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], scale[c0:c1], ignore_index, eps,
                                            z, v0, vocab)
-            backend.linear_ce_chunk_grads(z, hc, wv, None if dh is None else dh[c0:c1], dwv, dbv, c0 > 0)
+            backend.linear_ce_chunk_grads(z, h2[c0:c1], wv, None, dwv, dbv, c0 > 0)
             del z
         if split:
             for full, part in ((dw, dwv), (db, dbv)):
                 if full is not None:
                     full[v0:v1].copy_(part)
-    return (None if dh is None else dh.to(h2.dtype)), dw, db
+    return dw, db
+
+
+def _lce_scales(reduction: str, den: Tensor, target: Tensor, ignore_index: int, dtype: torch.dtype,
+                grad: Optional[Tensor] = None) -> Tensor:
+    """dh is computed in the forward, before the incoming gradient is known: there with the row
+    scale for an incoming 1, except that "none" is left unscaled (grad None); the backward then
+    multiplies it per row by the incoming gradient (grad given: per row, or the scalar). The two
+    multiply to _row_scale(grad, reduction, ...)."""
+    if grad is None:
+        return _row_scale(torch.ones((), dtype=dtype, device=target.device),
+                          "sum" if reduction == "none" else reduction, den, target, ignore_index, dtype)
+    return _row_scale(grad, "none" if reduction == "none" else "sum", den, target, ignore_index, dtype)
+
+
+def _lce_dh(dh0: Tensor, reduction: str, den: Tensor, target: Tensor, ignore_index: int, grad: Tensor) -> Tensor:
+    mult = _lce_scales(reduction, den, target, ignore_index, _compute_dtype(dh0.dtype), grad)
+    return (dh0 * mult[:, None]).to(dh0.dtype)
 
 
 def _lce_den(target: Tensor, ignore_index: int, dtype: torch.dtype) -> Tensor:
@@ -428,22 +449,40 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                 eps: float, reduction: str, out_dtype: torch.dtype, loss_shape) -> Tensor:
         backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
-        rows, stats = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps)
-        den = _lce_den(target, ignore_index, rows.dtype)
+        cd = _compute_dtype(h2.dtype)
+        den = _lce_den(target, ignore_index, cd)
+        dh_scale = _lce_scales(reduction, den, target, ignore_index, cd) if ctx.needs_input_grad[0] else None
+        rows, stats, dh0 = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps, dh_scale)
         ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction = backend, ignore_index, eps, reduction
-        ctx.save_for_backward(h2, weight, bias, target, den, stats)
+        ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0)
         return _reduce(rows, reduction, den, out_dtype, loss_shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h2, weight, bias, target, den, stats = ctx.saved_tensors
+        h2, weight, bias, target, den, stats, dh0 = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
             return _lce_backward_differentiable(h2, weight, bias, target, grad, ctx.ignore_index, ctx.eps,
                                                 ctx.reduction, need) + (None,) * 6
-        scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
-        return _lce_grads(ctx.backend, h2, weight, bias, target, stats, scale, ctx.ignore_index, ctx.eps,
-                          need) + (None,) * 6
+        dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
+        dw = db = None
+        if need[1] or need[2]:
+            scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
+            dw, db = _lce_grads(ctx.backend, h2, weight, bias, target, stats, scale, ctx.ignore_index, ctx.eps,
+                                need[1], need[2])
+        return (dh, dw, db) + (None,) * 6
+
+
+def _lce_backward_differentiable(h2, weight, bias, target, grad, ignore_index, eps, reduction, need):
+    with torch.enable_grad():
+        ins = [t.detach().requires_grad_() if (t is not None and not t.requires_grad) else t
+               for t in (h2, weight, bias)]
+        loss = F.cross_entropy(F.linear(ins[0], ins[1], ins[2]).float() if h2.dtype in (torch.float16, torch.bfloat16)
+                               else F.linear(ins[0], ins[1], ins[2]), target, ignore_index=ignore_index,
+                               label_smoothing=eps, reduction=reduction)
+        wrt = [t for t, n in zip(ins, need) if n]
+        got = iter(torch.autograd.grad(loss, wrt, grad.reshape(loss.shape).to(loss.dtype), create_graph=True))
+    return tuple(next(got) if n else None for n in need)
 
 
 def _check_linear_ce(op: str, h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -509,68 +548,75 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
     grad_on = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction)[0]
+        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, grad_on and h.requires_grad)[0]
         return loss.to(out_dtype).view(loss_shape) if reduction == "none" else loss.to(out_dtype)
     if grad_on:
         return LinearCrossEntropyFunction.apply(h2, weight, bias, t2, ignore_index, eps, reduction, out_dtype,
                                                 loss_shape)
-    rows, _ = _lce_forward(_ce_backend(h2, op), h2, weight, bias, t2, ignore_index, eps)
+    rows, _, _ = _lce_forward(_ce_backend(h2, op), h2, weight, bias, t2, ignore_index, eps)
     return _reduce(rows, reduction, _lce_den(t2, ignore_index, rows.dtype), out_dtype, loss_shape)
 
 
 # torch.library ops for torch.compile / jit.trace: the forward returns the loss (per row for
-# "none", in the compute dtype), the "mean" denominator and the row stats; the backward runs the
-# gradient pass with the per-row scale.
+# "none", in the compute dtype), the "mean" denominator, the row stats and dh0 (empty unless
+# need_dh); the backward scales dh0 and runs the gradient pass for dW, db.
 @torch.library.custom_op("fastlayers::linear_cross_entropy", mutates_args=())
 def _lce_lib(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, eps: float,
-             reduction: str) -> Tuple[Tensor, Tensor, Tensor]:
+             reduction: str, need_dh: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "fastlayers.linear_cross_entropy"
     _check_target_values(op, target, weight.shape[0], ignore_index)
-    rows, stats = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps)
-    den = _lce_den(target, ignore_index, rows.dtype)
-    loss = rows if reduction == "none" else _reduce(rows, reduction, den, rows.dtype, ())
-    return loss, den, stats
+    cd = _compute_dtype(h2.dtype)
+    den = _lce_den(target, ignore_index, cd)
+    dh_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh else None
+    rows, stats, dh0 = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps, dh_scale)
+    loss = rows if reduction == "none" else _reduce(rows, reduction, den, cd, ())
+    return loss, den, stats, h2.new_empty(0) if dh0 is None else dh0
 
 
 @_lce_lib.register_fake
-def _(h2, weight, bias, target, ignore_index, eps, reduction):
+def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh):
     cd = _compute_dtype(h2.dtype)
     return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=cd), h2.new_empty((), dtype=cd),
-            h2.new_empty((h2.shape[0], 3), dtype=cd))
+            h2.new_empty((h2.shape[0], 3), dtype=cd), h2.new_empty(h2.shape if need_dh else (0,)))
 
 
 @torch.library.custom_op("fastlayers::linear_cross_entropy_backward", mutates_args=())
 def _lce_backward_lib(grad: Tensor, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                      den: Tensor, stats: Tensor, ignore_index: int, eps: float, reduction: str, need_dh: bool,
-                      need_dw: bool, need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                      den: Tensor, stats: Tensor, ignore_index: int, eps: float, reduction: str, need_dw: bool,
+                      need_db: bool) -> Tuple[Tensor, Tensor]:
+    """dW, db (empty when not needed)."""
     backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
     scale = _row_scale(grad, reduction, den, target, ignore_index, stats.dtype)
-    grads = _lce_grads(backend, h2, weight, bias, target, stats, scale, ignore_index, eps,
-                       (need_dh, need_dw, need_db and bias is not None))
-    return tuple(h2.new_empty(0) if t is None else t for t in grads)  # type: ignore[return-value]
+    dw, db = _lce_grads(backend, h2, weight, bias, target, stats, scale, ignore_index, eps, need_dw,
+                        need_db and bias is not None)
+    return (h2.new_empty(0) if dw is None else dw), (h2.new_empty(0) if db is None else db)
 
 
 @_lce_backward_lib.register_fake
-def _(grad, h2, weight, bias, target, den, stats, ignore_index, eps, reduction, need_dh, need_dw, need_db):
-    return (h2.new_empty(h2.shape) if need_dh else h2.new_empty(0),
-            weight.new_empty(weight.shape) if need_dw else h2.new_empty(0),
+def _(grad, h2, weight, bias, target, den, stats, ignore_index, eps, reduction, need_dw, need_db):
+    return (weight.new_empty(weight.shape) if need_dw else h2.new_empty(0),
             weight.new_empty((weight.shape[0],)) if need_db and bias is not None else h2.new_empty(0))
 
 
 def _lce_lib_setup(ctx, inputs, output) -> None:
-    h2, weight, bias, target, ignore_index, eps, reduction = inputs
-    loss, den, stats = output
-    ctx.mark_non_differentiable(den, stats)
+    h2, weight, bias, target, ignore_index, eps, reduction, need_dh = inputs
+    loss, den, stats, dh0 = output
+    ctx.mark_non_differentiable(den, stats, dh0)
     ctx.ignore_index, ctx.eps, ctx.reduction = ignore_index, eps, reduction
-    ctx.save_for_backward(h2, weight, bias, target, den, stats)
+    ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0)
 
 
 def _lce_lib_backward(ctx, grad, *_):
-    h2, weight, bias, target, den, stats = ctx.saved_tensors
+    h2, weight, bias, target, den, stats, dh0 = ctx.saved_tensors
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-    dh, dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, stats, ctx.ignore_index, ctx.eps,
-                                   ctx.reduction, *need)
-    return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * 4
+    if need[0] and dh0.shape != h2.shape:  # the op was called with need_dh=False: the forward again
+        dh0 = _lce_lib(h2, weight, bias, target, ctx.ignore_index, ctx.eps, ctx.reduction, True)[3]
+    dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
+    dw = db = None
+    if need[1] or need[2]:
+        dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, stats, ctx.ignore_index, ctx.eps,
+                                   ctx.reduction, need[1], need[2])  # empty where not needed
+    return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 5
 
 
 torch.library.register_autograd("fastlayers::linear_cross_entropy", _lce_lib_backward, setup_context=_lce_lib_setup)

@@ -48,10 +48,9 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
         whole rows; a target outside the block contributes only its smoothing share.
     linear_ce_chunk_grads(dz, h, w, dh, dw, db, accumulate) -> None
         dz: (m, V') contiguous dlogits of a block of tokens (h: (m, H)) and vocabulary entries
-        (w: (V', H)). dh (m, H) += dz @ w (in the compute dtype for 16-bit dz); dw (V', H) and
-        db (V',) = dz^T @ h and colsum(dz), or += when accumulate; dw / db have w's dtype, or the
-        compute dtype (accumulators for 16-bit dz); dw may be a row block of a contiguous (V, H)
-        tensor. Any of dh, dw, db may be None.
+        (w: (V', H)). dh (m, H), dw (V', H), db (V',) = dz @ w, dz^T @ h, colsum(dz), or += when
+        accumulate. Each is in dz's dtype or the compute dtype (an accumulator for 16-bit dz; db is
+        summed in the compute dtype), and may be a row block of a contiguous tensor; any may be None.
 
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
 cpu -> cpp, cuda -> triton, meta -> reference (shapes only).

@@ -486,18 +486,18 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
                           db: Optional[Tensor], accumulate: bool) -> None:
-    """dh += dz @ w; dw, db = (or += when accumulate) dz^T @ h, colsum(dz): PyTorch's BLAS, straight
-    into the given buffers where the dtypes agree (addmm / mm out=: no (V, H) temporary)."""
-    if dh is not None:
-        dh.addmm_(dz, w) if dh.dtype == dz.dtype else dh.add_(torch.mm(dz, w))
-    if dw is not None:
-        if dw.dtype != dz.dtype:  # an fp32 accumulator of 16-bit products
-            prod = torch.mm(dz.t(), h)
-            dw.add_(prod) if accumulate else dw.copy_(prod)
+    """dh, dw, db = (or += when accumulate) dz @ w, dz^T @ h, colsum(dz): PyTorch's BLAS straight into
+    the given buffers where the dtypes agree (mm out= / addmm_: no temporary of their size)."""
+    for out, a, b in ((dh, dz, w), (dw, dz.t(), h)):
+        if out is None:
+            continue
+        if out.dtype != dz.dtype:  # an fp32 accumulator of 16-bit products
+            prod = torch.mm(a, b)
+            out.add_(prod) if accumulate else out.copy_(prod)
         elif accumulate:
-            dw.addmm_(dz.t(), h)
+            out.addmm_(a, b)
         else:
-            torch.mm(dz.t(), h, out=dw)
+            torch.mm(a, b, out=out)
     if db is not None:
         colsum = dz.sum(0, dtype=torch.float64 if db.dtype == torch.float64 else torch.float32)
         db.add_(colsum) if accumulate else db.copy_(colsum)

@@ -170,10 +170,10 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
                           db: Optional[Tensor], accumulate: bool) -> None:
-    """dh += dz @ w; dw = dz^T @ h and db = colsum(dz), or += when accumulate (into whatever dtype
-    dw / db have). dz: (m, V') contiguous, h: (m, H), w: (V', H); dh (m, H) a view into the full dh."""
-    if dh is not None:
-        dh += (dz @ w).to(dh.dtype)
-    for g, new in ((dw, lambda: dz.t() @ h), (db, lambda: dz.sum(0, dtype=torch.promote_types(dz.dtype, torch.float32)))):
-        if g is not None:
-            g.copy_(g + new().to(g.dtype) if accumulate else new())
+    """dh, dw, db = (or += when accumulate) dz @ w, dz^T @ h, colsum(dz), in whatever dtype they have.
+    dz: (m, V') contiguous, h: (m, H), w: (V', H); each output may be a view into a larger tensor."""
+    sums = {"dh": lambda: dz @ w, "dw": lambda: dz.t() @ h,
+            "db": lambda: dz.sum(0, dtype=torch.promote_types(dz.dtype, torch.float32))}
+    for out, new in zip((dh, dw, db), sums.values()):
+        if out is not None:
+            out.copy_(out + new().to(out.dtype) if accumulate else new())

@@ -511,21 +511,18 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
                           db: Optional[Tensor], accumulate: bool) -> None:
-    """dh += dz @ w; dw, db = (or += when accumulate) dz^T @ h, colsum(dz), the GEMMs in Triton.
-    dz: (m, V') contiguous, h: (m, H), w: (V', H). dW is written in place when it has dz's dtype and
-    is not accumulated; otherwise (and dh always) the product goes through a temporary."""
+    """dh, dw, db = (or += when accumulate) dz @ w, dz^T @ h, colsum(dz), the GEMMs in Triton:
+    straight into dh / dw when written in dz's dtype, else through a temporary of their size."""
     op = "fastlayers.linear_cross_entropy (backward)"
-    if dh is not None:
-        tmp = torch.empty(dh.shape, dtype=dz.dtype, device=dz.device)
-        _gemm(op, dz, w, tmp)
-        dh.add_(tmp)
-    if dw is not None:
-        if dw.dtype == dz.dtype and not accumulate:
-            _gemm(op, dz.t(), h, dw)
+    for out, a, b in ((dh, dz, w), (dw, dz.t(), h)):
+        if out is None:
+            continue
+        if out.dtype == dz.dtype and not accumulate:
+            _gemm(op, a, b, out)
         else:
-            tmp = torch.empty(dw.shape, dtype=dz.dtype, device=dz.device)
-            _gemm(op, dz.t(), h, tmp)
-            dw.add_(tmp) if accumulate else dw.copy_(tmp)
+            tmp = torch.empty(out.shape, dtype=dz.dtype, device=dz.device)
+            _gemm(op, a, b, tmp)
+            out.add_(tmp) if accumulate else out.copy_(tmp)
     if db is not None:
         colsum = dz.sum(0, dtype=torch.float64 if db.dtype == torch.float64 else torch.float32)
         db.add_(colsum) if accumulate else db.copy_(colsum)
