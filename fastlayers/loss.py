@@ -24,14 +24,30 @@ and rescaled sums) and the gradient from x and the stats in one more pass (contr
 fastlayers/backends/__init__.py). What autograd saves for cross_entropy: the logits (an input, no
 copy), the target and the (N, 3) stats: O(N) extra memory where eager saves the (N, C) log-softmax.
 
-linear_cross_entropy processes the tokens in chunks whose (chunk, vocab) logits stay under
-CHUNK_BYTES: per chunk z = h_c W^T + b, the row losses, dz written over z in place, then
-dh_c = dz W, dW += dz^T h_c, db += colsum(dz). With reduction "mean"/"sum" (and a gradient needed)
-this all happens in the forward and the backward only scales dh, dW, db by the incoming scalar;
-autograd holds dh (N, H), dW (V, H), db (V,), the size of the gradients themselves. With
-reduction "none" the incoming gradient is per token, so the forward keeps only the row losses and
-the backward redoes the chunked GEMMs with the per-row scale (one more logits GEMM).
-Peak extra memory: one logits chunk (+ a (V, H) fp32 accumulator for bf16/fp16 weights).
+linear_cross_entropy never holds the (N, V) logits (N tokens, hidden H, vocabulary V). Two passes:
+
+  forward, by token chunks of at most CHUNK_BYTES of (chunk, V) logits: z = h_c W^T + b, the row
+    losses and stats by the fused kernel over whole rows; when h needs a gradient, dz over z in
+    place (the row scale for an incoming 1; "none" unscaled) and dh0_c = dz W, a GEMM over the
+    whole vocabulary. Autograd keeps the stats (N, 3) and dh0 (N, H); the backward only scales
+    dh0's rows by the incoming gradient.
+  backward (dW, db), by vocabulary blocks of about GRAD_BLOCK_BYTES of logits, each all N tokens
+    by Vc entries: z_v = h W_v^T + b_v, dz_v = scale_i dloss_i/dz from z_v and the row stats (the
+    target's term where it falls in the block, the smoothing share e/V everywhere), then
+    dW_v = dz_v^T h written once in W's dtype (a GEMM with K = N) and db_v = colsum(dz_v). Only
+    when N x MIN_BLOCK_COLS logits exceed the block (very many tokens) are tokens split as well;
+    dW_v then sums over the token blocks, for 16-bit weights in a (Vc, H) fp32 accumulator.
+
+Cost against eager (logits, log_softmax, nll, their backward, dh and dW GEMMs): 8 N H V flops
+instead of 6 (z is computed twice: the gradient of a vocabulary block needs the stats of whole
+rows), and 3 fused elementwise passes over the logits (stats and dz in the forward, dz_v in the
+backward, on chunks) instead of eager's ~6 memory-bound passes over whole (N, V) tensors. W is read 2 x ceil(N / chunk rows) times in the
+forward and twice in the backward; dW is written once, and no (V, H) accumulator exists (the
+token-chunked alternative, dW += dz^T h_c per chunk, has K = chunk rows: ~130 at V = 128256, a
+read + write of all of dW per chunk and a (V, H) fp32 accumulator for 16-bit weights).
+Peak extra memory: max(one forward chunk, dW + one gradient block) + dh and O(N); eager's is three
+(N, V) buffers (logits, log-softmax, their gradient), so at N = 4H/3 the returned dW alone is 25%
+of eager's peak.
 """
 from __future__ import annotations
 
@@ -519,7 +535,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
                          ignore_index: int = -100, label_smoothing: float = 0.0,
                          reduction: str = "mean") -> Tensor:
     """``F.cross_entropy(F.linear(h, weight, bias), target, ...)`` without materialising the
-    (tokens, vocab) logits: tokens go through in chunks of at most CHUNK_BYTES of logits.
+    (tokens, vocab) logits: the forward goes through the tokens in chunks of at most CHUNK_BYTES of
+    logits, the backward through the vocabulary in blocks (module docstring).
 
     h: (*, hidden); weight: (vocab, hidden) as nn.Linear (an LM head); bias: (vocab,) or None;
     target: (*,) class indices (int64, or uint8), each in [0, vocab) or == ignore_index.

@@ -650,7 +650,8 @@ else:  # pragma: no cover
 
 
 def test_linear_cross_entropy_retain_graph(backend, small_chunks):
-    """A second backward through the same graph (its first took the forward's gradients) recomputes."""
+    """A second backward through the same graph gives the same gradients (the backward consumes
+    nothing that the forward saved)."""
     g = torch.Generator().manual_seed(41)
     h = torch.randn(7, 16, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
