@@ -367,9 +367,19 @@ def _cross_entropy_op(x2, t2, w, ignore_index, eps, reduction, probs) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- linear + cross-entropy
-def chunk_rows(n: int, vocab: int, itemsize: int) -> int:
-    """Tokens per forward chunk: the (chunk, vocab) logits stay within CHUNK_BYTES (at least one token)."""
-    return max(1, min(n, CHUNK_BYTES // max(1, vocab * itemsize)))
+def chunk_rows(n: int, vocab: int, itemsize: int, budget: Optional[int] = None) -> int:
+    """Tokens per forward chunk: the (chunk, vocab) logits stay within `budget` bytes (CHUNK_BYTES by
+    default; at least one token), the chunks of one size as near equal as that allows."""
+    most = max(1, min(n, (CHUNK_BYTES if budget is None else budget) // max(1, vocab * itemsize)))
+    chunks = -(-n // most) if n else 1
+    return -(-n // chunks) if n else most
+
+
+def forward_chunk_bytes(weight: Tensor, need_dw: bool) -> int:
+    """The forward's logits budget: CHUNK_BYTES, or dW's size when larger and the backward will hold
+    dW anyway (the peak memory stays that of the backward; fewer, taller GEMMs: at V = 128256 a
+    130-token chunk ran both GEMMs ~20% slower than 512 tokens)."""
+    return max(CHUNK_BYTES, weight.numel() * weight.element_size()) if need_dw else CHUNK_BYTES
 
 
 def grad_blocks(n: int, vocab: int, itemsize: int) -> Tuple[int, int]:
@@ -382,17 +392,19 @@ def grad_blocks(n: int, vocab: int, itemsize: int) -> Tuple[int, int]:
 
 
 def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                 eps: float, dh_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                 eps: float, dh_scale: Optional[Tensor] = None,
+                 need_dw: bool = False) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Row losses (N,) and stats (N, 3) in the compute dtype, and with dh_scale (N,) given, dh0 =
     the gradient of sum_i dh_scale_i loss_i wrt h (h's dtype; else None). Per chunk of tokens:
     z = h_c W^T + b (m, V), the fused cross-entropy forward over its whole rows, then dz over z in
-    place and dh0_c = dz W (a GEMM over the whole vocabulary)."""
+    place and dh0_c = dz W (a GEMM over the whole vocabulary). need_dw: the backward will hold dW
+    (chunk size: forward_chunk_bytes)."""
     n, vocab = h2.shape[0], weight.shape[0]
     cd = _compute_dtype(h2.dtype)
     rows = torch.empty(n, dtype=cd, device=h2.device)
     stats = torch.empty(n, 3, dtype=cd, device=h2.device)
     dh0 = None if dh_scale is None else torch.zeros_like(h2, memory_format=torch.contiguous_format)
-    step = chunk_rows(n, vocab, h2.element_size())
+    step = chunk_rows(n, vocab, h2.element_size(), forward_chunk_bytes(weight, need_dw))
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         z = backend.linear_act_forward(h2[c0:c1], weight, bias, _NONE_ACT, 0.0, False)[0].contiguous()
@@ -468,7 +480,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         cd = _compute_dtype(h2.dtype)
         den = _lce_den(target, ignore_index, cd)
         dh_scale = _lce_scales(reduction, den, target, ignore_index, cd) if ctx.needs_input_grad[0] else None
-        rows, stats, dh0 = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps, dh_scale)
+        rows, stats, dh0 = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps, dh_scale,
+                                        ctx.needs_input_grad[1])
         ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction = backend, ignore_index, eps, reduction
         ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0)
         return _reduce(rows, reduction, den, out_dtype, loss_shape)
@@ -565,7 +578,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
     grad_on = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, grad_on and h.requires_grad)[0]
+        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, grad_on and h.requires_grad,
+                        grad_on and weight.requires_grad)[0]
         return loss.to(out_dtype).view(loss_shape) if reduction == "none" else loss.to(out_dtype)
     if grad_on:
         return LinearCrossEntropyFunction.apply(h2, weight, bias, t2, ignore_index, eps, reduction, out_dtype,
@@ -576,22 +590,23 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
 
 # torch.library ops for torch.compile / jit.trace: the forward returns the loss (per row for
 # "none", in the compute dtype), the "mean" denominator, the row stats and dh0 (empty unless
-# need_dh); the backward scales dh0 and runs the gradient pass for dW, db.
+# need_dh; need_dw sizes the chunks); the backward scales dh0 and runs the gradient pass for dW, db.
 @torch.library.custom_op("fastlayers::linear_cross_entropy", mutates_args=())
 def _lce_lib(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, eps: float,
-             reduction: str, need_dh: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             reduction: str, need_dh: bool, need_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "fastlayers.linear_cross_entropy"
     _check_target_values(op, target, weight.shape[0], ignore_index)
     cd = _compute_dtype(h2.dtype)
     den = _lce_den(target, ignore_index, cd)
     dh_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh else None
-    rows, stats, dh0 = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps, dh_scale)
+    rows, stats, dh0 = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps, dh_scale,
+                                    need_dw)
     loss = rows if reduction == "none" else _reduce(rows, reduction, den, cd, ())
     return loss, den, stats, h2.new_empty(0) if dh0 is None else dh0
 
 
 @_lce_lib.register_fake
-def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh):
+def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw):
     cd = _compute_dtype(h2.dtype)
     return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=cd), h2.new_empty((), dtype=cd),
             h2.new_empty((h2.shape[0], 3), dtype=cd), h2.new_empty(h2.shape if need_dh else (0,)))
@@ -616,7 +631,7 @@ def _(grad, h2, weight, bias, target, den, stats, ignore_index, eps, reduction, 
 
 
 def _lce_lib_setup(ctx, inputs, output) -> None:
-    h2, weight, bias, target, ignore_index, eps, reduction, need_dh = inputs
+    h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw = inputs
     loss, den, stats, dh0 = output
     ctx.mark_non_differentiable(den, stats, dh0)
     ctx.ignore_index, ctx.eps, ctx.reduction = ignore_index, eps, reduction
@@ -627,13 +642,13 @@ def _lce_lib_backward(ctx, grad, *_):
     h2, weight, bias, target, den, stats, dh0 = ctx.saved_tensors
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
     if need[0] and dh0.shape != h2.shape:  # the op was called with need_dh=False: the forward again
-        dh0 = _lce_lib(h2, weight, bias, target, ctx.ignore_index, ctx.eps, ctx.reduction, True)[3]
+        dh0 = _lce_lib(h2, weight, bias, target, ctx.ignore_index, ctx.eps, ctx.reduction, True, False)[3]
     dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
     dw = db = None
     if need[1] or need[2]:
         dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, stats, ctx.ignore_index, ctx.eps,
                                    ctx.reduction, need[1], need[2])  # empty where not needed
-    return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 5
+    return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 6
 
 
 torch.library.register_autograd("fastlayers::linear_cross_entropy", _lce_lib_backward, setup_context=_lce_lib_setup)

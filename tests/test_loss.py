@@ -373,6 +373,7 @@ def small_chunks(monkeypatch):
     """Forward chunks of a few tokens and gradient blocks of a few tokens by 8 vocabulary entries,
     so every test crosses several boundaries of both (bf16: 8 tokens, fp32 accumulators for dW)."""
     monkeypatch.setattr(fl_loss, "CHUNK_BYTES", 3 * 37 * 8)  # 3 tokens of 37 fp64 logits
+    monkeypatch.setattr(fl_loss, "forward_chunk_bytes", lambda weight, need_dw: fl_loss.CHUNK_BYTES)
     monkeypatch.setattr(fl_loss, "GRAD_BLOCK_BYTES", 128)   # 16 fp64 / 32 fp32 / 64 bf16 logits
     monkeypatch.setattr(fl_loss, "MIN_BLOCK_COLS", 8)
 
@@ -497,10 +498,16 @@ def test_linear_cross_entropy_bad_inputs():
         fl.linear_cross_entropy(h, w, t, reduction="avg")
 
 
-def test_chunk_rows_bounds_the_logits():
+def test_chunk_and_block_sizes():
     assert fl_loss.chunk_rows(4096, 128256, 4) * 128256 * 4 <= fl_loss.CHUNK_BYTES
-    assert fl_loss.chunk_rows(4096, 32000, 2) == fl_loss.CHUNK_BYTES // (32000 * 2)
+    assert fl_loss.chunk_rows(4096, 32000, 2) <= fl_loss.CHUNK_BYTES // (32000 * 2)
     assert fl_loss.chunk_rows(3, 10, 4) == 3 and fl_loss.chunk_rows(5, 10 ** 9, 4) == 1
+    assert fl_loss.chunk_rows(0, 10, 4) == 1
+    assert fl_loss.chunk_rows(10, 1, 1, budget=6) == 5  # 2 equal chunks, not 6 + 4
+    # with dW to come, the chunk may be as large as dW: 512 + 512 tokens, not 768 + 256
+    w = torch.empty(128256, 768, dtype=torch.bfloat16)
+    assert fl_loss.forward_chunk_bytes(w, False) == fl_loss.CHUNK_BYTES
+    assert fl_loss.chunk_rows(1024, 128256, 2, fl_loss.forward_chunk_bytes(w, True)) == 512
     # gradient blocks: every token and part of the vocabulary while that is MIN_BLOCK_COLS wide
     tokens, cols = fl_loss.grad_blocks(1024, 128256, 4)
     assert tokens == 1024 and tokens * cols * 4 <= fl_loss.GRAD_BLOCK_BYTES
@@ -545,7 +552,8 @@ def test_library_ops_opcheck():
     h, w = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(7, 8, generator=g, requires_grad=True)
     for reduction, need_dh in (("sum", True), ("none", False)):
         torch.library.opcheck(torch.ops.fastlayers.linear_cross_entropy.default,
-                              (h, w, None, torch.randint(0, 7, (4,), generator=g), -100, 0.0, reduction, need_dh))
+                              (h, w, None, torch.randint(0, 7, (4,), generator=g), -100, 0.0, reduction, need_dh,
+                               True))
 
 
 def test_autocast_like_torch():
