@@ -329,9 +329,35 @@ def test_cpp_entry_points_check_their_arguments():
     with pytest.raises(ValueError, match=r"eps must be in \[0, 1\]"):
         fwd(b(x), i64(0, 1), None, None, b(loss), b(stats), -100, 2.0, 1)
     with pytest.raises(ValueError, match=r"cross_entropy_backward: argument 'scale' has shape \(1,\)"):
-        _C.cross_entropy_backward(b(x), i64(0, 1), None, None, b(stats), b(torch.ones(1)), b(x), -100, 0.0, 1)
+        _C.cross_entropy_backward(b(x), i64(0, 1), None, None, b(stats), b(torch.ones(1)), b(x), -100, 0.0, 0, 3, 1)
+    bwd = _C.cross_entropy_backward
+    with pytest.raises(ValueError, match=r"columns \[2, 5\) are not a block of 4 classes"):
+        bwd(b(x), i64(0, 1), None, None, b(stats), b(torch.ones(2)), b(x), -100, 0.0, 2, 4, 1)
+    with pytest.raises(ValueError, match=r"columns \[0, 3\) are not a block of 5 classes \(or a block with prob"):
+        bwd(b(x), None, b(torch.rand(2, 3)), None, b(stats), b(torch.ones(2)), b(x), -100, 0.0, 0, 5, 1)
+    with pytest.raises(IndexError, match=r"target 7 \(row 1\) is out of bounds for 7"):  # against all the classes
+        bwd(b(x), i64(0, 7), None, None, b(stats), b(torch.ones(2)), b(x), -100, 0.0, 3, 7, 1)
     with pytest.raises(ValueError, match=r"unknown dtype code"):
         fwd((x.data_ptr(), 9, x.shape, x.stride()), i64(0, 1), None, None, b(loss), b(stats), -100, 0.0, 1)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["w0", "w1"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_backward_of_column_blocks(backend, weighted, eps):
+    """cross_entropy_backward over columns [col0, col0 + C') of the rows (col0, classes) gives those
+    columns of the whole rows' gradient: the target's term only in its block, smoothing everywhere."""
+    from fastlayers.backends import load
+    be = load(backend)
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(6, 23, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 22, 7, 5, 12, 9])
+    w = torch.rand(23, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+    scale = torch.rand(6, generator=g, dtype=torch.float64)
+    _, stats = be.cross_entropy_forward(x, t, w, 5, eps)  # row 3 ignored
+    full = be.cross_entropy_backward(x, t, w, stats, scale, 5, eps, None)
+    for c0, c1 in ((0, 8), (8, 16), (16, 23)):
+        part = be.cross_entropy_backward(x[:, c0:c1].contiguous(), t, w, stats, scale, 5, eps, None, c0, 23)
+        torch.testing.assert_close(part, full[:, c0:c1], rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- linear + cross-entropy
