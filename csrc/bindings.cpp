@@ -314,25 +314,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("cross_entropy_backward",
         [](const Buf& x, const std::optional<Buf>& target, const std::optional<Buf>& probs,
            const std::optional<Buf>& weight, const Buf& stats, const Buf& scale, const Buf& dx, int64_t ignore_index,
-           double eps, int nthreads) {
+           double eps, int64_t col0, int64_t classes, int nthreads) {
           const char* fn = "cross_entropy_backward";
           int dt = dtype_of(fn, "x", x, 2), cd = dt == F64 ? F64 : F32;
           int64_t rows = shape_of(x)[0], nc = shape_of(x)[1];
           uintptr_t px = expect(fn, "x", x, dt, {rows, nc}), pdx = expect(fn, "dx", dx, dt, {rows, nc});
-          auto [pt, pq, pw] = ce_targets(fn, target, probs, weight, dt, cd, rows, nc, eps);
+          if (col0 < 0 || classes < col0 + nc || ((col0 != 0 || classes != nc) && probs))
+            throw std::invalid_argument("fastlayers._C.cross_entropy_backward: columns [" + std::to_string(col0) +
+                                        ", " + std::to_string(col0 + nc) + ") are not a block of " +
+                                        std::to_string(classes) + " classes (or a block with probabilities)");
+          auto [pt, pq, pw] = ce_targets(fn, target, probs, weight, dt, cd, rows, classes, eps);
           uintptr_t ps = expect(fn, "stats", stats, cd, {rows, 3}), pg = expect(fn, "scale", scale, cd, {rows});
           py::gil_scoped_release nogil;
           by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
             using C = typename io<T>::C;
             cross_entropy_backward<T>(ptr<const T>(px), ptr<const int64_t>(pt), ptr<const T>(pq), ptr<const C>(pw),
-                                      ptr<const C>(ps), ptr<const C>(pg), ptr<T>(pdx), rows, nc, ignore_index, eps,
-                                      nthreads);
+                                      ptr<const C>(ps), ptr<const C>(pg), ptr<T>(pdx), rows, nc, col0, classes,
+                                      ignore_index, eps, nthreads);
           });
         },
         py::arg("x"), py::arg("target"), py::arg("probs"), py::arg("weight"), py::arg("stats"), py::arg("scale"),
-        py::arg("dx"), py::arg("ignore_index"), py::arg("eps"), py::arg("nthreads"),
-        "dx = scale_i * dloss_i/dx over a contiguous (rows, nc) x; dx may be x.");
+        py::arg("dx"), py::arg("ignore_index"), py::arg("eps"), py::arg("col0"), py::arg("classes"),
+        py::arg("nthreads"),
+        "dx = scale_i * dloss_i/dx over a contiguous (rows, nc) x, the columns [col0, col0 + nc) of rows "
+        "with `classes` classes; dx may be x.");
   m.attr("INT64_CODE") = kI64;
 
   m.def("advise_hugepages",

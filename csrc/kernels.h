@@ -55,9 +55,12 @@ void cross_entropy_forward(const T* x, const int64_t* target, const T* probs, co
                            int64_t ignore_index, double eps, int nthreads);
 
 // dx = scale_i * dloss_i/dx over (n, nc), from x and the forward's stats; dx may be x (in place).
+// x may be the columns [col0, col0 + nc) of rows with `classes` classes (class-index targets, in
+// [0, classes); weight (classes,)); stats are then those of the whole rows. Else col0 = 0, classes = nc.
 template <class T>
 void cross_entropy_backward(const T* x, const int64_t* target, const T* probs, const typename io<T>::C* weight,
                             const typename io<T>::C* stats, const typename io<T>::C* scale, T* dx, int64_t n,
-                            int64_t nc, int64_t ignore_index, double eps, int nthreads);
+                            int64_t nc, int64_t col0, int64_t classes, int64_t ignore_index, double eps,
+                            int nthreads);
 
 }  // namespace fl

@@ -12,7 +12,9 @@
 //   elements per lane), fp64 across chunks; fp64 throughout for fp64 data. Every summed term has
 //   one sign (x - R <= 0, c >= 0), so nothing cancels, and c_j (x_j - R) is formed per element, so a
 //   -inf logit with c_j = 0 gives NaN exactly where torch's (logp * weight) does.
-// Backward: one pass, dx_j = scale_i (exp((x_j - M) - log S) A - c_j), in x's dtype.
+// Backward: one pass, dx_j = scale_i (exp((x_j - M) - log S) A - c_j), in x's dtype; x may be the
+//   columns [col0, col0 + nc) of rows with `classes` classes (a vocabulary block of
+//   linear_cross_entropy; class-index targets), stats those of the whole rows.
 // Threads own contiguous blocks of whole rows (parallel_for): deterministic, no atomics.
 // Traffic: forward reads x (and q) once, n*C*sizeof(T); backward reads x (and q) and writes dx.
 #include <cmath>
@@ -153,20 +155,23 @@ void forward_row(const T* x, const T* q, const typename io<T>::C* w, int64_t nc,
   st[2] = C(A);
 }
 
+// One row's columns [0, nc) of a row with `classes` classes in all; w points at those columns'
+// weights; t is the target's column among them, or -1 where it lies outside (or the row is ignored).
 template <class T>
-void backward_row(const T* x, const T* q, const typename io<T>::C* w, int64_t nc, int64_t t, bool ignored,
-                  double eps, const typename io<T>::C* st, typename io<T>::C g, T* dx) {
+void backward_row(const T* x, const T* q, const typename io<T>::C* w, int64_t nc, int64_t classes, int64_t t,
+                  bool ignored, double eps, const typename io<T>::C* st, typename io<T>::C g, T* dx) {
   using IO = io<T>;
   using V = typename IO::V;
   using C = typename IO::C;
   constexpr int W = IO::W;
   const C M = st[0], logS = st[1], A = st[2];
   const bool probs = q != nullptr;
-  const C qa = eps > 0 ? C(1 - eps) : C(1), qb = eps > 0 ? C(eps / double(nc)) : C(0);
+  const C qa = eps > 0 ? C(1 - eps) : C(1), qb = eps > 0 ? C(eps / double(classes)) : C(0);
   // class rows: c_j = (eps / C) w_j except at t; probability rows: w_j q'_j; ignored rows: 0
-  const C cscale = probs ? C(1) : (ignored ? C(0) : C(eps / double(nc)));
+  const C cscale = probs ? C(1) : (ignored ? C(0) : C(eps / double(classes)));
   const bool any_c = probs || (!ignored && eps > 0);
-  const double xt = (!probs && !ignored) ? double(scalar(x[t])) : 0.0;  // read before dx may overwrite x
+  const bool own = !probs && !ignored && t >= 0;                 // the target's column is here
+  const double xt = own ? double(scalar(x[t])) : 0.0;  // read before dx may overwrite x
   for (int64_t j = 0; j < nc; j += W) {
     const int64_t k = std::min<int64_t>(W, nc - j);
     V p = vexp_nonpos((ldk(x + j, k, C(0)) - M) - logS);
@@ -175,10 +180,10 @@ void backward_row(const T* x, const T* q, const typename io<T>::C* w, int64_t nc
     d *= g;
     if (k == W) IO::store(dx + j, d); else store_n(dx + j, d, k);
   }
-  if (!probs && !ignored) {  // the target's own term, (1 - eps) w_t, once
+  if (own) {  // the target's own term, (1 - eps) w_t, once
     const double wt = w ? double(w[t]) : 1.0;
     const double p = std::exp((xt - double(M)) - double(logS));
-    const double ct = (eps / double(nc)) * wt + (1 - eps) * wt;
+    const double ct = (eps / double(classes)) * wt + (1 - eps) * wt;
     V v = splat<V>(C(double(g) * (p * double(A) - ct)));
     T tmp[W];
     IO::store(tmp, v);
@@ -218,13 +223,16 @@ void cross_entropy_forward(const T* x, const int64_t* target, const T* probs, co
 template <class T>
 void cross_entropy_backward(const T* x, const int64_t* target, const T* probs, const typename io<T>::C* weight,
                             const typename io<T>::C* stats, const typename io<T>::C* scale, T* dx, int64_t n,
-                            int64_t nc, int64_t ignore_index, double eps, int nthreads) {
-  check_rows<T>(target, n, nc, ignore_index);
+                            int64_t nc, int64_t col0, int64_t classes, int64_t ignore_index, double eps,
+                            int nthreads) {
+  check_rows<T>(target, n, classes, ignore_index);
+  const typename io<T>::C* wc = weight ? weight + col0 : nullptr;
   parallel_for(n, std::max<int64_t>(nc, 1) * 3, nthreads, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) {
       const bool ignored = target && target[i] == ignore_index;
-      backward_row<T>(x + i * nc, probs ? probs + i * nc : nullptr, weight, nc, target ? target[i] : -1, ignored,
-                      eps, stats + 3 * i, scale[i], dx + i * nc);
+      const int64_t t = target && !ignored && target[i] >= col0 && target[i] < col0 + nc ? target[i] - col0 : -1;
+      backward_row<T>(x + i * nc, probs ? probs + i * nc : nullptr, wc, nc, classes, t, ignored, eps,
+                      stats + 3 * i, scale[i], dx + i * nc);
     }
   });
 }
@@ -234,7 +242,7 @@ void cross_entropy_backward(const T* x, const int64_t* target, const T* probs, c
                                          io<T>::C*, int64_t, int64_t, int64_t, double, int);               \
   template void cross_entropy_backward<T>(const T*, const int64_t*, const T*, const io<T>::C*,             \
                                           const io<T>::C*, const io<T>::C*, T*, int64_t, int64_t, int64_t, \
-                                          double, int);
+                                          int64_t, int64_t, double, int);
 FL_INSTANTIATE(float)
 FL_INSTANTIATE(double)
 FL_INSTANTIATE(bf16)

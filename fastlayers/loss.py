@@ -24,14 +24,33 @@ and rescaled sums) and the gradient from x and the stats in one more pass (contr
 fastlayers/backends/__init__.py). What autograd saves for cross_entropy: the logits (an input, no
 copy), the target and the (N, 3) stats: O(N) extra memory where eager saves the (N, C) log-softmax.
 
-linear_cross_entropy processes the tokens in chunks whose (chunk, vocab) logits stay under
-CHUNK_BYTES: per chunk z = h_c W^T + b, the row losses, dz written over z in place, then
-dh_c = dz W, dW += dz^T h_c, db += colsum(dz). With reduction "mean"/"sum" (and a gradient needed)
-this all happens in the forward and the backward only scales dh, dW, db by the incoming scalar;
-autograd holds dh (N, H), dW (V, H), db (V,), the size of the gradients themselves. With
-reduction "none" the incoming gradient is per token, so the forward keeps only the row losses and
-the backward redoes the chunked GEMMs with the per-row scale (one more logits GEMM).
-Peak extra memory: one logits chunk (+ a (V, H) fp32 accumulator for bf16/fp16 weights).
+linear_cross_entropy never holds the (N, V) logits (N tokens, hidden H, vocabulary V). Two passes:
+
+  forward, by token chunks of at most CHUNK_BYTES of (chunk, V) logits: z = h_c W^T + b, the row
+    losses and stats by the fused kernel over whole rows; when h needs a gradient, dz over z in
+    place (the row scale for an incoming 1; "none" unscaled) and dh0_c = dz W, a GEMM over the
+    whole vocabulary. Autograd keeps the stats (N, 3) and dh0 (N, H); the backward only scales
+    dh0's rows by the incoming gradient.
+  backward (dW, db), by vocabulary blocks of about GRAD_BLOCK_BYTES of logits, each all N tokens
+    by Vc entries: z_v = h W_v^T + b_v, dz_v = scale_i dloss_i/dz from z_v and the row stats (the
+    target's term where it falls in the block, the smoothing share e/V everywhere), then
+    dW_v = dz_v^T h written once in W's dtype (a GEMM with K = N) and db_v = colsum(dz_v). Only
+    when N x MIN_BLOCK_COLS logits exceed the block (very many tokens) are tokens split as well;
+    dW_v then sums over the token blocks, for 16-bit weights in a (Vc, H) fp32 accumulator.
+
+Cost against eager (logits, log_softmax, nll, their backward, dh and dW GEMMs): 8 N H V flops
+instead of 6 (z is computed twice: the gradient of a vocabulary block needs the stats of whole
+rows), and 3 fused elementwise passes over the logits (stats and dz in the forward, dz_v in the
+backward, on chunks) instead of eager's ~6 memory-bound passes over whole (N, V) tensors. W is read
+2 x ceil(N / chunk rows) times in the forward (chunks up to dW's size when dW is needed: the peak
+is the backward's anyway) and twice in the backward; dW is written once, and no (V, H) accumulator
+exists (the token-chunked alternative, dW += dz^T h_c per chunk, has K = chunk rows: ~130 at
+V = 128256 with 64 MiB chunks, a read + write of all of dW per chunk, a (V, H) fp32 accumulator for
+16-bit weights, and a chunk beside dW at the peak). Measured (README): 1.0-1.25x eager's time;
+the extra GEMM is paid back only where eager's elementwise passes are slow.
+Peak extra memory: max(one forward chunk, dW + one gradient block) + dh and O(N); eager's is three
+(N, V) buffers (logits, log-softmax, their gradient), so at N = 4H/3 the returned dW alone is 25%
+of eager's peak.
 """
 from __future__ import annotations
 
@@ -48,8 +67,12 @@ from ._dispatch import backend_for, check_tensor as _check_tensor, composite_rea
 from ._errors import DeviceError, DTypeError, ShapeError
 
 _REDUCTIONS = ("none", "mean", "sum")
-# Logits chunk of linear_cross_entropy, in bytes of the chunk's dtype (rows = CHUNK_BYTES / (V * itemsize)).
+# linear_cross_entropy's logits in flight, in bytes of h's dtype (module docstring): the forward's
+# (tokens, whole vocab) chunks, and the gradient pass's (tokens, vocab block) blocks, these at least
+# MIN_BLOCK_COLS vocabulary entries wide.
 CHUNK_BYTES = 64 << 20
+GRAD_BLOCK_BYTES = 16 << 20
+MIN_BLOCK_COLS = 1024
 _NONE_ACT = _acts.get("none")
 
 
@@ -347,39 +370,105 @@ def _cross_entropy_op(x2, t2, w, ignore_index, eps, reduction, probs) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- linear + cross-entropy
-def chunk_rows(n: int, vocab: int, itemsize: int) -> int:
-    """Tokens per chunk: the (chunk, vocab) logits stay within CHUNK_BYTES (at least one token)."""
-    return max(1, min(n, CHUNK_BYTES // max(1, vocab * itemsize)))
+def chunk_rows(n: int, vocab: int, itemsize: int, budget: Optional[int] = None) -> int:
+    """Tokens per forward chunk: the (chunk, vocab) logits stay within `budget` bytes (CHUNK_BYTES by
+    default; at least one token), the chunks of one size as near equal as that allows."""
+    most = max(1, min(n, (CHUNK_BYTES if budget is None else budget) // max(1, vocab * itemsize)))
+    chunks = -(-n // most) if n else 1
+    return -(-n // chunks) if n else most
 
 
-def _lce_run(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-             eps: float, scale: Optional[Tensor], need: Tuple[bool, bool, bool]):
-    """The chunk loop. Per chunk of tokens: z = h_c W^T + b (m, V), row losses; when `scale` (N,)
-    is given, dz = scale_i dloss_i/dz written over z, then dh_c = dz W, dW += dz^T h_c,
-    db += colsum(dz). Returns (row losses (N,) compute dtype, dh, dW, db); gradients not needed
-    (or scale None) are None. dW / db accumulate in fp32 for 16-bit weights."""
-    n, hidden = h2.shape
-    vocab = weight.shape[0]
+def forward_chunk_bytes(weight: Tensor, need_dw: bool) -> int:
+    """The forward's logits budget: CHUNK_BYTES, or dW's size when larger and the backward will hold
+    dW anyway (the peak memory stays that of the backward; fewer, taller GEMMs: at V = 128256 a
+    130-token chunk ran both GEMMs ~20% slower than 512 tokens)."""
+    return max(CHUNK_BYTES, weight.numel() * weight.element_size()) if need_dw else CHUNK_BYTES
+
+
+def grad_blocks(n: int, vocab: int, itemsize: int) -> Tuple[int, int]:
+    """(tokens, vocabulary entries) per block of the gradient pass: about GRAD_BLOCK_BYTES of logits,
+    all tokens when that leaves at least MIN_BLOCK_COLS entries (then dW's block is one GEMM over
+    every token, written once), else MIN_BLOCK_COLS entries and fewer tokens."""
+    elems = max(1, GRAD_BLOCK_BYTES // itemsize)
+    cols = max(1, min(vocab, max(MIN_BLOCK_COLS, elems // max(1, n))))
+    return max(1, min(n, elems // cols)), cols
+
+
+def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                 eps: float, dh_scale: Optional[Tensor] = None,
+                 need_dw: bool = False) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Row losses (N,) and stats (N, 3) in the compute dtype, and with dh_scale (N,) given, dh0 =
+    the gradient of sum_i dh_scale_i loss_i wrt h (h's dtype; else None). Per chunk of tokens:
+    z = h_c W^T + b (m, V), the fused cross-entropy forward over its whole rows, then dz over z in
+    place and dh0_c = dz W (a GEMM over the whole vocabulary). need_dw: the backward will hold dW
+    (chunk size: forward_chunk_bytes)."""
+    n, vocab = h2.shape[0], weight.shape[0]
     cd = _compute_dtype(h2.dtype)
     rows = torch.empty(n, dtype=cd, device=h2.device)
-    grads = scale is not None
-    acc = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    dh = torch.empty_like(h2) if grads and need[0] else None
-    dw = torch.zeros(vocab, hidden, dtype=acc, device=h2.device) if grads and need[1] else None
-    db = torch.zeros(vocab, dtype=acc, device=h2.device) if grads and need[2] and bias is not None else None
-    step = chunk_rows(n, vocab, h2.element_size())
+    stats = torch.empty(n, 3, dtype=cd, device=h2.device)
+    dh0 = None if dh_scale is None else torch.zeros_like(h2, memory_format=torch.contiguous_format)
+    step = chunk_rows(n, vocab, h2.element_size(), forward_chunk_bytes(weight, need_dw))
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
-        hc, tc = h2[c0:c1], target[c0:c1]                                   # (m, H), (m,)
-        z = backend.linear_act_forward(hc, weight, bias, _NONE_ACT, 0.0, False)[0]  # (m, V) logits
-        z = z.contiguous()
-        loss_c, stats_c = backend.cross_entropy_forward(z, tc, None, ignore_index, eps)
-        rows[c0:c1] = loss_c
-        if grads:
-            backend.cross_entropy_backward(z, tc, None, stats_c, scale[c0:c1], ignore_index, eps, z)  # dz
-            backend.linear_ce_chunk_grads(z, hc, weight, None if dh is None else dh[c0:c1], dw, db)
+        z = backend.linear_act_forward(h2[c0:c1], weight, bias, _NONE_ACT, 0.0, False)[0].contiguous()
+        rows[c0:c1], stats[c0:c1] = backend.cross_entropy_forward(z, target[c0:c1], None, ignore_index, eps)
+        if dh0 is not None:
+            backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], dh_scale[c0:c1], ignore_index,
+                                           eps, z)
+            backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, dh0[c0:c1], None, None, False)
         del z
-    return rows, dh, dw, db
+    return rows, stats, dh0
+
+
+def _lce_grads(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, stats: Tensor,
+               scale: Tensor, ignore_index: int, eps: float, need_dw: bool, need_db: bool):
+    """(dW, db) of sum_i scale_i loss_i, None where not needed, in the weight's dtype. Per block of
+    (tokens c, vocabulary v): z = h_c W_v^T + b_v, dz = scale_i dloss_i/dz over z in place (from the
+    forward's row stats), dW_v (+)= dz^T h_c, db_v (+)= colsum(dz)."""
+    n, hidden = h2.shape
+    vocab = weight.shape[0]
+    cd = stats.dtype
+    dw = torch.empty(vocab, hidden, dtype=weight.dtype, device=h2.device) if need_dw else None
+    db = torch.empty(vocab, dtype=weight.dtype, device=h2.device) if need_db else None
+    if n == 0:  # no tokens: zero gradients
+        return None if dw is None else dw.zero_(), None if db is None else db.zero_()
+    tokens, cols = grad_blocks(n, vocab, h2.element_size())
+    # dW_v / db_v summed over several token blocks: in fp32 accumulators for 16-bit weights
+    split = tokens < n and weight.dtype in (torch.float16, torch.bfloat16)
+    for v0 in range(0, vocab, cols):
+        v1 = min(vocab, v0 + cols)
+        wv, bv = weight[v0:v1], None if bias is None else bias[v0:v1]
+        dwv = None if dw is None else h2.new_empty(v1 - v0, hidden, dtype=cd) if split else dw[v0:v1]
+        dbv = None if db is None else h2.new_empty(v1 - v0, dtype=cd) if split else db[v0:v1]
+        for c0 in range(0, n, tokens):
+            c1 = min(n, c0 + tokens)
+            z = backend.linear_act_forward(h2[c0:c1], wv, bv, _NONE_ACT, 0.0, False)[0].contiguous()  # (m, v1 - v0)
+            backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], scale[c0:c1], ignore_index, eps,
+                                           z, v0, vocab)
+            backend.linear_ce_chunk_grads(z, h2[c0:c1], wv, None, dwv, dbv, c0 > 0)
+            del z
+        if split:
+            for full, part in ((dw, dwv), (db, dbv)):
+                if full is not None:
+                    full[v0:v1].copy_(part)
+    return dw, db
+
+
+def _lce_scales(reduction: str, den: Tensor, target: Tensor, ignore_index: int, dtype: torch.dtype,
+                grad: Optional[Tensor] = None) -> Tensor:
+    """dh is computed in the forward, before the incoming gradient is known: there with the row
+    scale for an incoming 1, except that "none" is left unscaled (grad None); the backward then
+    multiplies it per row by the incoming gradient (grad given: per row, or the scalar). The two
+    multiply to _row_scale(grad, reduction, ...)."""
+    if grad is None:
+        return _row_scale(torch.ones((), dtype=dtype, device=target.device),
+                          "sum" if reduction == "none" else reduction, den, target, ignore_index, dtype)
+    return _row_scale(grad, "none" if reduction == "none" else "sum", den, target, ignore_index, dtype)
+
+
+def _lce_dh(dh0: Tensor, reduction: str, den: Tensor, target: Tensor, ignore_index: int, grad: Tensor) -> Tensor:
+    mult = _lce_scales(reduction, den, target, ignore_index, _compute_dtype(dh0.dtype), grad)
+    return (dh0 * mult[:, None]).to(dh0.dtype)
 
 
 def _lce_den(target: Tensor, ignore_index: int, dtype: torch.dtype) -> Tensor:
@@ -390,49 +479,30 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                 eps: float, reduction: str, out_dtype: torch.dtype, loss_shape) -> Tensor:
-        op = "fastlayers.linear_cross_entropy"
-        backend = _ce_backend(h2, op)
+        backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
         cd = _compute_dtype(h2.dtype)
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         den = _lce_den(target, ignore_index, cd)
-        early = reduction != "none"  # gradients now, scaled by the incoming scalar in backward
-        scale = _row_scale(torch.ones((), dtype=cd, device=h2.device), reduction, den, target, ignore_index,
-                           cd) if early else None
-        rows, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
-        ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction, ctx.need = backend, ignore_index, eps, reduction, need
-        ctx.early = early
-        ctx.grads = (dh, dw, db) if early else None  # gradients of the loss itself, not graph inputs
-        ctx.save_for_backward(h2, weight, bias, target, den)
+        dh_scale = _lce_scales(reduction, den, target, ignore_index, cd) if ctx.needs_input_grad[0] else None
+        rows, stats, dh0 = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps, dh_scale,
+                                        ctx.needs_input_grad[1])
+        ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction = backend, ignore_index, eps, reduction
+        ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0)
         return _reduce(rows, reduction, den, out_dtype, loss_shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h2, weight, bias, target, den = ctx.saved_tensors
+        h2, weight, bias, target, den, stats, dh0 = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
             return _lce_backward_differentiable(h2, weight, bias, target, grad, ctx.ignore_index, ctx.eps,
-                                                ctx.reduction, ctx.need) + (None,) * 6
-        cd = _compute_dtype(h2.dtype)
-        if ctx.early and ctx.grads is not None:
-            # The forward's gradients, handed out once: ctx lets go of them first so that nothing
-            # else holds them (autograd can then keep them as .grad without a copy), and they are
-            # scaled in place (no second (V, H) buffer at the peak).
-            (dh, dw, db), ctx.grads = ctx.grads, None
-            g = grad.to(cd)
-            for t in (dh, dw, db):
-                if t is not None:
-                    t.mul_(g)
-        else:
-            # reduction "none" (a per-token scale), or a second backward through the same graph
-            # (retain_graph=True: the forward's gradients were handed out): the chunks again.
-            scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, cd)
-            _, dh, dw, db = _lce_run(ctx.backend, h2, weight, bias, target, ctx.ignore_index, ctx.eps, scale,
-                                     ctx.need)
-        return (_as(dh, h2.dtype), _as(dw, weight.dtype), _as(db, bias.dtype if bias is not None else h2.dtype),
-                None, None, None, None, None, None)
-
-
-def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.to(dtype)
+                                                ctx.reduction, need) + (None,) * 6
+        dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
+        dw = db = None
+        if need[1] or need[2]:
+            scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
+            dw, db = _lce_grads(ctx.backend, h2, weight, bias, target, stats, scale, ctx.ignore_index, ctx.eps,
+                                need[1], need[2])
+        return (dh, dw, db) + (None,) * 6
 
 
 def _lce_backward_differentiable(h2, weight, bias, target, grad, ignore_index, eps, reduction, need):
@@ -481,7 +551,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
                          ignore_index: int = -100, label_smoothing: float = 0.0,
                          reduction: str = "mean") -> Tensor:
     """``F.cross_entropy(F.linear(h, weight, bias), target, ...)`` without materialising the
-    (tokens, vocab) logits: tokens go through in chunks of at most CHUNK_BYTES of logits.
+    (tokens, vocab) logits: the forward goes through the tokens in chunks of at most CHUNK_BYTES of
+    logits, the backward through the vocabulary in blocks (module docstring).
 
     h: (*, hidden); weight: (vocab, hidden) as nn.Linear (an LM head); bias: (vocab,) or None;
     target: (*,) class indices (int64, or uint8), each in [0, vocab) or == ignore_index.
@@ -510,92 +581,77 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
     grad_on = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        need = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
-                grad_on and bias is not None and bias.requires_grad)
-        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, *need)[0]
+        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, grad_on and h.requires_grad,
+                        grad_on and weight.requires_grad)[0]
         return loss.to(out_dtype).view(loss_shape) if reduction == "none" else loss.to(out_dtype)
     if grad_on:
         return LinearCrossEntropyFunction.apply(h2, weight, bias, t2, ignore_index, eps, reduction, out_dtype,
                                                 loss_shape)
-    backend = _ce_backend(h2, op)
-    rows, *_ = _lce_run(backend, h2, weight, bias, t2, ignore_index, eps, None, (False, False, False))
+    rows, _, _ = _lce_forward(_ce_backend(h2, op), h2, weight, bias, t2, ignore_index, eps)
     return _reduce(rows, reduction, _lce_den(t2, ignore_index, rows.dtype), out_dtype, loss_shape)
 
 
-# torch.library ops for torch.compile / jit.trace. The forward returns the loss (per row for
-# "none", in the compute dtype) and, for "mean"/"sum", the gradients computed with it (empty when
-# not needed); the backward scales them, or for "none" reruns the chunks with the per-row scale.
+# torch.library ops for torch.compile / jit.trace: the forward returns the loss (per row for
+# "none", in the compute dtype), the "mean" denominator, the row stats and dh0 (empty unless
+# need_dh; need_dw sizes the chunks); the backward scales dh0 and runs the gradient pass for dW, db.
 @torch.library.custom_op("fastlayers::linear_cross_entropy", mutates_args=())
 def _lce_lib(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, eps: float,
-             reduction: str, need_dh: bool, need_dw: bool, need_db: bool
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             reduction: str, need_dh: bool, need_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "fastlayers.linear_cross_entropy"
-    backend = _ce_backend(h2, op)
     _check_target_values(op, target, weight.shape[0], ignore_index)
     cd = _compute_dtype(h2.dtype)
     den = _lce_den(target, ignore_index, cd)
-    need = (need_dh, need_dw, need_db and bias is not None)
-    early = reduction != "none" and any(need)
-    scale = _row_scale(torch.ones((), dtype=cd, device=h2.device), reduction, den, target, ignore_index,
-                       cd) if early else None
-    rows, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
+    dh_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh else None
+    rows, stats, dh0 = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps, dh_scale,
+                                    need_dw)
     loss = rows if reduction == "none" else _reduce(rows, reduction, den, cd, ())
-    return (loss, den, dh if dh is not None else placeholder(h2, cd),
-            dw if dw is not None else placeholder(h2, cd), db if db is not None else placeholder(h2, cd))
+    return loss, den, stats, placeholder(h2) if dh0 is None else dh0
 
 
 @_lce_lib.register_fake
-def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, need_db):
+def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw):
     cd = _compute_dtype(h2.dtype)
-    acc = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    early = reduction != "none" and (need_dh or need_dw or (need_db and bias is not None))
     return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=cd), h2.new_empty((), dtype=cd),
-            h2.new_empty(h2.shape) if early and need_dh else placeholder(h2, cd),
-            weight.new_empty(weight.shape, dtype=acc) if early and need_dw else placeholder(h2, cd),
-            weight.new_empty((weight.shape[0],), dtype=acc) if early and need_db and bias is not None
-            else placeholder(h2, cd))
+            h2.new_empty((h2.shape[0], 3), dtype=cd), h2.new_empty(h2.shape if need_dh else (0,)))
 
 
 @torch.library.custom_op("fastlayers::linear_cross_entropy_backward", mutates_args=())
 def _lce_backward_lib(grad: Tensor, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                      den: Tensor, ignore_index: int, eps: float, need_dh: bool, need_dw: bool,
-                      need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Reduction "none": the chunks again, with dz scaled per row by grad."""
+                      den: Tensor, stats: Tensor, ignore_index: int, eps: float, reduction: str, need_dw: bool,
+                      need_db: bool) -> Tuple[Tensor, Tensor]:
+    """dW, db (empty when not needed)."""
     backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
-    cd = _compute_dtype(h2.dtype)
-    scale = _row_scale(grad, "none", den, target, ignore_index, cd)
-    need = (need_dh, need_dw, need_db and bias is not None)
-    _, dh, dw, db = _lce_run(backend, h2, weight, bias, target, ignore_index, eps, scale, need)
-    return (dh if dh is not None else placeholder(h2), dw.to(weight.dtype) if dw is not None else placeholder(h2),
-            db.to(weight.dtype) if db is not None else placeholder(h2))
+    scale = _row_scale(grad, reduction, den, target, ignore_index, stats.dtype)
+    dw, db = _lce_grads(backend, h2, weight, bias, target, stats, scale, ignore_index, eps, need_dw,
+                        need_db and bias is not None)
+    return (placeholder(h2) if dw is None else dw), (placeholder(h2) if db is None else db)
 
 
 @_lce_backward_lib.register_fake
-def _(grad, h2, weight, bias, target, den, ignore_index, eps, need_dh, need_dw, need_db):
-    return (h2.new_empty(h2.shape) if need_dh else placeholder(h2),
-            weight.new_empty(weight.shape) if need_dw else placeholder(h2),
+def _(grad, h2, weight, bias, target, den, stats, ignore_index, eps, reduction, need_dw, need_db):
+    return (weight.new_empty(weight.shape) if need_dw else placeholder(h2),
             weight.new_empty((weight.shape[0],)) if need_db and bias is not None else placeholder(h2))
 
 
 def _lce_lib_setup(ctx, inputs, output) -> None:
-    h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, need_db = inputs
-    loss, den, dh, dw, db = output
-    ctx.mark_non_differentiable(den, dh, dw, db)
+    h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw = inputs
+    loss, den, stats, dh0 = output
+    ctx.mark_non_differentiable(den, stats, dh0)
     ctx.ignore_index, ctx.eps, ctx.reduction = ignore_index, eps, reduction
-    ctx.need = (need_dh, need_dw, need_db and bias is not None)
-    ctx.save_for_backward(h2, weight, bias, target, den, dh, dw, db)
+    ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0)
 
 
 def _lce_lib_backward(ctx, grad, *_):
-    h2, weight, bias, target, den, dh, dw, db = ctx.saved_tensors
-    need = ctx.need
-    if ctx.reduction == "none":
-        dh, dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, ctx.ignore_index, ctx.eps, *need)
-    else:
-        g = grad.to(dh.dtype if dh.numel() else dw.dtype if dw.numel() else db.dtype) if any(need) else grad
-        dh, dw, db = (t * g.to(t.dtype) for t in (dh, dw, db))
-    return (dh.to(h2.dtype) if need[0] else None, dw.to(weight.dtype) if need[1] else None,
-            db.to(weight.dtype) if need[2] else None) + (None,) * 7
+    h2, weight, bias, target, den, stats, dh0 = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    if need[0] and dh0.shape != h2.shape:  # the op was called with need_dh=False: the forward again
+        dh0 = _lce_lib(h2, weight, bias, target, ctx.ignore_index, ctx.eps, ctx.reduction, True, False)[3]
+    dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
+    dw = db = None
+    if need[1] or need[2]:
+        dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, stats, ctx.ignore_index, ctx.eps,
+                                   ctx.reduction, need[1], need[2])  # empty where not needed
+    return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 6
 
 
 torch.library.register_autograd("fastlayers::linear_cross_entropy", _lce_lib_backward, setup_context=_lce_lib_setup)

@@ -44,12 +44,16 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
         smoothing >= 0. loss: (N,) per-row losses in the compute dtype (0 for ignored rows);
         stats: (N, 3) compute dtype = (row max M, log sum exp(x - M), sum of the row's
         coefficients A) -- the math is in fastlayers/loss.py.
-    cross_entropy_backward(x, target, weight, stats, scale, ignore_index, eps, out) -> out
+    cross_entropy_backward(x, target, weight, stats, scale, ignore_index, eps, out, col0=0, classes=None) -> out
         out (N, C) contiguous in x's dtype (may be x itself; None: a new tensor) = scale_i * dloss_i/dx;
-        scale: (N,) compute dtype.
-    linear_ce_chunk_grads(dz, h, w, dh, dw, db) -> None
-        dz: (m, V) contiguous, h: (m, H), w: (V, H); dh (m, H) is written with dz @ w; dw (V, H)
-        += dz^T @ h and db (V,) += colsum(dz) accumulate (fp32 for 16-bit dz); any may be None.
+        scale: (N,) compute dtype. With col0 / classes (class-index targets only): x is the columns
+        [col0, col0 + C) of rows with `classes` classes, stats (and weight (classes,)) those of the
+        whole rows; a target outside the block contributes only its smoothing share.
+    linear_ce_chunk_grads(dz, h, w, dh, dw, db, accumulate) -> None
+        dz: (m, V') contiguous dlogits of a block of tokens (h: (m, H)) and vocabulary entries
+        (w: (V', H)). dh (m, H), dw (V', H), db (V',) = dz @ w, dz^T @ h, colsum(dz), or += when
+        accumulate. Each is in dz's dtype or the compute dtype (an accumulator for 16-bit dz; db is
+        summed in the compute dtype), and may be a row block of a contiguous tensor; any may be None.
 
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
 cpu -> cpp, cuda -> triton, meta -> reference (shapes only).

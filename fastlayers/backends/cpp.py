@@ -514,7 +514,8 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], i
 
 
 def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
-                           scale: Tensor, ignore_index: int, eps: float, out: Optional[Tensor]) -> Tensor:
+                           scale: Tensor, ignore_index: int, eps: float, out: Optional[Tensor], col0: int = 0,
+                           classes: Optional[int] = None) -> Tensor:
     n, nc = x.shape
     if out is None:
         out = _empty(n, nc, dtype=x.dtype)
@@ -522,20 +523,24 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
         return out
     t, q = _ce_targets(target)
     _C.cross_entropy_backward(_buf(x), t, q, _buf(weight), _buf(stats), _buf(scale), _buf(out), ignore_index,
-                              eps, torch.get_num_threads())
+                              eps, col0, nc if classes is None else classes, torch.get_num_threads())
     return out
 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
-                          db: Optional[Tensor]) -> None:
-    """dh = dz @ w, dw += dz^T @ h, db += colsum(dz): PyTorch's BLAS, writing into dh's rows and
-    accumulating into dw in place (addmm: one read + write of dw per chunk, no temporary)."""
-    if dh is not None:
-        torch.mm(dz, w, out=dh) if dh.is_contiguous() else dh.copy_(torch.mm(dz, w))
-    if dw is not None:
-        if dw.dtype == dz.dtype:
-            dw.addmm_(dz.t(), h)
-        else:  # 16-bit data: fp32 accumulator
-            dw.add_(torch.mm(dz.t(), h))
+                          db: Optional[Tensor], accumulate: bool) -> None:
+    """dh, dw, db = (or += when accumulate) dz @ w, dz^T @ h, colsum(dz): PyTorch's BLAS straight into
+    the given buffers where the dtypes agree (mm out= / addmm_: no temporary of their size)."""
+    for out, a, b in ((dh, dz, w), (dw, dz.t(), h)):
+        if out is None:
+            continue
+        if out.dtype != dz.dtype:  # an fp32 accumulator of 16-bit products
+            prod = torch.mm(a, b)
+            out.add_(prod) if accumulate else out.copy_(prod)
+        elif accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
     if db is not None:
-        db.add_(dz.sum(0, dtype=db.dtype))
+        colsum = dz.sum(0, dtype=torch.float64 if db.dtype == torch.float64 else torch.float32)
+        db.add_(colsum) if accumulate else db.copy_(colsum)

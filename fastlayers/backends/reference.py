@@ -107,9 +107,11 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
 
 # --- cross entropy (contract in fastlayers/backends/__init__.py; the math in fastlayers/loss.py)
 def _ce_coefficients(xc: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                     eps: float) -> Tensor:
-    """c (N, C): the row's coefficients, loss_i = sum_j c_ij (log S_i - (x_ij - M_i))."""
-    n, C = xc.shape
+                     eps: float, col0: int = 0, classes: Optional[int] = None) -> Tensor:
+    """c (N, C'): the row's coefficients, loss_i = sum_j c_ij (log S_i - (x_ij - M_i)), over the columns
+    [col0, col0 + C') of rows with `classes` classes (all of them by default)."""
+    n, nc = xc.shape
+    C = nc if classes is None else classes
     w = torch.ones(C, dtype=xc.dtype, device=xc.device) if weight is None else weight.to(xc.dtype)
     if target.is_floating_point():
         q = target.to(xc.dtype)
@@ -118,8 +120,9 @@ def _ce_coefficients(xc: Tensor, target: Tensor, weight: Optional[Tensor], ignor
         return w * q
     keep = target != ignore_index
     t = torch.where(keep, target, 0)
-    c = (eps / C) * w.expand(n, C).clone() if eps > 0 else xc.new_zeros(n, C)
-    c.scatter_add_(1, t[:, None], ((1 - eps) * w[t])[:, None])
+    c = (eps / C) * w[col0:col0 + nc].expand(n, nc).clone() if eps > 0 else xc.new_zeros(n, nc)
+    here = keep & (t >= col0) & (t < col0 + nc)  # the target's column is in this block
+    c.scatter_add_(1, torch.where(here, t - col0, 0)[:, None], torch.where(here, (1 - eps) * w[t], 0)[:, None])
     return torch.where(keep[:, None], c, 0)
 
 
@@ -154,26 +157,23 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], i
 
 
 def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
-                           scale: Tensor, ignore_index: int, eps: float, out: Tensor) -> Tensor:
+                           scale: Tensor, ignore_index: int, eps: float, out: Tensor, col0: int = 0,
+                           classes: Optional[int] = None) -> Tensor:
     cd = stats.dtype
     xc = x.to(cd)
     m, log_s, a = stats.unbind(1)
-    p = ((xc - m[:, None]) - log_s[:, None]).exp()                  # (N, C) softmax
-    c = _ce_coefficients(xc, target, weight, ignore_index, eps)
+    p = ((xc - m[:, None]) - log_s[:, None]).exp()                  # (N, C') softmax
+    c = _ce_coefficients(xc, target, weight, ignore_index, eps, col0, classes)
     dx = scale[:, None] * (p * a[:, None] - c)
     return dx.to(x.dtype) if out is None else out.copy_(dx)
 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
-                          db: Optional[Tensor]) -> None:
-    """dh = dz @ w (written); dw += dz^T @ h and db += colsum(dz) (accumulated, maybe in fp32).
-    dz: (m, V) contiguous, h: (m, H), w: (V, H); dh (m, H) a view into the full dh."""
-    if dh is not None:
-        dh.copy_(dz @ w)
-    if dw is not None:
-        if dw.dtype == dz.dtype:
-            dw.addmm_(dz.t(), h)
-        else:
-            dw.add_(dz.t() @ h)
-    if db is not None:
-        db.add_(dz.sum(0, dtype=db.dtype))
+                          db: Optional[Tensor], accumulate: bool) -> None:
+    """dh, dw, db = (or += when accumulate) dz @ w, dz^T @ h, colsum(dz), in whatever dtype they have.
+    dz: (m, V') contiguous, h: (m, H), w: (V', H); each output may be a view into a larger tensor."""
+    sums = {"dh": lambda: dz @ w, "dw": lambda: dz.t() @ h,
+            "db": lambda: dz.sum(0, dtype=torch.promote_types(dz.dtype, torch.float32))}
+    for out, new in zip((dh, dw, db), sums.values()):
+        if out is not None:
+            out.copy_(out + new().to(out.dtype) if accumulate else new())

@@ -516,7 +516,8 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], i
 
 
 def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
-                           scale: Tensor, ignore_index: int, eps: float, out: Tensor) -> Tensor:
+                           scale: Tensor, ignore_index: int, eps: float, out: Tensor, col0: int = 0,
+                           classes: Optional[int] = None) -> Tensor:
     """dx = scale_i * dloss_i/dx into out (may be x). Bytes: 2 * N*C*itemsize (+ q's)."""
     n, nc = x.shape
     if out is None:
@@ -526,7 +527,7 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     t, q, w, probs = _ce_args(x, target, weight)
     hi, lo = _split_slope(eps)
     _launch("fastlayers.cross_entropy (backward)", x, lambda: _ce.ce_bwd_kernel[(n,)](
-        x, t, q, w, stats, scale, out, nc, ignore_index, hi, lo,
+        x, t, q, w, stats, scale, out, nc, col0, nc if classes is None else classes, ignore_index, hi, lo,
         HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
         COMPUTE_DTYPE=_compute_dtype(x.dtype), BF16_OUT=out.dtype == torch.bfloat16,
         BLOCK=_ce.block_for(nc)))
@@ -534,15 +535,19 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
-                          db: Optional[Tensor]) -> None:
-    """dh = dz @ w (written into dh's rows) and dw += dz^T @ h through the Triton GEMM; db += colsum(dz).
-    dz: (m, V) contiguous, h: (m, H), w: (V, H). The dW product goes through a (V, H) temporary."""
+                          db: Optional[Tensor], accumulate: bool) -> None:
+    """dh, dw, db = (or += when accumulate) dz @ w, dz^T @ h, colsum(dz), the GEMMs in Triton:
+    straight into dh / dw when written in dz's dtype, else through a temporary of their size."""
     op = "fastlayers.linear_cross_entropy (backward)"
-    if dh is not None:
-        _gemm(op, dz, w, dh)
-    if dw is not None:
-        tmp = torch.empty(dw.shape, dtype=dz.dtype, device=dz.device)
-        _gemm(op, dz.t(), h, tmp)
-        dw.add_(tmp)
+    for out, a, b in ((dh, dz, w), (dw, dz.t(), h)):
+        if out is None:
+            continue
+        if out.dtype == dz.dtype and not accumulate:
+            _gemm(op, a, b, out)
+        else:
+            tmp = torch.empty(out.shape, dtype=dz.dtype, device=dz.device)
+            _gemm(op, a, b, tmp)
+            out.add_(tmp) if accumulate else out.copy_(tmp)
     if db is not None:
-        db.add_(dz.sum(0, dtype=db.dtype))
+        colsum = dz.sum(0, dtype=torch.float64 if db.dtype == torch.float64 else torch.float32)
+        db.add_(colsum) if accumulate else db.copy_(colsum)

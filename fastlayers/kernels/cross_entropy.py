@@ -105,16 +105,18 @@ def ce_fwd_kernel(x_ptr, t_ptr, q_ptr, w_ptr, loss_ptr, stats_ptr, C, ignore_ind
 
 
 @triton.jit
-def ce_bwd_kernel(x_ptr, t_ptr, q_ptr, w_ptr, stats_ptr, scale_ptr, dx_ptr, C, ignore_index, eps_hi, eps_lo,
-                  HAS_W: tl.constexpr, PROBS: tl.constexpr, SMOOTH: tl.constexpr,
+def ce_bwd_kernel(x_ptr, t_ptr, q_ptr, w_ptr, stats_ptr, scale_ptr, dx_ptr, C, col0, classes, ignore_index,
+                  eps_hi, eps_lo, HAS_W: tl.constexpr, PROBS: tl.constexpr, SMOOTH: tl.constexpr,
                   COMPUTE_DTYPE: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr):
     """dx = scale * (softmax(x) * A - c) for one row per program (grid (N,)); dx may be x.
-    BF16_OUT: dx is bfloat16 (rounded to nearest even explicitly)."""
+    x: the columns [col0, col0 + C) of rows with `classes` classes (class targets; else col0 = 0,
+    classes = C), stats those of the whole rows. BF16_OUT: dx is bfloat16 (rounded to nearest even
+    explicitly)."""
     row = tl.program_id(0).to(tl.int64)
     base = row * C
     zero = tl.sum(tl.zeros((BLOCK,), COMPUTE_DTYPE), 0)   # a 0-d COMPUTE_DTYPE zero
     eps = (zero + eps_hi) + eps_lo
-    n_cls = zero + C
+    n_cls = zero + classes
     m = tl.load(stats_ptr + 3 * row)
     log_s = tl.load(stats_ptr + 3 * row + 1)
     a = tl.load(stats_ptr + 3 * row + 2)
@@ -143,8 +145,9 @@ def ce_bwd_kernel(x_ptr, t_ptr, q_ptr, w_ptr, stats_ptr, scale_ptr, dx_ptr, C, i
             d = d - _coef(w_ptr, q_ptr, base, offs, mask, qa, qb, HAS_W, PROBS, COMPUTE_DTYPE, BLOCK)
         else:
             if SMOOTH:
-                d = d - cs * _coef(w_ptr, q_ptr, base, offs, mask, qa, qb, HAS_W, PROBS, COMPUTE_DTYPE, BLOCK)
-            d = d - tl.where(offs == tt, ct, 0.0)
+                d = d - cs * _coef(w_ptr + col0, q_ptr, base, offs, mask, qa, qb, HAS_W, PROBS, COMPUTE_DTYPE,
+                                   BLOCK)
+            d = d - tl.where(offs + col0 == tt, ct, 0.0)
         out = (g * d).to(tl.float32) if BF16_OUT else g * d
         if BF16_OUT:
             # Round to nearest even in the fp32 bits; the cast below then only drops zero bits.
