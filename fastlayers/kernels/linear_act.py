@@ -322,8 +322,9 @@ _AUTOTUNE_PARAMS = inspect.signature(triton.autotune).parameters
 # the backward's dx = dz @ W), strides 16-byte aligned (TMA's rules; fastlayers/backends/triton.py
 # `tma_gemm_ok` checks them). Configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
 # plain_only), GROUP_M 8, each passing scripts/compile_gate.py's "gemm_tma" family on sm_90.
-TMA_GEMM_CONFIGS = [(128, 256, 64, 8, 3, False), (128, 128, 64, 8, 4, False),
-                    (128, 128, 64, 4, 4, False), (128, 64, 64, 4, 4, False)]
+TMA_GEMM_CONFIGS = [(128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
+                    (128, 128, 64, 8, 4, False), (128, 128, 64, 8, 3, False),
+                    (128, 64, 64, 4, 4, False)]
 TMA_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACT", "HAS_BIAS", "STORE_Z", "B_KMAJOR"]
 
 
