@@ -1,7 +1,7 @@
 """Ahead-of-time compile gate for fastlayers' Triton kernels: no GPU needed.
 
-Compiles every kernel (GEMM, persistent TMA GEMM (sm_90 only) and the reductions, softmax: single pass / streaming / split rows,
-gated linear, cross-entropy) x shipped config x layout x dtype x epilogue the launcher
+Compiles every kernel (GEMM, persistent TMA GEMM (sm_90 only) and the reductions, softmax: single
+pass / streaming / split rows, gated linear, cross-entropy) x shipped config x layout x dtype x epilogue the launcher
 (fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80 (A100), with the
 installed triton's own compiler and its bundled ptxas, and reports per compiled kernel the
 registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped config
@@ -22,7 +22,8 @@ usage: python scripts/compile_gate.py [--quick] [--targets 90,80] [--jobs N] [--
             fused epilogue and the largest plain config, every split-K config, the reductions,
             four softmax plans (single pass, streaming contiguous and strided, split rows), the
             largest bf16 and fp64 gated configs, the gated backward, the cross-entropy pair and
-            the largest fused persistent TMA GEMM (60 kernels, 35 s on the 2-core machine when quiet, up to ~60 s when busy).
+            the largest fused persistent TMA GEMM (60 kernels, 35 s on the 2-core machine when
+            quiet, up to ~60 s when busy).
   --out     write the markdown table there (bench/results/sm90-compile.md for the full run).
   --filter  only the kernels whose "name config" contains SUBSTRING, e.g. a family: "gated",
             "ce_", "softmax", "_split", "gemm lp", "act_grad_bias".
