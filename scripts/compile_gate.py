@@ -2,9 +2,10 @@
 
 Compiles every kernel (GEMM, persistent TMA GEMM (sm_90 only) and the reductions, softmax: single
 pass / streaming / split rows, gated linear, cross-entropy) x shipped config x layout x dtype x
-epilogue the launcher (fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80 (A100), with the
-installed triton's own compiler and its bundled ptxas, and reports per compiled kernel the
-registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped config
+epilogue the launcher (fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80
+(A100), with the installed triton's own compiler and its bundled ptxas, and reports per compiled
+kernel the registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped
+config
 
 * does not compile,
 * spills registers (any spill store: the kernels are one loop plus an epilogue, and a spill in the
