@@ -244,19 +244,21 @@ TMA_MIN_M = 256
 TMA_PROGRAMS_PER_SM = 1
 
 
-def tma_gemm_ok(a: Tensor, b: Tensor, c: Tensor, capability: int) -> bool:
-    """Whether the persistent TMA GEMM can compute c = epilogue(a @ b): TMA_GEMM on, compute
-    capability >= 9.0 (10 * major + minor >= 90), fp16 / bf16, M >= TMA_MIN_M, K > 0, a with unit
-    column stride, b with unit stride in one dimension, and (TMA's rules) 16-byte aligned base
-    addresses and row strides."""
-    if not (TMA_GEMM and capability >= 90 and c.dtype in (torch.float16, torch.bfloat16)):
-        return False
-    M, K = a.shape
-    if M < TMA_MIN_M or K == 0 or a.stride(1) != 1 or not (b.stride(0) == 1 or b.stride(1) == 1):
+def tma_layout_ok(a: Tensor, b: Tensor, itemsize: int) -> bool:
+    """TMA's rules for a (M, K) @ b (K, N) of elements of `itemsize` bytes: K > 0, a with unit
+    column stride, b with unit stride in one dimension, 16-byte aligned base addresses and row
+    strides."""
+    if a.shape[1] == 0 or a.stride(1) != 1 or not (b.stride(0) == 1 or b.stride(1) == 1):
         return False
     lead_b = b.stride(1) if b.stride(0) == 1 else b.stride(0)
-    size = c.element_size()
-    return all(v % 16 == 0 for v in (a.stride(0) * size, lead_b * size, a.data_ptr(), b.data_ptr()))
+    return all(v % 16 == 0 for v in (a.stride(0) * itemsize, lead_b * itemsize, a.data_ptr(), b.data_ptr()))
+
+
+def tma_gemm_ok(a: Tensor, b: Tensor, c: Tensor, capability: int) -> bool:
+    """Whether the persistent TMA GEMM computes c = epilogue(a @ b): TMA_GEMM on, compute
+    capability >= 9.0 (10 * major + minor >= 90), fp16 / bf16, M >= TMA_MIN_M and tma_layout_ok."""
+    return (TMA_GEMM and capability >= 90 and c.dtype in (torch.float16, torch.bfloat16)
+            and a.shape[0] >= TMA_MIN_M and tma_layout_ok(a, b, c.element_size()))
 
 
 def _use_tma_gemm(a: Tensor, b: Tensor, c: Tensor, capability: int) -> bool:
