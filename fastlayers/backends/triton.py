@@ -6,7 +6,8 @@ Runs on CUDA tensors, and on CPU tensors when the kernels were built for Triton'
 tests every kernel without a GPU.
 
 linear_act forward: one GEMM launch whose epilogue adds the bias, applies the activation and
-    stores y (and the pre-activation z when the backward needs it).
+    stores y (and the pre-activation z when the backward needs it). fp16 / bf16 GEMMs with
+    TMA-legal operands on sm_90+ GPUs run the persistent TMA kernel (``tma_gemm_ok``).
 linear_act backward: one elementwise launch ``dz = dy * act'(saved)`` that also writes per-slab
     column sums of dz, a small fixed-order reduction of those sums into db, then the GEMMs
     dx = dz @ W and dW = dz^T @ x. (Fusing act' into the GEMM prologue instead would save one

@@ -1,6 +1,6 @@
 """Kernels of ``y = act(x @ W^T + b)``, forward and backward.
 
-Three kernels (launched by fastlayers/backends/triton.py):
+Four kernels (launched by fastlayers/backends/triton.py):
 
 * ``gemm_kernel`` — one generic strided GEMM, ``C = epilogue(A @ B)``, A: (M, K), B: (K, N), any
   strides (so W^T, dz^T and non-contiguous x are views, never copies). Grouped tile order (GROUP_M
@@ -12,6 +12,10 @@ Three kernels (launched by fastlayers/backends/triton.py):
   plain GEMMs with few output tiles and a long reduction, e.g. dW when M >> N x K).
   Cost: 2*M*N*K flops; reads M*K + K*N elements once per tile row/column of the other operand
   (bounded by L2 reuse), writes M*N (+ M*N for Z).
+* ``_gemm_tma_persistent_kernel`` — the same GEMM and epilogue (``gemm_epilogue``, shared) for
+  fp16 / bf16 on sm_90+: at most one program per SM, each looping over tiles in grouped order,
+  A and B tiles loaded through TMA descriptors made on the device (A row-major, B row-major or
+  W^T; the launcher checks TMA's alignment rules and falls back to ``gemm_kernel`` otherwise).
 * ``act_grad_bias_kernel`` — ``dz = dy * act'(saved)`` and the partial column sums of dz for the
   bias gradient, one row-slab of ROWS_PER_PROG rows per program. Reads 2*M*N, writes M*N
   (+ P*N fp32 partial sums). No atomics: program (p, j) owns partial[p, j-block].
