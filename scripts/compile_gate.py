@@ -1,10 +1,11 @@
 """Ahead-of-time compile gate for fastlayers' Triton kernels: no GPU needed.
 
-Compiles every kernel (GEMM and its reductions, softmax: single pass / streaming / split rows,
-gated linear, cross-entropy) x shipped config x layout x dtype x epilogue the launcher
-(fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80 (A100), with the
-installed triton's own compiler and its bundled ptxas, and reports per compiled kernel the
-registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped config
+Compiles every kernel (GEMM, persistent TMA GEMM (sm_90 only) and the reductions, softmax: single
+pass / streaming / split rows, gated linear, cross-entropy) x shipped config x layout x dtype x
+epilogue the launcher (fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80
+(A100), with the installed triton's own compiler and its bundled ptxas, and reports per compiled
+kernel the registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped
+config
 
 * does not compile,
 * spills registers (any spill store: the kernels are one loop plus an epilogue, and a spill in the
@@ -21,8 +22,9 @@ usage: python scripts/compile_gate.py [--quick] [--targets 90,80] [--jobs N] [--
   --quick   a subset for CI: sm_90 only; per GEMM class the largest config with the heaviest
             fused epilogue and the largest plain config, every split-K config, the reductions,
             four softmax plans (single pass, streaming contiguous and strided, split rows), the
-            largest bf16 and fp64 gated configs, the gated backward and the cross-entropy pair
-            (59 kernels, 35 s on the 2-core machine when quiet, up to ~60 s when busy).
+            largest bf16 and fp64 gated configs, the gated backward, the cross-entropy pair and
+            the largest fused persistent TMA GEMM (60 kernels, 35 s on the 2-core machine when
+            quiet, up to ~60 s when busy).
   --out     write the markdown table there (bench/results/sm90-compile.md for the full run).
   --filter  only the kernels whose "name config" contains SUBSTRING, e.g. a family: "gated",
             "ce_", "softmax", "_split", "gemm lp", "act_grad_bias".
@@ -62,7 +64,7 @@ from fastlayers.kernels import softmax as SM  # noqa: E402
 # Shared memory one block may use (opt-in maximum), bytes.
 SMEM_LIMIT = {90: 232448, 80: 166912}
 KERNELS = {
-    "gemm": LA._gemm_kernel, "act_grad_bias": LA.act_grad_bias_kernel,
+    "gemm": LA._gemm_kernel, "gemm_tma": LA._gemm_tma_persistent_kernel, "act_grad_bias": LA.act_grad_bias_kernel,
     "sum_rows": LA.sum_rows_kernel, "softmax_fwd": SM.softmax_fwd_kernel,
     "softmax_fwd_streaming": SM.softmax_fwd_streaming_kernel, "softmax_bwd": SM.softmax_bwd_kernel,
     "softmax_bwd_streaming": SM.softmax_bwd_streaming_kernel,
@@ -130,6 +132,7 @@ def run_job(job: dict) -> dict:
                                options=dict(job["options"]))
         out.update(parse_ptxas(log.getvalue()))
         out["smem"] = int(k.metadata.shared)
+        out["scratch"] = int(getattr(k.metadata, "global_scratch_size", 0) or 0)
         ttgir = k.asm.get("ttgir", "")
         out["mma"] = ("wgmma" if "warp_group_dot" in ttgir else
                       "mma" if "nvidia_mma" in ttgir else "fma" if "tt.dot" in ttgir else "")
@@ -232,6 +235,38 @@ def gemm_jobs(quick: bool, arch: int):
                          args=gemm_args(dt, "dW", 256, 256, 65536, A.NONE.value, False, False,
                                         prec, c, split=8),
                          options=dict(num_warps=c.num_warps, num_stages=c.num_stages)))
+    return jobs
+
+
+def tma_gemm_jobs(quick: bool, arch: int):
+    """The persistent TMA GEMM (sm_90+ only): fp16 / bf16, the forward (B = W^T, K-major) and dx
+    (B row-major) layouts, plain and fused epilogues. The TMA descriptors are made on the device,
+    so nothing about them is needed at compile time (their global scratch is a launch-time
+    allocation, reported by the kernel's metadata)."""
+    if arch < 90:
+        return []
+    jobs = []
+    M = N = K = 4096
+    for dt in (["bf16"] if quick else ["bf16", "fp16"]):
+        for plain in ((False,) if quick else (False, True)):
+            configs = LA.tma_gemm_configs(plain)
+            if plain:
+                work = [("fwd", A.NONE.value, False, False), ("dx", A.NONE.value, False, False)]
+            else:
+                work = [("fwd",) + e for e in (HEAVIEST[:1] if quick else fused_epilogues(False)
+                                               if dt == "bf16" else HEAVIEST)]
+            for c in configs[:1] if quick else configs:
+                for layout, act, bias, z in work:
+                    epi = ACT_NAMES[act] + ("+bias" if bias else "") + ("+z" if z else "")
+                    args = dict(
+                        a_ptr=Ptr(dt), b_ptr=Ptr(dt), c_ptr=Ptr(dt), z_ptr=Ptr(dt), bias_ptr=Ptr(dt),
+                        M=M, N=N, K=K, stride_am=K, stride_b=K if layout == "fwd" else N,
+                        stride_cm=N, stride_cn=1, slope_hi=0.01, slope_lo=0.0,
+                        M_BUCKET=M, N_BUCKET=N, K_BUCKET=K, HAS_BIAS=bias, ACT=act, STORE_Z=z,
+                        B_KMAJOR=layout == "fwd", DOT_FP32=False, **c.kwargs)
+                    jobs.append(dict(kernel="gemm_tma", arch=arch, name=f"gemm_tma {dt} M={M} {layout} {epi}",
+                                     config=cfg_tag(c), args=args,
+                                     options=dict(num_warps=c.num_warps, num_stages=c.num_stages)))
     return jobs
 
 
@@ -380,7 +415,7 @@ def softmax_jobs(quick: bool):
 def all_jobs(quick: bool, targets):
     jobs = []
     for t in targets:
-        jobs += gemm_jobs(quick, t) + gated_jobs(quick, t)
+        jobs += gemm_jobs(quick, t) + tma_gemm_jobs(quick, t) + gated_jobs(quick, t)
         jobs += [dict(j, arch=t) for j in reduction_jobs(quick) + softmax_jobs(quick) + ce_jobs(quick)]
     return jobs
 
@@ -459,7 +494,7 @@ def main() -> int:
             results.append(r)
             if opts.verbose or not r["ok"]:
                 facts = (f"regs={r.get('regs')} spill={r.get('spill_stores')} "
-                         f"smem={r.get('smem')} {r.get('mma', '')}")
+                         f"smem={r.get('smem')} scratch={r.get('scratch')} {r.get('mma', '')}")
                 print(f"[{r['secs']:5.1f}s] {'ok ' if r['ok'] else 'BAD'} sm_{r['arch']} {r['name']} "
                       f"{r['config']}: {facts} {r.get('problem', '')}", flush=True)
     secs = time.time() - t0

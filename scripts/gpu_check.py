@@ -11,7 +11,9 @@ In about 8 minutes or less (--budget, seconds):
    our error must be <= 2x PyTorch's own error against a float64 reference (+ a small epsilon);
 2. timing (triton.testing.do_bench, median, after an untimed warm-up that includes autotuning):
    fused linear+GELU (bf16, fp16, fp32-TF32) against eager F.gelu(F.linear(...)), cuBLAS torch.mm
-   alone (the GEMM without its epilogue) and torch.compile (default mode), in TFLOP/s; softmax in
+   alone (the GEMM without its epilogue) and torch.compile (default mode), in TFLOP/s, and where
+   the persistent TMA GEMM (sm_90+, fp16 / bf16) runs, ours with it switched off
+   ("fastlayers-generic": the generic GEMM kernel); softmax in
    GB/s against a device-to-device copy of the same tensor in the same run;
 3. with the time left, the CUDA tests of tests/test_triton*.py (pytest, FASTLAYERS_AUTOTUNE=0).
 Writes bench/results/gpu-<name>.json and gpu-<name>.txt (the log: GPU, torch, triton, CUDA,
@@ -173,6 +175,14 @@ def correctness(c: Checks, small: bool, budget: Budget) -> None:
             c.linear(*big, act, dtype)
         if budget.left() < 0:
             return
+    # The large bf16 / fp16 GEMMs above ran on the persistent TMA kernel where the GPU has TMA:
+    # the generic kernel at the same size.
+    switch, tb.TMA_GEMM = tb.TMA_GEMM, False
+    try:
+        for dtype in low:
+            c.linear(*big, "gelu", dtype, what="(generic GEMM, TMA off)")
+    finally:
+        tb.TMA_GEMM = switch
     for dtype in low + [torch.float32, torch.float64]:
         c.linear(*s(512, 1000, 777), "gelu_tanh", dtype, what="(K, N not multiples of 16)")
         c.linear(*s(768, 512, 640), "silu", dtype, x_layout="transposed")
@@ -227,6 +237,7 @@ def bench(fn, dev: str, small: bool) -> float:
 
 
 def timing(dev: str, small: bool, budget: Budget, results: dict) -> None:
+    from fastlayers.backends import triton as tb
     log("== timing: fused linear+GELU (TFLOP/s, median) and softmax (GB/s)")
     shapes = {"mlp_up 8192x4096->16384": (8192, 4096, 16384),
               "square 8192x4096->4096": (8192, 4096, 4096),
@@ -255,9 +266,18 @@ def timing(dev: str, small: bool, budget: Budget, results: dict) -> None:
                     with fl.use_backend("triton"), torch.no_grad():
                         return fl.linear_act(x, w, b, "gelu")
 
+                def ours_generic():  # the generic GEMM kernel: the persistent TMA one switched off
+                    switch, tb.TMA_GEMM = tb.TMA_GEMM, False
+                    try:
+                        return ours()
+                    finally:
+                        tb.TMA_GEMM = switch
+
                 wt = w.t()
                 row = {"dtype": dname, "shape": sname, "M": M, "K": K, "N": N}
                 contenders = {"fastlayers": ours, "eager": eager, "mm": lambda: torch.mm(x, wt)}
+                if tb._use_tma_gemm(x, wt, x.new_empty(M, N), tb._device(x)[1]):
+                    contenders["fastlayers-generic"] = ours_generic
                 if not small:
                     compiled = torch.compile(eager, dynamic=False)
                     contenders["compile"] = compiled

@@ -5,6 +5,7 @@ compute-sanitizer, e.g.
     compute-sanitizer --tool racecheck python3 scripts/gpu_kernel_smoke.py
 
 Covers: the GEMM with every activation epilogue (with and without bias, y and z stores), the
+persistent TMA GEMM (sm_90+: bf16 with and without bias, gelu and none), the
 backward's act-grad + bias-grad partials and their reduction, dx / dW GEMMs, and softmax /
 log_softmax forward and backward on both paths (single pass and streaming), rows and strided
 (dim != -1). Shapes are small and deliberately not multiples of the tile sizes. Exits non-zero
@@ -41,6 +42,14 @@ def run(backend: str, fn, *tensors):
         return [y.detach()] + [t.grad for t in leaves]
 
 
+def check_linear(x: torch.Tensor, w: torch.Tensor, b, act: str) -> None:
+    args = (x, w) if b is None else (x, w, b)
+    fn = (lambda x, w, b=None: fl.linear_act(x, w, b, act))
+    ours, ref = run("triton", fn, *args), run("reference", fn, *args)
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        check(o, r, f"linear_act {act} {x.dtype} {tuple(x.shape)} bias={b is not None} output {i}")
+
+
 def main() -> None:
     dev = "cpu" if "--cpu" in sys.argv else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
@@ -53,11 +62,15 @@ def main() -> None:
         b = torch.randn(37, device=dev, dtype=dtype)
         for act in NAMES:
             for bias in (b, None):
-                args = (x, w) if bias is None else (x, w, bias)
-                fn = (lambda x, w, b=None, act=act: fl.linear_act(x, w, b, act))
-                ours, ref = run("triton", fn, *args), run("reference", fn, *args)
-                for i, (o, r) in enumerate(zip(ours, ref)):
-                    check(o, r, f"linear_act {act} {dtype} bias={bias is not None} output {i}")
+                check_linear(x, w, bias, act)
+    if dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        # the persistent TMA GEMM: bf16, M >= its minimum, 16-byte aligned rows (forward and dx)
+        x = torch.randn(300, 72, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(40, 72, device=dev, dtype=torch.bfloat16) / 7
+        b = torch.randn(40, device=dev, dtype=torch.bfloat16)
+        for act in ("gelu", "none"):
+            for bias in (b, None):
+                check_linear(x, w, bias, act)
     for dtype in (torch.float32, torch.float64) + (() if dev == "cpu" else (torch.float16,)):
         for length in (5, 1000, single_pass_max_length(1) + 3):  # both softmax paths
             for shape, dim in (((3, length), -1), ((length, 6), 0)):

@@ -439,3 +439,114 @@ def test_act_grad_fp64_tile():
     bm = K_LA.GRAD_BLOCK_M_FP64
     for M in (bm - 1, bm + 1, 4 * bm + 3):
         _check_linear(M, 5, K_LA.GRAD_BLOCK_N + 1, act="gelu", dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- persistent TMA GEMM
+@pytest.fixture
+def tma_forced(monkeypatch):
+    """Route every GEMM whose layout TMA accepts to the persistent TMA kernel, whatever the
+    device, dtype and M (the interpreter's bf16 / fp16 numerics are not a GPU's, so the
+    interpreter tests run fp32 data through it); returns the (M, K, N) of each TMA launch."""
+    calls = []
+    orig = _tb._tma_gemm
+
+    def spy(op, a, b, c, *rest):
+        calls.append((a.shape[0], a.shape[1], b.shape[1]))
+        return orig(op, a, b, c, *rest)
+
+    monkeypatch.setattr(_tb, "_use_tma_gemm", lambda a, b, c, cap: _tb.tma_layout_ok(a, b, c.element_size()))
+    monkeypatch.setattr(_tb, "_tma_gemm", spy)
+    return calls
+
+
+# fp32 data through the TMA kernel: a test device of the interpreter only (on a GPU its tl.dot on
+# fp32 operands would run TF32; the chooser never sends fp32 there).
+_INTERPRETER_ONLY = pytest.mark.skipif(
+    not K_LA.INTERPRET, reason="forces fp32 data through the TMA kernel, which a GPU would run "
+                               "in TF32; test_tma_gemm_low_precision_gpu covers the GPU")
+
+
+@_INTERPRETER_ONLY
+@pytest.mark.parametrize("M,K,N,act,bias,sms", [
+    (130, 72, 100, "gelu", True, 1),         # gelu saves z; no dim a multiple of the tile
+    (70, 40, 132, "sigmoid", False, 3),      # saves its output; three programs share the tiles
+    (64, 64, 64, "leaky_relu", True, 2),     # exactly one tile; more programs than tiles
+    (200, 136, 36, "none", False, 2),
+])
+def test_tma_gemm_matches_reference(tma_forced, monkeypatch, M, K, N, act, bias, sms):
+    """The persistent TMA GEMM: forward (B = W^T, K-major descriptor) and dx (B = W, row-major
+    descriptor) go through it, dW (A = dz^T, column-major) does not; all match the reference."""
+    monkeypatch.setattr(_tb, "INTERPRETER_SMS", sms)
+    _check_linear(M, K, N, act=act, dtype=torch.float32, bias=bias, what="TMA")
+    assert sorted(tma_forced) == sorted([(M, K, N), (M, N, K)]), tma_forced
+
+
+@_INTERPRETER_ONLY
+def test_tma_gemm_unaligned_falls_back(tma_forced):
+    """N = 70 fp32: dx = dz @ W reads dz's 280-byte rows (not a multiple of 16), so it takes the
+    generic kernel; the forward (144-byte rows) takes the TMA kernel; same results."""
+    _check_linear(40, 36, 70, act="gelu", what="TMA fallback")
+    assert tma_forced == [(40, 36, 70)]
+
+
+def test_tma_gemm_chooser(monkeypatch):
+    """The TMA GEMM only on compute capability >= 9.0, fp16 / bf16, M >= TMA_MIN_M, TMA-legal
+    layouts (16-byte aligned row strides and base, a row-major, b row-major or W^T), and with
+    the switch on; never on CPU tensors (the interpreter) without a test forcing it."""
+    M = _tb.TMA_MIN_M
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.zeros(M, 64, dtype=dtype)
+        w = torch.zeros(96, 64, dtype=dtype)
+        c = torch.zeros(M, 96, dtype=dtype)
+        assert _tb.tma_gemm_ok(x, w.t(), c, 90)          # forward: W^T
+        assert _tb.tma_gemm_ok(x, w.t().contiguous(), c, 90)  # row-major B (dx's layout)
+        assert _tb.tma_gemm_ok(x, w.t(), c, 100)
+        assert not _tb.tma_gemm_ok(x, w.t(), c, 89)
+        assert not _tb.tma_gemm_ok(x, w.t(), c, 80)
+        assert not _tb.tma_gemm_ok(x[: M - 1], w.t(), c[: M - 1], 90)      # M too small
+        assert not _tb.tma_gemm_ok(x.t().contiguous().t(), w.t(), c, 90)   # a column-major (dW)
+        assert _tb.tma_gemm_ok(x[:, :60], w.t()[:60], c, 90)               # K 60, strides 64
+        x2 = torch.zeros(M, 68, dtype=dtype)[:, :64]                        # row stride 136 B
+        assert not _tb.tma_gemm_ok(x2, w.t(), c, 90)
+        assert not _tb.tma_gemm_ok(x[:, 1:], w.t()[1:], c, 90)             # base off by 2 bytes
+        assert not _tb.tma_gemm_ok(x, w.t().contiguous()[:, ::2], c[:, :48], 90)  # no unit stride
+        assert not _tb._use_tma_gemm(x, w.t(), c, 90)                      # CPU tensors
+        monkeypatch.setattr(_tb, "TMA_GEMM", False)
+        assert not _tb.tma_gemm_ok(x, w.t(), c, 90)
+        monkeypatch.setattr(_tb, "TMA_GEMM", True)
+    for dtype in (torch.float32, torch.float64):
+        x, w, c = torch.zeros(M, 64, dtype=dtype), torch.zeros(96, 64, dtype=dtype), torch.zeros(M, 96, dtype=dtype)
+        assert not _tb.tma_gemm_ok(x, w.t(), c, 90)
+
+
+def test_tma_gemm_config_tables():
+    """TMA configs: powers of two >= 16, a fused-epilogue config, an autotuning key of kernel
+    arguments."""
+    assert K_LA.tma_gemm_configs(plain=False)
+    for entry in K_LA.TMA_GEMM_CONFIGS:
+        for v in entry[:3]:
+            assert v >= 16 and v & (v - 1) == 0, entry
+    assert set(K_LA.TMA_AUTOTUNE_KEY) <= set(K_LA._gemm_tma_persistent_kernel.arg_names)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a CUDA GPU of compute capability >= 9.0 (TMA), and the "
+                           "interpreter's fp16 / bf16 numerics are not a GPU's")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tma_gemm_low_precision_gpu(dtype):
+    """The TMA GEMM as the chooser picks it on the GPU: error <= 2x PyTorch's own vs float64,
+    forward and backward, with a fused gelu (z saved) and bias, dims not multiples of the tile."""
+    from conftest import assert_matches
+    M, K, N = 1000, 1032, 776
+    x = _rand(M, K, dtype=dtype, seed=1)
+    w = _rand(N, K, dtype=dtype, scale=K ** -0.5, seed=2)
+    b = _rand(N, dtype=dtype, seed=3)
+    assert _tb._use_tma_gemm(x, w.t(), torch.empty(M, N, dtype=dtype, device=DEVICE),
+                             _tb._device(x)[1])
+    dy = _rand(M, N, dtype=dtype, seed=4)
+    ours = _linear_grads(x, w, b, "gelu", dy, "triton")
+    ref = _linear_grads(x.double(), w.double(), b.double(), "gelu", dy.double(), "reference")
+    eager = _linear_grads(x, w, b, "gelu", dy, "reference")
+    for name, o, r, e in zip(("y", "dx", "dw", "db"), ours, ref, eager):
+        assert_matches(o, r, e, red=K, what=f"{name} {dtype}")

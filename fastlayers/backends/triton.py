@@ -6,7 +6,8 @@ Runs on CUDA tensors, and on CPU tensors when the kernels were built for Triton'
 tests every kernel without a GPU.
 
 linear_act forward: one GEMM launch whose epilogue adds the bias, applies the activation and
-    stores y (and the pre-activation z when the backward needs it).
+    stores y (and the pre-activation z when the backward needs it). fp16 / bf16 GEMMs with
+    TMA-legal operands on sm_90+ GPUs run the persistent TMA kernel (``tma_gemm_ok``).
 linear_act backward: one elementwise launch ``dz = dy * act'(saved)`` that also writes per-slab
     column sums of dz, a small fixed-order reduction of those sums into db, then the GEMMs
     dx = dz @ W and dW = dz^T @ x. (Fusing act' into the GEMM prologue instead would save one
@@ -24,6 +25,7 @@ on fp64), so gradcheck goes through these kernels.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 from typing import Callable, Optional, Tuple
@@ -213,6 +215,9 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
         _sum_rows(op, work.view(split, M * N), c.view(M * N))
         return
 
+    if K and _use_tma_gemm(a, b, c, capability):
+        _tma_gemm(op, a, b, c, z, bias, act_code, hi, lo, sms)
+        return
     configs = _la.gemm_configs(dclass, next_pow2(M), plain, capability)
     key = (dclass, plain, next_pow2(M), next_pow2(N), next_pow2(K), layout, act_code, bias is not None,
            z is not None, precision, c.dtype, c.device)
@@ -228,6 +233,86 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
     cfg = _tuned.get(key) or _la.heuristic_config(configs, M, N, sms)
     grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
     _launch(op, c, lambda: _la.gemm_kernel[grid](*args(c), **meta, SPLIT_K=1, **cfg.all_kwargs()))
+
+
+# The persistent TMA GEMM (kernels/linear_act.py `_gemm_tma_persistent_kernel`) for fp16 / bf16
+# GEMMs on sm_90+ GPUs. FASTLAYERS_TMA_GEMM=0 in the environment (or TMA_GEMM = False here)
+# keeps every GEMM on the generic kernel. TMA_MIN_M: smaller M stays on the generic kernel (its
+# decode-sized configs; a persistent grid gains nothing with few tiles). Not yet measured
+# against the generic kernel on a GPU.
+TMA_GEMM = os.environ.get("FASTLAYERS_TMA_GEMM", "1") != "0"
+TMA_MIN_M = 256
+TMA_PROGRAMS_PER_SM = 1
+
+
+def tma_layout_ok(a: Tensor, b: Tensor, itemsize: int) -> bool:
+    """TMA's rules for a (M, K) @ b (K, N) of elements of `itemsize` bytes: K > 0, a with unit
+    column stride, b with unit stride in one dimension, 16-byte aligned base addresses and row
+    strides."""
+    if a.shape[1] == 0 or a.stride(1) != 1 or not (b.stride(0) == 1 or b.stride(1) == 1):
+        return False
+    lead_b = b.stride(1) if b.stride(0) == 1 else b.stride(0)
+    return all(v % 16 == 0 for v in (a.stride(0) * itemsize, lead_b * itemsize, a.data_ptr(), b.data_ptr()))
+
+
+def tma_gemm_ok(a: Tensor, b: Tensor, c: Tensor, capability: int) -> bool:
+    """Whether the persistent TMA GEMM computes c = epilogue(a @ b): TMA_GEMM on, compute
+    capability >= 9.0 (10 * major + minor >= 90), fp16 / bf16, M >= TMA_MIN_M and tma_layout_ok."""
+    return (TMA_GEMM and capability >= 90 and c.dtype in (torch.float16, torch.bfloat16)
+            and a.shape[0] >= TMA_MIN_M and tma_layout_ok(a, b, c.element_size()))
+
+
+def _use_tma_gemm(a: Tensor, b: Tensor, c: Tensor, capability: int) -> bool:
+    """The chooser of _gemm: the TMA GEMM on CUDA tensors only (tests force it under the
+    interpreter by replacing this function)."""
+    return c.is_cuda and tma_gemm_ok(a, b, c, capability)
+
+
+def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    """Global scratch for the TMA descriptors the kernel makes on the device (triton's allocator
+    protocol; torch's caching allocator, current device and stream)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor], bias: Optional[Tensor],
+              act_code: int, hi: float, lo: float, sms: int) -> None:
+    """_gemm on the persistent TMA kernel (tma_gemm_ok(a, b, c, ...) holds): at most
+    TMA_PROGRAMS_PER_SM programs per SM, autotuned like _gemm."""
+    M, K = a.shape
+    N = b.shape[1]
+    b_kmajor = b.stride(0) == 1  # b is the transpose of a row-major (N, K) tensor (W^T)
+    plain = z is None and bias is None and act_code == _NONE
+    args = (a, b.t() if b_kmajor else b, c, z if z is not None else c, bias if bias is not None else c,
+            M, N, K, a.stride(0), b.stride(1) if b_kmajor else b.stride(0), c.stride(0), c.stride(1),
+            hi, lo, next_pow2(M), next_pow2(N), next_pow2(K))
+    meta = dict(HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None, B_KMAJOR=b_kmajor,
+                DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16)
+    configs = _la.tma_gemm_configs(plain)
+    programs = sms * TMA_PROGRAMS_PER_SM
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    key = ("tma", plain, next_pow2(M), next_pow2(N), next_pow2(K), b_kmajor, act_code,
+           bias is not None, z is not None, c.dtype, c.device)
+    if AUTOTUNE and not _capturing(c):
+        kernel = _la.autotuned_tma_gemm(configs)
+        _launch_with_scratch(op, c, lambda: kernel[grid](*args, **meta))
+        _tuned[key] = kernel.best_config
+        return
+    cfg = _tuned.get(key) or _la.heuristic_config(configs, M, N, sms)
+    _launch_with_scratch(op, c, lambda: _la.tma_gemm_kernel[grid(cfg.kwargs)](
+        *args, **meta, **cfg.all_kwargs()))
+
+
+def _launch_with_scratch(op: str, t: Tensor, fn: Callable[[], object]) -> None:
+    """_launch with _tma_scratch as triton's allocator, set in a copy of the current context so
+    the caller's allocator setting is left as it was."""
+    def run():
+        triton.set_allocator(_tma_scratch)
+        _launch(op, t, fn)
+
+    contextvars.copy_context().run(run)
 
 
 def _sum_rows(op: str, partial: Tensor, out: Tensor) -> None:

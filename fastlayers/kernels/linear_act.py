@@ -1,6 +1,6 @@
 """Kernels of ``y = act(x @ W^T + b)``, forward and backward.
 
-Three kernels (launched by fastlayers/backends/triton.py):
+Four kernels (launched by fastlayers/backends/triton.py):
 
 * ``gemm_kernel`` — one generic strided GEMM, ``C = epilogue(A @ B)``, A: (M, K), B: (K, N), any
   strides (so W^T, dz^T and non-contiguous x are views, never copies). Grouped tile order (GROUP_M
@@ -12,6 +12,10 @@ Three kernels (launched by fastlayers/backends/triton.py):
   plain GEMMs with few output tiles and a long reduction, e.g. dW when M >> N x K).
   Cost: 2*M*N*K flops; reads M*K + K*N elements once per tile row/column of the other operand
   (bounded by L2 reuse), writes M*N (+ M*N for Z).
+* ``_gemm_tma_persistent_kernel`` — the same GEMM and epilogue (``gemm_epilogue``, shared) for
+  fp16 / bf16 on sm_90+: at most one program per SM, each looping over tiles in grouped order,
+  A and B tiles loaded through TMA descriptors made on the device (A row-major, B row-major or
+  W^T; the launcher checks TMA's alignment rules and falls back to ``gemm_kernel`` otherwise).
 * ``act_grad_bias_kernel`` — ``dz = dy * act'(saved)`` and the partial column sums of dz for the
   bias gradient, one row-slab of ROWS_PER_PROG rows per program. Reads 2*M*N, writes M*N
   (+ P*N fp32 partial sums). No atomics: program (p, j) owns partial[p, j-block].
@@ -54,10 +58,9 @@ def slab_tile(row, M, N, offs_n, mask_n, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The tile of program `pid` in grouped order (consecutive programs walk GROUP_M tile rows down
-    one tile column, so the B strip they share stays in L2): its row and column offsets (int64, so
-    tensors past 2^31 elements are addressed right) and their masks."""
+def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (tile row, tile column) of tile number `pid` in grouped order: consecutive tiles walk
+    GROUP_M tile rows down one tile column, so the B strip they share stays in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -66,9 +69,43 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row and column offsets of tile (pid_m, pid_n) (int64, so tensors past 2^31 elements are
+    addressed right) and their masks."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return offs_m.to(tl.int64), offs_n.to(tl.int64), offs_m < M, offs_n < N
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The tile of program `pid` in grouped order (grouped_pid): its offsets and masks
+    (tile_offsets)."""
+    pid_m, pid_n = grouped_pid(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def gemm_epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m64, offs_n64, mask_m, mask_n,
+                  stride_cm, stride_cn, slope_hi, slope_lo,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr):
+    """Stores one tile of C = act(acc + bias) (and Z = acc + bias when STORE_Z) in their own
+    dtypes: the epilogue of both GEMM kernels (arguments as in _gemm_kernel)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n64, mask=mask_n, other=0.0)
+        acc = acc + bias.to(ACC_DTYPE)[None, :]
+    c_offs = offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    slope = tl.cast(slope_hi, ACC_DTYPE) + tl.cast(slope_lo, ACC_DTYPE)
+    y = apply_act(acc, ACT, slope)
+    tl.store(c_ptr + c_offs, y.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -255,16 +292,8 @@ def _gemm_kernel(
         # out_dtype explicit: triton 3.6 defaults it to fp32 and rejects an fp64 accumulator.
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n64, mask=mask_n, other=0.0)
-        acc = acc + bias.to(ACC_DTYPE)[None, :]
-    c_offs = offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
-    mask = mask_m[:, None] & mask_n[None, :]
-    if STORE_Z:
-        tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    slope = tl.cast(slope_hi, ACC_DTYPE) + tl.cast(slope_lo, ACC_DTYPE)
-    y = apply_act(acc, ACT, slope)
-    tl.store(c_ptr + c_offs, y.to(c_ptr.dtype.element_ty), mask=mask)
+    gemm_epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m64, offs_n64, mask_m, mask_n, stride_cm, stride_cn,
+                  slope_hi, slope_lo, HAS_BIAS, ACT, STORE_Z, ACC_DTYPE)
 
 
 gemm_kernel = _gemm_kernel  # launched directly with one config (heuristic, split-K)
@@ -272,18 +301,102 @@ _AUTOTUNED = {}
 
 
 def autotuned_gemm(configs: list):
-    """The GEMM autotuned over `configs` (one Autotuner per distinct list, made on first use).
-    Tuned results are kept on disk between processes where this triton supports it."""
-    key = tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs)
+    """The GEMM autotuned over `configs` (one Autotuner per distinct list, made on first use)."""
+    return _autotuned(_gemm_kernel, GEMM_AUTOTUNE_KEY, configs)
+
+
+def _autotuned(fn, key_names: list, configs: list):
+    """`fn` autotuned over `configs` with key `key_names`, one Autotuner per (fn, list). Tuned
+    results are kept on disk between processes where this triton supports it."""
+    key = (fn.__name__,) + tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+                                 for c in configs)
     kernel = _AUTOTUNED.get(key)
     if kernel is None:
         extra = {"cache_results": True} if "cache_results" in _AUTOTUNE_PARAMS else {}
-        kernel = triton.autotune(configs=configs, key=GEMM_AUTOTUNE_KEY, **extra)(_gemm_kernel)
+        kernel = triton.autotune(configs=configs, key=key_names, **extra)(fn)
         _AUTOTUNED[key] = kernel
     return kernel
 
 
 _AUTOTUNE_PARAMS = inspect.signature(triton.autotune).parameters
+
+
+# ----------------------------------------------------------------------------- persistent TMA GEMM
+# sm_90+ only, fp16 / bf16 data: A row-major, B row-major or its transpose (the forward's W^T and
+# the backward's dx = dz @ W), strides 16-byte aligned (TMA's rules; fastlayers/backends/triton.py
+# `tma_gemm_ok` checks them). Configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
+# plain_only), GROUP_M 8, each passing scripts/compile_gate.py's "gemm_tma" family on sm_90.
+TMA_GEMM_CONFIGS = [(128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
+                    (128, 128, 64, 8, 4, False), (128, 128, 64, 8, 3, False),
+                    (128, 64, 64, 4, 4, False)]
+TMA_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACT", "HAS_BIAS", "STORE_Z", "B_KMAJOR"]
+
+
+def tma_gemm_configs(plain: bool) -> list:
+    """The configs autotuning chooses from for the persistent TMA GEMM, largest tiles first."""
+    if INTERPRET:
+        return [INTERPRETER_GEMM_CONFIG]
+    return [_cfg(bm, bn, bk, 8, w, st) for bm, bn, bk, w, st, plain_only in TMA_GEMM_CONFIGS
+            if plain or not plain_only]
+
+
+@triton.jit
+def _gemm_tma_persistent_kernel(
+    a_ptr, b_ptr, c_ptr, z_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_b, stride_cm, stride_cn,
+    slope_hi, slope_lo,
+    M_BUCKET, N_BUCKET, K_BUCKET,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr, B_KMAJOR: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = act(A[M, K] @ B[K, N] + bias[N]) (and Z) as _gemm_kernel, persistent: the grid
+    is at most one program per SM, and program p computes tiles p, p + grid, ... in grouped
+    order; A and B tiles come through TMA tensor descriptors made on the device (the launcher
+    provides their global scratch through triton.set_allocator).
+
+    a_ptr: (M, K) with strides (stride_am, 1). B_KMAJOR: b_ptr is B^T, (N, K) with strides
+    (stride_b, 1) (the forward's weight); else B, (K, N) with strides (stride_b, 1). Out-of-range
+    rows / columns of a tile load as zeros (TMA's padding), so M, N, K need not be multiples of
+    the tile. The epilogue (gemm_epilogue) stores through pointers: C and Z any strides.
+    fp32 accumulation. DOT_FP32, M_BUCKET, N_BUCKET, K_BUCKET: as in _gemm_kernel.
+    """
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    if B_KMAJOR:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = grouped_pid(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        row = pid_m * BLOCK_M
+        col = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([row, k0])
+            if B_KMAJOR:
+                b = b_desc.load([col, k0]).T
+            else:
+                b = b_desc.load([k0, col])
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        offs_m64, offs_n64, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+        gemm_epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m64, offs_n64, mask_m, mask_n,
+                      stride_cm, stride_cn, slope_hi, slope_lo, HAS_BIAS, ACT, STORE_Z, tl.float32)
+
+
+tma_gemm_kernel = _gemm_tma_persistent_kernel  # launched directly with one config (heuristic)
+
+
+def autotuned_tma_gemm(configs: list):
+    """The persistent TMA GEMM autotuned over `configs` (as autotuned_gemm)."""
+    return _autotuned(_gemm_tma_persistent_kernel, TMA_AUTOTUNE_KEY, configs)
 
 
 @triton.jit
