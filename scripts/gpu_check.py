@@ -380,6 +380,8 @@ def main() -> int:
         return 2
     load("triton")
     import triton
+    from fastlayers.backends import triton as tb
+    tb.TMA_GEMM = os.environ.get("FASTLAYERS_TMA_GEMM", "1") != "0"  # checked and timed here (off by default)
     gpu = torch.cuda.get_device_name() if dev == "cuda" else f"CPU interpreter ({platform.processor() or platform.machine()})"
     name = opts.name or re.sub(r"[^A-Za-z0-9]+", "-", gpu if dev == "cuda" else "cpu-dryrun").strip("-")
     out_dir = opts.out_dir or (os.path.join(ROOT, "bench", "results") if dev == "cuda"
@@ -390,7 +392,7 @@ def main() -> int:
         "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "commit": git_commit(),
         "sms": torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else None,
-        "dry_run": dev == "cpu", "autotune": os.environ.get("FASTLAYERS_AUTOTUNE", "1"),
+        "dry_run": dev == "cpu", "autotune": os.environ.get("FASTLAYERS_AUTOTUNE", "1"), "tma_gemm": tb.TMA_GEMM,
     }
     log(f"gpu_check: {info['device']} | torch {info['torch']} | triton {info['triton']} | "
         f"CUDA {info['cuda']} | Python {info['python']} | commit {info['commit']} | {info['date']}")

@@ -6,6 +6,8 @@ through Triton's interpreter (~2 ms per program): shapes stay small (dims <= ~30
 marked `triton_interp`, so `pytest -m triton_interp` selects the Triton suite (the triton-3.6 run
 of the Makefile does).
 """
+import os
+
 import pytest
 import torch
 
@@ -492,7 +494,9 @@ def test_tma_gemm_unaligned_falls_back(tma_forced):
 def test_tma_gemm_chooser(monkeypatch):
     """The TMA GEMM only on compute capability >= 9.0, fp16 / bf16, M >= TMA_MIN_M, TMA-legal
     layouts (16-byte aligned row strides and base, a row-major, b row-major or W^T), and with
-    the switch on; never on CPU tensors (the interpreter) without a test forcing it."""
+    the switch on (off by default); never on CPU tensors (the interpreter) without a test forcing it."""
+    assert _tb.TMA_GEMM == (os.environ.get("FASTLAYERS_TMA_GEMM") == "1")
+    monkeypatch.setattr(_tb, "TMA_GEMM", True)
     M = _tb.TMA_MIN_M
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.zeros(M, 64, dtype=dtype)
@@ -534,10 +538,11 @@ def test_tma_gemm_config_tables():
                     reason="needs a CUDA GPU of compute capability >= 9.0 (TMA), and the "
                            "interpreter's fp16 / bf16 numerics are not a GPU's")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_tma_gemm_low_precision_gpu(dtype):
+def test_tma_gemm_low_precision_gpu(dtype, monkeypatch):
     """The TMA GEMM as the chooser picks it on the GPU: error <= 2x PyTorch's own vs float64,
     forward and backward, with a fused gelu (z saved) and bias, dims not multiples of the tile."""
     from conftest import assert_matches
+    monkeypatch.setattr(_tb, "TMA_GEMM", True)
     M, K, N = 1000, 1032, 776
     x = _rand(M, K, dtype=dtype, seed=1)
     w = _rand(N, K, dtype=dtype, scale=K ** -0.5, seed=2)

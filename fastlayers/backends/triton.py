@@ -236,11 +236,12 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
 
 
 # The persistent TMA GEMM (kernels/linear_act.py `_gemm_tma_persistent_kernel`) for fp16 / bf16
-# GEMMs on sm_90+ GPUs. FASTLAYERS_TMA_GEMM=0 in the environment (or TMA_GEMM = False here)
-# keeps every GEMM on the generic kernel. TMA_MIN_M: smaller M stays on the generic kernel (its
-# decode-sized configs; a persistent grid gains nothing with few tiles). Not yet measured
-# against the generic kernel on a GPU.
-TMA_GEMM = os.environ.get("FASTLAYERS_TMA_GEMM", "1") != "0"
+# GEMMs on sm_90+ GPUs. Off until it has run on a GPU (it is tested only under the interpreter
+# and compiled by the sm_90 gate): FASTLAYERS_TMA_GEMM=1 in the environment (or TMA_GEMM = True
+# here) turns it on; scripts/gpu_check.py runs it and times it against the generic kernel.
+# TMA_MIN_M: smaller M stays on the generic kernel (its decode-sized configs; a persistent grid
+# gains nothing with few tiles).
+TMA_GEMM = os.environ.get("FASTLAYERS_TMA_GEMM", "0") == "1"
 TMA_MIN_M = 256
 TMA_PROGRAMS_PER_SM = 1
 
