@@ -474,3 +474,57 @@ def test_fused_linear_none_errors_are_nn_linear_errors(monkeypatch):
         with pytest.raises(RuntimeError) as got:
             fused(x)
         assert str(got.value) == str(want.value)
+
+
+# fp32 GEMMs on oneDNN where MKL's sgemm is generic (cpp._mm): forced on small shapes, every GEMM of
+# the forward and backward of linear_act, gated_linear and linear_cross_entropy, with transposed and
+# sliced operands, against float64 PyTorch.
+@pytest.mark.skipif(not cpp._probe_onednn(torch.float32), reason="this torch has no usable oneDNN fused linear")
+@pytest.mark.parametrize("layout", ["contiguous", "x_transposed", "w_transposed", "sliced"])
+def test_fp32_gemms_on_onednn(monkeypatch, layout):
+    monkeypatch.setattr(cpp, "_FP32_MM_ONEDNN", True)
+    monkeypatch.setattr(cpp, "ONEDNN_MIN_MACS", 1)
+    monkeypatch.setattr(cpp, "TORCH_OPS_MAX_OUT", 0)
+    calls = []
+    real = cpp._linear_pointwise
+    monkeypatch.setattr(cpp, "_linear_pointwise", lambda *a: calls.append(a[3]) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 37, 29, 23
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / 4
+    wu = torch.randn(n, k, generator=g) / 4
+    if layout == "x_transposed":
+        x = x.t().contiguous().t()
+    elif layout == "w_transposed":
+        w, wu = w.t().contiguous().t(), wu.t().contiguous().t()
+    elif layout == "sliced":
+        x = torch.randn(m, 2 * k, generator=g)[:, ::2]
+    b = torch.randn(n, generator=g)
+    t = torch.randint(0, n, (m,), generator=g)
+    ops = {
+        "linear_act": (lambda x, w, wu, b: fl.linear_act(x, w, b, "gelu"),
+                       lambda x, w, wu, b: F.gelu(F.linear(x, w, b))),
+        "gated": (lambda x, w, wu, b: fl.gated_linear(x, w, wu, b, None, "silu"),
+                  lambda x, w, wu, b: F.silu(F.linear(x, w, b)) * F.linear(x, wu)),
+        "linear_ce": (lambda x, w, wu, b: fl.linear_cross_entropy(x, w, t, b),
+                      lambda x, w, wu, b: F.cross_entropy(F.linear(x, w, b), t)),
+    }
+    with fl.use_backend("cpp"):
+        for name, (ours, torch_op) in ops.items():
+            calls.clear()
+            ins = [leaf(v) for v in (x, w, wu, b)]
+            y = ours(*ins)
+            gy = torch.randn(y.shape, generator=g)
+            got = [y.detach()] + list(torch.autograd.grad(y, ins, gy, allow_unused=True))
+            assert calls, f"{name}: no GEMM went to oneDNN"
+            ins32 = [leaf(v) for v in (x, w, wu, b)]
+            y32 = torch_op(*ins32)
+            eager = [y32.detach()] + list(torch.autograd.grad(y32, ins32, gy, allow_unused=True))
+            ins64 = [leaf(v.double()) for v in (x, w, wu, b)]
+            y64 = torch_op(*ins64)
+            ref = [y64.detach()] + list(torch.autograd.grad(y64, ins64, gy.double(), allow_unused=True))
+            for i, (a, e, r) in enumerate(zip(got, eager, ref)):
+                if r is None:
+                    assert a is None or not a.any(), (name, i)
+                    continue
+                assert_matches(a, r, e, red=max(m, k, n), what=f"{name} output {i}")
