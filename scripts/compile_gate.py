@@ -357,7 +357,7 @@ def ce_jobs(quick: bool):
                                  options=dict(num_warps=4)))
                 jobs.append(dict(kernel="ce_bwd", name=f"ce_bwd {what}", config=f"block {block} w4",
                                  args=dict(base, stats_ptr=Ptr(cdt), scale_ptr=Ptr(cdt), dx_ptr=Ptr(dt),
-                                           BF16_OUT=dt == "bf16"),
+                                           col0=C, classes=2 * C + 16, BF16_OUT=dt == "bf16"),
                                  options=dict(num_warps=4)))
     return jobs
 
