@@ -246,6 +246,18 @@ static inline V act_forward(V z, C slope) {
 // RELU6 and LEAKY_RELU with slope >= 0; the pre-activation z for GELU, GELU_TANH, SILU,
 // HARDSWISH, HARDSIGMOID, QUICK_GELU, MISH and LEAKY_RELU with slope < 0 (for LEAKY_RELU `s > 0` is
 // the same test either way; for RELU6 `0 < s < 6` too). PyTorch's formulas (vectorised CPU path).
+// sigmoid(t) = 1 / (1 + e^-t), and 1 - sigmoid(t) in *om without cancellation: as e^-t sigmoid(t)
+// where sigmoid(t) >= 1/2 (1 - sg there loses the low bits that the derivatives below multiply by
+// z: gelu_tanh' at z = 4 was off by ~2e-6 absolute, twice PyTorch's error, before). e^-t = inf
+// gives sg = 0 and om = 1; NaN stays NaN.
+template <class V, class C>
+static inline V sigmoid_and_complement(V t, V* om) {
+  V e = vexp(-t);
+  V sg = vrcp(C(1) + e);
+  *om = sg < C(0.5) ? C(1) - sg : e * sg;
+  return sg;
+}
+
 template <int ACT, class V, class C>
 static inline V act_backward(V dy, V s, C slope) {
   if constexpr (ACT == NONE) return dy;
@@ -258,14 +270,16 @@ static inline V act_backward(V dy, V s, C slope) {
   if constexpr (ACT == GELU_TANH) {
     V x2 = s * s;
     V u = C(kTanhBeta) * (s + C(kTanhKappa) * x2 * s);
-    V sg = vrcp(C(1) + vexp(C(-2) * u));  // (1 + tanh u) / 2
+    V om;
+    V sg = sigmoid_and_complement<V, C>(C(2) * u, &om);  // (1 + tanh u) / 2, and 1 - that
     // d/dz [z sg] with 1 - tanh^2 u = 4 sg (1 - sg)
-    V right = C(2) * s * sg * (C(1) - sg) * C(kTanhBeta) * (C(1) + C(3 * kTanhKappa) * x2);
+    V right = C(2) * s * sg * om * C(kTanhBeta) * (C(1) + C(3 * kTanhKappa) * x2);
     return dy * (sg + right);
   }
   if constexpr (ACT == SILU) {
-    V sg = vrcp(C(1) + vexp(-s));
-    return dy * sg * (C(1) + s * (C(1) - sg));
+    V om;
+    V sg = sigmoid_and_complement<V, C>(s, &om);
+    return dy * sg * (C(1) + s * om);
   }
   if constexpr (ACT == SIGMOID) return dy * (C(1) - s) * s;
   if constexpr (ACT == TANH) return dy * (C(1) - s * s);
@@ -276,8 +290,9 @@ static inline V act_backward(V dy, V s, C slope) {
   if constexpr (ACT == HARDSIGMOID) return (s > C(-3)) & (s < C(3)) ? dy * C(kOneSixthF) : V{};
   if constexpr (ACT == RELU6) return (s > C(0)) & (s < C(6)) ? dy : V{};  // 0 at 0, 6 and NaN
   if constexpr (ACT == QUICK_GELU) {
-    V sg = vrcp(C(1) + vexp(C(-kQuickGelu) * s));
-    return dy * (sg + C(kQuickGelu) * s * sg * (C(1) - sg));
+    V om;
+    V sg = sigmoid_and_complement<V, C>(C(kQuickGelu) * s, &om);
+    return dy * (sg + C(kQuickGelu) * s * sg * om);
   }
   if constexpr (ACT == MISH) {
     V omt2;
