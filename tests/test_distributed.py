@@ -67,6 +67,10 @@ def _worker(rank: int, kind: str, store: str, backend: str, out: str) -> None:
         state = {k.removeprefix("module."): getattr(v, "full_tensor", lambda v=v: v)() for k, v in state.items()}
         if rank == 0:
             torch.save(state, out)
+        # Both ranks done before either tears down: a rank destroying its gloo group while the
+        # other still has work in flight aborted once ("terminate called without an active
+        # exception" from gloo's threads, 1 run in ~20 on the loaded 2-core machine).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
