@@ -476,9 +476,9 @@ def test_fused_linear_none_errors_are_nn_linear_errors(monkeypatch):
         assert str(got.value) == str(want.value)
 
 
-# fp32 GEMMs on oneDNN where MKL's sgemm is generic (cpp._mm): forced on small shapes, every GEMM of
-# the forward and backward of linear_act, gated_linear and linear_cross_entropy, with transposed and
-# sliced operands, against float64 PyTorch.
+# fp32 GEMMs on oneDNN where MKL's sgemm is generic (cpp._mm): forced on small shapes, the forward
+# and backward of linear_act, gated_linear and linear_cross_entropy (its logits GEMMs), with
+# transposed and sliced operands, against float64 PyTorch.
 @pytest.mark.skipif(not cpp._probe_onednn(torch.float32), reason="this torch has no usable oneDNN fused linear")
 @pytest.mark.parametrize("layout", ["contiguous", "x_transposed", "w_transposed", "sliced"])
 def test_fp32_gemms_on_onednn(monkeypatch, layout):

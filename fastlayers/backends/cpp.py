@@ -84,7 +84,8 @@ def _mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     PyTorch's mm / addmm (MKL sgemm for fp32, oneDNN matmul for 16-bit), a large result in a
     huge-page-backed buffer (see _empty); fp32 GEMMs of ONEDNN_MIN_MACS and more on oneDNN's
     inner product instead where MKL's sgemm is its generic code (_mkl_sgemm_is_generic): the
-    backward's dx and dW, the gated and loss GEMMs, and the forward's "mkl" route."""
+    backward's dx and dW, the gated GEMMs, and the forward's "mkl" route (linear_ce_chunk_grads
+    writes into given buffers with torch.mm / addmm_ directly)."""
     m, n = a.shape[0], b.shape[1]
     if (_FP32_MM_ONEDNN and a.dtype == torch.float32 and ROUTE != "mkl"
             and m * a.shape[1] * n >= ONEDNN_MIN_MACS and _probe_onednn(torch.float32)):
@@ -374,10 +375,8 @@ def linear_act_forward_packed(x: Tensor, w: Tensor, b: Optional[Tensor], act: Ac
     n = w.shape[0]
     if b is not None and not b.is_contiguous():
         b = b.contiguous()
-    if ROUTE == "auto" and m * k * n < ONEDNN_MIN_MACS:  # small: one ATen call + one pass
-        if m * n <= TORCH_OPS_MAX_OUT:
-            return act.ref(F.linear(x, w, b), slope)
-        return _epilogue(*_mm_bias(x, w, b), act, slope, None)[0]
+    if ROUTE == "auto" and m * k * n < ONEDNN_MIN_MACS:  # small: nothing packed to use
+        return linear_act_forward(x, w, b, act, slope, False)[0]
     route = _forward_route(x, w, act, slope, None)
     if route == "mkl":
         return _epilogue(*_mm_bias(x, w, b), act, slope, None)[0]
