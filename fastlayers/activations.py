@@ -31,6 +31,9 @@ class Activation:
     saves_output: bool  # backward can be computed from the output alone (for slope >= 0)
     ref: Callable[[Tensor, float], Tensor]  # PyTorch reference: ref(z, negative_slope)
     module: Callable[[float], torch.nn.Module]  # the equivalent nn.Module
+    # ref computed in place on z (a fresh tensor nothing else holds and that needs no grad): the
+    # same ATen kernel as ref (bit-identical results) without allocating the output.
+    ref_: Callable[[Tensor, float], Tensor]
 
     def saves(self, negative_slope: float) -> str:
         if self.name == "none":
@@ -58,17 +61,23 @@ def _quick_gelu(z: Tensor) -> Tensor:
 
 
 def _table() -> Dict[str, Activation]:
+    nn_ = torch._C._nn  # the in-place ATen ops behind F.*(inplace=True), without F's Python layer
     rows = [
-        Activation("none", 0, False, lambda z, s: z, lambda s: torch.nn.Identity()),
-        Activation("relu", 1, True, lambda z, s: F.relu(z), lambda s: torch.nn.ReLU()),
+        Activation("none", 0, False, lambda z, s: z, lambda s: torch.nn.Identity(), lambda z, s: z),
+        Activation("relu", 1, True, lambda z, s: F.relu(z), lambda s: torch.nn.ReLU(),
+                   lambda z, s: torch.relu_(z)),
         Activation("leaky_relu", 2, True, lambda z, s: F.leaky_relu(z, s),
-                   lambda s: torch.nn.LeakyReLU(s)),
-        Activation("gelu", 3, False, lambda z, s: F.gelu(z), lambda s: torch.nn.GELU()),
+                   lambda s: torch.nn.LeakyReLU(s), lambda z, s: nn_.leaky_relu_(z, s)),
+        Activation("gelu", 3, False, lambda z, s: F.gelu(z), lambda s: torch.nn.GELU(),
+                   lambda z, s: nn_.gelu_(z)),
         Activation("gelu_tanh", 4, False, lambda z, s: F.gelu(z, approximate="tanh"),
-                   lambda s: torch.nn.GELU(approximate="tanh")),
-        Activation("silu", 5, False, lambda z, s: F.silu(z), lambda s: torch.nn.SiLU()),
-        Activation("sigmoid", 6, True, lambda z, s: torch.sigmoid(z), lambda s: torch.nn.Sigmoid()),
-        Activation("tanh", 7, True, lambda z, s: torch.tanh(z), lambda s: torch.nn.Tanh()),
+                   lambda s: torch.nn.GELU(approximate="tanh"), lambda z, s: nn_.gelu_(z, approximate="tanh")),
+        Activation("silu", 5, False, lambda z, s: F.silu(z), lambda s: torch.nn.SiLU(),
+                   lambda z, s: nn_.silu_(z)),
+        Activation("sigmoid", 6, True, lambda z, s: torch.sigmoid(z), lambda s: torch.nn.Sigmoid(),
+                   lambda z, s: torch.sigmoid_(z)),
+        Activation("tanh", 7, True, lambda z, s: torch.tanh(z), lambda s: torch.nn.Tanh(),
+                   lambda z, s: torch.tanh_(z)),
         # Activations of real models (MobileNetV3, CLIP, YOLO ...). Semantics of PyTorch's CPU
         # kernels on their vectorised path (every tensor of >= 2 vectors; ATen's scalar tail differs
         # at NaN: hardswish'(nan) = dy and relu6'(nan) = dy there, NaN and 0 here, as vectorised):
@@ -79,12 +88,16 @@ def _table() -> Dict[str, Activation]:
         #   mish(z)        = z * tanh(softplus(z));  ' = t + z sigmoid(z) (1 - t^2), t = tanh(softplus z)
         # relu6 saves its output (0 < y < 6 <=> 0 < z < 6, clamping is exact); hardsigmoid cannot
         # (z = 3 - ulp rounds to y = 1 but has slope 1/6), nor can the others.
-        Activation("hardswish", 8, False, lambda z, s: F.hardswish(z), lambda s: torch.nn.Hardswish()),
+        Activation("hardswish", 8, False, lambda z, s: F.hardswish(z), lambda s: torch.nn.Hardswish(),
+                   lambda z, s: nn_.hardswish_(z)),
         Activation("hardsigmoid", 9, False, lambda z, s: F.hardsigmoid(z),
-                   lambda s: torch.nn.Hardsigmoid()),
-        Activation("relu6", 10, True, lambda z, s: F.relu6(z), lambda s: torch.nn.ReLU6()),
-        Activation("quick_gelu", 11, False, lambda z, s: _quick_gelu(z), lambda s: QuickGELU()),
-        Activation("mish", 12, False, lambda z, s: F.mish(z), lambda s: torch.nn.Mish()),
+                   lambda s: torch.nn.Hardsigmoid(), lambda z, s: nn_.hardsigmoid_(z)),
+        Activation("relu6", 10, True, lambda z, s: F.relu6(z), lambda s: torch.nn.ReLU6(),
+                   lambda z, s: nn_.relu6_(z)),
+        Activation("quick_gelu", 11, False, lambda z, s: _quick_gelu(z), lambda s: QuickGELU(),
+                   lambda z, s: _quick_gelu(z)),
+        Activation("mish", 12, False, lambda z, s: F.mish(z), lambda s: torch.nn.Mish(),
+                   lambda z, s: nn_.mish_(z)),
     ]
     return {a.name: a for a in rows}
 

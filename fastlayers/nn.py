@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import activations as _acts
 from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
-from ._dispatch import check_slope, plain_cpu_inference
+from ._dispatch import check_slope, plain_cpu_inference, tiny_cpu_linear
 from .backends import forced, select
 from .functional import linear_act, log_softmax, softmax
 
@@ -56,6 +56,10 @@ class FusedLinear(nn.Linear):
         if w is None:
             w = self.weight
         b = params["bias"] if "bias" in params else self.bias
+        if FAST_PATH:
+            y = tiny_cpu_linear(input, w, b, _acts.ACTIVATIONS[self.activation], self.negative_slope)
+            if y is not None:
+                return y
         if self.activation == "none" and _f_linear_is_faster(input, w):
             return F.linear(input, w, b)
         if FAST_PATH and plain_cpu_inference(input, w, b):

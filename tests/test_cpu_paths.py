@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlayers as fl
+from fastlayers import _dispatch
 from fastlayers.activations import ACTIVATIONS, NAMES, SAVE_INPUT
 from fastlayers.backends import cpp
 
@@ -442,6 +443,7 @@ def test_fused_linear_none_routes(monkeypatch, grad, dtype, m, k, n):
     calls = []
     real = F.linear
     monkeypatch.setattr(F, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(_dispatch, "_F_LINEAR", F.linear)  # the tiny gate's own F.linear
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, dtype=dtype)
     fused = fl.FusedLinear(k, n, activation="none", dtype=dtype)

@@ -1,0 +1,178 @@
+"""The tiny no-grad gate (fastlayers._dispatch.tiny_cpu_linear): a CPU linear with at most
+cpp.TORCH_OPS_MAX_OUT outputs and nothing needing grad runs PyTorch's own F.linear + activation
+(in place) before any other check. It must give PyTorch's values bit for bit, leave the inputs
+alone, and hand everything it is not sure of to the general path, which checks and raises."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlayers as fl
+from fastlayers import _dispatch
+from fastlayers.activations import ACTIVATIONS, NAMES
+from fastlayers.backends import cpp
+
+from conftest import INF, SPECIAL
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SLOPES = {"leaky_relu": [0.01, -0.2, 0.0]}
+
+
+@pytest.fixture
+def gate_calls(monkeypatch):
+    """Counts the gate's F.linear calls (one per call the gate took); no backend forced."""
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    calls = []
+    real = _dispatch._F_LINEAR
+    monkeypatch.setattr(_dispatch, "_F_LINEAR", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(a), torch.signbit(b)), "signs of zero differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", NAMES)
+def test_tiny_gate_is_pytorch_bit_for_bit(gate_calls, act, dtype):
+    """Every activation and dtype, special pre-activations included (K = 1 and a unit weight make
+    z the special values themselves), 1-D / 2-D / 3-D x, with and without bias: the gate's result
+    is act.ref(F.linear(x, w, b)) to the bit, and the inputs are untouched."""
+    a = ACTIVATIONS[act]
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor(SPECIAL + INF, dtype=torch.float64).to(dtype).view(-1, 1)
+    cases = [(special, torch.ones(7, 1, dtype=dtype), None),
+             (special, torch.ones(7, 1, dtype=dtype), torch.zeros(7, dtype=dtype))]
+    for lead in [(), (1,), (5,), (2, 3)]:
+        x = torch.randn(*lead, 19, generator=g).to(dtype)
+        w = (torch.randn(23, 19, generator=g) / 4).to(dtype)
+        b = torch.randn(23, generator=g).to(dtype)
+        cases += [(x, w, b), (x, w, None), (x, w.t().contiguous().t(), b[:1].expand(23))]
+    for slope in SLOPES.get(act, [0.01]):
+        for x, w, b in cases:
+            before = [t.clone() for t in (x, w, b) if t is not None]
+            with torch.no_grad():
+                calls = len(gate_calls)
+                y = _dispatch.tiny_cpu_linear(x, w, b, a, slope)
+                assert y is not None and len(gate_calls) == calls + 1
+                y_public = fl.linear_act(x, w, b, act, slope)
+                assert len(gate_calls) == calls + 2, "fl.linear_act did not take the gate"
+            ref = a.ref(F.linear(x, w, b), slope)
+            same_bits(y, ref)
+            same_bits(y_public, ref)
+            for t, t0 in zip((t for t in (x, w, b) if t is not None), before):
+                same_bits(t, t0)
+
+
+def test_fused_linear_takes_the_gate(gate_calls):
+    torch.manual_seed(0)
+    for act in NAMES:
+        m = fl.FusedLinear(64, 64, activation=act)
+        x = torch.randn(1, 64)
+        with torch.no_grad():
+            y = m(x)
+        assert gate_calls, f"{act}: FusedLinear did not take the gate"
+        gate_calls.clear()
+        same_bits(y, ACTIVATIONS[act].ref(F.linear(x, m.weight, m.bias), m.negative_slope))
+        y = m(x)  # grad needed (the parameters require it): the general path, differentiable
+        assert not gate_calls and y.requires_grad
+
+
+def refused(x, w, b=None, act="relu"):
+    """The gate hands the call to the general path."""
+    return _dispatch.tiny_cpu_linear(x, w, b, ACTIVATIONS[act], 0.01) is None
+
+
+def test_tiny_gate_refuses_what_it_must_not_take(gate_calls, monkeypatch):
+    x, w, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
+    with torch.no_grad():
+        assert not refused(x, w, b) and not refused(x, w) and not refused(x[0], w, b)
+        assert not refused(x, torch.nn.Parameter(w), torch.nn.Parameter(b))
+        # size: M * N above the limit, and K = 0 (M unknown)
+        assert refused(torch.randn(cpp.TORCH_OPS_MAX_OUT // 4 + 1, 8), w, b)
+        assert not refused(torch.randn(cpp.TORCH_OPS_MAX_OUT // 4, 8), w, b)
+        assert refused(torch.randn(5, 0), torch.randn(4, 0), b)
+        # layouts and tensor kinds the general path refuses or routes elsewhere
+        assert refused(x.to_sparse(), w, b) and refused(x, w.to_sparse(), b)
+        assert refused(x, w.to_sparse_csr(), b) and refused(x.to_mkldnn(), w, b)
+        assert refused(x, w, b.to_sparse()) and refused(x, w, b.to_mkldnn())
+        nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)])
+        assert refused(nested, w, b)
+        assert refused(x.long(), w.long(), b.long()) and refused(x.to(torch.complex64), w, b)
+        assert refused(torch.randn(2, 8, device="meta"), w, b) and refused(x, w.to("meta"), b)
+
+        class Sub(torch.Tensor):
+            pass
+        assert refused(x.as_subclass(Sub), w, b) and refused(x, w.as_subclass(Sub), b)
+        assert refused(x, w, b.as_subclass(Sub))
+        # arguments F.linear rejects: the general path raises fastlayers' errors
+        assert refused(x, torch.randn(4, 7), b) and refused(x, torch.randn(4, 8, 1), b)
+        assert refused(x, torch.randn(8), None) and refused(x, w, torch.randn(5))
+        # biases F.linear would broadcast, against the (out_features,) contract
+        assert refused(x, w, b.view(1, 4)) and refused(x, w, b[:1]) and refused(x, w, b[0])
+        assert refused(x, w.double(), b) and refused(x, w, b.double()) and refused(torch.tensor(1.0), w, b)
+        with pytest.raises(fl.ShapeError, match="linear_act"):
+            fl.linear_act(x, torch.randn(8), None)
+        with pytest.raises(fl.ShapeError, match="linear_act"):
+            fl.linear_act(x, w, torch.randn(5))
+        with pytest.raises(fl.DTypeError, match="linear_act"):
+            fl.linear_act(x.long(), w.long(), b.long())
+        with pytest.raises(TypeError, match="linear_act"):
+            fl.linear_act(x, w.to_sparse(), b)
+        with pytest.raises(TypeError, match="linear_act"):
+            fl.linear_act(nested, w, b)
+        with pytest.raises(fl.DeviceError, match="linear_act"):
+            fl.linear_act(x, w.to("meta"), b)
+        # a backend forced elsewhere, or a forced cpp route: the backend runs its own kernels
+        for name in ("reference", "triton"):
+            with fl.use_backend(name):
+                assert refused(x, w, b)
+        with fl.use_backend("cpp"):
+            assert not refused(x, w, b)
+        monkeypatch.setenv("FASTLAYERS_BACKEND", "reference")
+        assert refused(x, w, b)
+        monkeypatch.delenv("FASTLAYERS_BACKEND")
+        monkeypatch.setattr(cpp, "ROUTE", "mkl")
+        assert refused(x, w, b)
+        monkeypatch.setattr(cpp, "ROUTE", "auto")
+        # transforms, dispatch modes, jit.trace: the general path's composite / registered op
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+        with Mode():
+            assert refused(x, w, b)
+        seen = []
+        torch.func.vmap(lambda r: seen.append(refused(r, w, b)) or r)(x)
+        assert seen == [True]
+        traced = []
+        torch.jit.trace(lambda t: traced.append(refused(t, w, b)) or t * 1, x, check_trace=False)
+        assert traced == [True]
+    # grad: needed only when enabled and something requires it
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    assert refused(xg, w, b) and refused(x, wg, b) and refused(x, w, bg)
+    assert not refused(x, w, b)  # grad enabled, nothing requires it
+    with torch.no_grad():
+        assert not refused(xg, wg, bg)
+    with torch.inference_mode():
+        assert not refused(xg, wg, bg)
+
+
+def test_tiny_gate_under_autocast_is_the_general_path(gate_calls):
+    """Autocast: the gate's F.linear casts as the general path does (same dtype, same values)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fl.linear_act(x, w, b, "gelu")
+        assert gate_calls
+        with fl.use_backend("cpp"):
+            monkey_max = cpp.TORCH_OPS_MAX_OUT
+            try:
+                cpp.TORCH_OPS_MAX_OUT = 0  # the general path, casting itself, then cpp's kernels
+                y_general = fl.linear_act(x, w, b, "gelu")
+            finally:
+                cpp.TORCH_OPS_MAX_OUT = monkey_max
+    assert y.dtype == y_general.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_general.float(), rtol=1.6e-2, atol=1e-2)
