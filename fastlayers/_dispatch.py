@@ -153,6 +153,13 @@ def plain_cpu_inference(x: object, w: object, b: object) -> bool:
 
 _STRIDED = torch.strided
 _F_LINEAR = torch._C._nn.linear  # F.linear itself (F.linear is this builtin)
+# The functions tiny_cpu_linear calls, bound once: each dotted lookup (torch._C._functorch...)
+# costs ~20 ns per attribute on a path whose whole budget is a few hundred ns.
+_is_compiling = torch.compiler.is_compiling  # (Dynamo knows this function object)
+_grad_enabled = torch.is_grad_enabled
+_tracing_state = torch._C._get_tracing_state
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 _CPU = "cpp"  # the CPU backend, whose tiny-output rule tiny_cpu_linear applies
 _CPU_OR_NONE = (None, _CPU)  # forced() values that leave CPU calls to it
 _cpu_backend: list = []  # [cpp module, or None when it cannot load], filled on first use
@@ -174,7 +181,7 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
     no check: F.linear applies the policy fastlayers copies (_autocast.py), so the result is the
     general path's. The activation runs in place on F.linear's fresh output (the same ATen
     kernel, bit-identical, one allocation less)."""
-    if (type(x) is not Tensor or torch.compiler.is_compiling() or not x.is_cpu
+    if (type(x) is not Tensor or _is_compiling() or not x.is_cpu
             or x.layout is not _STRIDED or x.is_nested or x.dtype not in FLOATS):
         return None
     # (F.linear refuses a sparse, mkldnn or meta bias, but would take a sparse weight, and a
@@ -182,11 +189,9 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
     if (type(w) not in _PLAIN_TYPES or w.layout is not _STRIDED or not w.is_cpu
             or (b is not None and type(b) not in _PLAIN_TYPES)):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                    or (b is not None and b.requires_grad)):
+    if _grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return None
-    if (torch._C._get_tracing_state() is not None or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch._C._len_torch_dispatch_stack()):
+    if _tracing_state() is not None or _functorch_level() is not None or _dispatch_modes():
         return None
     backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
     if backend is None or backend.ROUTE != "auto" or forced() not in _CPU_OR_NONE:
