@@ -168,8 +168,8 @@ _cpu_backend: list = []  # [cpp module, or None when it cannot load], filled on 
 def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: float) -> Optional[Tensor]:
     """act(F.linear(x, w, b)) for a tiny no-grad linear on the CPU, or None: take the general path.
 
-    The cpp backend runs a no-grad forward with at most cpp.TORCH_OPS_MAX_OUT outputs as
-    PyTorch's own F.linear + activation (its own pass would cost more than the whole op, see
+    The cpp backend runs a no-grad forward with at most cpp.TORCH_OPS_MAX_OUT outputs (and fewer
+    than cpp.TORCH_OPS_MAX_MACS multiply-adds) as PyTorch's own F.linear + activation (its own pass would cost more than the whole op, see
     backends/cpp.py); here that rule runs before the general path's checks, which at 1 x 64 -> 64
     cost more than eager's whole F.relu(F.linear(x, w, b)) (~3 us). The checks below (20-90 ns
     each, ~0.7 us in all, measured) admit only calls the general path would send to the same two
@@ -198,8 +198,10 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
         return None
     try:
         n, k = w.shape  # ValueError: not 2-D
-        # M * N <= max_out with M = x.numel() / K (K = 0: M unknown, the general path decides)
-        if not k or x.numel() * n > backend.TORCH_OPS_MAX_OUT * k:
+        # M * N <= max_out with M = x.numel() / K (K = 0: M unknown, the general path decides),
+        # and M * K * N < max_macs
+        macs = x.numel() * n
+        if not k or macs > backend.TORCH_OPS_MAX_OUT * k or macs >= backend.TORCH_OPS_MAX_MACS:
             return None
         if b is not None and (b.dim() != 1 or b.numel() != n):  # F.linear would broadcast it
             return None

@@ -60,9 +60,10 @@ class FusedLinear(nn.Linear):
             y = tiny_cpu_linear(input, w, b, _acts.ACTIVATIONS[self.activation], self.negative_slope)
             if y is not None:
                 return y
-        if self.activation == "none" and _f_linear_is_faster(input, w):
+        plain = FAST_PATH and plain_cpu_inference(input, w, b)  # no grad, nothing unusual
+        if self.activation == "none" and _f_linear_is_faster(input, w, plain and self.prepack and PREPACK):
             return F.linear(input, w, b)
-        if FAST_PATH and plain_cpu_inference(input, w, b):
+        if plain:
             y = self._forward_inference(input, w, b)
             if y is not None:
                 return y
@@ -133,18 +134,18 @@ FAST_PATH = True
 PREPACK = os.environ.get("FASTLAYERS_PREPACK", "1") not in ("0", "")
 
 
-def _f_linear_is_faster(x: Tensor, w: Tensor) -> bool:
+def _f_linear_is_faster(x: Tensor, w: Tensor, packed: bool) -> bool:
     """FusedLinear(activation="none") has nothing to fuse but the bias: it calls F.linear (exactly
     nn.Linear's forward, errors included) unless a backend is forced (tests, use_backend) or the
     backend for x measures faster than F.linear at this size (plain_linear_gain: cpp's oneDNN
-    GEMMs, prepacked without grad). On CUDA that is cuBLAS."""
+    GEMMs; packed: this call would run on the prepacked weight). On CUDA that is cuBLAS."""
     if forced() is not None:
         return False
     if type(x) is not Tensor or not x.is_cpu or x.dim() == 0 or w.dim() != 2:
         return True
     gain = getattr(select(x.device, "fastlayers.FusedLinear"), "plain_linear_gain", None)
     k = x.shape[-1]
-    return gain is None or not gain(x.numel() // k if k else 0, k, w.shape[0], x.dtype)
+    return gain is None or not gain(x.numel() // k if k else 0, k, w.shape[0], x.dtype, packed)
 
 
 def _no_packing(backend, w: Tensor, batch: int) -> None:

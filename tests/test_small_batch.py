@@ -176,3 +176,61 @@ def test_tiny_gate_under_autocast_is_the_general_path(gate_calls):
                 cpp.TORCH_OPS_MAX_OUT = monkey_max
     assert y.dtype == y_general.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_general.float(), rtol=1.6e-2, atol=1e-2)
+
+
+# Few rows, large K * N: a tiny output can still be a large GEMV. The rule (backends/cpp.py):
+# PyTorch's ops below TORCH_OPS_MAX_MACS; FusedLinear without grad on its prepacked oneDNN weight
+# from PACKED_MIN_MACS with K >= PACKED_MIN_K; the unpacked oneDNN routes from ONEDNN_MIN_MACS.
+needs_onednn = pytest.mark.skipif(not cpp._probe_onednn(torch.float32),
+                                  reason="this torch has no usable oneDNN fused linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ["relu", "gelu", "none", "tanh"])
+@pytest.mark.parametrize("m,k,n,packed,unpacked", [
+    (1, 1024, 1024, True, False),   # 2^20 MACs, tiny output: packed oneDNN; functional: PyTorch's ops
+    (4, 256, 1024, True, False),
+    (1, 4096, 1024, True, True),    # 2^22: oneDNN either way (F.linear's MKL GEMV was 2x slower)
+    (16, 64, 1024, False, False),   # K = 64: F.linear won there
+    (8, 256, 256, False, False),    # 2^19: PyTorch's ops
+], ids=lambda v: str(v))
+def test_few_rows_large_gemv_routes(gate_calls, monkeypatch, act, m, k, n, packed, unpacked):
+    calls = []
+    real = cpp._linear_pointwise
+    monkeypatch.setattr(cpp, "_linear_pointwise", lambda *a: calls.append(type(a[1])) or real(*a))
+    torch.manual_seed(0)
+    mod = fl.FusedLinear(k, n, activation=act)
+    x = torch.randn(m, k)
+    ref = ACTIVATIONS[act].ref(F.linear(x.double(), mod.weight.double(), mod.bias.double()), 0.01)
+    with torch.no_grad():
+        y_mod = mod(x)
+        used_mod, calls[:] = bool(calls), []
+        y_fn = fl.linear_act(x, mod.weight, mod.bias, act)
+        used_fn = bool(calls)
+    assert used_mod == packed, "FusedLinear's no-grad route"
+    assert used_fn == unpacked, "linear_act's no-grad route"
+    assert (mod._packed is not None and mod._packed[1] is not None) == packed
+    for y in (y_mod, y_fn):
+        torch.testing.assert_close(y.double(), ref, rtol=1.3e-6, atol=1e-5 * (k / 16) ** 0.5)
+    # the gate takes only what stays on PyTorch's ops
+    assert _dispatch.tiny_cpu_linear(x, mod.weight.detach(), None, ACTIVATIONS[act], 0.01) is None or \
+        (m * k * n < cpp.TORCH_OPS_MAX_MACS and m * n <= cpp.TORCH_OPS_MAX_OUT)
+
+
+@needs_onednn
+def test_fused_linear_none_packed_gemv_beats_f_linear_route(monkeypatch):
+    """FusedLinear(activation="none") runs its packed oneDNN GEMM without grad where that pays,
+    and F.linear with grad at the same size (no packed weight then)."""
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    torch.manual_seed(0)
+    mod = fl.FusedLinear(1024, 1024, activation="none")
+    x = torch.randn(2, 1024)
+    with torch.no_grad():
+        y = mod(x)
+    assert not calls and cpp.plain_linear_gain(2, 1024, 1024, torch.float32, packed=True)
+    y_grad = mod(x)
+    assert calls and not cpp.plain_linear_gain(2, 1024, 1024, torch.float32)
+    torch.testing.assert_close(y, y_grad.detach(), rtol=1.3e-6, atol=1e-4)

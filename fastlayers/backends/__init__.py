@@ -14,9 +14,10 @@ Every backend module implements the same small contract on contiguous 2-D / 3-D 
                     "input", None for "nothing". Never write into saved afterwards.
     linear_act_backward(dy, x, w, saved, act, slope, needs) -> (dx, dw, db)
         dy: (M, N) contiguous, needs = (need_dx, need_dw, need_db); a gradient not needed is None.
-    Optional (absent: False): plain_linear_gain(m, k, n, dtype) -> bool
+    Optional (absent: False): plain_linear_gain(m, k, n, dtype, packed) -> bool
         Whether linear_act with activation "none" beats F.linear for an (M, K) x (N, K)^T GEMM
-        of `dtype`; FusedLinear(activation="none") calls F.linear where it does not.
+        of `dtype` (packed: on a prepacked weight, FusedLinear's no-grad path);
+        FusedLinear(activation="none") calls F.linear where it does not.
     Optional, inference only (FusedLinear's no-grad fast path; a backend without them is simply
     called through linear_act_forward):
     prepack_weight(w, batch_hint) -> packed or None

@@ -153,12 +153,24 @@ _ONEDNN_POSTOPS = {  # activation name -> (attr, takes negative_slope as its sca
     "tanh": ("tanh", False, ""),
 }
 ONEDNN_MIN_MACS = 1 << 22  # M*K*N from which oneDNN routes are used (see above)
+# With a prepacked weight (FusedLinear without grad) oneDNN pays from 2^20 multiply-adds when
+# K >= 256: no weight reorder per call, and MKL's generic sgemm is slowest on few rows. Measured
+# 2026-12-02 on this project's AMD EPYC, fp32 linear+ReLU without grad, F.linear + relu_ vs
+# oneDNN on the packed weight (interleaved, median of 5): 1.56x at 1x256->4096, 1.58x at
+# 1x1024->1024, 1.22x at 1x4096->256, 2.25x at 4x256->1024, 2.16x at 4x1024->256, 1.07x at
+# 16x256->256, 1.18x at 8x512->256; 2.6-13x from 2^22 up (4x1024->4096: 2092 vs 158 us);
+# below 2^20 or with K = 64 F.linear won (0.36-0.84x, 0.78x at 16x64->1024).
+PACKED_MIN_MACS = 1 << 20
+PACKED_MIN_K = 256
 # Up to this many output elements, a no-grad forward is PyTorch's own F.linear + activation: the
 # C++ pass's fixed cost per call (buffer descriptors, the extension call, ~3 us) is more than a
 # tiny output's whole second pass (torch's relu on 64 floats: ~1.3 us). Measured 2026-12-02,
 # linear+ReLU without grad, (our GEMM + pass) vs torch's two ops: 0.68x at 1x64->64, 0.56x at
 # 8x256->256, 1.23x at 32x512->512 (busy machine, 5 rounds).
 TORCH_OPS_MAX_OUT = 1 << 12
+# ... and fewer multiply-adds than this (a tiny output can still be a large GEMV: 1x4096->1024 ran
+# 2x faster on oneDNN than in F.linear, see PACKED_MIN_MACS).
+TORCH_OPS_MAX_MACS = PACKED_MIN_MACS
 
 # Test switch: "auto" (the rule above), or force "fused" / "onednn" / "mkl" wherever that route can
 # run (a forced oneDNN route still falls back to "mkl" where oneDNN cannot run the dtype).
@@ -249,14 +261,23 @@ def _probe_onednn(dtype: torch.dtype) -> frozenset:
     return ok
 
 
-def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, kind: Optional[str]) -> str:
-    """"fused", "onednn" or "mkl" for this call (kind: what the backward needs saved, or None)."""
+def onednn_pays(m: int, k: int, n: int, packed: bool = False) -> bool:
+    """Whether an (M, K) x (N, K)^T GEMM is large enough for oneDNN's per-call cost to pay
+    (packed: on a prepacked weight; see ONEDNN_MIN_MACS and PACKED_MIN_MACS)."""
+    macs = m * k * n
+    return macs >= ONEDNN_MIN_MACS or (packed and macs >= PACKED_MIN_MACS and k >= PACKED_MIN_K)
+
+
+def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, kind: Optional[str],
+                   packed: bool = False) -> str:
+    """"fused", "onednn" or "mkl" for this call (kind: what the backward needs saved, or None;
+    packed: the caller has a prepacked weight for the oneDNN routes)."""
     route = ROUTE
     if route == "mkl":
         return "mkl"
     m, k = x.shape
     n = w.shape[0]
-    if m == 0 or k == 0 or n == 0 or (route == "auto" and m * k * n < ONEDNN_MIN_MACS):
+    if m == 0 or k == 0 or n == 0 or (route == "auto" and not onednn_pays(m, k, n, packed)):
         return "mkl"
     exact = _probe_onednn(x.dtype)
     if not exact:
@@ -267,19 +288,21 @@ def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, kind: Op
     return "onednn"
 
 
-def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype) -> bool:
+def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype, packed: bool = False) -> bool:
     """Whether a linear with no activation, (M, K) x (N, K)^T, runs faster here than F.linear:
-    only where the oneDNN routes apply (oneDNN's GEMM, prepacked without grad, against F.linear's
-    MKL sgemm / per-call weight reorder); below ONEDNN_MIN_MACS there is nothing to fuse and
-    F.linear is one ATen call."""
-    return ROUTE != "mkl" and m * k * n >= ONEDNN_MIN_MACS and bool(_probe_onednn(dtype))
+    only where the oneDNN routes apply (oneDNN's GEMM, prepacked without grad when `packed`,
+    against F.linear's MKL sgemm / per-call weight reorder); below that there is nothing to fuse
+    and F.linear is one ATen call."""
+    return ROUTE != "mkl" and onednn_pays(m, k, n, packed) and bool(_probe_onednn(dtype))
 
 
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
                        save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     # x: (M, K), w: (N, K) -> z: (M, N).
     kind = act.saves(slope) if save else None
-    if not save and ROUTE == "auto" and x.shape[0] * w.shape[0] <= TORCH_OPS_MAX_OUT:
+    m, n = x.shape[0], w.shape[0]
+    if (not save and ROUTE == "auto" and m * n <= TORCH_OPS_MAX_OUT
+            and m * x.shape[1] * n < TORCH_OPS_MAX_MACS):
         return act.ref(F.linear(x, w, b), slope), None
     route = _forward_route(x, w, act, slope, kind)
     if route == "fused":
@@ -369,18 +392,18 @@ def linear_act_forward_packed(x: Tensor, w: Tensor, b: Optional[Tensor], act: Ac
                               packed: Callable[[ModuleType, Tensor, int], Optional[Tensor]]) -> Tensor:
     """linear_act_forward(x, w, b, act, slope, save=False)[0] for FusedLinear's no-grad fast path:
     one route decision, nothing for autograd. x: (M, K) -> y: (M, N). packed(backend, w, M): w's
-    prepacked copy (from prepack_weight, cached by the caller) or None; asked only on the oneDNN
-    routes, so small calls pay nothing for it."""
+    prepacked copy (from prepack_weight, cached by the caller) or None; asked only where a packed
+    weight would pay (onednn_pays(packed=True)), so small calls pay nothing for it."""
     m, k = x.shape
     n = w.shape[0]
     if b is not None and not b.is_contiguous():
         b = b.contiguous()
-    if ROUTE == "auto" and m * k * n < ONEDNN_MIN_MACS:  # small: nothing packed to use
+    if ROUTE == "auto" and not onednn_pays(m, k, n, packed=True):  # small: nothing packed to use
         return linear_act_forward(x, w, b, act, slope, False)[0]
-    route = _forward_route(x, w, act, slope, None)
+    wp = packed(_SELF, w, m) if ROUTE != "mkl" else None
+    route = _forward_route(x, w, act, slope, None, packed=wp is not None)
     if route == "mkl":
         return _epilogue(*_mm_bias(x, w, b), act, slope, None)[0]
-    wp = packed(_SELF, w, m)
     if wp is None:
         wp = w
     if route == "fused":
