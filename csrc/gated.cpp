@@ -50,28 +50,31 @@ void gated_forward(T* g, const T* bg, T* u, const T* bu, T* h, int64_t m, int64_
 }
 
 // Backward for rows [r0, r1): a = act(g); dg = act'(g) * (dh * u) (act' from g, or from a for
-// the activations whose backward reads their output, see activations.h); du = dh * a. acc_g and
-// acc_u (n fp64 each, or null) collect the column sums of dg and du as stored (rounded to T).
+// the activations whose backward reads their output, see activations.h); du = dh * a. sums_g and
+// sums_u collect the column sums of dg and du (two-stage, see ColumnSums in common.h).
 // Bytes: reads 3*M*N, writes 2*M*N.
 template <class T, int ACT>
-static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, double* acc_g, double* acc_u,
-                            int64_t r0, int64_t r1, int64_t n, int64_t ld, int64_t ldd, double slope,
-                            bool from_output) {
+static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, const ColumnSums<T>& sums_g,
+                            const ColumnSums<T>& sums_u, int64_t r0, int64_t r1, int64_t n, int64_t ld,
+                            int64_t ldd, double slope, bool from_output) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_vectors<T>(r0, r1, n, [=](int64_t r, int64_t j, int64_t k) {
-    V dhv = load_k(dh + r * n + j, k);
-    V gv = load_k(g + r * ld + j, k);
-    V uv = load_k(u + r * ld + j, k);
-    V a = act_forward<ACT>(gv, (C)slope);
-    V dgv = act_backward<ACT>(dhv * uv, from_output ? a : gv, (C)slope);
-    V duv = dhv * a;
-    store_k(dg + r * ldd + j, dgv, k);
-    store_k(du + r * ldd + j, duv, k);
-    // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage, in fp64
-    // accumulators), one rounding at the end.
-    if (acc_g) add_to(acc_g + j, dgv, k);
-    if (acc_u) add_to(acc_u + j, duv, k);
+  for_row_blocks<T>(r0, r1, n, sums_g, [&](int64_t b0, int64_t b1) {
+    for_row_vectors<T>(b0, b1, n, [&](int64_t r, int64_t j, int64_t k) {
+      V dhv = load_k(dh + r * n + j, k);
+      V gv = load_k(g + r * ld + j, k);
+      V uv = load_k(u + r * ld + j, k);
+      V a = act_forward<ACT>(gv, (C)slope);
+      V dgv = act_backward<ACT>(dhv * uv, from_output ? a : gv, (C)slope);
+      V duv = dhv * a;
+      store_k(dg + r * ldd + j, dgv, k);
+      store_k(du + r * ldd + j, duv, k);
+      // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage), one
+      // rounding at the end.
+      sums_g.add(r == b0, j, dgv, k);
+      sums_u.add(r == b0, j, duv, k);
+    });
+    sums_u.flush(n);  // (sums_g is flushed by for_row_blocks)
   });
 }
 
@@ -79,16 +82,15 @@ template <class T>
 void gated_backward(const T* dh, const T* g, const T* u, T* dg, T* du, T* dbg, T* dbu, int64_t m,
                     int64_t n, int64_t ld, int64_t ldd, int act, double slope, bool from_output, int nthreads) {
   int nt = threads_for(m, 3 * n, nthreads);
-  std::vector<double> acc_g(dbg ? (size_t)nt * n : 0, 0.0), acc_u(dbu ? (size_t)nt * n : 0, 0.0);
+  ColumnSumBuffers<T> sums_g(dbg != nullptr, nt, n), sums_u(dbu != nullptr, nt, n);
   dispatch_act(act, [&]<int ACT>() {
     parallel_for(m, 3 * n, nthreads, [&](int64_t r0, int64_t r1, int t) {
-      gated_grad_rows<T, ACT>(dh, g, u, dg, du, dbg ? acc_g.data() + (size_t)t * n : nullptr,
-                              dbu ? acc_u.data() + (size_t)t * n : nullptr, r0, r1, n, ld, ldd, slope,
+      gated_grad_rows<T, ACT>(dh, g, u, dg, du, sums_g.of(t), sums_u.of(t), r0, r1, n, ld, ldd, slope,
                               from_output);
     });
   });
-  if (dbg) sum_thread_columns(acc_g.data(), nt, n, dbg);
-  if (dbu) sum_thread_columns(acc_u.data(), nt, n, dbu);
+  if (dbg) sum_thread_columns(sums_g.acc.data(), nt, n, dbg);
+  if (dbu) sum_thread_columns(sums_u.acc.data(), nt, n, dbu);
 }
 
 #define FL_INSTANTIATE(T)                                                                               \

@@ -52,23 +52,26 @@ void bias_act_forward(T* z, const T* b, T* y, int64_t m, int64_t n, int act, dou
   });
 }
 
-// Backward prologue for rows [r0, r1): dz = dy * act'(s); acc[j] += dz[r, j] in fp64.
-// Bytes: reads 2*M*N, writes M*N (dz is skipped for act NONE, where dz is dy itself).
+// Backward prologue for rows [r0, r1): dz = dy * act'(s), and the bias gradient's column sums
+// (two-stage, see ColumnSums in common.h). Bytes: reads 2*M*N, writes M*N (dz is skipped for act
+// NONE, where dz is dy itself).
 template <class T, int ACT>
-static void act_grad_rows(const T* dy, const T* s, T* dz, double* acc, int64_t r0, int64_t r1,
-                          int64_t n, double slope) {
+static void act_grad_rows(const T* dy, const T* s, T* dz, const ColumnSums<T>& sums, int64_t r0,
+                          int64_t r1, int64_t n, double slope) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_vectors<T>(r0, r1, n, [=](int64_t r, int64_t j, int64_t k) {
-    V g = load_k(dy + r * n + j, k);
-    if constexpr (ACT != NONE) {
-      T* dzj = dz + r * n + j;
-      g = act_backward<ACT>(g, load_k(s + r * n + j, k), (C)slope);
-      store_k(dzj, g, k);
-      // db is the sum of dz as stored (rounded to T), like summing the dz tensor.
-      g = load_k(dzj, k);
-    }
-    if (acc) add_to(acc + j, g, k);
+  for_row_blocks<T>(r0, r1, n, sums, [&](int64_t b0, int64_t b1) {
+    for_row_vectors<T>(b0, b1, n, [&](int64_t r, int64_t j, int64_t k) {
+      V g = load_k(dy + r * n + j, k);
+      if constexpr (ACT != NONE) {
+        T* dzj = dz + r * n + j;
+        g = act_backward<ACT>(g, load_k(s + r * n + j, k), (C)slope);
+        store_k(dzj, g, k);
+        // db is the sum of dz as stored (rounded to T), like summing the dz tensor.
+        g = load_k(dzj, k);
+      }
+      sums.add(r == b0, j, g, k);
+    });
   });
 }
 
@@ -76,13 +79,13 @@ template <class T>
 void act_grad(const T* dy, const T* s, T* dz, T* db, int64_t m, int64_t n, int act, double slope,
                   int nthreads) {
   int nt = threads_for(m, n, nthreads);
-  std::vector<double> acc(db ? (size_t)nt * n : 0, 0.0);
+  ColumnSumBuffers<T> sums(db != nullptr, nt, n);
   dispatch_act(act, [&]<int ACT>() {
     parallel_for(m, n, nthreads, [&](int64_t r0, int64_t r1, int t) {
-      act_grad_rows<T, ACT>(dy, s, dz, db ? acc.data() + (size_t)t * n : nullptr, r0, r1, n, slope);
+      act_grad_rows<T, ACT>(dy, s, dz, sums.of(t), r0, r1, n, slope);
     });
   });
-  if (db) sum_thread_columns(acc.data(), nt, n, db);
+  if (db) sum_thread_columns(sums.acc.data(), nt, n, db);
 }
 
 #define FL_INSTANTIATE(T)                                                                            \
