@@ -76,8 +76,19 @@ template <> struct io<bf16> {
 
 template <> struct io<f16> {
   using C = float; using V = vf; static constexpr int W = 16;
+#ifdef __AVX512F__
+  // vcvtph2ps / vcvtps2ph (F16C, part of AVX-512F): IEEE conversions, round to nearest even,
+  // subnormals, inf and NaN kept. Without AVX512-FP16 (AMD Zen 4, Intel before Sapphire Rapids)
+  // GCC lowers __builtin_convertvector on _Float16 lane by lane: measured 5x slower passes
+  // (fp16 ReLU over 8192 x 1024: 3.4 ms against torch's 0.64 ms, 2026-12-02).
+  static V load(const f16* p) { return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static void store(f16* p, V v) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#else
   static V load(const f16* p) { vhf16 h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
   static void store(f16* p, V v) { vhf16 h = __builtin_convertvector(v, vhf16); std::memcpy(p, &h, sizeof h); }
+#endif
 };
 
 // Partial vectors at the end of a row: go through a zero-padded buffer of one vector.
