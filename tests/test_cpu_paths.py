@@ -548,3 +548,33 @@ def test_sigmoid_based_derivatives_as_accurate_as_torch(act):
     (d32,) = torch.autograd.grad(ref(x32, SLOPE), x32, torch.ones_like(x32))
     err, torch_err = ((d.double() - d64).abs().max().item() for d in (ours, d32))
     assert err <= torch_err, (err, torch_err)
+
+
+@pytest.mark.parametrize("dtype,act,aten", [(torch.bfloat16, "gelu", True), (torch.bfloat16, "silu", False),
+                                            (torch.bfloat16, "gelu_tanh", False), (torch.float32, "gelu", False),
+                                            (torch.float16, "gelu", False)], ids=str)
+def test_forward_pass_where_aten_is_faster(monkeypatch, dtype, act, aten):
+    """With grad, once the bias is in the GEMM, the activation pass runs in PyTorch's kernel where
+    that measured faster (cpp._ATEN_PASS: bf16 GELU), else in ours; both give y = act(z) with z kept."""
+    calls = []
+    real = cpp._C.bias_act_forward
+    monkeypatch.setattr(cpp._C, "bias_act_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(40, 48, generator=g) / 7).to(dtype).requires_grad_()
+    b = torch.randn(40, generator=g).to(dtype).requires_grad_()
+    y = fl.linear_act(x, w, b, act)
+    assert bool(calls) != aten
+    ref = ACTIVATIONS[act].ref(F.linear(x, w, b), SLOPE)
+    if aten:  # PyTorch's GEMM with the bias inside, then PyTorch's kernel: eager's values exactly
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    got = torch.autograd.grad(y, (x, w, b), dy)
+    r64 = [leaf(t.detach().double()) for t in (x, w, b)]
+    y64 = ACTIVATIONS[act].ref(F.linear(*r64), SLOPE)
+    exp64 = torch.autograd.grad(y64, r64, dy.double())
+    exp = torch.autograd.grad(ref, (x, w, b), dy)
+    assert_matches(y, y64, ref, red=48)
+    for a, c, e, red in zip(got, exp64, exp, (40, 64, 64)):
+        assert_matches(a, c, e, red=red)
