@@ -578,3 +578,24 @@ def test_forward_pass_where_aten_is_faster(monkeypatch, dtype, act, aten):
     assert_matches(y, y64, ref, red=48)
     for a, c, e, red in zip(got, exp64, exp, (40, 64, 64)):
         assert_matches(a, c, e, red=red)
+
+
+@pytest.mark.skipif(not cpp._probe_onednn(torch.float32), reason="this torch has no usable oneDNN fused linear")
+def test_weight_gradient_gemm_route(monkeypatch):
+    """cpp._mm: a transposed source with a long reduction and a narrow output (the weight gradient
+    dz^T @ x of a wide-N, narrow-K layer) stays on MKL, where oneDNN's transposing copy lost;
+    otherwise fp32 GEMMs go to oneDNN where MKL's sgemm is generic. Same values either way."""
+    monkeypatch.setattr(cpp, "_FP32_MM_ONEDNN", True)
+    calls = []
+    real = cpp._linear_pointwise
+    monkeypatch.setattr(cpp, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    dz, x = torch.randn(4096, 512, generator=g), torch.randn(4096, 256, generator=g)
+    for a, b, onednn in [(dz.t(), x, False),                  # reduction 4096 > 2048, width 256
+                         (dz.t()[:, :2048], x[:2048], True),  # reduction 2048
+                         (dz.t(), torch.randn(4096, 1024, generator=g), True),  # width 1024
+                         (dz.t().contiguous(), x, True)]:     # a contiguous source
+        calls.clear()
+        out = cpp._mm(a, b)
+        assert bool(calls) == onednn, (tuple(a.shape), b.shape[1], a.is_contiguous())
+        torch.testing.assert_close(out, torch.mm(a.double(), b.double()).float(), rtol=1e-5, atol=2e-3)

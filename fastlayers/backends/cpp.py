@@ -88,12 +88,28 @@ def _mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     writes into given buffers with torch.mm / addmm_ directly)."""
     m, n = a.shape[0], b.shape[1]
     if (_FP32_MM_ONEDNN and a.dtype == torch.float32 and ROUTE != "mkl"
-            and m * a.shape[1] * n >= ONEDNN_MIN_MACS and _probe_onednn(torch.float32)):
+            and m * a.shape[1] * n >= ONEDNN_MIN_MACS and not _long_transposed_source(a, n)
+            and _probe_onednn(torch.float32)):
         return _linear_pointwise(a, b.t(), bias, "none", [], "")  # b.t(): the (N, K) "weight"
     if m * n * a.element_size() < _HUGE_MIN_BYTES:
         return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
     out = _empty(m, n, dtype=a.dtype)
     return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+
+
+# oneDNN's linear copies a non-contiguous source (the weight gradient's dz^T) into its own layout
+# first: a transposing copy of the whole (K, M) operand, which pays off only when the GEMM is long
+# in its output width. Measured 2026-12-02 (AMD EPYC, 2 threads, fp32 dW = dz^T @ x, dz (M, N),
+# x (M, K)), MKL's mm vs oneDNN, ms: M x K x N = 8192x256x1024 26 vs 47, 8192x512x1024 48 vs 57,
+# 4096x256x4096 49 vs 82, 16384x768x768 107 vs 121 (MKL), against 2048x256x1024 7.4 vs 6.1,
+# 2048x1024x4096 95 vs 71, 256x4096x4096 74 vs 49, 1024x768x3072 32 vs 21 (oneDNN).
+_TRANSPOSED_MAX_LEN = 2048  # reduction length up to which oneDNN takes a transposed source ...
+_TRANSPOSED_MIN_N = 1024    # ... or output width from which it does
+
+
+def _long_transposed_source(a: Tensor, n: int) -> bool:
+    """Whether a (M, K) @ (K, n) with a non-contiguous `a` runs faster in MKL than in oneDNN."""
+    return not a.is_contiguous() and a.shape[1] > _TRANSPOSED_MAX_LEN and n < _TRANSPOSED_MIN_N
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
