@@ -116,6 +116,7 @@ bench: build
 	$(PY) -m pytest $(BENCH_FILES) -q -p no:cacheprovider \
 		--benchmark-json=bench/results/cpu-latest.json $(PYTEST_ARGS)
 	$(PY) bench/report.py bench/results/cpu-latest.json
+	$(PY) bench/report.py bench/results/cpu-latest.json --markdown --no-png > bench/results/cpu-latest.md
 
 build: $(SETUP) $(EXT)
 
