@@ -113,30 +113,41 @@ def test_linear_act(compare, cpu_backend, pass_, act, shape, dtype):
 CALLS = 200  # calls per timed sample: one tiny call is too short to time on its own
 
 
+def module_pair(act: str, w, b):
+    """FusedLinear(act) and nn.Sequential(nn.Linear, activation module), both holding w and b."""
+    n, k = w.shape
+    mod = fl.FusedLinear(k, n, activation=act)
+    ref = torch.nn.Sequential(torch.nn.Linear(k, n), EAGER_MODULE[act]())
+    with torch.no_grad():
+        for lin in (mod, ref[0]):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+    return mod, ref
+
+
+def compare_looped(compare, fns, calls, info, **kw):
+    """compare() of contenders that each run `calls` times per sample (per-call times), no grad."""
+    def loop(f):
+        def run():
+            for _ in range(calls):
+                f()
+        return run
+    with torch.no_grad():
+        compare({name: loop(f) for name, f in fns.items()}, calls_per_sample=calls, info=info,
+                baselines=("eager", "eager_module"), **kw)
+
+
 @pytest.mark.parametrize("shape", [(1, 64, 64), (8, 256, 256), (32, 512, 512)], ids=lambda s: "x".join(map(str, s)))
 def test_small_batch_linear_relu(compare, cpu_backend, shape):
     """Small batches without grad: FusedLinear (fastlayers) and fl.linear_act vs eager."""
     m, k, n = shape
     x, w, b = randn(m, k, seed=1), randn(n, k, seed=2, scale=k ** -0.5), randn(n, seed=3)
-    mod = fl.FusedLinear(k, n, activation="relu")
-    ref = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.ReLU())
-    with torch.no_grad():
-        for lin in (mod, ref[0]):
-            lin.weight.copy_(w)
-            lin.bias.copy_(b)
+    mod, ref = module_pair("relu", w, b)
     fns = {"fastlayers": lambda: mod(x), "fl_functional": lambda: fl.linear_act(x, w, b, "relu"),
            "eager": lambda: F.relu(F.linear(x, w, b)), "eager_module": lambda: ref(x)}
-
-    def loop(f):
-        def run():
-            for _ in range(CALLS):
-                f()
-        return run
-    with torch.no_grad():
-        compare({name: loop(f) for name, f in fns.items()}, calls_per_sample=CALLS,
-                info={"suite": "cpu", "op": "small_batch_linear_relu", "shape": "x".join(map(str, shape)),
-                      "dtype": "float32", "pass": "fwd", "backend": cpu_backend},
-                baselines=("eager", "eager_module"))
+    compare_looped(compare, fns, CALLS, {"suite": "cpu", "op": "small_batch_linear_relu",
+                                         "shape": "x".join(map(str, shape)), "dtype": "float32",
+                                         "pass": "fwd", "backend": cpu_backend})
 
 
 FEW_ROWS = [(1, 256, 1024), (2, 512, 1024)] if QUICK else \
@@ -149,12 +160,7 @@ def test_few_rows_linear_gelu(compare, cpu_backend, shape):
     FusedLinear (its prepacked oneDNN weight) and fl.linear_act vs eager modules / functions."""
     m, k, n = shape
     x, w, b = randn(m, k, seed=1), randn(n, k, seed=2, scale=k ** -0.5), randn(n, seed=3)
-    mod = fl.FusedLinear(k, n, activation="gelu")
-    ref = torch.nn.Sequential(torch.nn.Linear(k, n), torch.nn.GELU())
-    with torch.no_grad():
-        for lin in (mod, ref[0]):
-            lin.weight.copy_(w)
-            lin.bias.copy_(b)
+    mod, ref = module_pair("gelu", w, b)
     # Each contender reads its own copy of W: these GEMVs are bound by reading W, and one shared
     # copy would sit in L3 for whichever contender runs after another (a model's many layers
     # don't stay there either).
@@ -162,18 +168,10 @@ def test_few_rows_linear_gelu(compare, cpu_backend, shape):
     fns = {"fastlayers": lambda: mod(x), "fl_functional": lambda: fl.linear_act(x, w1, b, "gelu"),
            "eager": lambda: F.gelu(F.linear(x, w2, b)), "eager_module": lambda: ref(x)}
     calls = max(1, (1 << 24) // (m * k * n))  # ~16M multiply-adds per sample
-
-    def loop(f):
-        def run():
-            for _ in range(calls):
-                f()
-        return run
-    with torch.no_grad():
-        compare({name: loop(f) for name, f in fns.items()}, calls_per_sample=calls,
-                info={"suite": "cpu", "op": "few_rows_linear_gelu", "shape": "x".join(map(str, shape)),
-                      "dtype": "float32", "pass": "fwd", "backend": cpu_backend},
-                baselines=("eager", "eager_module"), bytes_moved=4 * (m * k + n * k + n + m * n),
-                flops=2 * m * k * n)
+    compare_looped(compare, fns, calls, {"suite": "cpu", "op": "few_rows_linear_gelu",
+                                         "shape": "x".join(map(str, shape)), "dtype": "float32",
+                                         "pass": "fwd", "backend": cpu_backend},
+                   bytes_moved=4 * (m * k + n * k + n + m * n), flops=2 * m * k * n)
 
 
 def test_overhead_linear_relu(compare, cpu_backend):
