@@ -194,13 +194,10 @@ struct ColumnSumBuffers {
   }
 };
 
-// Calls f(b0, b1) for the blocks of kSumBlockRows rows of [r0, r1), then sums.flush().
-template <class T, class F>
-static inline void for_row_blocks(int64_t r0, int64_t r1, int64_t n, const ColumnSums<T>& sums, F&& f) {
-  for (int64_t b0 = r0; b0 < r1; b0 += kSumBlockRows) {
-    f(b0, std::min(r1, b0 + kSumBlockRows));
-    sums.flush(n);
-  }
+// Calls f(b0, b1) for the blocks of kSumBlockRows rows of [r0, r1) (f flushes its ColumnSums).
+template <class F>
+static inline void for_row_blocks(int64_t r0, int64_t r1, F&& f) {
+  for (int64_t b0 = r0; b0 < r1; b0 += kSumBlockRows) f(b0, std::min(r1, b0 + kSumBlockRows));
 }
 
 // out[j] = sum over t = 0..nt-1 of acc[t * n + j], in thread order (deterministic), rounded to T.

@@ -59,7 +59,7 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, c
                             int64_t ldd, double slope, bool from_output) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_blocks<T>(r0, r1, n, sums_g, [&](int64_t b0, int64_t b1) {
+  for_row_blocks(r0, r1, [&](int64_t b0, int64_t b1) {
     for_row_vectors<T>(b0, b1, n, [&](int64_t r, int64_t j, int64_t k) {
       V dhv = load_k(dh + r * n + j, k);
       V gv = load_k(g + r * ld + j, k);
@@ -74,7 +74,8 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, c
       sums_g.add(r == b0, j, dgv, k);
       sums_u.add(r == b0, j, duv, k);
     });
-    sums_u.flush(n);  // (sums_g is flushed by for_row_blocks)
+    sums_g.flush(n);
+    sums_u.flush(n);
   });
 }
 

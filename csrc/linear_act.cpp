@@ -60,7 +60,7 @@ static void act_grad_rows(const T* dy, const T* s, T* dz, const ColumnSums<T>& s
                           int64_t r1, int64_t n, double slope) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_blocks<T>(r0, r1, n, sums, [&](int64_t b0, int64_t b1) {
+  for_row_blocks(r0, r1, [&](int64_t b0, int64_t b1) {
     for_row_vectors<T>(b0, b1, n, [&](int64_t r, int64_t j, int64_t k) {
       V g = load_k(dy + r * n + j, k);
       if constexpr (ACT != NONE) {
@@ -72,6 +72,7 @@ static void act_grad_rows(const T* dy, const T* s, T* dz, const ColumnSums<T>& s
       }
       sums.add(r == b0, j, g, k);
     });
+    sums.flush(n);
   });
 }
 

@@ -168,10 +168,11 @@ _cpu_backend: list = []  # [cpp module, or None when it cannot load], filled on 
 def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: float) -> Optional[Tensor]:
     """act(F.linear(x, w, b)) for a tiny no-grad linear on the CPU, or None: take the general path.
 
-    The cpp backend runs a no-grad forward with at most cpp.TORCH_OPS_MAX_OUT outputs (and fewer
-    than cpp.TORCH_OPS_MAX_MACS multiply-adds) as PyTorch's own F.linear + activation (its own pass would cost more than the whole op, see
-    backends/cpp.py); here that rule runs before the general path's checks, which at 1 x 64 -> 64
-    cost more than eager's whole F.relu(F.linear(x, w, b)) (~3 us). The checks below (20-90 ns
+    The cpp backend runs a no-grad forward with at most cpp.TORCH_OPS_MAX_OUT outputs and fewer
+    than cpp.TORCH_OPS_MAX_MACS multiply-adds as PyTorch's own F.linear + activation (its own pass
+    would cost more than the whole op; cpp.linear_act_forward has the same rule for the calls that
+    reach it); here that rule runs before the general path's checks, which at 1 x 64 -> 64 cost
+    more than eager's whole F.relu(F.linear(x, w, b)) (~3 us). The checks below (20-90 ns
     each, ~0.7 us in all, measured) admit only calls the general path would send to the same two
     ops: plain dense CPU tensors of a floating dtype, a 2-D weight, nothing needing grad, the cpp
     backend in charge with its "auto" route, no torch.compile / jit.trace recording, torch.func

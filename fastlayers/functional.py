@@ -26,7 +26,6 @@ from ._dispatch import (as_2d, as_3d, backend_for, check_linear, check_slope, ch
 from .activations import DEFAULT_SLOPE, SAVE_INPUT, SAVE_OUTPUT, Activation
 
 LINEAR = "fastlayers.linear_act"
-_ACTS = _acts.ACTIVATIONS
 
 
 # ----------------------------------------------------------------------------- linear + act
@@ -80,9 +79,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     x: (*, in_features); weight: (out_features, in_features) as nn.Linear; bias: (out_features,)
     or None. activation: one of fastlayers.activations.NAMES. Returns (*, out_features) in x's dtype.
     """
-    act = _ACTS.get(activation) if type(activation) is str else None
-    if act is None:
-        act = _acts.get(activation, LINEAR)  # raises the error naming the choices
+    act = _acts.get(activation, LINEAR)
     slope = negative_slope if type(negative_slope) is float else check_slope(LINEAR, negative_slope)
     y = tiny_cpu_linear(x, weight, bias, act, slope)  # tiny CPU outputs: PyTorch's two ops, unchecked
     if y is not None:
