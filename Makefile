@@ -45,7 +45,7 @@ SETUP :=
 endif
 
 EXT     := fastlayers/.built-ext
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/torch/*.cpp) setup.py
 
 FUZZ_MINUTES ?= 20
 BENCH_FILES := bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py \

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import warnings
 from types import ModuleType
 from typing import Optional, Tuple
 
@@ -165,6 +166,33 @@ _CPU_OR_NONE = (None, _CPU)  # forced() values that leave CPU calls to it
 _cpu_backend: list = []  # [cpp module, or None when it cannot load], filled on first use
 
 
+def _load_fastpath():
+    """fastlayers._fastpath.tiny_linear, or None: not built (no torch at build time; see setup.py),
+    or built against another torch than this one (a warning: rebuild), or another activation table."""
+    try:
+        from . import _fastpath
+    except ImportError:
+        return None
+    from .activations import ACTIVATIONS
+    if _fastpath.TORCH_VERSION != torch.__version__:
+        warnings.warn(f"fastlayers._fastpath was built against torch {_fastpath.TORCH_VERSION}, this is torch "
+                      f"{torch.__version__}: not used (tiny no-grad linears take the slower Python gate); "
+                      "rebuild it with `make build`", RuntimeWarning, stacklevel=2)
+        return None
+    codes = dict(_fastpath.ACTIVATION_CODES)
+    if any(ACTIVATIONS[name].code != code for name, code in codes.items() if name in ACTIVATIONS) \
+            or not set(codes) <= set(ACTIVATIONS):
+        raise ImportError(f"fastlayers._fastpath was built with other activation codes ({codes}) than "
+                          "fastlayers/activations.py; rebuild it with `make build`")
+    return _fastpath.tiny_linear
+
+
+# fastlayers._fastpath.tiny_linear(x, w, b, code, slope, max_out, max_macs): the checks and the two
+# ops of tiny_cpu_linear below in C++ (csrc/torch/fastpath.cpp), ~1.5 us faster per call; None
+# where it was not built. Tests set it to None to run the Python gate alone.
+_FAST_TINY_LINEAR = _load_fastpath()
+
+
 def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: float) -> Optional[Tensor]:
     """act(F.linear(x, w, b)) for a tiny no-grad linear on the CPU, or None: take the general path.
 
@@ -172,17 +200,30 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
     than cpp.TORCH_OPS_MAX_MACS multiply-adds as PyTorch's own F.linear + activation (its own pass
     would cost more than the whole op; cpp.linear_act_forward has the same rule for the calls that
     reach it); here that rule runs before the general path's checks, which at 1 x 64 -> 64 cost
-    more than eager's whole F.relu(F.linear(x, w, b)) (~3 us). The checks below (20-90 ns
-    each, ~0.7 us in all, measured) admit only calls the general path would send to the same two
-    ops: plain dense CPU tensors of a floating dtype, a 2-D weight, nothing needing grad, the cpp
-    backend in charge with its "auto" route, no torch.compile / jit.trace recording, torch.func
-    transform or dispatch mode (is_compiling comes first: under Dynamo it ends the walk before
-    anything Dynamo would not trace). Shapes, dtypes and devices that do not match make F.linear
-    raise a RuntimeError: None, and the general path raises fastlayers' own error. Autocast needs
-    no check: F.linear applies the policy fastlayers copies (_autocast.py), so the result is the
-    general path's. The activation runs in place on F.linear's fresh output (the same ATen
-    kernel, bit-identical, one allocation less)."""
-    if (type(x) is not Tensor or _is_compiling() or not x.is_cpu
+    more than eager's whole F.relu(F.linear(x, w, b)) (~3 us). The calls admitted are only those
+    the general path would send to the same two ops: plain dense CPU tensors of a floating dtype,
+    a 2-D weight, nothing needing grad, the cpp backend in charge with its "auto" route, no
+    torch.compile / jit.trace recording, torch.func transform or dispatch mode (is_compiling comes
+    first: under Dynamo it ends the walk before anything Dynamo would not trace). Shapes, dtypes and
+    devices that do not match make F.linear raise a RuntimeError: None, and the general path raises
+    fastlayers' own error. Autocast needs no check: F.linear applies the policy fastlayers copies
+    (_autocast.py), so the result is the general path's. The activation runs in place on F.linear's
+    fresh output (the same ATen kernel, bit-identical, one allocation less).
+
+    Two implementations of the same admission rule: fastlayers._fastpath in C++ (where built: the
+    checks read the tensors' C++ fields, the ops are called without Python's argument parsing),
+    then, for what it does not take (quick_gelu, a TorchFunctionMode, anything it refuses), the
+    checks below in Python (20-90 ns each, ~1 us in all, measured)."""
+    if _is_compiling():
+        return None
+    backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
+    if backend is None or backend.ROUTE != "auto" or forced() not in _CPU_OR_NONE:
+        return None
+    if _FAST_TINY_LINEAR is not None:
+        y = _FAST_TINY_LINEAR(x, w, b, act.code, slope, backend.TORCH_OPS_MAX_OUT, backend.TORCH_OPS_MAX_MACS)
+        if y is not None:
+            return y
+    if (type(x) is not Tensor or not x.is_cpu
             or x.layout is not _STRIDED or x.is_nested or x.dtype not in FLOATS):
         return None
     # (F.linear refuses a sparse, mkldnn or meta bias, but would take a sparse weight, and a
@@ -194,9 +235,6 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
         return None
     if _tracing_state() is not None or _functorch_level() is not None or _dispatch_modes():
         return None
-    backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
-    if backend is None or backend.ROUTE != "auto" or forced() not in _CPU_OR_NONE:
-        return None
     try:
         n, k = w.shape  # ValueError: not 2-D
         # M * N <= max_out with M = x.numel() / K (K = 0: M unknown, the general path decides),
@@ -207,7 +245,7 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
         if b is not None and (b.dim() != 1 or b.numel() != n):  # F.linear would broadcast it
             return None
         y = _F_LINEAR(x, w, b)
-    except (RuntimeError, ValueError):  # mismatched shapes / dtypes / devices: the general path says which
+    except (RuntimeError, ValueError):  # mismatched shapes / dtypes / devices: the general path says why
         return None
     return act.ref_(y, slope)
 

@@ -13,9 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
 import torch, fastlayers as fl, torch.nn.functional as F
-from fastlayers import _C
+from fastlayers import _C, _dispatch
 from fastlayers.activations import ACTIVATIONS, NAMES
 assert "portable" in _C.__file__, _C.__file__
+assert _dispatch._FAST_TINY_LINEAR is None  # built with FASTLAYERS_FASTPATH=0: the Python gate alone
+x, w, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
+with torch.no_grad():
+    assert torch.equal(fl.linear_act(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)))
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)):
     x = (torch.randn(37, 29, dtype=torch.float64) * 3).to(dtype).requires_grad_()
@@ -57,7 +61,9 @@ def test_portable_build_matches_reference(tmp_path):
     shutil.copy(ROOT / "setup.py", src / "setup.py")
     shutil.copy(ROOT / "pyproject.toml", src / "pyproject.toml")
     shutil.copy(ROOT / "README.md", src / "README.md")
-    env = dict(os.environ, FASTLAYERS_NATIVE="0")
+    # (FASTLAYERS_FASTPATH=0: _fastpath does not depend on the CPU flags; without it, the CHECK
+    # also runs fastlayers as a build without torch at build time would)
+    env = dict(os.environ, FASTLAYERS_NATIVE="0", FASTLAYERS_FASTPATH="0")
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src,
                            env=env, capture_output=True, text=True)
     assert build.returncode == 0, build.stdout + build.stderr

@@ -1,7 +1,11 @@
 """The tiny no-grad gate (fastlayers._dispatch.tiny_cpu_linear): a CPU linear with at most
 cpp.TORCH_OPS_MAX_OUT outputs and nothing needing grad runs PyTorch's own F.linear + activation
 (in place) before any other check. It must give PyTorch's values bit for bit, leave the inputs
-alone, and hand everything it is not sure of to the general path, which checks and raises."""
+alone, and hand everything it is not sure of to the general path, which checks and raises.
+Every gate test runs twice: with the C++ gate (fastlayers._fastpath, csrc/torch/fastpath.cpp)
+in front of the Python one, and with the Python gate alone (as where _fastpath is not built)."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,14 +21,36 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SLOPES = {"leaky_relu": [0.01, -0.2, 0.0]}
 
 
-@pytest.fixture
-def gate_calls(monkeypatch):
-    """Counts the gate's F.linear calls (one per call the gate took); no backend forced."""
+FAST = _dispatch._FAST_TINY_LINEAR  # the C++ gate, or None where fastlayers._fastpath is not built
+
+
+class Calls(list):
+    mode = ""
+
+
+@pytest.fixture(params=["cxx", "python"])
+def gate_calls(request, monkeypatch):
+    """Records which gate took each call: "cxx" (the C++ gate returned a tensor) or "python" (the
+    Python gate's F.linear); no backend forced. Param "python": the Python gate alone."""
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
-    calls = []
+    calls = Calls()
+    if request.param == "python":
+        monkeypatch.setattr(_dispatch, "_FAST_TINY_LINEAR", None)
+    elif FAST is None:
+        pytest.skip("fastlayers._fastpath is not built (torch did not import at build time)")
+    else:
+        monkeypatch.setattr(_dispatch, "_FAST_TINY_LINEAR",
+                            lambda *a: (lambda y: y if y is None else calls.append("cxx") or y)(FAST(*a)))
     real = _dispatch._F_LINEAR
-    monkeypatch.setattr(_dispatch, "_F_LINEAR", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(_dispatch, "_F_LINEAR", lambda *a: calls.append("python") or real(*a))
+    calls.mode = request.param
     return calls
+
+
+def expected_gate(calls, act: str) -> str:
+    """The gate that takes a call the gates admit: the C++ one, but for what it has no in-place
+    ATen op for (quick_gelu) and where it is switched off."""
+    return "cxx" if calls.mode == "cxx" and act != "quick_gelu" else "python"
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -44,20 +70,21 @@ def test_tiny_gate_is_pytorch_bit_for_bit(gate_calls, act, dtype):
     special = torch.tensor(SPECIAL + INF, dtype=torch.float64).to(dtype).view(-1, 1)
     cases = [(special, torch.ones(7, 1, dtype=dtype), None),
              (special, torch.ones(7, 1, dtype=dtype), torch.zeros(7, dtype=dtype))]
-    for lead in [(), (1,), (5,), (2, 3)]:
-        x = torch.randn(*lead, 19, generator=g).to(dtype)
-        w = (torch.randn(23, 19, generator=g) / 4).to(dtype)
-        b = torch.randn(23, generator=g).to(dtype)
-        cases += [(x, w, b), (x, w, None), (x, w.t().contiguous().t(), b[:1].expand(23))]
+    for lead, k, n in [((), 19, 23), ((1,), 19, 23), ((5,), 19, 23), ((2, 3), 19, 23),
+                       ((64,), 64, 64)]:  # (64: 2^18 multiply-adds, the C++ gate releases the GIL)
+        x = torch.randn(*lead, k, generator=g).to(dtype)
+        w = (torch.randn(n, k, generator=g) / 4).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        cases += [(x, w, b), (x, w, None), (x, w.t().contiguous().t(), b[:1].expand(n))]
     for slope in SLOPES.get(act, [0.01]):
         for x, w, b in cases:
             before = [t.clone() for t in (x, w, b) if t is not None]
             with torch.no_grad():
-                calls = len(gate_calls)
+                gate_calls.clear()
                 y = _dispatch.tiny_cpu_linear(x, w, b, a, slope)
-                assert y is not None and len(gate_calls) == calls + 1
+                assert y is not None and gate_calls == [expected_gate(gate_calls, act)]
                 y_public = fl.linear_act(x, w, b, act, slope)
-                assert len(gate_calls) == calls + 2, "fl.linear_act did not take the gate"
+                assert len(gate_calls) == 2, "fl.linear_act did not take the gate"
             ref = a.ref(F.linear(x, w, b), slope)
             same_bits(y, ref)
             same_bits(y_public, ref)
@@ -72,7 +99,7 @@ def test_fused_linear_takes_the_gate(gate_calls):
         x = torch.randn(1, 64)
         with torch.no_grad():
             y = m(x)
-        assert gate_calls, f"{act}: FusedLinear did not take the gate"
+        assert gate_calls == [expected_gate(gate_calls, act)], f"{act}: FusedLinear did not take the gate"
         gate_calls.clear()
         same_bits(y, ACTIVATIONS[act].ref(F.linear(x, m.weight, m.bias), m.negative_slope))
         y = m(x)  # grad needed (the parameters require it): the general path, differentiable
@@ -158,6 +185,77 @@ def test_tiny_gate_refuses_what_it_must_not_take(gate_calls, monkeypatch):
         assert not refused(xg, wg, bg)
     with torch.inference_mode():
         assert not refused(xg, wg, bg)
+
+
+needs_fastpath = pytest.mark.skipif(FAST is None, reason="fastlayers._fastpath is not built "
+                                    "(torch did not import at build time)")
+
+
+@needs_fastpath
+def test_cxx_gate_leaves_torch_function_modes_to_python(gate_calls):
+    """F.linear calls an active TorchFunctionMode; at::linear in C++ would not: the C++ gate refuses,
+    and the Python gate's F.linear shows the mode the call, as before."""
+    from torch.overrides import TorchFunctionMode
+    seen = []
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+    x, w, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
+    with torch.no_grad():
+        with Mode():
+            assert FAST(x, w, b, 1, 0.01, cpp.TORCH_OPS_MAX_OUT, cpp.TORCH_OPS_MAX_MACS) is None
+            y = fl.linear_act(x, w, b, "relu")
+        assert F.linear in seen
+        assert gate_calls[-1] == "python"
+        same_bits(y, F.relu(F.linear(x, w, b)))
+
+
+@needs_fastpath
+def test_cxx_gate_arguments_and_threads():
+    x, w, b = torch.randn(64, 64), torch.randn(64, 64), torch.randn(64)  # 2^18 MACs: GIL released
+    with pytest.raises(TypeError, match="7 arguments"):
+        FAST(x, w, b, 1, 0.01)
+    with torch.no_grad():
+        assert FAST(x, w, b, 11, 0.01, 4096, 1 << 20) is None  # quick_gelu: the Python gate's
+        assert FAST(x, w, b, 99, 0.01, 4096, 1 << 20) is None
+        assert FAST(x, w, b, 1, 0.01, 4095, 1 << 20) is None  # the limits are the caller's
+        assert FAST(x, w, b, 1, 0.01, 4096, 1 << 18) is None
+        ref = F.gelu(F.linear(x, w, b))
+        out, errors = [], []
+
+        def work():
+            try:
+                for _ in range(200):
+                    out.append(fl.linear_act(x, w, b, "gelu"))
+            except Exception as e:  # surfaced below
+                errors.append(e)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and len(out) == 800
+    for y in out:
+        same_bits(y, ref)
+
+
+@needs_fastpath
+def test_fastpath_load_checks(monkeypatch):
+    """A _fastpath built against another torch is not used (a warning says to rebuild); one built
+    with other activation codes than activations.py refuses to load."""
+    from fastlayers import _fastpath
+    assert _dispatch._load_fastpath() is _fastpath.tiny_linear
+    monkeypatch.setattr(_fastpath, "TORCH_VERSION", "0.0.0")
+    with pytest.warns(RuntimeWarning, match="rebuild"):
+        assert _dispatch._load_fastpath() is None
+    monkeypatch.undo()
+    codes = dict(_fastpath.ACTIVATION_CODES)
+    codes["relu"], codes["gelu"] = codes["gelu"], codes["relu"]
+    monkeypatch.setattr(_fastpath, "ACTIVATION_CODES", codes)
+    with pytest.raises(ImportError, match="activation codes"):
+        _dispatch._load_fastpath()
 
 
 def test_tiny_gate_under_autocast_is_the_general_path(gate_calls):
