@@ -17,8 +17,8 @@ PACKAGE = "fastlayers"
 # module and everything under it (the longest listed name wins), except "fastlayers" itself: the
 # package __init__ (the public API) alone is the top, so a new module must be placed here.
 LAYERS: List[List[str]] = [
-    # the activation table, error types, the compiled C++ extension (built from csrc/)
-    ["fastlayers._errors", "fastlayers.activations", "fastlayers._C"],
+    # the activation table, error types, the compiled C++ extensions (built from csrc/, csrc/torch/)
+    ["fastlayers._errors", "fastlayers.activations", "fastlayers._C", "fastlayers._fastpath"],
     # backends and the Triton kernels they launch: they know the table, not the dispatch around them
     ["fastlayers.backends", "fastlayers.kernels"],
     # choosing a backend for the inputs; autocast casting rules
@@ -32,7 +32,7 @@ LAYERS: List[List[str]] = [
     ["fastlayers"],
 ]
 # Compiled modules (no source to read): they import nothing from the package.
-EXTENSIONS = {"fastlayers._C"}
+EXTENSIONS = {"fastlayers._C", "fastlayers._fastpath"}
 
 
 def _modules() -> Dict[str, Path]:
@@ -123,6 +123,7 @@ def test_import_graph_is_read():
     graph = import_graph()
     assert "fastlayers.kernels.linear_act" in graph["fastlayers.backends.triton"]
     assert "fastlayers._C" in graph["fastlayers.backends.cpp"]  # imported inside a function
+    assert "fastlayers._fastpath" in graph["fastlayers._dispatch"]  # from . import _fastpath
     assert "fastlayers.activations" in graph["fastlayers.kernels.activations"]  # from ..activations
     assert "fastlayers.nn" in graph["fastlayers"]
 
