@@ -45,13 +45,14 @@ SETUP :=
 endif
 
 EXT     := fastlayers/.built-ext
+TORCH_VERSION := fastlayers/.torch-version
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/torch/*.cpp) setup.py
 
 FUZZ_MINUTES ?= 20
 BENCH_FILES := bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py \
                bench/test_bench_loss.py bench/test_bench_models.py
 
-.PHONY: test bench bench-quick fuzz build setup clean test-triton36 compile-gate compile-gate-quick
+.PHONY: test bench bench-quick fuzz build setup clean test-triton36 compile-gate compile-gate-quick FORCE
 
 test: build
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
@@ -122,9 +123,17 @@ build: $(SETUP) $(EXT)
 
 setup: $(SETUP)
 
-$(EXT): $(SOURCES) | $(SETUP)
+$(EXT): $(SOURCES) $(TORCH_VERSION) | $(SETUP)
 	$(PY) setup.py -q build_ext --inplace
 	@touch $@
+
+# The installed torch's version, rewritten only when it changes (setup.py writes the same file):
+# fastlayers._fastpath links libtorch, so a new torch rebuilds it.
+$(TORCH_VERSION): FORCE | $(SETUP)
+	@v="$$($(PY) -c 'import torch; print(torch.__version__)')" && \
+		[ "$$v" = "$$(cat $@ 2>/dev/null)" ] || echo "$$v" > $@
+
+FORCE:
 
 $(VENV)/.fastlayers-setup: Makefile pyproject.toml
 	@$(BASE_PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "fastlayers needs Python >= 3.10"'
@@ -137,4 +146,4 @@ $(VENV)/.fastlayers-setup: Makefile pyproject.toml
 	@touch $@
 
 clean:
-	rm -rf build fastlayers/_C*.so $(EXT) .pytest_cache $(TRITON36_DIR)
+	rm -rf build fastlayers/_C*.so fastlayers/_fastpath*.so $(EXT) $(TORCH_VERSION) .pytest_cache $(TRITON36_DIR)

@@ -50,6 +50,21 @@ ext = Pybind11Extension(
 )
 
 
+# The torch version _fastpath was last built against, rewritten only when torch changes: a
+# dependency of _fastpath, so setuptools (and the Makefile's build stamp) rebuild it exactly then.
+TORCH_VERSION_FILE = os.path.join("fastlayers", ".torch-version")
+
+
+def _record_torch_version(version: str) -> None:
+    try:
+        with open(TORCH_VERSION_FILE) as f:
+            if f.read().strip() == version:
+                return
+    except OSError:
+        pass
+    with open(TORCH_VERSION_FILE, "w") as f:
+        f.write(version + "\n")
+
 
 def fastpath_extension():
     """fastlayers._fastpath against the torch importable now, or None (no torch, or switched off).
@@ -65,6 +80,7 @@ def fastpath_extension():
               "tiny no-grad linears take the Python gate")
         return None
     libs = library_paths()
+    _record_torch_version(torch.__version__)
     return Extension(
         "fastlayers._fastpath", [os.path.join("csrc", "torch", "fastpath.cpp")],
         include_dirs=include_paths(), library_dirs=libs, runtime_library_dirs=libs,
@@ -72,7 +88,8 @@ def fastpath_extension():
         extra_compile_args=["-O2", "-std=c++20", "-Wno-psabi",
                             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                             f'-DFASTLAYERS_TORCH_VERSION="{torch.__version__}"'],
-        depends=[os.path.join("csrc", "torch", "fastpath.cpp")])
+        depends=[os.path.join("csrc", "torch", "fastpath.cpp"), TORCH_VERSION_FILE],
+        optional=True)  # a failed build of it (a compiler torch's headers defeat) skips it, loudly
 
 
 setup(ext_modules=[e for e in (ext, fastpath_extension()) if e is not None], cmdclass={"build_ext": BuildExt})
