@@ -72,3 +72,24 @@ def test_overhead_softmax(compare, cpu_backend):
         compare({name: loop(f) for name, f in contenders("softmax").items()}, calls_per_sample=CALLS,
                 info={"suite": "cpu", "op": "overhead_softmax", "shape": "4x8", "dtype": "float32",
                       "pass": "fwd", "backend": cpu_backend})
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (8, 256), (32, 512)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("op", list(OPS))
+def test_small_softmax(compare, cpu_backend, op, shape):
+    """Small inputs without grad (below cpp.TORCH_SOFTMAX_MAX_NUMEL: PyTorch's own kernel behind
+    fastlayers' tiny gate): what the gate's checks cost on top of eager."""
+    x = randn(*shape, seed=1, scale=2.0)
+
+    def loop(f):
+        def run():
+            for _ in range(CALLS):
+                f(x)
+        return run
+    fns = contenders(op)
+    del fns["compile"]  # (Dynamo's guard checks dominate at this size; the overhead test has it)
+    with torch.no_grad():
+        compare({name: loop(f) for name, f in fns.items()}, calls_per_sample=CALLS,
+                info={"suite": "cpu", "op": f"small_{op}", "shape": "x".join(map(str, shape)),
+                      "dtype": "float32", "pass": "fwd", "backend": cpu_backend},
+                baselines=("eager",))

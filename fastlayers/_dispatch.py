@@ -166,8 +166,8 @@ _CPU_OR_NONE = (None, _CPU)  # forced() values that leave CPU calls to it
 _cpu_backend: list = []  # [cpp module, or None when it cannot load], filled on first use
 
 
-def _load_fastpath():
-    """fastlayers._fastpath.tiny_linear, or None: not built (no torch at build time; see setup.py),
+def _load_fastpath() -> Optional[ModuleType]:
+    """fastlayers._fastpath, or None: not built (no torch at build time; see setup.py),
     or built against another torch than this one (a warning: rebuild), or another activation table."""
     try:
         from . import _fastpath
@@ -184,13 +184,16 @@ def _load_fastpath():
             or not set(codes) <= set(ACTIVATIONS):
         raise ImportError(f"fastlayers._fastpath was built with other activation codes ({codes}) than "
                           "fastlayers/activations.py; rebuild it with `make build`")
-    return _fastpath.tiny_linear
+    return _fastpath
 
 
-# fastlayers._fastpath.tiny_linear(x, w, b, code, slope, max_out, max_macs): the checks and the two
-# ops of tiny_cpu_linear below in C++ (csrc/torch/fastpath.cpp), ~1.5 us faster per call; None
-# where it was not built. Tests set it to None to run the Python gate alone.
-_FAST_TINY_LINEAR = _load_fastpath()
+# fastlayers._fastpath (csrc/torch/fastpath.cpp), or None where it was not built:
+# tiny_linear(x, w, b, code, slope, max_out, max_macs) and tiny_softmax(x, dim, log, max_numel),
+# the checks and the ops of tiny_cpu_linear / tiny_cpu_softmax below in C++ (~1.5 us and ~0.5 us
+# faster per call). Tests set these to None to run the Python gates alone.
+_FASTPATH = _load_fastpath()
+_FAST_TINY_LINEAR = _FASTPATH.tiny_linear if _FASTPATH is not None else None
+_FAST_TINY_SOFTMAX = _FASTPATH.tiny_softmax if _FASTPATH is not None else None
 
 
 def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: float) -> Optional[Tensor]:
@@ -248,6 +251,44 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
     except (RuntimeError, ValueError):  # mismatched shapes / dtypes / devices: the general path says why
         return None
     return act.ref_(y, slope)
+
+
+def tiny_cpu_softmax(x: object, dim: object, dtype: object, log: bool) -> Optional[Tensor]:
+    """torch.softmax / torch.log_softmax(x, dim, dtype=dtype) for a small CPU tensor, or None: take
+    the general path.
+
+    Below cpp.TORCH_SOFTMAX_MAX_NUMEL elements PyTorch's own kernel is faster than the general
+    path's fixed cost alone (measured there), and it is the reference these ops match, gradient
+    included (its autograd node). Admitted: no backend forced (a forced backend runs its own
+    kernels at every size: use_backend("cpp") is how its softmax kernels are tested), a plain dense
+    CPU tensor of a floating dtype, an int dim in range, no dtype or a floating one, no
+    torch.compile / jit.trace recording (they record fastlayers' registered op). Anything else
+    (other dims, dtypes, devices, layouts) goes to the general path, which checks and raises
+    fastlayers' errors. torch.func transforms and dispatch modes need no check: the general path's
+    composite route runs this same torch op for them. As tiny_cpu_linear: the checks and the op in
+    C++ first (fastlayers._fastpath; not for a dtype argument, nor under any mode), then in Python."""
+    if _is_compiling() or forced() is not None:
+        return None
+    backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
+    if backend is None:
+        return None
+    if dtype is None and _FAST_TINY_SOFTMAX is not None:
+        y = _FAST_TINY_SOFTMAX(x, dim, log, backend.TORCH_SOFTMAX_MAX_NUMEL)
+        if y is not None:
+            return y
+    if type(x) not in _PLAIN_TYPES or type(dim) is not int or (dtype is not None and dtype not in FLOATS):
+        return None
+    if not x.is_cpu or x.layout is not _STRIDED or x.is_nested or x.dtype not in FLOATS:
+        return None
+    n = x.dim() or 1
+    if not -n <= dim < n or _tracing_state() is not None or x.numel() >= backend.TORCH_SOFTMAX_MAX_NUMEL:
+        return None
+    if dtype is None:  # (a dtype=None keyword costs torch's argument parser ~0.3 us)
+        return _LOG_SOFTMAX(x, dim) if log else _SOFTMAX(x, dim)
+    return _LOG_SOFTMAX(x, dim, dtype=dtype) if log else _SOFTMAX(x, dim, dtype=dtype)
+
+
+_SOFTMAX, _LOG_SOFTMAX = torch.softmax, torch.log_softmax  # (tests count the gate's calls here)
 
 
 def _load_cpu_backend() -> Optional[ModuleType]:

@@ -22,7 +22,8 @@ from . import _library
 from . import activations as _acts
 from ._dispatch import (as_2d, as_3d, backend_for, check_linear, check_slope, check_tensor,
                         composite_reason, linear_composite, linear_forward, normalize_dim, owned,
-                        plain_cpu_inference, softmax_composite, softmax_forward, tiny_cpu_linear)
+                        plain_cpu_inference, softmax_composite, softmax_forward, tiny_cpu_linear,
+                        tiny_cpu_softmax)
 from .activations import DEFAULT_SLOPE, SAVE_INPUT, SAVE_OUTPUT, Activation
 
 LINEAR = "fastlayers.linear_act"
@@ -122,6 +123,9 @@ class SoftmaxFunction(torch.autograd.Function):
 
 
 def _softmax(x: Tensor, dim, dtype: Optional[torch.dtype], log: bool) -> Tensor:
+    y = tiny_cpu_softmax(x, dim, dtype, log)  # small CPU tensors: PyTorch's own op, unchecked
+    if y is not None:
+        return y
     op = _library.softmax_name(log)
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: expected x to be a torch.Tensor, got {type(x).__name__}")

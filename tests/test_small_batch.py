@@ -246,7 +246,7 @@ def test_fastpath_load_checks(monkeypatch):
     """A _fastpath built against another torch is not used (a warning says to rebuild); one built
     with other activation codes than activations.py refuses to load."""
     from fastlayers import _fastpath
-    assert _dispatch._load_fastpath() is _fastpath.tiny_linear
+    assert _dispatch._load_fastpath() is _fastpath
     monkeypatch.setattr(_fastpath, "TORCH_VERSION", "0.0.0")
     with pytest.warns(RuntimeWarning, match="rebuild"):
         assert _dispatch._load_fastpath() is None
@@ -332,3 +332,164 @@ def test_fused_linear_none_packed_gemv_beats_f_linear_route(monkeypatch):
     y_grad = mod(x)
     assert calls and not cpp.plain_linear_gain(2, 1024, 1024, torch.float32)
     torch.testing.assert_close(y, y_grad.detach(), rtol=1.3e-6, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- tiny softmax
+# fastlayers._dispatch.tiny_cpu_softmax: below cpp.TORCH_SOFTMAX_MAX_NUMEL elements, with no backend
+# forced, softmax / log_softmax are PyTorch's own ops (values, gradients, dtype argument).
+
+FAST_SOFTMAX = _dispatch._FAST_TINY_SOFTMAX
+
+
+@pytest.fixture(params=["cxx", "python"])
+def softmax_calls(request, monkeypatch):
+    """Records which tiny softmax gate took each call: "cxx" (fastlayers._fastpath returned a
+    tensor) or "python" (torch.softmax / log_softmax called by the Python gate); no backend forced.
+    Param "python": the Python gate alone."""
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    calls = Calls()
+    if request.param == "python":
+        monkeypatch.setattr(_dispatch, "_FAST_TINY_SOFTMAX", None)
+    elif FAST_SOFTMAX is None:
+        pytest.skip("fastlayers._fastpath is not built (torch did not import at build time)")
+    else:
+        monkeypatch.setattr(_dispatch, "_FAST_TINY_SOFTMAX",
+                            lambda *a: (lambda y: y if y is None else calls.append("cxx") or y)(FAST_SOFTMAX(*a)))
+    for name in ("_SOFTMAX", "_LOG_SOFTMAX"):
+        real = getattr(_dispatch, name)
+        monkeypatch.setattr(_dispatch, name, (lambda f: lambda *a, **kw: calls.append("python") or f(*a, **kw))(real))
+    calls.mode = request.param
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_tiny_softmax_is_pytorch_bit_for_bit(softmax_calls, log, dtype):
+    op, ref = (fl.log_softmax, torch.log_softmax) if log else (fl.softmax, torch.softmax)
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor(SPECIAL + INF, dtype=torch.float64)
+    cases = [torch.tensor(1.5), torch.randn(7, generator=g), torch.randn(3, 0), torch.randn(0, 4),
+             torch.randn(5, 9, generator=g) * 30, torch.randn(2, 3, 4, generator=g),
+             torch.randn(4, 6, generator=g).t(), special.view(1, -1), special.view(-1, 1),
+             torch.stack([special, special.flip(0)]), torch.full((2, 5), float("-inf"))]
+    for x in cases:
+        x = x.to(dtype)
+        for dim in range(-max(x.dim(), 1), max(x.dim(), 1)):
+            for out_dtype in (None, torch.float64):
+                before = x.clone()
+                softmax_calls.clear()
+                y = op(x, dim) if out_dtype is None else op(x, dim, dtype=out_dtype)
+                # (a dtype argument is the Python gate's)
+                expected = "cxx" if softmax_calls.mode == "cxx" and out_dtype is None else "python"
+                assert softmax_calls == [expected], "the gate did not take the call"
+                same_bits(y, ref(x, dim) if out_dtype is None else ref(x, dim, dtype=out_dtype))
+                same_bits(x, before)
+        # gradients: PyTorch's own autograd node
+        if x.numel() and x.dim():
+            xg = x.detach().clone().requires_grad_()
+            xr = x.detach().clone().requires_grad_()
+            dy = torch.randn(x.shape, generator=g).to(dtype)
+            softmax_calls.clear()
+            yg = op(xg, -1)
+            assert len(softmax_calls) == 1 and yg.requires_grad
+            same_bits(torch.autograd.grad(yg, xg, dy)[0], torch.autograd.grad(ref(xr, -1), xr, dy)[0])
+
+
+def test_tiny_softmax_refuses_what_it_must_not_take(softmax_calls, monkeypatch):
+    x = torch.randn(4, 8)
+
+    def gate(*args, **kw):
+        return _dispatch.tiny_cpu_softmax(*args, **kw)
+    assert gate(x, -1, None, False) is not None and gate(x, 1, torch.float64, True) is not None
+    # a forced backend runs its own kernels, at every size
+    for name in ("cpp", "reference"):
+        with fl.use_backend(name):
+            assert gate(x, -1, None, False) is None
+            calls = len(softmax_calls)
+            torch.testing.assert_close(fl.softmax(x, -1), torch.softmax(x, -1))
+            assert len(softmax_calls) == calls, "a forced backend took the gate"
+    monkeypatch.setenv("FASTLAYERS_BACKEND", "cpp")
+    assert gate(x, -1, None, False) is None
+    monkeypatch.delenv("FASTLAYERS_BACKEND")
+    # size
+    big = torch.randn(cpp.TORCH_SOFTMAX_MAX_NUMEL)
+    assert gate(big, 0, None, False) is None and gate(big[:-1], 0, None, False) is not None
+    # dims other than an int in range: the general path (fastlayers' errors)
+    import numpy as np
+    assert gate(x, np.int64(1), None, False) is None and gate(x, torch.tensor(1), None, False) is None
+    assert gate(x, True, None, False) is None and gate(x, 2, None, False) is None and gate(x, None, None, False) is None
+    with pytest.raises(IndexError, match="fastlayers.softmax"):
+        fl.softmax(x, 2)
+    with pytest.raises(TypeError, match="fastlayers.softmax"):
+        fl.softmax(x, True)
+    torch.testing.assert_close(fl.softmax(x, np.int64(1)), torch.softmax(x, 1))
+    # dtypes, layouts, devices, tensor kinds
+    with pytest.raises(fl.DTypeError, match="fastlayers.softmax"):
+        fl.softmax(x.long(), -1)
+    assert gate(x.long(), -1, None, False) is None and gate(x, -1, torch.int64, False) is None
+    assert gate(x.to_sparse(), -1, None, False) is None and gate(x.to("meta"), -1, None, False) is None
+    nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)])
+    assert gate(nested, -1, None, False) is None
+
+    class Sub(torch.Tensor):
+        pass
+    assert gate(x.as_subclass(Sub), -1, None, False) is None
+    assert gate([1.0, 2.0], 0, None, False) is None
+    with pytest.raises(TypeError, match="fastlayers.softmax"):
+        fl.softmax([1.0, 2.0], 0)
+    # jit.trace records fastlayers' registered op
+    traced = []
+    torch.jit.trace(lambda t: traced.append(gate(t, -1, None, False)) or t * 1, x, check_trace=False)
+    assert traced == [None]
+
+
+@needs_fastpath
+def test_cxx_softmax_gate_arguments_and_modes(softmax_calls):
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="4 arguments"):
+        FAST_SOFTMAX(x, -1, False)
+    limit = cpp.TORCH_SOFTMAX_MAX_NUMEL
+    assert FAST_SOFTMAX(x, 1 << 70, False, limit) is None and FAST_SOFTMAX(x, 1.0, False, limit) is None
+    assert FAST_SOFTMAX(x, -3, False, limit) is None and FAST_SOFTMAX(x, 2, True, limit) is None
+    assert FAST_SOFTMAX(x, True, False, limit) is None and FAST_SOFTMAX(x, -1, False, 32) is None
+    same_bits(FAST_SOFTMAX(x, -2, True, limit), torch.log_softmax(x, -2))
+    same_bits(FAST_SOFTMAX(torch.tensor(2.0), 0, False, limit), torch.softmax(torch.tensor(2.0), 0))
+    # modes: the Python gate, whose torch.softmax they see
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class FMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    class DMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    for mode in (FMode(), DMode()):
+        with mode:
+            assert FAST_SOFTMAX(x, -1, False, limit) is None
+            y = fl.softmax(x, -1)
+        same_bits(y, torch.softmax(x, -1))
+    assert torch.softmax in seen
+    assert softmax_calls[-2:] == ["python", "python"]
+    # 4 threads x 200 calls, the GIL released (2^14 elements)
+    big = torch.randn(128, 128)
+    ref = torch.softmax(big, 0)
+    out, errors = [], []
+
+    def work():
+        try:
+            for _ in range(200):
+                out.append(fl.softmax(big, 0))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 800
+    for y in out:
+        same_bits(y, ref)

@@ -1,5 +1,5 @@
 // fastlayers._fastpath: the tiny no-grad CPU linear of fastlayers/_dispatch.py (tiny_cpu_linear)
-// in C++, against libtorch's own C++ API.
+// and its tiny softmax (tiny_cpu_softmax) in C++, against libtorch's own C++ API.
 //
 // Why: at 1 x 64 -> 64 the whole eager F.relu(F.linear(x, w, b)) takes ~3.3 us, of which the
 // GEMM is a few hundred ns; the rest is two trips through PyTorch's Python argument parser and
@@ -14,6 +14,8 @@
 // setup.py builds it only where torch imports at build time and records that torch's version
 // (FASTLAYERS_TORCH_VERSION); fastlayers/_dispatch.py uses it only when the running torch matches.
 #include <Python.h>
+
+#include <algorithm>
 
 #include <ATen/Functions.h>
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -138,13 +140,54 @@ PyObject* tiny_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return THPVariable_Wrap(std::move(y));
 }
 
+// tiny_softmax(x, dim, log, max_numel) -> torch.softmax(x, dim) (log_softmax if log), or None.
+//
+// The softmax twin of tiny_linear, for _dispatch.tiny_cpu_softmax (no dtype argument: that one's
+// Python path takes it): exactly torch.Tensor / nn.Parameter, dense CPU, floating, fewer than
+// max_numel elements, dim an int (not a bool) in [-max(ndim, 1), max(ndim, 1)), no special mode.
+// at::softmax records PyTorch's own autograd node when x requires grad, as torch.softmax does.
+// Threads: ATen's; without the GIL from kReleaseGilElems elements (~4 us of work) up.
+constexpr int64_t kReleaseGilElems = int64_t(1) << 14;
+
+PyObject* tiny_softmax(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "fastlayers._fastpath.tiny_softmax: expected 4 arguments");
+    return nullptr;
+  }
+  PyObject *px = args[0], *pdim = args[1];
+  if (!THPVariable_CheckExact(px) || !PyLong_CheckExact(pdim)) Py_RETURN_NONE;
+  const int log = PyObject_IsTrue(args[2]);
+  const long long max_numel = PyLong_AsLongLong(args[3]);
+  if (log < 0 || PyErr_Occurred()) return nullptr;
+  int overflow = 0;
+  const long long dim = PyLong_AsLongLongAndOverflow(pdim, &overflow);
+  if (overflow != 0 || PyErr_Occurred()) {
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
+  const at::Tensor& x = THPVariable_Unpack(px);
+  if (!plain_cpu(x) || !floating(x) || x.numel() >= max_numel || special_mode_active()) Py_RETURN_NONE;
+  const int64_t n = std::max<int64_t>(x.dim(), 1);
+  if (dim < -n || dim >= n) Py_RETURN_NONE;
+  at::Tensor y;
+  try {
+    ReleaseGil nogil(x.numel() >= kReleaseGilElems);
+    y = log ? at::log_softmax(x, dim) : at::softmax(x, dim);
+  } catch (const std::exception&) {
+    Py_RETURN_NONE;
+  }
+  return THPVariable_Wrap(std::move(y));
+}
+
 PyMethodDef kMethods[] = {
+    {"tiny_softmax", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(tiny_softmax)),
+     METH_FASTCALL, "tiny_softmax(x, dim, log, max_numel): torch.(log_)softmax(x, dim) or None"},
     {"tiny_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(tiny_linear)),
      METH_FASTCALL, "tiny_linear(x, w, b, code, slope, max_out, max_macs): act(F.linear(x, w, b)) or None"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_fastpath",
-                       "The tiny no-grad CPU linear in C++ (see csrc/torch/fastpath.cpp)", -1, kMethods};
+                       "The tiny CPU linear and softmax gates in C++ (see csrc/torch/fastpath.cpp)", -1, kMethods};
 
 }  // namespace
 

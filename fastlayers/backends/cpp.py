@@ -188,6 +188,15 @@ TORCH_OPS_MAX_OUT = 1 << 12
 # 2x faster on oneDNN than in F.linear, see PACKED_MIN_MACS).
 TORCH_OPS_MAX_MACS = PACKED_MIN_MACS
 
+# Softmax / log_softmax of fewer elements than this, when no backend is forced, is PyTorch's own
+# kernel (fastlayers._dispatch.tiny_cpu_softmax): the general path's fixed cost (checks, the
+# autograd Function, buffer descriptors, the extension call: ~7.5 us) is more than such a whole op.
+# Measured 2026-12-02 (AMD EPYC, 2 threads, fp32 over the last dim), torch.softmax vs fastlayers'
+# general path, us: (1, 64) 1.5 vs 9.0; (8, 256) 2.4 vs 9.6; (32, 512) 6.7 vs 12.2; (512, 32) 8.3
+# vs 22.7; (1, 32768) 15.5 vs 15.6; at 2^16: (64, 1024) 16.8 vs 17.0, (1, 65536) 29.2 vs 24.1,
+# (1024, 64) 21.5 vs 26.6; at 2^17: (128, 1024) 32.3 vs 23.2, (1, 131072) 56.8 vs 39.9.
+TORCH_SOFTMAX_MAX_NUMEL = 1 << 16
+
 # Test switch: "auto" (the rule above), or force "fused" / "onednn" / "mkl" wherever that route can
 # run (a forced oneDNN route still falls back to "mkl" where oneDNN cannot run the dtype).
 ROUTE = "auto"
