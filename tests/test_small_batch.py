@@ -28,29 +28,57 @@ class Calls(list):
     mode = ""
 
 
-@pytest.fixture(params=["cxx", "python"])
-def gate_calls(request, monkeypatch):
-    """Records which gate took each call: "cxx" (the C++ gate returned a tensor) or "python" (the
-    Python gate's F.linear); no backend forced. Param "python": the Python gate alone."""
+def record_gates(monkeypatch, mode: str, cxx_attr: str, fast, python_attrs) -> "Calls":
+    """Records in the returned list which gate took each call: "cxx" (the C++ gate _dispatch.<cxx_attr>
+    returned a tensor) or "python" (the Python gate called one of _dispatch.<python_attrs>); no
+    backend forced. mode "python": the C++ gate switched off (as where _fastpath is not built)."""
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
     calls = Calls()
-    if request.param == "python":
-        monkeypatch.setattr(_dispatch, "_FAST_TINY_LINEAR", None)
-    elif FAST is None:
+    calls.mode = mode
+    if mode == "python":
+        monkeypatch.setattr(_dispatch, cxx_attr, None)
+    elif fast is None:
         pytest.skip("fastlayers._fastpath is not built (torch did not import at build time)")
     else:
-        monkeypatch.setattr(_dispatch, "_FAST_TINY_LINEAR",
-                            lambda *a: (lambda y: y if y is None else calls.append("cxx") or y)(FAST(*a)))
-    real = _dispatch._F_LINEAR
-    monkeypatch.setattr(_dispatch, "_F_LINEAR", lambda *a: calls.append("python") or real(*a))
-    calls.mode = request.param
+        monkeypatch.setattr(_dispatch, cxx_attr,
+                            lambda *a: (lambda y: y if y is None else calls.append("cxx") or y)(fast(*a)))
+    for name in python_attrs:
+        real = getattr(_dispatch, name)
+        monkeypatch.setattr(_dispatch, name, (lambda f: lambda *a, **kw: calls.append("python") or f(*a, **kw))(real))
     return calls
+
+
+@pytest.fixture(params=["cxx", "python"])
+def gate_calls(request, monkeypatch):
+    """The tiny linear gate's calls (record_gates)."""
+    return record_gates(monkeypatch, request.param, "_FAST_TINY_LINEAR", FAST, ["_F_LINEAR"])
 
 
 def expected_gate(calls, act: str) -> str:
     """The gate that takes a call the gates admit: the C++ one, but for what it has no in-place
     ATen op for (quick_gelu) and where it is switched off."""
     return "cxx" if calls.mode == "cxx" and act != "quick_gelu" else "python"
+
+
+def same_in_threads(fn, ref: torch.Tensor, threads: int = 4, calls: int = 200) -> None:
+    """fn() from several Python threads at once (the C++ gates release the GIL on larger calls):
+    every result is ref, bit for bit, and none raised."""
+    out, errors = [], []
+
+    def work():
+        try:
+            for _ in range(calls):
+                out.append(fn())
+        except Exception as e:  # surfaced below
+            errors.append(e)
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors and len(out) == threads * calls
+    for y in out:
+        same_bits(y, ref)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -222,23 +250,7 @@ def test_cxx_gate_arguments_and_threads():
         assert FAST(x, w, b, 99, 0.01, 4096, 1 << 20) is None
         assert FAST(x, w, b, 1, 0.01, 4095, 1 << 20) is None  # the limits are the caller's
         assert FAST(x, w, b, 1, 0.01, 4096, 1 << 18) is None
-        ref = F.gelu(F.linear(x, w, b))
-        out, errors = [], []
-
-        def work():
-            try:
-                for _ in range(200):
-                    out.append(fl.linear_act(x, w, b, "gelu"))
-            except Exception as e:  # surfaced below
-                errors.append(e)
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors and len(out) == 800
-    for y in out:
-        same_bits(y, ref)
+        same_in_threads(lambda: fl.linear_act(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)))
 
 
 @needs_fastpath
@@ -343,23 +355,9 @@ FAST_SOFTMAX = _dispatch._FAST_TINY_SOFTMAX
 
 @pytest.fixture(params=["cxx", "python"])
 def softmax_calls(request, monkeypatch):
-    """Records which tiny softmax gate took each call: "cxx" (fastlayers._fastpath returned a
-    tensor) or "python" (torch.softmax / log_softmax called by the Python gate); no backend forced.
-    Param "python": the Python gate alone."""
-    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
-    calls = Calls()
-    if request.param == "python":
-        monkeypatch.setattr(_dispatch, "_FAST_TINY_SOFTMAX", None)
-    elif FAST_SOFTMAX is None:
-        pytest.skip("fastlayers._fastpath is not built (torch did not import at build time)")
-    else:
-        monkeypatch.setattr(_dispatch, "_FAST_TINY_SOFTMAX",
-                            lambda *a: (lambda y: y if y is None else calls.append("cxx") or y)(FAST_SOFTMAX(*a)))
-    for name in ("_SOFTMAX", "_LOG_SOFTMAX"):
-        real = getattr(_dispatch, name)
-        monkeypatch.setattr(_dispatch, name, (lambda f: lambda *a, **kw: calls.append("python") or f(*a, **kw))(real))
-    calls.mode = request.param
-    return calls
+    """The tiny softmax gate's calls (record_gates)."""
+    return record_gates(monkeypatch, request.param, "_FAST_TINY_SOFTMAX", FAST_SOFTMAX,
+                        ["_SOFTMAX", "_LOG_SOFTMAX"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -477,19 +475,4 @@ def test_cxx_softmax_gate_arguments_and_modes(softmax_calls):
     # 4 threads x 200 calls, the GIL released (2^14 elements)
     big = torch.randn(128, 128)
     ref = torch.softmax(big, 0)
-    out, errors = [], []
-
-    def work():
-        try:
-            for _ in range(200):
-                out.append(fl.softmax(big, 0))
-        except Exception as e:  # surfaced below
-            errors.append(e)
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(out) == 800
-    for y in out:
-        same_bits(y, ref)
+    same_in_threads(lambda: fl.softmax(big, 0), ref)
