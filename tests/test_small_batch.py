@@ -476,3 +476,56 @@ def test_cxx_softmax_gate_arguments_and_modes(softmax_calls):
     big = torch.randn(128, 128)
     ref = torch.softmax(big, 0)
     same_in_threads(lambda: fl.softmax(big, 0), ref)
+
+
+# ----------------------------------------------------------------------------- property tests
+# Random shapes, layouts, dtypes and special values through the public ops with no backend forced
+# (the gates' own path; tests/test_fuzz.py forces each backend): PyTorch's values, bit for bit.
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (make installs it)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+GATE_FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                            HealthCheck.function_scoped_fixture])  # (delenv: idempotent)
+
+
+@st.composite
+def small_tensors(draw):
+    shape = [draw(st.integers(0, 9)) for _ in range(draw(st.integers(0, 4)))]
+    x = torch.randn(shape, dtype=torch.float64) * draw(st.sampled_from([1e-3, 1.0, 30.0, 1e4]))
+    if x.numel() and draw(st.booleans()):
+        flat = x.view(-1)
+        for _ in range(draw(st.integers(1, 3))):
+            flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(SPECIAL + INF))
+    x = x.to(draw(st.sampled_from(DTYPES)))
+    return x.transpose(0, 1) if x.dim() >= 2 and draw(st.booleans()) else x
+
+
+@GATE_FUZZ
+@given(small_tensors(), st.integers(-4, 3), st.booleans(), st.booleans())
+def test_gate_fuzz_softmax(monkeypatch, x, dim, log, grad):
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
+        return
+    op, ref = (fl.log_softmax, torch.log_softmax) if log else (fl.softmax, torch.softmax)
+    xa, xb = (x.detach().clone().requires_grad_(grad) for _ in range(2))
+    ya, yb = op(xa, dim), ref(xb, dim)
+    same_bits(ya, yb)
+    if grad and x.numel():
+        dy = torch.randn(ya.shape, generator=torch.Generator().manual_seed(0)).to(ya.dtype)
+        same_bits(torch.autograd.grad(ya, xa, dy)[0], torch.autograd.grad(yb, xb, dy)[0])
+
+
+@GATE_FUZZ
+@given(st.sampled_from([(), (1,), (5,), (2, 3)]), st.integers(1, 40), st.integers(1, 40), st.sampled_from(DTYPES),
+       st.sampled_from(NAMES), st.booleans(), st.booleans(), st.floats(-1, 1))
+def test_gate_fuzz_linear_act(monkeypatch, lead, k, n, dtype, act, bias, strided, slope):
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(k * 41 + n)
+    x = (torch.randn(*lead, k, generator=g, dtype=torch.float64) * 2).to(dtype)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype)
+    w = w.t().contiguous().t() if strided else w
+    b = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    with torch.no_grad():
+        same_bits(fl.linear_act(x, w, b, act, slope), ACTIVATIONS[act].ref(F.linear(x, w, b), slope))
