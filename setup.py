@@ -88,7 +88,8 @@ def fastpath_extension():
         extra_compile_args=["-O2", "-std=c++20", "-Wno-psabi",
                             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                             f'-DFASTLAYERS_TORCH_VERSION="{torch.__version__}"'],
-        depends=[os.path.join("csrc", "torch", "fastpath.cpp"), TORCH_VERSION_FILE],
+        depends=[os.path.join("csrc", "torch", "fastpath.cpp"), os.path.join("csrc", "activations.h"),
+                 os.path.join("csrc", "common.h"), TORCH_VERSION_FILE],
         optional=True)  # a failed build of it (a compiler torch's headers defeat) skips it, loudly
 
 

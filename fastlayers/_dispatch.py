@@ -194,6 +194,10 @@ def _load_fastpath() -> Optional[ModuleType]:
 _FASTPATH = _load_fastpath()
 _FAST_TINY_LINEAR = _FASTPATH.tiny_linear if _FASTPATH is not None else None
 _FAST_TINY_SOFTMAX = _FASTPATH.tiny_softmax if _FASTPATH is not None else None
+# The activations the C++ gate runs (all but quick_gelu): for those, with no TorchFunctionMode
+# active, its refusal is final and the Python gate's checks would only repeat it.
+_FAST_ACTS = frozenset(dict(_FASTPATH.ACTIVATION_CODES)) if _FASTPATH is not None else frozenset()
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
 
 
 def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: float) -> Optional[Tensor]:
@@ -215,8 +219,8 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
 
     Two implementations of the same admission rule: fastlayers._fastpath in C++ (where built: the
     checks read the tensors' C++ fields, the ops are called without Python's argument parsing),
-    then, for what it does not take (quick_gelu, a TorchFunctionMode, anything it refuses), the
-    checks below in Python (20-90 ns each, ~1 us in all, measured)."""
+    then, where it is not built or for what it leaves to Python (quick_gelu, a TorchFunctionMode),
+    the checks below in Python (20-90 ns each, ~1 us in all, measured)."""
     if _is_compiling():
         return None
     backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
@@ -224,7 +228,7 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
         return None
     if _FAST_TINY_LINEAR is not None:
         y = _FAST_TINY_LINEAR(x, w, b, act.code, slope, backend.TORCH_OPS_MAX_OUT, backend.TORCH_OPS_MAX_MACS)
-        if y is not None:
+        if y is not None or (act.name in _FAST_ACTS and not _torch_function_mode()):
             return y
     if (type(x) is not Tensor or not x.is_cpu
             or x.layout is not _STRIDED or x.is_nested or x.dtype not in FLOATS):
@@ -266,7 +270,7 @@ def tiny_cpu_softmax(x: object, dim: object, dtype: object, log: bool) -> Option
     (other dims, dtypes, devices, layouts) goes to the general path, which checks and raises
     fastlayers' errors. torch.func transforms and dispatch modes need no check: the general path's
     composite route runs this same torch op for them. As tiny_cpu_linear: the checks and the op in
-    C++ first (fastlayers._fastpath; not for a dtype argument, nor under any mode), then in Python."""
+    C++ (fastlayers._fastpath) where built, else, for a dtype argument or under a mode, in Python."""
     if _is_compiling() or forced() is not None:
         return None
     backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
@@ -274,7 +278,9 @@ def tiny_cpu_softmax(x: object, dim: object, dtype: object, log: bool) -> Option
         return None
     if dtype is None and _FAST_TINY_SOFTMAX is not None:
         y = _FAST_TINY_SOFTMAX(x, dim, log, backend.TORCH_SOFTMAX_MAX_NUMEL)
-        if y is not None:
+        # Its refusal is final, but under the modes it leaves to the Python gate (which runs
+        # torch's op for torch.func transforms, dispatch and function modes).
+        if y is not None or not (_torch_function_mode() or _dispatch_modes() or _functorch_level() is not None):
             return y
     if type(x) not in _PLAIN_TYPES or type(dim) is not int or (dtype is not None and dtype not in FLOATS):
         return None

@@ -25,6 +25,8 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "../activations.h"  // the activation codes (fl::Act, fl::kActNames)
+
 #ifndef FASTLAYERS_TORCH_VERSION
 #error "setup.py defines FASTLAYERS_TORCH_VERSION (the torch this module is built against)"
 #endif
@@ -49,28 +51,26 @@ bool special_mode_active() {
          at::tracer::impl::is_dispatch_enabled();
 }
 
-// The activation codes this module runs (fastlayers/activations.py's table; checked against it at
-// import through ACTIVATION_CODES); nullptr: no in-place ATen op (quick_gelu), the Python gate's.
-constexpr int kNumActs = 13;
-constexpr const char* kActNames[kNumActs] = {"none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu",
-                                             "sigmoid", "tanh", "hardswish", "hardsigmoid", "relu6",
-                                             nullptr, "mish"};
+// The activation codes: the C++ backend's one table (csrc/activations.h, checked against
+// fastlayers/activations.py at import). Each has an in-place ATen op here but quick_gelu, which
+// PyTorch lacks: the Python gate runs it.
+bool runs_here(long code) { return code >= 0 && code < fl::kNumActs && code != fl::QUICK_GELU; }
 
 // y = act(y) in place: the ATen kernels of activations.py's `ref_` column (bit-identical to `ref`).
 void activate_(at::Tensor& y, int code, double slope) {
   switch (code) {
-    case 1: at::relu_(y); break;
-    case 2: at::leaky_relu_(y, slope); break;
-    case 3: at::gelu_(y, "none"); break;
-    case 4: at::gelu_(y, "tanh"); break;
-    case 5: at::silu_(y); break;
-    case 6: at::sigmoid_(y); break;
-    case 7: at::tanh_(y); break;
-    case 8: at::hardswish_(y); break;
-    case 9: at::hardsigmoid_(y); break;
-    case 10: at::relu6_(y); break;
-    case 12: at::mish_(y); break;
-    default: break;  // 0: none
+    case fl::RELU: at::relu_(y); break;
+    case fl::LEAKY_RELU: at::leaky_relu_(y, slope); break;
+    case fl::GELU: at::gelu_(y, "none"); break;
+    case fl::GELU_TANH: at::gelu_(y, "tanh"); break;
+    case fl::SILU: at::silu_(y); break;
+    case fl::SIGMOID: at::sigmoid_(y); break;
+    case fl::TANH: at::tanh_(y); break;
+    case fl::HARDSWISH: at::hardswish_(y); break;
+    case fl::HARDSIGMOID: at::hardsigmoid_(y); break;
+    case fl::RELU6: at::relu6_(y); break;
+    case fl::MISH: at::mish_(y); break;
+    default: break;  // NONE (QUICK_GELU never gets here: runs_here)
   }
 }
 
@@ -128,7 +128,7 @@ PyObject* tiny_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if ((grad && bt.requires_grad()) || bt.dim() != 1 || bt.numel() != n) Py_RETURN_NONE;
     b = bt;
   }
-  if (code < 0 || code >= kNumActs || kActNames[code] == nullptr) Py_RETURN_NONE;
+  if (!runs_here(code)) Py_RETURN_NONE;
   at::Tensor y;
   try {
     ReleaseGil nogil(macs >= kReleaseGilMacs);
@@ -200,10 +200,10 @@ PyMODINIT_FUNC PyInit__fastpath() {
     Py_DECREF(m);
     return nullptr;
   }
-  for (int c = 0; c < kNumActs; ++c) {
-    if (kActNames[c] == nullptr) continue;
+  for (int c = 0; c < fl::kNumActs; ++c) {  // the codes tiny_linear runs, by name
+    if (!runs_here(c)) continue;
     PyObject* v = PyLong_FromLong(c);
-    if (v == nullptr || PyDict_SetItemString(acts, kActNames[c], v) < 0) {
+    if (v == nullptr || PyDict_SetItemString(acts, fl::kActNames[c], v) < 0) {
       Py_XDECREF(v);
       Py_DECREF(m);
       return nullptr;
