@@ -11,7 +11,7 @@ from .backends import available_backends, use_backend
 from .functional import linear_act, log_softmax, softmax
 from .gated import FusedGatedMLP, gated_linear
 from .loss import cross_entropy, linear_cross_entropy
-from .nn import FusedLinear, LogSoftmax, Softmax
+from .nn import FusedLinear, LogSoftmax, Softmax, prepack
 from .swap import SwapReport, swap
 
 __version__ = "0.1.0"
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "linear_act", "gated_linear", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
     "FusedLinear", "FusedGatedMLP", "Softmax", "LogSoftmax",
-    "available_backends", "use_backend", "activations", "swap", "SwapReport",
+    "available_backends", "use_backend", "activations", "swap", "SwapReport", "prepack",
     "BackendUnavailableError", "DeviceError", "DTypeError", "ShapeError",
 ]

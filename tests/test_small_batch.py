@@ -290,7 +290,8 @@ def test_tiny_gate_under_autocast_is_the_general_path(gate_calls):
 
 # Few rows, large K * N: a tiny output can still be a large GEMV. The rule (backends/cpp.py):
 # PyTorch's ops below TORCH_OPS_MAX_MACS; FusedLinear without grad on its prepacked oneDNN weight
-# from PACKED_MIN_MACS with K >= PACKED_MIN_K; the unpacked oneDNN routes from ONEDNN_MIN_MACS.
+# (opted in with fastlayers.prepack, frozen weights) from PACKED_MIN_MACS with K >= PACKED_MIN_K;
+# the unpacked oneDNN routes from ONEDNN_MIN_MACS.
 needs_onednn = pytest.mark.skipif(not cpp._probe_onednn(torch.float32),
                                   reason="this torch has no usable oneDNN fused linear")
 
@@ -309,7 +310,7 @@ def test_few_rows_large_gemv_routes(gate_calls, monkeypatch, act, m, k, n, packe
     real = cpp._linear_pointwise
     monkeypatch.setattr(cpp, "_linear_pointwise", lambda *a: calls.append(type(a[1])) or real(*a))
     torch.manual_seed(0)
-    mod = fl.FusedLinear(k, n, activation=act)
+    mod = fl.FusedLinear(k, n, activation=act, prepack=True).requires_grad_(False)
     x = torch.randn(m, k)
     ref = ACTIVATIONS[act].ref(F.linear(x.double(), mod.weight.double(), mod.bias.double()), 0.01)
     with torch.no_grad():
@@ -336,11 +337,12 @@ def test_fused_linear_none_packed_gemv_beats_f_linear_route(monkeypatch):
     monkeypatch.setattr(F, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
     torch.manual_seed(0)
-    mod = fl.FusedLinear(1024, 1024, activation="none")
+    mod = fl.FusedLinear(1024, 1024, activation="none", prepack=True).requires_grad_(False)
     x = torch.randn(2, 1024)
     with torch.no_grad():
         y = mod(x)
     assert not calls and cpp.plain_linear_gain(2, 1024, 1024, torch.float32, packed=True)
+    mod.requires_grad_(True)
     y_grad = mod(x)
     assert calls and not cpp.plain_linear_gain(2, 1024, 1024, torch.float32)
     torch.testing.assert_close(y, y_grad.detach(), rtol=1.3e-6, atol=1e-4)

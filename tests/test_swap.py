@@ -369,8 +369,8 @@ def test_plain_linears_become_fused_linear_none(backend, linears):
 
 
 def test_plain_linears_prepacked_in_inference(monkeypatch):
-    """Without a forced backend, a large plain Linear runs prepacked (cpp) after swap, and its
-    output is nn.Linear's."""
+    """Without a forced backend, a large plain Linear runs prepacked (cpp) after swap and
+    fastlayers.prepack of the frozen model, and its output is nn.Linear's."""
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
     from fastlayers.backends import cpp
     if not cpp.plain_linear_gain(256, 256, 256, torch.float32):
@@ -379,6 +379,7 @@ def test_plain_linears_prepacked_in_inference(monkeypatch):
     model = nn.Sequential(nn.Linear(256, 256), nn.Dropout(0.0), nn.Linear(256, 256)).eval()
     ref = copy.deepcopy(model)
     fl.swap(model)
+    assert fl.prepack(model.requires_grad_(False)) == 2
     x = torch.randn(256, 256)
     with torch.no_grad():
         out, exp = model(x), ref(x)

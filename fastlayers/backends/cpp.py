@@ -293,10 +293,11 @@ def onednn_pays(m: int, k: int, n: int, packed: bool = False) -> bool:
     return macs >= ONEDNN_MIN_MACS or (packed and macs >= PACKED_MIN_MACS and k >= PACKED_MIN_K)
 
 
-def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, kind: Optional[str],
-                   packed: bool = False) -> str:
-    """"fused", "onednn" or "mkl" for this call (kind: what the backward needs saved, or None;
-    packed: the caller has a prepacked weight for the oneDNN routes)."""
+def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, packed: bool = False) -> str:
+    """"fused", "onednn" or "mkl" for this call (packed: the caller has a prepacked weight for the
+    oneDNN routes). Not "fused" for an activation whose backward needs the pre-activation z, with
+    or without grad: oneDNN's post-op rounds once where GEMM + pass round twice, and a no-grad
+    call must give the bits of the same call with grad (which needs z apart from y)."""
     route = ROUTE
     if route == "mkl":
         return "mkl"
@@ -307,7 +308,7 @@ def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, kind: Op
     exact = _probe_onednn(x.dtype)
     if not exact:
         return "mkl"
-    if (act.name in exact and kind != SAVE_INPUT and route != "onednn"
+    if (act.name in exact and act.saves(slope) != SAVE_INPUT and route != "onednn"
             and not (slope == 0 and act.name == "leaky_relu")):  # oneDNN's slope 0 is its relu
         return "fused"
     return "onednn"
@@ -324,12 +325,19 @@ def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype, packed: bool =
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
                        save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     # x: (M, K), w: (N, K) -> z: (M, N).
+    # Every choice below depends on the shapes, dtype and activation only, never on `save`: a
+    # forward with grad and one without take the same route and the same pass, so they give the
+    # same bits (an evaluation and a training step of one model agree).
     kind = act.saves(slope) if save else None
     m, n = x.shape[0], w.shape[0]
-    if (not save and ROUTE == "auto" and m * n <= TORCH_OPS_MAX_OUT
-            and m * x.shape[1] * n < TORCH_OPS_MAX_MACS):
-        return act.ref(F.linear(x, w, b), slope), None
-    route = _forward_route(x, w, act, slope, kind)
+    if ROUTE == "auto" and m * n <= TORCH_OPS_MAX_OUT and m * x.shape[1] * n < TORCH_OPS_MAX_MACS:
+        # Tiny: PyTorch's own F.linear + activation, as the no-grad gate (_dispatch.tiny_cpu_linear).
+        z = F.linear(x, w, b)
+        if kind == SAVE_INPUT:
+            return act.ref(z, slope), z
+        y = act.ref_(z, slope)
+        return y, (y if kind == SAVE_OUTPUT else None)
+    route = _forward_route(x, w, act, slope)
     if route == "fused":
         attr, scalar, alg = _ONEDNN_POSTOPS[act.name]
         y = _linear_pointwise(x, w, b, attr, [slope] if scalar else [], alg)  # (M, N) contiguous
@@ -365,9 +373,13 @@ def _epilogue(z: Tensor, bias: Optional[Tensor], act: Activation, slope: float,
     m, n = z.shape
     if act.name == "none" and bias is None:
         return z, None
+    if bias is None and act.name in _ATEN_PASS.get(z.dtype, ()):
+        # PyTorch's own kernel measured faster: see _ATEN_PASS (with or without grad: same bits)
+        if kind == SAVE_INPUT:
+            return act.ref(z, slope), z
+        y = act.ref_(z, slope)
+        return y, (y if kind == SAVE_OUTPUT else None)
     if kind == SAVE_INPUT:
-        if bias is None and act.name in _ATEN_PASS.get(z.dtype, ()):
-            return act.ref(z, slope), z  # PyTorch's own kernel measured faster: see _ATEN_PASS
         y = _empty(m, n, dtype=z.dtype)  # z (+ bias) is kept for the backward, y is new
         _C.bias_act_forward(_buf(z), _buf(bias), _buf(y), act.code, slope, torch.get_num_threads())
         return y, z
@@ -437,7 +449,7 @@ def linear_act_forward_packed(x: Tensor, w: Tensor, b: Optional[Tensor], act: Ac
     if ROUTE == "auto" and not onednn_pays(m, k, n, packed=True):  # small: nothing packed to use
         return linear_act_forward(x, w, b, act, slope, False)[0]
     wp = packed(_SELF, w, m) if ROUTE != "mkl" else None
-    route = _forward_route(x, w, act, slope, None, packed=wp is not None)
+    route = _forward_route(x, w, act, slope, packed=wp is not None)
     if route == "mkl":
         return _epilogue(*_mm_bias(x, w, b), act, slope, None)[0]
     if wp is None:
