@@ -24,7 +24,7 @@ from collections import defaultdict
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 # Column order; contenders not listed here follow in the order they appear.
-ORDER = ["fastlayers", "fl_functional", "eager", "eager_out", "eager_module", "compile", "compile_max",
+ORDER = ["fastlayers", "fl_functional", "fl_prepacked", "eager", "eager_out", "eager_module", "compile", "compile_max",
          "onednn", "addmm_act", "mm", "linear", "copy"]
 CEILINGS = {"copy": "gbps", "mm": "gflops", "linear": "gflops"}  # contender -> the rate it is a ceiling for
 

@@ -44,22 +44,24 @@ ONEDNN_ATTR = {"gelu": ("gelu", "none"), "relu": ("relu", "")}
 
 def inference_peers(act, x, w, b):
     """No-grad forward contenders besides eager / compile, all on the same x, W, b:
-    fastlayers     FusedLinear in no-grad use: what a swapped model runs (prepacked weight)
-    fl_functional  fl.linear_act(x, w, b) (no prepacking)
+    fastlayers     FusedLinear in no-grad use: what a swapped model runs (no packed copy)
+    fl_prepacked   the same, frozen and opted in to prepacked weights (fl.prepack)
+    fl_functional  fl.linear_act(x, w, b)
     onednn         torch.ops.mkldnn._linear_pointwise(x, w, b, act)
     compile_max    torch.compile(mode="max-autotune") of Linear + activation with inductor
                    freezing (weights prepacked, CPP GEMM template); gelu only (compile time)
     linear         F.linear(x, w, b) alone: the epilogue-is-free ceiling"""
     n, k = w.shape
     mod = fl.FusedLinear(k, n, activation=act, dtype=w.dtype)
+    packed = fl.FusedLinear(k, n, activation=act, dtype=w.dtype, prepack=True).requires_grad_(False)
     ref = torch.nn.Sequential(torch.nn.Linear(k, n, dtype=w.dtype), EAGER_MODULE[act]())
     with torch.no_grad():
-        for m in (mod, ref[0]):
+        for m in (mod, packed, ref[0]):
             m.weight.copy_(w)
             m.bias.copy_(b)
     mod.eval(), ref.eval()
     attr, alg = ONEDNN_ATTR[act]
-    out = {"fastlayers": lambda: mod(x),
+    out = {"fastlayers": lambda: mod(x), "fl_prepacked": lambda: packed(x),
            "fl_functional": lambda: fl.linear_act(x, w, b, activation=act),
            "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], alg)}
     if act == "gelu" and not QUICK:
@@ -157,15 +159,19 @@ FEW_ROWS = [(1, 256, 1024), (2, 512, 1024)] if QUICK else \
 @pytest.mark.parametrize("shape", FEW_ROWS, ids=lambda s: "x".join(map(str, s)))
 def test_few_rows_linear_gelu(compare, cpu_backend, shape):
     """Batch-1 to batch-8 inference (decode-like GEMVs), linear+GELU fp32 without grad:
-    FusedLinear (its prepacked oneDNN weight) and fl.linear_act vs eager modules / functions."""
+    FusedLinear (as swap leaves it, and opted in to prepacked weights) and fl.linear_act vs eager
+    modules / functions."""
     m, k, n = shape
     x, w, b = randn(m, k, seed=1), randn(n, k, seed=2, scale=k ** -0.5), randn(n, seed=3)
     mod, ref = module_pair("gelu", w, b)
+    packed, _ = module_pair("gelu", w, b)
+    fl.prepack(packed.requires_grad_(False))
     # Each contender reads its own copy of W: these GEMVs are bound by reading W, and one shared
     # copy would sit in L3 for whichever contender runs after another (a model's many layers
     # don't stay there either).
     w1, w2 = w.clone(), w.clone()
-    fns = {"fastlayers": lambda: mod(x), "fl_functional": lambda: fl.linear_act(x, w1, b, "gelu"),
+    fns = {"fastlayers": lambda: mod(x), "fl_prepacked": lambda: packed(x),
+           "fl_functional": lambda: fl.linear_act(x, w1, b, "gelu"),
            "eager": lambda: F.gelu(F.linear(x, w2, b)), "eager_module": lambda: ref(x)}
     calls = max(1, (1 << 24) // (m * k * n))  # ~16M multiply-adds per sample
     compare_looped(compare, fns, calls, {"suite": "cpu", "op": "few_rows_linear_gelu",
