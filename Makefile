@@ -55,7 +55,7 @@ BENCH_FILES := bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/
 .PHONY: test bench bench-quick fuzz build setup clean test-triton36 compile-gate compile-gate-quick FORCE
 
 test: build
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q --durations=15 $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-triton36 compile-gate-quick
 
 # ----------------------------------------------------------------------------- triton 3.6 / sm_90

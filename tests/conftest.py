@@ -17,7 +17,6 @@ import fastlayers as fl  # noqa: E402
 # too, so a wrong oracle cannot hide a wrong kernel). A backend that cannot run here is skipped
 # with its reason.
 BACKENDS = ["cpp", "reference", "triton"]
-CPU_BACKENDS = BACKENDS  # the name older test modules use
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
