@@ -135,7 +135,9 @@ def test_quantize_dynamic_after_swap():
     model = GPTNeoXForCausalLM(cfg).eval()
     ref = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
     fl.swap(model)
-    qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert model.fastlayers_swap_report.fused  # FusedLinear(gelu): quantized with its activation
+    # exact-type matching: a swapped model names FusedLinear too (swap/quant.py)
+    qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear, fl.FusedLinear}, dtype=torch.qint8)
     count = lambda m: sum(isinstance(x, torch.ao.nn.quantized.dynamic.Linear) for x in m.modules())  # noqa: E731
     assert count(ref) > 0
     assert count(qmodel) == count(ref)
@@ -148,9 +150,23 @@ def test_quantize_dynamic_after_swap_gated():
     mlp = _llama_mlp().eval()
     ref = torch.ao.quantization.quantize_dynamic(copy.deepcopy(mlp), {nn.Linear}, dtype=torch.qint8)
     fl.swap(mlp)
-    q = torch.ao.quantization.quantize_dynamic(mlp, {nn.Linear}, dtype=torch.qint8)
+    q = torch.ao.quantization.quantize_dynamic(mlp, {nn.Linear, fl.FusedLinear}, dtype=torch.qint8)
     count = lambda m: sum(isinstance(x, torch.ao.nn.quantized.dynamic.Linear) for x in m.modules())  # noqa: E731
     assert count(q) == count(ref) == 3
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_dynamic_default_spec_after_swap_without_plain_linears():
+    """quantize_dynamic's default spec names nn.Linear only: swap(linears=False) keeps the plain
+    Linears plain, and the gated product falls back to its original forward once quantized."""
+    mlp = _llama_mlp().eval()
+    ref = torch.ao.quantization.quantize_dynamic(copy.deepcopy(mlp), dtype=torch.qint8)
+    fl.swap(mlp, linears=False)
+    assert _gated(mlp)
+    q = torch.ao.quantization.quantize_dynamic(mlp, dtype=torch.qint8)
+    assert sum(isinstance(x, torch.ao.nn.quantized.dynamic.Linear) for x in q.modules()) == 3
     x = torch.randn(4, 32)
     with torch.no_grad():
         torch.testing.assert_close(q(x), ref(x), rtol=1e-4, atol=1e-4)

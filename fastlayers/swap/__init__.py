@@ -66,16 +66,32 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from ..nn import LogSoftmax, Softmax
 from .patterns import hooks
 from .report import SwapReport
+from . import quant as _quant  # noqa: F401  (registers FusedLinear with quantize_dynamic)
 from .swapper import _Swapper
 
 __all__ = ["swap", "SwapReport"]
 
 log = logging.getLogger("fastlayers.swap")
+
+
+def _load_backends(model: nn.Module) -> None:
+    """Import now the backend of each device the model's tensors are on: a first call under
+    torch.compile must not meet the lazy import (dynamo refuses importlib: fullgraph fails, else
+    the graph breaks). A backend that cannot load here fails later with its own error."""
+    from .._errors import BackendUnavailableError
+    from ..backends import select
+    devices = {t.device.type for t in model.parameters()} | {t.device.type for t in model.buffers()}
+    for dev in sorted(devices or {"cpu"}):
+        try:
+            select(torch.device(dev), "fastlayers.swap")
+        except (BackendUnavailableError, RuntimeError):
+            pass
 
 
 def swap(model: nn.Module, verbose: bool = False, linears: bool = True) -> nn.Module:
@@ -104,6 +120,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True) -> nn.Mo
         swapper = _Swapper(model, linears)
         swapper.run()
         report = swapper.report
+    _load_backends(model)
     model.fastlayers_swap_report = report
     log.info("%s", report)
     if verbose:

@@ -202,6 +202,20 @@ def linear_problem(mod: nn.Module, target: str, refs) -> Optional[str]:
     return None
 
 
+def is_lora(m) -> bool:
+    """A PEFT LoRA layer (peft.tuners.lora.LoraLayer) wrapping a base layer."""
+    return (m is not None and hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+            and any(c.__module__.startswith("peft.") for c in type(m).__mro__))
+
+
+def lora_reason(path: str, m) -> str:
+    return (f"in a gated product, but {path} is a PEFT LoRA layer ({type(m).__name__}): its low-rank update "
+            "s * B(A(dropout(x))) is added to the pre-activation, before the activation, and "
+            "fastlayers.gated_linear takes no such addend (folding it into the weight would not be PEFT's "
+            "computation); left unfused. Fused after peft's merge_and_unload(), or apply LoRA after swap "
+            "(the rewritten forward then runs the original one)")
+
+
 def chunk_problem(mod: nn.Module, m: GatedMatch) -> Optional[str]:
     if m.gate_half is not None and mod.get_submodule(m.gate).out_features % 2:
         return f"{m.gate} has an odd number of outputs"
@@ -212,4 +226,4 @@ def chunk_problem(mod: nn.Module, m: GatedMatch) -> Optional[str]:
     return None
 
 
-__all__ = ["find", "rewrite", "gated_linear_halves", "swap_gated_linear", "GatedMatch", "linear_problem", "chunk_problem"]
+__all__ = ["find", "rewrite", "gated_linear_halves", "is_lora", "lora_reason", "swap_gated_linear", "GatedMatch", "linear_problem", "chunk_problem"]

@@ -187,6 +187,9 @@ class _Swapper:
         for target, reason in why.items():
             if target in linears:
                 self.gated_why[id(linears[target])] = reason
+            elif _gated.is_lora(children.get(target)):
+                lora = children[target]
+                self.gated_why[id(lora.get_base_layer())] = _gated.lora_reason(join(prefix, target), lora)
         done = False
         for m in matches:
             names = [t for t in (m.gate, m.up) if t is not None]

@@ -37,7 +37,8 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _INTERNAL_FILES = (os.path.join(_TORCH_DIR, "fx") + os.sep, os.path.join(_TORCH_DIR, "nn", "modules", "module.py"),
                    os.path.join(_TORCH_DIR, "_tensor.py"), os.path.join(_TORCH_DIR, "nn", "parameter.py"),
                    os.path.join(_TORCH_DIR, "overrides.py"), os.path.join(_TORCH_DIR, "_jit_internal.py"),
-                   os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"), os.path.dirname(__file__) + os.sep)
+                   os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"), os.path.dirname(__file__) + os.sep,
+                   "<fastlayers.swap")  # a forward swap already rewrote (its change check)
 # One trace at a time patches torch's state queries (other threads calling them meanwhile get the
 # same answers; only the recording is scoped to the trace).
 _TRACE_LOCK = threading.RLock()
@@ -309,6 +310,7 @@ from torch.nn.modules import module as _module_mod  # noqa: E402
 _GLOBAL_HOOKS = tuple(getattr(_module_mod, n) for n in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
     "_global_backward_pre_hooks") if isinstance(getattr(_module_mod, n, None), dict))
+_GFH, _GFPH, _GBH, _GBPH = (_GLOBAL_HOOKS + ({},) * 4)[:4]
 GUARD = "_fastlayers_guard"
 
 
@@ -317,9 +319,8 @@ def changed(self: nn.Module) -> bool:
     guard = self.__dict__.get(GUARD)
     if not guard:
         return False
-    for hooks_ in _GLOBAL_HOOKS:
-        if hooks_:
-            return True
+    if _GFH or _GFPH or _GBH or _GBPH:
+        return True
     for owner, name, child, cls in guard[1]:
         if owner.get(name) is not child or child.__class__ is not cls:
             return True
