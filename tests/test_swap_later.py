@@ -246,7 +246,7 @@ def _change_class_attr(m):
 
 
 def _freeze(m):
-    m.fc.weight.requires_grad_(False)
+    m.fc.requires_grad_(False)
 
 
 _FROZEN = [

@@ -27,7 +27,7 @@ _STATE_QUERIES = [
     (torch, "get_autocast_gpu_dtype"), (torch, "get_autocast_cpu_dtype"), (torch, "get_default_dtype"),
     (torch, "are_deterministic_algorithms_enabled"), (torch.jit, "is_scripting"), (torch.jit, "is_tracing"),
     (torch.compiler, "is_compiling"), (torch.compiler, "is_dynamo_compiling"),
-    (torch._C, "is_grad_enabled"), (torch._C, "is_autocast_enabled"), (torch._C, "_is_torch_function_enabled"),
+    (torch._C, "is_grad_enabled"), (torch._C, "is_autocast_enabled"),
 ]
 # Attributes of a Parameter that change at run time (requires_grad_(), .to(), .data = ...); read as
 # Python values only where the forward holds the real Parameter (e.g. `for p in self.parameters()`):
