@@ -30,15 +30,37 @@ from .patterns import call_activation, describe, hooks
 _MULS = (operator.mul, torch.mul)
 
 
+def swap_gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
+                      b_up: Optional[Tensor], activation: str, negative_slope: float) -> Tensor:
+    """fastlayers.gated_linear as a rewritten forward calls it: the registered op under
+    TorchScript (which cannot compile the Python op's checks), else the eager op."""
+    if torch.jit.is_scripting():
+        return torch.ops.fastlayers.gated_linear(x, w_gate, w_up, b_gate, b_up, activation, negative_slope)[0]
+    else:
+        return _eager_gated(x, w_gate, w_up, b_gate, b_up, activation, negative_slope)
+
+
+@torch.jit.unused
+def _eager_gated(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor], b_up: Optional[Tensor],
+                 activation: str, negative_slope: float) -> Tensor:
+    return gated_linear(x, w_gate, w_up, b_gate, b_up, activation, negative_slope)
+
+
 def gated_linear_halves(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                         negative_slope: float, gate_half: int) -> Tensor:
     """``a, b = F.linear(x, weight, bias).chunk(2, -1)``, then ``act(gate) * other`` with gate the
-    half `gate_half` (0 or 1): one fastlayers.gated_linear over row views of weight and bias."""
+    half `gate_half` (0 or 1): one fastlayers.gated_linear over row views of weight and bias
+    (narrow, not slices: TorchScript compiles this too)."""
     n = weight.shape[0] // 2
-    halves = (slice(0, n), slice(n, 2 * n))
-    g, u = halves[gate_half], halves[1 - gate_half]
-    return gated_linear(x, weight[g], weight[u], None if bias is None else bias[g],
-                        None if bias is None else bias[u], activation, negative_slope)
+    g0 = n * gate_half
+    u0 = n - g0
+    b_gate: Optional[Tensor] = None
+    b_up: Optional[Tensor] = None
+    if bias is not None:
+        b_gate = bias.narrow(0, g0, n)
+        b_up = bias.narrow(0, u0, n)
+    return swap_gated_linear(x, weight.narrow(0, g0, n), weight.narrow(0, u0, n), b_gate, b_up, activation,
+                             negative_slope)
 
 
 def _mul_operands(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
@@ -158,12 +180,12 @@ def rewrite(graph: fx.Graph, mod: nn.Module, m: GatedMatch) -> None:
 
     with graph.inserting_before(m.mul):
         if m.up is not None:
-            new = graph.call_function(gated_linear, (m.x, param(m.gate, "weight"), param(m.up, "weight"),
+            new = graph.call_function(swap_gated_linear, (m.x, param(m.gate, "weight"), param(m.up, "weight"),
                                                      param(m.gate, "bias"), param(m.up, "bias")),
-                                      {"activation": m.act[0], "negative_slope": m.act[1]})
+                                      {"activation": m.act[0], "negative_slope": float(m.act[1])})
         else:
             new = graph.call_function(gated_linear_halves, (m.x, param(m.gate, "weight"), param(m.gate, "bias"),
-                                                            m.act[0], m.act[1], m.gate_half))
+                                                            m.act[0], float(m.act[1]), m.gate_half))
     m.mul.replace_all_uses_with(new)
     for node in m.erase:  # users first
         graph.erase_node(node)
@@ -180,6 +202,20 @@ def linear_problem(mod: nn.Module, target: str, refs) -> Optional[str]:
     return None
 
 
+def is_lora(m) -> bool:
+    """A PEFT LoRA layer (peft.tuners.lora.LoraLayer) wrapping a base layer."""
+    return (m is not None and hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+            and any(c.__module__.startswith("peft.") for c in type(m).__mro__))
+
+
+def lora_reason(path: str, m) -> str:
+    return (f"in a gated product, but {path} is a PEFT LoRA layer ({type(m).__name__}): its low-rank update "
+            "s * B(A(dropout(x))) is added to the pre-activation, before the activation, and "
+            "fastlayers.gated_linear takes no such addend (folding it into the weight would not be PEFT's "
+            "computation); left unfused. Fused after peft's merge_and_unload(), or apply LoRA after swap "
+            "(the rewritten forward then runs the original one)")
+
+
 def chunk_problem(mod: nn.Module, m: GatedMatch) -> Optional[str]:
     if m.gate_half is not None and mod.get_submodule(m.gate).out_features % 2:
         return f"{m.gate} has an odd number of outputs"
@@ -190,4 +226,4 @@ def chunk_problem(mod: nn.Module, m: GatedMatch) -> Optional[str]:
     return None
 
 
-__all__ = ["find", "rewrite", "gated_linear_halves", "GatedMatch", "linear_problem", "chunk_problem"]
+__all__ = ["find", "rewrite", "gated_linear_halves", "is_lora", "lora_reason", "swap_gated_linear", "GatedMatch", "linear_problem", "chunk_problem"]

@@ -36,4 +36,13 @@ class SwapReport:
         lines += [f"  rewrote   {path}.forward (functional activations / gated products / losses replaced)"
                   for path in self.rewritten]
         lines += [f"  left      {path}: {why}" for path, why in self.left]
+        if self.fused:
+            lines.append("  note      a fused Linear returns the activated output act(x W^T + b): called alone (e.g. "
+                         "seq[:1](x) for features) or seen by a forward hook on it, it gives the activated values, "
+                         "not the Linear's own output (a Linear with hooks at swap time is left unfused)")
+        if self.rewritten:
+            lines.append("  note      rewritten forwards check at each call that the children whose Parameters they "
+                         "read or whose calls they inlined are unchanged (not replaced, wrapped by PEFT or "
+                         "quantization, re-parametrised or hooked, no global module hooks); otherwise the "
+                         "original forward runs")
         return "\n".join(lines)

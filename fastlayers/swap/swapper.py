@@ -111,6 +111,7 @@ class _Swapper:
                 self.why_left[id(m)] = f"in {path_name(prefix)}: {why}"
             return
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        functional = False  # a functional activation fused into a Linear child
         erased = self.gated(mod, prefix, graph, children, linears, calls, frozen)
         erased = _loss.in_graph(self, mod, prefix, graph, children, calls, frozen) or erased
         for node in list(graph.nodes):
@@ -155,12 +156,15 @@ class _Swapper:
                 site = f"{describe(user)} in {type(mod).__name__}.forward"
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
-                erased = True
+                erased = functional = True
                 self.fuse(mod, prefix, node.target, act, site, None)
         if erased:
             graph.lint()
             code = graph.python_code("self")
-            rewrite_forward(mod, code.src, code.globals)
+            still = {n.target for n in graph.nodes if n.op == "call_module"}
+            read = {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
+            rewrite_forward(mod, code.src, code.globals, (set(calls) - still) | (read - {""}),
+                            fallback_ok=not functional)
             self.report.rewritten.append(path_name(prefix))
 
     def gated(self, mod: nn.Module, prefix: str, graph, children, linears, calls, frozen) -> bool:
@@ -183,6 +187,9 @@ class _Swapper:
         for target, reason in why.items():
             if target in linears:
                 self.gated_why[id(linears[target])] = reason
+            elif _gated.is_lora(children.get(target)):
+                lora = children[target]
+                self.gated_why[id(lora.get_base_layer())] = _gated.lora_reason(join(prefix, target), lora)
         done = False
         for m in matches:
             names = [t for t in (m.gate, m.up) if t is not None]

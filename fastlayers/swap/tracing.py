@@ -5,15 +5,64 @@ from __future__ import annotations
 import importlib
 import inspect
 import linecache
+import os
+import sys
+import threading
 import types
 from typing import Any, Dict, Optional, Set, Tuple
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-# Instance attributes every nn.Module has (its registries and flags); reading them is not reading
-# user state. `training` is covered by tracing in both modes.
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"forward", "__dict__", "__class__"}
+# Instance attributes every nn.Module has (its registries and flags), and nn.Module's own class
+# attributes; reading them is not reading user state. `training` is covered by tracing in both modes.
+_MODULE_INTERNALS = (frozenset(nn.Module().__dict__) | frozenset(vars(nn.Module))
+                     | {"forward", "__dict__", "__class__"})
+
+# Queries of runtime state a forward may branch on; a trace evaluates them once, as constants.
+_STATE_QUERIES = [
+    (torch, "is_grad_enabled"), (torch, "is_inference_mode_enabled"), (torch, "is_autocast_enabled"),
+    (torch, "is_autocast_cpu_enabled"), (torch, "is_autocast_cache_enabled"), (torch, "get_autocast_dtype"),
+    (torch, "get_autocast_gpu_dtype"), (torch, "get_autocast_cpu_dtype"), (torch, "get_default_dtype"),
+    (torch, "are_deterministic_algorithms_enabled"), (torch.jit, "is_scripting"), (torch.jit, "is_tracing"),
+    (torch.compiler, "is_compiling"), (torch.compiler, "is_dynamo_compiling"),
+    (torch._C, "is_grad_enabled"), (torch._C, "is_autocast_enabled"),
+]
+# Attributes of a Parameter that change at run time (requires_grad_(), .to(), .data = ...); read as
+# Python values only where the forward holds the real Parameter (e.g. `for p in self.parameters()`):
+# `self.fc.weight` itself is an fx Proxy while tracing.
+_PARAM_STATE = ("requires_grad", "dtype", "device", "is_cuda", "grad", "is_leaf")
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_INTERNAL_FILES = (os.path.join(_TORCH_DIR, "fx") + os.sep, os.path.join(_TORCH_DIR, "nn", "modules", "module.py"),
+                   os.path.join(_TORCH_DIR, "_tensor.py"), os.path.join(_TORCH_DIR, "nn", "parameter.py"),
+                   os.path.join(_TORCH_DIR, "overrides.py"), os.path.join(_TORCH_DIR, "_jit_internal.py"),
+                   os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"), os.path.dirname(__file__) + os.sep,
+                   "<fastlayers.swap")  # a forward swap already rewrote (its change check)
+# One trace at a time patches torch's state queries (other threads calling them meanwhile get the
+# same answers; only the recording is scoped to the trace).
+_TRACE_LOCK = threading.RLock()
+
+
+def _from_user_code(depth: int = 2) -> bool:
+    """Whether the caller `depth` frames up is not torch.fx / nn.Module machinery / this package."""
+    try:
+        filename = sys._getframe(depth).f_code.co_filename
+    except ValueError:
+        return True
+    return not filename.startswith(_INTERNAL_FILES)
+
+
+def _class_value(cls: type, name: str) -> Tuple[bool, Any]:
+    """(True, v) when `name` resolves on the class (below nn.Module) to a plain value, not code."""
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            return False, None
+        if name in klass.__dict__:
+            v = klass.__dict__[name]
+            plain = not callable(v) and not hasattr(v, "__get__")
+            return plain, v
+    return False, None
 
 
 class _LeafTracer(fx.Tracer):
@@ -23,31 +72,132 @@ class _LeafTracer(fx.Tracer):
         return True
 
 
+class _Recorder:
+    """While tracing: what Python-level runtime state the forward read (see trace)."""
+
+    def __init__(self, mod: nn.Module) -> None:
+        self.mod = mod
+        self.reads: Set[str] = set()
+        self.ok = True
+        self.swapped: list = []  # (module, its class)
+        self.patched: list = []  # (owner, name, original)
+        self.injected: list = []  # (globals dict, name)
+
+    def _watch(self, m: nn.Module, label: str) -> None:
+        cls = type(m)
+        reads = self.reads
+
+        def recording_getattribute(self_, name):
+            if (name not in _MODULE_INTERNALS and not name.startswith("__") and _from_user_code()):
+                d = object.__getattribute__(self_, "__dict__")
+                if name in d:
+                    reads.add(label + name)
+                elif name not in d.get("_modules", ()) and name not in d.get("_parameters", ()) \
+                        and name not in d.get("_buffers", ()):
+                    plain, _ = _class_value(cls, name)
+                    if plain:
+                        reads.add(label + name + " (a class attribute)")
+            return super(recording, self_).__getattribute__(name)
+
+        recording = type(cls.__name__, (cls,), {"__getattribute__": recording_getattribute,
+                                                "__module__": cls.__module__})
+        try:
+            m.__class__ = recording
+        except TypeError:
+            self.ok = False
+            return
+        self.swapped.append((m, cls))
+
+    def __enter__(self) -> "_Recorder":
+        _TRACE_LOCK.acquire()
+        try:
+            self._watch(self.mod, "self.")
+            for rel, child in _children_called(self.mod):
+                self._watch(child, f"self.{rel}.")
+            reads = self.reads
+            for owner, name in _STATE_QUERIES:
+                fn = getattr(owner, name, None)
+                if fn is None:
+                    continue
+
+                def query(*a, __fn=fn, __label=f"{getattr(owner, '__name__', 'torch')}.{name}()", **k):
+                    if _from_user_code():
+                        reads.add(__label)
+                    return __fn(*a, **k)
+                setattr(owner, name, query)
+                self.patched.append((owner, name, fn))
+            for name in _PARAM_STATE:
+                base = getattr(torch.Tensor, name)
+
+                def get(p, __base=base, __name=name):
+                    if _from_user_code():
+                        reads.add(f"a Parameter's .{__name}")
+                    return __base.__get__(p)
+
+                def put(p, v, __base=base):
+                    __base.__set__(p, v)
+                had = name in nn.Parameter.__dict__
+                self.patched.append((nn.Parameter, name, nn.Parameter.__dict__[name] if had else _MISSING))
+                setattr(nn.Parameter, name, property(get, put))
+            g = getattr(type(self.mod).forward, "__globals__", None)
+            if isinstance(g, dict) and "isinstance" not in g:
+                def recording_isinstance(obj, classinfo):
+                    if isinstance(obj, fx.Proxy):
+                        reads.add("isinstance() of a traced value (an fx Proxy is no Tensor)")
+                    return isinstance(obj, classinfo)
+                g["isinstance"] = recording_isinstance
+                self.injected.append((g, "isinstance"))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for g, name in reversed(self.injected):
+                g.pop(name, None)
+            for owner, name, orig in reversed(self.patched):
+                if orig is _MISSING:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, orig)
+            for m, cls in reversed(self.swapped):
+                m.__class__ = cls
+        finally:
+            _TRACE_LOCK.release()
+
+
+_MISSING = object()
+
+
+def _children_called(mod: nn.Module):
+    """Direct children, through ModuleList / ModuleDict (as the forward reaches them)."""
+    stack = [("", mod)]
+    while stack:
+        prefix, m = stack.pop()
+        for name, child in m._modules.items():
+            if child is None:
+                continue
+            rel = f"{prefix}{name}"
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                stack.append((rel + ".", child))
+            yield rel, child
+
+
 def trace(mod: nn.Module) -> Tuple[fx.Graph, Optional[Set[str]]]:
     """fx graph of `mod.forward` with its submodules as leaves, leaving `mod` untouched, and the
-    names of the instance attributes (Python state: numbers, flags, lists, plain tensors...) the
-    forward read while being traced -- values the graph has frozen as constants. The set is None
-    when reads could not be recorded (a class whose instances cannot switch class)."""
+    runtime state the forward read while being traced -- values the graph has frozen as
+    constants: its own and its children's instance attributes (numbers, flags, lists, plain
+    tensors...) and plain class attributes, Parameters' requires_grad / dtype / device read as
+    Python values, grad / inference / autocast / scripting / compiling queries, isinstance() of a
+    traced value. The set is None when reads could not be recorded (a class whose instances cannot
+    switch class)."""
     before = set(mod.__dict__)
-    reads: Set[str] = set()
-    cls = type(mod)
-
-    def recording_getattribute(self, name):
-        if self is mod and name not in _MODULE_INTERNALS and name in object.__getattribute__(self, "__dict__"):
-            reads.add(name)
-        return super(recording, self).__getattribute__(name)
-
-    recording = type(cls.__name__, (cls,), {"__getattribute__": recording_getattribute,
-                                            "__module__": cls.__module__})
     try:
-        mod.__class__ = recording
-    except TypeError:
-        recording = None
-    try:
-        return _LeafTracer().trace(mod), (reads if recording is not None else None)
+        with _Recorder(mod) as rec:
+            graph = _LeafTracer().trace(mod)
+        return graph, (rec.reads if rec.ok else None)
     finally:
-        if recording is not None:
-            mod.__class__ = cls
         for k in set(mod.__dict__) - before:  # the tracer may stash tensor constants on the root
             delattr(mod, k)
 
@@ -84,11 +234,10 @@ def frozen_state(mod: nn.Module, reads: Optional[Set[str]]) -> Optional[str]:
     """Why a forward rewritten from its trace would behave differently later, or None."""
     if reads is None:
         return f"{type(mod).__name__}'s attribute reads cannot be recorded while tracing"
-    state = sorted(reads - {"training"})
+    state = sorted(reads - {"self.training"})
     if state:
-        names = ", ".join(f"self.{n}" for n in state)
-        return (f"{type(mod).__name__}.forward reads Python state ({names}); a forward rewritten "
-                "from its trace would freeze it")
+        return (f"{type(mod).__name__}.forward reads Python state ({', '.join(state)}); a forward "
+                "rewritten from its trace would freeze it")
     glob = sorted(_global_values(mod))
     if glob:
         return (f"{type(mod).__name__}.forward reads global or closure value(s) ({', '.join(glob)}); "
@@ -149,17 +298,89 @@ def _reduce_ex(self, protocol):
                        _globals_by_name(cls.fastlayers_forward_globals)), self.__getstate__())
 
 
+# --- the change check. A rewritten forward reads Parameters of children it no longer calls (the
+# gated product's gate / up projections, a fused loss's head) and skips activation modules it
+# inlined. Each call first checks, cheaply, that those children are still the objects swap saw,
+# of the same class (not replaced, wrapped by PEFT / quantization, or re-parametrised: parametrize
+# changes the class), without forward / backward hooks or an instance-level forward (accelerate's
+# offloading hooks set one), and that no global module hook is set;
+# otherwise it runs the original forward, which calls the modules as it always did.
+from torch.nn.modules import module as _module_mod  # noqa: E402
+
+_GLOBAL_HOOKS = tuple(getattr(_module_mod, n) for n in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+    "_global_backward_pre_hooks") if isinstance(getattr(_module_mod, n, None), dict))
+_GFH, _GFPH, _GBH, _GBPH = (_GLOBAL_HOOKS + ({},) * 4)[:4]
+GUARD = "_fastlayers_guard"
+
+
+def changed(self: nn.Module) -> bool:
+    """True when a child the rewritten forward depends on changed since swap (see above)."""
+    guard = self.__dict__.get(GUARD)
+    if not guard:
+        return False
+    if _GFH or _GFPH or _GBH or _GBPH:
+        return True
+    for owner, name, child, cls in guard[1]:
+        if owner.get(name) is not child or child.__class__ is not cls:
+            return True
+        d = child.__dict__
+        if (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d.get("_backward_pre_hooks")
+                or "forward" in d):  # e.g. accelerate's hooks replace an instance's forward
+            return True
+    return False
+
+
+def _original_forward(self: nn.Module, *args):
+    """The forward swap replaced, for a module whose children changed since (see changed)."""
+    guard = self.__dict__[GUARD]
+    if not guard[0]:
+        raise RuntimeError(
+            f"fastlayers.swap: {type(self).__name__}'s rewritten forward depends on children that changed "
+            f"since swap ({guard[2]}), and its original forward cannot run on the swapped children (a "
+            "functional activation was fused into a Linear). Apply such changes before fastlayers.swap.")
+    return type(self).fastlayers_original_class.forward(self, *args)
+
+
+def _guarded_src(src: str, fn) -> str:
+    """fx's source with the change check as the first statement (skipped under TorchScript)."""
+    names = list(inspect.signature(fn).parameters)
+    at = src.index("def forward(")
+    eol = src.index("\n", at) + 1
+    check = ("    if not torch.jit.is_scripting():\n"
+             "        if _fastlayers_changed(self):\n"
+             f"            return _fastlayers_original({', '.join(names)})\n")
+    return src[:eol] + check + src[eol:]
+
+
+def guard_children(mod: nn.Module, targets, fallback_ok: bool) -> None:
+    """Record the children (fx targets, relative to mod) the rewritten forward depends on."""
+    entries = []
+    for target in sorted(targets):
+        owner_path, _, name = target.rpartition(".")
+        owner = mod.get_submodule(owner_path) if owner_path else mod
+        child = owner._modules.get(name)
+        if child is not None:
+            entries.append((owner._modules, name, child, type(child)))
+    mod.__dict__[GUARD] = (fallback_ok, tuple(entries), ", ".join(sorted(targets)))
+
+
 def swapped_class(base: type, src: str, globals_: Dict[str, Any]) -> type:
-    """The subclass of `base` whose forward is compiled from `src` (fx's generated code)."""
+    """The subclass of `base` whose forward is compiled from `src` (fx's generated code) behind
+    the change check."""
     key = (base, src)
     cls = _SWAPPED.get(key)
     if cls is None:
         filename = f"<fastlayers.swap: {base.__qualname__}.forward #{len(_SWAPPED)}>"
-        linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
         ns = dict(globals_)
         exec(compile(src, filename, "exec"), ns)
+        full = _guarded_src(src, ns["forward"])
+        linecache.cache[filename] = (len(full), None, full.splitlines(keepends=True), filename)
+        ns = dict(globals_, torch=torch, _fastlayers_changed=changed, _fastlayers_original=_original_forward)
+        exec(compile(full, filename, "exec"), ns)
+        ignored = list(getattr(base, "__jit_ignored_attributes__", [])) + [GUARD]
         cls = make_subclass(base, ns["forward"], _reduce_ex, fastlayers_forward_src=src,
-                            fastlayers_forward_globals=dict(globals_))
+                            fastlayers_forward_globals=dict(globals_), __jit_ignored_attributes__=ignored)
         _SWAPPED[key] = cls
     return cls
 
@@ -173,7 +394,12 @@ def make_subclass(base: type, forward, reduce_ex, **attrs: Any) -> type:
         "__reduce_ex__": reduce_ex, "fastlayers_original_class": base, **attrs})
 
 
-def rewrite_forward(mod: nn.Module, src: str, globals_: Dict[str, Any]) -> None:
-    """Give `mod` the forward compiled from `src`, in place (see the comment above)."""
+def rewrite_forward(mod: nn.Module, src: str, globals_: Dict[str, Any], guarded=(),
+                    fallback_ok: bool = True) -> None:
+    """Give `mod` the forward compiled from `src`, in place (see the comment above); `guarded`:
+    the children (fx targets) whose change since swap sends calls to the original forward
+    (fallback_ok) or raises (not fallback_ok: the original forward would not match the swapped
+    children)."""
     base = getattr(type(mod), "fastlayers_original_class", type(mod))
     mod.__class__ = swapped_class(base, src, globals_)
+    guard_children(mod, guarded, fallback_ok)

@@ -1,0 +1,360 @@
+"""fastlayers.swap on models that are changed after the swap (issue 24, "never stale, never
+frozen"): PEFT LoRA, hooks, quantize_dynamic, re-parametrisation and replaced modules after
+swap; forwards whose trace evaluated runtime state; TorchScript of rewritten gated forwards;
+torch.compile(fullgraph=True) of a freshly swapped model in a fresh process."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlayers as fl
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+
+def _llama_mlp(hidden=32, inter=48):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    torch.manual_seed(0)
+    return LlamaMLP(transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, hidden_act="silu"))
+
+
+class _Block(nn.Module):
+    """A gated MLP inside a parent, the shape PEFT's target_modules expect."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = _llama_mlp()
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def _gated(model):
+    return [g for g, *_ in model.fastlayers_swap_report.gated]
+
+
+# ----------------------------------------------------------------------------- changed after swap
+def test_lora_after_swap_trains_the_gated_projections():
+    peft = pytest.importorskip("peft")
+    ref, model = _Block(), _Block()
+    model.load_state_dict(ref.state_dict())
+    fl.swap(model)
+    assert _gated(model) == ["mlp.gate_proj + mlp.up_proj"]
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    cfg = lambda: peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False)  # noqa: E731
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, cfg())
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(ref, cfg())
+    x = torch.randn(3, 5, 32)
+    out, exp = model(x), ref(x)
+    torch.testing.assert_close(out, exp)
+    out.sum().backward()
+    exp.sum().backward()
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            assert got[name].grad is not None, name
+            torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_hooks_after_swap_fire():
+    mlp = _llama_mlp()
+    ref = copy.deepcopy(mlp)
+    fl.swap(mlp)
+    x = torch.randn(4, 32)
+    seen = []
+    h = mlp.gate_proj.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    torch.testing.assert_close(mlp(x), ref(x))
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], ref.gate_proj(x))
+    h.remove()
+    # a hook that changes the output
+    mlp.up_proj.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    ref.up_proj.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    torch.testing.assert_close(mlp(x), ref(x))
+
+
+def test_global_hook_after_swap_fires():
+    mlp = _llama_mlp()
+    fl.swap(mlp)
+    seen = []
+    h = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        mlp(torch.randn(2, 32))
+    finally:
+        h.remove()
+    assert "Linear" in seen or "FusedLinear" in seen
+    assert seen.count("Linear") + seen.count("FusedLinear") == 3
+
+
+def test_replaced_activation_and_parametrized_weight_after_swap():
+    mlp = _llama_mlp()
+    ref = copy.deepcopy(mlp)
+    fl.swap(mlp)
+    x = torch.randn(4, 32)
+    mlp.act_fn, ref.act_fn = nn.GELU(), nn.GELU()
+    torch.testing.assert_close(mlp(x), ref(x))
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+    torch.nn.utils.parametrize.register_parametrization(mlp.gate_proj, "weight", Double())
+    torch.nn.utils.parametrize.register_parametrization(ref.gate_proj, "weight", Double())
+    torch.testing.assert_close(mlp(x), ref(x))
+
+
+def test_lora_before_swap_is_reported():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = _Block()
+    model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["gate_proj", "up_proj", "q_proj"],
+                                                      r=4, init_lora_weights=False))
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    why = model.fastlayers_swap_report.why_not_fused()
+    reason = why["base_model.model.mlp.gate_proj.base_layer"]
+    assert "LoRA" in reason and "merge_and_unload" in reason
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(model(x), ref(x))
+
+
+def test_quantize_dynamic_after_swap():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    ref = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    fl.swap(model)
+    assert model.fastlayers_swap_report.fused  # FusedLinear(gelu): quantized with its activation
+    # exact-type matching: a swapped model names FusedLinear too (swap/quant.py)
+    qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear, fl.FusedLinear}, dtype=torch.qint8)
+    count = lambda m: sum(isinstance(x, torch.ao.nn.quantized.dynamic.Linear) for x in m.modules())  # noqa: E731
+    assert count(ref) > 0
+    assert count(qmodel) == count(ref)
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_dynamic_after_swap_gated():
+    mlp = _llama_mlp().eval()
+    ref = torch.ao.quantization.quantize_dynamic(copy.deepcopy(mlp), {nn.Linear}, dtype=torch.qint8)
+    fl.swap(mlp)
+    q = torch.ao.quantization.quantize_dynamic(mlp, {nn.Linear, fl.FusedLinear}, dtype=torch.qint8)
+    count = lambda m: sum(isinstance(x, torch.ao.nn.quantized.dynamic.Linear) for x in m.modules())  # noqa: E731
+    assert count(q) == count(ref) == 3
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_dynamic_default_spec_after_swap_without_plain_linears():
+    """quantize_dynamic's default spec names nn.Linear only: swap(linears=False) keeps the plain
+    Linears plain, and the gated product falls back to its original forward once quantized."""
+    mlp = _llama_mlp().eval()
+    ref = torch.ao.quantization.quantize_dynamic(copy.deepcopy(mlp), dtype=torch.qint8)
+    fl.swap(mlp, linears=False)
+    assert _gated(mlp)
+    q = torch.ao.quantization.quantize_dynamic(mlp, dtype=torch.qint8)
+    assert sum(isinstance(x, torch.ao.nn.quantized.dynamic.Linear) for x in q.modules()) == 3
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- frozen branches
+class _ChildAttr(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        y = F.gelu(self.fc(x))
+        if self.drop.p > 0:
+            y = y * 2
+        return y
+
+
+class _GradMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = F.gelu(self.fc(x))
+        if torch.is_grad_enabled():
+            y = y * 2
+        return y
+
+
+class _Autocast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = F.gelu(self.fc(x))
+        if torch.is_autocast_enabled("cpu"):
+            y = y * 2
+        return y
+
+
+class _ClassAttr(nn.Module):
+    scale_up = False
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = F.gelu(self.fc(x))
+        if self.scale_up:
+            y = y * 2
+        return y
+
+
+class _RequiresGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = F.gelu(self.fc(x))
+        if any(p.requires_grad for p in self.fc.parameters()):  # the real Parameters, not Proxies
+            y = y * 2
+        return y
+
+
+def _change_child(m):
+    m.drop.p = 0.5
+    m.eval()  # dropout off: the branch alone differs
+
+
+def _change_class_attr(m):
+    m.scale_up = True
+
+
+def _freeze(m):
+    m.fc.requires_grad_(False)
+
+
+_FROZEN = [
+    (_ChildAttr, _change_child, None),
+    (_GradMode, None, torch.no_grad),
+    (_Autocast, None, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    (_ClassAttr, _change_class_attr, None),
+    (_RequiresGrad, _freeze, None),
+]
+
+
+@pytest.mark.parametrize("cls,change,ctx", _FROZEN, ids=[c.__name__ for c, _, _ in _FROZEN])
+def test_runtime_branches_are_not_frozen(cls, change, ctx):
+    torch.manual_seed(0)
+    model = cls()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    for m in (model, ref):
+        if change is not None:
+            change(m)
+    x = torch.randn(4, 8)
+    if ctx is None:
+        out, exp = model(x), ref(x)
+    else:
+        with ctx():
+            out, exp = model(x), ref(x)
+    torch.testing.assert_close(out.float(), exp.float(), rtol=2e-2, atol=2e-2)
+    assert not model.fastlayers_swap_report.rewritten
+    assert "reads Python state" in model.fastlayers_swap_report.why_not_fused()["fc"]
+
+
+@pytest.mark.parametrize("proj", ["gated-gelu", "gated-silu"])
+def test_t5_gated_bf16_with_fp32_wo(proj):
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
+    torch.manual_seed(0)
+    cfg = T5Config(d_model=32, d_ff=64, feed_forward_proj=proj, dropout_rate=0.0)
+    ff = T5DenseGatedActDense(cfg).eval()
+    ff.to(torch.bfloat16)
+    ff.wo.float()  # _keep_in_fp32_modules = ["wo"]
+    ref = copy.deepcopy(ff)
+    fl.swap(ff)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    torch.testing.assert_close(ff(x), ref(x))
+
+
+# ----------------------------------------------------------------------------- TorchScript
+def test_jit_script_llama_mlp():
+    mlp = _llama_mlp().eval()
+    ref = copy.deepcopy(mlp)
+    fl.swap(mlp)
+    assert _gated(mlp)
+    s = torch.jit.script(mlp)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(s(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_jit_script_phi3_mlp():
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+    torch.manual_seed(0)
+    mlp = Phi3MLP(Phi3Config(hidden_size=32, intermediate_size=48, hidden_act="silu")).eval()
+    ref = copy.deepcopy(mlp)
+    fl.swap(mlp)
+    assert _gated(mlp)
+    s = torch.jit.script(mlp)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(s(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- report
+def test_report_says_what_a_fused_linear_returns():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    fl.swap(model)
+    text = str(model.fastlayers_swap_report)
+    assert "activated output" in text and "hooks" in text
+
+
+# ----------------------------------------------------------------------------- torch.compile, cold
+_COLD = textwrap.dedent("""
+    import torch, transformers, fastlayers as fl, copy
+    from torch._dynamo.testing import CompileCounter
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    plain = transformers.LlamaForCausalLM(cfg).eval()
+    model = fl.swap(copy.deepcopy(plain))
+    ids = torch.randint(0, 128, (1, 6))
+    counts = []
+    for m in (model, plain):
+        torch._dynamo.reset()
+        cnt = CompileCounter()
+        with torch.no_grad():
+            out = torch.compile(m, backend=cnt, fullgraph=FULL)(ids).logits
+        counts.append(cnt.frame_count)
+    with torch.no_grad():
+        torch.testing.assert_close(out, plain(ids).logits, rtol=1e-4, atol=1e-4)
+    print("GRAPHS", *counts)
+""")
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_compile_cold_process(fullgraph):
+    """The swapped model is compiled first in a fresh process: no eager call warmed it up."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", f"FULL = {fullgraph}\n" + _COLD], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("GRAPHS")][0]
+    swapped, plain = map(int, line.split()[1:])
+    assert swapped <= plain
