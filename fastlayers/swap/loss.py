@@ -449,6 +449,10 @@ def untraced(sw) -> None:
 
     plans: Dict[Any, Tuple[Dict[str, Any], List[str], str]] = {}
     for prefix, mod in sw.model.named_modules():
+        if getattr(sw, "skip_logits", False) and id(mod) not in sw.loss_decided:
+            from . import causal_lm
+            if causal_lm.apply(sw, prefix, mod):
+                continue
         ok, what = hf_causal_lm(mod)
         if ok:
             sw.report.losses.append((path_name(prefix), what, CROSS_ENTROPY))
