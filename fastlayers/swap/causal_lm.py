@@ -175,6 +175,20 @@ def _stmt_line(stmt: ast.stmt) -> str:
 
 
 # ----------------------------------------------------------------------------- Hugging Face
+def _hf_loss_of(lu: types.ModuleType, mod: nn.Module) -> Any:
+    """The function transformers' loss_function property gives without a user's _loss_function: the
+    loss_type's in LOSS_MAPPING, ForCausalLM's when loss_type is None or unknown (GPT-2)."""
+    mapping = getattr(lu, "LOSS_MAPPING", {})
+    loss_type = getattr(mod, "loss_type", None)
+    if loss_type in mapping:
+        return mapping[loss_type]
+    try:  # a base model (LlamaModel) computes no loss: only a forward taking labels uses the default
+        takes_labels = "labels" in inspect.signature(type(mod).forward).parameters
+    except (TypeError, ValueError):
+        takes_labels = False
+    return mapping.get("ForCausalLM") if takes_labels else None
+
+
 def _is_for_causal_lm_loss(mod: nn.Module) -> str:
     """'' when mod's loss_function is transformers' ForCausalLMLoss; else why not ('-' if no HF loss)."""
     lu = sys.modules.get("transformers.loss.loss_utils")
@@ -183,7 +197,7 @@ def _is_for_causal_lm_loss(mod: nn.Module) -> str:
     from .loss import causal_lm_loss
     if mod.__dict__.get("_loss_function") in (causal_lm_loss, skip_logits_loss):
         return ""  # swapped before
-    if getattr(lu, "LOSS_MAPPING", {}).get(getattr(mod, "loss_type", None)) is not getattr(lu, "ForCausalLMLoss", None):
+    if _hf_loss_of(lu, mod) is not getattr(lu, "ForCausalLMLoss", None):
         return "-"
     if "_loss_function" in mod.__dict__:
         return "its loss_function was set by the user"
@@ -368,7 +382,17 @@ def _nanogpt_forward(self, *args: Any, **kwargs: Any) -> Any:
     cls = type(self)
     if self.training:
         return cls.fastlayers_training_forward(self, *args, **kwargs)
-    return cls.fastlayers_original_class.forward(self, *args, **kwargs)
+    return cls.fastlayers_other_forward(self, *args, **kwargs)
+
+
+def _other_forward(base: type) -> types.FunctionType:
+    """The forward outside training: the one swap gives without skip_logits (a copy reading
+    fastlayers.cross_entropy, swap/loss.py) where it would, else the class's own."""
+    from .loss import redirect_plan, redirected_class
+    from .tracing import _global_values
+    if redirect_plan(base.forward)[0] and not _global_values(base.__new__(base)):
+        return redirected_class(base).forward
+    return base.forward
 
 
 # ----------------------------------------------------------------------------- the model classes
@@ -394,7 +418,8 @@ def _plan(base: type, heads: Tuple[str, ...] = ("lm_head",), hf: Optional[bool] 
     else:
         fwd, head, why = nanogpt_plan(base, heads)
         cls = None if fwd is None else make_subclass(base, _nanogpt_forward, _reduce_model, fastlayers_head=head,
-                                                     fastlayers_training_forward=fwd)
+                                                     fastlayers_training_forward=fwd,
+                                                     fastlayers_other_forward=_other_forward(base))
     _MODELS[base] = (cls, why)
     return cls, why
 
@@ -443,6 +468,10 @@ def apply(sw, prefix: str, mod: nn.Module) -> bool:
     if why:
         sw.report.left.append((join(prefix, head_name), f"skip_logits: {why}"))
         return False
+    if sw.linears and type(head) is nn.Linear:  # as swap makes every plain Linear (the same Parameters)
+        from .swapper import _fused_linear
+        head = _fused_linear(head, "none", 0.0)
+        setattr(mod, head_name, head)
     head.__class__ = head_class(type(head))
     mod.__class__ = cls
     if hf:

@@ -260,8 +260,8 @@ def hf_causal_lm(mod: nn.Module) -> Tuple[bool, str]:
         return False, ""
     if mod.__dict__.get("_loss_function") is causal_lm_loss:
         return False, ""  # swapped before
-    mapping = getattr(lu, "LOSS_MAPPING", {})
-    if mapping.get(getattr(mod, "loss_type", None)) is not getattr(lu, "ForCausalLMLoss", None):
+    from .causal_lm import _hf_loss_of  # loss_type None or unknown: ForCausalLM's (GPT-2)
+    if _hf_loss_of(lu, mod) is not getattr(lu, "ForCausalLMLoss", None):
         return False, ""
     if "_loss_function" in mod.__dict__:
         return False, "its loss_function was set by the user"
