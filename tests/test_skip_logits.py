@@ -320,3 +320,13 @@ def test_fsdp2_loss_and_gradients_equal_the_unsharded_model(tmp_path):
     assert_close_fp32(got["loss"], ref.loss.detach(), red=64, what="loss")
     for n, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_hf_bfloat16_loss_is_float32_like_transformers():
+    model, _, orig = _pair(lambda: _hf("llama").to(torch.bfloat16))
+    ids, labels = _ids()
+    out, ref = model(ids, labels=labels), orig(ids, labels=labels)
+    assert out.logits is None and out.loss.dtype == ref.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=2e-2)
+    out.loss.backward()
+    assert model.lm_head.weight.grad.dtype == torch.bfloat16

@@ -76,8 +76,15 @@ class _Pending:
             shift = F.pad(self.labels, (0, 1), value=self.ignore_index)[..., 1:]
         shift = shift.reshape(-1).to(h.device)
         reduction = "sum" if self.num_items_in_batch is not None else "mean"
-        loss = head_loss(head, h, shift, ignore_index=self.ignore_index, reduction=reduction)
-        loss = loss.float()  # ForCausalLMLoss computes in float32 (logits.float())
+        dev = h.device.type
+        if h.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(dev):
+            # ForCausalLMLoss computes in float32 (logits.float()): a float32 loss, as
+            # linear_cross_entropy gives under autocast (inputs stay in h's dtype)
+            with torch.autocast(dev, dtype=h.dtype):
+                loss = head_loss(head, h, shift, ignore_index=self.ignore_index, reduction=reduction)
+        else:
+            loss = head_loss(head, h, shift, ignore_index=self.ignore_index, reduction=reduction)
+        loss = loss.float()
         if reduction == "sum":
             n = self.num_items_in_batch
             loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
