@@ -128,7 +128,7 @@ def _load_backends(model: nn.Module) -> None:
             pass
 
 
-def swap(model: nn.Module, verbose: bool = False, linears: bool = True) -> nn.Module:
+def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_logits: bool = False) -> nn.Module:
     """Fuse `model`'s Linear -> activation pairs, gated MLPs, head losses and softmax modules in
     place; returns `model`.
 
@@ -137,6 +137,13 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True) -> nn.Mo
     except where fastlayers is faster (on the CPU: large GEMMs on oneDNN, with a prepacked weight
     when no gradient is needed, costing one more copy of each such weight). linears=False leaves
     them as they are.
+
+    With `skip_logits`, Hugging Face ``*ForCausalLM`` models (transformers' ForCausalLMLoss) and
+    nanoGPT-style ``forward(idx, targets)`` modules compute their loss in training with labels /
+    targets by fastlayers.linear_cross_entropy on the head's own Parameters and return **no
+    logits** (``logits=None``; nanoGPT ``(None, loss)``): the (tokens, vocab) logits, their
+    log-probabilities and their gradient are never held (swap/causal_lm.py). In eval mode or
+    without labels the original forward runs unchanged. The report lists these under ``losses``.
 
     Parameters stay the same objects (state_dict keys and optimizers unchanged); outputs and
     gradients match the original model up to floating-point rounding. The report of what was
@@ -151,7 +158,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True) -> nn.Mo
         new.train(model.training)
         model, report = new, SwapReport(replaced=[("<model>", f"fastlayers.{type(new).__name__}")])
     else:
-        swapper = _Swapper(model, linears)
+        swapper = _Swapper(model, linears, skip_logits)
         swapper.run()
         report = swapper.report
     _load_backends(model)

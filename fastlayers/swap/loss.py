@@ -260,8 +260,8 @@ def hf_causal_lm(mod: nn.Module) -> Tuple[bool, str]:
         return False, ""
     if mod.__dict__.get("_loss_function") is causal_lm_loss:
         return False, ""  # swapped before
-    mapping = getattr(lu, "LOSS_MAPPING", {})
-    if mapping.get(getattr(mod, "loss_type", None)) is not getattr(lu, "ForCausalLMLoss", None):
+    from .causal_lm import _hf_loss_of  # loss_type None or unknown: ForCausalLM's (GPT-2)
+    if _hf_loss_of(lu, mod) is not getattr(lu, "ForCausalLMLoss", None):
         return False, ""
     if "_loss_function" in mod.__dict__:
         return False, "its loss_function was set by the user"
@@ -449,6 +449,10 @@ def untraced(sw) -> None:
 
     plans: Dict[Any, Tuple[Dict[str, Any], List[str], str]] = {}
     for prefix, mod in sw.model.named_modules():
+        if getattr(sw, "skip_logits", False) and id(mod) not in sw.loss_decided:
+            from . import causal_lm
+            if causal_lm.apply(sw, prefix, mod):
+                continue
         ok, what = hf_causal_lm(mod)
         if ok:
             sw.report.losses.append((path_name(prefix), what, CROSS_ENTROPY))

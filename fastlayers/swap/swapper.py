@@ -53,9 +53,10 @@ def _direct_children(mod: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn
 
 
 class _Swapper:
-    def __init__(self, model: nn.Module, linears: bool = True) -> None:
+    def __init__(self, model: nn.Module, linears: bool = True, skip_logits: bool = False) -> None:
         self.model = model
         self.linears = linears
+        self.skip_logits = skip_logits
         self.report = SwapReport()
         self.refs = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.why_left: Dict[int, str] = {}  # id(Linear) -> reason it was not fused

@@ -1,0 +1,34 @@
+"""CPU benchmarks: one training step of a small LM, plain vs fl.swap(model, skip_logits=True).
+
+HF LlamaForCausalLM (vocab 32000), HF GPT2LMHeadModel (vocab 50257) and nanoGPT's GPT (vocab
+50304), hidden 256, 4 layers, 4 x 256 tokens, float32 and bfloat16 (bench/training_memory.py
+builds them). Each memory figure comes from a fresh process (MALLOC_MMAP_THRESHOLD_=131072,
+gradients preallocated, SGD without state): ru_maxrss after one step - before it. Step times come
+from one process running the plain and the logit-free model in interleaved rounds.
+
+extra_info: peak_extra_mib (plain / swap / skip), skip_over_plain_memory, median_ms (plain /
+skip), plain_over_skip_time (median of per-round ratios), and the losses of the three modes (the
+same model and batch: they agree to rounding). The benchmark's own time is the whole measurement
+(several fresh interpreters), not a step.
+"""
+import pytest
+
+from harness import QUICK
+import training_memory as tm
+
+CASES = [(m, d) for m in tm.MODELS for d in tm.DTYPES]
+if QUICK:
+    CASES = [("llama", "float32")]
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_training_step(benchmark, cpu_backend, name, dtype):
+    rows = []
+    benchmark.pedantic(lambda: rows.append(tm.table(models=(name,), dtypes=(dtype,), rounds=3 if QUICK else 5)[0]),
+                       rounds=1, iterations=1, warmup_rounds=0)
+    row = rows[0]
+    benchmark.group = "training step"
+    benchmark.extra_info.update({"suite": "cpu", "op": f"train_{name}", "shape": f"{tm.BATCH}x{tm.SEQ}",
+                                 "dtype": dtype, "pass": "train", "backend": cpu_backend, **row})
+    losses = list(row["loss"].values())
+    assert max(losses) - min(losses) <= 1e-2 * abs(losses[0]), row["loss"]

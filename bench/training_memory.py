@@ -1,0 +1,198 @@
+"""One training step of a small language model: peak extra memory and step time, plain vs
+fl.swap(model, skip_logits=True) (the loss by fastlayers.linear_cross_entropy, no logits).
+
+Models (random weights), at BATCH x SEQ = 4 x 256 tokens:
+  llama    Hugging Face LlamaForCausalLM: vocab 32000, hidden 256, 4 layers, 4 heads, MLP 688
+  gpt2     Hugging Face GPT2LMHeadModel: vocab 50257, n_embd 256, 4 layers, 4 heads (dropout off)
+  nanogpt  Karpathy's nanoGPT GPT (tests/nanogpt_model.py): vocab 50304, n_embd 256, 4 layers, 4 heads
+Modes: plain (the model as built), swap (fl.swap(model)), skip (fl.swap(model, skip_logits=True)).
+
+Memory (`memory` command, one model / dtype / mode per fresh process, as NOTES.md says): the
+parameters' gradients are preallocated (zeros) and the optimizer is SGD without momentum (no
+state), so the step allocates only what forward, loss and backward hold; peak extra memory =
+ru_maxrss after one step (forward, loss, backward, optimizer step) - ru_maxrss before it. Run with
+MALLOC_MMAP_THRESHOLD_=131072 so freed large buffers leave the RSS (main() re-executes itself with
+it when unset).
+
+Time (`time` command, one process): the modes' steps in interleaved rounds (each round runs every
+mode once, the first rotating), after 2 warm-up steps each; the median step time per mode and the
+median of the per-round ratios plain / mode.
+
+    python bench/training_memory.py              # the whole table (fresh processes), printed and as JSON
+    python bench/training_memory.py memory llama float32 skip
+    python bench/training_memory.py time llama float32 --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+BATCH, SEQ = 4, 256
+MODELS = ("llama", "gpt2", "nanogpt")
+DTYPES = ("float32", "bfloat16")
+MODES = ("plain", "swap", "skip")
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def build(name: str, dtype: str, mode: str):
+    """(model in training mode, step function)."""
+    import torch
+    import fastlayers as fl
+    torch.manual_seed(0)
+    if name == "nanogpt":
+        import nanogpt_model
+        model = nanogpt_model.GPT(nanogpt_model.GPTConfig(block_size=SEQ, vocab_size=50304, n_layer=4, n_head=4,
+                                                          n_embd=256, dropout=0.0, bias=True))
+        vocab = 50304
+    else:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        if name == "llama":
+            cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688,
+                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                           max_position_embeddings=SEQ)
+            model = transformers.LlamaForCausalLM(cfg)
+        else:
+            cfg = transformers.GPT2Config(vocab_size=50257, n_embd=256, n_layer=4, n_head=4, n_positions=SEQ,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            model = transformers.GPT2LMHeadModel(cfg)
+        vocab = cfg.vocab_size
+    model = model.to(getattr(torch, dtype)).train()
+    if mode != "plain":
+        fl.swap(model, skip_logits=(mode == "skip"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=1e-4)
+
+    if name == "nanogpt":
+        targets = torch.roll(ids, -1, dims=1)
+        targets[:, -1] = -1
+
+        def step():
+            _, loss = model(ids, targets)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            return loss
+    else:
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            return loss
+    return model, step
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def memory(name: str, dtype: str, mode: str) -> dict:
+    import gc
+    model, step = build(name, dtype, mode)
+    gc.collect()
+    before = _rss_mib()
+    t0 = time.perf_counter()
+    loss = step()
+    first = time.perf_counter() - t0
+    after = _rss_mib()
+    return {"model": name, "dtype": dtype, "mode": mode, "peak_extra_mib": after - before,
+            "rss_before_mib": before, "first_step_s": first, "loss": float(loss)}
+
+
+def timing(name: str, dtype: str, rounds: int, modes=("plain", "skip")) -> dict:
+    import gc
+    steps = {m: build(name, dtype, m)[1] for m in modes}
+    for s in steps.values():
+        for _ in range(2):
+            s()
+    times = {m: [] for m in modes}
+    gc.collect()
+    for r in range(rounds):
+        k = r % len(modes)
+        for m in modes[k:] + modes[:k]:
+            t0 = time.perf_counter()
+            steps[m]()
+            times[m].append(time.perf_counter() - t0)
+    out = {"model": name, "dtype": dtype, "rounds": rounds,
+           "median_ms": {m: statistics.median(t) * 1e3 for m, t in times.items()},
+           "plain_over": {m: statistics.median(a / b for a, b in zip(times["plain"], t))
+                          for m, t in times.items() if m != "plain"}}
+    out["load1"] = os.getloadavg()[0]
+    return out
+
+
+def run_fresh(*args: str, timeout: float = 900) -> dict:
+    """One configuration in a fresh interpreter with the mmap threshold set; its JSON result."""
+    env = {**os.environ, **MMAP_ENV}
+    res = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), *args], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def table(models=MODELS, dtypes=DTYPES, modes=MODES, rounds: int = 5) -> list:
+    rows = []
+    for name in models:
+        for dtype in dtypes:
+            mem = {m: run_fresh("memory", name, dtype, m) for m in modes}
+            tim = run_fresh("time", name, dtype, "--rounds", str(rounds))
+            rows.append({"model": name, "dtype": dtype,
+                         "peak_extra_mib": {m: mem[m]["peak_extra_mib"] for m in modes},
+                         "loss": {m: mem[m]["loss"] for m in modes},
+                         "skip_over_plain_memory": mem["skip"]["peak_extra_mib"] / mem["plain"]["peak_extra_mib"],
+                         "median_step_ms": tim["median_ms"], "plain_over_skip_time": tim["plain_over"]["skip"],
+                         "load1": tim["load1"]})
+            print(_row(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def _row(r: dict) -> str:
+    pk, ms = r["peak_extra_mib"], r["median_step_ms"]
+    return (f"{r['model']:8s} {r['dtype']:9s} peak extra MiB plain {pk['plain']:7.1f} swap {pk.get('swap', float('nan')):7.1f} "
+            f"skip {pk['skip']:7.1f}  skip/plain {r['skip_over_plain_memory']:.2f}   step ms plain {ms['plain']:7.1f} "
+            f"skip {ms['skip']:7.1f}  plain/skip {r['plain_over_skip_time']:.2f}  (load {r['load1']:.1f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", nargs="?", default="table", choices=("table", "memory", "time"))
+    ap.add_argument("model", nargs="?", choices=MODELS)
+    ap.add_argument("dtype", nargs="?", choices=DTYPES)
+    ap.add_argument("mode", nargs="?", choices=MODES)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", help="write the table's rows here")
+    a = ap.parse_args()
+    if a.command == "memory":
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_ENV["MALLOC_MMAP_THRESHOLD_"]:
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MMAP_ENV})
+        print(json.dumps(memory(a.model, a.dtype, a.mode)))
+    elif a.command == "time":
+        print(json.dumps(timing(a.model, a.dtype, a.rounds)))
+    else:
+        rows = table(models=(a.model,) if a.model else MODELS, dtypes=(a.dtype,) if a.dtype else DTYPES,
+                     rounds=a.rounds)
+        if a.json:
+            pathlib.Path(a.json).write_text(json.dumps(rows, indent=1))
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,493 @@
+"""Logit-free training for fastlayers.swap(model, skip_logits=True).
+
+A language model's training step holds its (tokens x vocab) logits, their float32 log-probabilities
+and their gradient: most of a small LM's step memory. fastlayers.linear_cross_entropy computes the
+same loss from the head's input and weight without them. Where a model's forward returns its logits
+(Hugging Face ``*ForCausalLM``, nanoGPT's ``GPT``), swap cannot fuse the loss without changing what
+the forward returns; with ``skip_logits=True`` it does, in training with labels only:
+
+* Hugging Face causal LMs, found structurally: a ``loss_function`` that is transformers'
+  ForCausalLMLoss (not set by the user), and a forward whose source assigns
+  ``logits = self.<head>(...)`` (the head a plain nn.Linear / FusedLinear child) and passes that
+  name, untouched in between, as the logits of ``self.loss_function(...)`` together with
+  ``labels``. The model becomes an instance of a subclass whose forward, when ``model.training``
+  and ``labels`` is not None, runs the original forward with the head's next call computing the
+  loss (label shift, ``ignore_index``, ``shift_labels``, "sum" / ``num_items_in_batch`` else
+  "mean", as ForCausalLMLoss) and returns the output with ``logits=None`` (a tuple output without
+  the logits, as transformers' ``to_tuple`` drops None fields). ``logits_to_keep`` is applied by
+  the forward itself, before the head. A forward that transforms the logits between the head and
+  the loss (Gemma2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
+  ``logits_scaling``) is left alone, the statement quoted in the report.
+* nanoGPT-style forwards (``if targets is not None: logits = self.lm_head(x); loss =
+  F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ...)``): the model's class
+  becomes a subclass whose forward, in training, is a copy of the forward's source with those two
+  statements rewritten to ``logits = None; loss = self.lm_head(x, fastlayers_target=targets.view(-1),
+  ...)`` (compiled against the module's live globals; nothing global changes). The copy is made
+  only where ``logits`` is used nowhere else but in the returned tuple.
+
+Everything else -- eval mode, no labels / targets -- runs the class's original forward: the same
+outputs, bit for bit.
+
+The loss is computed *inside a call of the head module* (its class becomes a subclass whose forward
+takes the target): hooks on the head run as for any call, so FSDP2 (``fully_shard(lm_head)``)
+all-gathers the full weight before it and registers its backward hooks on the loss, and the
+gradient reaches the sharded Parameter through FSDP's own reduce-scatter. The head's Parameters are
+the same objects (tied weights stay tied, state_dict keys unchanged).
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import sys
+import textwrap
+import threading
+import types
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..loss import linear_cross_entropy
+from .patterns import fusable_linear, hooks, join, path_name
+from .tracing import make_subclass
+from .loss import _codes
+
+FUSED = "linear_cross_entropy"
+
+# ----------------------------------------------------------------------------- the head
+_CE_OPTIONS = ("ignore_index", "reduction", "label_smoothing")
+
+
+class _Pending:
+    """What the next call of an HF head computes: the loss of the model's call in flight."""
+
+    def __init__(self, labels: Tensor, loss_kwargs: Dict[str, Any]) -> None:
+        self.labels = labels
+        self.num_items_in_batch = loss_kwargs.get("num_items_in_batch")
+        self.ignore_index = loss_kwargs.get("ignore_index", -100)
+        self.shift_labels = loss_kwargs.get("shift_labels")
+        self.loss: Optional[Tensor] = None
+
+    def compute(self, head: nn.Module, h: Tensor) -> Tensor:
+        """transformers' ForCausalLMLoss of the logits F.linear(h, W, b), without them."""
+        shift = self.shift_labels
+        if shift is None:
+            shift = F.pad(self.labels, (0, 1), value=self.ignore_index)[..., 1:]
+        shift = shift.reshape(-1).to(h.device)
+        reduction = "sum" if self.num_items_in_batch is not None else "mean"
+        dev = h.device.type
+        if h.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(dev):
+            # ForCausalLMLoss computes in float32 (logits.float()): a float32 loss, as
+            # linear_cross_entropy gives under autocast (inputs stay in h's dtype)
+            with torch.autocast(dev, dtype=h.dtype):
+                loss = head_loss(head, h, shift, ignore_index=self.ignore_index, reduction=reduction)
+        else:
+            loss = head_loss(head, h, shift, ignore_index=self.ignore_index, reduction=reduction)
+        loss = loss.float()
+        if reduction == "sum":
+            n = self.num_items_in_batch
+            loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
+        return loss
+
+
+def head_loss(head: nn.Module, h: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean",
+              label_smoothing: float = 0.0) -> Tensor:
+    """F.cross_entropy(head(h).view(-1, vocab), target.view(-1), ...) without the logits."""
+    return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, target.reshape(-1), head.bias,
+                                ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+
+
+def _head_forward(self, input: Tensor, fastlayers_target: Optional[Tensor] = None, **options: Any) -> Tensor:
+    """The head's forward: its class's own, except in a logit-free call (see the module docstring),
+    where it returns the loss."""
+    pending = self.__dict__.pop("_fastlayers_pending", None)
+    if pending is not None:
+        pending.loss = pending.compute(self, input)
+        return pending.loss
+    if fastlayers_target is not None:
+        return head_loss(self, input, fastlayers_target, **options)
+    return type(self).fastlayers_original_class.forward(self, input)
+
+
+_HEADS: Dict[type, type] = {}
+
+
+def _rebuild(base: type, kind: str) -> nn.Module:
+    cls = head_class(base) if kind == "head" else model_class(base)
+    return cls.__new__(cls)
+
+
+def _reduce_head(self, protocol):
+    return _rebuild, (type(self).fastlayers_original_class, "head"), self.__getstate__()
+
+
+def _reduce_model(self, protocol):
+    return _rebuild, (type(self).fastlayers_original_class, "model"), self.__getstate__()
+
+
+def head_class(base: type) -> type:
+    cls = _HEADS.get(base)
+    if cls is None:
+        cls = _HEADS[base] = make_subclass(base, _head_forward, _reduce_head, fastlayers_logit_free_head=True)
+    return cls
+
+
+# ----------------------------------------------------------------------------- source analysis
+def _source_tree(fn: types.FunctionType) -> Tuple[Optional[ast.FunctionDef], str]:
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        return None, "its forward's source is not available"
+    tree = ast.parse(src)
+    fdef = tree.body[0] if tree.body else None
+    if not isinstance(fdef, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None, "its forward's source is not a function definition"
+    return fdef, ""
+
+
+def _is_self_attr_call(node: ast.AST, attrs: Tuple[str, ...] = ()) -> Optional[str]:
+    """'name' when node is ``self.name(...)`` (name in attrs when given)."""
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
+            and (not attrs or node.func.attr in attrs)):
+        return node.func.attr
+    return None
+
+
+def _names(node: ast.AST, name: str, ctx=ast.Load) -> List[ast.Name]:
+    return [n for n in ast.walk(node) if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ctx)]
+
+
+def _head_assignment(stmt: ast.stmt, heads: Tuple[str, ...]) -> Optional[Tuple[str, str, ast.expr]]:
+    """(logits name, head attribute, head input) for ``<name> = self.<head>(<input>)``."""
+    if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+        head = _is_self_attr_call(stmt.value, heads)
+        if head and len(stmt.value.args) == 1 and not stmt.value.keywords:
+            return stmt.targets[0].id, head, stmt.value.args[0]
+    return None
+
+
+def _blocks(fdef: ast.AST):
+    """Every statement list in the function (bodies of if / for / with / try ...)."""
+    for node in ast.walk(fdef):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                yield block
+
+
+def _stmt_line(stmt: ast.stmt) -> str:
+    return ast.unparse(stmt).splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def _hf_loss_of(lu: types.ModuleType, mod: nn.Module) -> Any:
+    """The function transformers' loss_function property gives without a user's _loss_function: the
+    loss_type's in LOSS_MAPPING, ForCausalLM's when loss_type is None or unknown (GPT-2)."""
+    mapping = getattr(lu, "LOSS_MAPPING", {})
+    loss_type = getattr(mod, "loss_type", None)
+    if loss_type in mapping:
+        return mapping[loss_type]
+    try:  # a base model (LlamaModel) computes no loss: only a forward taking labels uses the default
+        takes_labels = "labels" in inspect.signature(type(mod).forward).parameters
+    except (TypeError, ValueError):
+        takes_labels = False
+    return mapping.get("ForCausalLM") if takes_labels else None
+
+
+def _is_for_causal_lm_loss(mod: nn.Module) -> str:
+    """'' when mod's loss_function is transformers' ForCausalLMLoss; else why not ('-' if no HF loss)."""
+    lu = sys.modules.get("transformers.loss.loss_utils")
+    if lu is None or not isinstance(getattr(type(mod), "loss_function", None), property):
+        return "-"
+    from .loss import causal_lm_loss
+    if mod.__dict__.get("_loss_function") in (causal_lm_loss, skip_logits_loss):
+        return ""  # swapped before
+    if _hf_loss_of(lu, mod) is not getattr(lu, "ForCausalLMLoss", None):
+        return "-"
+    if "_loss_function" in mod.__dict__:
+        return "its loss_function was set by the user"
+    return ""
+
+
+def hf_plan(base: type, heads: Tuple[str, ...]) -> Tuple[Optional[str], str]:
+    """(head attribute, '') when base.forward computes ``loss_function(<head's logits>, labels, ...)``
+    with nothing done to the logits in between; (None, why not) otherwise."""
+    forward = getattr(base, "forward", None)
+    fn = inspect.unwrap(forward) if forward is not None else None
+    if not isinstance(fn, types.FunctionType):
+        return None, "its forward is not a Python function"
+    if "labels" not in inspect.signature(forward).parameters:
+        return None, "its forward takes no labels"
+    fdef, why = _source_tree(fn)
+    if fdef is None:
+        return None, why
+    for block in _blocks(fdef):
+        for i, stmt in enumerate(block):
+            found = _head_assignment(stmt, heads)
+            if found is None:
+                continue
+            name, head, _ = found
+            # the statements after it in its block, up to the one calling loss_function
+            for later in block[i + 1:]:
+                calls = [n for n in ast.walk(later) if _is_self_attr_call(n, ("loss_function",))]
+                if calls:
+                    call = calls[0]
+                    logits_arg = call.args[0] if call.args else next(
+                        (k.value for k in call.keywords if k.arg == "logits"), None)
+                    labels_arg = call.args[1] if len(call.args) > 1 else next(
+                        (k.value for k in call.keywords if k.arg == "labels"), None)
+                    if not (isinstance(logits_arg, ast.Name) and logits_arg.id == name):
+                        return None, f"its loss_function is not given the head's logits ({_stmt_line(later)})"
+                    if not (isinstance(labels_arg, ast.Name) and labels_arg.id == "labels"):
+                        return None, f"its loss_function is not given the labels ({_stmt_line(later)})"
+                    return head, ""
+                if _names(later, name) or _names(later, name, ast.Store):
+                    return None, (f"its forward transforms the logits between {head} and the loss "
+                                  f"(`{_stmt_line(later)}`), which fastlayers' loss does not")
+            return None, f"{head}'s logits do not reach self.loss_function in the same block"
+    return None, "no `logits = self.<head>(hidden_states)` in its forward"
+
+
+def skip_logits_loss(logits: Tensor, labels: Tensor, vocab_size: int, **kwargs: Any) -> Tensor:
+    """The loss_function of a logit-free HF model: in a logit-free call, the loss the head returned
+    (as `logits`); otherwise transformers' ForCausalLMLoss on fastlayers.cross_entropy."""
+    pending = getattr(_ACTIVE, "pending", None)
+    if pending is None:
+        from .loss import causal_lm_loss
+        return causal_lm_loss(logits, labels, vocab_size, **kwargs)
+    if pending.loss is None or logits is not pending.loss or labels is not pending.labels:
+        raise RuntimeError("fastlayers.swap(skip_logits=True): the model's forward did not pass its head's output "
+                           "and its labels to loss_function as it did when swapped; swap it without skip_logits")
+    return logits
+
+
+_ACTIVE = threading.local()
+
+
+def _hf_forward(self, *args: Any, **kwargs: Any) -> Any:
+    """A logit-free HF causal LM's forward (module docstring)."""
+    base = type(self).fastlayers_original_class
+    if not self.training:
+        return base.forward(self, *args, **kwargs)
+    sig = _signature(base)
+    try:
+        bound = sig.bind(self, *args, **kwargs)
+    except TypeError:
+        return base.forward(self, *args, **kwargs)
+    labels = bound.arguments.get("labels")
+    if labels is None:
+        return base.forward(self, *args, **kwargs)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    head = getattr(self, type(self).fastlayers_head)
+    pending = _Pending(labels, bound.arguments.get(var_kw, {}) if var_kw else {})
+    outer = getattr(_ACTIVE, "pending", None)
+    _ACTIVE.pending = pending
+    head.__dict__["_fastlayers_pending"] = pending
+    try:
+        out = base.forward(self, *args, **kwargs)
+    finally:
+        _ACTIVE.pending = outer
+        head.__dict__.pop("_fastlayers_pending", None)
+    if pending.loss is None:
+        raise RuntimeError("fastlayers.swap(skip_logits=True): the model's forward did not call its head")
+    if isinstance(out, tuple):  # (loss, logits, ...): as to_tuple() drops a None field
+        return out[:1] + out[2:] if len(out) > 1 and out[1] is pending.loss else out
+    if getattr(out, "logits", None) is pending.loss:
+        fields = {k: v for k, v in out.items() if k != "logits"}
+        out = type(out)(**fields)
+    return out
+
+
+_SIGNATURES: Dict[type, inspect.Signature] = {}
+
+
+def _signature(base: type) -> inspect.Signature:
+    sig = _SIGNATURES.get(base)
+    if sig is None:
+        sig = _SIGNATURES[base] = inspect.signature(base.forward)
+    return sig
+
+
+# ----------------------------------------------------------------------------- nanoGPT style
+_VIEWS = ("view", "reshape")
+
+
+def _logits_view_ok(arg: ast.expr, name: str) -> bool:
+    """``name`` itself, or ``name.view(-1, name.size(-1))`` / ``.reshape(-1, name.shape[-1])``."""
+    if isinstance(arg, ast.Name):
+        return arg.id == name
+    if not (isinstance(arg, ast.Call) and isinstance(arg.func, ast.Attribute) and arg.func.attr in _VIEWS
+            and isinstance(arg.func.value, ast.Name) and arg.func.value.id == name and len(arg.args) == 2
+            and not arg.keywords):
+        return False
+    first, second = (ast.unparse(a).replace(" ", "") for a in arg.args)
+    return first == "-1" and second in (f"{name}.size(-1)", f"{name}.shape[-1]")
+
+
+def _ce_call(value: ast.expr, glb: Dict[str, Any]) -> bool:
+    """``F.cross_entropy(...)`` (F: torch.nn.functional) or a global ``cross_entropy`` that is torch's."""
+    from .loss import is_torch_cross_entropy
+    if not isinstance(value, ast.Call):
+        return False
+    f = value.func
+    if isinstance(f, ast.Attribute) and f.attr == "cross_entropy" and isinstance(f.value, ast.Name):
+        return glb.get(f.value.id) is F and is_torch_cross_entropy(F.cross_entropy)
+    return isinstance(f, ast.Name) and is_torch_cross_entropy(glb.get(f.id))
+
+
+def nanogpt_plan(base: type, heads: Tuple[str, ...]) -> Tuple[Optional[types.FunctionType], str, str]:
+    """(rewritten forward, head, '') or (None, '', why not): see the module docstring."""
+    fn = getattr(base, "forward", None)
+    if not isinstance(fn, types.FunctionType) or not any("cross_entropy" in c.co_names for c in _codes(fn.__code__)):
+        return None, "", ""
+    if fn.__code__.co_freevars:
+        return None, "", "its forward reads closure variables (a recompiled copy would lose them)"
+    fdef, why = _source_tree(fn)
+    if fdef is None or fdef.decorator_list:
+        return None, "", why or "its forward is decorated"
+    glb = fn.__globals__
+    for block in _blocks(fdef):
+        for i in range(len(block) - 1):
+            found = _head_assignment(block[i], heads)
+            nxt = block[i + 1]
+            if found is None or not (isinstance(nxt, ast.Assign) and _ce_call(nxt.value, glb)):
+                continue
+            name, head, h = found
+            call = nxt.value
+            if len(call.args) < 2 or any(k.arg not in _CE_OPTIONS for k in call.keywords) or len(call.args) > 2:
+                return None, "", f"its loss call has options fastlayers' fused loss does not take ({_stmt_line(nxt)})"
+            if not _logits_view_ok(call.args[0], name) or _names(call.args[1], name):
+                return None, "", f"its loss is not computed from (tokens, vocab) views of the logits ({_stmt_line(nxt)})"
+            # every other read of the logits: a bare element of a returned tuple
+            returned = {id(e) for n in ast.walk(fdef) if isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple)
+                        for e in n.value.elts}
+            others = [n for n in _names(fdef, name) if id(n) not in returned
+                      and not any(n is m for m in _names(call, name))]
+            if others:
+                return None, "", f"its logits are used beyond the loss and the returned tuple (line {others[0].lineno})"
+            new_call = ast.Call(func=ast.Attribute(value=ast.Name("self", ast.Load()), attr=head, ctx=ast.Load()),
+                                args=[h], keywords=[ast.keyword("fastlayers_target", call.args[1])] + call.keywords)
+            block[i] = ast.copy_location(ast.Assign(targets=[ast.Name(name, ast.Store())],
+                                                    value=ast.Constant(None)), block[i])
+            nxt.value = ast.copy_location(new_call, call)
+            fdef.name = fn.__name__
+            module = ast.fix_missing_locations(ast.Module(body=[fdef], type_ignores=[]))
+            ast.increment_lineno(module, fn.__code__.co_firstlineno - 1)
+            code = compile(module, inspect.getsourcefile(fn) or "<fastlayers skip_logits>", "exec")
+            ns: Dict[str, Any] = {}
+            exec(code, glb, ns)  # globals: the module's own dict, read live
+            new = ns[fn.__name__]
+            new.__defaults__, new.__kwdefaults__ = fn.__defaults__, fn.__kwdefaults__
+            new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
+            return new, head, ""
+    return None, "", ""
+
+
+def _nanogpt_forward(self, *args: Any, **kwargs: Any) -> Any:
+    cls = type(self)
+    if self.training:
+        return cls.fastlayers_training_forward(self, *args, **kwargs)
+    return cls.fastlayers_other_forward(self, *args, **kwargs)
+
+
+def _other_forward(base: type) -> types.FunctionType:
+    """The forward outside training: the one swap gives without skip_logits (a copy reading
+    fastlayers.cross_entropy, swap/loss.py) where it would, else the class's own."""
+    from .loss import redirect_plan, redirected_class
+    from .tracing import _global_values
+    if redirect_plan(base.forward)[0] and not _global_values(base.__new__(base)):
+        return redirected_class(base).forward
+    return base.forward
+
+
+# ----------------------------------------------------------------------------- the model classes
+_MODELS: Dict[type, Tuple[Optional[type], str]] = {}
+
+
+def model_class(base: type) -> type:
+    cls = _plan(base)[0]
+    if cls is None:
+        raise RuntimeError(f"fastlayers.swap: {base.__qualname__} cannot be made logit-free")
+    return cls
+
+
+def _plan(base: type, heads: Tuple[str, ...] = ("lm_head",), hf: Optional[bool] = None) -> Tuple[Optional[type], str]:
+    """(subclass, '') or (None, why not); cached per class (heads / hf only matter on first use)."""
+    if base in _MODELS:
+        return _MODELS[base]
+    if hf is None:
+        hf = isinstance(getattr(base, "loss_function", None), property)
+    if hf:
+        head, why = hf_plan(base, heads)
+        cls = None if head is None else make_subclass(base, _hf_forward, _reduce_model, fastlayers_head=head)
+    else:
+        fwd, head, why = nanogpt_plan(base, heads)
+        cls = None if fwd is None else make_subclass(base, _nanogpt_forward, _reduce_model, fastlayers_head=head,
+                                                     fastlayers_training_forward=fwd,
+                                                     fastlayers_other_forward=_other_forward(base))
+    _MODELS[base] = (cls, why)
+    return cls, why
+
+
+def _head_ok(sw, head: nn.Module) -> str:
+    if not fusable_linear(head):
+        return f"{type(head).__name__} is not a plain nn.Linear / FusedLinear"
+    if hooks(head):
+        return "it has hooks registered (they would see the loss, not the logits)"
+    if sw.refs[id(head)] > 1:
+        return "the head module is shared by several modules"
+    return ""
+
+
+def apply(sw, prefix: str, mod: nn.Module) -> bool:
+    """Make mod logit-free in training when it is an HF causal LM / a nanoGPT-style forward; True
+    if it was (or was decided: the reason is in the report)."""
+    base = type(mod)
+    if getattr(base, "fastlayers_head", None) is not None:
+        return True  # swapped before
+    heads = tuple(n for n, c in mod._modules.items() if isinstance(c, nn.Linear))
+    if not heads:
+        return False
+    hf_why = _is_for_causal_lm_loss(mod)
+    if hf_why == "-" and isinstance(getattr(base, "loss_function", None), property):
+        return False  # an HF model that is not a causal LM
+    hf = hf_why != "-"
+    if hasattr(base, "fastlayers_original_class"):
+        if hf or nanogpt_plan(base, heads)[0] is not None:
+            sw.report.left.append((path_name(prefix), "skip_logits: its forward was already rewritten by swap"))
+            return hf
+        return False
+    if hf and hf_why:
+        sw.report.left.append((path_name(prefix), f"skip_logits: {hf_why}"))
+        return False
+    cls, why = _plan(base, heads, hf)
+    if cls is None:
+        if why:
+            sw.report.left.append((path_name(prefix), f"skip_logits: {why}"))
+        return False
+    head_name = cls.fastlayers_head
+    head = mod._modules[head_name]
+    why = _head_ok(sw, head)
+    if hf and head.out_features != mod.config.vocab_size:
+        why = why or f"{head_name} has {head.out_features} outputs, the config's vocab_size is {mod.config.vocab_size}"
+    if why:
+        sw.report.left.append((join(prefix, head_name), f"skip_logits: {why}"))
+        return False
+    if sw.linears and type(head) is nn.Linear:  # as swap makes every plain Linear (the same Parameters)
+        from .swapper import _fused_linear
+        head = _fused_linear(head, "none", 0.0)
+        setattr(mod, head_name, head)
+    head.__class__ = head_class(type(head))
+    mod.__class__ = cls
+    if hf:
+        mod.loss_function = skip_logits_loss
+    sw.loss_heads.add(id(head))
+    sw.why_left.pop(id(head), None)
+    sw.report.losses.append((join(prefix, head_name), f"{base.__name__}.forward in training with "
+                             f"{'labels' if hf else 'targets'} (returns no logits)", FUSED))
+    return True
+
+
+__all__ = ["apply", "head_loss", "skip_logits_loss", "hf_plan", "nanogpt_plan", "head_class", "model_class"]
