@@ -284,15 +284,21 @@ static inline V act_backward(V dy, V s, C slope) {
   if constexpr (ACT == SIGMOID) return dy * (C(1) - s) * s;
   if constexpr (ACT == TANH) return dy * (C(1) - s * s);
   if constexpr (ACT == HARDSWISH) {
-    V mid = s >= C(3) ? dy : dy * (s / C(3) + C(0.5));  // NaN: dy * NaN
+    // ATen's formula: 0 (z <= -3), dy (z / 3 + 1/2) (z < 3), else dy: NaN falls through to dy.
+    V mid = s < C(3) ? dy * (s / C(3) + C(0.5)) : dy;
     return s <= C(-3) ? V{} : mid;
   }
   if constexpr (ACT == HARDSIGMOID) return (s > C(-3)) & (s < C(3)) ? dy * C(kOneSixthF) : V{};
-  if constexpr (ACT == RELU6) return (s > C(0)) & (s < C(6)) ? dy : V{};  // 0 at 0, 6 and NaN
+  // hardtanh_backward's formula: 0 where z <= 0 or z >= 6 (so 0 at 0 and 6), else dy: NaN passes dy.
+  // From y: y <= 0 <=> z <= 0, y >= 6 <=> z >= 6, y NaN <=> z NaN (clamping is exact).
+  if constexpr (ACT == RELU6) return (s <= C(0)) | (s >= C(6)) ? V{} : dy;
   if constexpr (ACT == QUICK_GELU) {
+    // Autograd's product rule on z * sigmoid(1.702 z), in its order: dy sg + ((dy z) (1 - sg) sg) 1.702
+    // (mul's, sigmoid_backward's, mul-by-scalar's). 1.702 z may overflow where z does not: sg is
+    // then 0 or 1 and the right term (dy z) * 0 = 0, finite, as in PyTorch (1.702 z sg om was NaN).
     V om;
     V sg = sigmoid_and_complement<V, C>(C(kQuickGelu) * s, &om);
-    return dy * (sg + C(kQuickGelu) * s * sg * om);
+    return dy * sg + dy * s * om * sg * C(kQuickGelu);
   }
   if constexpr (ACT == MISH) {
     V omt2;

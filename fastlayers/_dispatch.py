@@ -265,7 +265,7 @@ def tiny_cpu_softmax(x: object, dim: object, dtype: object, log: bool) -> Option
     path's fixed cost alone (measured there), and it is the reference these ops match, gradient
     included (its autograd node). Admitted: no backend forced (a forced backend runs its own
     kernels at every size: use_backend("cpp") is how its softmax kernels are tested), a plain dense
-    CPU tensor of a floating dtype, an int dim in range, no dtype or a floating one, no
+    CPU tensor of a floating dtype, an int-like dim in range, no dtype or a floating one, no
     torch.compile / jit.trace recording (they record fastlayers' registered op). Anything else
     (other dims, dtypes, devices, layouts) goes to the general path, which checks and raises
     fastlayers' errors. torch.func transforms and dispatch modes need no check: the general path's
@@ -276,6 +276,16 @@ def tiny_cpu_softmax(x: object, dim: object, dtype: object, log: bool) -> Option
     backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
     if backend is None:
         return None
+    if type(dim) is not int:
+        # Any int-like dim (numpy integer, 0-d integer tensor) takes the gate as its int would, as
+        # normalize_dim takes it on the general path: the same op, the same bits, however dim is
+        # spelled. A bool or a non-integer goes on to the general path, which raises.
+        if isinstance(dim, bool):
+            return None
+        try:
+            dim = operator.index(dim)
+        except TypeError:
+            return None
     if dtype is None and _FAST_TINY_SOFTMAX is not None:
         y = _FAST_TINY_SOFTMAX(x, dim, log, backend.TORCH_SOFTMAX_MAX_NUMEL)
         # Its refusal is final, but under the modes it leaves to the Python gate (which runs

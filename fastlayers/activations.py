@@ -78,13 +78,16 @@ def _table() -> Dict[str, Activation]:
                    lambda z, s: torch.sigmoid_(z)),
         Activation("tanh", 7, True, lambda z, s: torch.tanh(z), lambda s: torch.nn.Tanh(),
                    lambda z, s: torch.tanh_(z)),
-        # Activations of real models (MobileNetV3, CLIP, YOLO ...). Semantics of PyTorch's CPU
-        # kernels on their vectorised path (every tensor of >= 2 vectors; ATen's scalar tail differs
-        # at NaN: hardswish'(nan) = dy and relu6'(nan) = dy there, NaN and 0 here, as vectorised):
-        #   hardswish(z)   = z * min(max(z + 3, 0), 6) / 6;  ' = 0 (z <= -3), z/3 + 1/2, 1 (z >= 3)
+        # Activations of real models (MobileNetV3, CLIP, YOLO ...). Semantics of ATen's formulas (the
+        # scalar code of its CPU kernels, which PyTorch runs on tensors shorter than two vectors; its
+        # vectorised loop, run on long tensors, differs at NaN: hardswish'(nan) = NaN, relu6'(nan) = 0
+        # there, dy in the formula and here, at every size):
+        #   hardswish(z)   = z * min(max(z + 3, 0), 6) / 6;  ' = 0 (z <= -3), z/3 + 1/2 (z < 3), else 1
+        #                    (NaN: 1)
         #   hardsigmoid(z) = min(max(z + 3, 0), 6) / 6;      ' = 1/6 on (-3, 3), else 0 (NaN: 0)
-        #   relu6(z)       = hardtanh(z, 0, 6) (keeps -0, NaN); ' = 1 on (0, 6), else 0 (NaN: 0)
-        #   quick_gelu(z)  = z * sigmoid(1.702 z)
+        #   relu6(z)       = hardtanh(z, 0, 6) (keeps -0, NaN); ' = 0 (z <= 0 or z >= 6), else 1 (NaN: 1)
+        #   quick_gelu(z)  = z * sigmoid(1.702 z); ' by autograd's product rule (finite where 1.702 z
+        #                    overflows but z does not)
         #   mish(z)        = z * tanh(softplus(z));  ' = t + z sigmoid(z) (1 - t^2), t = tanh(softplus z)
         # relu6 saves its output (0 < y < 6 <=> 0 < z < 6, clamping is exact); hardsigmoid cannot
         # (z = 3 - ulp rounds to y = 1 but has slope 1/6), nor can the others.

@@ -18,10 +18,28 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _opmath(t: Tensor) -> Tensor:
+    """The dtype ATen's CPU kernels compute fp16 / bf16 in (fp32), rounded once at the end."""
+    return t.float() if t.dtype in _LOW else t
+
+
+def act_forward(z: Tensor, act: Activation, slope: float) -> Tensor:
+    """act(z) by ATen's formula at every size. PyTorch's own op (act.ref) everywhere but GELU, whose
+    vectorised CPU loop (run on tensors of two elements and more) gives gelu(+inf) = NaN and
+    gelu(z) = inf for z >= ~1.7e38, where its formula z * 0.5 * (1 + erf(z / sqrt 2)) gives inf and z."""
+    if act.name == "gelu":
+        zf = _opmath(z)
+        return (zf * 0.5 * (1 + torch.erf(zf * 0.7071067811865476))).to(z.dtype)
+    return act.ref(z, slope)
+
+
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
                        save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     z = F.linear(x, w, b)  # (M, N)
-    y = act.ref(z, slope)
+    y = act_forward(z, act, slope)
     if act.name == "none":
         y = z
     if not save:
@@ -31,7 +49,9 @@ def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activatio
 
 
 def act_grad(dy: Tensor, saved: Optional[Tensor], act: Activation, slope: float) -> Tensor:
-    """dz = dy * act'(z), from whichever of y / z the forward saved (PyTorch's own backward ops)."""
+    """dz = dy * act'(z), from whichever of y / z the forward saved (PyTorch's own backward ops, but
+    where their vectorised loop, run on long tensors, departs from ATen's formula: hardswish and
+    relu6 at NaN, written out below as the formula)."""
     name = act.name
     if name == "none":
         return dy
@@ -49,12 +69,13 @@ def act_grad(dy: Tensor, saved: Optional[Tensor], act: Activation, slope: float)
         return torch.ops.aten.sigmoid_backward(dy, saved)
     if name == "tanh":
         return torch.ops.aten.tanh_backward(dy, saved)
-    if name == "hardswish":
-        return torch.ops.aten.hardswish_backward(dy, saved)
+    if name == "hardswish":  # 0 (z <= -3), dy (z / 3 + 1/2) (z < 3), else dy (NaN: dy)
+        s, g = _opmath(saved), _opmath(dy)
+        return torch.where(s <= -3, 0.0, torch.where(s < 3, g * (s / 3 + 0.5), g)).to(dy.dtype)
     if name == "hardsigmoid":
         return torch.ops.aten.hardsigmoid_backward(dy, saved)
-    if name == "relu6":  # saved is y; 0 < y < 6 <=> 0 < z < 6
-        return torch.ops.aten.hardtanh_backward(dy, saved, 0.0, 6.0)
+    if name == "relu6":  # hardtanh_backward's formula from y (y <= 0 <=> z <= 0 ...; NaN passes dy)
+        return torch.where((saved <= 0) | (saved >= 6), 0.0, dy)
     if name == "mish":
         return torch.ops.aten.mish_backward(dy, saved)
     if name == "quick_gelu":  # no ATen op: autograd's product rule on z * sigmoid(1.702 z), in the
@@ -89,7 +110,7 @@ def gated_forward(x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: O
                   act: Activation, slope: float, save: bool):
     """h = act(x Wg^T + bg) * (x Wu^T + bu); saved = (g, u), the pre-activations (M, N)."""
     g, u = F.linear(x, wg, bg), F.linear(x, wu, bu)  # (M, N) each
-    h = (g if act.name == "none" else act.ref(g, slope)) * u
+    h = (g if act.name == "none" else act_forward(g, act, slope)) * u
     return h, ((g, u) if save else None)
 
 
@@ -97,7 +118,7 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
                    needs: Tuple[bool, bool, bool, bool, bool]):
     """dg = act'(g) * (dh * u), du = dh * act(g); dx = dg Wg + du Wu, dW* = d*^T x, db* = d*.sum(0)."""
     g, u = saved
-    a = g if act.name == "none" else act.ref(g, slope)
+    a = g if act.name == "none" else act_forward(g, act, slope)
     kind = act.saves(slope)
     dg = act_grad(dh * u, a if kind == SAVE_OUTPUT else g if kind == SAVE_INPUT else None, act, slope)
     du = dh * a

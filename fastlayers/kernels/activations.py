@@ -24,8 +24,10 @@ Derivatives follow ATen's backward kernels: threshold_backward / leaky_relu_back
 the saved value), gelu_backward (erf and tanh), silu_backward, sigmoid_backward and
 tanh_backward (from the saved output), hardswish_backward / hardsigmoid_backward /
 mish_backward (from z), hardtanh_backward for relu6 (from y; 0 < y < 6 <=> 0 < z < 6), and
-autograd's product rule for quick_gelu. At NaN they follow ATen's vectorised CPU path:
-hardswish' = NaN, hardsigmoid' = relu6' = 0.
+autograd's product rule for quick_gelu, each in the order of operations of ATen's formula (its
+scalar code) so that overflow, inf * 0 and NaN land where PyTorch's do: at NaN hardswish' and
+relu6' pass dy, hardsigmoid' is 0. (ATen's vectorised loop, which PyTorch runs on long tensors,
+disagrees with its own formula there: hardswish'(nan) = NaN, relu6'(nan) = 0.)
 
 All helpers compute in the dtype of their inputs: callers pass fp32 (fp16/bf16/fp32 data) or fp64.
 Float literals are fine in fp64 arithmetic on triton >= 3.2 (kept in the computation type); on
@@ -164,15 +166,19 @@ def act_grad(dy, saved, ACT: tl.constexpr, slope):
     elif ACT == TANH:
         return dy * (1.0 - saved * saved)
     elif ACT == HARDSWISH:
-        mid = tl.where(saved >= 3.0, dy, dy * (saved / 3.0 + 0.5))  # NaN: dy * NaN
+        # ATen's formula: 0 (z <= -3), dy (z / 3 + 1/2) (z < 3), else dy: NaN falls through to dy.
+        mid = tl.where(saved < 3.0, dy * (saved / 3.0 + 0.5), dy)
         return tl.where(saved <= -3.0, 0.0, mid)
     elif ACT == HARDSIGMOID:
         return tl.where((saved > -3.0) & (saved < 3.0), dy * ONE_SIXTH_F32, 0.0)
     elif ACT == RELU6:
-        return tl.where((saved > 0.0) & (saved < 6.0), dy, 0.0)
+        # hardtanh_backward: 0 where y <= 0 or y >= 6, else dy (NaN passes dy).
+        return tl.where((saved <= 0.0) | (saved >= 6.0), 0.0, dy)
     elif ACT == QUICK_GELU:
+        # autograd's product rule, in its order: dy sig + ((dy z) (1 - sig) sig) 1.702 (1.702 z may
+        # overflow where z does not: sig is then 0 or 1 and the right term 0, not inf * 0 = NaN)
         sig = sigmoid(saved * QUICK_GELU_A)
-        return dy * (sig + QUICK_GELU_A * saved * sig * (1.0 - sig))
+        return dy * sig + dy * saved * (1.0 - sig) * sig * QUICK_GELU_A
     elif ACT == MISH:
         n = mish_n(saved)
         inv = 1.0 / (n + 2.0)
