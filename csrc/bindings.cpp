@@ -23,6 +23,7 @@
 
 #include "activations.h"
 #include "kernels.h"
+#include "norms.h"
 
 namespace py = pybind11;
 using namespace fl;
@@ -115,6 +116,8 @@ static std::tuple<uintptr_t, uintptr_t, uintptr_t> ce_targets(
           probs ? expect(fn, "probs", *probs, dt, {rows, nc}) : 0,
           weight ? expect(fn, "weight", *weight, cd, {nc}) : 0};
 }
+
+static void bind_norms(py::module_& m);  // csrc/norms.cpp's entry points, bound at the end of this file
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
@@ -364,5 +367,73 @@ PYBIND11_MODULE(_C, m) {
   py::dict dtypes;
   dtypes["float32"] = (int)F32; dtypes["float64"] = (int)F64; dtypes["bfloat16"] = (int)BF16; dtypes["float16"] = (int)F16;
   m.attr("DTYPE_CODES") = dtypes;
+  bind_norms(m);
 }
 
+
+
+// ----------------------------------------------------------------------------- norms (csrc/norms.cpp)
+// x, res, s, y, dy, ds, src, dx: (rows, n); w, b, dw, db: (n,); mean, rstd: (rows,) in the compute
+// dtype (float64 for float64 buffers, else float32). Optional buffers are None.
+static void bind_norms(py::module_& m) {
+  m.attr("NORM_KINDS") = py::dict(py::arg("rms") = (int)kNormRms, py::arg("rms_hf") = (int)kNormRmsHf,
+                                  py::arg("layer") = (int)kNormLayer);
+  auto check_kind = [](const char* fn, int kind) {
+    if (kind < kNormRms || kind > kNormLayer)
+      throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": unknown norm kind " + std::to_string(kind));
+  };
+  auto opt = [](const char* fn, const char* name, const std::optional<Buf>& b, int dt,
+                const std::vector<int64_t>& shape) -> uintptr_t { return b ? expect(fn, name, *b, dt, shape) : 0; };
+  m.def("norm_forward",
+        [=](const Buf& x, const std::optional<Buf>& res, const std::optional<Buf>& s, const std::optional<Buf>& w,
+            const std::optional<Buf>& b, const Buf& y, const std::optional<Buf>& mean, const std::optional<Buf>& rstd,
+            int kind, double eps, int nthreads) {
+          const char* fn = "norm_forward";
+          int dt = dtype_of(fn, "x", x, 2), cd = dt == F64 ? F64 : F32;
+          const int64_t rows = shape_of(x)[0], n = shape_of(x)[1];
+          check_kind(fn, kind);
+          uintptr_t px = expect(fn, "x", x, dt, {rows, n}), py_ = expect(fn, "y", y, dt, {rows, n});
+          uintptr_t pr = opt(fn, "res", res, dt, {rows, n}), ps = opt(fn, "s", s, dt, {rows, n});
+          if ((pr != 0) != (ps != 0) && rows * n > 0)
+            throw std::invalid_argument("fastlayers._C.norm_forward: 'res' and 's' go together");
+          uintptr_t pw = opt(fn, "w", w, dt, {n}), pb = opt(fn, "b", b, dt, {n});
+          if (pb && kind != kNormLayer) throw std::invalid_argument("fastlayers._C.norm_forward: 'b' is for kind layer only");
+          uintptr_t pm = opt(fn, "mean", mean, cd, {rows}), pq = opt(fn, "rstd", rstd, cd, {rows});
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            using C = typename io<T>::C;
+            norm_forward<T>(ptr<const T>(px), ptr<const T>(pr), ptr<T>(ps), ptr<const T>(pw), ptr<const T>(pb),
+                            ptr<T>(py_), ptr<C>(pm), ptr<C>(pq), rows, n, kind, eps, nthreads);
+          });
+        },
+        py::arg("x"), py::arg("res"), py::arg("s"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("mean"),
+        py::arg("rstd"), py::arg("kind"), py::arg("eps"), py::arg("nthreads"),
+        "y = norm(x [+ res]) * w [+ b] over the rows of a contiguous (rows, n) x; s = x + res; mean / rstd per row.");
+  m.def("norm_backward",
+        [=](const Buf& dy, const std::optional<Buf>& ds, const Buf& src, const std::optional<Buf>& w,
+            const std::optional<Buf>& mean, const Buf& rstd, const std::optional<Buf>& dx, const std::optional<Buf>& dw,
+            const std::optional<Buf>& db, int kind, int nthreads) {
+          const char* fn = "norm_backward";
+          int dt = dtype_of(fn, "src", src, 2), cd = dt == F64 ? F64 : F32;
+          const int64_t rows = shape_of(src)[0], n = shape_of(src)[1];
+          check_kind(fn, kind);
+          uintptr_t pdy = expect(fn, "dy", dy, dt, {rows, n}), psrc = expect(fn, "src", src, dt, {rows, n});
+          uintptr_t pds = opt(fn, "ds", ds, dt, {rows, n}), pdx = opt(fn, "dx", dx, dt, {rows, n});
+          uintptr_t pw = opt(fn, "w", w, dt, {n}), pdw = opt(fn, "dw", dw, dt, {n}), pdb = opt(fn, "db", db, dt, {n});
+          uintptr_t pm = opt(fn, "mean", mean, cd, {rows}), pq = expect(fn, "rstd", rstd, cd, {rows});
+          if (kind == kNormLayer && !pm && rows > 0)
+            throw std::invalid_argument("fastlayers._C.norm_backward: kind layer needs 'mean'");
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            using C = typename io<T>::C;
+            norm_backward<T>(ptr<const T>(pdy), ptr<const T>(pds), ptr<const T>(psrc), ptr<const T>(pw),
+                             ptr<const C>(pm), ptr<const C>(pq), ptr<T>(pdx), ptr<T>(pdw), ptr<T>(pdb), rows, n,
+                             kind, nthreads);
+          });
+        },
+        py::arg("dy"), py::arg("ds"), py::arg("src"), py::arg("w"), py::arg("mean"), py::arg("rstd"), py::arg("dx"),
+        py::arg("dw"), py::arg("db"), py::arg("kind"), py::arg("nthreads"),
+        "dx = dnorm/dsrc . dy [+ ds], dw = colsum(dy * xhat), db = colsum(dy) (each optional).");
+}

@@ -198,3 +198,62 @@ def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor]
     for out, new in zip((dh, dw, db), sums.values()):
         if out is not None:
             out.copy_(out + new().to(out.dtype) if accumulate else new())
+
+
+# --- norms (fastlayers/norms.py): RMSNorm / LayerNorm over the rows of (M, N), residual add in front
+def _norm_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _norm_xhat(src: Tensor, mean: Optional[Tensor], rstd: Tensor) -> Tensor:
+    xc = src.to(rstd.dtype)
+    return (xc - mean[:, None]) * rstd[:, None] if mean is not None else xc * rstd[:, None]
+
+
+def norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                 eps: float, kind: str, save: bool):
+    """(y, s, mean, rstd): s = x + residual in x's dtype (None without a residual); y = norm(s or x);
+    mean (M,) for "layer" else None, rstd (M,), in the compute dtype (fp32; fp64 for fp64)."""
+    s = x + residual if residual is not None else None
+    src = x if s is None else s
+    xc = src.to(_norm_compute_dtype(src.dtype))
+    if kind == "layer":
+        var, mean = torch.var_mean(xc, dim=1, correction=0)
+    else:
+        var, mean = xc.pow(2).mean(1), None
+    rstd = torch.rsqrt(var + eps)
+    xhat = _norm_xhat(src, mean, rstd)
+    if kind == "rms_hf":  # LlamaRMSNorm: cast back first, then weight * that in the weight's dtype
+        y = xhat.to(x.dtype)
+        y = weight * y if weight is not None else y
+    else:
+        y = xhat * weight.to(xc.dtype) if weight is not None else xhat
+        if bias is not None:
+            y = y + bias.to(xc.dtype)
+        y = y.to(x.dtype)
+    return y, s, (mean if save else None), (rstd if save else None)
+
+
+def norm_backward(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor],
+                  mean: Optional[Tensor], rstd: Tensor, kind: str, needs):
+    """(dx, dw, db) from what norm_forward saved; ds (the returned sum's gradient) is added to dx."""
+    xhat = _norm_xhat(src, mean, rstd)
+    cd = rstd.dtype
+    g = dy.to(cd)
+    dxh = g * weight.to(cd) if weight is not None else g
+    dx = dw = db = None
+    if needs[0]:
+        c2 = (dxh * xhat).mean(1, keepdim=True)
+        d = dxh - xhat * c2
+        if kind == "layer":
+            d = d - dxh.mean(1, keepdim=True)
+        dx = d * rstd[:, None]
+        if ds is not None:
+            dx = dx + ds.to(cd)
+        dx = dx.to(src.dtype)
+    if needs[1] and weight is not None:
+        xw = xhat.to(src.dtype).to(cd) if kind == "rms_hf" else xhat
+        dw = (g * xw).sum(0).to(weight.dtype)
+    if len(needs) > 2 and needs[2]:
+        db = g.sum(0).to(src.dtype)
+    return dx, dw, db

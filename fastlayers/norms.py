@@ -1,0 +1,369 @@
+"""RMSNorm and LayerNorm with the residual add fused in front: the checks, the one autograd
+Function, the public functions, their torch.library ops, and the modules.
+
+    fl.rms_norm(x, weight, eps=1e-6, residual=None, mode="hf")
+    fl.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, residual=None)
+    fl.RMSNorm(hidden_size, eps=1e-6, mode="hf"), fl.LayerNorm(normalized_shape, ...)
+
+With a residual both return ``(y, s)``, ``s = x + residual`` (in x's dtype, as eager rounds it) and
+``y = norm(s)``: the pre-norm transformer block's "add the sublayer's output to the residual
+stream, then normalise it" in one pass; the next block reads s.
+
+What is saved for backward (per call, M rows of N features):
+    eager ``norm(x + r)``: the sum s (M*N) and, for HF's LlamaRMSNorm, also its float32 upcast
+        (M*N fp32), the normalised float32 rows (M*N fp32) and, for 16-bit inputs, their cast
+        (M*N), plus the weight product's input; F.layer_norm saves x, mean and rstd.
+    fastlayers: only the normalised input (x itself -- an input, no copy -- or the returned sum s)
+        and per row rstd (and the mean, layer_norm) in float32 (float64 for float64 inputs).
+
+Routes (as the other ops, see fastlayers/_dispatch.py): the registered torch.library op while
+torch.compile / jit.trace record; the PyTorch composite for fake tensors, subclasses, torch.func
+transforms, dispatch modes, and for mixed dtypes (e.g. a float32 weight with bfloat16 x: PyTorch's
+type promotion decides the result's dtype there); else a backend's kernels (cpu -> cpp, cuda ->
+triton), through NormFunction when a gradient is needed.
+
+Autocast (checked on torch 2.13): on the CPU autocast leaves layer_norm and rms_norm alone (float32
+in, float32 out; bfloat16 in, bfloat16 out); on CUDA both are on its float32 list: floating
+inputs other than float64 are computed in float32 there.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _autocast
+from ._dispatch import as_2d, backend_for, check_tensor, composite_reason, owned, placeholder
+from ._errors import DeviceError, DTypeError, ShapeError
+
+RMS = "fastlayers.rms_norm"
+LAYER = "fastlayers.layer_norm"
+MODES = ("hf", "torch")  # rms_norm semantics: Hugging Face's LlamaRMSNorm, or F.rms_norm
+_KIND_OP = {"rms": RMS, "rms_hf": RMS, "layer": LAYER}
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_eps(op: str, eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: expected eps to be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not eps >= 0:
+        raise ValueError(f"{op}: expected eps >= 0, got {eps}")
+    return eps
+
+
+def _check(op: str, x: object, weight: object, bias: object, residual: object,
+           nshape: Tuple[int, ...]) -> None:
+    """x: (*, *nshape); weight, bias: nshape or None; residual: x's shape or None; one device."""
+    check_tensor(op, "x", x)
+    if x.dim() < len(nshape) or tuple(x.shape[x.dim() - len(nshape):]) != nshape:
+        raise ShapeError(f"{op}: expected x of shape (*, {', '.join(map(str, nshape))}) to match "
+                         f"normalized_shape {list(nshape)}, got shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is None:
+            continue
+        check_tensor(op, name, t)
+        want = tuple(x.shape) if name == "residual" else nshape
+        if tuple(t.shape) != want:
+            raise ShapeError(f"{op}: expected {name} of shape {want} (x: {tuple(x.shape)}), got shape "
+                             f"{tuple(t.shape)}")
+        if t.device != x.device:
+            raise DeviceError(f"{op}: expected {name} on the same device as x ({x.device}), got {t.device}")
+
+
+def _autocast_fp32(*ts: Optional[Tensor]):
+    """CUDA autocast runs layer_norm / rms_norm in float32; CPU autocast leaves them alone."""
+    x = ts[0]
+    if isinstance(x, Tensor) and not x.is_cpu and x.is_cuda and _autocast.autocast_dtype(x) is not None:
+        return tuple(_autocast.cast(t, torch.float32) for t in ts)
+    return ts
+
+
+# ----------------------------------------------------------------------------- composite
+def norm_composite(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                   eps: float, kind: str, nd: int):
+    """The PyTorch-ops statement of the op (composite route, create_graph backward, the oracle)."""
+    s = x + residual if residual is not None else x
+    if kind == "layer":
+        y = F.layer_norm(s, s.shape[s.dim() - nd:], weight, bias, eps)
+    elif kind == "rms":
+        y = F.rms_norm(s, s.shape[s.dim() - nd:], weight, eps)
+    else:  # LlamaRMSNorm.forward (float64 stays float64 rather than being truncated to float32)
+        h = s.to(torch.float64 if s.dtype == torch.float64 else torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        y = h.to(s.dtype)
+        y = weight * y if weight is not None else y
+    return (y, s) if residual is not None else y
+
+
+def _forward(backend, x: Tensor, weight, bias, residual, eps: float, kind: str, nd: int, save: bool):
+    """Through `backend` on (M, N) views -> (y, s, mean, rstd) shaped like x (s None w/o residual);
+    the last nd dims of x are normalised (N = their product)."""
+    n = math.prod(x.shape[x.dim() - nd:])
+    x2 = x.reshape(-1, n) if x.dim() != 2 else x
+    r2 = None if residual is None else (residual.reshape(-1, n) if residual.dim() != 2 else residual)
+    y, s, mean, rstd = backend.norm_forward(
+        x2.contiguous(), None if r2 is None else r2.contiguous(),
+        None if weight is None else weight.reshape(n).contiguous(),
+        None if bias is None else bias.reshape(n).contiguous(), eps, kind, save)
+    y = y.view(x.shape)
+    s = None if s is None else s.view(x.shape)
+    return y, s, mean, rstd
+
+
+def _backward(backend, dy: Tensor, ds: Optional[Tensor], src: Tensor, weight, mean, rstd, kind: str, nd: int,
+              needs):
+    """(dx shaped like src, dw shaped like weight, db) through `backend`."""
+    n = math.prod(src.shape[src.dim() - nd:])
+    src2 = src.reshape(-1, n).contiguous()
+    dy2 = dy.reshape(-1, n).contiguous()
+    ds2 = None if ds is None else ds.reshape(-1, n).contiguous()
+    w = None if weight is None else weight.reshape(n).contiguous()
+    dx, dw, db = backend.norm_backward(dy2, ds2, src2, w, mean, rstd, kind, needs)
+    return (None if dx is None else dx.view(src.shape),
+            None if dw is None else dw.view(weight.shape),
+            None if db is None else db.view(src.shape[src.dim() - nd:]))
+
+
+# ----------------------------------------------------------------------------- the Function
+class NormFunction(torch.autograd.Function):
+    """y = norm(x [+ residual]) * weight [+ bias]; returns y, or (y, s) with s = x + residual.
+    Saves the normalised input (x, an input; or s, an output) and rstd [and mean] per row."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                eps: float, kind: str, nd: int):
+        backend = backend_for(_KIND_OP[kind], x.device, x.dtype)
+        y, s, mean, rstd = _forward(backend, x, weight, bias, residual, eps, kind, nd, save=True)
+        y = owned(y)
+        ctx.backend, ctx.kind, ctx.eps, ctx.nd = backend, kind, eps, nd
+        ctx.has_res, ctx.has_bias = residual is not None, bias is not None
+        if s is None:
+            ctx.save_for_backward(x, weight, mean, rstd)
+            return y
+        s = owned(s)
+        ctx.save_for_backward(s, weight, mean, rstd)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, ds: Optional[Tensor] = None):
+        src, weight, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_src = need[0] or need[3]
+        if torch.is_grad_enabled():  # create_graph=True: PyTorch ops on the saved src: exact higher orders
+            with torch.enable_grad():
+                bias_t = None
+                if ctx.has_bias:  # (the bias's value does not enter any gradient)
+                    bias_t = torch.zeros(src.shape[src.dim() - ctx.nd:], dtype=src.dtype, device=src.device,
+                                         requires_grad=need[2])
+                y = norm_composite(src, weight, bias_t, None, ctx.eps, ctx.kind, ctx.nd)
+                wrt = [(i, t) for i, t in ((0, src), (1, weight), (2, bias_t))
+                       if t is not None and t.requires_grad and (need_src if i == 0 else need[i])]
+                grads = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
+            got = {i: g for (i, _), g in zip(wrt, grads)}
+            dsrc = got.get(0)
+            if dsrc is None and need_src:
+                dsrc = torch.zeros_like(src)
+            if ds is not None and dsrc is not None:
+                dsrc = dsrc + ds
+            return (dsrc if need[0] else None, got.get(1), got.get(2), dsrc if need[3] else None,
+                    None, None, None)
+        dx, dw, db = _backward(ctx.backend, dy, ds if ctx.has_res else None, src, weight, mean, rstd, ctx.kind,
+                               ctx.nd, (need_src, need[1] and weight is not None, need[2] and ctx.has_bias))
+        return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
+
+
+# ----------------------------------------------------------------------------- the route
+def _norm(op: str, kind: str, x, weight, bias, residual, eps: float, nd: int):
+    x, weight, bias, residual = _autocast_fp32(x, weight, bias, residual)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered op: Dynamo / jit.trace
+        y, s = norm_library(x, weight, bias, residual, eps, kind, nd)
+        return (y, s) if residual is not None else y
+    if (composite_reason(x, weight, bias, residual) is not None
+            or any(t is not None and t.dtype != x.dtype for t in (weight, bias, residual))):
+        return norm_composite(x, weight, bias, residual, eps, kind, nd)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return NormFunction.apply(x, weight, bias, residual, eps, kind, nd)
+    y, s, _, _ = _forward(backend_for(op, x.device, x.dtype), x, weight, bias, residual, eps, kind, nd, save=False)
+    return (y, s) if residual is not None else y
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: Optional[float] = 1e-6, residual: Optional[Tensor] = None,
+             mode: str = "hf") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """RMSNorm over the last dim, in one pass (forward and backward), with the residual add fused.
+
+    mode="hf" (default): Hugging Face's ``LlamaRMSNorm``: ``weight * (x * rsqrt(mean(x^2) + eps))``
+    computed in float32 and cast back to x's dtype *before* the weight multiplies (in the weight's
+    dtype; float64 stays float64). mode="torch": ``F.rms_norm(x, (N,), weight, eps)``: the weight
+    multiplies in float32 and the result is rounded once. The two differ only for 16-bit x.
+
+    x: (*, N); weight: (N,) or None (no scaling, as F.rms_norm allows); eps None: the dtype's
+    machine epsilon (F.rms_norm's default). residual (x's shape) or None: returns
+    ``(rms_norm(x + residual), x + residual)``, the sum in x's dtype for the next block to read.
+    Saved for backward: the normalised input (x, or the sum) and rstd per row (float32; float64
+    for float64) -- no float32 copies of the rows as eager LlamaRMSNorm keeps.
+    """
+    op = RMS
+    if mode not in MODES:
+        raise ValueError(f"{op}: expected mode to be one of {MODES}, got {mode!r}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected x to be a torch.Tensor, got {type(x).__name__}")
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"{op}: expected weight to be a torch.Tensor or None, got {type(weight).__name__}")
+    if weight is not None and weight.dim() != 1:
+        raise ShapeError(f"{op}: expected weight of shape (N,) for the last dim of x, got shape "
+                         f"{tuple(weight.shape)}")
+    if x.dim() == 0:
+        raise ShapeError(f"{op}: expected x of shape (*, N), got a 0-d tensor")
+    eps = torch.finfo(x.dtype).eps if eps is None and x.is_floating_point() else _check_eps(op, eps)
+    _check(op, x, weight, None, residual, (x.shape[-1],))
+    return _norm(op, "rms_hf" if mode == "hf" else "rms", x, weight, None, residual, eps, 1)
+
+
+def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5,
+               residual: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """``F.layer_norm(x + residual, normalized_shape, weight, bias, eps)`` in one pass each way.
+
+    With a residual returns ``(y, x + residual)`` (the sum in x's dtype, for the next block).
+    Saved for backward: the normalised input (x, or the sum), mean and rstd per row (float32;
+    float64 for float64), as F.layer_norm saves for its input -- without eager's extra sum.
+    """
+    op = LAYER
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected x to be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        nshape = (int(normalized_shape),)
+    else:
+        try:
+            nshape = tuple(int(d) for d in normalized_shape)
+        except TypeError:
+            raise TypeError(f"{op}: expected normalized_shape to be an int or a sequence of ints, got "
+                            f"{type(normalized_shape).__name__}") from None
+    if not nshape:
+        raise ShapeError(f"{op}: expected a non-empty normalized_shape")
+    eps = _check_eps(op, eps)
+    _check(op, x, weight, bias, residual, nshape)
+    return _norm(op, "layer", x, weight, bias, residual, eps, len(nshape))
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+# fastlayers::norm(x, weight?, bias?, residual?, eps, kind, nd) -> (y, s, mean, rstd)
+#     s = x + residual (an empty tensor without a residual: custom-op outputs may not alias x);
+#     mean ("layer"; else empty) and rstd (rows,) in float32 (float64 for float64): internal,
+#     non-differentiable outputs kept for the backward.
+# fastlayers::norm_backward(dy, ds?, src, weight?, mean, rstd, kind, need_dx, need_dw, need_db) -> (dx, dw, db)
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastlayers::norm", mutates_args=())
+def norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
+            kind: str, nd: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = backend_for(_KIND_OP[kind], x.device, x.dtype)
+    y, s, mean, rstd = _forward(backend, x, weight, bias, residual, eps, kind, nd, save=True)
+    return (y.contiguous(), placeholder(x) if s is None else s.contiguous(),
+            placeholder(x, rstd.dtype) if mean is None else mean, rstd)
+
+
+@norm_op.register_fake
+def _(x, weight, bias, residual, eps, kind, nd):
+    rows = math.prod(x.shape[:x.dim() - nd])
+    cd = _stats_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else placeholder(x),
+            x.new_empty((rows,), dtype=cd) if kind == "layer" else placeholder(x, cd),
+            x.new_empty((rows,), dtype=cd))
+
+
+@torch.library.custom_op("fastlayers::norm_backward", mutates_args=())
+def norm_backward_op(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor], mean: Tensor,
+                     rstd: Tensor, kind: str, nd: int, need_dx: bool, need_dw: bool,
+                     need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    backend = backend_for(_KIND_OP[kind], src.device, src.dtype)
+    dx, dw, db = _backward(backend, dy, ds, src, weight, mean if kind == "layer" else None, rstd, kind, nd,
+                           (need_dx, need_dw and weight is not None, need_db))
+    return (placeholder(src) if dx is None else dx.contiguous(), placeholder(src) if dw is None else dw.contiguous(),
+            placeholder(src) if db is None else db.contiguous())
+
+
+@norm_backward_op.register_fake
+def _(dy, ds, src, weight, mean, rstd, kind, nd, need_dx, need_dw, need_db):
+    return (torch.empty_like(src, memory_format=torch.contiguous_format) if need_dx else placeholder(src),
+            weight.new_empty(weight.shape) if need_dw and weight is not None else placeholder(src),
+            src.new_empty(src.shape[src.dim() - nd:]) if need_db else placeholder(src))
+
+
+def _norm_setup(ctx, inputs, output) -> None:
+    x, weight, bias, residual, eps, kind, nd = inputs
+    y, s, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.kind, ctx.nd, ctx.has_res, ctx.has_bias, ctx.has_weight = kind, nd, residual is not None, bias is not None, weight is not None
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+
+
+def _norm_backward(ctx, dy, ds, dmean, drstd):
+    src, weight, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_src = need[0] or need[3]
+    need_dw = ctx.has_weight and need[1]
+    need_db = ctx.has_bias and need[2]
+    dx, dw, db = norm_backward_op(dy, ds if ctx.has_res else None, src, weight, mean, rstd, ctx.kind,
+                                  ctx.nd, need_src, need_dw, need_db)
+    return (dx if need[0] else None, dw if need_dw else None, db if need_db else None,
+            dx if need[3] else None, None, None, None)
+
+
+torch.library.register_autograd("fastlayers::norm", _norm_backward, setup_context=_norm_setup)
+
+
+def norm_library(x, weight, bias, residual, eps: float, kind: str, nd: int):
+    """(y, s or None) through the registered op (arguments already checked)."""
+    y, s, _, _ = norm_op(x, weight, bias, residual, eps, kind, nd)
+    return y, (s if residual is not None else None)
+
+
+# ----------------------------------------------------------------------------- modules
+class RMSNorm(nn.Module):
+    """Drop-in for Hugging Face's ``LlamaRMSNorm`` (and the other families' RMSNorm classes of the
+    same forward): parameter ``weight`` (hidden_size,), attribute ``variance_epsilon``; same
+    state_dict. ``forward(x, residual=None)``: with a residual returns ``(norm(x + r), x + r)``.
+    mode="torch" gives ``nn.RMSNorm``'s rounding instead (see :func:`rms_norm`)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, mode: str = "hf", device=None, dtype=None) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"fastlayers.RMSNorm: expected mode to be one of {MODES}, got {mode!r}")
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+        self.mode = mode
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return rms_norm(x, self.weight, self.variance_epsilon, residual, self.mode)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, mode={self.mode!r}"
+
+
+class TorchRMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` subclass (same parameters, state_dict, init) running fastlayers.rms_norm with
+    mode="torch" (F.rms_norm's rounding) over its normalized_shape, which must be one dim.
+    ``forward(x, residual=None)``."""
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        if len(self.normalized_shape) != 1:
+            y = F.rms_norm(x + residual if residual is not None else x, self.normalized_shape, self.weight, self.eps)
+            return (y, x + residual) if residual is not None else y
+        return rms_norm(x, self.weight, self.eps, residual, "torch")
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` subclass (same parameters, init, state_dict) running fastlayers.layer_norm.
+    ``forward(x, residual=None)``: with a residual returns ``(layer_norm(x + r), x + r)``."""
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, residual)
