@@ -96,6 +96,18 @@ def test_global_hook_after_swap_fires():
     assert seen.count("Linear") + seen.count("FusedLinear") == 3
 
 
+def test_instance_forward_after_swap_is_called():
+    """accelerate's offloading hooks replace a module's forward on the instance."""
+    mlp = _llama_mlp()
+    ref = copy.deepcopy(mlp)
+    fl.swap(mlp)
+    x = torch.randn(4, 32)
+    for m in (mlp, ref):
+        inner = m.gate_proj.forward
+        m.gate_proj.forward = lambda t, inner=inner: inner(t) + 1
+    torch.testing.assert_close(mlp(x), ref(x))
+
+
 def test_replaced_activation_and_parametrized_weight_after_swap():
     mlp = _llama_mlp()
     ref = copy.deepcopy(mlp)
@@ -278,7 +290,7 @@ def test_runtime_branches_are_not_frozen(cls, change, ctx):
     assert "reads Python state" in model.fastlayers_swap_report.why_not_fused()["fc"]
 
 
-@pytest.mark.parametrize("proj", ["gated-gelu", "gated-silu"])
+@pytest.mark.parametrize("proj", ["gated-gelu", "gated-silu", "gated-relu"])
 def test_t5_gated_bf16_with_fp32_wo(proj):
     from transformers import T5Config
     from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
