@@ -124,6 +124,56 @@ def test_replaced_activation_and_parametrized_weight_after_swap():
     torch.testing.assert_close(mlp(x), ref(x))
 
 
+class _GatedAndFunctional(nn.Module):
+    """A gated product and a functional activation fused into a Linear in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.fc = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.silu(self.gate(x)) * self.up(x) + F.relu(self.fc(x))
+
+
+def test_change_that_the_original_forward_cannot_follow_raises():
+    """The original forward would apply relu again after the fused FusedLinear(relu): a change
+    to the gated Linears raises rather than computing something else."""
+    model = _GatedAndFunctional()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(model(x), ref(x))
+    h = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(RuntimeError, match="changed since swap"):
+            model(x)
+    finally:
+        h.remove()
+    model.gate.register_forward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match="changed since swap"):
+        model(x)
+
+
+def test_functional_only_rewrite_ignores_global_hooks():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+    model = Functional()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    assert model.fastlayers_swap_report.rewritten
+    h = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(model(x), ref(x))
+    finally:
+        h.remove()
+
+
 def test_lora_before_swap_is_reported():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
