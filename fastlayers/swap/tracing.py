@@ -37,7 +37,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _INTERNAL_FILES = (os.path.join(_TORCH_DIR, "fx") + os.sep, os.path.join(_TORCH_DIR, "nn", "modules", "module.py"),
                    os.path.join(_TORCH_DIR, "_tensor.py"), os.path.join(_TORCH_DIR, "nn", "parameter.py"),
                    os.path.join(_TORCH_DIR, "overrides.py"), os.path.join(_TORCH_DIR, "_jit_internal.py"),
-                   os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"), os.path.dirname(__file__) + os.sep,
+                   os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"), os.path.dirname(os.path.dirname(__file__)) + os.sep,  # fastlayers' own ops
                    "<fastlayers.swap")  # a forward swap already rewrote (its change check)
 # One trace at a time patches torch's state queries (other threads calling them meanwhile get the
 # same answers; only the recording is scoped to the trace).
