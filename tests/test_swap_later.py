@@ -66,6 +66,33 @@ def test_lora_after_swap_trains_the_gated_projections():
             torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_lora_after_swap_llama_causal_lm():
+    """The user's flow: swap a (tiny) LlamaForCausalLM, then PEFT on the MLP and q_proj."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    ref = transformers.LlamaForCausalLM(cfg)
+    model = fl.swap(copy.deepcopy(ref))
+    assert model.fastlayers_swap_report.gated
+    lora = lambda: peft.LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"],  # noqa: E731
+                                   init_lora_weights=False)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, lora())
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(ref, lora())
+    ids = torch.randint(0, 128, (2, 6))
+    out, exp = model(ids).logits, ref(ids).logits
+    torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    exp.sum().backward()
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            assert got[name].grad is not None, name
+            torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-3, atol=1e-5)
+
+
 def test_hooks_after_swap_fire():
     mlp = _llama_mlp()
     ref = copy.deepcopy(mlp)
@@ -377,6 +404,34 @@ def test_jit_script_phi3_mlp():
     s = torch.jit.script(mlp)
     x = torch.randn(3, 32)
     torch.testing.assert_close(s(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+class _GeGLU(nn.Module):
+    """diffusers' GEGLU: one projection chunked, the second half through gelu."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 2 * 24)
+
+    def forward(self, x):
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+def test_jit_script_chunked_geglu_trains():
+    torch.manual_seed(0)
+    model = _GeGLU()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    assert _gated(model) == ["proj"]
+    s = torch.jit.script(model)
+    x = torch.randn(3, 16)
+    out, exp = s(x), ref(x)
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    exp.sum().backward()
+    torch.testing.assert_close(model.proj.weight.grad, ref.proj.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.proj.bias.grad, ref.proj.bias.grad, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- report
