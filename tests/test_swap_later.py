@@ -66,6 +66,33 @@ def test_lora_after_swap_trains_the_gated_projections():
             torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_lora_after_swap_llama_causal_lm():
+    """The user's flow: swap a (tiny) LlamaForCausalLM, then PEFT on the MLP and q_proj."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    ref = transformers.LlamaForCausalLM(cfg)
+    model = fl.swap(copy.deepcopy(ref))
+    assert model.fastlayers_swap_report.gated
+    lora = lambda: peft.LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"],  # noqa: E731
+                                   init_lora_weights=False)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, lora())
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(ref, lora())
+    ids = torch.randint(0, 128, (2, 6))
+    out, exp = model(ids).logits, ref(ids).logits
+    torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    exp.sum().backward()
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            assert got[name].grad is not None, name
+            torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-3, atol=1e-5)
+
+
 def test_hooks_after_swap_fire():
     mlp = _llama_mlp()
     ref = copy.deepcopy(mlp)
@@ -96,6 +123,18 @@ def test_global_hook_after_swap_fires():
     assert seen.count("Linear") + seen.count("FusedLinear") == 3
 
 
+def test_instance_forward_after_swap_is_called():
+    """accelerate's offloading hooks replace a module's forward on the instance."""
+    mlp = _llama_mlp()
+    ref = copy.deepcopy(mlp)
+    fl.swap(mlp)
+    x = torch.randn(4, 32)
+    for m in (mlp, ref):
+        inner = m.gate_proj.forward
+        m.gate_proj.forward = lambda t, inner=inner: inner(t) + 1
+    torch.testing.assert_close(mlp(x), ref(x))
+
+
 def test_replaced_activation_and_parametrized_weight_after_swap():
     mlp = _llama_mlp()
     ref = copy.deepcopy(mlp)
@@ -110,6 +149,56 @@ def test_replaced_activation_and_parametrized_weight_after_swap():
     torch.nn.utils.parametrize.register_parametrization(mlp.gate_proj, "weight", Double())
     torch.nn.utils.parametrize.register_parametrization(ref.gate_proj, "weight", Double())
     torch.testing.assert_close(mlp(x), ref(x))
+
+
+class _GatedAndFunctional(nn.Module):
+    """A gated product and a functional activation fused into a Linear in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.fc = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.silu(self.gate(x)) * self.up(x) + F.relu(self.fc(x))
+
+
+def test_change_that_the_original_forward_cannot_follow_raises():
+    """The original forward would apply relu again after the fused FusedLinear(relu): a change
+    to the gated Linears raises rather than computing something else."""
+    model = _GatedAndFunctional()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(model(x), ref(x))
+    h = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(RuntimeError, match="changed since swap"):
+            model(x)
+    finally:
+        h.remove()
+    model.gate.register_forward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match="changed since swap"):
+        model(x)
+
+
+def test_functional_only_rewrite_ignores_global_hooks():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+    model = Functional()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    assert model.fastlayers_swap_report.rewritten
+    h = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(model(x), ref(x))
+    finally:
+        h.remove()
 
 
 def test_lora_before_swap_is_reported():
@@ -278,7 +367,7 @@ def test_runtime_branches_are_not_frozen(cls, change, ctx):
     assert "reads Python state" in model.fastlayers_swap_report.why_not_fused()["fc"]
 
 
-@pytest.mark.parametrize("proj", ["gated-gelu", "gated-silu"])
+@pytest.mark.parametrize("proj", ["gated-gelu", "gated-silu", "gated-relu"])
 def test_t5_gated_bf16_with_fp32_wo(proj):
     from transformers import T5Config
     from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
@@ -315,6 +404,34 @@ def test_jit_script_phi3_mlp():
     s = torch.jit.script(mlp)
     x = torch.randn(3, 32)
     torch.testing.assert_close(s(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+class _GeGLU(nn.Module):
+    """diffusers' GEGLU: one projection chunked, the second half through gelu."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 2 * 24)
+
+    def forward(self, x):
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+def test_jit_script_chunked_geglu_trains():
+    torch.manual_seed(0)
+    model = _GeGLU()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    assert _gated(model) == ["proj"]
+    s = torch.jit.script(model)
+    x = torch.randn(3, 16)
+    out, exp = s(x), ref(x)
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    exp.sum().backward()
+    torch.testing.assert_close(model.proj.weight.grad, ref.proj.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.proj.bias.grad, ref.proj.bias.grad, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- report

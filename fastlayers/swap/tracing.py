@@ -37,7 +37,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _INTERNAL_FILES = (os.path.join(_TORCH_DIR, "fx") + os.sep, os.path.join(_TORCH_DIR, "nn", "modules", "module.py"),
                    os.path.join(_TORCH_DIR, "_tensor.py"), os.path.join(_TORCH_DIR, "nn", "parameter.py"),
                    os.path.join(_TORCH_DIR, "overrides.py"), os.path.join(_TORCH_DIR, "_jit_internal.py"),
-                   os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"), os.path.dirname(__file__) + os.sep,
+                   os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"), os.path.dirname(os.path.dirname(__file__)) + os.sep,  # fastlayers' own ops
                    "<fastlayers.swap")  # a forward swap already rewrote (its change check)
 # One trace at a time patches torch's state queries (other threads calling them meanwhile get the
 # same answers; only the recording is scoped to the trace).
@@ -336,9 +336,10 @@ def _original_forward(self: nn.Module, *args):
     guard = self.__dict__[GUARD]
     if not guard[0]:
         raise RuntimeError(
-            f"fastlayers.swap: {type(self).__name__}'s rewritten forward depends on children that changed "
-            f"since swap ({guard[2]}), and its original forward cannot run on the swapped children (a "
-            "functional activation was fused into a Linear). Apply such changes before fastlayers.swap.")
+            f"fastlayers.swap: {type(self).__name__}'s rewritten forward reads children ({guard[2]}) that "
+            "changed since swap (replaced, wrapped, re-parametrised or hooked, or a global module hook is "
+            "set), and its original forward cannot run on the swapped children (a functional activation "
+            "was fused into a Linear there). Make such changes before fastlayers.swap.")
     return type(self).fastlayers_original_class.forward(self, *args)
 
 
@@ -362,7 +363,8 @@ def guard_children(mod: nn.Module, targets, fallback_ok: bool) -> None:
         child = owner._modules.get(name)
         if child is not None:
             entries.append((owner._modules, name, child, type(child)))
-    mod.__dict__[GUARD] = (fallback_ok, tuple(entries), ", ".join(sorted(targets)))
+    # None: nothing to check (a forward that only inlined functional activations calls its children)
+    mod.__dict__[GUARD] = (fallback_ok, tuple(entries), ", ".join(sorted(targets))) if entries else None
 
 
 def swapped_class(base: type, src: str, globals_: Dict[str, Any]) -> type:
