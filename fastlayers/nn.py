@@ -29,7 +29,8 @@ class FusedLinear(nn.Linear):
     an ``nn.Linear`` loads into it and back.
     """
 
-    __jit_ignored_attributes__ = ["_packed"]  # the inference cache: opaque to TorchScript
+    # the inference cache and swap's slot record: opaque to TorchScript
+    __jit_ignored_attributes__ = ["_packed", "_swap_slot"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "relu", negative_slope: float = _acts.DEFAULT_SLOPE,
@@ -50,6 +51,9 @@ class FusedLinear(nn.Linear):
 
     @torch.jit.unused
     def _eager(self, input: Tensor) -> Tensor:
+        slot = self.__dict__.get("_swap_slot")
+        if slot is not None and slot[0].get(slot[1]) is not self:
+            self._wrapped_after_swap(slot)
         # The parameters straight from _parameters (Module.__getattr__ is a Python fallback that
         # costs ~0.2 us per lookup); a parametrized or reassigned weight is not there: getattr.
         params = self._parameters
@@ -69,6 +73,25 @@ class FusedLinear(nn.Linear):
             if y is not None:
                 return y
         return linear_act(input, w, b, self.activation, self.negative_slope)
+
+    # ------------------------------------------------------------------ fused by swap
+    # fastlayers.swap fuses `fc` + an activation module (or call) by turning fc into this module and
+    # the activation into nn.Identity: its output is act(fc(x)). A wrapper that later replaces it in
+    # its parent and calls it as a plain Linear (PEFT's LoRA: base_layer(x) + B(A(x))) would then
+    # add to the activated output -- a silent wrong result. swap records the slot it put this module
+    # in; a call while that slot holds another module (the wrapper) raises instead (~50 ns per call).
+    def _mark_swapped_into(self, owner: nn.Module, name: str) -> None:
+        """Called by fastlayers.swap for a Linear it fused with an activation."""
+        self.__dict__["_swap_slot"] = (owner._modules, name)
+
+    def _wrapped_after_swap(self, slot) -> None:
+        other = slot[0].get(slot[1])
+        raise RuntimeError(
+            f"fastlayers.FusedLinear: this Linear was fused with its activation ({self.activation}) by "
+            f"fastlayers.swap, so it returns act(x W^T + b); since then its place {slot[1]!r} in its parent "
+            f"holds {type(other).__name__} (e.g. a PEFT LoRA wrapper), which calls it as a plain Linear and "
+            "would add to the activated output: a wrong result. Apply such wrappers before fastlayers.swap "
+            "(a wrapped Linear is left unfused), or merge them (merge_and_unload) and swap again.")
 
     # ------------------------------------------------------------------ inference fast path
     # When no gradient is needed (torch.no_grad / inference_mode, or nothing requires grad) and

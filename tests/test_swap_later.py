@@ -475,3 +475,30 @@ def test_compile_cold_process(fullgraph):
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("GRAPHS")][0]
     swapped, plain = map(int, line.split()[1:])
     assert swapped <= plain
+
+
+def test_lora_after_swap_on_a_fused_pair_raises_instead_of_a_wrong_result():
+    """A Linear fused with its activation returns act(x W^T + b); PEFT wrapping it after swap calls
+    it as a plain Linear and adds B(A(x)) after the activation. Never a silent wrong result: the
+    call raises and says what to do; the unwrapped model, its deepcopy and pickle still work."""
+    peft = pytest.importorskip("peft")
+    import io
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    fl.swap(model)
+    assert isinstance(model[0], fl.FusedLinear) and model[0].activation == "gelu"
+    x = torch.randn(4, 16)
+    expected = model[2](F.gelu(F.linear(x, model[0].weight, model[0].bias)))
+    torch.testing.assert_close(model(x), expected)
+    for clone in (copy.deepcopy(model), torch.load(io.BytesIO(_pickled(model)), weights_only=False)):
+        torch.testing.assert_close(clone(x), expected)
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=["0"], r=4, init_lora_weights=False))
+    with pytest.raises(RuntimeError, match="fused with its activation .*PEFT LoRA"):
+        lora(x)
+
+
+def _pickled(model):
+    import io
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    return buf.getvalue()

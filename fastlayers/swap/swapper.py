@@ -80,7 +80,10 @@ class _Swapper:
     def fuse(self, parent: nn.Module, prefix: str, lin_rel: str, act: Tuple[str, float],
              site: str, act_rel: Optional[str]) -> None:
         lin = parent.get_submodule(lin_rel)
-        _set(parent, lin_rel, _fused_linear(lin, *act))
+        fused = _fused_linear(lin, *act)
+        _set(parent, lin_rel, fused)
+        owner, _, name = lin_rel.rpartition(".")
+        fused._mark_swapped_into(parent.get_submodule(owner) if owner else parent, name)
         if act_rel is not None:
             _set(parent, act_rel, _identity_like(parent.get_submodule(act_rel)))
         self.why_left.pop(id(lin), None)
