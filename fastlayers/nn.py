@@ -205,10 +205,12 @@ def _f_linear_is_faster(x: Tensor, w: Tensor, packed: bool) -> bool:
     """FusedLinear(activation="none") has nothing to fuse but the bias: it calls F.linear (exactly
     nn.Linear's forward, errors included) unless a backend is forced (tests, use_backend) or the
     backend for x measures faster than F.linear at this size (plain_linear_gain: cpp's oneDNN
-    GEMMs; packed: this call would run on the prepacked weight). On CUDA that is cuBLAS."""
+    GEMMs; packed: this call would run on the prepacked weight). On CUDA that is cuBLAS.
+    Under torch.compile it is F.linear, as nn.Linear's (the compiler picks its GEMM; and no
+    backend is loaded while Dynamo traces: a cold first call under fullgraph=True must not import)."""
     if forced() is not None:
         return False
-    if type(x) is not Tensor or not x.is_cpu or x.dim() == 0 or w.dim() != 2:
+    if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu or x.dim() == 0 or w.dim() != 2:
         return True
     gain = getattr(select(x.device, "fastlayers.FusedLinear"), "plain_linear_gain", None)
     k = x.shape[-1]

@@ -502,3 +502,23 @@ def _pickled(model):
     buf = io.BytesIO()
     torch.save(model, buf)
     return buf.getvalue()
+
+
+_COLD_MODULES = textwrap.dedent("""
+    import torch, fastlayers as fl
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(fl.FusedLinear(64, 64, activation="gelu"), fl.FusedLinear(64, 64, activation="none"),
+                            fl.LogSoftmax(dim=-1))
+    x = torch.randn(8, 64)
+    out = torch.compile(m, fullgraph=True)(x)   # the first call of anything fastlayers in this process
+    torch.testing.assert_close(out, m(x), rtol=1e-5, atol=1e-5)
+    print("OK")
+""")
+
+
+def test_compile_cold_process_fastlayers_modules():
+    """FusedLinear (with and without an activation) and LogSoftmax built directly, not by swap,
+    compiled with fullgraph=True in a fresh process: no backend import while Dynamo traces."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _COLD_MODULES], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
