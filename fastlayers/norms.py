@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -238,7 +239,9 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
         nshape = (int(normalized_shape),)
     else:
         try:
-            nshape = tuple(int(d) for d in normalized_shape)
+            if isinstance(normalized_shape, (str, bytes)):
+                raise TypeError
+            nshape = tuple(operator.index(d) for d in normalized_shape)
         except TypeError:
             raise TypeError(f"{op}: expected normalized_shape to be an int or a sequence of ints, got "
                             f"{type(normalized_shape).__name__}") from None

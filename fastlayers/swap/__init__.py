@@ -72,6 +72,7 @@ from ..nn import LogSoftmax, Softmax
 from .patterns import hooks
 from .report import SwapReport
 from .swapper import _Swapper
+from .norms import swap_norms as _swap_norms
 
 __all__ = ["swap", "SwapReport"]
 
@@ -104,6 +105,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True) -> nn.Mo
         swapper = _Swapper(model, linears)
         swapper.run()
         report = swapper.report
+        _swap_norms(model, report)  # LayerNorm / RMSNorm modules (swap/norms.py)
     model.fastlayers_swap_report = report
     log.info("%s", report)
     if verbose:
