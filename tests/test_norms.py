@@ -127,7 +127,8 @@ def test_long_rows_triton(kind):
     K.ONE_BLOCK_MAX, K.CHUNK = 64, 32
     try:
         torch.manual_seed(2)
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        # (the interpreter's fp32 -> bf16 casts truncate: 16-bit only on a GPU, see conftest)
+        for dtype in (torch.float32, torch.float64) + (() if INTERPRETED else (torch.bfloat16,)):
             x = torch.randn(3, 150, dtype=dtype)
             w = torch.randn(150, dtype=dtype)
             b = torch.randn(150, dtype=dtype) if kind == "layer" else None
