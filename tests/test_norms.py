@@ -380,3 +380,24 @@ def test_torch_rmsnorm_module():
     m.load_state_dict(ref.state_dict())
     x = torch.randn(5, 24, dtype=torch.bfloat16)
     torch.testing.assert_close(m.to(torch.bfloat16)(x), ref.to(torch.bfloat16)(x), rtol=0, atol=0)
+
+
+def test_cpp_entry_points_check_buffers():
+    """fastlayers._C's norm entry points refuse buffers that do not fit (never read out of bounds),
+    and its norm kinds are the Python launcher's."""
+    from fastlayers.backends import cpp
+    _C, _buf = cpp._C, cpp._buf
+    assert dict(_C.NORM_KINDS) == cpp._NORM_KINDS
+    x, y = torch.randn(4, 8), torch.empty(4, 8)
+    with pytest.raises(ValueError, match="norm_forward: argument 'w' has shape"):
+        _C.norm_forward(_buf(x), None, None, _buf(torch.randn(7)), None, _buf(y), None, None, 0, 1e-6, 1)
+    with pytest.raises(ValueError, match="norm_forward: argument 'rstd' has dtype code"):
+        _C.norm_forward(_buf(x), None, None, None, None, _buf(y), None, _buf(torch.empty(4, dtype=torch.float64)),
+                        0, 1e-6, 1)
+    with pytest.raises(ValueError, match="norm_forward: 'res' and 's' go together"):
+        _C.norm_forward(_buf(x), _buf(x), None, None, None, _buf(y), None, None, 0, 1e-6, 1)
+    with pytest.raises(ValueError, match="norm_backward: argument 'dy' is not contiguous"):
+        _C.norm_backward(_buf(torch.randn(8, 4).t()), None, _buf(x), None, None, _buf(torch.ones(4)), _buf(y),
+                         None, None, 0, 1)
+    with pytest.raises(ValueError, match="unknown norm kind 7"):
+        _C.norm_forward(_buf(x), None, None, None, None, _buf(y), None, None, 7, 1e-6, 1)
