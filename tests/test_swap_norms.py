@@ -121,3 +121,10 @@ def test_hooked_norm_left_alone():
     model = nn.Sequential(ln)
     fl.swap(model)
     assert type(model[0]) is nn.LayerNorm and "hooks" in dict(model.fastlayers_swap_report.left)["0"]
+
+
+def test_shared_norm_stays_shared():
+    ln = nn.LayerNorm(8)
+    model = nn.Sequential(ln, nn.Sequential(ln))
+    fl.swap(model)
+    assert type(model[0]) is fl.LayerNorm and model[1][0] is model[0] and model[0].weight is ln.weight

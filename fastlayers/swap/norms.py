@@ -10,12 +10,12 @@
   dtype and ``(1 + weight)`` variants apart -- and float32, must equal fastlayers.rms_norm's).
   Anything else is left alone with the reason in the report.
 
-Modules with hooks or shared by several parents are left alone (as swap does for Linears).
+Modules with hooks are left alone (as swap does for Linears); a norm module shared by several parents
+becomes one fused module shared by the same parents.
 """
 from __future__ import annotations
 
-from collections import Counter
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -81,19 +81,21 @@ def _replacement(m: nn.Module):
 def swap_norms(model: nn.Module, report: SwapReport) -> None:
     """Replace model's norm modules in place (see the module docstring); entries go to report.replaced
     (path, new class) and report.left (path, reason)."""
-    refs = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    done: Dict[int, nn.Module] = {}  # id(original) -> its replacement (shared modules stay shared)
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent._modules.items()):
             if child is None:
                 continue
+            path = join(prefix, name)
+            if id(child) in done:
+                setattr(parent, name, done[id(child)])
+                report.replaced.append((path, f"fastlayers.{type(done[id(child)]).__name__}"))
+                continue
             new, why = _replacement(child)
             if new is None and why is None:
                 continue
-            path = join(prefix, name)
             if new is not None and hooks(child):
                 new, why = None, f"{type(child).__name__} has hooks registered"
-            if new is not None and refs[id(child)] > 1:
-                new, why = None, f"the {type(child).__name__} module is shared by several modules"
             if new is None:
                 report.left.append((path, why))
                 continue
@@ -102,4 +104,5 @@ def swap_norms(model: nn.Module, report: SwapReport) -> None:
                     new.__dict__[k] = v
             new.train(child.training)
             setattr(parent, name, new)
+            done[id(child)] = new
             report.replaced.append((path, f"fastlayers.{type(new).__name__}"))
