@@ -22,14 +22,16 @@ transforms, dispatch modes, and for mixed dtypes (e.g. a float32 weight with bfl
 type promotion decides the result's dtype there); else a backend's kernels (cpu -> cpp, cuda ->
 triton), through NormFunction when a gradient is needed.
 
-Autocast (checked on torch 2.13): on the CPU autocast leaves layer_norm and rms_norm alone (float32
-in, float32 out; bfloat16 in, bfloat16 out); on CUDA both are on its float32 list: floating
-inputs other than float64 are computed in float32 there.
+Autocast: on the CPU autocast leaves layer_norm and rms_norm alone (float32 in, float32 out;
+bfloat16 in, bfloat16 out: checked by experiment on torch 2.13, tests/test_norms.py). On CUDA,
+layer_norm is on autocast's float32 list (torch.amp docs), and rms_norm is treated the same here:
+floating inputs other than float64 are cast to float32 (not checked on a GPU yet).
 """
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -154,24 +156,22 @@ class NormFunction(torch.autograd.Function):
         src, weight, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_src = need[0] or need[3]
-        if torch.is_grad_enabled():  # create_graph=True: PyTorch ops on the saved src: exact higher orders
-            with torch.enable_grad():
-                bias_t = None
-                if ctx.has_bias:  # (the bias's value does not enter any gradient)
-                    bias_t = torch.zeros(src.shape[src.dim() - ctx.nd:], dtype=src.dtype, device=src.device,
-                                         requires_grad=need[2])
-                y = norm_composite(src, weight, bias_t, None, ctx.eps, ctx.kind, ctx.nd)
-                wrt = [(i, t) for i, t in ((0, src), (1, weight), (2, bias_t))
-                       if t is not None and t.requires_grad and (need_src if i == 0 else need[i])]
-                grads = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
-            got = {i: g for (i, _), g in zip(wrt, grads)}
-            dsrc = got.get(0)
-            if dsrc is None and need_src:
-                dsrc = torch.zeros_like(src)
-            if ds is not None and dsrc is not None:
-                dsrc = dsrc + ds
-            return (dsrc if need[0] else None, got.get(1), got.get(2), dsrc if need[3] else None,
-                    None, None, None)
+        if torch.is_grad_enabled():  # create_graph=True: the backward's formula in PyTorch ops (reference
+            # backend) on the saved src, whose statistics are recomputed differentiably: exact higher
+            # orders. (Not autograd.grad of the composite: with src = the returned sum, an output of this
+            # node, that re-enters this backward without end.)
+            from .backends import reference as _ref
+            n = math.prod(src.shape[src.dim() - ctx.nd:])
+            src2 = src.reshape(-1, n)
+            w2 = None if weight is None else weight.reshape(n)
+            _, _, mean_d, rstd_d = _ref.norm_forward(src2, None, w2, None, ctx.eps, ctx.kind, True)
+            dx, dw, db = _ref.norm_backward(dy.reshape(-1, n), None if ds is None or not ctx.has_res else ds.reshape(-1, n),
+                                            src2, w2, mean_d, rstd_d, ctx.kind,
+                                            (need_src, need[1] and weight is not None, need[2] and ctx.has_bias))
+            dx = None if dx is None else dx.view(src.shape)
+            dw = None if dw is None else dw.view(weight.shape)
+            db = None if db is None else db.view(src.shape[src.dim() - ctx.nd:])
+            return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
         dx, dw, db = _backward(ctx.backend, dy, ds if ctx.has_res else None, src, weight, mean, rstd, ctx.kind,
                                ctx.nd, (need_src, need[1] and weight is not None, need[2] and ctx.has_bias))
         return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
@@ -240,7 +240,9 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
         nshape = (int(normalized_shape),)
     else:
         try:
-            nshape = tuple(int(d) for d in normalized_shape)
+            if isinstance(normalized_shape, (str, bytes)):
+                raise TypeError
+            nshape = tuple(operator.index(d) for d in normalized_shape)
         except TypeError:
             raise TypeError(f"{op}: expected normalized_shape to be an int or a sequence of ints, got "
                             f"{type(normalized_shape).__name__}") from None

@@ -108,6 +108,7 @@ from .patterns import hooks
 from .report import SwapReport
 from . import quant as _quant  # noqa: F401  (registers FusedLinear with quantize_dynamic)
 from .swapper import _Swapper
+from .norms import swap_norms as _swap_norms
 
 __all__ = ["swap", "SwapReport"]
 
@@ -161,6 +162,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         swapper = _Swapper(model, linears, skip_logits)
         swapper.run()
         report = swapper.report
+        _swap_norms(model, report)  # LayerNorm / RMSNorm modules (swap/norms.py)
     _load_backends(model)
     model.fastlayers_swap_report = report
     log.info("%s", report)

@@ -1,0 +1,108 @@
+"""The norm modules fastlayers.swap replaces, holding the very same Parameter objects:
+
+* ``nn.LayerNorm`` (exactly that class) -> fastlayers.LayerNorm (an nn.LayerNorm subclass);
+* ``nn.RMSNorm`` over one dim -> fastlayers.norms.TorchRMSNorm (an nn.RMSNorm subclass, F.rms_norm's rounding);
+* a Hugging Face RMSNorm class (``kernel_layer_name == "RMSNorm"``: 127 model families in
+  transformers 5.x) whose forward is LlamaRMSNorm's -> fastlayers.RMSNorm (mode="hf"). "Is
+  LlamaRMSNorm's" is checked twice: by structure (a 1-D ``weight`` Parameter, a float
+  ``variance_epsilon``, no other parameters, buffers or children) and by behaviour (the module's own
+  forward on a probe input, in bfloat16 -- which tells the cast-then-weight rounding, the output
+  dtype and ``(1 + weight)`` variants apart -- and float32, must equal fastlayers.rms_norm's).
+  Anything else is left alone with the reason in the report.
+
+Modules with hooks are left alone (as swap does for Linears); a norm module shared by several parents
+becomes one fused module shared by the same parents.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..norms import LayerNorm, RMSNorm, TorchRMSNorm, norm_composite
+from .patterns import hooks, join
+from .report import SwapReport
+
+
+def _hf_rmsnorm_problem(m: nn.Module) -> Optional[str]:
+    """None when m computes LlamaRMSNorm's forward, else why it is left alone."""
+    name = type(m).__name__
+    w = getattr(m, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 1:
+        return f"{name}: no 1-D weight Parameter (not LlamaRMSNorm's layout)"
+    eps = getattr(m, "variance_epsilon", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return f"{name}: no float variance_epsilon attribute (not LlamaRMSNorm's forward)"
+    if [n for n, _ in m.named_parameters()] != ["weight"] or list(m.buffers()) or len(m._modules):
+        return f"{name}: has parameters, buffers or submodules besides weight"
+    if w.device.type == "meta":
+        return f"{name}: weight on the meta device (its forward cannot be probed)"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):
+            x = (torch.randn(3, w.shape[0], generator=gen) * 3).to(device=w.device, dtype=dtype)
+            try:
+                got = m(x)
+            except Exception as e:  # noqa: BLE001 - any failure: not the standard forward
+                return f"{name}: its forward failed on a probe input ({type(e).__name__})"
+            want = norm_composite(x, w, None, None, float(eps), "rms_hf", 1)
+            if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
+                return f"{name}: its forward returns another dtype/shape than LlamaRMSNorm's on {dtype} input"
+            if not torch.allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True):
+                return f"{name}: its forward differs from LlamaRMSNorm's (another formula)"
+    return None
+
+
+def _replacement(m: nn.Module):
+    """(new module, None) or (None, why it stays) for a norm module; (None, None) when not a norm."""
+    t = type(m)
+    if t is nn.LayerNorm:
+        new = LayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
+                        bias=m.bias is not None, device="meta")
+        new.weight, new.bias = m.weight, m.bias
+        return new, None
+    if t is nn.RMSNorm:
+        if len(m.normalized_shape) != 1:
+            return None, "nn.RMSNorm over several dims (fastlayers.rms_norm normalises the last dim)"
+        new = TorchRMSNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine, device="meta")
+        new.weight = m.weight
+        return new, None
+    if getattr(t, "kernel_layer_name", None) == "RMSNorm":
+        why = _hf_rmsnorm_problem(m)
+        if why is not None:
+            return None, why
+        new = RMSNorm(m.weight.shape[0], eps=float(m.variance_epsilon), mode="hf", device="meta")
+        new.weight = m.weight
+        return new, None
+    return None, None
+
+
+def swap_norms(model: nn.Module, report: SwapReport) -> None:
+    """Replace model's norm modules in place (see the module docstring); entries go to report.replaced
+    (path, new class) and report.left (path, reason)."""
+    done: Dict[int, nn.Module] = {}  # id(original) -> its replacement (shared modules stay shared)
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            path = join(prefix, name)
+            if id(child) in done:
+                setattr(parent, name, done[id(child)])
+                report.replaced.append((path, f"fastlayers.{type(done[id(child)]).__name__}"))
+                continue
+            new, why = _replacement(child)
+            if new is None and why is None:
+                continue
+            if new is not None and hooks(child):
+                new, why = None, f"{type(child).__name__} has hooks registered"
+            if new is None:
+                report.left.append((path, why))
+                continue
+            for k, v in child.__dict__.items():  # keep user attributes
+                if k not in new.__dict__:
+                    new.__dict__[k] = v
+            new.train(child.training)
+            setattr(parent, name, new)
+            done[id(child)] = new
+            report.replaced.append((path, f"fastlayers.{type(new).__name__}"))
