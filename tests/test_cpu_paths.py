@@ -613,3 +613,20 @@ def test_weight_gradient_gemm_route(monkeypatch):
         out = cpp._mm(a, b)
         assert bool(calls) == onednn, (tuple(a.shape), b.shape[1], a.is_contiguous())
         torch.testing.assert_close(out, torch.mm(a.double(), b.double()).float(), rtol=1e-5, atol=2e-3)
+
+
+def test_probe_runs_outside_the_callers_autocast(monkeypatch):
+    """The first oneDNN call of a process may come under autocast (a bf16 loss under
+    torch.autocast): the probe must still compare like with like (it raised 'Float did not match
+    BFloat16' from inside its allclose)."""
+    monkeypatch.setattr(cpp, "_onednn_ok", {})
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 256, generator=g).bfloat16()
+    w = (torch.randn(4096, 256, generator=g) * 0.05).bfloat16()
+    t = torch.randint(0, 4096, (512,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fl.linear_cross_entropy(h, w, t)
+    ref = F.cross_entropy(F.linear(h.float(), w.float()), t)
+    torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
+    assert cpp._onednn_ok  # probed (under autocast's own off switch)

@@ -234,10 +234,18 @@ def _probe_onednn(dtype: torch.dtype) -> frozenset:
     """The activations (keys of _ONEDNN_POSTOPS) that oneDNN's fused linear in this torch gets
     exactly right for `dtype` -- the values at special points above, and a small random case with
     a bias -- checked against PyTorch's own ops. Empty when the op is missing or fails for the
-    dtype, or "none" (the plain GEMM + bias) is wrong. Once per dtype per process."""
+    dtype, or "none" (the plain GEMM + bias) is wrong. Once per dtype per process, outside the
+    caller's autocast and autograd (a first call under autocast must probe the dtype it names)."""
     ok = _onednn_ok.get(dtype)
     if ok is not None:
         return ok
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        ok = _probe_uncached(dtype)
+    _onednn_ok[dtype] = ok
+    return ok
+
+
+def _probe_uncached(dtype: torch.dtype) -> frozenset:
     good = set()
     if dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
         refs = {"none": lambda z, s: z, "leaky_relu": lambda z, s: F.leaky_relu(z, s),
@@ -281,9 +289,7 @@ def _probe_onednn(dtype: torch.dtype) -> frozenset:
                     break
             else:
                 good.add(name)
-    ok = frozenset(good) if "none" in good else frozenset()
-    _onednn_ok[dtype] = ok
-    return ok
+    return frozenset(good) if "none" in good else frozenset()
 
 
 def onednn_pays(m: int, k: int, n: int, packed: bool = False) -> bool:
