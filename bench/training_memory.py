@@ -176,7 +176,7 @@ def _row(r: dict) -> str:
     pk, ms = r["peak_extra_mib"], r["median_step_ms"]
     return (f"{r['model']:8s} {r['dtype']:9s} peak extra MiB plain {pk['plain']:7.1f} swap {pk.get('swap', float('nan')):7.1f} "
             f"skip {pk['skip']:7.1f}  skip/plain {r['skip_over_plain_memory']:.2f}   step ms plain {ms['plain']:7.1f} "
-            f"skip {ms['skip']:7.1f}  plain/skip {r['plain_over_skip_time']:.2f}  cpu plain/skip "
+            f"skip {ms['skip']:7.1f}\n{'':19s}plain/skip {r['plain_over_skip_time']:.2f}  cpu plain/skip "
             f"{r.get('plain_over_skip_cpu') or float('nan'):.2f}  (load {r['load1']:.1f})")
 
 
@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("dtype", nargs="?", choices=DTYPES)
     ap.add_argument("mode", nargs="?", choices=MODES)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for the time command")
     ap.add_argument("--json", help="write the table's rows here")
     a = ap.parse_args()
     if a.command == "memory":
@@ -194,6 +195,9 @@ def main() -> None:
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MMAP_ENV})
         print(json.dumps(memory(a.model, a.dtype, a.mode)))
     elif a.command == "time":
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
         print(json.dumps(timing(a.model, a.dtype, a.rounds)))
     else:
         rows = table(models=(a.model,) if a.model else MODELS, dtypes=(a.dtype,) if a.dtype else DTYPES,
