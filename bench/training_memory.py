@@ -113,27 +113,33 @@ def memory(name: str, dtype: str, mode: str) -> dict:
     first = time.perf_counter() - t0
     after = _rss_mib()
     return {"model": name, "dtype": dtype, "mode": mode, "peak_extra_mib": after - before,
-            "rss_before_mib": before, "first_step_s": first, "loss": float(loss)}
+            "rss_before_mib": before, "first_step_s": first, "loss": float(loss.detach())}
 
 
 def timing(name: str, dtype: str, rounds: int, modes=("plain", "skip")) -> dict:
     import gc
+    import torch
     steps = {m: build(name, dtype, m)[1] for m in modes}
     for s in steps.values():
         for _ in range(2):
             s()
     times = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}  # process CPU time (all threads): less disturbed by other work on the cores
     gc.collect()
     for r in range(rounds):
         k = r % len(modes)
         for m in modes[k:] + modes[:k]:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             steps[m]()
             times[m].append(time.perf_counter() - t0)
-    out = {"model": name, "dtype": dtype, "rounds": rounds,
+            cpu[m].append(time.process_time() - c0)
+    out = {"model": name, "dtype": dtype, "rounds": rounds, "threads": torch.get_num_threads(),
            "median_ms": {m: statistics.median(t) * 1e3 for m, t in times.items()},
            "plain_over": {m: statistics.median(a / b for a, b in zip(times["plain"], t))
-                          for m, t in times.items() if m != "plain"}}
+                          for m, t in times.items() if m != "plain"},
+           "median_cpu_ms": {m: statistics.median(t) * 1e3 for m, t in cpu.items()},
+           "plain_over_cpu": {m: statistics.median(a / b for a, b in zip(cpu["plain"], t))
+                              for m, t in cpu.items() if m != "plain"}}
     out["load1"] = os.getloadavg()[0]
     return out
 
@@ -159,6 +165,8 @@ def table(models=MODELS, dtypes=DTYPES, modes=MODES, rounds: int = 5) -> list:
                          "loss": {m: mem[m]["loss"] for m in modes},
                          "skip_over_plain_memory": mem["skip"]["peak_extra_mib"] / mem["plain"]["peak_extra_mib"],
                          "median_step_ms": tim["median_ms"], "plain_over_skip_time": tim["plain_over"]["skip"],
+                         "median_step_cpu_ms": tim.get("median_cpu_ms"),
+                         "plain_over_skip_cpu": tim.get("plain_over_cpu", {}).get("skip"),
                          "load1": tim["load1"]})
             print(_row(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -168,7 +176,8 @@ def _row(r: dict) -> str:
     pk, ms = r["peak_extra_mib"], r["median_step_ms"]
     return (f"{r['model']:8s} {r['dtype']:9s} peak extra MiB plain {pk['plain']:7.1f} swap {pk.get('swap', float('nan')):7.1f} "
             f"skip {pk['skip']:7.1f}  skip/plain {r['skip_over_plain_memory']:.2f}   step ms plain {ms['plain']:7.1f} "
-            f"skip {ms['skip']:7.1f}  plain/skip {r['plain_over_skip_time']:.2f}  (load {r['load1']:.1f})")
+            f"skip {ms['skip']:7.1f}\n{'':19s}plain/skip {r['plain_over_skip_time']:.2f}  cpu plain/skip "
+            f"{r.get('plain_over_skip_cpu') or float('nan'):.2f}  (load {r['load1']:.1f})")
 
 
 def main() -> None:
@@ -178,6 +187,7 @@ def main() -> None:
     ap.add_argument("dtype", nargs="?", choices=DTYPES)
     ap.add_argument("mode", nargs="?", choices=MODES)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads for the time command")
     ap.add_argument("--json", help="write the table's rows here")
     a = ap.parse_args()
     if a.command == "memory":
@@ -185,6 +195,9 @@ def main() -> None:
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MMAP_ENV})
         print(json.dumps(memory(a.model, a.dtype, a.mode)))
     elif a.command == "time":
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
         print(json.dumps(timing(a.model, a.dtype, a.rounds)))
     else:
         rows = table(models=(a.model,) if a.model else MODELS, dtypes=(a.dtype,) if a.dtype else DTYPES,

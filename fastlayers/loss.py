@@ -559,9 +559,16 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
     Returns a 0-d loss ("mean", "sum") or one per token ("none", shape (*,)) in h's dtype
     (float32 under autocast, where h, weight and bias are first cast like F.linear's inputs).
     """
+    return _linear_cross_entropy(h, weight, target, bias, ignore_index, label_smoothing, reduction)
+
+
+def _linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                          out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """linear_cross_entropy; out_dtype (e.g. float32 for 16-bit inputs, as transformers' loss
+    gives) is the loss's dtype instead of h's (swap(skip_logits=True))."""
     op = "fastlayers.linear_cross_entropy"
     eps = _check_options(op, ignore_index, label_smoothing, reduction)
-    out_dtype = None
     if isinstance(h, Tensor) and (ac := _autocast_dtype(h)) is not None:
         h, weight, bias = (t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(ac)
                            for t in (h, weight, bias))
@@ -569,8 +576,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Option
     if composite_reason(h, weight, bias, target) is not None:  # see cross_entropy
         _check_linear_ce(op, h, weight, bias, target, ignore_index, values=False)
         z = F.linear(h, weight, bias)
-        return F.cross_entropy(z.movedim(-1, 1) if z.dim() > 2 else z, target, ignore_index=ignore_index,
+        loss = F.cross_entropy(z.movedim(-1, 1) if z.dim() > 2 else z, target, ignore_index=ignore_index,
                                label_smoothing=eps, reduction=reduction)
+        return loss if out_dtype is None else loss.to(out_dtype)
     target = _check_linear_ce(op, h, weight, bias, target, ignore_index)
     out_dtype = out_dtype or h.dtype
     loss_shape = tuple(h.shape[:-1])

@@ -74,6 +74,7 @@ def _grads_equal(model, ref, red):
 def test_hf_training_with_labels_is_logit_free(name, monkeypatch):
     model, _, orig = _pair(lambda: _hf(name))
     assert _losses(model) == [("lm_head", "linear_cross_entropy")], str(model.fastlayers_swap_report)
+    assert "returns no logits" in str(model.fastlayers_swap_report)
     assert isinstance(model, type(orig)) and type(model).__name__ == type(orig).__name__
     assert list(model.state_dict()) == list(orig.state_dict())
     if model.config.tie_word_embeddings:

@@ -39,6 +39,16 @@ The loss a model computes from its own head (swap/loss.py; the report lists it u
   globals it reads are code (a copy would freeze values), never ``torch.nn.functional.cross_entropy``
   spelt out; nothing global is patched. The logits are materialised there (the forward is not traced).
 
+With ``skip_logits=True`` (swap/causal_lm.py), in training with labels / targets only: a Hugging
+Face causal LM (transformers' ForCausalLMLoss, a forward passing ``self.lm_head(...)``'s logits
+untouched to ``self.loss_function(logits, labels, ...)``) and a nanoGPT-style forward (``logits =
+self.lm_head(x); loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ...)``)
+compute the loss with fastlayers.linear_cross_entropy inside a call of the head module (hooks and
+FSDP2's unshard run as for any call) and return ``logits=None`` / ``(None, loss)``. Eval mode and
+calls without labels run the forward swap gives without the option. A forward that transforms the
+logits before the loss (Gemma2's soft-capping, Cohere's / Granite's logit scaling) is left alone,
+the statement quoted in the report.
+
 The Linear becomes a FusedLinear holding the *same* Parameter objects (state_dict keys unchanged,
 optimizers keep working); an activation module becomes nn.Identity. A functional activation can
 only be removed by editing the forward: the module keeps its attributes and state and becomes an
@@ -93,8 +103,8 @@ torch.compile (fullgraph too) meets no lazy import.
 
 Package layout: patterns.py (what counts as an activation), tracing.py (fx tracing, the safety
 checks, the rewritten forward and its change check), gated.py (gated MLPs), loss.py (the head's
-loss), quant.py (quantize_dynamic's mapping), swapper.py (the walk over the model), report.py
-(SwapReport).
+loss), causal_lm.py (skip_logits), norms.py (LayerNorm / RMSNorm modules), quant.py (quantize_dynamic's
+mapping), swapper.py (the walk over the model), report.py (SwapReport).
 """
 from __future__ import annotations
 

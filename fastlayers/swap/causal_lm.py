@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..loss import linear_cross_entropy
+from ..loss import _linear_cross_entropy as linear_cross_entropy
 from .patterns import fusable_linear, hooks, join, path_name
 from .tracing import make_subclass
 from .loss import _codes
@@ -76,15 +76,9 @@ class _Pending:
             shift = F.pad(self.labels, (0, 1), value=self.ignore_index)[..., 1:]
         shift = shift.reshape(-1).to(h.device)
         reduction = "sum" if self.num_items_in_batch is not None else "mean"
-        dev = h.device.type
-        if h.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(dev):
-            # ForCausalLMLoss computes in float32 (logits.float()): a float32 loss, as
-            # linear_cross_entropy gives under autocast (inputs stay in h's dtype)
-            with torch.autocast(dev, dtype=h.dtype):
-                loss = head_loss(head, h, shift, ignore_index=self.ignore_index, reduction=reduction)
-        else:
-            loss = head_loss(head, h, shift, ignore_index=self.ignore_index, reduction=reduction)
-        loss = loss.float()
+        # ForCausalLMLoss computes in float32 (logits.float()): a float32 loss for 16-bit models
+        loss = head_loss(head, h, shift, ignore_index=self.ignore_index, reduction=reduction,
+                         out_dtype=torch.float32 if h.dtype != torch.float64 else None)
         if reduction == "sum":
             n = self.num_items_in_batch
             loss = loss / (n.to(loss.device) if torch.is_tensor(n) else n)
@@ -92,10 +86,10 @@ class _Pending:
 
 
 def head_loss(head: nn.Module, h: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean",
-              label_smoothing: float = 0.0) -> Tensor:
+              label_smoothing: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """F.cross_entropy(head(h).view(-1, vocab), target.view(-1), ...) without the logits."""
     return linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, target.reshape(-1), head.bias,
-                                ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+                                ignore_index, label_smoothing, reduction, out_dtype)
 
 
 def _head_forward(self, input: Tensor, fastlayers_target: Optional[Tensor] = None, **options: Any) -> Tensor:
