@@ -43,7 +43,7 @@ def load(path: pathlib.Path):
     except (OSError, ValueError) as e:
         fail(f"cannot read {path}: {e}")
     rows = [dict(b["extra_info"], name=b.get("name", ""))
-            for b in data.get("benchmarks", []) if "median_ms" in b.get("extra_info", {})]
+            for b in data.get("benchmarks", []) if {"median_ms", "peak_extra_mib"} & set(b.get("extra_info", {}))]
     if not rows:
         fail(f"{path} has no fastlayers benchmark results (was it written by bench/?)")
     mi = data.get("machine_info", {})
@@ -157,6 +157,49 @@ def throughput_table(rows):
     return cols, out
 
 
+def training_table(rows):
+    """Whole training steps (bench/test_bench_training.py): peak extra memory of one step in a fresh
+    process, plain / swap / swap(skip_logits=True), and the step time plain vs skip_logits."""
+    rows = [r for r in rows if "peak_extra_mib" in r]
+    if not rows:
+        return None
+    cols = ["model", "tokens", "dtype", "peak MiB plain", "swap", "skip_logits", "skip/plain memory",
+            "step ms plain", "skip_logits", "plain/skip time", "plain/skip CPU time"]
+    out = []
+    for r in rows:
+        mem, ms = r["peak_extra_mib"], r.get("median_step_ms", {})
+        out.append([r.get("model", r.get("op", "?")), r.get("shape", "?"), r.get("dtype", "?"),
+                    fmt(mem.get("plain")), fmt(mem.get("swap")), fmt(mem.get("skip")),
+                    fmt(r.get("skip_over_plain_memory"), 3), fmt(ms.get("plain")), fmt(ms.get("skip")),
+                    fmt(r.get("plain_over_skip_time"), 3), fmt(r.get("plain_over_skip_cpu"), 3)])
+    return cols, out
+
+
+def training_chart(rows, header: str, png: pathlib.Path) -> None:
+    """Two panels per training row: memory (skip_logits / plain) and speed (plain / skip_logits)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if "peak_extra_mib" in r]
+    if not rows:
+        return
+    labels = [f"{r.get('model', '?')}\n{r.get('dtype', '?')}" for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(rows) + 4), 3.6))
+    a.bar(range(len(rows)), [r.get("skip_over_plain_memory") or 0 for r in rows], color="tab:green")
+    a.set_title("peak extra memory of a step, skip_logits / plain (lower is better)", fontsize=9)
+    b.bar(range(len(rows)), [r.get("plain_over_skip_time") or 0 for r in rows], color="tab:blue")
+    b.axhline(1.0, color="black", linewidth=0.8)
+    b.set_title("step speed-up, plain / skip_logits (higher is better)", fontsize=9)
+    for ax in (a, b):
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(header.split("\n")[0], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def render(cols, rows, markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -247,6 +290,8 @@ def main(argv=None) -> int:
 
     for path in paths:
         header, rows = load(path)
+        train = [r for r in rows if "peak_extra_mib" in r]
+        rows = [r for r in rows if "median_ms" in r]
         # op-major order (pytest runs them pass-major): each op's fwd cases, then its fwd+bwd
         ops = list(dict.fromkeys(r.get("op") for r in rows))
         passes = list(dict.fromkeys(r.get("pass") for r in rows))
@@ -259,12 +304,22 @@ def main(argv=None) -> int:
             tp = throughput_table(srows)
             if tp:
                 print(render(*tp, args.markdown) + "\n")
+        tt = training_table(train)
+        if tt:
+            print(("### " if args.markdown else "") + "Training steps (one step, fresh processes; MiB of "
+                  "peak extra memory, ms per step)\n")
+            print(render(*tt, args.markdown) + "\n")
         print("speed-ups are fastlayers' (>1 = fastlayers faster): median of per-round ratios, "
               "contenders interleaved in one run.\n")
         if not args.no_png:
             png = path.with_suffix(".png")
-            chart(rows, header, png)
-            print(f"chart: {png}\n")
+            if rows:
+                chart(rows, header, png)
+                print(f"chart: {png}\n")
+            if train:
+                tpng = path.with_name(path.stem + "-training.png")
+                training_chart(train, header, tpng)
+                print(f"chart: {tpng}\n")
     return 0
 
 

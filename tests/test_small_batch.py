@@ -414,9 +414,11 @@ def test_tiny_softmax_refuses_what_it_must_not_take(softmax_calls, monkeypatch):
     # size
     big = torch.randn(cpp.TORCH_SOFTMAX_MAX_NUMEL)
     assert gate(big, 0, None, False) is None and gate(big[:-1], 0, None, False) is not None
-    # dims other than an int in range: the general path (fastlayers' errors)
+    # an int-like dim (numpy integer, 0-d integer tensor) takes the gate as its int does (the same
+    # bits however dim is spelled); a bool, None or an out-of-range dim: the general path (its errors)
     import numpy as np
-    assert gate(x, np.int64(1), None, False) is None and gate(x, torch.tensor(1), None, False) is None
+    for spelled in (np.int64(1), torch.tensor(1)):
+        assert torch.equal(gate(x, spelled, None, False), gate(x, 1, None, False))
     assert gate(x, True, None, False) is None and gate(x, 2, None, False) is None and gate(x, None, None, False) is None
     with pytest.raises(IndexError, match="fastlayers.softmax"):
         fl.softmax(x, 2)

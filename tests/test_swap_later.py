@@ -1,5 +1,5 @@
-"""fastlayers.swap on models that are changed after the swap (issue 24, "never stale, never
-frozen"): PEFT LoRA, hooks, quantize_dynamic, re-parametrisation and replaced modules after
+"""fastlayers.swap on models that are changed after the swap ("never stale, never frozen"):
+PEFT LoRA, hooks, quantize_dynamic, re-parametrisation and replaced modules after
 swap; forwards whose trace evaluated runtime state; TorchScript of rewritten gated forwards;
 torch.compile(fullgraph=True) of a freshly swapped model in a fresh process."""
 from __future__ import annotations

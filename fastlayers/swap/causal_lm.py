@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..loss import _linear_cross_entropy as linear_cross_entropy
-from .patterns import fusable_linear, hooks, join, path_name
+from .patterns import fusable_linear, fused_linear, hooks, join, path_name
 from .tracing import make_subclass
-from .loss import _codes
+from .loss import _codes, hf_loss_of
 
 FUSED = "linear_cross_entropy"
 
@@ -176,20 +176,6 @@ def _stmt_line(stmt: ast.stmt) -> str:
 
 
 # ----------------------------------------------------------------------------- Hugging Face
-def _hf_loss_of(lu: types.ModuleType, mod: nn.Module) -> Any:
-    """The function transformers' loss_function property gives without a user's _loss_function: the
-    loss_type's in LOSS_MAPPING, ForCausalLM's when loss_type is None or unknown (GPT-2)."""
-    mapping = getattr(lu, "LOSS_MAPPING", {})
-    loss_type = getattr(mod, "loss_type", None)
-    if loss_type in mapping:
-        return mapping[loss_type]
-    try:  # a base model (LlamaModel) computes no loss: only a forward taking labels uses the default
-        takes_labels = "labels" in inspect.signature(type(mod).forward).parameters
-    except (TypeError, ValueError):
-        takes_labels = False
-    return mapping.get("ForCausalLM") if takes_labels else None
-
-
 def _is_for_causal_lm_loss(mod: nn.Module) -> str:
     """'' when mod's loss_function is transformers' ForCausalLMLoss; else why not ('-' if no HF loss)."""
     lu = sys.modules.get("transformers.loss.loss_utils")
@@ -198,7 +184,7 @@ def _is_for_causal_lm_loss(mod: nn.Module) -> str:
     from .loss import causal_lm_loss
     if mod.__dict__.get("_loss_function") in (causal_lm_loss, skip_logits_loss):
         return ""  # swapped before
-    if _hf_loss_of(lu, mod) is not getattr(lu, "ForCausalLMLoss", None):
+    if hf_loss_of(lu, mod) is not getattr(lu, "ForCausalLMLoss", None):
         return "-"
     if "_loss_function" in mod.__dict__:
         return "its loss_function was set by the user"
@@ -470,8 +456,7 @@ def apply(sw, prefix: str, mod: nn.Module) -> bool:
         sw.report.left.append((join(prefix, head_name), f"skip_logits: {why}"))
         return False
     if sw.linears and type(head) is nn.Linear:  # as swap makes every plain Linear (the same Parameters)
-        from .swapper import _fused_linear
-        head = _fused_linear(head, "none", 0.0)
+        head = fused_linear(head, "none", 0.0)
         setattr(mod, head_name, head)
     head.__class__ = head_class(type(head))
     mod.__class__ = cls

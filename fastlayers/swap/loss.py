@@ -252,6 +252,20 @@ _HF_CAUSAL_LM_PARAMS = ("logits", "labels", "vocab_size", "num_items_in_batch", 
                         "kwargs")
 
 
+def hf_loss_of(lu: types.ModuleType, mod: nn.Module) -> Any:
+    """The function transformers' loss_function property gives without a user's _loss_function: the
+    loss_type's in LOSS_MAPPING, ForCausalLM's when loss_type is None or unknown (GPT-2)."""
+    mapping = getattr(lu, "LOSS_MAPPING", {})
+    loss_type = getattr(mod, "loss_type", None)
+    if loss_type in mapping:
+        return mapping[loss_type]
+    try:  # a base model (LlamaModel) computes no loss: only a forward taking labels uses the default
+        takes_labels = "labels" in inspect.signature(type(mod).forward).parameters
+    except (TypeError, ValueError):
+        takes_labels = False
+    return mapping.get("ForCausalLM") if takes_labels else None
+
+
 def hf_causal_lm(mod: nn.Module) -> Tuple[bool, str]:
     """(True, site) when mod's loss_function was transformers' ForCausalLMLoss and is now
     causal_lm_loss; (False, why) when it is an HF causal-LM loss left alone; (False, "") otherwise."""
@@ -260,8 +274,7 @@ def hf_causal_lm(mod: nn.Module) -> Tuple[bool, str]:
         return False, ""
     if mod.__dict__.get("_loss_function") is causal_lm_loss:
         return False, ""  # swapped before
-    from .causal_lm import _hf_loss_of  # loss_type None or unknown: ForCausalLM's (GPT-2)
-    if _hf_loss_of(lu, mod) is not getattr(lu, "ForCausalLMLoss", None):
+    if hf_loss_of(lu, mod) is not getattr(lu, "ForCausalLMLoss", None):  # (loss_type None: GPT-2)
         return False, ""
     if "_loss_function" in mod.__dict__:
         return False, "its loss_function was set by the user"
@@ -443,16 +456,15 @@ def in_graph(sw, mod: nn.Module, prefix: str, graph: fx.Graph, children: Dict[st
     return bool(sites)
 
 
-def untraced(sw) -> None:
+def untraced(sw, first: Optional[Callable[[Any, str, nn.Module], bool]] = None) -> None:
     """Hugging Face loss functions, and forwards the traced route did not decide (see the module
-    docstring); run by the swapper after its walk."""
+    docstring); run by the swapper after its walk. first(sw, prefix, module): tried first on each
+    module the traced route left undecided (skip_logits: causal_lm.apply); True: it took it."""
 
     plans: Dict[Any, Tuple[Dict[str, Any], List[str], str]] = {}
     for prefix, mod in sw.model.named_modules():
-        if getattr(sw, "skip_logits", False) and id(mod) not in sw.loss_decided:
-            from . import causal_lm
-            if causal_lm.apply(sw, prefix, mod):
-                continue
+        if first is not None and id(mod) not in sw.loss_decided and first(sw, prefix, mod):
+            continue
         ok, what = hf_causal_lm(mod)
         if ok:
             sw.report.losses.append((path_name(prefix), what, CROSS_ENTROPY))

@@ -162,3 +162,17 @@ def linear_problem(m: nn.Module, refs: Counter) -> Optional[str]:
     if refs[id(m)] > 1:
         return "the same Linear is shared by several modules"
     return None
+
+
+def fused_linear(lin: nn.Linear, act: str, slope: float) -> FusedLinear:
+    """A FusedLinear around the very same Parameter objects (no copy, same state_dict keys)."""
+    new = FusedLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                      activation=act, negative_slope=slope, device="meta")
+    new.weight = lin.weight
+    if lin.bias is not None:
+        new.bias = lin.bias
+    for k, v in lin.__dict__.items():  # keep user attributes (e.g. library init flags)
+        if k not in new.__dict__:
+            new.__dict__[k] = v
+    new.train(lin.training)
+    return new

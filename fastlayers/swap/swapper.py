@@ -8,25 +8,12 @@ from torch import nn
 
 from ..nn import FusedLinear, LogSoftmax, Softmax
 from . import gated as _gated
+from . import causal_lm as _causal_lm
 from . import loss as _loss
-from .patterns import (fusable_linear, join, linear_problem, path_name, call_activation, describe, hooks,
+from .patterns import (fusable_linear, fused_linear, join, linear_problem, path_name, call_activation, describe, hooks,
                        module_activation)
 from .report import SwapReport
 from .tracing import rewrite_forward, trace_checked
-
-
-def _fused_linear(lin: nn.Linear, act: str, slope: float) -> FusedLinear:
-    """A FusedLinear around the very same Parameter objects (no copy, same state_dict keys)."""
-    new = FusedLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                      activation=act, negative_slope=slope, device="meta")
-    new.weight = lin.weight
-    if lin.bias is not None:
-        new.bias = lin.bias
-    for k, v in lin.__dict__.items():  # keep user attributes (e.g. library init flags)
-        if k not in new.__dict__:
-            new.__dict__[k] = v
-    new.train(lin.training)
-    return new
 
 
 def _identity_like(m: nn.Module) -> nn.Identity:
@@ -80,7 +67,7 @@ class _Swapper:
     def fuse(self, parent: nn.Module, prefix: str, lin_rel: str, act: Tuple[str, float],
              site: str, act_rel: Optional[str]) -> None:
         lin = parent.get_submodule(lin_rel)
-        fused = _fused_linear(lin, *act)
+        fused = fused_linear(lin, *act)
         _set(parent, lin_rel, fused)
         owner, _, name = lin_rel.rpartition(".")
         fused._mark_swapped_into(parent.get_submodule(owner) if owner else parent, name)
@@ -253,7 +240,7 @@ class _Swapper:
                 left[path] = m
                 continue
             if id(m) not in new:
-                new[id(m)] = _fused_linear(m, "none", 0.0)
+                new[id(m)] = fused_linear(m, "none", 0.0)
             self.report.linear.append((path, self.why_not_fused(m)))
         for parent in list(self.model.modules()):
             for name, child in list(parent._modules.items()):
@@ -270,7 +257,7 @@ class _Swapper:
             else:
                 self.traced(mod, prefix)
         self.softmaxes()
-        _loss.untraced(self)
+        _loss.untraced(self, _causal_lm.apply if self.skip_logits else None)
         unfused = {path: m for path, m in self.model.named_modules()
                    if isinstance(m, nn.Linear) and id(m) not in self.gated_ids and id(m) not in self.loss_heads
                    and not (isinstance(m, FusedLinear) and m.activation != "none")}
