@@ -166,6 +166,12 @@ def wide(m, k, n, dtype=torch.float32):
 @pytest.mark.skipif(not cpp._probe_onednn(torch.float32), reason="this torch has no usable oneDNN fused linear")
 def test_auto_rule(monkeypatch):
     monkeypatch.setattr(cpp, "ROUTE", "auto")
+    x, w = wide(2048, 1024, 4096, torch.float32)
+    monkeypatch.setattr(cpp, "_FP32_MM_ONEDNN", False)  # MKL's own sgemm (Intel): fp32 stays on it
+    assert cpp._forward_route(x, w, ACTIVATIONS["tanh"], 0.0) == "mkl"
+    assert cpp._forward_route(x, w, ACTIVATIONS["tanh"], 0.0, packed=True) == "fused"
+    assert not cpp.plain_linear_gain(2048, 1024, 4096, torch.float32)
+    monkeypatch.setattr(cpp, "_FP32_MM_ONEDNN", True)  # MKL's generic sgemm (AMD): oneDNN from 2^22
     gelu, gelu_t, relu = ACTIVATIONS["gelu"], ACTIVATIONS["gelu_tanh"], ACTIVATIONS["relu"]
     sigmoid, tanh, leaky = ACTIVATIONS["sigmoid"], ACTIVATIONS["tanh"], ACTIVATIONS["leaky_relu"]
     for dtype in (torch.float32, torch.bfloat16):
@@ -468,8 +474,9 @@ def test_fused_linear_none_routes(monkeypatch, grad, dtype, m, k, n):
         ours = not calls
         calls.clear()
         eager, ref64 = real(x, lin.weight, lin.bias), real(x64, w64, b64)
-    assert ours == cpp.plain_linear_gain(2 * m, k, n, dtype, packed=not grad), "route"
-    assert ours == (m * 2 * k * n >= cpp.ONEDNN_MIN_MACS and bool(cpp._probe_onednn(dtype)))
+    assert ours == cpp.plain_linear_gain(2 * m, k, n, dtype), "route"  # (not opted in to prepacking)
+    assert ours == (m * 2 * k * n >= cpp.ONEDNN_MIN_MACS and bool(cpp._probe_onednn(dtype))
+                    and (dtype != torch.float32 or cpp._FP32_MM_ONEDNN))  # fp32: MKL's own sgemm on Intel
     assert_matches(y, ref64, eager, red=k)
     if grad:
         g = torch.randn_like(y)

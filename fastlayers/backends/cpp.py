@@ -77,6 +77,12 @@ def _mkl_sgemm_is_generic() -> bool:
 
 
 _FP32_MM_ONEDNN = _mkl_sgemm_is_generic()  # fp32 GEMMs from ONEDNN_MIN_MACS up go to oneDNN (see _mm)
+# _FP32_ROUTE: where MKL runs its own sgemm (Intel CPUs), the fp32 forward takes the "mkl" route at
+# every size (unless a prepacked weight is at hand), fused post-ops included. Measured 2026-12-07 on
+# this project's Xeon (AVX-512, AMX), 1 thread, interleaved, MKL route / oneDNN route time:
+# linear+tanh (fused) / +gelu (oneDNN + our pass) without grad 0.89 / 0.81 at 256x64->256, 1.00 /
+# 0.89 at 256x256->1024, 0.93 / 0.90 at 1024x256->1024, 0.88 / 0.79 at 2048x1024->4096; with grad
+# 0.81-1.04 (oneDNN won nowhere by more than 4%).
 
 
 def _mm(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -311,6 +317,8 @@ def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, packed: 
     n = w.shape[0]
     if m == 0 or k == 0 or n == 0 or (route == "auto" and not onednn_pays(m, k, n, packed)):
         return "mkl"
+    if route == "auto" and x.dtype == torch.float32 and not _FP32_MM_ONEDNN and not packed:
+        return "mkl"  # MKL's own sgemm (Intel CPUs): faster than oneDNN's, fused or not (see _FP32_ROUTE)
     exact = _probe_onednn(x.dtype)
     if not exact:
         return "mkl"
@@ -325,6 +333,8 @@ def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype, packed: bool =
     only where the oneDNN routes apply (oneDNN's GEMM, prepacked without grad when `packed`,
     against F.linear's MKL sgemm / per-call weight reorder); below that there is nothing to fuse
     and F.linear is one ATen call."""
+    if dtype == torch.float32 and not _FP32_MM_ONEDNN and not packed:
+        return False  # MKL's own sgemm is F.linear's (see _FP32_ROUTE)
     return ROUTE != "mkl" and onednn_pays(m, k, n, packed) and bool(_probe_onednn(dtype))
 
 
