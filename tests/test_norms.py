@@ -267,8 +267,8 @@ def test_saves_only_src_and_stats():
     r = torch.randn(8, 64, requires_grad=True)
     w = torch.randn(64, requires_grad=True)
     seen = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
-        y, s = fl.rms_norm(x, w, residual=r)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t), fl.use_backend("cpp"):
+        y, s = fl.rms_norm(x, w, residual=r)  # (forced: unforced, so small a call runs PyTorch's ops)
     shapes = sorted(tuple(t.shape) for t in seen)
     assert shapes == [(8,), (8, 64), (64,)], shapes  # rstd, the sum, the weight (a parameter)
 
@@ -401,3 +401,29 @@ def test_cpp_entry_points_check_buffers():
                          None, None, 0, 1)
     with pytest.raises(ValueError, match="unknown norm kind 7"):
         _C.norm_forward(_buf(x), None, None, None, None, _buf(y), None, None, 7, 1e-6, 1)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "rms_hf"])
+def test_small_cpu_calls_run_pytorch_ops(monkeypatch, kind):
+    """Below norms._TORCH_MAX_NUMEL elements, with no backend forced, a CPU call is PyTorch's own
+    ops (their values and autograd); from there, and whenever a backend is forced, the kernels."""
+    from fastlayers import norms
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    calls = []
+    real = norms.NormFunction.apply
+    monkeypatch.setattr(norms.NormFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    limit = norms._TORCH_MAX_NUMEL[kind]
+    for rows, fused in ((limit // 64 - 1, False), (limit // 64, True)):
+        x = torch.randn(rows, 64, requires_grad=True)
+        w = torch.randn(64, requires_grad=True)
+        calls.clear()
+        if kind == "layer":
+            y, s = fl.layer_norm(x, 64, w, None, 1e-5, residual=x.detach())
+            ref = F.layer_norm(x + x.detach(), (64,), w, None, 1e-5)
+        else:
+            y, s = fl.rms_norm(x, w, 1e-6, residual=x.detach(), mode="hf" if kind == "rms_hf" else "torch")
+            ref = norms.norm_composite(x, w, None, x.detach(), 1e-6, kind, 1)[0]
+        assert bool(calls) == fused, (rows, kind)
+        torch.testing.assert_close(y, ref)
+        g = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        torch.testing.assert_close(g, torch.autograd.grad(ref, (x, w), torch.ones_like(ref)), rtol=1e-4, atol=1e-4)
