@@ -30,7 +30,8 @@ from integration_helpers import backend_skip_reason  # noqa: E402
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("fuzz", max_examples=2000, deadline=None, print_blob=True,
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FASTLAYERS_FUZZ_EXAMPLES", "2000")),
+                          deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
