@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastlayers as fl  # noqa: E402
+from fastlayers.backends import reference as _ref_backend  # noqa: E402
 from fastlayers.activations import ACTIVATIONS, NAMES  # noqa: E402
 from conftest import assert_matches  # noqa: E402
 from integration_helpers import backend_skip_reason  # noqa: E402
@@ -109,12 +110,16 @@ def laid_out(draw, t: torch.Tensor):
     return t
 
 
-def assert_nonfinite_equal(out: torch.Tensor, eager: torch.Tensor, what: str) -> None:
-    """NaN, +inf and -inf at exactly PyTorch's positions (its result in the same dtype)."""
+def assert_nonfinite_equal(out: torch.Tensor, eager: torch.Tensor, what: str, alt=None) -> None:
+    """NaN, +inf and -inf at exactly PyTorch's positions (its result in the same dtype; elementwise
+    or those of `alt`, another accepted result)."""
     for name, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
         a, b = f(out), f(eager)
-        if not torch.equal(a, b):
-            idx = (a != b).nonzero()[:5].tolist()
+        bad = a != b
+        if alt is not None:
+            bad &= a != f(alt)
+        if bad.any():
+            idx = bad.nonzero()[:5].tolist()
             raise AssertionError(f"{what}: {name} pattern differs from PyTorch's at {idx}: "
                                  f"ours {[out[tuple(i)].item() for i in idx]}, "
                                  f"torch {[eager[tuple(i)].item() for i in idx]}")
@@ -162,10 +167,35 @@ def linear_case(draw):
     return backend, x, w, b, act, slope, dy, klass
 
 
+class _FormulaAct(torch.autograd.Function):
+    """PyTorch's activation with the semantics of ATen's formula at every size: the reference
+    backend's act_forward / act_grad, i.e. PyTorch's own ops except where their vectorised loop
+    (run on long tensors) departs from the formula: gelu(+inf) and gelu(z >= ~1.7e38) forward,
+    hardswish'(nan) and relu6'(nan) (tests/test_activation_grid.py)."""
+
+    @staticmethod
+    def forward(ctx, z, name, slope):
+        act = ACTIVATIONS[name]
+        y = _ref_backend.act_forward(z, act, slope)
+        kind = act.saves(slope)
+        ctx.act, ctx.slope = act, slope
+        ctx.save_for_backward(y if kind == "output" else z)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (saved,) = ctx.saved_tensors
+        return _ref_backend.act_grad(dy, saved, ctx.act, ctx.slope), None, None
+
+
+def formula_act(z, act, slope):
+    return z if act == "none" else _FormulaAct.apply(z, act, slope)
+
+
 def _linear_ref(x, w, b, act, slope, dy, dtype):
     xs, ws = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
     bs = None if b is None else b.detach().to(dtype).requires_grad_()
-    y = ACTIVATIONS[act].ref(F.linear(xs, ws, bs), slope)
+    y = formula_act(F.linear(xs, ws, bs), act, slope)
     y.backward(dy.to(dtype))
     return [y.detach(), xs.grad, ws.grad] + ([] if bs is None else [bs.grad])
 
@@ -191,9 +221,17 @@ def test_fuzz_linear_act(case):
         red = (k, n, m, m)[i]
         if klass in ("special", "nonfinite", "overflow"):
             # Non-finite patterns exactly PyTorch's in its own dtype (NaN / inf spread through the
-            # backward's GEMMs the same way); the finite values within the tolerance.
-            assert_nonfinite_equal(out, e, f"{backend} {act} {x.dtype} {names[i]} ({klass})")
+            # backward's GEMMs the same way); the finite values within the tolerance. The cpp
+            # backend runs bf16 GELU's forward through ATen's own kernel (its vectorised loop:
+            # gelu(+inf) = NaN; tests/test_activation_grid.py aten_alt): that result is accepted too.
+            alt = None
+            if i == 0 and backend == "cpp" and act == "gelu" and x.dtype == torch.bfloat16:
+                alt = F.gelu(F.linear(x, w, b))
+            assert_nonfinite_equal(out, e, f"{backend} {act} {x.dtype} {names[i]} ({klass})", alt)
             out, r, e = _finite_only(out, r, e)
+            if alt is not None:
+                keep = torch.isfinite(alt)
+                out, r, e = (torch.where(keep, t, torch.zeros((), dtype=t.dtype)) for t in (out, r, e))
         if x.dtype == torch.bfloat16 and i > 0 and red < 8:
             # A bf16 gradient summed over a handful of terms: one bf16 ulp of a saved y (fused
             # epilogues round z once, eager twice) moves act'(y) by ~1% and the result by about an
@@ -311,7 +349,7 @@ def gated_case(draw):
 def _gated_ref(args, act, slope, dy, dtype):
     leaves = [None if a is None else a.detach().to(dtype).requires_grad_() for a in args]
     x, wg, wu, bg, bu = leaves
-    y = ACTIVATIONS[act].ref(F.linear(x, wg, bg), slope) * F.linear(x, wu, bu)
+    y = formula_act(F.linear(x, wg, bg), act, slope) * F.linear(x, wu, bu)
     y.backward(dy.to(dtype))
     return [y.detach()] + [None if a is None else a.grad for a in leaves]
 
