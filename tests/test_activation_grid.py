@@ -322,3 +322,25 @@ def test_user_report():
                 assert got[2][0].tolist() == [1.0, 0.5], (backend, act, got[2])  # dW row: dy * x
             else:
                 assert torch.isfinite(got[2]).all(), (backend, act, got[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+def test_gated_saved_output_rounds_like_pytorch(act, dtype, backend):
+    """gated_linear's act' from the output uses the output rounded to fp16 / bf16, as PyTorch's
+    composition saves it: where tanh(g) / sigmoid(g) rounds to 1, act' = 0 and an infinite upstream
+    gradient gives NaN (inf * 0), as in PyTorch (found by the fuzz: inf, from the fp32 output)."""
+    _backend_or_skip(backend, dtype)
+    x = torch.tensor([[1.0, 0.5]], dtype=dtype)
+    wg = torch.tensor([[9.0, 0.0], [1.0, 2.0]], dtype=dtype)
+    wu = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=dtype)
+    dh = torch.tensor([[INF, 1.0]], dtype=dtype)
+    with fl.use_backend(backend):
+        leaves = [t.clone().requires_grad_() for t in (x, wg, wu)]
+        got = _grads(fl.gated_linear(*leaves, activation=act), leaves, dh)
+    leaves_r = [t.clone().requires_grad_() for t in (x, wg, wu)]
+    want = _grads(ACTIVATIONS[act].ref(F.linear(leaves_r[0], leaves_r[1]), 0.01) * F.linear(leaves_r[0], leaves_r[2]),
+                  leaves_r, dh)
+    for name, g, w in zip(("h", "dx", "dWg", "dWu"), got, want):
+        assert torch.equal(_cls(g.double()), _cls(w.double())), (backend, act, name, g, w)
