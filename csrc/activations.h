@@ -245,7 +245,10 @@ static inline V act_forward(V z, C slope) {
 // dz = dy * act'(.) from `s`, the tensor the forward saved: the output y for RELU, SIGMOID, TANH,
 // RELU6 and LEAKY_RELU with slope >= 0; the pre-activation z for GELU, GELU_TANH, SILU,
 // HARDSWISH, HARDSIGMOID, QUICK_GELU, MISH and LEAKY_RELU with slope < 0 (for LEAKY_RELU `s > 0` is
-// the same test either way; for RELU6 `0 < s < 6` too). PyTorch's formulas (vectorised CPU path).
+// the same test either way; for RELU6 `s <= 0 or s >= 6` too). ATen's formulas (the scalar code of
+// its CPU kernels), tests and order of operations included, so NaN, inf * 0 and overflow land where
+// PyTorch's do (tests/test_activation_grid.py); ATen's vectorised loop differs from its own formula
+// at NaN for hardswish and relu6 (NaN and 0 there), and PyTorch runs it on long tensors only.
 // sigmoid(t) = 1 / (1 + e^-t), and 1 - sigmoid(t) in *om without cancellation: as e^-t sigmoid(t)
 // where sigmoid(t) >= 1/2 (1 - sg there loses the low bits that the derivatives below multiply by
 // z: gelu_tanh' at z = 4 was off by ~2e-6 absolute, twice PyTorch's error, before). e^-t = inf

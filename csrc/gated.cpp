@@ -50,7 +50,8 @@ void gated_forward(T* g, const T* bg, T* u, const T* bu, T* h, int64_t m, int64_
 }
 
 // Backward for rows [r0, r1): a = act(g); dg = act'(g) * (dh * u) (act' from g, or from a for
-// the activations whose backward reads their output, see activations.h); du = dh * a. sums_g and
+// the activations whose backward reads their output, see activations.h, a rounded to fp16 / bf16
+// first as PyTorch saves it); du = dh * a. sums_g and
 // sums_u collect the column sums of dg and du (two-stage, see ColumnSums in common.h).
 // Bytes: reads 3*M*N, writes 2*M*N.
 template <class T, int ACT>
@@ -65,7 +66,18 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, c
       V gv = load_k(g + r * ld + j, k);
       V uv = load_k(u + r * ld + j, k);
       V a = act_forward<ACT>(gv, (C)slope);
-      V dgv = act_backward<ACT>(dhv * uv, from_output ? a : gv, (C)slope);
+      V saved = gv;
+      if (from_output) {
+        saved = a;
+        if constexpr (sizeof(T) == 2) {
+          // fp16 / bf16: the output rounded to T first, as PyTorch's composition saves it
+          // (tanh(g) rounding to 1 gives tanh' = 0 there: inf * 0 = NaN for an infinite dh * u).
+          T buf[sizeof(V) / sizeof(C)];
+          io<T>::store(buf, a);
+          saved = io<T>::load(buf);
+        }
+      }
+      V dgv = act_backward<ACT>(dhv * uv, saved, (C)slope);
       V duv = dhv * a;
       store_k(dg + r * ldd + j, dgv, k);
       store_k(du + r * ldd + j, duv, k);

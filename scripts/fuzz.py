@@ -23,18 +23,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--out", default=str(ROOT / "fuzz-failures"))
+    ap.add_argument("--examples", type=int, default=2000,
+                    help="hypothesis examples per test per run (a run of 2000 takes hours on 2 cores)")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(exist_ok=True)
     counts_file = pathlib.Path(tempfile.mkstemp(prefix="fastlayers-fuzz-", suffix=".txt")[1])
-    env = dict(os.environ, HYPOTHESIS_PROFILE="fuzz", FASTLAYERS_FUZZ_COUNTS=str(counts_file))
+    env = dict(os.environ, HYPOTHESIS_PROFILE="fuzz", FASTLAYERS_FUZZ_COUNTS=str(counts_file),
+               FASTLAYERS_FUZZ_EXAMPLES=str(args.examples))
     deadline = time.monotonic() + 60 * args.minutes
-    runs, failed = 0, []
+    runs, failed, cut = 0, [], 0
     while time.monotonic() < deadline:
         seed = random.SystemRandom().randrange(2 ** 32)
         print(f"fuzz run {runs + 1}: --hypothesis-seed={seed}", flush=True)
-        r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_fuzz.py", "-q", "-p", "no:cacheprovider",
-                            f"--hypothesis-seed={seed}"], cwd=ROOT, env=env, capture_output=True, text=True)
+        try:  # a run still going at the deadline is stopped there (its cases are counted)
+            r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_fuzz.py", "-q", "-p", "no:cacheprovider",
+                                f"--hypothesis-seed={seed}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            runs, cut = runs + 1, cut + 1
+            print("  stopped at the deadline", flush=True)
+            break
         runs += 1
         tail = (r.stdout.strip().splitlines() or [""])[-1]
         print(f"  {tail}", flush=True)
@@ -46,7 +55,8 @@ def main() -> int:
     counts = collections.Counter(counts_file.read_text().split("\n")) if counts_file.exists() else {}
     counts.pop("", None)
     counts_file.unlink(missing_ok=True)
-    print(f"\nfastlayers fuzz: {runs} run(s) in {args.minutes:g} min, {len(failed)} failed")
+    print(f"\nfastlayers fuzz: {runs} run(s) in {args.minutes:g} min ({cut} stopped at the deadline), "
+          f"{len(failed)} failed")
     for key, n in sorted(counts.items()):
         print(f"  {n:8d} cases  {key}")
     for log in failed:

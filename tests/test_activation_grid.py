@@ -13,7 +13,7 @@ while fastlayers gets the whole grid in one call too (its vectorised paths, ever
 
 Layouts (x (M, K) @ W^T, K = 2; z appears exactly):
   * reproducer: x = [[1, 0.5]], W = [[z, 0], [1, 2]], no bias: y = [[act(z), act(2)]], one z per
-    call (the layout of the user report); y, dx, dW.
+    call (the layout of the user report) for the special values of PER_CALL; y, dx, dW.
   * rows:  x = [[1, 0.5]], W[n] = [z_n, 0], bias 0: the whole grid in one call; y, dW, db per z.
   * cols:  x[m] = [z_m, 0.5], W = [[1, 0]]: the whole grid in one call; y, dx per z.
   * gated: gated_linear with the reproducer's x and W as the gate, u = 1: h, dx, dWg, dWu, dbg, dbu.
@@ -224,20 +224,25 @@ def test_grid_batched(act, slope, dtype, backend):
     assert not failures, "\n".join(failures)
 
 
-# One z per call (~0.1 ms on cpp, ~20 ms on the interpreted Triton backend, plus PyTorch's side):
-# the values of the user report, the kinks and the saturation points; the batched layouts above
-# cover the whole grid.
+# One z per call (~0.1 ms on cpp, plus PyTorch's side): the values of the user report, the kinks
+# and the saturation points; the batched layouts above cover the whole grid.
 PER_CALL = [NAN, INF, -INF, 0.0, -0.0, 3.0, -3.0, 6.0, "max", "-max", "max/1.5", "-max/1.5", 1e20, -1e20,
             "sub", 20.5, -20.0, -100.0, 1e13]
 
 
+# The interpreted Triton backend (~20 ms a call): the values of the user report and the kinks.
+PER_CALL_INTERPRETED = [NAN, INF, -INF, 0.0, 3.0, -3.0, 6.0, "max", "-max"]
+
+
 def _repro_zs(backend, dtype):
+    """Indices in grid(dtype) of the values run one per call on `backend` (None: every backend's)."""
     zs = grid(dtype)
+    per_call = PER_CALL_INTERPRETED if backend == "triton" and INTERPRETED else PER_CALL
     fi = torch.finfo(dtype)
     named = {"max": fi.max, "-max": -fi.max, "max/1.5": fi.max / 1.5, "-max/1.5": -fi.max / 1.5,
              "sub": torch.nextafter(torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()}
     want = [torch.tensor(named.get(v, v) if isinstance(v, str) else v, dtype=torch.float64).to(dtype).item()
-            for v in PER_CALL]
+            for v in per_call]
     return [i for i, z in enumerate(zs)
             if any((z == w and math.copysign(1, z) == math.copysign(1, w)) or (math.isnan(z) and math.isnan(w))
                    for w in want)]
@@ -317,3 +322,25 @@ def test_user_report():
                 assert got[2][0].tolist() == [1.0, 0.5], (backend, act, got[2])  # dW row: dy * x
             else:
                 assert torch.isfinite(got[2]).all(), (backend, act, got[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+def test_gated_saved_output_rounds_like_pytorch(act, dtype, backend):
+    """gated_linear's act' from the output uses the output rounded to fp16 / bf16, as PyTorch's
+    composition saves it: where tanh(g) / sigmoid(g) rounds to 1, act' = 0 and an infinite upstream
+    gradient gives NaN (inf * 0), as in PyTorch (found by the fuzz: inf, from the fp32 output)."""
+    _backend_or_skip(backend, dtype)
+    x = torch.tensor([[1.0, 0.5]], dtype=dtype)
+    wg = torch.tensor([[9.0, 0.0], [1.0, 2.0]], dtype=dtype)
+    wu = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=dtype)
+    dh = torch.tensor([[INF, 1.0]], dtype=dtype)
+    with fl.use_backend(backend):
+        leaves = [t.clone().requires_grad_() for t in (x, wg, wu)]
+        got = _grads(fl.gated_linear(*leaves, activation=act), leaves, dh)
+    leaves_r = [t.clone().requires_grad_() for t in (x, wg, wu)]
+    want = _grads(ACTIVATIONS[act].ref(F.linear(leaves_r[0], leaves_r[1]), 0.01) * F.linear(leaves_r[0], leaves_r[2]),
+                  leaves_r, dh)
+    for name, g, w in zip(("h", "dx", "dWg", "dWu"), got, want):
+        assert torch.equal(_cls(g.double()), _cls(w.double())), (backend, act, name, g, w)

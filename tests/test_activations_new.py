@@ -4,9 +4,11 @@ side), +-0, NaN, +-inf and mish's large |z|. The op tests (test_linear_act.py, t
 test_gradcheck.py) cover them on random data through the activation table.
 
 Values go through fl.linear_act with a 1x1 identity weight (z = x exactly, up to the sign of a
-zero, which the GEMM decides; PyTorch's side goes through F.linear for that reason). PyTorch's CPU kernels
-take their vectorised path on tensors of >= 64 elements, which these are padded to: its scalar tail
-differs at NaN (hardswish'(nan) = dy, relu6'(nan) = dy there; NaN and 0 vectorised, and here).
+zero, which the GEMM decides; PyTorch's side goes through F.linear for that reason), padded to 64
+rows (fastlayers' vector loops). PyTorch's side applies the activation one element at a time: ATen's
+formula (its scalar code). Its vectorised loop, which it runs on longer tensors, differs at NaN
+(hardswish'(nan) = NaN, relu6'(nan) = 0 there; dy in the formula and in fastlayers at every size).
+tests/test_activation_grid.py covers every activation this way.
 """
 import math
 
@@ -61,7 +63,8 @@ def _run(backend, act, z):
         y = fl.linear_act(x, one, None, act)
     y.backward(torch.ones_like(y))
     xr = zz.clone().requires_grad_()
-    yr = acts.get(act).ref(F.linear(xr, one), 0.01)  # torch's GEMM decides the sign of a zero z too
+    zr = F.linear(xr, one)  # torch's GEMM decides the sign of a zero z too
+    yr = torch.cat([acts.get(act).ref(zr[i:i + 1], 0.01) for i in range(zr.shape[0])])  # the formula
     yr.backward(torch.ones_like(yr))
     return (y.detach()[:n, 0], x.grad[:n, 0]), (yr.detach()[:n, 0], xr.grad[:n, 0])
 
@@ -87,13 +90,14 @@ def test_special_values_and_kinks(backend, act, dtype):
 
 
 def test_kink_derivatives_are_pytorchs():
-    """The exact one-sided choices, spelled out (the vectorised ATen kernels' choices)."""
+    """The exact one-sided choices, spelled out (ATen's formulas: hardswish_backward's, hardsigmoid's,
+    hardtanh_backward's; at NaN hardswish' and relu6' pass dy, hardsigmoid' is 0)."""
     z = torch.tensor([-3.0, 3.0, 0.0, 6.0, float("nan"), -0.0])
-    expect = {"hardswish": [0.0, 1.0, 0.5, 1.0, float("nan"), 0.5],
+    expect = {"hardswish": [0.0, 1.0, 0.5, 1.0, 1.0, 0.5],
               "hardsigmoid": [0.0, 0.0, 1 / 6, 0.0, 0.0, 1 / 6],
-              "relu6": [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]}
+              "relu6": [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]}
     for act, want in expect.items():
-        for backend in ("cpp", "reference"):
+        for backend in ("cpp", "reference") + (("triton",) if _triton_ok() else ()):
             (_, g), _ = _run(backend, act, z)
             torch.testing.assert_close(g, torch.tensor(want), equal_nan=True, msg=f"{act} on {backend}")
 

@@ -1,7 +1,9 @@
 """Property-based differential tests (hypothesis): every op x activation x backend against float64
 PyTorch on random shapes (0, 1, primes, long rows), dtypes, layouts of every tensor argument
 (contiguous, transposed, sliced, stride-0 expanded) and value classes (ordinary, tiny/subnormal,
-large, NaN and -0 sprinkled in, -inf masks for softmax), forward and backward.
+large, NaN and -0 sprinkled in, +-inf / NaN / -0 in any argument, near-overflow values up to
+finfo.max where no sum of them is formed, -inf masks for softmax), forward and backward; non-finite
+patterns (NaN, +inf, -inf positions) exactly PyTorch's, finite values within the tolerances.
 
 Profiles (HYPOTHESIS_PROFILE, or pytest --hypothesis-profile):
     ci    (default) a bounded number of examples per test, derandomized: part of `make test`
@@ -22,13 +24,15 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastlayers as fl  # noqa: E402
+from fastlayers.backends import reference as _ref_backend  # noqa: E402
 from fastlayers.activations import ACTIVATIONS, NAMES  # noqa: E402
 from conftest import assert_matches  # noqa: E402
 from integration_helpers import backend_skip_reason  # noqa: E402
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("fuzz", max_examples=2000, deadline=None, print_blob=True,
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FASTLAYERS_FUZZ_EXAMPLES", "2000")),
+                          deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
@@ -56,7 +60,7 @@ def _count(op: str, backend: str, dtype: torch.dtype) -> None:
 def values(draw, shape, dtype, klass=None):
     """A float64 tensor of `shape` in a value class, then rounded to dtype (so the float64
     reference sees exactly the rounded inputs)."""
-    klass = klass or draw(st.sampled_from(["normal", "tiny", "large", "special"]))
+    klass = klass or draw(st.sampled_from(["normal", "tiny", "large", "special", "nonfinite"]))
     seed = draw(st.integers(0, 2 ** 31 - 1))
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -69,6 +73,24 @@ def values(draw, shape, dtype, klass=None):
         flat = t.view(-1)
         flat[idx[::2]] = -0.0
         flat[idx[1::2]] = math.nan
+    elif klass == "nonfinite" and t.numel():  # +-inf, NaN and -0 sprinkled in
+        idx = torch.randint(0, t.numel(), (max(1, t.numel() // 7),), generator=g)
+        flat = t.view(-1)
+        flat[idx[0::4]] = math.inf
+        flat[idx[1::4]] = -math.inf
+        flat[idx[2::4]] = math.nan
+        flat[idx[3::4]] = -0.0
+    elif klass in ("huge", "overflow") and t.numel():
+        # Near-overflow magnitudes sprinkled in: "overflow" up to the dtype's max (for a bias, added
+        # once: no sum of them whose overflow would depend on the order of the additions), "huge"
+        # 1e30 (1e300 in fp64; no sum of < 1e8 of them overflows, their products do).
+        idx = torch.randint(0, t.numel(), (max(1, t.numel() // 5),), generator=g)
+        mx = torch.finfo(dtype).max
+        mags = ([mx, mx / 1.5, mx / 1.7, 1e20, 1e13] if klass == "overflow"
+                else [1e300 if dtype == torch.float64 else 1e30, 1e20, 1e13])
+        pick = torch.randint(0, len(mags), (idx.numel(),), generator=g)
+        flat = t.view(-1)
+        flat[idx] = torch.tensor(mags, dtype=torch.float64)[pick] * torch.sign(flat[idx] + 0.5)
     return t.to(dtype)
 
 
@@ -88,6 +110,28 @@ def laid_out(draw, t: torch.Tensor):
     return t
 
 
+def assert_nonfinite_equal(out: torch.Tensor, eager: torch.Tensor, what: str, alt=None) -> None:
+    """NaN, +inf and -inf at exactly PyTorch's positions (its result in the same dtype; elementwise
+    or those of `alt`, another accepted result)."""
+    for name, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        a, b = f(out), f(eager)
+        bad = a != b
+        if alt is not None:
+            bad &= a != f(alt)
+        if bad.any():
+            idx = bad.nonzero()[:5].tolist()
+            raise AssertionError(f"{what}: {name} pattern differs from PyTorch's at {idx}: "
+                                 f"ours {[out[tuple(i)].item() for i in idx]}, "
+                                 f"torch {[eager[tuple(i)].item() for i in idx]}")
+
+
+def _finite_only(out, r, e):
+    """The three tensors with every position where any is not finite set to 0 (compared above)."""
+    keep = torch.isfinite(out) & torch.isfinite(e) & torch.isfinite(r)
+    z = lambda t: torch.where(keep, t, torch.zeros((), dtype=t.dtype))  # noqa: E731
+    return z(out), z(r), z(e)
+
+
 def _dtypes(backend: str):
     out = [torch.float32, torch.float64]
     if not (backend == "triton" and INTERPRETED):
@@ -105,20 +149,53 @@ def linear_case(draw):
     dtype = draw(st.sampled_from(_dtypes(backend)))
     act = draw(st.sampled_from(NAMES))
     slope = draw(st.sampled_from([0.01, 0.2, 0.0, -0.3]))
-    klass = draw(st.sampled_from(["normal", "tiny", "large", "special"]))
-    # "large" pre-activations (saturating exp, tanh, erf) come from a large bias: added exactly,
-    # so the fp32 reference error stays that of an ordinary GEMM rather than K * 30 * eps.
-    x = draw(laid_out(draw(values((*lead, k), dtype, "normal" if klass == "large" else klass))))
-    w = draw(laid_out(draw(values((n, k), dtype, "normal"))))
-    b = draw(st.one_of(st.none(), values((n,), dtype, "large" if klass == "large" else "normal").flatmap(laid_out)))
-    dy = draw(laid_out(draw(values((*lead, n), dtype, "normal"))))
+    klass = draw(st.sampled_from(["normal", "tiny", "large", "special", "nonfinite", "overflow"]))
+    # Which arguments get the value class (the others are "normal"): "large" and "overflow"
+    # pre-activations (saturating exp, tanh, erf; 1.702 z or z^2 overflowing) come from the bias:
+    # added exactly, so the fp32 reference error stays that of an ordinary GEMM rather than
+    # K * 30 * eps, and no sum of near-overflow terms (whose overflow would depend on the order of
+    # the additions) is formed. "special" and "nonfinite" go into any of x, W, b, dy.
+    where = ({"b"} if klass in ("large", "overflow") else {"x"} if klass in ("normal", "tiny")
+             else set(draw(st.sets(st.sampled_from(["x", "w", "b", "dy"]), min_size=1))))
+
+    def cls(arg):
+        return klass if arg in where else "normal"
+    x = draw(laid_out(draw(values((*lead, k), dtype, cls("x")))))
+    w = draw(laid_out(draw(values((n, k), dtype, cls("w")))))
+    b = draw(st.one_of(st.none(), values((n,), dtype, cls("b")).flatmap(laid_out)))
+    dy = draw(laid_out(draw(values((*lead, n), dtype, cls("dy")))))
     return backend, x, w, b, act, slope, dy, klass
+
+
+class _FormulaAct(torch.autograd.Function):
+    """PyTorch's activation with the semantics of ATen's formula at every size: the reference
+    backend's act_forward / act_grad, i.e. PyTorch's own ops except where their vectorised loop
+    (run on long tensors) departs from the formula: gelu(+inf) and gelu(z >= ~1.7e38) forward,
+    hardswish'(nan) and relu6'(nan) (tests/test_activation_grid.py)."""
+
+    @staticmethod
+    def forward(ctx, z, name, slope):
+        act = ACTIVATIONS[name]
+        y = _ref_backend.act_forward(z, act, slope)
+        kind = act.saves(slope)
+        ctx.act, ctx.slope = act, slope
+        ctx.save_for_backward(y if kind == "output" else z)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (saved,) = ctx.saved_tensors
+        return _ref_backend.act_grad(dy, saved, ctx.act, ctx.slope), None, None
+
+
+def formula_act(z, act, slope):
+    return z if act == "none" else _FormulaAct.apply(z, act, slope)
 
 
 def _linear_ref(x, w, b, act, slope, dy, dtype):
     xs, ws = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
     bs = None if b is None else b.detach().to(dtype).requires_grad_()
-    y = ACTIVATIONS[act].ref(F.linear(xs, ws, bs), slope)
+    y = formula_act(F.linear(xs, ws, bs), act, slope)
     y.backward(dy.to(dtype))
     return [y.detach(), xs.grad, ws.grad] + ([] if bs is None else [bs.grad])
 
@@ -142,8 +219,19 @@ def test_fuzz_linear_act(case):
     names = ("y", "dx", "dW", "db")
     for i, (out, r, e) in enumerate(zip(outs, ref64, eager)):
         red = (k, n, m, m)[i]
-        if klass == "special" and i > 0:  # NaN rows spread through the GEMMs of the backward
-            continue
+        if klass in ("special", "nonfinite", "overflow"):
+            # Non-finite patterns exactly PyTorch's in its own dtype (NaN / inf spread through the
+            # backward's GEMMs the same way); the finite values within the tolerance. The cpp
+            # backend runs bf16 GELU's forward through ATen's own kernel (its vectorised loop:
+            # gelu(+inf) = NaN; tests/test_activation_grid.py aten_alt): that result is accepted too.
+            alt = None
+            if i == 0 and backend == "cpp" and act == "gelu" and x.dtype == torch.bfloat16:
+                alt = F.gelu(F.linear(x, w, b))
+            assert_nonfinite_equal(out, e, f"{backend} {act} {x.dtype} {names[i]} ({klass})", alt)
+            out, r, e = _finite_only(out, r, e)
+            if alt is not None:
+                keep = torch.isfinite(alt)
+                out, r, e = (torch.where(keep, t, torch.zeros((), dtype=t.dtype)) for t in (out, r, e))
         if x.dtype == torch.bfloat16 and i > 0 and red < 8:
             # A bf16 gradient summed over a handful of terms: one bf16 ulp of a saved y (fused
             # epilogues round z once, eager twice) moves act'(y) by ~1% and the result by about an
@@ -165,14 +253,15 @@ def softmax_case(draw):
         shape = [1] * ndim
         shape[dim] = draw(st.sampled_from([2047, 2049, 4096 + 3, longest]))
     dtype = draw(st.sampled_from(_dtypes(backend)))
-    klass = draw(st.sampled_from(["normal", "tiny", "large", "special", "masked"]))
+    klass = draw(st.sampled_from(["normal", "tiny", "large", "special", "masked", "nonfinite", "huge"]))
     x = draw(values(tuple(shape), dtype, "normal" if klass == "masked" else klass))
     if klass == "masked" and x.numel():
         g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
         x = x.masked_fill(torch.rand(x.shape, generator=g) < 0.6, -math.inf)  # some rows all -inf
     x = draw(laid_out(x))
-    dy = draw(laid_out(draw(values(tuple(shape), dtype, "normal"))))
-    return backend, x, dim, draw(st.booleans()), dy, klass
+    dy_klass = draw(st.sampled_from(["normal", "normal", "nonfinite", "huge"]))
+    dy = draw(laid_out(draw(values(tuple(shape), dtype, dy_klass))))
+    return backend, x, dim, draw(st.booleans()), dy, klass if dy_klass == "normal" else f"{klass}/dy {dy_klass}"
 
 
 @given(softmax_case())
@@ -195,14 +284,23 @@ def test_fuzz_softmax(case):
 
     (y64, g64), (ye, ge) = ref(torch.float64), ref(x.dtype)
     red = x.shape[dim] if x.dim() else 1
-    assert_matches(y.detach(), y64, ye, red=red, what=f"{backend} {op.__name__} {x.dtype} y")
-    if klass in ("special", "masked"):  # NaN / fully -inf rows: the forward says it all
+    what = f"{backend} {op.__name__} {x.dtype} ({klass})"
+    yo, dx = y.detach(), xl.grad
+    if klass != "normal":  # NaN / inf / fully -inf rows: the patterns exactly, then finite values
+        assert_nonfinite_equal(yo, ye, what + " y")
+        assert_nonfinite_equal(dx, ge, what + " dx")
+        yo, y64, ye = _finite_only(yo, y64, ye)
+        dx, g64, ge = _finite_only(dx, g64, ge)
+    assert_matches(yo, y64, ye, red=red, what=what + " y")
+    if "/dy" in klass:
+        # dx = y (dy - sum(dy y)) with near-overflow / non-finite dy: a sum over the row whose
+        # rounding and cancellation depend on the order of the additions: the patterns are the check.
         return
     if x.dtype == torch.bfloat16 and red < 8:
         # As for linear_act: over a few terms, one bf16 ulp of the saved y (its rounding depends on
         # the layout the row was reduced in -- found with the reference backend itself) decides dx.
         return
-    assert_matches(xl.grad, g64, ge, red=red, what=f"{backend} {op.__name__} {x.dtype} dx")
+    assert_matches(dx, g64, ge, red=red, what=what + " dx")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -232,24 +330,33 @@ def gated_case(draw):
     dtype = draw(st.sampled_from(_dtypes(backend)))
     act = draw(st.sampled_from(NAMES))
     slope = draw(st.sampled_from([0.01, -0.3]))
-    x = draw(laid_out(draw(values((m, k), dtype, "normal"))))
-    wg, wu = (draw(laid_out(draw(values((n, k), dtype, "normal")))) for _ in range(2))
-    bg, bu = (draw(st.one_of(st.none(), values((n,), dtype, "normal").flatmap(laid_out))) for _ in range(2))
-    dy = draw(laid_out(draw(values((m, n), dtype, "normal"))))
-    return backend, x, wg, wu, bg, bu, act, slope, dy
+    # A value class for some arguments: "nonfinite" (+-inf, NaN, -0) anywhere, "huge" (1e30, 1e300
+    # in fp64: products overflow, no sum of them does) in the biases only (pre-activations exact).
+    klass = draw(st.sampled_from(["normal", "normal", "nonfinite", "huge"]))
+    args = ("x", "wg", "wu", "bg", "bu", "dy")
+    where = (set() if klass == "normal" else
+             set(draw(st.sets(st.sampled_from(["bg", "bu"] if klass == "huge" else args), min_size=1))))
+
+    def cls(arg):
+        return klass if arg in where else "normal"
+    x = draw(laid_out(draw(values((m, k), dtype, cls("x")))))
+    wg, wu = (draw(laid_out(draw(values((n, k), dtype, cls(a))))) for a in ("wg", "wu"))
+    bg, bu = (draw(st.one_of(st.none(), values((n,), dtype, cls(a)).flatmap(laid_out))) for a in ("bg", "bu"))
+    dy = draw(laid_out(draw(values((m, n), dtype, cls("dy")))))
+    return backend, x, wg, wu, bg, bu, act, slope, dy, klass
 
 
 def _gated_ref(args, act, slope, dy, dtype):
     leaves = [None if a is None else a.detach().to(dtype).requires_grad_() for a in args]
     x, wg, wu, bg, bu = leaves
-    y = ACTIVATIONS[act].ref(F.linear(x, wg, bg), slope) * F.linear(x, wu, bu)
+    y = formula_act(F.linear(x, wg, bg), act, slope) * F.linear(x, wu, bu)
     y.backward(dy.to(dtype))
     return [y.detach()] + [None if a is None else a.grad for a in leaves]
 
 
 @given(gated_case())
 def test_fuzz_gated_linear(case):
-    backend, x, wg, wu, bg, bu, act, slope, dy = case
+    backend, x, wg, wu, bg, bu, act, slope, dy, klass = case
     _count("gated_linear", backend, x.dtype)
     args = [x, wg, wu, bg, bu]
     before = [None if a is None else a.clone() for a in args]
@@ -268,6 +375,9 @@ def test_fuzz_gated_linear(case):
         if r is None:
             continue
         red = (k, n, m, m, m, m)[i]
+        if klass != "normal":  # non-finite patterns exactly PyTorch's, then the finite values
+            assert_nonfinite_equal(out, e, f"{backend} {act} {x.dtype} {names[i]} ({klass})")
+            out, r, e = _finite_only(out, r, e)
         if x.dtype == torch.bfloat16 and i > 0 and red < 8:
             continue  # a bf16 gradient of a handful of terms: see test_fuzz_linear_act
         assert_matches(out, r, e, red=red, what=f"{backend} {act} {x.dtype} {names[i]}")
@@ -303,12 +413,35 @@ def _loss_outputs(f, args, grad_of):
     return [y.detach()] + list(grads)
 
 
-@given(loss_case(), st.booleans())
-def test_fuzz_cross_entropy(case, weighted):
+def _sprinkle(t: torch.Tensor, klass: str, seed: int) -> torch.Tensor:
+    """t with the special values of a value class sprinkled in (see values())."""
+    if klass == "normal" or not t.numel():
+        return t
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, t.numel(), (max(1, t.numel() // 7),), generator=g)
+    out = t.detach().clone().double()
+    flat = out.view(-1)
+    if klass == "nonfinite":
+        flat[idx[0::4]], flat[idx[1::4]], flat[idx[2::4]], flat[idx[3::4]] = math.inf, -math.inf, math.nan, -0.0
+    else:  # huge
+        flat[idx] = (1e300 if t.dtype == torch.float64 else 1e30) * torch.sign(flat[idx] + 0.5)
+    return out.to(t.dtype)
+
+
+def _check_loss(got, ref, eager, red, what, klass):
+    for i, (a, r, e) in enumerate(zip(got, ref, eager)):
+        if klass != "normal":
+            assert_nonfinite_equal(a, e, f"{what} output {i} ({klass})")
+            a, r, e = _finite_only(a, r, e)
+        yield i, a, r, e
+
+
+@given(loss_case(), st.booleans(), st.sampled_from(["normal", "normal", "nonfinite", "huge"]))
+def test_fuzz_cross_entropy(case, weighted, klass):
     backend, dtype, n, c, t, ignore_index, eps, reduction = case
     _count("cross_entropy", backend, dtype)
     g = torch.Generator().manual_seed(n * 1000 + c)
-    x = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    x = _sprinkle((torch.randn(n, c, generator=g) * 3).to(dtype), klass, n + c)
     w = (torch.rand(c, generator=g) + 0.5).to(dtype) if weighted else None
     x0 = x.clone()
     kw = dict(ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
@@ -320,22 +453,29 @@ def test_fuzz_cross_entropy(case, weighted):
     def torch_op(dt):  # F.cross_entropy on inputs of dtype dt
         return lambda x: F.cross_entropy(x, t, weight=None if w is None else w.to(dt), **kw)
     got = _loss_outputs(ours, [x.detach().requires_grad_()], [0])
-    torch.testing.assert_close(x, x0, rtol=0, atol=0)  # inputs never modified
+    torch.testing.assert_close(x, x0, rtol=0, atol=0, equal_nan=True)  # inputs never modified
     ref = _loss_outputs(torch_op(torch.float64), [x.double().requires_grad_()], [0])
     eager = _loss_outputs(torch_op(dtype), [x.detach().requires_grad_()], [0])
-    for i, (a, r, e) in enumerate(zip(got, ref, eager)):
-        assert_matches(a, r, e, red=max(n, c), what=f"{backend} {dtype} {reduction} output {i}")
+    what = f"{backend} {dtype} {reduction}"
+    for i, a, r, e in _check_loss(got, ref, eager, max(n, c), what, klass):
+        if klass == "huge" and i == 0 and reduction != "none":
+            continue  # a sum of huge row losses: its rounding depends on the order of the additions
+        assert_matches(a, r, e, red=max(n, c), what=f"{what} output {i}")
 
 
-@given(loss_case(), st.booleans(), st.sampled_from([1, 3, 16]), st.booleans())
-def test_fuzz_linear_cross_entropy(case, bias, hidden, small_blocks):
-    """small_blocks: forward chunks of a few tokens and gradient blocks of 8 vocabulary entries."""
+@given(loss_case(), st.booleans(), st.sampled_from([1, 3, 16]), st.booleans(),
+       st.sampled_from(["normal", "normal", "nonfinite", "huge"]), st.sampled_from(["h", "w", "b"]))
+def test_fuzz_linear_cross_entropy(case, bias, hidden, small_blocks, klass, arg):
+    """small_blocks: forward chunks of a few tokens and gradient blocks of 8 vocabulary entries.
+    klass: non-finite or huge values sprinkled into the argument `arg`."""
     backend, dtype, n, c, t, ignore_index, eps, reduction = case
     _count("linear_cross_entropy", backend, dtype)
     g = torch.Generator().manual_seed(n * 1000 + c + hidden)
-    h = torch.randn(n, hidden, generator=g).to(dtype)
-    w = (torch.randn(c, hidden, generator=g) / hidden ** 0.5).to(dtype)
-    b = torch.randn(c, generator=g).to(dtype) if bias else None
+    h = _sprinkle(torch.randn(n, hidden, generator=g).to(dtype), klass if arg == "h" else "normal", n)
+    w = _sprinkle((torch.randn(c, hidden, generator=g) / hidden ** 0.5).to(dtype), klass if arg == "w" else "normal", c)
+    b = _sprinkle(torch.randn(c, generator=g).to(dtype), klass if arg == "b" else "normal", c + 1) if bias else None
+    if arg == "b" and not bias:
+        klass = "normal"
     kw = dict(ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
     args = [h, w] + ([b] if bias else [])
 
@@ -362,7 +502,10 @@ def test_fuzz_linear_cross_entropy(case, bias, hidden, small_blocks):
     got = _loss_outputs(ours, leaves(dtype), idx)
     ref = _loss_outputs(torch_op, leaves(torch.float64), idx)
     eager = _loss_outputs(torch_op, leaves(dtype), idx)
-    for i, (a, r, e) in enumerate(zip(got, ref, eager)):
+    what = f"{backend} {dtype} {reduction}"
+    for i, a, r, e in _check_loss(got, ref, eager, max(n, c, hidden), what, klass):
         if dtype == torch.bfloat16 and i > 0 and n < 8:
             continue  # a bf16 gradient of a handful of terms: see test_fuzz_linear_act
-        assert_matches(a, r, e, red=max(n, c, hidden), what=f"{backend} {dtype} {reduction} output {i}")
+        if klass == "huge":
+            continue  # huge logits: sums of huge terms, order-dependent rounding: the patterns are the check
+        assert_matches(a, r, e, red=max(n, c, hidden), what=f"{what} output {i}")

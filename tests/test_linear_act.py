@@ -153,15 +153,17 @@ def test_dense_grid_distinguishes_variants(backend, act):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_special_values(backend, act, dtype):
     """±0, finite extremes and NaN give PyTorch's values (and signs of zero), derivatives too.
-    64 values (SPECIAL repeated): ATen's CPU activations then run their vectorised loop on all of
-    them; its scalar tail differs at NaN (hardswish'(nan) = dy, relu6'(nan) = dy there)."""
+    64 values (SPECIAL repeated): fastlayers' vector loops; PyTorch's side one element at a time,
+    ATen's formula (its vectorised loop, run on long tensors, departs from it at NaN:
+    hardswish'(nan) = NaN, relu6'(nan) = 0 there, dy in the formula; tests/test_activation_grid.py)."""
     z = torch.tensor((SPECIAL * 5)[:64], dtype=dtype).unsqueeze(1)
     one = torch.ones(1, 1, dtype=dtype)
     x = leaf(z)
     y = fl.linear_act(x, one, None, act)
     y.backward(torch.ones_like(y))
     xr = leaf(z)
-    yr = eager(xr, one, None, act)  # torch's own GEMM too: it decides the sign of a zero z
+    zr = F.linear(xr, one)  # torch's own GEMM too: it decides the sign of a zero z
+    yr = torch.cat([ACTIVATIONS[act].ref(zr[i:i + 1], SLOPE) for i in range(zr.shape[0])])
     yr.backward(torch.ones_like(yr))
     torch.testing.assert_close(y, yr, equal_nan=True, rtol=1.3e-6 if dtype != torch.bfloat16 else 1e-2, atol=1e-30)
     zero = yr == 0

@@ -183,3 +183,28 @@ def test_implicit_dim_like_torch(backend, shape):
 def test_float16(backend, op, shape, dim):
     torch.manual_seed(8)
     check(op, torch.randn(shape, dtype=torch.float16) * 3, dim)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape", [(2, 3), (3, 5, 7), (4, 3000)], ids=str)
+def test_dim_spellings_give_the_same_bits(op, shape):
+    """dim as an int, a numpy integer or a 0-d integer tensor: the same path (the tiny-CPU gate, or
+    not), so the same bits, forward and backward; no backend forced (the gates only run then)."""
+    np = pytest.importorskip("numpy")
+    ours = OPS[op][0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    dy = torch.randn(shape, generator=g)
+    results = []
+    for dim in (1, np.int64(1), np.int32(1), torch.tensor(1), -len(shape) + 1, np.int64(-len(shape) + 1)):
+        xl = x.clone().requires_grad_()
+        y = ours(xl, dim)
+        y.backward(dy)
+        results.append((dim, y.detach(), xl.grad))
+    for dim, y, dx in results[1:]:
+        assert torch.equal(y, results[0][1]), f"{op} y: dim={dim!r} ({type(dim).__name__}) differs from dim=1"
+        assert torch.equal(dx, results[0][2]), f"{op} dx: dim={dim!r} ({type(dim).__name__}) differs from dim=1"
+    with pytest.raises(TypeError):
+        ours(x, True)
+    with pytest.raises(TypeError):
+        ours(x, 1.0)

@@ -555,3 +555,35 @@ def test_tma_gemm_low_precision_gpu(dtype, monkeypatch):
     eager = _linear_grads(x, w, b, "gelu", dy, "reference")
     for name, o, r, e in zip(("y", "dx", "dw", "db"), ours, ref, eager):
         assert_matches(o, r, e, red=K, what=f"{name} {dtype}")
+
+
+# ----------------------------------------------------------------------------- int64 positions
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _positions_probe(out_ptr, l0, hi, INNER, BLOCK_L: tl.constexpr):
+    """The offsets and mask _chunk gives the streaming / split softmax kernels for positions
+    [l0, l0 + BLOCK_L) of row 0 (base 0), and the segment start _segment gives program (0, j)."""
+    base = tl.zeros((1,), tl.int64)
+    offs, mask = K_SM._chunk(base, base == 0, l0, hi, INNER, BLOCK_L)
+    tl.store(out_ptr + tl.arange(0, BLOCK_L), tl.reshape(offs, (BLOCK_L,)))
+    tl.store(out_ptr + BLOCK_L + tl.arange(0, BLOCK_L), tl.reshape(mask, (BLOCK_L,)).to(tl.int64))
+    lo, _ = K_SM._segment(hi, l0)
+    tl.store(out_ptr + 2 * BLOCK_L + tl.program_id(1), lo)
+
+
+def test_softmax_positions_are_int64_near_2_31():
+    """A row within BLOCK_L of 2^31 elements: the positions l0 + [0, BLOCK_L) and a segment's start
+    j * SEG are computed in int64 (in int32 they wrap negative and pass the `< hi` mask: loads
+    and stores 8 GB before the row). The interpreter reproduces int32 wrap-around (NOTES.md); the
+    arguments are int32 (< 2^31), as a launch with such a row passes them. 3 programs."""
+    l0 = 2 ** 31 - 3
+    hi = 2 ** 31 - 1
+    out = torch.zeros(2 * 8 + 3, dtype=torch.int64, device=DEVICE)
+    _positions_probe[(1, 3)](out, l0, hi, 5, BLOCK_L=8)
+    pos = [l0 + i for i in range(8)]
+    assert out[:8].tolist() == [p * 5 for p in pos]
+    assert out[8:16].tolist() == [int(p < hi) for p in pos]
+    assert out[16:].tolist() == [0, l0, 2 * l0]

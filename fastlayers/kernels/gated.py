@@ -143,7 +143,9 @@ def gated_grad_kernel(
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         a = apply_act(g, ACT, slope)
         if FROM_OUTPUT:
-            dg = act_grad(dh * u, a, ACT, slope)
+            # from the output rounded to the data's dtype first, as PyTorch's composition saves it
+            # (fp16 / bf16: tanh(g) rounding to 1 gives tanh' = 0, inf * 0 = NaN for dh * u = inf)
+            dg = act_grad(dh * u, a.to(dg_ptr.dtype.element_ty).to(COMPUTE_DTYPE), ACT, slope)
         else:
             dg = act_grad(dh * u, g, ACT, slope)
         du = dh * a

@@ -166,9 +166,11 @@ def softmax_fwd_kernel(x_ptr, y_ptr, R, L, INNER, LOG: tl.constexpr, COMPUTE_DTY
 # ptxas spilled a few bytes in some fp64 split kernels (scripts/compile_gate.py).
 @triton.jit
 def _chunk(base, mask_r, l0, hi, INNER, BLOCK_L: tl.constexpr):
-    """Offsets and mask of positions [l0, l0 + BLOCK_L) of the tile's rows, cut at `hi`."""
-    ll = l0 + tl.arange(0, BLOCK_L)
-    offs = base[:, None] + ll.to(tl.int64)[None, :] * INNER
+    """Offsets and mask of positions [l0, l0 + BLOCK_L) of the tile's rows, cut at `hi`. The
+    positions in int64: in int32, l0 + BLOCK_L - 1 wraps negative for a row within BLOCK_L of
+    2^31 elements, and the wrapped positions pass the mask `ll < hi`."""
+    ll = tl.cast(l0, tl.int64) + tl.arange(0, BLOCK_L)
+    offs = base[:, None] + ll[None, :] * INNER
     return offs, mask_r[:, None] & (ll < hi)[None, :]
 
 
@@ -180,7 +182,7 @@ def _max_sum(x_ptr, base, mask_r, lo, hi, INNER, COMPUTE_DTYPE: tl.constexpr,
     -inf ends with m = -inf, s = 0."""
     m = tl.full((BLOCK_R,), float("-inf"), COMPUTE_DTYPE)
     s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
-    for d in range(0, hi - lo, BLOCK_L):
+    for d in range(0, tl.cast(hi - lo, tl.int64), BLOCK_L):  # int64: d + BLOCK_L may pass 2^31
         offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
         m_new = tl.maximum(m, tl.max(x, axis=1))
@@ -198,7 +200,7 @@ def _write_y(x_ptr, y_ptr, base, mask_r, lo, hi, INNER, m, s, LOG: tl.constexpr,
     max m and s = sum exp(x - m). A fully -inf row (m = -inf, s = 0) gets NaN, like torch."""
     log_s = tl.log(s)
     inv_s = 1.0 / s
-    for d in range(0, hi - lo, BLOCK_L):
+    for d in range(0, tl.cast(hi - lo, tl.int64), BLOCK_L):  # int64: d + BLOCK_L may pass 2^31
         offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(COMPUTE_DTYPE)
         shifted = x - m[:, None]
@@ -247,7 +249,7 @@ def _grad_sum(dy_ptr, y_ptr, base, mask_r, lo, hi, INNER, LOG: tl.constexpr,
               COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """sum(dy * y) (softmax) or sum(dy) (log_softmax) over positions [lo, hi) of each row."""
     s = tl.zeros((BLOCK_R,), COMPUTE_DTYPE)
-    for d in range(0, hi - lo, BLOCK_L):
+    for d in range(0, tl.cast(hi - lo, tl.int64), BLOCK_L):  # int64: d + BLOCK_L may pass 2^31
         offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         if LOG:
@@ -263,7 +265,7 @@ def _write_dx(dy_ptr, y_ptr, dx_ptr, base, mask_r, lo, hi, INNER, s, LOG: tl.con
               COMPUTE_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx over positions [lo, hi) of each row with the formulas of softmax_bwd_kernel, given the
     row's sum s (``_grad_sum`` over the whole row)."""
-    for d in range(0, hi - lo, BLOCK_L):
+    for d in range(0, tl.cast(hi - lo, tl.int64), BLOCK_L):  # int64: d + BLOCK_L may pass 2^31
         offs, mask = _chunk(base, mask_r, lo + d, hi, INNER, BLOCK_L)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
@@ -292,7 +294,7 @@ def softmax_bwd_streaming_kernel(dy_ptr, y_ptr, dx_ptr, R, L, INNER, LOG: tl.con
 # (a fixed order: deterministic) and writes its segment.
 @triton.jit
 def _segment(L, SEG):
-    lo = tl.program_id(1) * SEG
+    lo = tl.program_id(1).to(tl.int64) * SEG  # (split_plan keeps segments * SEG < 2^31; int64 anyway)
     return lo, tl.minimum(lo + SEG, L)
 
 
