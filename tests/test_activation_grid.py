@@ -252,8 +252,11 @@ def aten_alt(backend, act, dtype, x, w, b):
     """What the cpp backend may return instead of the formula: it runs bf16 GELU's forward through
     ATen's own kernel where that pass has nothing to fuse (backends/cpp.py _ATEN_PASS: measured twice
     as fast as ours), and on two elements or more that is ATen's vectorised loop, whose gelu(+inf) =
-    NaN and gelu(z >= ~1.7e38) = inf (the formula: inf and z). PyTorch's own answer for the same call."""
-    if backend == "cpp" and act == "gelu" and dtype == torch.bfloat16:
+    NaN and gelu(z >= ~1.7e38) = inf (the formula: inf and z). The same holds in every dtype for tiny
+    calls (fewer than cpp.TORCH_OPS_MAX_OUT outputs), which are PyTorch's own F.linear + activation,
+    with or without grad (the no-grad gate's ops: both give eager's bits). PyTorch's own answer for
+    the same call."""
+    if backend == "cpp" and act == "gelu":
         return F.gelu(F.linear(x, w, b))
     return None
 

@@ -54,7 +54,8 @@ def _train_step(m, x, opt):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("writer", ["adamw_fused", "adamw_foreach", "sgd_fused", "adagrad_fused", "data_mul",
-                                    "data_copy", "numpy", "untyped_storage", "load_state_dict", "no_grad_copy"])
+                                    "data_copy", "numpy", "untyped_storage", "load_state_dict", "no_grad_copy",
+                                    "ema", "to_and_back"])
 def test_no_grad_forward_sees_every_writer(dtype, writer):
     m = _layer(dtype)
     x = torch.randn(64, 512, dtype=dtype)
@@ -78,6 +79,14 @@ def test_no_grad_forward_sees_every_writer(dtype, writer):
         m.weight.untyped_storage().copy_(torch.randn_like(m.weight).untyped_storage())
     elif writer == "load_state_dict":
         m.load_state_dict({k: torch.randn_like(v) for k, v in m.state_dict().items()})
+    elif writer == "ema":  # an exponential moving average written into the live weights
+        m.weight.data.mul_(0.9).add_(torch.randn_like(m.weight), alpha=0.1)
+    elif writer == "to_and_back":  # a round trip through another dtype: new storage, old values
+        other = torch.float64 if dtype == torch.float32 else torch.float32
+        m.to(other)
+        with torch.no_grad():
+            m.weight.mul_(0.5)
+        m.to(dtype)
     else:
         with torch.no_grad():
             m.weight.copy_(torch.randn_like(m.weight))
