@@ -43,7 +43,8 @@ def load(path: pathlib.Path):
     except (OSError, ValueError) as e:
         fail(f"cannot read {path}: {e}")
     rows = [dict(b["extra_info"], name=b.get("name", ""))
-            for b in data.get("benchmarks", []) if {"median_ms", "peak_extra_mib"} & set(b.get("extra_info", {}))]
+            for b in data.get("benchmarks", [])
+            if {"median_ms", "median_step_ms"} & set(b.get("extra_info", {}))]  # (training steps: median_step_ms)
     if not rows:
         fail(f"{path} has no fastlayers benchmark results (was it written by bench/?)")
     mi = data.get("machine_info", {})
@@ -160,7 +161,7 @@ def throughput_table(rows):
 def training_table(rows):
     """Whole training steps (bench/test_bench_training.py): peak extra memory of one step in a fresh
     process, plain / swap / swap(skip_logits=True), and the step time plain vs skip_logits."""
-    rows = [r for r in rows if "peak_extra_mib" in r]
+    rows = [r for r in rows if "median_step_ms" in r]
     if not rows:
         return None
     cols = ["model", "tokens", "dtype", "peak MiB plain", "swap", "skip_logits", "skip/plain memory",
@@ -180,7 +181,7 @@ def training_chart(rows, header: str, png: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if "peak_extra_mib" in r]
+    rows = [r for r in rows if "median_step_ms" in r]
     if not rows:
         return
     labels = [f"{r.get('model', '?')}\n{r.get('dtype', '?')}" for r in rows]
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
 
     for path in paths:
         header, rows = load(path)
-        train = [r for r in rows if "peak_extra_mib" in r]
+        train = [r for r in rows if "median_step_ms" in r]
         rows = [r for r in rows if "median_ms" in r]
         # op-major order (pytest runs them pass-major): each op's fwd cases, then its fwd+bwd
         ops = list(dict.fromkeys(r.get("op") for r in rows))
