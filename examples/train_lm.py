@@ -113,6 +113,15 @@ def batches(data: torch.Tensor, steps: int, batch: int, block: int, seed: int):
 
 # ----------------------------------------------------------------------------- one training run
 def rss_mib() -> float:
+    """Peak resident memory of this process, MiB: /proc's VmHWM where there is one (ru_maxrss also
+    counts the parent's peak, carried across fork + exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
