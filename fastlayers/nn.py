@@ -16,7 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import activations as _acts
 from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
-from ._dispatch import check_slope, plain_cpu_inference, tiny_cpu_linear
+from ._dispatch import _is_compiling, check_slope, plain_cpu_inference, tiny_cpu_linear
 from .backends import forced, select
 from .functional import linear_act, log_softmax, softmax
 
@@ -210,7 +210,7 @@ def _f_linear_is_faster(x: Tensor, w: Tensor, packed: bool) -> bool:
     backend is loaded while Dynamo traces: a cold first call under fullgraph=True must not import)."""
     if forced() is not None:
         return False
-    if torch.compiler.is_compiling() or type(x) is not Tensor or not x.is_cpu or x.dim() == 0 or w.dim() != 2:
+    if _is_compiling() or type(x) is not Tensor or not x.is_cpu or x.dim() == 0 or w.dim() != 2:
         return True
     gain = getattr(select(x.device, "fastlayers.FusedLinear"), "plain_linear_gain", None)
     k = x.shape[-1]

@@ -305,6 +305,12 @@ def onednn_pays(m: int, k: int, n: int, packed: bool = False) -> bool:
     return macs >= ONEDNN_MIN_MACS or (packed and macs >= PACKED_MIN_MACS and k >= PACKED_MIN_K)
 
 
+def _mkl_sgemm_wins(dtype: torch.dtype, packed: bool) -> bool:
+    """fp32 on a CPU where MKL runs its own sgemm (Intel), without a prepacked weight: MKL beats
+    oneDNN's routes, fused or not (see _FP32_ROUTE)."""
+    return dtype == torch.float32 and not _FP32_MM_ONEDNN and not packed
+
+
 def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, packed: bool = False) -> str:
     """"fused", "onednn" or "mkl" for this call (packed: the caller has a prepacked weight for the
     oneDNN routes). Not "fused" for an activation whose backward needs the pre-activation z, with
@@ -317,8 +323,8 @@ def _forward_route(x: Tensor, w: Tensor, act: Activation, slope: float, packed: 
     n = w.shape[0]
     if m == 0 or k == 0 or n == 0 or (route == "auto" and not onednn_pays(m, k, n, packed)):
         return "mkl"
-    if route == "auto" and x.dtype == torch.float32 and not _FP32_MM_ONEDNN and not packed:
-        return "mkl"  # MKL's own sgemm (Intel CPUs): faster than oneDNN's, fused or not (see _FP32_ROUTE)
+    if route == "auto" and _mkl_sgemm_wins(x.dtype, packed):
+        return "mkl"
     exact = _probe_onednn(x.dtype)
     if not exact:
         return "mkl"
@@ -333,8 +339,8 @@ def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype, packed: bool =
     only where the oneDNN routes apply (oneDNN's GEMM, prepacked without grad when `packed`,
     against F.linear's MKL sgemm / per-call weight reorder); below that there is nothing to fuse
     and F.linear is one ATen call."""
-    if dtype == torch.float32 and not _FP32_MM_ONEDNN and not packed:
-        return False  # MKL's own sgemm is F.linear's (see _FP32_ROUTE)
+    if _mkl_sgemm_wins(dtype, packed):
+        return False
     return ROUTE != "mkl" and onednn_pays(m, k, n, packed) and bool(_probe_onednn(dtype))
 
 
