@@ -1,4 +1,4 @@
-"""CPU benchmarks: fused RMSNorm / LayerNorm with the residual add (fastlayers/norms.py), forward +
+"""CPU benchmarks: fused RMSNorm / LayerNorm with the residual add (fastlayers/ops/norms.py), forward +
 backward, against what a model runs today:
 
 * rms_norm (Hugging Face semantics): the LlamaRMSNorm forward eager, its torch.compile, and

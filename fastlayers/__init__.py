@@ -12,7 +12,7 @@ from .functional import linear_act, log_softmax, softmax
 from .gated import FusedGatedMLP, gated_linear
 from .loss import cross_entropy, linear_cross_entropy
 from .nn import FusedLinear, LogSoftmax, Softmax, prepack
-from .norms import LayerNorm, RMSNorm, layer_norm, rms_norm
+from .ops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from .swap import SwapReport, swap
 
 __version__ = "0.1.0"

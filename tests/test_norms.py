@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlayers as fl
-from fastlayers import norms as _norms
+from fastlayers.ops import norms as _norms
 
 from conftest import INTERPRETED, LOW_PRECISION, assert_matches  # noqa: F401
 
@@ -407,7 +407,7 @@ def test_cpp_entry_points_check_buffers():
 def test_small_cpu_calls_run_pytorch_ops(monkeypatch, kind):
     """Below norms._TORCH_MAX_NUMEL elements, with no backend forced, a CPU call is PyTorch's own
     ops (their values and autograd); from there, and whenever a backend is forced, the kernels."""
-    from fastlayers import norms
+    from fastlayers.ops import norms
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
     calls = []
     real = norms.NormFunction.apply

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastlayers as fl
-from fastlayers.norms import TorchRMSNorm
+from fastlayers.ops.norms import TorchRMSNorm
 
 transformers = pytest.importorskip("transformers")
 

@@ -200,7 +200,7 @@ def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor]
             out.copy_(out + new().to(out.dtype) if accumulate else new())
 
 
-# --- norms (fastlayers/norms.py): RMSNorm / LayerNorm over the rows of (M, N), residual add in front
+# --- norms (fastlayers/ops/norms.py): RMSNorm / LayerNorm over the rows of (M, N), residual add in front
 def _norm_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -1,7 +1,7 @@
 """The norm modules fastlayers.swap replaces, holding the very same Parameter objects:
 
 * ``nn.LayerNorm`` (exactly that class) -> fastlayers.LayerNorm (an nn.LayerNorm subclass);
-* ``nn.RMSNorm`` over one dim -> fastlayers.norms.TorchRMSNorm (an nn.RMSNorm subclass, F.rms_norm's rounding);
+* ``nn.RMSNorm`` over one dim -> fastlayers.ops.norms.TorchRMSNorm (an nn.RMSNorm subclass, F.rms_norm's rounding);
 * a Hugging Face RMSNorm class (``kernel_layer_name == "RMSNorm"``: 127 model families in
   transformers 5.x) whose forward is LlamaRMSNorm's -> fastlayers.RMSNorm (mode="hf"). "Is
   LlamaRMSNorm's" is checked twice: by structure (a 1-D ``weight`` Parameter, a float
@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..norms import LayerNorm, RMSNorm, TorchRMSNorm, norm_composite
+from ..ops.norms import LayerNorm, RMSNorm, TorchRMSNorm, norm_composite
 from .patterns import hooks, join
 from .report import SwapReport
 

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _autocast
-from ._dispatch import as_2d, backend_for, check_tensor, composite_reason, owned, placeholder
-from ._errors import DeviceError, DTypeError, ShapeError
-from .backends import forced
+from .. import _autocast
+from .._dispatch import as_2d, backend_for, check_tensor, composite_reason, owned, placeholder
+from .._errors import DeviceError, DTypeError, ShapeError
+from ..backends import forced
 
 RMS = "fastlayers.rms_norm"
 LAYER = "fastlayers.layer_norm"
@@ -161,7 +161,7 @@ class NormFunction(torch.autograd.Function):
             # backend) on the saved src, whose statistics are recomputed differentiably: exact higher
             # orders. (Not autograd.grad of the composite: with src = the returned sum, an output of this
             # node, that re-enters this backward without end.)
-            from .backends import reference as _ref
+            from ..backends import reference as _ref
             n = math.prod(src.shape[src.dim() - ctx.nd:])
             src2 = src.reshape(-1, n)
             w2 = None if weight is None else weight.reshape(n)
