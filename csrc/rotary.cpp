@@ -81,8 +81,10 @@ template <class T, bool Inverse>
 void rows(const RotaryOperand<T>& a, int64_t b, int64_t e, int64_t r, bool interleaved) {
   const int64_t n1 = a.n[1], n2 = a.n[2];
   const int64_t tail = a.d - r;
+  // (i0, i1, i2) of row b, then stepped row by row: 64-bit divisions per row cost more than a
+  // 128-wide row's arithmetic (measured: 2x slower rows in cache).
+  int64_t i2 = b % n2, t = b / n2, i1 = t % n1, i0 = t / n1;
   for (int64_t row = b; row < e; ++row) {
-    const int64_t i2 = row % n2, t = row / n2, i1 = t % n1, i0 = t / n1;
     const T* x = a.x + i0 * a.xs[0] + i1 * a.xs[1] + i2 * a.xs[2];
     T* o = a.out + i0 * a.os[0] + i1 * a.os[1] + i2 * a.os[2];
     const T* c = a.cos + i0 * a.cs[0] + i1 * a.cs[1] + i2 * a.cs[2];
@@ -92,6 +94,13 @@ void rows(const RotaryOperand<T>& a, int64_t b, int64_t e, int64_t r, bool inter
     else
       rotate_half_row<T, Inverse>(x, o, c, s, r);
     if (tail > 0) std::memcpy(o + r, x + r, tail * sizeof(T));  // pass-through dims (and their gradient)
+    if (++i2 == n2) {
+      i2 = 0;
+      if (++i1 == n1) {
+        i1 = 0;
+        ++i0;
+      }
+    }
   }
 }
 
