@@ -711,7 +711,7 @@ def rotary(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, si
     of both. Bytes: reads D + 2R per row (cos / sin from L2 when broadcast), writes D per row."""
     r = cos_q.shape[-1]
     rows_q, rows_k = math.prod(q.shape[:3]), math.prod(k.shape[:3])
-    block_rows, block_h, block_p, warps = _rk.plan(r, max(q.shape[3], k.shape[3]))
+    block_rows, block_h, block_p, warps = _rk.plan(r, max(q.shape[3], k.shape[3]), q.dtype == torch.float64)
     progs_q, progs_k = triton.cdiv(rows_q, block_rows), triton.cdiv(rows_k, block_rows)
     if not progs_q + progs_k:
         return

@@ -18,15 +18,22 @@ Math in COMPUTE_DTYPE (fp32 for 16-bit data, fp64 for fp64), one rounding per el
 import triton
 import triton.language as tl
 
-ROWS_TILE = 2048  # elements of one (BLOCK_ROWS, BLOCK_H) tile
+# Elements of one (BLOCK_ROWS, BLOCK_H) tile (fp64: half), 4 per thread at 8 warps: six such tiles
+# (x, cos, sin at both pair positions) and their 64-bit addresses live at once. 2048 spilled on
+# sm_80 / sm_90 (scripts/compile_gate.py).
+ROWS_TILE = 1024
+NUM_WARPS = 8
 
 
-def plan(r: int, d_max: int):
-    """(BLOCK_ROWS, BLOCK_H, BLOCK_P, num_warps) for rotary dim r and the larger head dim d_max."""
-    block_h = min(triton.next_power_of_2(max(r // 2, 1)), 128)
-    block_p = min(triton.next_power_of_2(max(d_max - r, 1)), 128)
-    block_rows = max(1, ROWS_TILE // block_h)
-    return block_rows, block_h, block_p, 4
+def plan(r: int, d_max: int, fp64: bool = False):
+    """(BLOCK_ROWS, BLOCK_H, BLOCK_P, num_warps) for rotary dim r and the larger head dim d_max:
+    BLOCK_H covers half a rotary dim (up to 128 pairs per step), the pass-through tile
+    (BLOCK_ROWS, BLOCK_P) is no larger than the rotary one."""
+    tile = ROWS_TILE >> int(fp64)
+    block_h = min(triton.next_power_of_2(max(r // 2, 1)), 128, tile)
+    block_rows = max(1, tile // block_h)
+    block_p = min(triton.next_power_of_2(max(d_max - r, 1)), max(1, tile // block_rows))
+    return block_rows, block_h, block_p, NUM_WARPS
 
 
 @triton.jit
