@@ -104,3 +104,22 @@ def test_other_formula_left_alone(monkeypatch, count_rotary):
     q = torch.randn(1, 2, 3, 8)
     model[0](q, q, torch.randn(1, 3, 8), torch.randn(1, 3, 8))
     assert not count_rotary
+
+
+def test_compiled_swapped_model_records_the_op():
+    """Under torch.compile Hugging Face calls the wrapper's forward function directly: the graph
+    holds fastlayers' registered rotary op, and the outputs are the original model's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _small("llama").eval()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    ops = []
+
+    def backend(gm, inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+    ids = torch.randint(0, 128, (2, 64))  # past the small-size gate: the kernels run
+    out = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    assert sum("fastlayers.rotary" in o for o in ops) == 2, ops
+    assert_close_fp32(out, ref(ids).logits, red=64, what="compiled logits")
