@@ -482,37 +482,38 @@ static void bind_rotary(py::module_& m) {
           if (r % 2 != 0 || r > shq[3] || r > shk[3])
             throw std::invalid_argument("fastlayers._C.rotary: rotary dim " + std::to_string(r) +
                                         " must be even and at most q's and k's last dims");
-          RotaryOperand<char> views[2];  // pointers and strides of q and k (typed below)
-          uintptr_t ptrs[2][4];
+          struct Checked {  // one operand's checked pointers (x, out, cos, sin) and strides
+            uintptr_t p[4];
+            int64_t st[4][3];
+          } ops_[2];
           const Buf* bufs[2][4] = {{&q, &oq, &cq, &sq}, {&k, &ok, &ck, &sk}};
           const char* names[2][4] = {{"q", "out_q", "cos_q", "sin_q"}, {"k", "out_k", "cos_k", "sin_k"}};
           for (int a = 0; a < 2; ++a) {
             const auto& sh = a ? shk : shq;
-            const std::vector<int64_t> full = sh, tab = {sh[0], sh[1], sh[2], r};
-            int64_t* strides[4] = {views[a].xs, views[a].os, views[a].cs, views[a].ss};
+            const std::vector<int64_t> tab = {sh[0], sh[1], sh[2], r};
             for (int i = 0; i < 4; ++i)
-              ptrs[a][i] = expect_rows(fn, names[a][i], *bufs[a][i], dt, i < 2 ? full : tab, strides[i]);
-            for (int i = 0; i < 3; ++i) views[a].n[i] = sh[i];
-            views[a].d = sh[3];
+              ops_[a].p[i] = expect_rows(fn, names[a][i], *bufs[a][i], dt, i < 2 ? sh : tab, ops_[a].st[i]);
           }
           py::gil_scoped_release nogil;
           by_dtype(dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
             RotaryOperand<T> ops[2];
             for (int a = 0; a < 2; ++a) {
-              auto& o = ops[a];
-              o.x = ptr<const T>(ptrs[a][0]);
-              o.out = ptr<T>(ptrs[a][1]);
-              o.cos = ptr<const T>(ptrs[a][2]);
-              o.sin = ptr<const T>(ptrs[a][3]);
+              const auto& sh = a ? shk : shq;
+              const Checked& c = ops_[a];
+              RotaryOperand<T>& o = ops[a];
+              o.x = ptr<const T>(c.p[0]);
+              o.out = ptr<T>(c.p[1]);
+              o.cos = ptr<const T>(c.p[2]);
+              o.sin = ptr<const T>(c.p[3]);
               for (int i = 0; i < 3; ++i) {
-                o.n[i] = views[a].n[i];
-                o.xs[i] = views[a].xs[i];
-                o.os[i] = views[a].os[i];
-                o.cs[i] = views[a].cs[i];
-                o.ss[i] = views[a].ss[i];
+                o.n[i] = sh[i];
+                o.xs[i] = c.st[0][i];
+                o.os[i] = c.st[1][i];
+                o.cs[i] = c.st[2][i];
+                o.ss[i] = c.st[3][i];
               }
-              o.d = views[a].d;
+              o.d = sh[3];
             }
             rotary_apply<T>(ops[0], ops[1], r, interleaved, inverse, nthreads);
           });
