@@ -361,3 +361,12 @@ def test_small_cpu_calls_run_pytorch_ops(monkeypatch):
         a, b = fl.rotary(q.requires_grad_(), k, cos, sin)
         assert bool(calls) == fused, s
         torch.testing.assert_close(a, eager(q, k, cos, sin)[0])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, run while tracing
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_jit_trace():
+    q, k, cos, sin, ud, il = layout("llama_gqa", torch.float32)
+    traced = torch.jit.trace(lambda q, k: fl.rotary(q, k, cos, sin), (q, k))
+    for a, b in zip(traced(q * 2, k), eager(q * 2, k, cos, sin)):
+        torch.testing.assert_close(a, b)

@@ -123,3 +123,21 @@ def test_compiled_swapped_model_records_the_op():
     out = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
     assert sum("fastlayers.rotary" in o for o in ops) == 2, ops
     assert_close_fp32(out, ref(ids).logits, red=64, what="compiled logits")
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """A plain module-level function, as transformers leaves it without the kernels package."""
+    raise AssertionError("not called")
+
+
+class PlainAttn(torch.nn.Module):
+    def forward(self, q, k, cos, sin):
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_plain_global_function_left_alone():
+    model = torch.nn.Sequential(PlainAttn())
+    fl.swap(model)
+    left = dict(model.fastlayers_swap_report.left)
+    assert "plain module-level function" in left["0"], left
+    assert apply_rotary_pos_emb.__module__ == __name__  # nothing global was patched
