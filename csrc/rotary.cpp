@@ -24,7 +24,9 @@ namespace fl {
 namespace {
 
 // Lanes (0 1)(2 3)... swapped: the pair partner of every lane (GPT-J layout).
-inline vf swap_pairs(vf v) { return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14); }
+inline vf swap_pairs(vf v) {
+  return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+}
 inline vd swap_pairs(vd v) { return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6); }
 
 // -1 on even lanes, +1 on odd lanes.
@@ -123,9 +125,12 @@ void rotary_apply(const RotaryOperand<T>& q, const RotaryOperand<T>& k, int64_t 
   });
 }
 
-template void rotary_apply<float>(const RotaryOperand<float>&, const RotaryOperand<float>&, int64_t, bool, bool, int);
-template void rotary_apply<double>(const RotaryOperand<double>&, const RotaryOperand<double>&, int64_t, bool, bool, int);
-template void rotary_apply<bf16>(const RotaryOperand<bf16>&, const RotaryOperand<bf16>&, int64_t, bool, bool, int);
-template void rotary_apply<f16>(const RotaryOperand<f16>&, const RotaryOperand<f16>&, int64_t, bool, bool, int);
+#define FL_ROTARY(T) \
+  template void rotary_apply<T>(const RotaryOperand<T>&, const RotaryOperand<T>&, int64_t, bool, bool, int);
+FL_ROTARY(float)
+FL_ROTARY(double)
+FL_ROTARY(bf16)
+FL_ROTARY(f16)
+#undef FL_ROTARY
 
 }  // namespace fl

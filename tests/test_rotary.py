@@ -96,7 +96,7 @@ def check(q, k, cos, sin, ud, il):
     q0, k0, c0, s0 = (t.clone() for t in (q, k, cos, sin))
     qs, ks = (t.detach().requires_grad_() for t in (q, k))  # the same strided views, as leaves
     oq, ok = fl.rotary(qs, ks, cos, sin, ud, il)
-    gq, gk = torch.randn(oq.shape, dtype=torch.float64).to(q.dtype), torch.randn(ok.shape, dtype=torch.float64).to(q.dtype)
+    gq, gk = (torch.randn(o.shape, dtype=torch.float64).to(q.dtype) for o in (oq, ok))
     torch.autograd.backward([oq, ok], [gq, gk])
     for t, t0 in ((q, q0), (k, k0), (cos, c0), (sin, s0)):
         assert torch.equal(t, t0) or (t.isnan() == t0.isnan()).all(), "an input was modified"

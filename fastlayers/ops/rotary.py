@@ -10,11 +10,18 @@ rest pass through, as GPT-NeoX / Phi / StableLM / GLM write it (``cat([rot(q[...
 the result is then contiguous, as torch.cat's). ``interleaved=True``: GPT-J's ``rotate_every_two``
 (pairs (2i, 2i+1)) with cos / sin in that layout (each frequency repeated twice, adjacent).
 
-What is saved for backward:
-    eager: cos and sin (as the multiplications' other operands) -- its graph also keeps the
-        unsqueezed views and, per tensor, the mul / cat / neg nodes; nothing of q's size, as here.
-    fastlayers: only cos and sin (the inputs themselves, no copies); the backward is the rotation by
+What is saved for backward (checked with saved_tensors_hooks, torch 2.13):
+    eager: views of cos and sin only (four references, no copies) -- the same memory as here, as long
+        as cos / sin need no gradient (then eager also keeps q, k and their rotate_half, q- and
+        k-sized). Eager's cost is its passes: per tensor it writes four q-sized temporaries forward
+        (x * cos, the rotate_half cat, its product with sin, the sum) and as many backward.
+    fastlayers: cos and sin only (the inputs themselves, no copies); the backward is the rotation by
         -sin: ``dq = dq_embed * cos + rotate_half^T(dq_embed * sin)``, one pass over q's and k's rows.
+
+Numerics: the kernels compute in float32 (float64 for float64) and round once; eager in bfloat16 /
+float16 rounds each product and the sum, so 16-bit results differ from eager's by its own rounding
+(fastlayers is the closer to the exact value); float32 results differ by rounding only (the C++
+kernels contract the multiply-adds into FMAs).
 
 Routes (as the other ops, see fastlayers/_dispatch.py): the registered torch.library op while
 torch.compile / jit.trace record; the PyTorch composite (the formula above in torch ops) for fake
@@ -34,7 +41,6 @@ float32, as eager).
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional, Tuple
 
@@ -266,7 +272,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 
     R <= D: the first R dims rotate, the rest pass through (partial rotary). interleaved: GPT-J's
     pair layout (2i, 2i+1) instead of rotate_half's (i, i + R/2). Returns (q_embed, k_embed) with
     eager's dtype (type promotion of q / k with cos / sin) and layout.
-    Saved for backward: cos and sin only (no copies); eager saves cos, sin and its views.
+    Saved for backward: cos and sin only (no copies), as eager when cos / sin need no gradient.
     """
     ud = _check(q, k, cos, sin, unsqueeze_dim, interleaved)
     cos_u, sin_u = cos.unsqueeze(ud), sin.unsqueeze(ud)
