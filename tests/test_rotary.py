@@ -77,13 +77,17 @@ def layout(name, dtype, b=2, s=5, h=4, hk=2, d=16):
     if name == "long_head":       # several column blocks (head dim 300 > one tile), partial
         return (rnd(1, 3, 2, 300).transpose(1, 2), rnd(1, 3, 1, 300).transpose(1, 2),
                 *tables(1, 3, 260, dtype), 1, False)
+    if name == "head_dims_differ":  # partial rotary, q and k of different head dims, a strided cos / sin
+        c, sn = tables(b, s, 16, dtype)
+        return (rnd(b, s, h, d).transpose(1, 2), rnd(b, s, hk, 12).transpose(1, 2), c[..., ::2], sn[..., ::2], 1,
+                False)
     if name == "empty":
         return (rnd(b, 0, h, d).transpose(1, 2), rnd(b, 0, hk, d).transpose(1, 2), *tables(b, 0, d, dtype), 1, False)
     raise ValueError(name)
 
 
 LAYOUTS = ["llama_gqa", "unsqueeze2", "partial", "gptj", "interleaved_full", "qkv_slices", "batch_broadcast",
-           "long_head", "empty"]
+           "long_head", "head_dims_differ", "empty"]
 
 
 def strides(t):
