@@ -21,7 +21,9 @@ def _small(name):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return {"llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**common)),
             "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**common)),
-            "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**common))}[name]()
+            "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**common)),
+            # partial rotary (half the head dim), applied by Phi to q[..., :R] slices
+            "phi": lambda: T.PhiForCausalLM(T.PhiConfig(**{**common, "num_key_value_heads": 4}))}[name]()
 
 
 @pytest.fixture
@@ -39,7 +41,7 @@ def count_rotary(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "phi"])
 def test_models_rotary_swapped_same_results(name, count_rotary):
     torch.manual_seed(0)
     model = _small(name).float().eval()
@@ -140,4 +142,9 @@ def test_plain_global_function_left_alone():
     fl.swap(model)
     left = dict(model.fastlayers_swap_report.left)
     assert "plain module-level function" in left["0"], left
+    if hasattr(transformers, "GPTNeoXForCausalLM"):  # a family that does not mark it
+        neox = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4))
+        fl.swap(neox)
+        assert "plain module-level function" in dict(neox.fastlayers_swap_report.left)["gpt_neox.layers.0.attention"]
     assert apply_rotary_pos_emb.__module__ == __name__  # nothing global was patched
