@@ -374,3 +374,12 @@ def test_jit_trace():
     traced = torch.jit.trace(lambda q, k: fl.rotary(q, k, cos, sin), (q, k))
     for a, b in zip(traced(q * 2, k), eager(q * 2, k, cos, sin)):
         torch.testing.assert_close(a, b)
+
+
+def test_unsqueeze_dim_checked_for_sin_too():
+    q, k, cos, sin, _, _ = layout("llama_gqa", torch.float32)
+    with pytest.raises(IndexError, match=r"fastlayers.rotary: unsqueeze_dim out of range for sin of 2 dims"):
+        fl.rotary(q, k, cos, sin[0], unsqueeze_dim=3)
+    # unsqueeze_dim counts from the end for each table as torch.unsqueeze does: broadcast like eager
+    for a, b in zip(fl.rotary(q, k, cos, sin[0], unsqueeze_dim=-3), eager(q, k, cos, sin[0], -3)):
+        torch.testing.assert_close(a, b)

@@ -56,7 +56,7 @@ OP = "fastlayers.rotary"
 
 # ----------------------------------------------------------------------------- argument checks
 def _check(q: object, k: object, cos: object, sin: object, unsqueeze_dim: object, interleaved: object) -> int:
-    """Validates the arguments; returns unsqueeze_dim as a non-negative int."""
+    """Validates the arguments; returns unsqueeze_dim as an int (in range for cos and sin)."""
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_tensor(OP, name, t)
         if t.dim() == 0:
@@ -69,10 +69,11 @@ def _check(q: object, k: object, cos: object, sin: object, unsqueeze_dim: object
         ud = operator.index(unsqueeze_dim)
     except TypeError:
         raise TypeError(f"{OP}: expected unsqueeze_dim to be an int, got {type(unsqueeze_dim).__name__}") from None
-    n = cos.dim() + 1
-    if not -n <= ud < n:
-        raise IndexError(f"{OP}: unsqueeze_dim out of range for cos of {cos.dim()} dims (expected to be in "
-                         f"range of [{-n}, {n - 1}], but got {ud})")
+    for name, t in (("cos", cos), ("sin", sin)):
+        n = t.dim() + 1
+        if not -n <= ud < n:
+            raise IndexError(f"{OP}: unsqueeze_dim out of range for {name} of {t.dim()} dims (expected to be in "
+                             f"range of [{-n}, {n - 1}], but got {ud})")
     for name, t in (("k", k), ("cos", cos), ("sin", sin)):
         if t.device != q.device:
             raise DeviceError(f"{OP}: expected {name} on the same device as q ({q.device}), got {t.device}")
@@ -86,12 +87,12 @@ def _check(q: object, k: object, cos: object, sin: object, unsqueeze_dim: object
         if t.shape[-1] < r:
             raise ShapeError(f"{OP}: {name} has head dim {t.shape[-1]} (shape {tuple(t.shape)}), smaller than the "
                              f"rotary dim {r} of cos (shape {tuple(cos.shape)}): expected cos.shape[-1] <= head dim")
-    ud = ud % n
     for name, t in (("cos", cos), ("sin", sin)):
-        tu = t.shape[:ud] + (1,) + t.shape[ud:]
+        d = ud % (t.dim() + 1)
+        tu = t.shape[:d] + (1,) + t.shape[d:]
         for xname, x in (("q", q), ("k", k)):
             if _broadcast(tu[:-1], x.shape[:-1]) is None:
-                raise ShapeError(f"{OP}: {name} of shape {tuple(t.shape)}, unsqueezed at dim {ud} to {tuple(tu)}, "
+                raise ShapeError(f"{OP}: {name} of shape {tuple(t.shape)}, unsqueezed at dim {d} to {tuple(tu)}, "
                                  f"does not broadcast with {xname} of shape {tuple(x.shape)}")
     return ud
 
