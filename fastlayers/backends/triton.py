@@ -1,5 +1,5 @@
 """Triton backend: launches the kernels of fastlayers/kernels/ (the contract is in
-fastlayers/backends/__init__.py).
+fastlayers/backends/contract.py).
 
 Runs on CUDA tensors, and on CPU tensors when the kernels were built for Triton's interpreter
 (TRITON_INTERPRET=1 in the environment before fastlayers' kernels are imported), which is how CI
@@ -573,7 +573,7 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
         _gemm(op, du.t(), x, dwu)
     return dx, dwg, dwu, dbg, dbu
 
-# --- cross entropy (contract in fastlayers/backends/__init__.py; kernels in kernels/cross_entropy.py)
+# --- cross entropy (contract in fastlayers/backends/contract.py; kernels in kernels/cross_entropy.py)
 from ..kernels import cross_entropy as _ce  # noqa: E402
 
 
