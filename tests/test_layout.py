@@ -160,3 +160,12 @@ def test_source_points_nowhere_outside_the_repo():
                 if OUTSIDE.search(line):
                     hits.append(f"{path.relative_to(ROOT)}:{no}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def test_every_package_is_shipped():
+    """pyproject.toml lists packages explicitly: a new subpackage missing there installs without
+    its files (`pip install .` then fails at import)."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / PACKAGE).rglob("__init__.py")}
+    assert found == listed, f"pyproject.toml packages: missing {sorted(found - listed)}, stale {sorted(listed - found)}"
