@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import activations as _acts
-from ._errors import ShapeError
-from .activations import Activation
-from . import _autocast
-from ._dispatch import (as_2d, backend_for, check_linear, check_slope, check_tensor, composite_reason,
+from .. import activations as _acts
+from .._errors import ShapeError
+from ..activations import Activation
+from .. import _autocast
+from .._dispatch import (as_2d, backend_for, check_linear, check_slope, check_tensor, composite_reason,
                         contiguous, owned, placeholder as _empty)
 
 OP = "fastlayers.gated_linear"
