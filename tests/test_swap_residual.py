@@ -138,6 +138,25 @@ def test_models_residual_fused_kernels(name):
         _check_same(model, ref, name, ids)
 
 
+def test_bert_train_with_dropout_same_results():
+    """BERT's dropout comes before the add: fused, and the same random masks (the same call order)."""
+    T = transformers
+    torch.manual_seed(0)
+    model = T.BertForMaskedLM(T.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=64,
+                                           hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0)).train()
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    assert len(model.fastlayers_swap_report.residual) == 4
+    ids = torch.randint(0, 128, (2, 16))
+    torch.manual_seed(5)
+    out = model(input_ids=ids, labels=ids)
+    torch.manual_seed(5)
+    out_r = ref(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, out_r.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, out_r.logits, rtol=1e-4, atol=1e-4)
+
+
 def test_hook_after_swap_is_honoured(monkeypatch):
     torch.manual_seed(0)
     model = _model("bert").float().eval()

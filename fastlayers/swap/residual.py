@@ -99,7 +99,7 @@ def _find(graph: fx.Graph, norms: Dict[str, nn.Module]) -> Tuple[List[Tuple[fx.N
             continue
         why = None
         if len(node.args) != 1 or node.kwargs:
-            why = "it is called with more than its input"
+            why = "it is not called with its input alone, positionally"
         elif src in used:
             why = "the same sum is already fused into another norm call"
         else:
@@ -161,8 +161,13 @@ def swap_residual(model: nn.Module, report: SwapReport) -> None:
             for node, _ in found:
                 report.left.append((join(prefix, node.target), f"residual add not fused: {frozen}"))
             continue
-        # A forward swap already rewrote (a gated product, a loss) keeps what its change check guards.
         rewritten = hasattr(type(mod), "fastlayers_original_class")
+        if rewritten and not hasattr(type(mod), "fastlayers_forward_src"):  # e.g. loss.py's redirected copy
+            for node, _ in found:
+                report.left.append((join(prefix, node.target), "residual add not fused: the forward is already a "
+                                    "copy swap made (not a traced rewrite)"))
+            continue
+        # A forward swap already rewrote (a gated product, a loss) keeps what its change check guards.
         guard = mod.__dict__.get(GUARD)
         guarded = set(guard[2].split(", ")) if guard else set()
         fallback_ok = guard[0] if guard else not rewritten  # rewritten, no guard: functional acts inlined
