@@ -48,8 +48,10 @@ _FUSED = {
     "nanogpt": [f"transformer.h.{i}.ln_2" for i in range(2)],
 }
 _LEFT = {  # decoder layers: optional arguments, caches, **kwargs: not traced (see swap/residual.py)
-    "llama": ("model.layers.0", "optional argument"), "mistral": ("model.layers.1", "optional argument"),
-    "qwen2": ("model.layers.0", "optional argument"), "gpt2": ("transformer.h.0", "optional argument"),
+    "llama": ("model.layers.0.post_attention_layernorm", "optional argument"),
+    "mistral": ("model.layers.1.post_attention_layernorm", "optional argument"),
+    "qwen2": ("model.layers.0.post_attention_layernorm", "optional argument"),
+    "gpt2": ("transformer.h.0.ln_2", "optional argument"),
 }
 
 
@@ -119,6 +121,9 @@ def test_models_residual_fused_same_results(name, train, monkeypatch):
     if name in _LEFT:
         path, why = _LEFT[name]
         assert any(p == path and "residual add" in w and why in w for p, w in report.left), str(report)
+    for path in norms:  # each norm: its add fused, or why not (or it is only an input's norm: no add)
+        assert path in fused or any(p == path and "residual add" in w for p, w in report.left) or \
+            path.endswith(("input_layernorm", "ln_1", "transform.LayerNorm")), (path, str(report))
     count = _Count(monkeypatch)
     ids = torch.randint(0, 128, (2, 24))
     _check_same(model, ref, name, ids)
@@ -342,4 +347,4 @@ def test_untraceable_forward_reported():
     mod = Opt(nn.LayerNorm(16))
     fl.swap(mod)
     report = mod.fastlayers_swap_report
-    assert any(p == "<model>" and "optional argument 'r'" in w for p, w in report.left), str(report)
+    assert any(p == "norm" and "optional argument 'r'" in w for p, w in report.left), str(report)

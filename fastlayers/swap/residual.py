@@ -147,10 +147,11 @@ def swap_residual(model: nn.Module, report: SwapReport) -> None:
         norms = {rel: c for rel, c in _direct_children(mod) if type(c) in NORMS}
         if not norms:
             continue
-        names = ", ".join(join(prefix, n) for n in norms)
         graph, why, frozen = trace_checked(mod)
-        if graph is None:
-            report.left.append((path_name(prefix), f"residual add before {names} not looked for: {why}"))
+        if graph is None:  # listed under each norm's path (the module's own path may carry other reasons)
+            for n in norms:
+                report.left.append((join(prefix, n), f"a residual add in front is not looked for: "
+                                                     f"{path_name(prefix)} ({type(mod).__name__}): {why}"))
             continue
         found, left = _find(graph, norms)
         for target, reason in left:
