@@ -348,3 +348,27 @@ def test_untraceable_forward_reported():
     fl.swap(mod)
     report = mod.fastlayers_swap_report
     assert any(p == "norm" and "optional argument 'r'" in w for p, w in report.left), str(report)
+
+
+def test_foreign_layer_norm_class():
+    """nanoGPT's LayerNorm (F.layer_norm of weight.shape, weight, bias) is replaced; one that reads
+    other state (its eps attribute) or computes more is left alone with the reason."""
+    class ReadsEps(nanogpt_model.LayerNorm):
+        def __init__(self, n):
+            super().__init__(n, True)
+            self.eps = 1e-5
+
+        def forward(self, input):
+            return F.layer_norm(input, self.weight.shape, self.weight, self.bias, self.eps)
+
+    class Scaled(nanogpt_model.LayerNorm):
+        def forward(self, input):
+            return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5) * 2
+
+    model = nn.ModuleDict({"a": nanogpt_model.LayerNorm(8, False), "b": ReadsEps(8), "c": Scaled(8, True)})
+    fl.swap(model)
+    report = model.fastlayers_swap_report
+    assert dict(report.replaced) == {"a": "fastlayers.LayerNorm"}
+    assert model.a.bias is None and model.a.eps == 1e-5
+    left = dict(report.left)
+    assert "self.eps" in left["b"] and "more than F.layer_norm" in left["c"], left
