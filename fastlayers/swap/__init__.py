@@ -19,7 +19,7 @@ Gated MLPs (swap/gated.py), in a traced forward, before the pairs above: ``act(g
 (GeGLU) become one fastlayers.gated_linear call reading the same Parameters; the report lists them
 under ``gated``.
 
-The loss a model computes from its own head (swap/loss.py; the report lists it under ``losses``):
+The loss a model computes from its own head (swap/loss/; the report lists it under ``losses``):
 
 * in a traced forward, ``F.cross_entropy(<view / reshape / flatten of> self.head(x), t, ...)`` or an
   ``nn.CrossEntropyLoss`` child's call (its options read live from the module) becomes one
@@ -119,6 +119,7 @@ from .report import SwapReport
 from . import quant as _quant  # noqa: F401  (registers FusedLinear with quantize_dynamic)
 from .swapper import _Swapper
 from .norms import swap_norms as _swap_norms
+from .residual import swap_residual as _swap_residual
 from .rotary import swap_rotary as _swap_rotary
 
 __all__ = ["swap", "SwapReport"]
@@ -174,6 +175,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         swapper.run()
         report = swapper.report
         _swap_norms(model, report)  # LayerNorm / RMSNorm modules (swap/norms.py)
+        _swap_residual(model, report)  # the residual add before a (now fastlayers) norm (swap/residual.py)
         _swap_rotary(model, report)  # Hugging Face attention's apply_rotary_pos_emb (swap/rotary.py)
     _load_backends(model)
     model.fastlayers_swap_report = report
