@@ -34,7 +34,11 @@ Saved for backward:
     fastlayers: only y, the output (in its own dtype: the same tensor the probabilities @ V matmul
         saves, so no extra memory), and a reference to a boolean mask (an input: no copy; the
         backward writes exact zeros at masked positions, as masked_fill's backward does).
-Backward: ``dscores = where(keep, y * (dy - sum(dy * y)) * scale, 0)``, one pass per row.
+Backward: ``dscores = where(keep, y * (dy - sum(dy * y)) * scale, 0)``, one pass per row, in
+float32 from the saved y. For 16-bit outputs that is the rounded y, as torch.softmax's own 16-bit
+backward reads it: where dy is nearly constant along a row (sum(dy * y) cancels against dy) the
+gradient is then less accurate than Hugging Face's, whose float32 copy is the price of its accuracy
+(the tests hold ours to twice torch's own 16-bit softmax error).
 A floating mask that requires grad takes the composite route (PyTorch's autograd gives it its
 gradient, dz reduced over the broadcast dims): a rare case, not worth a kernel.
 
