@@ -511,5 +511,58 @@ def main() -> int:
     return 1 if bad else 0
 
 
+# ----------------------------------------------------------------------------- attention softmax
+# (kernels/attention_softmax.py, launched by backends/triton.py attention_softmax_forward / _backward
+# with softmax's plan for inner == 1: single pass up to its limit, streaming beyond.)
+from fastlayers.kernels import attention_softmax as AK  # noqa: E402
+
+KERNELS.update({"attn_fwd": AK.attn_softmax_fwd_kernel, "attn_fwd_streaming": AK.attn_softmax_fwd_streaming_kernel,
+                "attn_bwd": AK.attn_softmax_bwd_kernel, "attn_bwd_streaming": AK.attn_softmax_bwd_streaming_kernel})
+# (scores dtype, probabilities dtype): the launcher's pairs
+ATTN_DTYPES = [("fp32", "fp32"), ("fp64", "fp64"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")]
+ATTN_S = [512, 2048, 8192, 32768]  # (B*H*L rows of S): single pass ... streaming
+ATTN_QUICK = [("bf16", "bf16", 4096, 1, True), ("bf16", "bf16", 32768, 1, True), ("fp64", "fp64", 4096, 2, False)]
+
+
+def attn_jobs(quick: bool):
+    """Forward and backward per dtype pair, mask kind (0 none, 1 bool, 2 float), causal, row length."""
+    jobs = []
+    if quick:
+        combos = ATTN_QUICK
+    else:
+        combos = [(t, u, S, kind, causal) for t, u in ATTN_DTYPES for S in ATTN_S for kind in (0, 1, 2)
+                  for causal in (False, True) if not (kind == 2 and t != u)]
+    for t, u, S, kind, causal in combos:
+        H, L = 16, S
+        R = 2 * H * L
+        single, br, bl, warps = SM.plan(R, S, 1, t == "fp64")
+        comp = tl.float64 if t == "fp64" else tl.float32
+        mdt = "u8" if kind == 1 else t
+        strides = dict(SB=L * S, SH=0, SL=S, SS=1) if kind else dict(SB=0, SH=0, SL=0, SS=0)
+        common = dict(R=R, L=L, H=H, S=S, scale_hi=0.125, scale_lo=0.0, **strides, MASK_KIND=kind, CAUSAL=causal,
+                      COMPUTE_DTYPE=comp, BLOCK_R=br, BLOCK_L=bl)
+        suffix = "" if single else "_streaming"
+        what = f"{t}->{u} mask{kind}{' causal' if causal else ''} S={S}"
+        cfg = f"{br}x{bl} w{warps}"
+        jobs.append(dict(kernel="attn_fwd" + suffix, name=f"attn_fwd{suffix} {what}", config=cfg,
+                         args=dict(common, x_ptr=Ptr(t), m_ptr=Ptr(mdt), y_ptr=Ptr(u), ROUND=t in ("bf16", "fp16")),
+                         options=dict(num_warps=warps)))
+        bwd_kind = 1 if kind == 1 else 0  # the backward reads only a bool mask
+        bstrides = strides if bwd_kind else dict(SB=0, SH=0, SL=0, SS=0)
+        bcommon = dict(common, **bstrides, MASK_KIND=bwd_kind)
+        jobs.append(dict(kernel="attn_bwd" + suffix, name=f"attn_bwd{suffix} {what}", config=cfg,
+                         args=dict(bcommon, dy_ptr=Ptr(u), y_ptr=Ptr(u), m_ptr=Ptr("u8" if bwd_kind else t),
+                                   dx_ptr=Ptr(t)),
+                         options=dict(num_warps=warps)))
+    return jobs
+
+
+_all_jobs_before_attn = all_jobs
+
+
+def all_jobs(quick: bool, targets):  # noqa: F811  (the attention-softmax jobs appended)
+    return _all_jobs_before_attn(quick, targets) + [dict(j, arch=t) for t in targets for j in attn_jobs(quick)]
+
+
 if __name__ == "__main__":
     sys.exit(main())
