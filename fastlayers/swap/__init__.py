@@ -120,6 +120,7 @@ from . import quant as _quant  # noqa: F401  (registers FusedLinear with quantiz
 from .swapper import _Swapper
 from .norms import swap_norms as _swap_norms
 from .residual import swap_residual as _swap_residual
+from .attention import swap_attention as _swap_attention
 
 __all__ = ["swap", "SwapReport"]
 
@@ -175,6 +176,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         report = swapper.report
         _swap_norms(model, report)  # LayerNorm / RMSNorm modules (swap/norms.py)
         _swap_residual(model, report)  # the residual add before a (now fastlayers) norm (swap/residual.py)
+        _swap_attention(model, report)  # Hugging Face eager attention's score softmax (swap/attention.py)
     _load_backends(model)
     model.fastlayers_swap_report = report
     log.info("%s", report)
