@@ -50,6 +50,37 @@ template <class T> inline typename io<T>::V round_t(typename io<T>::V v) {
   }
 }
 
+// Partial vectors (k < W lanes) at a row's ragged end -- every causal row has one: AVX-512 masked
+// loads / stores for fp32, fp64 and 16-bit loads (no bounce through a padded buffer: measured
+// 2026-12-07, 1 thread, (1, 8, 64, 128) fp32 causal forward 85 us against 45 us non-causal before);
+// lanes >= k load as 0. Elsewhere load_n / store_n (common.h).
+template <class T> inline typename io<T>::V load_part(const T* p, int64_t k) {
+#ifdef __AVX512F__
+  const __mmask16 m16 = (__mmask16)((1u << k) - 1);
+  if constexpr (std::is_same_v<T, float>) return (vf)_mm512_maskz_loadu_ps(m16, p);
+  if constexpr (std::is_same_v<T, double>) return (vd)_mm512_maskz_loadu_pd((__mmask8)m16, p);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (std::is_same_v<T, bf16>) {
+    __m256i h = _mm256_maskz_loadu_epi16(m16, (const void*)p);
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+  }
+  if constexpr (std::is_same_v<T, f16>) return (vf)_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, (const void*)p));
+#endif
+#endif
+  return load_n(p, k);
+}
+template <class T> inline typename io<T>::V load_kk(const T* p, int64_t k) {
+  return k == io<T>::W ? io<T>::load(p) : load_part(p, k);
+}
+template <class T> inline void store_kk(T* p, typename io<T>::V v, int64_t k) {
+  if (k == io<T>::W) { io<T>::store(p, v); return; }
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << k) - 1), (__m512)v); return; }
+  if constexpr (std::is_same_v<T, double>) { _mm512_mask_storeu_pd(p, (__mmask8)((1u << k) - 1), (__m512d)v); return; }
+#endif
+  store_n(p, v, k);
+}
+
 template <class V> inline V vmax2(V a, V b) { return a > b ? a : b; }
 
 template <class V> inline auto hmax2(V v) {
@@ -110,17 +141,17 @@ void forward_row(const T* x, const void* mrow, int64_t ss, U* y, RowScratch<type
     // z = round(round(x * scale) + mask) into e
     for (int64_t j = j0; j < jv1; j += W) {
       const int64_t k = std::min<int64_t>(W, j1 - j);
-      V v = load_k(x + j, k);
+      V v = load_kk(x + j, k);
       if (do_scale) v = round_t<T>(v * scale);
       if constexpr (MK == kAttnMaskFloat) {
         const T* mp = (const T*)mrow;
         V mv;
         if (ss == 1) {
-          mv = load_k(mp + j, k);
+          mv = load_kk(mp + j, k);
         } else {
           T buf[W];
           for (int64_t l = 0; l < k; ++l) buf[l] = mp[(j + l) * ss];
-          mv = load_n(buf, k);
+          mv = load_n(buf, k);  // (a gathered mask column: rare)
         }
         v = round_t<T>(v + mv);
       }
@@ -196,12 +227,12 @@ void forward_row(const T* x, const void* mrow, int64_t ss, U* y, RowScratch<type
     if (j < j1) {
       V ex;
       std::memcpy(&ex, e + j, sizeof ex);
-      store_n(y + j, ex * f, j1 - j);
+      store_kk(y + j, ex * f, j1 - j);
     }
   }
   if (valid < n) {  // the causal tail: 0, or NaN in a NaN row
     const V fill = splat<V>(std::isnan(total) ? nan : C(0));
-    for (int64_t j = valid; j < n; j += W) store_k(y + j, fill, std::min<int64_t>(W, n - j));
+    for (int64_t j = valid; j < n; j += W) store_kk(y + j, fill, std::min<int64_t>(W, n - j));
   }
 }
 
@@ -219,20 +250,20 @@ void backward_row(const U* dy, const U* y, const uint8_t* mb, int64_t ss, T* dx,
     V acc{};
     for (int64_t j = b0; j < b1; j += W) {
       const int64_t k = std::min<int64_t>(W, b1 - j);
-      acc += load_k(dy + j, k) * load_k(y + j, k);  // padding lanes are 0 * 0
+      acc += load_kk(dy + j, k) * load_kk(y + j, k);  // padding lanes are 0 * 0
     }
     s += hsum(acc);
   }
   if (valid < n) {  // y is 0 there: dy * 0 is NaN exactly where dy is not finite, as in eager's sum
     V acc{};
-    for (int64_t j = valid; j < n; j += W) acc += load_k(dy + j, std::min<int64_t>(W, n - j)) * C(0);
+    for (int64_t j = valid; j < n; j += W) acc += load_kk(dy + j, std::min<int64_t>(W, n - j)) * C(0);
     s += hsum(acc);
   }
   const C sv = (C)s;
   for (int64_t j = 0; j < valid; j += W) {
     const int64_t k = std::min<int64_t>(W, valid - j);
-    V r = (load_k(y + j, k) * (load_k(dy + j, k) - sv)) * scale;
-    store_k(dx + j, r, k);
+    V r = (load_kk(y + j, k) * (load_kk(dy + j, k) - sv)) * scale;
+    store_kk(dx + j, r, k);
   }
   if (mb) {
     if (ss == 1) {
