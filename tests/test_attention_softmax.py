@@ -428,3 +428,12 @@ def test_small_cpu_calls_run_pytorch_ops(monkeypatch):
         x = torch.randn(1, 1, rows, 64, requires_grad=True)
         fl.attention_softmax(x, 0.5, None, True)
         assert bool(calls) == fused, rows
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 5), (2, 3, 0), (0, 4, 4)], ids=str)
+def test_empty(backend, shape):
+    x = torch.randn(shape, requires_grad=True)
+    y = fl.attention_softmax(x, 0.5, torch.zeros(shape[-2:], dtype=torch.bool), True)
+    assert y.shape == shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == shape
