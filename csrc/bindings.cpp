@@ -26,6 +26,8 @@
 #include "norms.h"
 #include "rotary.h"
 
+#include "attention_softmax.h"
+
 namespace py = pybind11;
 using namespace fl;
 
@@ -120,6 +122,8 @@ static std::tuple<uintptr_t, uintptr_t, uintptr_t> ce_targets(
 
 static void bind_norms(py::module_& m);  // csrc/norms.cpp's entry points, bound at the end of this file
 static void bind_rotary(py::module_& m);  // csrc/rotary.cpp's, at the end of this file
+
+static void bind_attention_softmax(py::module_& m);  // csrc/attention_softmax.cpp's, at the end too
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
@@ -371,6 +375,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_CODES") = dtypes;
   bind_norms(m);
   bind_rotary(m);
+  bind_attention_softmax(m);
 }
 
 
@@ -522,4 +527,92 @@ static void bind_rotary(py::module_& m) {
         py::arg("out_q"), py::arg("out_k"), py::arg("interleaved"), py::arg("inverse"), py::arg("nthreads"),
         "out = x * cos + rotate(x) * sin (inverse: x * cos + rotate^T(x * sin)) for q and k, (n0, n1, n2, d) "
         "views with a contiguous last dim; the first r = cos.shape[-1] dims rotate, the rest are copied.");
+
+}
+
+// ----------------------------------------------------------------------------- attention softmax (csrc/attention_softmax.cpp)
+// x, dx: (B, H, L, S) contiguous scores in T; y, dy: the same shape in U (T, or float32 for 16-bit T);
+// mask: None or a (B, H, L, S) buffer of any non-negative strides (0 on broadcast dims) whose dtype
+// code is kAttnBoolCode (torch.bool, one byte) or T's.
+constexpr int kAttnBoolCode = 11;
+
+static AttnMask attn_mask_of(const char* fn, const std::optional<Buf>& mask, int dt, const std::vector<int64_t>& shape,
+                             bool float_ok) {
+  AttnMask mk;
+  if (!mask) return mk;
+  const auto& [p, code, sh, st] = *mask;
+  auto fail = [&](const std::string& what) {
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": argument 'mask' " + what);
+  };
+  if (code != kAttnBoolCode && !(float_ok && code == dt))
+    fail("has dtype code " + std::to_string(code) + ", expected " + std::to_string(kAttnBoolCode) +
+         (float_ok ? " (bool) or " + std::to_string(dt) : std::string(" (bool)")));
+  if (sh != shape) fail("has shape " + dims(sh) + ", expected " + dims(shape));
+  if (st.size() != 4) fail("has " + std::to_string(st.size()) + " strides, expected 4");
+  for (int64_t s : st)
+    if (s < 0) fail("has a negative stride " + dims(st));
+  int64_t numel = 1;
+  for (int64_t d : sh) numel *= d;
+  if (numel > 0 && p == 0) fail("is a null pointer");
+  mk.p = (const void*)p;
+  mk.kind = code == kAttnBoolCode ? kAttnMaskBool : kAttnMaskFloat;
+  mk.sb = st[0], mk.sh = st[1], mk.sl = st[2], mk.ss = st[3];
+  return mk;
+}
+
+// f((T*)0, (U*)0) for the (scores, probabilities) dtype pair, or invalid_argument.
+template <class F>
+static void by_attn_dtypes(const char* fn, int dt, int ut, F&& f) {
+  if (ut == dt) {
+    by_dtype(dt, [&](auto* tag) { f(tag, tag); });
+  } else if (ut == F32 && dt == BF16) {
+    f((bf16*)nullptr, (float*)nullptr);
+  } else if (ut == F32 && dt == F16) {
+    f((f16*)nullptr, (float*)nullptr);
+  } else {
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": probabilities of dtype code " +
+                                std::to_string(ut) + " for scores of code " + std::to_string(dt) +
+                                " (expected the same, or float32 for 16-bit scores)");
+  }
+}
+
+static void bind_attention_softmax(py::module_& m) {
+  m.attr("ATTN_BOOL_CODE") = kAttnBoolCode;
+  m.def("attention_softmax_forward",
+        [](const Buf& x, const std::optional<Buf>& mask, const Buf& y, double scale, bool causal, int nthreads) {
+          const char* fn = "attention_softmax_forward";
+          int dt = dtype_of(fn, "x", x, 4), ut = dtype_of(fn, "y", y, 4);
+          const auto sh = shape_of(x);
+          uintptr_t px = expect(fn, "x", x, dt, sh), py_ = expect(fn, "y", y, ut, sh);
+          AttnMask mk = attn_mask_of(fn, mask, dt, sh, true);
+          by_attn_dtypes(fn, dt, ut, [&](auto* t, auto* u) {
+            using T = std::remove_pointer_t<decltype(t)>;
+            using U = std::remove_pointer_t<decltype(u)>;
+            py::gil_scoped_release nogil;
+            attention_softmax_forward<T, U>(ptr<const T>(px), mk, ptr<U>(py_), sh[0], sh[1], sh[2], sh[3], scale,
+                                            causal, nthreads);
+          });
+        },
+        py::arg("x"), py::arg("mask"), py::arg("y"), py::arg("scale"), py::arg("causal"), py::arg("nthreads"),
+        "y = softmax(masked(x * scale [+ mask])) over the last dim of contiguous (B, H, L, S) scores.");
+  m.def("attention_softmax_backward",
+        [](const Buf& dy, const Buf& y, const std::optional<Buf>& mask, const Buf& dx, double scale, bool causal,
+           int nthreads) {
+          const char* fn = "attention_softmax_backward";
+          int ut = dtype_of(fn, "y", y, 4), dt = dtype_of(fn, "dx", dx, 4);
+          const auto sh = shape_of(y);
+          uintptr_t pdy = expect(fn, "dy", dy, ut, sh), py_ = expect(fn, "y", y, ut, sh);
+          uintptr_t pdx = expect(fn, "dx", dx, dt, sh);
+          AttnMask mk = attn_mask_of(fn, mask, dt, sh, false);
+          by_attn_dtypes(fn, dt, ut, [&](auto* t, auto* u) {
+            using T = std::remove_pointer_t<decltype(t)>;
+            using U = std::remove_pointer_t<decltype(u)>;
+            py::gil_scoped_release nogil;
+            attention_softmax_backward<T, U>(ptr<const U>(pdy), ptr<const U>(py_), mk, ptr<T>(pdx), sh[0], sh[1],
+                                             sh[2], sh[3], scale, causal, nthreads);
+          });
+        },
+        py::arg("dy"), py::arg("y"), py::arg("mask"), py::arg("dx"), py::arg("scale"), py::arg("causal"),
+        py::arg("nthreads"),
+        "dx = keep ? y * (dy - sum(dy * y)) * scale : 0 (keep: the bool mask and causal), rows of (B, H, L, S).");
 }

@@ -14,6 +14,7 @@ from .loss import cross_entropy, linear_cross_entropy
 from .nn import FusedLinear, LogSoftmax, Softmax, prepack
 from .ops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from .ops.rotary import rotary
+from .ops.attention_softmax import AttentionSoftmax, attention_softmax
 from .swap import SwapReport, swap
 
 __version__ = "0.1.0"
@@ -25,4 +26,5 @@ __all__ = [
     "BackendUnavailableError", "DeviceError", "DTypeError", "ShapeError",
     "rms_norm", "layer_norm", "RMSNorm", "LayerNorm",
     "rotary",
+    "attention_softmax", "AttentionSoftmax",
 ]

@@ -56,9 +56,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastlayers.activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT  # noqa: E402
 from fastlayers.kernels import activations as A  # noqa: E402
+from fastlayers.kernels import attention_softmax as AK  # noqa: E402
 from fastlayers.kernels import cross_entropy as CE  # noqa: E402
 from fastlayers.kernels import gated as GL  # noqa: E402
 from fastlayers.kernels import gemm as LA  # noqa: E402
+from fastlayers.kernels import rotary as RT  # noqa: E402
 from fastlayers.kernels import softmax as SM  # noqa: E402
 
 # Shared memory one block may use (opt-in maximum), bytes.
@@ -412,11 +414,91 @@ def softmax_jobs(quick: bool):
     return jobs
 
 
+# ----------------------------------------------------------------------------- rotary (kernels/rotary.py)
+KERNELS["rotary"] = RT.rotary_kernel
+# (R, D, interleaved): Llama 3 / Mistral (128), small models (64), Phi-2's partial rotary (32 of 80),
+# GPT-J's interleaved partial rotary (64 of 256).
+ROTARY_SHAPES = [(128, 128, False), (64, 64, False), (32, 80, False), (64, 256, True)]
+
+
+def rotary_jobs(quick: bool):
+    """The one rotary kernel, forward and backward (INVERSE), per dtype and head layout, on the
+    strides of (B, H, S, D) = (1, 32, 2048, D) transposed views (KV heads 8) and (B, 1, S, R) cos / sin."""
+    jobs = []
+    shapes = [(128, 128, False), (64, 256, True)] if quick else ROTARY_SHAPES
+    for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
+        for r, d, il in shapes:
+            br, bh, bp, warps = RT.plan(r, d, dt == "fp64")
+            for inverse in (False, True):
+                if quick and il and inverse:
+                    continue
+                h, kv, s = 32, 8, 2048
+                args = dict(q_ptr=Ptr(dt), oq_ptr=Ptr(dt), cq_ptr=Ptr(dt), sq_ptr=Ptr(dt), k_ptr=Ptr(dt),
+                            ok_ptr=Ptr(dt), ck_ptr=Ptr(dt), sk_ptr=Ptr(dt),
+                            ROWS_Q=h * s, Q1=h, Q2=s, QS0=s * h * d, QS1=d, QS2=h * d, OQS0=s * h * d, OQS1=d,
+                            OQS2=h * d, CQS0=s * r, CQS1=0, CQS2=r, SQS0=s * r, SQS1=0, SQS2=r, DQ=d,
+                            ROWS_K=kv * s, K1=kv, K2=s, KS0=s * kv * d, KS1=d, KS2=kv * d, OKS0=s * kv * d,
+                            OKS1=d, OKS2=kv * d, CKS0=s * r, CKS1=0, CKS2=r, SKS0=s * r, SKS1=0, SKS2=r, DK=d,
+                            R=r, PROGS_Q=h * s // br, INTERLEAVED=il, INVERSE=inverse, BLOCK_ROWS=br,
+                            BLOCK_H=bh, BLOCK_P=bp, COMPUTE_DTYPE=tl.float64 if dt == "fp64" else tl.float32)
+                jobs.append(dict(kernel="rotary", name=f"rotary {'bwd' if inverse else 'fwd'} {dt} R={r} D={d}"
+                                 f"{' interleaved' if il else ''}", config=f"{br}x{bh}+{bp} w{warps}",
+                                 args=args, options=dict(num_warps=warps)))
+    return jobs
+
+
+# ----------------------------------------------------------------------------- attention softmax
+# (kernels/attention_softmax.py, launched by backends/triton.py attention_softmax_forward / _backward
+# with softmax's plan for inner == 1: single pass up to its limit, streaming beyond.)
+
+
+KERNELS.update({"attn_fwd": AK.attn_softmax_fwd_kernel, "attn_fwd_streaming": AK.attn_softmax_fwd_streaming_kernel,
+                "attn_bwd": AK.attn_softmax_bwd_kernel, "attn_bwd_streaming": AK.attn_softmax_bwd_streaming_kernel})
+# (scores dtype, probabilities dtype): the launcher's pairs
+ATTN_DTYPES = [("fp32", "fp32"), ("fp64", "fp64"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")]
+ATTN_S = [512, 2048, 8192, 32768]  # (B*H*L rows of S): single pass ... streaming
+ATTN_QUICK = [("bf16", "bf16", 4096, 1, True), ("bf16", "bf16", 32768, 1, True), ("fp64", "fp64", 4096, 2, False)]
+
+
+def attn_jobs(quick: bool):
+    """Forward and backward per dtype pair, mask kind (0 none, 1 bool, 2 float), causal, row length."""
+    jobs = []
+    if quick:
+        combos = ATTN_QUICK
+    else:
+        combos = [(t, u, S, kind, causal) for t, u in ATTN_DTYPES for S in ATTN_S for kind in (0, 1, 2)
+                  for causal in (False, True) if not (kind == 2 and t != u)]
+    for t, u, S, kind, causal in combos:
+        H, L = 16, S
+        R = 2 * H * L
+        single, br, bl, warps = SM.plan(R, S, 1, t == "fp64")
+        comp = tl.float64 if t == "fp64" else tl.float32
+        mdt = "u8" if kind == 1 else t
+        strides = dict(SB=L * S, SH=0, SL=S, SS=1) if kind else dict(SB=0, SH=0, SL=0, SS=0)
+        common = dict(R=R, L=L, H=H, S=S, scale_hi=0.125, scale_lo=0.0, **strides, MASK_KIND=kind, CAUSAL=causal,
+                      COMPUTE_DTYPE=comp, BLOCK_R=br, BLOCK_L=bl)
+        suffix = "" if single else "_streaming"
+        what = f"{t}->{u} mask{kind}{' causal' if causal else ''} S={S}"
+        cfg = f"{br}x{bl} w{warps}"
+        jobs.append(dict(kernel="attn_fwd" + suffix, name=f"attn_fwd{suffix} {what}", config=cfg,
+                         args=dict(common, x_ptr=Ptr(t), m_ptr=Ptr(mdt), y_ptr=Ptr(u), ROUND=t in ("bf16", "fp16")),
+                         options=dict(num_warps=warps)))
+        bwd_kind = 1 if kind == 1 else 0  # the backward reads only a bool mask
+        bstrides = strides if bwd_kind else dict(SB=0, SH=0, SL=0, SS=0)
+        bcommon = dict(common, **bstrides, MASK_KIND=bwd_kind)
+        jobs.append(dict(kernel="attn_bwd" + suffix, name=f"attn_bwd{suffix} {what}", config=cfg,
+                         args=dict(bcommon, dy_ptr=Ptr(u), y_ptr=Ptr(u), m_ptr=Ptr("u8" if bwd_kind else t),
+                                   dx_ptr=Ptr(t)),
+                         options=dict(num_warps=warps)))
+    return jobs
+
+
 def all_jobs(quick: bool, targets):
     jobs = []
     for t in targets:
         jobs += gemm_jobs(quick, t) + tma_gemm_jobs(quick, t) + gated_jobs(quick, t)
-        jobs += [dict(j, arch=t) for j in reduction_jobs(quick) + softmax_jobs(quick) + ce_jobs(quick)]
+        jobs += [dict(j, arch=t) for j in reduction_jobs(quick) + softmax_jobs(quick) + ce_jobs(quick)
+                 + rotary_jobs(quick) + attn_jobs(quick)]
     return jobs
 
 
@@ -509,48 +591,6 @@ def main() -> int:
     print(f"compile gate: {'FAIL' if bad else 'PASS'} ({len(results) - len(bad)}/{len(results)} ok, "
           f"{secs:.0f} s)")
     return 1 if bad else 0
-
-
-# ----------------------------------------------------------------------------- rotary (kernels/rotary.py)
-from fastlayers.kernels import rotary as RT  # noqa: E402
-
-KERNELS["rotary"] = RT.rotary_kernel
-# (R, D, interleaved): Llama 3 / Mistral (128), small models (64), Phi-2's partial rotary (32 of 80),
-# GPT-J's interleaved partial rotary (64 of 256).
-ROTARY_SHAPES = [(128, 128, False), (64, 64, False), (32, 80, False), (64, 256, True)]
-
-
-def rotary_jobs(quick: bool):
-    """The one rotary kernel, forward and backward (INVERSE), per dtype and head layout, on the
-    strides of (B, H, S, D) = (1, 32, 2048, D) transposed views (KV heads 8) and (B, 1, S, R) cos / sin."""
-    jobs = []
-    shapes = [(128, 128, False), (64, 256, True)] if quick else ROTARY_SHAPES
-    for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
-        for r, d, il in shapes:
-            br, bh, bp, warps = RT.plan(r, d, dt == "fp64")
-            for inverse in (False, True):
-                if quick and il and inverse:
-                    continue
-                h, kv, s = 32, 8, 2048
-                args = dict(q_ptr=Ptr(dt), oq_ptr=Ptr(dt), cq_ptr=Ptr(dt), sq_ptr=Ptr(dt), k_ptr=Ptr(dt),
-                            ok_ptr=Ptr(dt), ck_ptr=Ptr(dt), sk_ptr=Ptr(dt),
-                            ROWS_Q=h * s, Q1=h, Q2=s, QS0=s * h * d, QS1=d, QS2=h * d, OQS0=s * h * d, OQS1=d,
-                            OQS2=h * d, CQS0=s * r, CQS1=0, CQS2=r, SQS0=s * r, SQS1=0, SQS2=r, DQ=d,
-                            ROWS_K=kv * s, K1=kv, K2=s, KS0=s * kv * d, KS1=d, KS2=kv * d, OKS0=s * kv * d,
-                            OKS1=d, OKS2=kv * d, CKS0=s * r, CKS1=0, CKS2=r, SKS0=s * r, SKS1=0, SKS2=r, DK=d,
-                            R=r, PROGS_Q=h * s // br, INTERLEAVED=il, INVERSE=inverse, BLOCK_ROWS=br,
-                            BLOCK_H=bh, BLOCK_P=bp, COMPUTE_DTYPE=tl.float64 if dt == "fp64" else tl.float32)
-                jobs.append(dict(kernel="rotary", name=f"rotary {'bwd' if inverse else 'fwd'} {dt} R={r} D={d}"
-                                 f"{' interleaved' if il else ''}", config=f"{br}x{bh}+{bp} w{warps}",
-                                 args=args, options=dict(num_warps=warps)))
-    return jobs
-
-
-_all_jobs_before_rotary = all_jobs
-
-
-def all_jobs(quick: bool, targets):  # noqa: F811  (the jobs above, plus the rotary kernel's)
-    return _all_jobs_before_rotary(quick, targets) + [dict(j, arch=t) for t in targets for j in rotary_jobs(quick)]
 
 
 if __name__ == "__main__":

@@ -100,6 +100,19 @@ class Backend(Protocol):
         broadcast to x (stride 0 allowed), R even <= D; dims [R, D) are copied. rotate: rotate_half
         (pairs (i, i + R/2)) or, interleaved, GPT-J's pairs (2i, 2i+1)."""
 
+    # --- attention-score softmax (fastlayers/ops/attention_softmax.py)
+    def attention_softmax_forward(self, x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                                  out_dtype: torch.dtype) -> Tensor:
+        """x: (B, H, L, S) contiguous scores; mask None or a (B, H, L, S) strided view (stride 0 on
+        broadcast dims) of a bool (True takes part) or x-dtype (added) mask; causal: column j > row i
+        masked -> softmax over S of masked(x * scale [+ mask]), (B, H, L, S) contiguous in out_dtype
+        (x's, or float32 for 16-bit x)."""
+
+    def attention_softmax_backward(self, dy: Tensor, y: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                                   in_dtype: torch.dtype) -> Tensor:
+        """dy, y: (B, H, L, S) contiguous (y the forward's output); mask as the forward's (only a bool
+        one is read) -> dscores = keep ? y * (dy - sum(dy * y)) * scale : 0, contiguous in in_dtype."""
+
 
 @runtime_checkable
 class PackedGemm(Protocol):

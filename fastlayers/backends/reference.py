@@ -286,3 +286,40 @@ def rotary(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, si
             y = xr * cc + _rotate(xr, interleaved, False) * sc
         out[..., :r] = y
         out[..., r:] = x[..., r:]
+
+
+# --- attention-score softmax (fastlayers/ops/attention_softmax.py)
+# x: (B, H, L, S) contiguous scores; mask: None or a (B, H, L, S) strided view (bool: True takes part;
+# or floating in x's dtype, added); causal: column j > row i masked.
+def _attn_keep(mask: Optional[Tensor], causal: bool, L: int, S: int, device) -> Optional[Tensor]:
+    keep = mask if mask is not None and mask.dtype == torch.bool else None
+    if causal:
+        tri = torch.ones(L, S, dtype=torch.bool, device=device).tril()
+        keep = tri if keep is None else keep & tri
+    return keep
+
+
+def attention_softmax_forward(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                              out_dtype: torch.dtype) -> Tensor:
+    """softmax(masked(x * scale [+ mask])) in out_dtype: z rounded to x's dtype as eager rounds it,
+    the softmax in fp32 (fp64 for fp64) rounded once."""
+    z = x * scale
+    if mask is not None and mask.dtype != torch.bool:
+        z = z + mask
+    keep = _attn_keep(mask, causal, x.shape[-2], x.shape[-1], x.device)
+    if keep is not None:
+        z = z.masked_fill(~keep, float("-inf"))
+    return torch.softmax(z, -1, dtype=torch.float32 if z.dtype in _LOW else z.dtype).to(out_dtype).contiguous()
+
+
+def attention_softmax_backward(dy: Tensor, y: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                               in_dtype: torch.dtype) -> Tensor:
+    """dscores = where(keep, y * (dy - sum(dy * y)) * scale, 0) in the compute dtype, rounded once to
+    in_dtype; keep = the boolean mask (a floating one is not read) and / or causal."""
+    cd = torch.float64 if y.dtype == torch.float64 else torch.float32
+    yc, g = y.to(cd), dy.to(cd)
+    dz = yc * (g - (g * yc).sum(-1, keepdim=True)) * scale
+    keep = _attn_keep(mask, causal, y.shape[-2], y.shape[-1], y.device)
+    if keep is not None:
+        dz = dz.masked_fill(~keep, 0.0)
+    return dz.to(in_dtype).contiguous()

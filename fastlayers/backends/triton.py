@@ -725,3 +725,61 @@ def rotary(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, si
         rows_k, k.shape[1], k.shape[2], *strides(k, out_k, cos_k, sin_k), k.shape[3],
         r, progs_q, INTERLEAVED=bool(interleaved), INVERSE=bool(inverse), BLOCK_ROWS=block_rows, BLOCK_H=block_h,
         BLOCK_P=block_p, COMPUTE_DTYPE=_compute_dtype(q.dtype), num_warps=warps))
+
+# --- attention-score softmax (kernels/attention_softmax.py)
+from ..kernels import attention_softmax as _ak  # noqa: E402  (kept with its section)
+
+_LOW_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _attn_args(x: Tensor, mask: Optional[Tensor], scale: float):
+    """(mask pointer tensor, mask kind, mask strides, scale halves, plan) for (B, H, L, S) x."""
+    B, H, L, S = x.shape
+    if mask is None:
+        mt, kind, strides = x, 0, (0, 0, 0, 0)
+    elif mask.dtype == torch.bool:
+        mt, kind, strides = mask.view(torch.uint8), 1, mask.stride()
+    else:
+        mt, kind, strides = mask, 2, mask.stride()
+    rows = B * H * L
+    single, block_r, block_l, warps = _sm.plan(rows, S, 1, x.dtype == torch.float64)
+    return mt, kind, strides, _split_slope(scale), (rows, single, block_r, block_l, warps)
+
+
+def attention_softmax_forward(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                              out_dtype: torch.dtype) -> Tensor:
+    """x: (B, H, L, S) contiguous; mask None or a (B, H, L, S) strided view (bool or x's dtype) -> y
+    of out_dtype. Single pass (softmax's plan) or streaming for long rows.
+    Bytes: reads x (+ mask; streaming: x twice), writes y."""
+    op = "fastlayers.attention_softmax"
+    B, H, L, S = x.shape
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    if y.numel() == 0:
+        return y
+    mt, kind, strides, (hi, lo), (rows, single, block_r, block_l, warps) = _attn_args(x, mask, scale)
+    kernel = _ak.attn_softmax_fwd_kernel if single else _ak.attn_softmax_fwd_streaming_kernel
+    grid = (triton.cdiv(rows, block_r),)
+    _launch(op, x, lambda: kernel[grid](
+        x, mt, y, rows, L, H, S, hi, lo, *strides, MASK_KIND=kind, CAUSAL=causal,
+        ROUND=x.dtype in _LOW_DTYPES and (scale != 1.0 or kind == 2), COMPUTE_DTYPE=_compute_dtype(x.dtype),
+        BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
+    return y
+
+
+def attention_softmax_backward(dy: Tensor, y: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                               in_dtype: torch.dtype) -> Tensor:
+    """dy, y: (B, H, L, S) contiguous -> dscores in in_dtype; only a bool mask is read.
+    Bytes: reads dy, y (+ bool mask; streaming: twice), writes dscores."""
+    op = "fastlayers.attention_softmax (backward)"
+    B, H, L, S = y.shape
+    dx = torch.empty(y.shape, device=y.device, dtype=in_dtype)
+    if dx.numel() == 0:
+        return dx
+    bmask = mask if mask is not None and mask.dtype == torch.bool else None
+    mt, kind, strides, (hi, lo), (rows, single, block_r, block_l, warps) = _attn_args(dx, bmask, scale)
+    kernel = _ak.attn_softmax_bwd_kernel if single else _ak.attn_softmax_bwd_streaming_kernel
+    grid = (triton.cdiv(rows, block_r),)
+    _launch(op, y, lambda: kernel[grid](
+        dy, y, mt, dx, rows, L, H, S, hi, lo, *strides, MASK_KIND=kind, CAUSAL=causal,
+        COMPUTE_DTYPE=_compute_dtype(dx.dtype), BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
+    return dx

@@ -121,6 +121,7 @@ from .swapper import _Swapper
 from .norms import swap_norms as _swap_norms
 from .residual import swap_residual as _swap_residual
 from .rotary import swap_rotary as _swap_rotary
+from .attention import swap_attention as _swap_attention
 
 __all__ = ["swap", "SwapReport"]
 
@@ -177,6 +178,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         _swap_norms(model, report)  # LayerNorm / RMSNorm modules (swap/norms.py)
         _swap_residual(model, report)  # the residual add before a (now fastlayers) norm (swap/residual.py)
         _swap_rotary(model, report)  # Hugging Face attention's apply_rotary_pos_emb (swap/rotary.py)
+        _swap_attention(model, report)  # Hugging Face eager attention's score softmax (swap/attention.py)
     _load_backends(model)
     model.fastlayers_swap_report = report
     log.info("%s", report)

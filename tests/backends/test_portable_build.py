@@ -46,6 +46,17 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10), (torch.bfloat1
 long = torch.randn(3, 5000) * 30
 long[0, :2100] = float("-inf")
 torch.testing.assert_close(fl.softmax(long, -1), torch.softmax(long, -1), equal_nan=True)
+# attention-score softmax (csrc/attention_softmax.cpp): ragged causal rows, masks, long rows, dtypes
+for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
+    s = (torch.randn(2, 3, 37, 2100, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    for m in (None, torch.rand(2, 1, 37, 2100) > 0.3, torch.randn(37, 1, dtype=torch.float64).to(dtype)):
+        out = []
+        for name in ("cpp", "reference"):
+            with fl.use_backend(name):
+                y = fl.attention_softmax(s, 0.3, m, True)
+                out.append((y, torch.autograd.grad(y.float().square().sum(), s)[0]))
+        torch.testing.assert_close(out[0][0], out[1][0], rtol=tol, atol=tol, equal_nan=True)
+        torch.testing.assert_close(out[0][1], out[1][1], rtol=tol, atol=tol, equal_nan=True)
 print("portable build OK")
 """
 
