@@ -1,0 +1,276 @@
+"""fastlayers through Hugging Face's own mechanism: a kernel mapping for the ``kernels`` package.
+
+    from kernels import Mode, kernelize, use_kernel_mapping
+    import fastlayers.hf
+
+    with use_kernel_mapping(fastlayers.hf.kernel_mapping()):
+        model = kernelize(model, mode=Mode.TRAINING, device="cpu")   # or Mode.INFERENCE, "cuda"
+
+``transformers`` marks its replaceable layers with a ``kernel_layer_name`` (the decorator
+``use_kernel_forward_from_hub``); ``kernelize`` sets, on every marked module of the model, the
+forward of the layer class that the mapping's repository loads for that name, device and mode.
+Here the repositories are fastlayers' own (``Repository``: ``load()`` returns one of the layer
+classes below, nothing is downloaded), and the forwards call fastlayers' ops:
+
+    "RMSNorm"                                -> fastlayers.rms_norm(x, weight, eps, mode="hf")
+    "GeLU"                                   -> fastlayers.ops.activation.activation(x, "gelu")
+    "GeluTanh", "NewGELU", "FastGELU"        -> ... "gelu_tanh"  (the same function: tanh-GELU)
+    "QuickGELU"                              -> ... "quick_gelu" (x * sigmoid(1.702 x))
+    "SiLU"                                   -> ... "silu"
+
+A name covers every class marked with it, so each module is checked once, at its first call,
+before fastlayers computes its forward: its structure (RMSNorm: LlamaRMSNorm's 1-D ``weight`` and
+float ``variance_epsilon``, nothing else) and its behaviour -- its own forward on probe inputs in
+float64 and float32 must equal fastlayers' formula at those dtypes' tolerances (RMSNorm also in
+bfloat16, bit for bit, which tells the cast-then-weight rounding and ``(1 + weight)`` variants
+apart), and keep bfloat16 in bfloat16. A module that fails runs its own forward unchanged (the
+reason is kept in ``fastlayers.hf.why_not(module)``): a differently defined layer is never given
+another formula.
+
+Not covered, of the names transformers 5.25 marks: "rotary_pos_emb" (until fastlayers.rotary
+lands), "RMSNormGated" (norm(x) * silu(gate): a second input), "RMSNormZeroCentered" ((1 + w)
+scaling), the Mamba / linear-attention scans and convolutions ("mamba_scan_forward",
+"causal_conv1d_*", "chunk_gated_delta_rule", ...), "MultiScaleDeformableAttention",
+"SoftmaxTopKRouter", "Qwen3_5GatedDeltaNet", "EsmFold2TriangleMultiplication": fastlayers has no
+op for them; kernelize keeps their own forward.
+
+Modes: Mode.TRAINING and Mode.INFERENCE (the layers have a backward). Not Mode.TORCH_COMPILE:
+the layers say ``can_torch_compile = False``, so kernelize keeps the original forward there and
+Inductor fuses it (the first-call probe is eager Python). Devices: "cpu" (the C++ backend) and
+"cuda" (rms_norm's Triton kernels; a bare activation is ATen's own one-pass kernel there).
+
+16-bit inputs: RMSNorm gives HF's rounding exactly; the activations are computed in float32 and
+rounded once (PyTorch's own rule for F.gelu / F.silu), where the eager HF formulas of NewGELU,
+FastGELU and QuickGELU round every intermediate: fastlayers is closer to the exact value there.
+
+The ``kernels`` and ``transformers`` packages are imported only by kernel_mapping() (the extra
+``pip install fastlayers[hf]``): ``import fastlayers`` needs neither.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .ops.activation import activation
+from .ops.norms import norm_composite, rms_norm
+
+__all__ = ["kernel_mapping", "Repository", "LAYER_NAMES", "why_not"]
+
+# kernel_layer_name -> the fastlayers activation its classes compute
+_ACTIVATION_OF = {"GeLU": "gelu", "GeluTanh": "gelu_tanh", "NewGELU": "gelu_tanh", "FastGELU": "gelu_tanh",
+                  "QuickGELU": "quick_gelu", "SiLU": "silu"}
+LAYER_NAMES: Tuple[str, ...] = ("RMSNorm",) + tuple(_ACTIVATION_OF)
+
+_VERDICT = "_fastlayers_hf_why_not"  # a marked module's __dict__ entry: None (fastlayers' forward) or why not
+_UNSET = object()
+
+
+def why_not(module: nn.Module) -> Optional[str]:
+    """Why a kernelized module runs its own forward rather than fastlayers' (None: it runs
+    fastlayers'; "not called yet": its check runs at its first call)."""
+    why = module.__dict__.get(_VERDICT, _UNSET)
+    return "not called yet" if why is _UNSET else why
+
+
+def _verdict(m: nn.Module, check, *args) -> Optional[str]:
+    why = m.__dict__.get(_VERDICT, _UNSET)
+    if why is _UNSET:
+        why = check(m, *args)
+        m.__dict__[_VERDICT] = why
+    return why
+
+
+# ----------------------------------------------------------------------------- the checks
+def _rmsnorm_problem(m: nn.Module) -> Optional[str]:
+    """None when m's own forward is LlamaRMSNorm's (structure, then behaviour), else why not."""
+    name = type(m).__name__
+    w = getattr(m, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 1:
+        return f"{name}: no 1-D weight Parameter (not LlamaRMSNorm's layout)"
+    eps = getattr(m, "variance_epsilon", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return f"{name}: no float variance_epsilon attribute (not LlamaRMSNorm's forward)"
+    if [n for n, _ in m.named_parameters()] != ["weight"] or list(m.buffers()) or len(m._modules):
+        return f"{name}: has parameters, buffers or submodules besides weight"
+    if w.device.type == "meta":
+        return f"{name}: weight on the meta device (its forward cannot be probed)"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):
+            x = (torch.randn(3, w.shape[0], generator=gen) * 3).to(device=w.device, dtype=dtype)
+            try:
+                got = type(m).forward(m, x)  # the class's own forward (the instance's is ours now)
+            except Exception as e:  # noqa: BLE001 - any failure: not the standard forward
+                return f"{name}: its forward failed on a probe input ({type(e).__name__})"
+            want = norm_composite(x, w, None, None, float(eps), "rms_hf", 1)
+            if not isinstance(got, Tensor) or got.dtype != want.dtype or got.shape != want.shape:
+                return f"{name}: its forward returns another dtype/shape than LlamaRMSNorm's on {dtype} input"
+            if not torch.allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True):
+                return f"{name}: its forward differs from LlamaRMSNorm's (another formula)"
+    return None
+
+
+def _probe_points(device: torch.device) -> Tensor:
+    """float64 points where the GELU variants, SiLU and QuickGELU all differ from one another."""
+    x = torch.linspace(-10.0, 10.0, 161, dtype=torch.float64)
+    return torch.cat([x, torch.tensor([0.0, -0.0, 1e-3, -1e-3, 30.0, -30.0], dtype=torch.float64)]).to(device)
+
+
+def _activation_problem(m: nn.Module, act_name: str, device: torch.device) -> Optional[str]:
+    """None when m's own forward computes the activation `act_name` (see the module docstring)."""
+    from .activations import get
+    name = type(m).__name__
+    ref = get(act_name).ref
+    x64 = _probe_points(device)
+    # (dtype, rtol, atol): float64 tells the functions apart (erf vs tanh GELU differ by up to
+    # 4.7e-4); float32 at the tolerance of fastlayers' tests; bfloat16: only that it stays bf16.
+    with torch.no_grad():
+        for dtype, rtol, atol in ((torch.float64, 1e-7, 1e-7), (torch.float32, 1.3e-6, 1e-5),
+                                  (torch.bfloat16, None, None)):
+            x = x64.to(dtype)
+            try:
+                got = type(m).forward(m, x)
+            except Exception as e:  # noqa: BLE001 - any failure: not the plain activation
+                return f"{name}: its forward failed on a probe input ({type(e).__name__})"
+            if not isinstance(got, Tensor) or got.dtype != dtype or got.shape != x.shape:
+                return f"{name}: its forward returns another dtype/shape than its {dtype} input"
+            if rtol is not None and not torch.allclose(got, ref(x, 0.0), rtol=rtol, atol=atol, equal_nan=True):
+                return f"{name}: its forward differs from fastlayers' {act_name!r} (another formula)"
+    return None
+
+
+# ----------------------------------------------------------------------------- the layer classes
+# What kernelize loads: nn.Module subclasses without __init__ or members of their own (kernels
+# checks that, and that forward's parameters match the marked class's), whose forward it binds
+# to each marked module. Each forward runs fastlayers' op once the module passed its check, else
+# the module's own class forward.
+def _activation_forward(m: nn.Module, x: Tensor, act_name: str) -> Tensor:
+    if _verdict(m, _activation_problem, act_name, x.device) is None:
+        return activation(x, act_name)
+    return type(m).forward(m, x)
+
+
+class RMSNorm(nn.Module):
+    """Hugging Face's "RMSNorm" (LlamaRMSNorm's forward) -> fastlayers.rms_norm(mode="hf")."""
+    has_backward = True
+    can_torch_compile = False
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if _verdict(self, _rmsnorm_problem) is None:
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon, mode="hf")
+        return type(self).forward(self, hidden_states)
+
+
+class GeLU(nn.Module):
+    """Hugging Face's "GeLU" (GELUActivation: F.gelu, or its erf formula) -> activation "gelu"."""
+    has_backward = True
+    can_torch_compile = False
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - the marked classes' parameter name
+        return _activation_forward(self, input, "gelu")
+
+
+class GeluTanh(nn.Module):
+    """Hugging Face's "GeluTanh" / "NewGELU" / "FastGELU" (tanh-approximate GELU, as
+    F.gelu(approximate="tanh") or its formula) -> activation "gelu_tanh"."""
+    has_backward = True
+    can_torch_compile = False
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        return _activation_forward(self, input, "gelu_tanh")
+
+
+class QuickGELU(nn.Module):
+    """Hugging Face's "QuickGELU" (x * sigmoid(1.702 x)) -> activation "quick_gelu"."""
+    has_backward = True
+    can_torch_compile = False
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        return _activation_forward(self, input, "quick_gelu")
+
+
+class SiLU(nn.Module):
+    """Hugging Face's "SiLU" (F.silu) -> activation "silu"."""
+    has_backward = True
+    can_torch_compile = False
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        return _activation_forward(self, input, "silu")
+
+
+_LAYER_CLASSES = {"RMSNorm": RMSNorm, "GeLU": GeLU, "GeluTanh": GeluTanh, "NewGELU": GeluTanh,
+                  "FastGELU": GeluTanh, "QuickGELU": QuickGELU, "SiLU": SiLU}
+
+
+class Repository:
+    """A ``kernels`` repository for one of fastlayers' layers: ``load()`` returns its layer class
+    (kernels' RepositoryProtocol). Nothing is downloaded; equal for equal names (kernels caches
+    the loaded class per repository)."""
+
+    def __init__(self, layer_name: str):
+        if layer_name not in _LAYER_CLASSES:
+            raise ValueError(f"fastlayers.hf.Repository: no fastlayers layer for {layer_name!r}; expected one "
+                             f"of {', '.join(LAYER_NAMES)}")
+        self.layer_name = layer_name
+
+    def load(self) -> type:
+        return _LAYER_CLASSES[self.layer_name]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Repository) and other.layer_name == self.layer_name
+
+    def __hash__(self) -> int:
+        return hash(("fastlayers", self.layer_name))
+
+    def __str__(self) -> str:
+        return f"fastlayers (layer `{self.layer_name}`)"
+
+    __repr__ = __str__
+
+
+# ----------------------------------------------------------------------------- the mapping
+_DEVICES = ("cpu", "cuda")
+
+
+def _mode(m: object):
+    from kernels import Mode
+    if isinstance(m, str) and m.lower() in ("training", "inference"):
+        return Mode.TRAINING if m.lower() == "training" else Mode.INFERENCE
+    if m in (Mode.TRAINING, Mode.INFERENCE):
+        return m
+    raise ValueError(f"fastlayers.hf.kernel_mapping: expected modes among Mode.TRAINING, Mode.INFERENCE "
+                     f"(or 'training', 'inference'), got {m!r} (fastlayers' layers are not registered for "
+                     f"Mode.TORCH_COMPILE: Inductor fuses the original forward there)")
+
+
+def kernel_mapping(modes: Iterable[object] = ("training", "inference"),
+                   devices: Iterable[str] = _DEVICES,
+                   layers: Optional[Iterable[str]] = None) -> Dict[str, Dict[str, Dict[object, Repository]]]:
+    """The mapping ``kernels.use_kernel_mapping`` / ``register_kernel_mapping`` take:
+    ``{layer name: {device: {Mode: Repository}}}`` for `layers` (default: all of LAYER_NAMES),
+    `devices` ("cpu", "cuda") and `modes` (kernels.Mode.TRAINING / INFERENCE, or their names).
+
+    On "cuda", kernels picks among mappings of the same capability range arbitrarily: if another
+    mapping (e.g. transformers' own) is registered too, enter this one with
+    ``use_kernel_mapping(..., inherit_mapping=False)`` to be sure it is the one used.
+    """
+    op = "fastlayers.hf.kernel_mapping"
+    try:
+        import kernels  # noqa: F401 - the optional dependency, with a clear message
+    except ImportError as e:
+        raise ImportError(f"{op} needs the `kernels` package: pip install 'fastlayers[hf]' "
+                          "(or pip install kernels transformers)") from e
+    mode_list = [_mode(m) for m in modes]
+    if not mode_list:
+        raise ValueError(f"{op}: expected at least one mode")
+    dev_list = list(devices)
+    for d in dev_list:
+        if d not in _DEVICES:
+            raise ValueError(f"{op}: expected devices among {_DEVICES}, got {d!r}")
+    names = LAYER_NAMES if layers is None else tuple(layers)
+    for n in names:
+        if n not in _LAYER_CLASSES:
+            raise ValueError(f"{op}: no fastlayers layer for {n!r}; expected names among {', '.join(LAYER_NAMES)}")
+    return {n: {d: {m: Repository(n) for m in mode_list} for d in dev_list} for n in names}
