@@ -55,12 +55,11 @@ from torch import Tensor, nn
 
 from .ops.activation import activation
 from .ops.norms import norm_composite, rms_norm
+from .swap.activations import ACTIVATION_OF as _ACTIVATION_OF
+from .swap.activations import activation_problem as _activation_problem
 
 __all__ = ["kernel_mapping", "Repository", "LAYER_NAMES", "why_not"]
 
-# kernel_layer_name -> the fastlayers activation its classes compute
-_ACTIVATION_OF = {"GeLU": "gelu", "GeluTanh": "gelu_tanh", "NewGELU": "gelu_tanh", "FastGELU": "gelu_tanh",
-                  "QuickGELU": "quick_gelu", "SiLU": "silu"}
 LAYER_NAMES: Tuple[str, ...] = ("RMSNorm",) + tuple(_ACTIVATION_OF)
 
 _VERDICT = "_fastlayers_hf_why_not"  # a marked module's __dict__ entry: None (fastlayers' forward) or why not
@@ -109,35 +108,6 @@ def _rmsnorm_problem(m: nn.Module) -> Optional[str]:
                 return f"{name}: its forward returns another dtype/shape than LlamaRMSNorm's on {dtype} input"
             if not torch.allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True):
                 return f"{name}: its forward differs from LlamaRMSNorm's (another formula)"
-    return None
-
-
-def _probe_points(device: torch.device) -> Tensor:
-    """float64 points where the GELU variants, SiLU and QuickGELU all differ from one another."""
-    x = torch.linspace(-10.0, 10.0, 161, dtype=torch.float64)
-    return torch.cat([x, torch.tensor([0.0, -0.0, 1e-3, -1e-3, 30.0, -30.0], dtype=torch.float64)]).to(device)
-
-
-def _activation_problem(m: nn.Module, act_name: str, device: torch.device) -> Optional[str]:
-    """None when m's own forward computes the activation `act_name` (see the module docstring)."""
-    from .activations import get
-    name = type(m).__name__
-    ref = get(act_name).ref
-    x64 = _probe_points(device)
-    # (dtype, rtol, atol): float64 tells the functions apart (erf vs tanh GELU differ by up to
-    # 4.7e-4); float32 at the tolerance of fastlayers' tests; bfloat16: only that it stays bf16.
-    with torch.no_grad():
-        for dtype, rtol, atol in ((torch.float64, 1e-7, 1e-7), (torch.float32, 1.3e-6, 1e-5),
-                                  (torch.bfloat16, None, None)):
-            x = x64.to(dtype)
-            try:
-                got = type(m).forward(m, x)
-            except Exception as e:  # noqa: BLE001 - any failure: not the plain activation
-                return f"{name}: its forward failed on a probe input ({type(e).__name__})"
-            if not isinstance(got, Tensor) or got.dtype != dtype or got.shape != x.shape:
-                return f"{name}: its forward returns another dtype/shape than its {dtype} input"
-            if rtol is not None and not torch.allclose(got, ref(x, 0.0), rtol=rtol, atol=atol, equal_nan=True):
-                return f"{name}: its forward differs from fastlayers' {act_name!r} (another formula)"
     return None
 
 

@@ -88,6 +88,13 @@ nn.Linear; the default spec then quantizes them), or quantize first.
 
 nn.Softmax / nn.LogSoftmax become fastlayers.Softmax / LogSoftmax with the same dim.
 
+Standalone Hugging Face activation modules (swap/activations.py): a class marked with
+``kernel_layer_name`` "NewGELU", "FastGELU", "QuickGELU" or "GeluTanh" that no fusion above took
+(GPT-2's ``mlp.act`` after a Conv1D) becomes a swap.activations.Activation (one fastlayers pass each
+way: 1.3-9x its eager forward, fwd+bwd on the CPU) once its forward is checked to compute that
+activation; "GeLU" / "SiLU" modules running F.gelu / F.silu are left alone (one ATen pass already,
+fastlayers at parity), the reason in the report.
+
 Plain Linears (``linears=True``, the default): every nn.Linear not fused above and without hooks
 becomes a FusedLinear(activation="none") on the same Parameters (listed under ``linear`` with the
 reason it has no activation); it calls F.linear except where fastlayers' GEMM is faster (the CPU
@@ -103,7 +110,8 @@ torch.compile (fullgraph too) meets no lazy import.
 
 Package layout: patterns.py (what counts as an activation), tracing.py (fx tracing, the safety
 checks, the rewritten forward and its change check), gated.py (gated MLPs), loss.py (the head's
-loss), causal_lm.py (skip_logits), norms.py (LayerNorm / RMSNorm modules), quant.py (quantize_dynamic's
+loss), causal_lm.py (skip_logits), norms.py (LayerNorm / RMSNorm modules), activations.py (standalone
+activation modules), quant.py (quantize_dynamic's
 mapping), swapper.py (the walk over the model), report.py (SwapReport).
 """
 from __future__ import annotations
@@ -119,6 +127,7 @@ from .report import SwapReport
 from . import quant as _quant  # noqa: F401  (registers FusedLinear with quantize_dynamic)
 from .swapper import _Swapper
 from .norms import swap_norms as _swap_norms
+from .activations import swap_activations as _swap_activations
 
 __all__ = ["swap", "SwapReport"]
 
@@ -173,6 +182,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         swapper.run()
         report = swapper.report
         _swap_norms(model, report)  # LayerNorm / RMSNorm modules (swap/norms.py)
+        _swap_activations(model, report)  # standalone marked activation modules (swap/activations.py)
     _load_backends(model)
     model.fastlayers_swap_report = report
     log.info("%s", report)

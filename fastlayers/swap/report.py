@@ -24,7 +24,7 @@ class SwapReport:
     def __str__(self) -> str:
         lines = [f"fastlayers.swap: fused {len(self.fused)} Linear+activation pair(s), "
                  f"{len(self.gated)} gated MLP product(s), {len(self.losses)} loss(es), "
-                 f"replaced {len(self.replaced)} softmax / norm module(s), {len(self.linear)} plain Linear(s), "
+                 f"replaced {len(self.replaced)} softmax / norm / activation module(s), {len(self.linear)} plain Linear(s), "
                  f"left {len(self.left)} alone"]
         lines += [f"  fused     {lin} + {site} -> FusedLinear(activation={name})"
                   for lin, site, name in self.fused]
