@@ -9,7 +9,7 @@ from . import activations
 from ._errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
 from .backends import available_backends, use_backend
 from .functional import linear_act, log_softmax, softmax
-from .gated import FusedGatedMLP, gated_linear
+from .ops.gated_linear import FusedGatedMLP, gated_linear
 from .loss import cross_entropy, linear_cross_entropy
 from .nn import FusedLinear, LogSoftmax, Softmax, prepack
 from .ops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm

@@ -58,7 +58,7 @@ from fastlayers.activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT  # noqa:
 from fastlayers.kernels import activations as A  # noqa: E402
 from fastlayers.kernels import cross_entropy as CE  # noqa: E402
 from fastlayers.kernels import gated as GL  # noqa: E402
-from fastlayers.kernels import linear_act as LA  # noqa: E402
+from fastlayers.kernels import gemm as LA  # noqa: E402
 from fastlayers.kernels import softmax as SM  # noqa: E402
 
 # Shared memory one block may use (opt-in maximum), bytes.

@@ -1,4 +1,4 @@
-"""fastlayers.swap and the loss a model computes from its own head (swap/loss.py): traced
+"""fastlayers.swap and the loss a model computes from its own head (swap/loss/): traced
 forwards (F.cross_entropy / nn.CrossEntropyLoss on a Linear child's logits), Hugging Face
 `*ForCausalLM` loss functions, and forwards fx cannot trace (nanoGPT's optional targets).
 Swapped models are compared with untouched copies at conftest's rule for two fp32 results."""
@@ -14,6 +14,7 @@ from torch import nn
 
 import fastlayers as fl
 from fastlayers.swap import loss as swap_loss
+from fastlayers.swap.loss import calls as swap_loss_calls
 from conftest import INTERPRETED, assert_close_fp32
 from integration_helpers import hf_causal_lm
 
@@ -44,9 +45,9 @@ def _swapped(make):
 
 
 def _spy(monkeypatch, name):
-    """The shapes of the first argument of each call swap/loss.py makes of its `name`."""
-    calls, real = [], getattr(swap_loss, name)
-    monkeypatch.setattr(swap_loss, name, lambda *a, **k: calls.append(tuple(a[0].shape)) or real(*a, **k))
+    """The shapes of the first argument of each call swap/loss/calls.py makes of its `name`."""
+    calls, real = [], getattr(swap_loss_calls, name)
+    monkeypatch.setattr(swap_loss_calls, name, lambda *a, **k: calls.append(tuple(a[0].shape)) or real(*a, **k))
     return calls
 
 

@@ -6,7 +6,7 @@ Runs on CUDA tensors when a GPU is present, else on CPU tensors through Triton's
 (tests/conftest.py sets TRITON_INTERPRET=1 before fastlayers' kernels are imported). Interpreter
 programs cost ~2 ms each, so shapes here stay small; the larger ones and the fp16/bf16 GEMMs
 are marked `gpu`. Shapes straddle the block sizes the kernels use on this device: the
-interpreter's GEMM tile (kernels.linear_act.INTERPRETER_GEMM_CONFIG), the act-grad tile and the
+interpreter's GEMM tile (kernels.gemm.INTERPRETER_GEMM_CONFIG), the act-grad tile and the
 softmax single-pass boundary (kernels.softmax.single_pass_max_length). Tolerances: conftest's.
 The new kernel paths (small-M, split-K, autotune switches) are in tests/test_triton_kernels.py.
 """
@@ -22,7 +22,7 @@ from fastlayers import activations as acts
 _tb = triton_backend_or_skip()
 pytestmark = TRITON_MARKS
 
-from fastlayers.kernels import linear_act as K_LA  # noqa: E402
+from fastlayers.kernels import gemm as K_LA  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402
 
 # (activation, negative_slope): leaky_relu with slope < 0 saves z instead of y.

@@ -119,7 +119,7 @@ def test_tf32_new_api_linear_runs(restore_tf32):
 # ----------------------------------------------------------------------------- GEMM paths
 from fastlayers import kernels as K  # noqa: E402
 from fastlayers.kernels import gated as K_GL  # noqa: E402
-from fastlayers.kernels import linear_act as K_LA  # noqa: E402
+from fastlayers.kernels import gemm as K_LA  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402
 
 

@@ -1,60 +1,8 @@
 """The one dispatch point: a registry ``name -> backend module``.
 
-Every backend module implements the same small contract on contiguous 2-D / 3-D tensors
-(validation, flattening and autograd live in fastlayers/functional.py, not here):
-
-    NAME: str
-    DTYPES: frozenset[torch.dtype]            # dtypes its kernels accept
-    unavailable_reason(device) -> str | None  # None when it can run on tensors of `device`
-
-    linear_act_forward(x, w, b, act, slope, save) -> (y, saved)
-        x: (M, K), w: (N, K) (any strides), b: (N,) or None -> y: (M, N) contiguous.
-        save=False: nothing is needed for backward (saved is None; work may be in place).
-        save=True:  saved = y for act.saves(slope) == "output", the pre-activation z (M, N) for
-                    "input", None for "nothing". Never write into saved afterwards.
-    linear_act_backward(dy, x, w, saved, act, slope, needs) -> (dx, dw, db)
-        dy: (M, N) contiguous, needs = (need_dx, need_dw, need_db); a gradient not needed is None.
-    Optional (absent: False): plain_linear_gain(m, k, n, dtype, packed) -> bool
-        Whether linear_act with activation "none" beats F.linear for an (M, K) x (N, K)^T GEMM
-        of `dtype` (packed: on a prepacked weight, FusedLinear's no-grad path);
-        FusedLinear(activation="none") calls F.linear where it does not.
-    Optional, inference only (FusedLinear's no-grad fast path; a backend without them is simply
-    called through linear_act_forward):
-    prepack_weight(w, batch_hint) -> packed or None
-        An opaque copy of w (N, K) laid out for this backend's GEMM, or None where it has none.
-    linear_act_forward_packed(x, w, b, act, slope, packed) -> y
-        == linear_act_forward(x, w, b, act, slope, save=False)[0]; b (N,) any strides.
-        packed(backend, w, M) -> the caller's cached prepack_weight(w, M), or None (then the
-        plain w); the backend calls it only when the GEMM it chose reads a packed weight.
-    softmax_forward(x, log) -> y
-        x: (outer, L, inner) contiguous, softmax over dim 1; y contiguous, same dtype.
-    softmax_backward(dy, y, log) -> dx
-        dy, y: (outer, L, inner) contiguous; y is the forward's output.
-    gated_forward(x, wg, wu, bg, bu, act, slope, save) -> (h, saved)
-        h = act(x @ wg.T + bg) * (x @ wu.T + bu); x: (M, K), wg / wu: (N, K) (any strides),
-        bg / bu: (N,) contiguous or None -> h: (M, N) contiguous. saved = (g, u), the biased
-        pre-activations (M, N), when save; None otherwise (work may be in place).
-    gated_backward(dh, x, wg, wu, saved, act, slope, needs) -> (dx, dwg, dwu, dbg, dbu)
-        dh: (M, N) contiguous, saved = (g, u); needs = (dx, dwg, dwu, dbg, dbu); a gradient not
-        needed is None.
-
-    cross_entropy_forward(x, target, weight, ignore_index, eps) -> (loss, stats)
-        x: (N, C) contiguous; target: (N,) int64 class indices, each in [0, C) or == ignore_index
-        (checked before), or (N, C) contiguous class probabilities in x's dtype; weight: (C,)
-        contiguous in the compute dtype (float64 for float64 x, else float32) or None; eps: label
-        smoothing >= 0. loss: (N,) per-row losses in the compute dtype (0 for ignored rows);
-        stats: (N, 3) compute dtype = (row max M, log sum exp(x - M), sum of the row's
-        coefficients A) -- the math is in fastlayers/loss.py.
-    cross_entropy_backward(x, target, weight, stats, scale, ignore_index, eps, out, col0=0, classes=None) -> out
-        out (N, C) contiguous in x's dtype (may be x itself; None: a new tensor) = scale_i * dloss_i/dx;
-        scale: (N,) compute dtype. With col0 / classes (class-index targets only): x is the columns
-        [col0, col0 + C) of rows with `classes` classes, stats (and weight (classes,)) those of the
-        whole rows; a target outside the block contributes only its smoothing share.
-    linear_ce_chunk_grads(dz, h, w, dh, dw, db, accumulate) -> None
-        dz: (m, V') contiguous dlogits of a block of tokens (h: (m, H)) and vocabulary entries
-        (w: (V', H)). dh (m, H), dw (V', H), db (V',) = dz @ w, dz^T @ h, colsum(dz), or += when
-        accumulate. Each is in dz's dtype or the compute dtype (an accumulator for 16-bit dz; db is
-        summed in the compute dtype), and may be a row block of a contiguous tensor; any may be None.
+Every backend module implements one small contract: the Protocol ``Backend`` in
+fastlayers/backends/contract.py (optional members: ``PackedGemm``), which
+tests/test_backend_contract.py checks every backend against.
 
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
 cpu -> cpp, cuda -> triton, meta -> reference (shapes only).

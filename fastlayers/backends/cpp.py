@@ -1,7 +1,7 @@
 """CPU backend: GEMMs through PyTorch's BLAS (MKL / oneDNN), everything around them fused in
 fastlayers._C (csrc/): the bias + activation epilogue, the backward's dy * act'(.) with the bias
 gradient, and softmax / log_softmax. Inputs arrive validated and laid out per the contract in
-fastlayers/backends/__init__.py; here we only allocate, call BLAS and call the kernels.
+fastlayers/backends/contract.py; here we only allocate, call BLAS and call the kernels.
 """
 from __future__ import annotations
 
@@ -580,7 +580,7 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved: Tuple[T
     dwu = _mm(du.t(), x) if need_dwu else None  # (N, K)
     return dx, dwg, dwu, dbg, dbu
 
-# --- cross entropy (contract in fastlayers/backends/__init__.py; kernels in csrc/loss.cpp)
+# --- cross entropy (contract in fastlayers/backends/contract.py; kernels in csrc/loss.cpp)
 _I64_CODE = _C.INT64_CODE  # the extension's buffer code for int64 class-index targets
 
 

@@ -1,5 +1,5 @@
 """Triton backend: launches the kernels of fastlayers/kernels/ (the contract is in
-fastlayers/backends/__init__.py).
+fastlayers/backends/contract.py).
 
 Runs on CUDA tensors, and on CPU tensors when the kernels were built for Triton's interpreter
 (TRITON_INTERPRET=1 in the environment before fastlayers' kernels are imported), which is how CI
@@ -42,7 +42,7 @@ except ImportError as e:  # the registry turns this into a BackendUnavailableErr
         f"pip install 'fastlayers[triton]'); importing it failed: {e}") from e
 
 from ..activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT, Activation
-from ..kernels import linear_act as _la
+from ..kernels import gemm as _la
 from ..kernels import next_pow2
 from ..kernels import softmax as _sm
 
@@ -127,7 +127,7 @@ def fp32_matmul_precision() -> str:
         return "ieee"
 
 
-# Autotuning (see kernels/linear_act.py for the config classes). FASTLAYERS_AUTOTUNE=0 launches
+# Autotuning (see kernels/gemm.py for the config classes). FASTLAYERS_AUTOTUNE=0 launches
 # one heuristic config per shape instead (no benchmarking: quick runs, deterministic choice).
 # During CUDA-graph capture nothing is benchmarked either: a config tuned earlier in this process
 # for the same key, else the heuristic one.
@@ -235,7 +235,7 @@ def _gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = None,
     _launch(op, c, lambda: _la.gemm_kernel[grid](*args(c), **meta, SPLIT_K=1, **cfg.all_kwargs()))
 
 
-# The persistent TMA GEMM (kernels/linear_act.py `_gemm_tma_persistent_kernel`) for fp16 / bf16
+# The persistent TMA GEMM (kernels/gemm.py `_gemm_tma_persistent_kernel`) for fp16 / bf16
 # GEMMs on sm_90+ GPUs. Off until it has run on a GPU (it is tested only under the interpreter
 # and compiled by the sm_90 gate): FASTLAYERS_TMA_GEMM=1 in the environment (or TMA_GEMM = True
 # here) turns it on; scripts/gpu_check.py runs it and times it against the generic kernel.
@@ -573,7 +573,7 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
         _gemm(op, du.t(), x, dwu)
     return dx, dwg, dwu, dbg, dbu
 
-# --- cross entropy (contract in fastlayers/backends/__init__.py; kernels in kernels/cross_entropy.py)
+# --- cross entropy (contract in fastlayers/backends/contract.py; kernels in kernels/cross_entropy.py)
 from ..kernels import cross_entropy as _ce  # noqa: E402
 
 

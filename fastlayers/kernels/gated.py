@@ -6,11 +6,11 @@ Two kernels (launched by fastlayers/backends/triton.py, section "gated linear"):
   ``g`` and ``u``, for the same BLOCK_M x BLOCK_N output tile, and every x tile it loads feeds both
   ``tl.dot``s (x is read once instead of twice). The epilogue adds the biases, stores g and u when
   the backward needs them, and stores ``h = act(g) * u``: the gating never round-trips through
-  memory. Grouped tile order as in kernels/linear_act.py.
+  memory. Grouped tile order as in kernels/gemm.py.
   Cost: 4*M*N*K flops; reads M*K + 2*N*K elements (per tile row/column, bounded by L2 reuse),
   writes M*N (3*M*N with g and u).
 * ``gated_grad_kernel`` — ``dg = dh * u * act'(g)``, ``du = dh * act(g)`` and the per-slab partial
-  column sums of both for the bias gradients (summed by kernels/linear_act.py's
+  column sums of both for the bias gradients (summed by kernels/gemm.py's
   ``sum_rows_kernel`` in a fixed order: deterministic). Reads 3*M*N, writes 2*M*N (+ 2*P*N partial
   sums). The backward GEMMs dx = dg Wg + du Wu, dWg = dg^T x, dWu = du^T x reuse linear_act's GEMM.
 
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_grad, apply_act
-from .linear_act import INTERPRET, _cfg, grouped_tile, slab_columns, slab_tile
+from .gemm import INTERPRET, config, grouped_tile, slab_columns, slab_tile
 
 # Two accumulators per program, so at most 64 accumulator values per thread and accumulator
 # (128 x 128 tiles spill on sm_90 at 8 warps, and at 16 warps under its 128-register cap). One list
@@ -30,14 +30,14 @@ from .linear_act import INTERPRET, _cfg, grouped_tile, slab_columns, slab_tile
 # each passing scripts/compile_gate.py on sm_90 and sm_80 (no spills, shared memory within the
 # limit) with every activation.
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-GATED_CONFIGS = {k: [_cfg(*c) for c in v] for k, v in {
+GATED_CONFIGS = {k: [config(*c) for c in v] for k, v in {
     "lp": [(128, 64, 32, 8, 8, 4), (64, 128, 32, 8, 8, 4), (128, 64, 64, 8, 8, 3),
            (64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 4, 4)],
     "tf32": [(128, 64, 32, 8, 8, 4), (64, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4)],
     "ieee": [(128, 64, 16, 8, 8, 3), (64, 128, 16, 8, 8, 3), (32, 64, 16, 8, 4, 3)],
     "fp64": [(32, 64, 16, 8, 4, 2), (32, 32, 16, 8, 4, 2)],
 }.items()}
-INTERPRETER_GATED_CONFIG = _cfg(64, 64, 32, 4, 4, 1)
+INTERPRETER_GATED_CONFIG = config(64, 64, 32, 4, 4, 1)
 if INTERPRET:
     GATED_CONFIGS = {k: [INTERPRETER_GATED_CONFIG] for k in GATED_CONFIGS}
 

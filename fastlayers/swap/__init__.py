@@ -19,7 +19,7 @@ Gated MLPs (swap/gated.py), in a traced forward, before the pairs above: ``act(g
 (GeGLU) become one fastlayers.gated_linear call reading the same Parameters; the report lists them
 under ``gated``.
 
-The loss a model computes from its own head (swap/loss.py; the report lists it under ``losses``):
+The loss a model computes from its own head (swap/loss/; the report lists it under ``losses``):
 
 * in a traced forward, ``F.cross_entropy(<view / reshape / flatten of> self.head(x), t, ...)`` or an
   ``nn.CrossEntropyLoss`` child's call (its options read live from the module) becomes one

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..gated import gated_linear
+from ..ops.gated_linear import gated_linear
 from .patterns import call_activation, describe, hooks
 
 _MULS = (operator.mul, torch.mul)

@@ -51,7 +51,7 @@ class _Swapper:
         self.gated_ids = set()  # id(Linear) of the gate / up Linears now read by a gated_linear call
         self.gated_why: Dict[int, str] = {}  # id(Linear) -> why its gated product was not fused
         self.loss_heads = set()  # id(Linear) of heads now read by a linear_cross_entropy call
-        self.loss_decided = set()  # id(module) whose losses the traced route decided (swap/loss.py)
+        self.loss_decided = set()  # id(module) whose losses the traced route decided (swap/loss/)
         self.loss_frozen: Dict[int, str] = {}  # id(module) -> why its traced losses were not rewritten
 
     def activation_module(self, m: nn.Module) -> Tuple[Optional[Tuple[str, float]], str]:

@@ -1,4 +1,6 @@
-"""Kernels of ``y = act(x @ W^T + b)``, forward and backward.
+"""The GEMM kernels (with the linear_act epilogue) that every GEMM-based op reuses: ``y = act(x @ W^T + b)``
+forward and backward, and the shared tile helpers (grouped_tile, slab_*, config) that
+kernels/gated.py builds on.
 
 Four kernels (launched by fastlayers/backends/triton.py):
 
@@ -118,7 +120,8 @@ def _probe():
 INTERPRET = type(_probe).__name__ == "InterpretedFunction"
 
 
-def _cfg(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> triton.Config:
+def config(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> triton.Config:
+    """A GEMM tile config: BLOCK_M x BLOCK_N x BLOCK_K tiles, GROUP_M row tiles per group."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
                          num_warps=warps, num_stages=stages)
 
@@ -163,8 +166,8 @@ SMALL_M_MAX = 32
 # The interpreter runs one program at a time (~2 ms each): one config per class (autotuning
 # cannot benchmark there), few, large-ish tiles; BLOCK_M 16 for the small class so its code path
 # is the one tested.
-INTERPRETER_GEMM_CONFIG = _cfg(64, 64, 32, 4, 4, 1)
-INTERPRETER_SMALL_M_CONFIG = _cfg(16, 64, 32, 1, 4, 1)
+INTERPRETER_GEMM_CONFIG = config(64, 64, 32, 4, 4, 1)
+INTERPRETER_SMALL_M_CONFIG = config(16, 64, 32, 1, 4, 1)
 
 
 def dtype_class(dtype_name: str, precision: str) -> str:
@@ -185,7 +188,7 @@ def gemm_configs(dclass: str, m: int, plain: bool, capability: int = 90) -> list
         if INTERPRET:
             return [INTERPRETER_SMALL_M_CONFIG]
         bm = 16 if m <= 16 else 32
-        return [_cfg(bm, bn, bk, 1, w, st) for bn, bk, w, st, sm90 in SMALL_M_CONFIGS[dclass]
+        return [config(bm, bn, bk, 1, w, st) for bn, bk, w, st, sm90 in SMALL_M_CONFIGS[dclass]
                 if hopper or not sm90]
     if INTERPRET:
         return [INTERPRETER_GEMM_CONFIG]
@@ -194,7 +197,7 @@ def gemm_configs(dclass: str, m: int, plain: bool, capability: int = 90) -> list
 
 def large_m_configs(dclass: str, plain: bool, hopper: bool = True) -> list:
     """The GPU configs for M > 32 (GEMM_CONFIGS), largest tiles first; hopper: sm_90 or newer."""
-    return [_cfg(bm, bn, bk, 8, w, st) for bm, bn, bk, w, st, plain_only, sm90 in GEMM_CONFIGS[dclass]
+    return [config(bm, bn, bk, 8, w, st) for bm, bn, bk, w, st, plain_only, sm90 in GEMM_CONFIGS[dclass]
             if (plain or not plain_only) and (hopper or not sm90)]
 
 
@@ -225,8 +228,8 @@ SUM_BLOCK_N = 64
 SUM_NUM_WARPS = 4
 # Split-K (dW when the reduction M is long and N x K has few tiles): a fixed config, so the
 # summation order depends on the shape only.
-SPLIT_K_CONFIG = {"lp": _cfg(128, 128, 64, 1, 8, 4), "tf32": _cfg(64, 64, 32, 1, 4, 4),
-                  "ieee": _cfg(64, 64, 16, 1, 4, 3), "fp64": _cfg(64, 32, 16, 1, 4, 3)}
+SPLIT_K_CONFIG = {"lp": config(128, 128, 64, 1, 8, 4), "tf32": config(64, 64, 32, 1, 4, 4),
+                  "ieee": config(64, 64, 16, 1, 4, 3), "fp64": config(64, 32, 16, 1, 4, 3)}
 if INTERPRET:
     SPLIT_K_CONFIG = {k: INTERPRETER_GEMM_CONFIG for k in SPLIT_K_CONFIG}
 
@@ -336,7 +339,7 @@ def tma_gemm_configs(plain: bool) -> list:
     """The configs autotuning chooses from for the persistent TMA GEMM, largest tiles first."""
     if INTERPRET:
         return [INTERPRETER_GEMM_CONFIG]
-    return [_cfg(bm, bn, bk, 8, w, st) for bm, bn, bk, w, st, plain_only in TMA_GEMM_CONFIGS
+    return [config(bm, bn, bk, 8, w, st) for bm, bn, bk, w, st, plain_only in TMA_GEMM_CONFIGS
             if plain or not plain_only]
 
 

@@ -12,7 +12,7 @@ the inputs x, Wg, Wu (saved by reference, no copy). act(g) is recomputed in the 
 pass, which costs one activation evaluation per element instead of M*N more memory.
 Recomputing g and u from x would save that memory too, at the price of two more GEMMs: not done.
 
-Backend contract (fastlayers/backends/__init__.py):
+Backend contract (fastlayers/backends/contract.py):
     gated_forward(x, wg, wu, bg, bu, act, slope, save) -> (h, saved)
         x: (M, K), wg / wu: (N, K) (any strides), bg / bu: (N,) contiguous or None ->
         h: (M, N) contiguous; saved = (g, u) (M, N) when save, else None.
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import activations as _acts
-from ._errors import ShapeError
-from .activations import Activation
-from . import _autocast
-from ._dispatch import (as_2d, backend_for, check_linear, check_slope, check_tensor, composite_reason,
+from .. import activations as _acts
+from .._errors import ShapeError
+from ..activations import Activation
+from .. import _autocast
+from .._dispatch import (as_2d, backend_for, check_linear, check_slope, check_tensor, composite_reason,
                         contiguous, owned, placeholder as _empty)
 
 OP = "fastlayers.gated_linear"
