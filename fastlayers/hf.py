@@ -39,9 +39,11 @@ the layers say ``can_torch_compile = False``, so kernelize keeps the original fo
 Inductor fuses it (the first-call probe is eager Python). Devices: "cpu" (the C++ backend) and
 "cuda" (rms_norm's Triton kernels; a bare activation is ATen's own one-pass kernel there).
 
-16-bit inputs: RMSNorm gives HF's rounding exactly; the activations are computed in float32 and
-rounded once (PyTorch's own rule for F.gelu / F.silu), where the eager HF formulas of NewGELU,
-FastGELU and QuickGELU round every intermediate: fastlayers is closer to the exact value there.
+16-bit inputs: RMSNorm gives HF's rounding exactly. The activations compute in float32 and round
+once (as ATen's F.gelu / F.silu do: those modules take fastlayers' op at every dtype, one rounding
+apart); a module whose eager formula rounds every step (NewGELU, FastGELU, QuickGELU, the
+``use_gelu_python`` variants) keeps its own forward for float16 / bfloat16 inputs -- its rounding
+is the model's definition there -- and runs fastlayers' op for float32 / float64.
 
 The ``kernels`` and ``transformers`` packages are imported only by kernel_mapping() (the extra
 ``pip install fastlayers[hf]``): ``import fastlayers`` needs neither.
@@ -57,6 +59,7 @@ from .ops.activation import activation
 from .ops.norms import norm_composite, rms_norm
 from .swap.activations import ACTIVATION_OF as _ACTIVATION_OF
 from .swap.activations import activation_problem as _activation_problem
+from .swap.activations import rounds_its_own_way as _rounds_its_own_way
 
 __all__ = ["kernel_mapping", "Repository", "LAYER_NAMES", "why_not"]
 
@@ -68,17 +71,27 @@ _UNSET = object()
 
 def why_not(module: nn.Module) -> Optional[str]:
     """Why a kernelized module runs its own forward rather than fastlayers' (None: it runs
-    fastlayers'; "not called yet": its check runs at its first call)."""
-    why = module.__dict__.get(_VERDICT, _UNSET)
-    return "not called yet" if why is _UNSET else why
+    fastlayers'; "not called yet": its check runs at its first call). An activation module whose
+    16-bit rounding is its own (see fastlayers.swap.activations.rounds_its_own_way) says so: it runs
+    fastlayers' op for float32 / float64 inputs only."""
+    v = module.__dict__.get(_VERDICT, _UNSET)
+    if v is _UNSET:
+        return "not called yet"
+    if isinstance(v, tuple):  # an activation's (why not, 16-bit inputs keep its own forward)
+        why, own_16bit = v
+        if why is None and own_16bit:
+            return (f"{type(module).__name__}: float16 / bfloat16 inputs run its own forward (its formula "
+                    "rounds every step; fastlayers' would round once); float32 / float64 run fastlayers'")
+        return why
+    return v
 
 
-def _verdict(m: nn.Module, check, *args) -> Optional[str]:
-    why = m.__dict__.get(_VERDICT, _UNSET)
-    if why is _UNSET:
-        why = check(m, *args)
-        m.__dict__[_VERDICT] = why
-    return why
+def _verdict(m: nn.Module, check, *args):
+    v = m.__dict__.get(_VERDICT, _UNSET)
+    if v is _UNSET:
+        v = check(m, *args)
+        m.__dict__[_VERDICT] = v
+    return v
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -116,8 +129,14 @@ def _rmsnorm_problem(m: nn.Module) -> Optional[str]:
 # checks that, and that forward's parameters match the marked class's), whose forward it binds
 # to each marked module. Each forward runs fastlayers' op once the module passed its check, else
 # the module's own class forward.
+def _activation_check(m: nn.Module, act_name: str, device: torch.device) -> Tuple[Optional[str], bool]:
+    why = _activation_problem(m, act_name, device)
+    return why, why is None and _rounds_its_own_way(m, act_name, device)
+
+
 def _activation_forward(m: nn.Module, x: Tensor, act_name: str) -> Tensor:
-    if _verdict(m, _activation_problem, act_name, x.device) is None:
+    why, own_16bit = _verdict(m, _activation_check, act_name, x.device)
+    if why is None and not (own_16bit and x.dtype in (torch.float16, torch.bfloat16)):
         return activation(x, act_name)
     return type(m).forward(m, x)
 

@@ -110,7 +110,8 @@ def test_kernelize_equals_original(arch, mode, monkeypatch):
                 if p.grad is not None:
                     torch.testing.assert_close(q.grad, p.grad, msg=lambda m, n=n: f"{n}: {m}")
     assert counter.per_module == {n: "ran" for n, _ in marked}
-    assert all(flhf.why_not(m) is None for _, m in marked)
+    # None, or (GPT-2's NewGELU) fastlayers' op for float32 / float64 and its own rounding for 16-bit
+    assert all(flhf.why_not(m) is None or "float32 / float64 run fastlayers'" in flhf.why_not(m) for _, m in marked)
 
 
 def test_mapping_shape_and_arguments():
@@ -299,3 +300,34 @@ def test_docs_snippet_runs():
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks
     exec(compile(blocks[0], "docs/hf.md", "exec"), {})
+
+
+# ----------------------------------------------------------------------------- 16-bit rounding
+def test_16bit_formula_modules_keep_their_rounding(monkeypatch):
+    """NewGELU / QuickGELU round every step in bf16: kernelized or swapped, bf16 inputs give the
+    module's own bits, fp32 inputs run fastlayers'; GELUTanh (ATen, one rounding) runs fastlayers'."""
+    from transformers.activations import GELUTanh, NewGELUActivation, QuickGELUActivation
+    x16 = (torch.randn(64, 300) * 3).to(torch.bfloat16)
+    for cls, fastlayers_in_16bit in ((NewGELUActivation, False), (QuickGELUActivation, False), (GELUTanh, True)):
+        ref, mod = cls(), cls()
+        with use_kernel_mapping(flhf.kernel_mapping()):
+            kernelize(mod, mode=Mode.INFERENCE, device="cpu")
+        calls = []
+        monkeypatch.setattr(flhf, "activation", lambda *a, _c=calls, **k: _c.append(1) or activation(*a, **k))
+        with fl.use_backend("cpp"):
+            got = mod(x16)
+            if not fastlayers_in_16bit:
+                assert torch.equal(got, ref(x16)) and not calls
+                assert "bfloat16 inputs run its own forward" in flhf.why_not(mod)
+            else:
+                assert calls and flhf.why_not(mod) is None
+            calls.clear()
+            torch.testing.assert_close(mod(x16.float()), ref(x16.float()))
+            assert calls
+        swapped = nn.Sequential(cls())
+        fl.swap(swapped)
+        assert isinstance(swapped[0], SwapActivation)
+        with fl.use_backend("cpp"):
+            if not fastlayers_in_16bit:
+                assert torch.equal(swapped(x16), ref(x16))
+            torch.testing.assert_close(swapped(x16.float()), ref(x16.float()))

@@ -92,8 +92,9 @@ Standalone Hugging Face activation modules (swap/activations.py): a class marked
 ``kernel_layer_name`` "NewGELU", "FastGELU", "QuickGELU" or "GeluTanh" that no fusion above took
 (GPT-2's ``mlp.act`` after a Conv1D) becomes a swap.activations.Activation (one fastlayers pass each
 way: 1.3-9x its eager forward, fwd+bwd on the CPU) once its forward is checked to compute that
-activation; "GeLU" / "SiLU" modules running F.gelu / F.silu are left alone (one ATen pass already,
-fastlayers at parity), the reason in the report.
+activation (float16 / bfloat16 inputs of a formula that rounds every step keep its own forward);
+"GeLU" / "SiLU" modules running F.gelu / F.silu are left alone (one ATen pass already, fastlayers
+at parity), the reason in the report.
 
 Plain Linears (``linears=True``, the default): every nn.Linear not fused above and without hooks
 becomes a FusedLinear(activation="none") on the same Parameters (listed under ``linear`` with the

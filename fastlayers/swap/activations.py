@@ -13,7 +13,10 @@ where that is faster than the module's own forward, measured fwd+bwd at 4096 x 1
                                               one-pass kernel; the reason is in the report)
 
 FastGELU (the tanh formula with a rounded constant, 7 ops) is replaced as NewGELU is, and a GeLU
-module running the erf formula (``use_gelu_python``) as the formula modules are.
+module running the erf formula (``use_gelu_python``) as the formula modules are. Modules whose eager
+formula rounds every step in 16 bits (NewGELU, FastGELU, QuickGELU, the python formulas:
+rounds_its_own_way) keep their own forward for float16 / bfloat16 inputs inside the Activation:
+their rounding is the model's definition there; the speed-up is for float32 / float64.
 
 "Computes that activation" is checked by behaviour, as the norms are (swap/norms.py): the module's
 own forward on probe points in float64 and float32 must equal the activation table's formula at
@@ -23,6 +26,7 @@ forward depends on (a gated product inlined them: replacing one would make that 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Set
 
 import torch
@@ -41,9 +45,14 @@ ACTIVATION_OF = {"GeLU": "gelu", "GeluTanh": "gelu_tanh", "NewGELU": "gelu_tanh"
 
 
 def _probe_points(device: torch.device) -> Tensor:
-    """float64 points where the GELU variants, SiLU and QuickGELU all differ from one another."""
+    """float64 points where the GELU variants, SiLU and QuickGELU all differ from one another, and
+    random ones (16-bit rounding differences show on a few percent of them)."""
     x = torch.linspace(-10.0, 10.0, 161, dtype=torch.float64)
-    return torch.cat([x, torch.tensor([0.0, -0.0, 1e-3, -1e-3, 30.0, -30.0], dtype=torch.float64)]).to(device)
+    r = torch.randn(1024, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    return torch.cat([x, r, torch.tensor([0.0, -0.0, 1e-3, -1e-3, 30.0, -30.0], dtype=torch.float64)]).to(device)
+
+
+_LOW = (torch.bfloat16, torch.float16)
 
 
 def activation_problem(m: nn.Module, act_name: str, device: torch.device = torch.device("cpu")) -> Optional[str]:
@@ -68,20 +77,44 @@ def activation_problem(m: nn.Module, act_name: str, device: torch.device = torch
     return None
 
 
+def rounds_its_own_way(m: nn.Module, act_name: str, device: torch.device = torch.device("cpu")) -> bool:
+    """Whether m's 16-bit results differ from fastlayers' by more than one rounding (bf16 / fp16
+    closeness, assert_close's defaults): eager formulas that round every step (NewGELU, FastGELU,
+    QuickGELU, the erf / tanh formulas) do, ATen's F.gelu / F.silu (float32 math, one rounding)
+    do not. Such a module's 16-bit inputs keep its own forward: its rounding is the model's
+    definition there (fastlayers' once-rounded result is closer to the exact value, but another)."""
+    from ..backends import use_backend
+    x64 = _probe_points(device)
+    with torch.no_grad():
+        for dtype, rtol in ((torch.bfloat16, 1.6e-2), (torch.float16, 1e-3)):
+            x = x64.to(dtype)
+            with use_backend("cpp") if device.type == "cpu" else nullcontext():  # its kernels at probe size
+                ours = activation(x, act_name)
+            theirs = type(m).forward(m, x)
+            if not torch.allclose(ours.float(), theirs.float(), rtol=rtol, atol=1e-5, equal_nan=True):
+                return True
+    return False
+
+
 class Activation(nn.Module):
     """``fastlayers.ops.activation.activation(x, name)`` as a module (no parameters): what swap puts
-    in place of a standalone activation module."""
+    in place of a standalone activation module. With `own_16bit` (the replaced module, see
+    rounds_its_own_way), float16 / bfloat16 inputs run that module's forward instead."""
 
-    def __init__(self, activation: str):
+    def __init__(self, activation: str, own_16bit: Optional[nn.Module] = None):
         super().__init__()
         get(activation, "fastlayers.swap.activations.Activation")
         self.activation = activation
+        self.__dict__["own_16bit"] = own_16bit  # not a child: no state, not walked by swap / named_modules
 
     def forward(self, x: Tensor) -> Tensor:
+        own = self.__dict__["own_16bit"]
+        if own is not None and x.dtype in _LOW:
+            return own(x)
         return activation(x, self.activation)
 
     def extra_repr(self) -> str:
-        return repr(self.activation)
+        return repr(self.activation) + (", 16-bit: its own forward" if self.__dict__["own_16bit"] is not None else "")
 
 
 def _not_faster(m: nn.Module, layer_name: str) -> Optional[str]:
@@ -128,7 +161,7 @@ def swap_activations(model: nn.Module, report: SwapReport) -> None:
             if why is not None:
                 report.left.append((path, why))
                 continue
-            new = Activation(act)
+            new = Activation(act, child if rounds_its_own_way(child, act) else None)
             new.train(child.training)
             setattr(parent, name, new)
             done[id(child)] = new
