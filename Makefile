@@ -64,7 +64,7 @@ TRITON36_VERSION := 3.6.0
 TRITON36_DIR     := .triton36
 TRITON36_STAMP   := $(TRITON36_DIR)/.fastlayers-$(TRITON36_VERSION)
 TRITON36_PY      := PYTHONPATH=$(CURDIR)/$(TRITON36_DIR) $(PY)
-# Which tests run under triton 3.6: by default the Triton suites (tests/test_triton*.py, marker
+# Which tests run under triton 3.6: by default the Triton suites (tests/backends/test_triton*.py, marker
 # triton_interp: ~2-4 min here). TRITON36_TESTS="-k triton" adds the op suites' triton backend
 # (the whole matrix: 39 min on the shared 2-core machine, 2026-12-01, and 22 failures there,
 # bf16 softmax through 3.6's interpreter, whose fp32 -> bf16 casts truncate, and an RSS test).

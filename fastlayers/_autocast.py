@@ -1,7 +1,7 @@
 """PyTorch's autocast policy, applied by the public ops themselves.
 
 fastlayers' autograd Functions are invisible to autocast, so the wrappers cast as PyTorch would for
-the equivalent aten op (checked by experiment on torch 2.13; tests/test_autocast.py compares
+the equivalent aten op (checked by experiment on torch 2.13; tests/ops/test_autocast.py compares
 against torch's own ops so a policy change shows up):
 * linear is "lower precision" on cpu and cuda: floating inputs other than float64 are cast to the
   autocast dtype;

@@ -1,8 +1,8 @@
-"""`make fuzz`: the property-based differential tests (tests/test_fuzz.py) with many examples and
+"""`make fuzz`: the property-based differential tests (tests/ops/test_fuzz.py) with many examples and
 fresh random seeds, again and again for --minutes. Each run's seed is printed; a failing run's
 whole output (with hypothesis' @reproduce_failure blob and the falsifying example) is saved as
 fuzz-failures/seed-<seed>.log, and hypothesis keeps the shrunk example in .hypothesis/ so the next
-`pytest tests/test_fuzz.py` replays it first. At the end: cases run per op x backend.
+`pytest tests/ops/test_fuzz.py` replays it first. At the end: cases run per op x backend.
 Exit status 1 when any run failed."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def main() -> int:
         seed = random.SystemRandom().randrange(2 ** 32)
         print(f"fuzz run {runs + 1}: --hypothesis-seed={seed}", flush=True)
         try:  # a run still going at the deadline is stopped there (its cases are counted)
-            r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_fuzz.py", "-q", "-p", "no:cacheprovider",
+            r = subprocess.run([sys.executable, "-m", "pytest", "tests/ops/test_fuzz.py", "-q", "-p", "no:cacheprovider",
                                 f"--hypothesis-seed={seed}"], cwd=ROOT, env=env, capture_output=True, text=True,
                                timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:

@@ -15,7 +15,7 @@ In about 8 minutes or less (--budget, seconds):
    the persistent TMA GEMM (sm_90+, fp16 / bf16) runs, ours with it switched off
    ("fastlayers-generic": the generic GEMM kernel); softmax in
    GB/s against a device-to-device copy of the same tensor in the same run;
-3. with the time left, the CUDA tests of tests/test_triton*.py (pytest, FASTLAYERS_AUTOTUNE=0).
+3. with the time left, the CUDA tests of tests/backends/test_triton*.py (pytest, FASTLAYERS_AUTOTUNE=0).
 Writes bench/results/gpu-<name>.json and gpu-<name>.txt (the log: GPU, torch, triton, CUDA,
 git commit). Exit status 1 when a correctness check or the tests fail.
 """
@@ -346,11 +346,11 @@ def run_tests(budget: Budget, small: bool) -> dict:
     left = int(budget.left()) - 15
     if small or left < 60:
         why = "dry run" if small else "time budget"
-        log(f"== pytest tests/test_triton*.py: skipped ({why})")
+        log(f"== pytest tests/backends/test_triton*.py: skipped ({why})")
         return {"skipped": why}
-    log(f"== pytest tests/test_triton.py tests/test_triton_kernels.py (FASTLAYERS_AUTOTUNE=0, {left} s cap)")
+    log(f"== pytest tests/backends/test_triton.py tests/backends/test_triton_kernels.py (FASTLAYERS_AUTOTUNE=0, {left} s cap)")
     env = dict(os.environ, FASTLAYERS_AUTOTUNE="0")
-    cmd = [sys.executable, "-m", "pytest", "tests/test_triton.py", "tests/test_triton_kernels.py",
+    cmd = [sys.executable, "-m", "pytest", "tests/backends/test_triton.py", "tests/backends/test_triton_kernels.py",
            "-q", "-x", "-p", "no:cacheprovider"]
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=left)

@@ -25,7 +25,7 @@ TOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.flo
 
 
 def check(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    """A smoke test, not the accuracy tests (tests/test_triton.py has those): loose, by dtype."""
+    """A smoke test, not the accuracy tests (tests/backends/test_triton.py has those): loose, by dtype."""
     tol = TOL[a.dtype]
     if not torch.allclose(a.double(), b.double(), rtol=tol, atol=tol, equal_nan=True):
         print(f"MISMATCH {what}: max |diff| {(a.float() - b.float()).abs().max().item():.3g}")

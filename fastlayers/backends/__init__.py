@@ -2,7 +2,7 @@
 
 Every backend module implements one small contract: the Protocol ``Backend`` in
 fastlayers/backends/contract.py (optional members: ``PackedGemm``), which
-tests/test_backend_contract.py checks every backend against.
+tests/backends/test_backend_contract.py checks every backend against.
 
 Choice: a forced backend (``use_backend`` / FASTLAYERS_BACKEND) wins, else by device type:
 cpu -> cpp, cuda -> triton, meta -> reference (shapes only).

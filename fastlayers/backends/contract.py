@@ -1,4 +1,4 @@
-"""The contract every backend module implements, as a typing.Protocol (tests/test_backend_contract.py
+"""The contract every backend module implements, as a typing.Protocol (tests/backends/test_backend_contract.py
 checks each backend against it: every member present, the same parameter names and defaults).
 
 Backends compute on contiguous 2-D / 3-D tensors; validation, flattening, autograd and the route

@@ -23,7 +23,7 @@ type promotion decides the result's dtype there); else a backend's kernels (cpu 
 triton), through NormFunction when a gradient is needed.
 
 Autocast: on the CPU autocast leaves layer_norm and rms_norm alone (float32 in, float32 out;
-bfloat16 in, bfloat16 out: checked by experiment on torch 2.13, tests/test_norms.py). On CUDA,
+bfloat16 in, bfloat16 out: checked by experiment on torch 2.13, tests/ops/test_norms.py). On CUDA,
 layer_norm is on autocast's float32 list (torch.amp docs), and rms_norm is treated the same here:
 floating inputs other than float64 are cast to float32 (not checked on a GPU yet).
 """

@@ -484,7 +484,7 @@ def test_cxx_softmax_gate_arguments_and_modes(softmax_calls):
 
 # ----------------------------------------------------------------------------- property tests
 # Random shapes, layouts, dtypes and special values through the public ops with no backend forced
-# (the gates' own path; tests/test_fuzz.py forces each backend): PyTorch's values, bit for bit.
+# (the gates' own path; tests/ops/test_fuzz.py forces each backend): PyTorch's values, bit for bit.
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (make installs it)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

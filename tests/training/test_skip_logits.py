@@ -22,7 +22,7 @@ from conftest import assert_close_fp32
 from integration_helpers import backend_skip_reason, hf_causal_lm
 
 import nanogpt_model
-import test_swap_loss
+import small_gpt
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 VOCAB = 101
@@ -179,7 +179,7 @@ def _nanogpt():
 
 def _tiny_gpt():
     torch.manual_seed(0)
-    return test_swap_loss.GPT(vocab=VOCAB, block=32)
+    return small_gpt.GPT(vocab=VOCAB, block=32)
 
 
 @pytest.mark.parametrize("make", [_nanogpt, _tiny_gpt], ids=["nanogpt", "nanogpt_style"])
@@ -241,7 +241,7 @@ def test_nanogpt_logit_free_model_copies_and_pickles():
         torch.testing.assert_close(loss, model(idx, idx)[1])
 
 
-class UsesLogits(test_swap_loss.GPT):
+class UsesLogits(small_gpt.GPT):
     def forward(self, idx, targets=None):
         x = self.transformer.ln_f(self.transformer.wte(idx))
         logits = self.lm_head(x)

@@ -171,7 +171,7 @@ class _FormulaAct(torch.autograd.Function):
     """PyTorch's activation with the semantics of ATen's formula at every size: the reference
     backend's act_forward / act_grad, i.e. PyTorch's own ops except where their vectorised loop
     (run on long tensors) departs from the formula: gelu(+inf) and gelu(z >= ~1.7e38) forward,
-    hardswish'(nan) and relu6'(nan) (tests/test_activation_grid.py)."""
+    hardswish'(nan) and relu6'(nan) (tests/ops/test_activation_grid.py)."""
 
     @staticmethod
     def forward(ctx, z, name, slope):
@@ -223,7 +223,7 @@ def test_fuzz_linear_act(case):
             # Non-finite patterns exactly PyTorch's in its own dtype (NaN / inf spread through the
             # backward's GEMMs the same way); the finite values within the tolerance. The cpp
             # backend runs bf16 GELU's forward through ATen's own kernel (its vectorised loop:
-            # gelu(+inf) = NaN; tests/test_activation_grid.py aten_alt): that result is accepted too.
+            # gelu(+inf) = NaN; tests/ops/test_activation_grid.py aten_alt): that result is accepted too.
             alt = None
             if i == 0 and backend == "cpp" and act == "gelu" and x.dtype == torch.bfloat16:
                 alt = F.gelu(F.linear(x, w, b))

@@ -8,7 +8,7 @@ zero, which the GEMM decides; PyTorch's side goes through F.linear for that reas
 rows (fastlayers' vector loops). PyTorch's side applies the activation one element at a time: ATen's
 formula (its scalar code). Its vectorised loop, which it runs on longer tensors, differs at NaN
 (hardswish'(nan) = NaN, relu6'(nan) = 0 there; dy in the formula and in fastlayers at every size).
-tests/test_activation_grid.py covers every activation this way.
+tests/ops/test_activation_grid.py covers every activation this way.
 """
 import math
 

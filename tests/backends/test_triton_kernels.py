@@ -1,7 +1,7 @@
 """Kernel-specific tests of the Triton backend: launcher decisions (TF32, autotuning, kernel paths)
-and the kernel designs that tests/test_triton.py does not reach at its shapes.
+and the kernel designs that tests/backends/test_triton.py does not reach at its shapes.
 
-Like tests/test_triton.py, these run on CUDA tensors when a GPU is present, else on CPU tensors
+Like tests/backends/test_triton.py, these run on CUDA tensors when a GPU is present, else on CPU tensors
 through Triton's interpreter (~2 ms per program): shapes stay small (dims <= ~300). Every test is
 marked `triton_interp`, so `pytest -m triton_interp` selects the Triton suite (the triton-3.6 run
 of the Makefile does).

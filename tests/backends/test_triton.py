@@ -8,7 +8,7 @@ programs cost ~2 ms each, so shapes here stay small; the larger ones and the fp1
 are marked `gpu`. Shapes straddle the block sizes the kernels use on this device: the
 interpreter's GEMM tile (kernels.gemm.INTERPRETER_GEMM_CONFIG), the act-grad tile and the
 softmax single-pass boundary (kernels.softmax.single_pass_max_length). Tolerances: conftest's.
-The new kernel paths (small-M, split-K, autotune switches) are in tests/test_triton_kernels.py.
+The new kernel paths (small-M, split-K, autotune switches) are in tests/backends/test_triton_kernels.py.
 """
 import math
 

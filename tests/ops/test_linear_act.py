@@ -155,7 +155,7 @@ def test_special_values(backend, act, dtype):
     """±0, finite extremes and NaN give PyTorch's values (and signs of zero), derivatives too.
     64 values (SPECIAL repeated): fastlayers' vector loops; PyTorch's side one element at a time,
     ATen's formula (its vectorised loop, run on long tensors, departs from it at NaN:
-    hardswish'(nan) = NaN, relu6'(nan) = 0 there, dy in the formula; tests/test_activation_grid.py)."""
+    hardswish'(nan) = NaN, relu6'(nan) = 0 there, dy in the formula; tests/ops/test_activation_grid.py)."""
     z = torch.tensor((SPECIAL * 5)[:64], dtype=dtype).unsqueeze(1)
     one = torch.ones(1, 1, dtype=dtype)
     x = leaf(z)

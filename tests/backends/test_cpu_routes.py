@@ -253,7 +253,7 @@ def pack_calls(monkeypatch):
 
 def module(act="gelu", dtype=torch.float32, prepack=True, frozen=True):
     """A FusedLinear opted in to prepacking (fastlayers.prepack) with frozen weights (a trainable
-    weight is never packed: tests/test_never_stale.py)."""
+    weight is never packed: tests/modules/test_never_stale.py)."""
     torch.manual_seed(4)
     m = fl.FusedLinear(24, 16, activation=act, dtype=dtype, prepack=prepack)
     return m.requires_grad_(not frozen)
