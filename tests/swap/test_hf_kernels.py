@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers", reason="the optional `transfo
 import fastlayers.hf as flhf  # noqa: E402
 from kernels import Mode, kernelize, use_kernel_forward_from_hub, use_kernel_mapping  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
