@@ -128,6 +128,7 @@ from .report import SwapReport
 from . import quant as _quant  # noqa: F401  (registers FusedLinear with quantize_dynamic)
 from .swapper import _Swapper
 from .norms import swap_norms as _swap_norms
+from .residual import swap_residual as _swap_residual
 from .activations import swap_activations as _swap_activations
 
 __all__ = ["swap", "SwapReport"]
@@ -183,6 +184,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         swapper.run()
         report = swapper.report
         _swap_norms(model, report)  # LayerNorm / RMSNorm modules (swap/norms.py)
+        _swap_residual(model, report)  # the residual add before a (now fastlayers) norm (swap/residual.py)
         _swap_activations(model, report)  # standalone marked activation modules (swap/activations.py)
     _load_backends(model)
     model.fastlayers_swap_report = report

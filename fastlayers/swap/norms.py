@@ -9,20 +9,28 @@
   forward on a probe input, in bfloat16 -- which tells the cast-then-weight rounding, the output
   dtype and ``(1 + weight)`` variants apart -- and float32, must equal fastlayers.rms_norm's).
   Anything else is left alone with the reason in the report.
+* a LayerNorm class of another library (nanoGPT's ``LayerNorm(ndim, bias)``) whose forward traces to
+  exactly ``F.layer_norm(input, self.weight.shape, self.weight, self.bias, <eps>)``, with a
+  ``weight`` Parameter, a ``bias`` Parameter or None, and nothing else (no buffers, children or
+  other state read) -> fastlayers.LayerNorm on the same Parameters.
 
 Modules with hooks are left alone (as swap does for Linears); a norm module shared by several parents
 becomes one fused module shared by the same parents.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import inspect
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.norms import LayerNorm, RMSNorm, TorchRMSNorm, norm_composite
 from .patterns import hooks, join
 from .report import SwapReport
+from .tracing import frozen_state, trace_checked
 
 
 def _hf_rmsnorm_problem(m: nn.Module) -> Optional[str]:
@@ -54,6 +62,70 @@ def _hf_rmsnorm_problem(m: nn.Module) -> Optional[str]:
     return None
 
 
+def _layer_norm_module(m: nn.Module) -> Tuple[Optional[float], Optional[str]]:
+    """(eps, None) when m's forward is exactly F.layer_norm(input, self.weight.shape, self.weight,
+    self.bias, eps) (nanoGPT's LayerNorm); (None, why) when it calls F.layer_norm otherwise;
+    (None, None) when m is not such a module at all."""
+    t = type(m)
+    if t.__module__.startswith("torch.") or len(m._modules) or list(m.buffers()):
+        return None, None
+    w = m._parameters.get("weight")
+    names = set(m._parameters)
+    bias = m._parameters.get("bias", m.__dict__.get("bias"))
+    if not isinstance(w, nn.Parameter) or not names <= {"weight", "bias"} or not (
+            bias is None or isinstance(bias, nn.Parameter)):
+        return None, None
+    try:
+        if len(inspect.signature(m.forward).parameters) != 1:
+            return None, None
+    except (TypeError, ValueError):
+        return None, None
+    graph, why, frozen = trace_checked(m)
+    if graph is None:
+        return None, None
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target in (F.layer_norm, torch.layer_norm)]
+    if len(calls) != 1:
+        return None, None
+    name = t.__name__
+    node = calls[0]
+    try:
+        b = inspect.signature(F.layer_norm).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None, f"{name}: its F.layer_norm call's arguments could not be read"
+    a = b.arguments
+    nodes = list(graph.nodes)
+    ph = [n for n in nodes if n.op == "placeholder"]
+    out = nodes[-1]
+
+    def attr(n, target):
+        return isinstance(n, fx.Node) and n.op == "get_attr" and n.target == target
+
+    shape = a.get("normalized_shape")
+    shape_ok = ((isinstance(shape, fx.Node) and shape.op == "call_function" and shape.target is getattr
+                 and attr(shape.args[0], "weight") and shape.args[1] == "shape")
+                or (isinstance(shape, (tuple, list)) and tuple(shape) == tuple(w.shape)))
+    eps = a.get("eps", 1e-5)
+    problems = []
+    if not (len(ph) == 1 and a.get("input") is ph[0] and out.args == (node,)):
+        problems.append("its forward does more than one F.layer_norm of its input")
+    if not shape_ok:
+        problems.append("normalized_shape is not weight.shape")
+    if not attr(a.get("weight"), "weight"):
+        problems.append("the weight passed is not self.weight")
+    if not (attr(a.get("bias"), "bias") if bias is not None else a.get("bias") is None):
+        problems.append("the bias passed is not self.bias")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        problems.append("eps is not a constant number")
+    if frozen is not None and frozen != frozen_state(m, {"self.bias"}):  # bias None: the same in ours
+        problems.append(frozen)
+    extra = [n for n in nodes if n not in (node, out, shape, *ph) and not attr(n, "weight") and not attr(n, "bias")]
+    if extra:
+        problems.append("its forward computes more than F.layer_norm")
+    if problems:
+        return None, f"{name}: calls F.layer_norm, but {'; '.join(problems)}"
+    return float(eps), None
+
+
 def _replacement(m: nn.Module):
     """(new module, None) or (None, why it stays) for a norm module; (None, None) when not a norm."""
     t = type(m)
@@ -75,7 +147,15 @@ def _replacement(m: nn.Module):
         new = RMSNorm(m.weight.shape[0], eps=float(m.variance_epsilon), mode="hf", device="meta")
         new.weight = m.weight
         return new, None
-    return None, None
+    eps, why = _layer_norm_module(m)
+    if eps is not None:
+        bias = m._parameters.get("bias")
+        new = LayerNorm(tuple(m.weight.shape), eps=eps, bias=bias is not None, device="meta")
+        new.weight = m.weight
+        if bias is not None:
+            new.bias = bias
+        return new, None
+    return None, why
 
 
 def swap_norms(model: nn.Module, report: SwapReport) -> None:
@@ -100,7 +180,7 @@ def swap_norms(model: nn.Module, report: SwapReport) -> None:
                 report.left.append((path, why))
                 continue
             for k, v in child.__dict__.items():  # keep user attributes
-                if k not in new.__dict__:
+                if k not in new.__dict__ and k not in new._parameters:  # (nanoGPT's plain bias = None)
                     new.__dict__[k] = v
             new.train(child.training)
             setattr(parent, name, new)
