@@ -51,7 +51,7 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/torch/*.cpp) setup.py
 FUZZ_MINUTES ?= 20
 BENCH_FILES := bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py \
                bench/test_bench_loss.py bench/test_bench_models.py bench/test_bench_norms.py \
-               bench/test_bench_training.py
+               bench/test_bench_training.py bench/test_bench_rotary.py
 
 .PHONY: test bench bench-quick fuzz build setup clean test-triton36 compile-gate compile-gate-quick FORCE
 

@@ -24,6 +24,7 @@
 #include "activations.h"
 #include "kernels.h"
 #include "norms.h"
+#include "rotary.h"
 
 namespace py = pybind11;
 using namespace fl;
@@ -118,6 +119,7 @@ static std::tuple<uintptr_t, uintptr_t, uintptr_t> ce_targets(
 }
 
 static void bind_norms(py::module_& m);  // csrc/norms.cpp's entry points, bound at the end of this file
+static void bind_rotary(py::module_& m);  // csrc/rotary.cpp's, at the end of this file
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
@@ -368,6 +370,7 @@ PYBIND11_MODULE(_C, m) {
   dtypes["float32"] = (int)F32; dtypes["float64"] = (int)F64; dtypes["bfloat16"] = (int)BF16; dtypes["float16"] = (int)F16;
   m.attr("DTYPE_CODES") = dtypes;
   bind_norms(m);
+  bind_rotary(m);
 }
 
 
@@ -436,4 +439,87 @@ static void bind_norms(py::module_& m) {
         py::arg("dy"), py::arg("ds"), py::arg("src"), py::arg("w"), py::arg("mean"), py::arg("rstd"), py::arg("dx"),
         py::arg("dw"), py::arg("db"), py::arg("kind"), py::arg("nthreads"),
         "dx = dnorm/dsrc . dy [+ ds], dw = colsum(dy * xhat), db = colsum(dy) (each optional).");
+}
+
+
+// ----------------------------------------------------------------------------- rotary (csrc/rotary.cpp)
+// q, out_q: (n0, n1, n2, dq); cos_q, sin_q: (n0, n1, n2, r); the same for k with its own sizes.
+// Strided: any strides on the three leading dims (0 allowed for cos / sin), the last dim contiguous.
+// Returns the pointer and fills the three leading strides; checks dtype, shape and the last stride.
+static uintptr_t expect_rows(const char* fn, const char* name, const Buf& b, int dtype,
+                             const std::vector<int64_t>& shape, int64_t* strides) {
+  const auto& [p, code, sh, st] = b;
+  auto fail = [&](const std::string& what) {
+    throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": argument '" + name + "' " + what);
+  };
+  if (code != dtype) fail("has dtype code " + std::to_string(code) + ", expected " + std::to_string(dtype));
+  if (sh != shape) fail("has shape " + dims(sh) + ", expected " + dims(shape));
+  if (st.size() != 4) fail("must have 4 strides, got " + std::to_string(st.size()));
+  int64_t numel = 1;
+  for (int i = 0; i < 4; ++i) {
+    if (sh[i] < 0) fail("has a negative size");
+    if (st[i] < 0) fail("has a negative stride");
+    numel *= sh[i];
+  }
+  for (int i = 0; i < 3; ++i) strides[i] = st[i];
+  if (numel == 0) return p;
+  if (p == 0) fail("is a null pointer");
+  if (sh[3] > 1 && st[3] != 1) fail("must be contiguous in its last dim (strides " + dims(st) + ")");
+  return p;
+}
+
+static void bind_rotary(py::module_& m) {
+  m.def("rotary",
+        [](const Buf& q, const Buf& k, const Buf& cq, const Buf& sq, const Buf& ck, const Buf& sk, const Buf& oq,
+           const Buf& ok, bool interleaved, bool inverse, int nthreads) {
+          const char* fn = "rotary";
+          const int dt = dtype_of(fn, "q", q, 4);
+          dtype_of(fn, "k", k, 4);
+          dtype_of(fn, "cos_q", cq, 4);
+          const auto& shq = shape_of(q);
+          const auto& shk = shape_of(k);
+          const int64_t r = shape_of(cq)[3];
+          if (r % 2 != 0 || r > shq[3] || r > shk[3])
+            throw std::invalid_argument("fastlayers._C.rotary: rotary dim " + std::to_string(r) +
+                                        " must be even and at most q's and k's last dims");
+          struct Checked {  // one operand's checked pointers (x, out, cos, sin) and strides
+            uintptr_t p[4];
+            int64_t st[4][3];
+          } ops_[2];
+          const Buf* bufs[2][4] = {{&q, &oq, &cq, &sq}, {&k, &ok, &ck, &sk}};
+          const char* names[2][4] = {{"q", "out_q", "cos_q", "sin_q"}, {"k", "out_k", "cos_k", "sin_k"}};
+          for (int a = 0; a < 2; ++a) {
+            const auto& sh = a ? shk : shq;
+            const std::vector<int64_t> tab = {sh[0], sh[1], sh[2], r};
+            for (int i = 0; i < 4; ++i)
+              ops_[a].p[i] = expect_rows(fn, names[a][i], *bufs[a][i], dt, i < 2 ? sh : tab, ops_[a].st[i]);
+          }
+          py::gil_scoped_release nogil;
+          by_dtype(dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            RotaryOperand<T> ops[2];
+            for (int a = 0; a < 2; ++a) {
+              const auto& sh = a ? shk : shq;
+              const Checked& c = ops_[a];
+              RotaryOperand<T>& o = ops[a];
+              o.x = ptr<const T>(c.p[0]);
+              o.out = ptr<T>(c.p[1]);
+              o.cos = ptr<const T>(c.p[2]);
+              o.sin = ptr<const T>(c.p[3]);
+              for (int i = 0; i < 3; ++i) {
+                o.n[i] = sh[i];
+                o.xs[i] = c.st[0][i];
+                o.os[i] = c.st[1][i];
+                o.cs[i] = c.st[2][i];
+                o.ss[i] = c.st[3][i];
+              }
+              o.d = sh[3];
+            }
+            rotary_apply<T>(ops[0], ops[1], r, interleaved, inverse, nthreads);
+          });
+        },
+        py::arg("q"), py::arg("k"), py::arg("cos_q"), py::arg("sin_q"), py::arg("cos_k"), py::arg("sin_k"),
+        py::arg("out_q"), py::arg("out_k"), py::arg("interleaved"), py::arg("inverse"), py::arg("nthreads"),
+        "out = x * cos + rotate(x) * sin (inverse: x * cos + rotate^T(x * sin)) for q and k, (n0, n1, n2, d) "
+        "views with a contiguous last dim; the first r = cos.shape[-1] dims rotate, the rest are copied.");
 }

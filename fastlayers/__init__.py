@@ -13,6 +13,7 @@ from .ops.gated_linear import FusedGatedMLP, gated_linear
 from .loss import cross_entropy, linear_cross_entropy
 from .nn import FusedLinear, LogSoftmax, Softmax, prepack
 from .ops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
+from .ops.rotary import rotary
 from .swap import SwapReport, swap
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "available_backends", "use_backend", "activations", "swap", "SwapReport", "prepack",
     "BackendUnavailableError", "DeviceError", "DTypeError", "ShapeError",
     "rms_norm", "layer_norm", "RMSNorm", "LayerNorm",
+    "rotary",
 ]

@@ -511,5 +511,47 @@ def main() -> int:
     return 1 if bad else 0
 
 
+# ----------------------------------------------------------------------------- rotary (kernels/rotary.py)
+from fastlayers.kernels import rotary as RT  # noqa: E402
+
+KERNELS["rotary"] = RT.rotary_kernel
+# (R, D, interleaved): Llama 3 / Mistral (128), small models (64), Phi-2's partial rotary (32 of 80),
+# GPT-J's interleaved partial rotary (64 of 256).
+ROTARY_SHAPES = [(128, 128, False), (64, 64, False), (32, 80, False), (64, 256, True)]
+
+
+def rotary_jobs(quick: bool):
+    """The one rotary kernel, forward and backward (INVERSE), per dtype and head layout, on the
+    strides of (B, H, S, D) = (1, 32, 2048, D) transposed views (KV heads 8) and (B, 1, S, R) cos / sin."""
+    jobs = []
+    shapes = [(128, 128, False), (64, 256, True)] if quick else ROTARY_SHAPES
+    for dt in (["bf16"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
+        for r, d, il in shapes:
+            br, bh, bp, warps = RT.plan(r, d, dt == "fp64")
+            for inverse in (False, True):
+                if quick and il and inverse:
+                    continue
+                h, kv, s = 32, 8, 2048
+                args = dict(q_ptr=Ptr(dt), oq_ptr=Ptr(dt), cq_ptr=Ptr(dt), sq_ptr=Ptr(dt), k_ptr=Ptr(dt),
+                            ok_ptr=Ptr(dt), ck_ptr=Ptr(dt), sk_ptr=Ptr(dt),
+                            ROWS_Q=h * s, Q1=h, Q2=s, QS0=s * h * d, QS1=d, QS2=h * d, OQS0=s * h * d, OQS1=d,
+                            OQS2=h * d, CQS0=s * r, CQS1=0, CQS2=r, SQS0=s * r, SQS1=0, SQS2=r, DQ=d,
+                            ROWS_K=kv * s, K1=kv, K2=s, KS0=s * kv * d, KS1=d, KS2=kv * d, OKS0=s * kv * d,
+                            OKS1=d, OKS2=kv * d, CKS0=s * r, CKS1=0, CKS2=r, SKS0=s * r, SKS1=0, SKS2=r, DK=d,
+                            R=r, PROGS_Q=h * s // br, INTERLEAVED=il, INVERSE=inverse, BLOCK_ROWS=br,
+                            BLOCK_H=bh, BLOCK_P=bp, COMPUTE_DTYPE=tl.float64 if dt == "fp64" else tl.float32)
+                jobs.append(dict(kernel="rotary", name=f"rotary {'bwd' if inverse else 'fwd'} {dt} R={r} D={d}"
+                                 f"{' interleaved' if il else ''}", config=f"{br}x{bh}+{bp} w{warps}",
+                                 args=args, options=dict(num_warps=warps)))
+    return jobs
+
+
+_all_jobs_before_rotary = all_jobs
+
+
+def all_jobs(quick: bool, targets):  # noqa: F811  (the jobs above, plus the rotary kernel's)
+    return _all_jobs_before_rotary(quick, targets) + [dict(j, arch=t) for t in targets for j in rotary_jobs(quick)]
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,6 +92,14 @@ class Backend(Protocol):
         """dy, ds (the returned sum's gradient or None), src (what the forward normalised): (M, N)
         contiguous -> (dx, dw, db) for needs = (dx, dw, db)."""
 
+    # --- rotary position embeddings (fastlayers/ops/rotary.py)
+    def rotary(self, q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, sin_k: Tensor,
+               out_q: Tensor, out_k: Tensor, interleaved: bool, inverse: bool) -> None:
+        """Writes out = x * cos + rotate(x) * sin (inverse: x * cos + rotate^T(x * sin)) for x = q, k:
+        4-D views, any strides but a contiguous last dim (D); cos_* / sin_*: (*x.shape[:3], R) views
+        broadcast to x (stride 0 allowed), R even <= D; dims [R, D) are copied. rotate: rotate_half
+        (pairs (i, i + R/2)) or, interleaved, GPT-J's pairs (2i, 2i+1)."""
+
 
 @runtime_checkable
 class PackedGemm(Protocol):

@@ -257,3 +257,32 @@ def norm_backward(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optiona
     if len(needs) > 2 and needs[2]:
         db = g.sum(0).to(src.dtype)
     return dx, dw, db
+
+
+# --- rotary (fastlayers/ops/rotary.py): Hugging Face's apply_rotary_pos_emb on (n0, n1, n2, D) views
+def _rotate(x: Tensor, interleaved: bool, transpose: bool) -> Tensor:
+    """rotate_half(x) (pairs (i, i + R/2)) or GPT-J's rotate_every_two (pairs (2i, 2i+1)) over the
+    last dim; transpose: the transposed map (the backward's)."""
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        pair = torch.stack((b, -a) if transpose else (-b, a), dim=-1)
+        return pair.flatten(-2)
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    return torch.cat((b, -a) if transpose else (-b, a), dim=-1)
+
+
+def rotary(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, sin_k: Tensor, out_q: Tensor,
+           out_k: Tensor, interleaved: bool, inverse: bool) -> None:
+    """The backend contract of fastlayers/ops/rotary.py in PyTorch ops (fp32 math for 16-bit, one
+    rounding, as the kernels): writes out_q, out_k."""
+    for x, c, s, out in ((q, cos_q, sin_q, out_q), (k, cos_k, sin_k, out_k)):
+        r = c.shape[-1]
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xr, cc, sc = x[..., :r].to(cd), c.to(cd), s.to(cd)
+        if inverse:
+            y = xr * cc + _rotate(xr * sc, interleaved, True)
+        else:
+            y = xr * cc + _rotate(xr, interleaved, False) * sc
+        out[..., :r] = y
+        out[..., r:] = x[..., r:]

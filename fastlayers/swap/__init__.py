@@ -129,6 +129,7 @@ from . import quant as _quant  # noqa: F401  (registers FusedLinear with quantiz
 from .swapper import _Swapper
 from .norms import swap_norms as _swap_norms
 from .residual import swap_residual as _swap_residual
+from .rotary import swap_rotary as _swap_rotary
 from .activations import swap_activations as _swap_activations
 
 __all__ = ["swap", "SwapReport"]
@@ -185,6 +186,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         report = swapper.report
         _swap_norms(model, report)  # LayerNorm / RMSNorm modules (swap/norms.py)
         _swap_residual(model, report)  # the residual add before a (now fastlayers) norm (swap/residual.py)
+        _swap_rotary(model, report)  # Hugging Face attention's apply_rotary_pos_emb (swap/rotary.py)
         _swap_activations(model, report)  # standalone marked activation modules (swap/activations.py)
     _load_backends(model)
     model.fastlayers_swap_report = report
