@@ -13,6 +13,7 @@ Here the repositories are fastlayers' own (``Repository``: ``load()`` returns on
 classes below, nothing is downloaded), and the forwards call fastlayers' ops:
 
     "RMSNorm"                                -> fastlayers.rms_norm(x, weight, eps, mode="hf")
+    "rotary_pos_emb"                         -> fastlayers.rotary(q, k, cos, sin, unsqueeze_dim)
     "GeLU"                                   -> fastlayers.ops.activation.activation(x, "gelu")
     "GeluTanh", "NewGELU", "FastGELU"        -> ... "gelu_tanh"  (the same function: tanh-GELU)
     "QuickGELU"                              -> ... "quick_gelu" (x * sigmoid(1.702 x))
@@ -27,8 +28,12 @@ apart), and keep bfloat16 in bfloat16. A module that fails runs its own forward 
 reason is kept in ``fastlayers.hf.why_not(module)``): a differently defined layer is never given
 another formula.
 
-Not covered, of the names transformers 5.25 marks: "rotary_pos_emb" (until fastlayers.rotary
-lands), "RMSNormGated" (norm(x) * silu(gate): a second input), "RMSNormZeroCentered" ((1 + w)
+"rotary_pos_emb" marks a function, ``apply_rotary_pos_emb``: transformers attaches a wrapper of it
+to each attention module (``use_kernelized_func``), kernelize sets fastlayers' forward on that
+wrapper, and the function's own result on probe inputs of the call's layout is checked as above
+(an interleaved / GPT-J layout marked with the name keeps its own forward).
+
+Not covered, of the names transformers 5.25 marks: "RMSNormGated" (norm(x) * silu(gate): a second input), "RMSNormZeroCentered" ((1 + w)
 scaling), the Mamba / linear-attention scans and convolutions ("mamba_scan_forward",
 "causal_conv1d_*", "chunk_gated_delta_rule", ...), "MultiScaleDeformableAttention",
 "SoftmaxTopKRouter", "Qwen3_5GatedDeltaNet", "EsmFold2TriangleMultiplication": fastlayers has no
@@ -42,7 +47,8 @@ Inductor fuses it (the first-call probe is eager Python). Devices: "cpu" (the C+
 16-bit inputs: RMSNorm gives HF's rounding exactly. The activations compute in float32 and round
 once (as ATen's F.gelu / F.silu do: those modules take fastlayers' op at every dtype, one rounding
 apart); a module whose eager formula rounds every step (NewGELU, FastGELU, QuickGELU, the
-``use_gelu_python`` variants) keeps its own forward for float16 / bfloat16 inputs -- its rounding
+``use_gelu_python`` variants; the rotary function's q * cos + rotate_half(q) * sin) keeps its own
+forward for float16 / bfloat16 inputs -- its rounding
 is the model's definition there -- and runs fastlayers' op for float32 / float64.
 
 The ``kernels`` and ``transformers`` packages are imported only by kernel_mapping() (the extra
@@ -50,11 +56,13 @@ The ``kernels`` and ``transformers`` packages are imported only by kernel_mappin
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .backends import use_backend
 from .ops.activation import activation
 from .ops.norms import norm_composite, rms_norm
 from .swap.activations import ACTIVATION_OF as _ACTIVATION_OF
@@ -63,7 +71,7 @@ from .swap.activations import rounds_its_own_way as _rounds_its_own_way
 
 __all__ = ["kernel_mapping", "Repository", "LAYER_NAMES", "why_not"]
 
-LAYER_NAMES: Tuple[str, ...] = ("RMSNorm",) + tuple(_ACTIVATION_OF)
+LAYER_NAMES: Tuple[str, ...] = ("RMSNorm", "rotary_pos_emb") + tuple(_ACTIVATION_OF)
 
 _VERDICT = "_fastlayers_hf_why_not"  # a marked module's __dict__ entry: None (fastlayers' forward) or why not
 _UNSET = object()
@@ -189,8 +197,71 @@ class SiLU(nn.Module):
         return _activation_forward(self, input, "silu")
 
 
+def _rotary_probe(cos: Tensor, q: Tensor, unsqueeze_dim: int, dtype: torch.dtype):
+    """Random (q, k, cos, sin) in `dtype` shaped as this call's (batch 1, 5 positions, 2 / 1 heads,
+    its head dim D and rotary dim R), or None for layouts the probe does not build."""
+    if cos.dim() != 3 or unsqueeze_dim not in (1, 2, -3, -2) or q.dim() != 4:
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    d, r = q.shape[-1], cos.shape[-1]
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=q.device, dtype=dtype)
+    heads_first = unsqueeze_dim in (1, -3)
+    qs, ks = ((1, 2, 5, d), (1, 1, 5, d)) if heads_first else ((1, 5, 2, d), (1, 5, 1, d))
+    return t(*qs), t(*ks), t(1, 5, r), t(1, 5, r)
+
+
+def _rotary_check(m: nn.Module, q: Tensor, cos: Tensor, unsqueeze_dim: int) -> Tuple[Optional[str], bool]:
+    """(None or why not, whether 16-bit inputs keep its own forward) for a "rotary_pos_emb" function
+    module: its own function on probe inputs of this call's layout must equal fastlayers.rotary in
+    float64 / float32 (the activations' tolerances), and, for 16-bit inputs to take fastlayers' op,
+    within one rounding in bfloat16 / float16 (eager's three roundings per element are not: its
+    q * cos + rotate_half(q) * sin cancels)."""
+    from .ops.rotary import rotary
+    name = type(m).__name__
+    own_16bit = False
+    with torch.no_grad():
+        for dtype, rtol, atol in ((torch.float64, 1e-7, 1e-7), (torch.float32, 1.3e-6, 1e-5),
+                                  (torch.bfloat16, 1.6e-2, 1e-5), (torch.float16, 1e-3, 1e-5)):
+            probe = _rotary_probe(cos, q, unsqueeze_dim, dtype)
+            if probe is None:
+                return f"{name}: a call layout the check does not cover (q {tuple(q.shape)}, cos {tuple(cos.shape)})", False
+            try:
+                got = type(m).forward(m, *probe, unsqueeze_dim)  # the wrapped function itself
+            except Exception as e:  # noqa: BLE001
+                return f"{name}: its function failed on a probe input ({type(e).__name__})", False
+            ctx = use_backend("cpp") if q.device.type == "cpu" else nullcontext()  # the kernels at probe size
+            with ctx:
+                want = rotary(*probe, unsqueeze_dim=unsqueeze_dim)
+            ok = (isinstance(got, tuple) and len(got) == 2 and all(
+                isinstance(g, Tensor) and g.dtype == w.dtype and g.shape == w.shape for g, w in zip(got, want)))
+            if not ok:
+                return f"{name}: its function returns other dtypes / shapes than fastlayers.rotary", False
+            close = all(torch.allclose(g.double(), w.double(), rtol=rtol, atol=atol) for g, w in zip(got, want))
+            if not close and dtype in (torch.float64, torch.float32):
+                return f"{name}: its function differs from fastlayers.rotary (another layout or formula)", False
+            own_16bit = own_16bit or not close
+    return None, own_16bit
+
+
+class RotaryPosEmb(nn.Module):
+    """Hugging Face's "rotary_pos_emb" (``apply_rotary_pos_emb``, which transformers attaches to each
+    attention module with ``use_kernelized_func``; kernelize sets this forward on that module's own
+    wrapper) -> fastlayers.rotary."""
+    has_backward = True
+    can_torch_compile = False
+
+    def forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+        why, own_16bit = _verdict(self, _rotary_check, q, cos, unsqueeze_dim)
+        if why is None and not (own_16bit and q.dtype in (torch.float16, torch.bfloat16)):
+            from .ops.rotary import rotary
+            return rotary(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return type(self).forward(self, q, k, cos, sin, unsqueeze_dim)
+
+
 _LAYER_CLASSES = {"RMSNorm": RMSNorm, "GeLU": GeLU, "GeluTanh": GeluTanh, "NewGELU": GeluTanh,
-                  "FastGELU": GeluTanh, "QuickGELU": QuickGELU, "SiLU": SiLU}
+                  "FastGELU": GeluTanh, "QuickGELU": QuickGELU, "SiLU": SiLU, "rotary_pos_emb": RotaryPosEmb}
 
 
 class Repository:

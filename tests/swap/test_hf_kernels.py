@@ -57,7 +57,16 @@ MODELS = _models()
 
 
 def _marked(model):
-    return [(n, m) for n, m in model.named_modules() if getattr(type(m), "kernel_layer_name", None) in flhf.LAYER_NAMES]
+    """The marked modules kernelize sees: submodules, and the function wrappers transformers attaches
+    with use_kernelized_func (``_kernel_funcs``: apply_rotary_pos_emb's)."""
+    found = []
+    for n, m in model.named_modules():
+        if getattr(type(m), "kernel_layer_name", None) in flhf.LAYER_NAMES:
+            found.append((n, m))
+        for fname, f in getattr(m, "_kernel_funcs", {}).items():
+            if getattr(type(f), "kernel_layer_name", None) in flhf.LAYER_NAMES:
+                found.append((f"{n}.{fname}", f))
+    return found
 
 
 class _Counter:
@@ -66,13 +75,14 @@ class _Counter:
     def __init__(self, monkeypatch, model):
         self.n = 0
         self.per_module = {}
-        for attr in ("rms_norm", "activation"):
-            orig = getattr(flhf, attr)
+        import fastlayers.ops.rotary as rotary_mod
+        for owner, attr in ((flhf, "rms_norm"), (flhf, "activation"), (rotary_mod, "rotary")):
+            orig = getattr(owner, attr)
 
             def counted(*a, _orig=orig, **k):
                 self.n += 1
                 return _orig(*a, **k)
-            monkeypatch.setattr(flhf, attr, counted)
+            monkeypatch.setattr(owner, attr, counted)
         for name, m in _marked(model):
             m.register_forward_pre_hook(lambda mod, args, name=name: self.per_module.__setitem__(name, self.n))
             m.register_forward_hook(lambda mod, args, out, name=name: self._after(name))
@@ -92,8 +102,12 @@ def test_kernelize_equals_original(arch, mode, monkeypatch):
         kernelize(model, mode=Mode.TRAINING if mode == "training" else Mode.INFERENCE, device="cpu")
     marked = _marked(model)
     assert marked and all("forward" in m.__dict__ for _, m in marked)
-    counter = _Counter(monkeypatch, model)
+    if arch in ("llama", "mistral", "qwen2"):
+        assert sum(type(m).kernel_layer_name == "rotary_pos_emb" for _, m in marked) == 2
     ids = torch.randint(0, 96, (2, 12))
+    with torch.no_grad(), fl.use_backend("cpp"):
+        model(ids)  # each marked module's first call checks it (probes call the ops too): not counted
+    counter = _Counter(monkeypatch, model)
     with fl.use_backend("cpp"):
         if mode == "inference":
             with torch.no_grad():
@@ -331,3 +345,38 @@ def test_16bit_formula_modules_keep_their_rounding(monkeypatch):
             if not fastlayers_in_16bit:
                 assert torch.equal(swapped(x16), ref(x16))
             torch.testing.assert_close(swapped(x16.float()), ref(x16.float()))
+
+
+# ----------------------------------------------------------------------------- rotary_pos_emb
+def _rotate_every_two(x):
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+@use_kernel_forward_from_hub("rotary_pos_emb")
+def interleaved_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """GPT-J's layout marked with Llama's name: not fastlayers.rotary's default."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_every_two(q) * sin, k * cos + _rotate_every_two(k) * sin
+
+
+def test_rotary_other_layout_is_not_mis_mapped(monkeypatch):
+    from kernels import use_kernelized_func
+
+    @use_kernelized_func(interleaved_rope)
+    class Attn(nn.Module):
+        def forward(self, q, k, cos, sin):
+            return interleaved_rope(q, k, cos, sin)
+
+    attn = Attn()
+    with use_kernel_mapping(flhf.kernel_mapping()):
+        kernelize(attn, mode=Mode.TRAINING, device="cpu")
+    wrapper = attn._kernel_funcs["rotary_pos_emb"]
+    assert "forward" in wrapper.__dict__
+    q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+    cos, sin = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    want = interleaved_rope.forward.__func__(interleaved_rope, q, k, cos, sin)  # the function itself
+    with fl.use_backend("cpp"):
+        got = attn(q, k, cos, sin)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "another layout" in flhf.why_not(wrapper)
