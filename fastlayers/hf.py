@@ -33,8 +33,8 @@ to each attention module (``use_kernelized_func``), kernelize sets fastlayers' f
 wrapper, and the function's own result on probe inputs of the call's layout is checked as above
 (an interleaved / GPT-J layout marked with the name keeps its own forward).
 
-Not covered, of the names transformers 5.25 marks: "RMSNormGated" (norm(x) * silu(gate): a second input), "RMSNormZeroCentered" ((1 + w)
-scaling), the Mamba / linear-attention scans and convolutions ("mamba_scan_forward",
+Not covered, of the names transformers 5.25 marks: "RMSNormGated" (norm(x) * silu(gate): a second
+input), "RMSNormZeroCentered" ((1 + w) scaling), the Mamba / linear-attention scans and convolutions ("mamba_scan_forward",
 "causal_conv1d_*", "chunk_gated_delta_rule", ...), "MultiScaleDeformableAttention",
 "SoftmaxTopKRouter", "Qwen3_5GatedDeltaNet", "EsmFold2TriangleMultiplication": fastlayers has no
 op for them; kernelize keeps their own forward.
@@ -42,14 +42,16 @@ op for them; kernelize keeps their own forward.
 Modes: Mode.TRAINING and Mode.INFERENCE (the layers have a backward). Not Mode.TORCH_COMPILE:
 the layers say ``can_torch_compile = False``, so kernelize keeps the original forward there and
 Inductor fuses it (the first-call probe is eager Python). Devices: "cpu" (the C++ backend) and
-"cuda" (rms_norm's Triton kernels; a bare activation is ATen's own one-pass kernel there).
+"cuda" (rms_norm's and rotary's Triton kernels; a bare activation is ATen's own one-pass kernel
+there). The "cuda" entries have not run on a GPU yet (the ops' Triton kernels are tested under
+the interpreter; kernelize with device="cuda" is not).
 
 16-bit inputs: RMSNorm gives HF's rounding exactly. The activations compute in float32 and round
 once (as ATen's F.gelu / F.silu do: those modules take fastlayers' op at every dtype, one rounding
 apart); a module whose eager formula rounds every step (NewGELU, FastGELU, QuickGELU, the
 ``use_gelu_python`` variants; the rotary function's q * cos + rotate_half(q) * sin) keeps its own
-forward for float16 / bfloat16 inputs -- its rounding
-is the model's definition there -- and runs fastlayers' op for float32 / float64.
+forward for float16 / bfloat16 inputs -- its rounding is the model's definition there -- and runs
+fastlayers' op for float32 / float64.
 
 The ``kernels`` and ``transformers`` packages are imported only by kernel_mapping() (the extra
 ``pip install fastlayers[hf]``): ``import fastlayers`` needs neither.
