@@ -142,7 +142,7 @@ $(VENV)/.fastlayers-setup: Makefile pyproject.toml
 	test -x $(VENV)/bin/python || $(BASE_PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q "pybind11>=2.10" setuptools wheel pytest pytest-benchmark hypothesis numpy scikit-learn \
-		matplotlib tqdm transformers peft
+		matplotlib tqdm transformers peft kernels
 	$(PY) -c 'import triton' 2>/dev/null || $(PY) -m pip install -q triton \
 		|| echo "fastlayers: no triton wheel for this platform; the triton backend will be unavailable"
 	@touch $@

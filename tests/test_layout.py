@@ -29,6 +29,8 @@ LAYERS: List[List[str]] = [
     ["fastlayers.nn"],
     # rewriting a user's model to use the modules
     ["fastlayers.swap"],
+    # Hugging Face's kernels mechanism: a mapping to fastlayers' ops (kernels / transformers imported lazily)
+    ["fastlayers.hf"],
     ["fastlayers"],
 ]
 # Compiled modules (no source to read): they import nothing from the package.

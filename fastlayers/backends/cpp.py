@@ -675,6 +675,27 @@ def norm_backward(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optiona
     return dx, dw, db
 
 
+# ----------------------------------------------------------------------------- bare activation
+# (fastlayers.ops.activation: an activation module on its own, e.g. Hugging Face's GELU classes)
+def act_forward(z: Tensor, act: Activation, slope: float) -> Tensor:
+    """y = act(z): z (M, N) contiguous, only read; y new (M, N) contiguous. One pass per row on
+    the threads' own rows: reads and writes M*N elements (bf16 GELU: ATen's pass, see _ATEN_PASS)."""
+    if act.name == "none":
+        return z.clone()
+    y, _ = _epilogue(z, None, act, slope, SAVE_INPUT)  # SAVE_INPUT: y is a new buffer, z stays as it is
+    return y
+
+
+def act_grad(dy: Tensor, saved: Tensor, act: Activation, slope: float) -> Tensor:
+    """dz = dy * act'(z): dy, saved (M, N) contiguous, saved = y where act.saves(slope) == "output",
+    else z. One pass: reads 2*M*N, writes M*N elements."""
+    if act.name == "none":
+        return dy
+    dz = _empty(*dy.shape, dtype=dy.dtype)
+    _C.act_grad(_buf(dy), _buf(saved), _buf(dz), None, act.code, slope, torch.get_num_threads())
+    return dz
+
+
 # ----------------------------------------------------------------------------- rotary
 # Rotary position embeddings (csrc/rotary.cpp): q's and k's rows in one parallel pass, strided
 # (B, H, S, D)-style views read and written in place of copies.

@@ -88,6 +88,14 @@ nn.Linear; the default spec then quantizes them), or quantize first.
 
 nn.Softmax / nn.LogSoftmax become fastlayers.Softmax / LogSoftmax with the same dim.
 
+Standalone Hugging Face activation modules (swap/activations.py): a class marked with
+``kernel_layer_name`` "NewGELU", "FastGELU", "QuickGELU" or "GeluTanh" that no fusion above took
+(GPT-2's ``mlp.act`` after a Conv1D) becomes a swap.activations.Activation (one fastlayers pass each
+way: 1.3-9x its eager forward, fwd+bwd on the CPU) once its forward is checked to compute that
+activation (float16 / bfloat16 inputs of a formula that rounds every step keep its own forward);
+"GeLU" / "SiLU" modules running F.gelu / F.silu are left alone (one ATen pass already, fastlayers
+at parity), the reason in the report.
+
 Plain Linears (``linears=True``, the default): every nn.Linear not fused above and without hooks
 becomes a FusedLinear(activation="none") on the same Parameters (listed under ``linear`` with the
 reason it has no activation); it calls F.linear except where fastlayers' GEMM is faster (the CPU
@@ -103,7 +111,8 @@ torch.compile (fullgraph too) meets no lazy import.
 
 Package layout: patterns.py (what counts as an activation), tracing.py (fx tracing, the safety
 checks, the rewritten forward and its change check), gated.py (gated MLPs), loss.py (the head's
-loss), causal_lm.py (skip_logits), norms.py (LayerNorm / RMSNorm modules), quant.py (quantize_dynamic's
+loss), causal_lm.py (skip_logits), norms.py (LayerNorm / RMSNorm modules), activations.py (standalone
+activation modules), quant.py (quantize_dynamic's
 mapping), swapper.py (the walk over the model), report.py (SwapReport).
 """
 from __future__ import annotations
@@ -122,6 +131,7 @@ from .norms import swap_norms as _swap_norms
 from .residual import swap_residual as _swap_residual
 from .rotary import swap_rotary as _swap_rotary
 from .attention import swap_attention as _swap_attention
+from .activations import swap_activations as _swap_activations
 
 __all__ = ["swap", "SwapReport"]
 
@@ -179,6 +189,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         _swap_residual(model, report)  # the residual add before a (now fastlayers) norm (swap/residual.py)
         _swap_rotary(model, report)  # Hugging Face attention's apply_rotary_pos_emb (swap/rotary.py)
         _swap_attention(model, report)  # Hugging Face eager attention's score softmax (swap/attention.py)
+        _swap_activations(model, report)  # standalone marked activation modules (swap/activations.py)
     _load_backends(model)
     model.fastlayers_swap_report = report
     log.info("%s", report)

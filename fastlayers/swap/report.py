@@ -26,7 +26,7 @@ class SwapReport:
         lines = [f"fastlayers.swap: fused {len(self.fused)} Linear+activation pair(s), "
                  f"{len(self.gated)} gated MLP product(s), {len(self.losses)} loss(es), "
                  f"{len(self.residual)} residual add(s) into norms, "
-                 f"replaced {len(self.replaced)} softmax / norm module(s), {len(self.linear)} plain Linear(s), "
+                 f"replaced {len(self.replaced)} softmax / norm / activation module(s), {len(self.linear)} plain Linear(s), "
                  f"left {len(self.left)} alone"]
         lines += [f"  fused     {lin} + {site} -> FusedLinear(activation={name})"
                   for lin, site, name in self.fused]
