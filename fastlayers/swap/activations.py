@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..activations import get
 from ..ops.activation import activation
-from .patterns import hooks, join
+from .patterns import hooks, hooks_text, join
 from .report import SwapReport
 from .tracing import GUARD
 
@@ -154,9 +154,7 @@ def swap_activations(model: nn.Module, report: SwapReport) -> None:
             act = ACTIVATION_OF.get(layer) if isinstance(layer, str) else None
             if act is None or id(child) in guarded:
                 continue
-            why = ("has hooks registered" if hooks(child) else
-                   "has an instance-level forward (e.g. set by kernels' kernelize)" if "forward" in child.__dict__ else
-                   None)
+            why = hooks_text(child) if hooks(child) else None
             why = f"{type(child).__name__} {why}" if why else (_not_faster(child, layer) or activation_problem(child, act))
             if why is not None:
                 report.left.append((path, why))

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..ops.gated_linear import gated_linear
-from .patterns import call_activation, describe, hooks
+from .patterns import call_activation, describe, hooks, hooks_text
 
 _MULS = (operator.mul, torch.mul)
 
@@ -196,7 +196,7 @@ def linear_problem(mod: nn.Module, target: str, refs) -> Optional[str]:
     if type(lin) is not nn.Linear:
         return f"{target} is not a plain nn.Linear ({type(lin).__name__})"
     if hooks(lin):
-        return f"{target} has hooks registered"
+        return f"{target} {hooks_text(lin)}"
     if refs[id(lin)] > 1:
         return f"{target} is shared by several modules"
     return None

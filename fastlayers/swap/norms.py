@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.norms import LayerNorm, RMSNorm, TorchRMSNorm, norm_composite
-from .patterns import hooks, join
+from .patterns import hooks, hooks_text, join
 from .report import SwapReport
 from .tracing import frozen_state, trace_checked
 
@@ -175,7 +175,7 @@ def swap_norms(model: nn.Module, report: SwapReport) -> None:
             if new is None and why is None:
                 continue
             if new is not None and hooks(child):
-                new, why = None, f"{type(child).__name__} has hooks registered"
+                new, why = None, f"{type(child).__name__} {hooks_text(child)}"
             if new is None:
                 report.left.append((path, why))
                 continue

@@ -100,8 +100,18 @@ def call_activation(node: fx.Node, src: fx.Node) -> Optional[Tuple[str, float]]:
 
 
 def hooks(m: nn.Module) -> bool:
+    """Hooks, or an instance-level forward (kernels' kernelize, accelerate's hooks set one): a module
+    whose calls would not run its class's forward. swap leaves such modules alone (hooks_text: why)."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
+                or getattr(m, "_backward_pre_hooks", None) or "forward" in m.__dict__)
+
+
+def hooks_text(m: nn.Module) -> str:
+    """Why hooks(m): for the report."""
+    if "forward" in m.__dict__ and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                        or getattr(m, "_backward_pre_hooks", None)):
+        return "has an instance-level forward (e.g. set by kernels' kernelize or accelerate)"
+    return "has hooks registered"
 
 
 def describe(node: fx.Node) -> str:
@@ -158,7 +168,7 @@ def fusable_linear(m: nn.Module) -> bool:
 
 def linear_problem(m: nn.Module, refs: Counter) -> Optional[str]:
     if hooks(m):
-        return "has hooks registered (fusing would change what they see)"
+        return f"{hooks_text(m)} (fusing would change what runs)"
     if refs[id(m)] > 1:
         return "the same Linear is shared by several modules"
     return None

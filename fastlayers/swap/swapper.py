@@ -11,7 +11,7 @@ from . import gated as _gated
 from . import causal_lm as _causal_lm
 from . import loss as _loss
 from .patterns import (fusable_linear, fused_linear, join, linear_problem, path_name, call_activation, describe, hooks,
-                       module_activation)
+                       hooks_text, module_activation)
 from .report import SwapReport
 from .tracing import rewrite_forward, trace_checked
 
@@ -59,7 +59,7 @@ class _Swapper:
         if act is None:
             return None, f"not a supported activation ({type(m).__name__})"
         if hooks(m):
-            return None, f"{type(m).__name__} has hooks registered"
+            return None, f"{type(m).__name__} {hooks_text(m)}"
         if self.refs[id(m)] > 1:
             return None, f"the {type(m).__name__} module is shared by several modules"
         return act, ""
@@ -210,7 +210,7 @@ class _Swapper:
                                                    "from the input's rank (deprecated); not replaced"))
                     continue
                 if hooks(child):
-                    self.report.left.append((path, f"{type(child).__name__} has hooks registered"))
+                    self.report.left.append((path, f"{type(child).__name__} {hooks_text(child)}"))
                     continue
                 new = done.get(id(child))
                 if new is None:  # a module shared by several parents stays shared

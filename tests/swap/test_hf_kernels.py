@@ -308,6 +308,23 @@ def test_swap_keeps_llama_gated_activation():
     assert type(model.model.layers[0].mlp.act_fn).__name__ == "SiLUActivation"
 
 
+def test_swap_after_kernelize_leaves_kernelized_children_alone():
+    """kernelize sets an instance-level forward on Llama's act_fn: swap must not inline it into a
+    gated rewrite that would then never run (it used to report the MLP fused while every call fell
+    back); the MLP is left alone with the reason, results equal the kernelized model's."""
+    torch.manual_seed(0)
+    model = MODELS["llama"]()
+    with use_kernel_mapping(flhf.kernel_mapping()):
+        kernelize(model, mode=Mode.TRAINING, device="cpu")
+    ref = copy.deepcopy(model)
+    fl.swap(model)
+    rep = model.fastlayers_swap_report
+    assert not rep.gated, rep
+    assert any("instance-level forward" in why for _, why in rep.left), rep.left
+    ids = torch.randint(0, 96, (2, 12))
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+
+
 # ----------------------------------------------------------------------------- the docs' snippet
 def test_docs_snippet_runs():
     text = (ROOT / "docs" / "hf.md").read_text()

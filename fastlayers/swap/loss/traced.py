@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..patterns import describe, hooks
+from ..patterns import describe, hooks, hooks_text
 from .calls import cross_entropy_as_torch, head_cross_entropy, is_torch_cross_entropy, logits_stand_in
 
 
@@ -85,7 +85,7 @@ class GraphLosses:
                 m = self.children[node.target]
                 why = (f"{node.target} is a subclass of nn.CrossEntropyLoss ({type(m).__name__})"
                        if type(m) is not nn.CrossEntropyLoss else
-                       f"{node.target} has hooks registered" if hooks(m) else None)
+                       f"{node.target} {hooks_text(m)}" if hooks(m) else None)
                 if why:
                     left.append((node.target, why))
                     continue
