@@ -433,10 +433,13 @@ def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     rows = torch.empty(n, dtype=cd, device=h2.device)
     stats = torch.empty(n, 3, dtype=cd, device=h2.device)
     grads = dz_scale is not None
-    dh0 = torch.zeros_like(h2, memory_format=torch.contiguous_format) if grads and need_dh else None
-    dw0 = torch.zeros_like(weight, memory_format=torch.contiguous_format) if grads and fwd_dw else None
-    db0 = (torch.zeros(vocab, dtype=weight.dtype if weight.dtype == torch.float64 else torch.float32,
-                       device=h2.device) if grads and fwd_db else None)
+    # the first chunk's GEMMs write dh0's rows and all of dw0 / db0 (accumulate=False): no zero
+    # fill (a pass over dW), except with no tokens at all
+    new = torch.zeros if n == 0 else torch.empty
+    dh0 = new(h2.shape, dtype=h2.dtype, device=h2.device) if grads and need_dh else None
+    dw0 = new(weight.shape, dtype=weight.dtype, device=h2.device) if grads and fwd_dw else None
+    db0 = (new(vocab, dtype=weight.dtype if weight.dtype == torch.float64 else torch.float32, device=h2.device)
+           if grads and fwd_db else None)
     step = chunk_rows(n, vocab, h2.element_size(), forward_chunk_bytes(weight, need_dw or fwd_dw))
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
@@ -445,8 +448,10 @@ def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], ta
         if grads and (dh0 is not None or dw0 is not None or db0 is not None):
             backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], dz_scale[c0:c1], ignore_index,
                                            eps, z)
-            backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, None if dh0 is None else dh0[c0:c1], dw0, db0,
-                                          c0 > 0)
+            if dh0 is not None:  # this chunk's rows of dh0: written, never summed
+                backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, dh0[c0:c1], None, None, False)
+            if dw0 is not None or db0 is not None:  # summed over the chunks
+                backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, None, dw0, db0, c0 > 0)
         del z
     return rows, stats, dh0, dw0, db0
 
