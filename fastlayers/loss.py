@@ -31,15 +31,15 @@ the output, its incoming gradient a scalar that only scales them):
 
   forward, by token chunks of at most forward_chunk_bytes of (chunk, V) logits: z = h_c W^T + b,
     the row losses and stats by the fused kernel over whole rows, dz over z in place (scaled for
-    an incoming 1), then dh0_c = dz W, dW0 (+)= dz^T h_c (K = the chunk's tokens, at least
-    FWD_DW_MIN_ROWS, or every token) and db0 (+)= colsum(dz).
+    an incoming 1), then dh0_c = dz W, dW0 (+)= dz^T h_c (K = the chunk's tokens: chunk + dW
+    within the budget of the plain forward's chunk, but at least FWD_DW_MIN_ROWS tokens, see
+    forward_dw_chunk_bytes) and db0 (+)= colsum(dz).
   backward: dh = dh0 g, dW = dW0 g, db = db0 g for the incoming scalar g (no multiply when g is 1;
     the saved sums are never written, so retain_graph gives the same gradients twice).
 
 Otherwise ("none": a per-row incoming gradient unknown in the forward; 16-bit weights, whose
-running dW sum would need a (V, H) fp32 accumulator; or chunks shorter than FWD_DW_MIN_ROWS
-tokens, where each chunk's read + write of all of dW would rival its GEMMs), dh0 alone comes
-from the forward and dW, db from a gradient pass in the backward:
+running dW sum would need a (V, H) fp32 accumulator), dh0 alone comes from the forward and dW,
+db from a gradient pass in the backward:
 
   backward (dW, db), by vocabulary blocks of about GRAD_BLOCK_BYTES of logits, each all N tokens
     by Vc entries: z_v = h W_v^T + b_v, dz_v = scale_i dloss_i/dz from z_v and the row stats (the
@@ -55,8 +55,9 @@ Saved for backward versus eager (eager keeps the (N, V) logits' log-softmax, and
 path dW0 (V, H) in W's dtype and db0 (V,) in fp32 -- the gradients the backward returns, made early.
 Elementwise work: 2 fused passes over each chunk of logits (stats, dz) against eager's ~6
 memory-bound passes over whole (N, V) tensors.
-Peak extra memory: forward-gradient path, dW0 + one chunk + dh0 (chunks up to dW's size: W is
-read 3 x ceil(N / chunk rows) times); gradient-pass path, max(one forward chunk, dW + one gradient
+Peak extra memory: forward-gradient path, dW0 + one chunk + dh0, the chunk sized so that this
+stays the other path's forward peak where FWD_DW_MIN_ROWS tokens allow (W is read
+3 x ceil(N / chunk rows) times); gradient-pass path, max(one forward chunk, dW + one gradient
 block) + dh0. Eager's is three (N, V) buffers (logits, log-softmax, their gradient) + dW + dh.
 Measured (1024 tokens, H 256-768, V 32000-50257, fp32, 2-core Xeon, 2026-12-07): 3 GEMMs instead
 of 4 took fastlayers from 0.75-0.87x eager's time to 1.1-1.2x (table in docs/results.md).
@@ -82,8 +83,9 @@ _REDUCTIONS = ("none", "mean", "sum")
 CHUNK_BYTES = 64 << 20
 GRAD_BLOCK_BYTES = 16 << 20
 MIN_BLOCK_COLS = 1024
-# dW in the forward's chunks only when they are this many tokens tall (or hold every token):
-# each chunk reads and writes all of dW, beside a GEMM of 2 x rows x H x V flops.
+# dW summed in the forward's chunks (forward_weight_grads), in chunks of at least this many tokens
+# (forward_dw_chunk_bytes): each chunk reads and writes all of dW beside GEMMs of 2 x rows x H x V flops.
+FORWARD_WEIGHT_GRADS = True
 FWD_DW_MIN_ROWS = 256
 _NONE_ACT = _acts.get("none")
 
@@ -408,14 +410,19 @@ def grad_blocks(n: int, vocab: int, itemsize: int) -> Tuple[int, int]:
 
 def forward_weight_grads(n: int, weight: Tensor, reduction: str) -> bool:
     """Whether dW (and db) are summed in the forward's chunks (module docstring): the loss is
-    reduced to one number ("mean", "sum": the incoming gradient is a scalar that scales dW after),
-    the weight is fp32 / fp64 (dW accumulates in place in its own dtype; 16-bit weights would need a
-    (V, H) fp32 accumulator), and the chunks are at least FWD_DW_MIN_ROWS tokens tall (or all of
-    them), so that each chunk's read + write of dW stays small beside its GEMMs."""
-    if reduction == "none" or weight.dtype not in (torch.float32, torch.float64):
-        return False
-    step = chunk_rows(n, weight.shape[0], weight.element_size(), forward_chunk_bytes(weight, True))
-    return step >= min(n, FWD_DW_MIN_ROWS)
+    reduced to one number ("mean", "sum": the incoming gradient is a scalar that scales dW after)
+    and the weight is fp32 / fp64 (dW accumulates in place in its own dtype; 16-bit weights would
+    need a (V, H) fp32 accumulator). FORWARD_WEIGHT_GRADS = False turns it off (tests, benchmarks)."""
+    return FORWARD_WEIGHT_GRADS and reduction != "none" and weight.dtype in (torch.float32, torch.float64)
+
+
+def forward_dw_chunk_bytes(weight: Tensor) -> int:
+    """The logits budget of the forward when it also sums dW: what the plain forward would take
+    (forward_chunk_bytes with dW to come) less dW itself, so that chunk + dW stay within the old
+    peak, but at least FWD_DW_MIN_ROWS tokens' worth (each chunk reads and writes all of dW beside
+    GEMMs of 2 x rows x H x V flops: shorter chunks would make that traffic rival the GEMMs)."""
+    dw_bytes = weight.numel() * weight.element_size()
+    return max(forward_chunk_bytes(weight, True) - dw_bytes, FWD_DW_MIN_ROWS * weight.shape[0] * weight.element_size())
 
 
 def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
@@ -440,7 +447,8 @@ def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     dw0 = new(weight.shape, dtype=weight.dtype, device=h2.device) if grads and fwd_dw else None
     db0 = (new(vocab, dtype=weight.dtype if weight.dtype == torch.float64 else torch.float32, device=h2.device)
            if grads and fwd_db else None)
-    step = chunk_rows(n, vocab, h2.element_size(), forward_chunk_bytes(weight, need_dw or fwd_dw))
+    budget = forward_dw_chunk_bytes(weight) if fwd_dw else forward_chunk_bytes(weight, need_dw)
+    step = chunk_rows(n, vocab, h2.element_size(), budget)
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         z = backend.linear_act_forward(h2[c0:c1], weight, bias, _NONE_ACT, 0.0, False)[0].contiguous()

@@ -434,7 +434,7 @@ def test_linear_cross_entropy_vocab_blocks_of_all_tokens(backend, monkeypatch, d
     """The usual gradient pass: blocks of every token by a part of the vocabulary, dW's block
     written once in the weight's dtype."""
     monkeypatch.setattr(fl_loss, "MIN_BLOCK_COLS", 8)
-    monkeypatch.setattr(fl_loss, "FWD_DW_MIN_ROWS", 1 << 30)  # fp32 too: dW by the gradient pass
+    monkeypatch.setattr(fl_loss, "FORWARD_WEIGHT_GRADS", False)  # fp32 too: dW by the gradient pass
     monkeypatch.setattr(fl_loss, "GRAD_BLOCK_BYTES", 12 * 8 * dtype.itemsize)  # 12 tokens x 8 entries
     assert fl_loss.grad_blocks(12, 37, dtype.itemsize) == (12, 8)
     # not seed 15: its db has 2.3x torch's error from single bf16 roundings (a coin flip per entry;
@@ -563,6 +563,11 @@ def test_chunk_and_block_sizes():
     # with dW to come, the chunk may be as large as dW: 512 + 512 tokens, not 768 + 256
     w = torch.empty(128256, 768, dtype=torch.bfloat16)
     assert fl_loss.forward_chunk_bytes(w, False) == fl_loss.CHUNK_BYTES
+    # dW summed in the forward: chunk + dW within the plain forward's chunk, at least FWD_DW_MIN_ROWS tokens
+    w32 = torch.empty(32000, 256)  # dW 32 MiB: chunks of 32 MiB of logits (256 tokens), not 64
+    assert fl_loss.chunk_rows(1024, 32000, 4, fl_loss.forward_dw_chunk_bytes(w32)) == 256
+    w32 = torch.empty(128256, 4096)  # dW 2 GiB: the floor
+    assert fl_loss.forward_dw_chunk_bytes(w32) == fl_loss.FWD_DW_MIN_ROWS * 128256 * 4
     assert fl_loss.chunk_rows(1024, 128256, 2, fl_loss.forward_chunk_bytes(w, True)) == 512
     # gradient blocks: every token and part of the vocabulary while that is MIN_BLOCK_COLS wide
     tokens, cols = fl_loss.grad_blocks(1024, 128256, 4)
