@@ -172,7 +172,7 @@ def training_table(rows):
     for r in rows:
         mem, ms = r["peak_extra_mib"], r.get("median_step_ms", {})
         inf = r.get("infer_ms") or {}
-        comp = fmt(ms.get("compile")) if "compile" in ms else ("n/a" if "compile" in (r.get("skipped") or {}) else "-")
+        comp = fmt(ms.get("compile")) if ms.get("compile") is not None else ("n/a" if "compile" in (r.get("skipped") or {}) else "-")
         out.append([r.get("model", r.get("op", "?")), r.get("shape", "?"), r.get("dtype", "?"),
                     fmt(mem.get("plain")), fmt(mem.get("swap")), fmt(mem.get("skip")),
                     fmt(r.get("skip_over_plain_memory"), 3), fmt(ms.get("plain")), fmt(ms.get("skip")), comp,
