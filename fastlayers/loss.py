@@ -59,8 +59,8 @@ Peak extra memory: forward-gradient path, dW0 + one chunk + dh0, the chunk sized
 stays the other path's forward peak where FWD_DW_MIN_ROWS tokens allow (W is read
 3 x ceil(N / chunk rows) times); gradient-pass path, max(one forward chunk, dW + one gradient
 block) + dh0. Eager's is three (N, V) buffers (logits, log-softmax, their gradient) + dW + dh.
-Measured (1024 tokens, H 256-768, V 32000-50257, fp32, 2-core Xeon, 2026-12-07): 3 GEMMs instead
-of 4 took fastlayers from 0.75-0.87x eager's time to 1.1-1.2x (table in docs/results.md).
+Measured (1024 tokens, H 256-768, V 32000-50257, fp32, busy 2-core Xeon, 2026-12-07): 3 GEMMs
+instead of 4 took fastlayers from 0.75-0.97x of eager's speed to 1.02-1.32x (docs/results.md).
 """
 from __future__ import annotations
 
