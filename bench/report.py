@@ -160,24 +160,37 @@ def throughput_table(rows):
 
 def training_table(rows):
     """Whole training steps (bench/test_bench_training.py): peak extra memory of one step in a fresh
-    process, plain / swap / swap(skip_logits=True), and the step time plain vs skip_logits."""
+    process, plain / swap / swap(skip_logits=True); the step time plain vs skip_logits vs
+    torch.compile of the plain model; the no-grad forward (inference) plain vs swap."""
     rows = [r for r in rows if "median_step_ms" in r]
     if not rows:
         return None
     cols = ["model", "tokens", "dtype", "peak MiB plain", "swap", "skip_logits", "skip/plain memory",
-            "step ms plain", "skip_logits", "plain/skip time", "plain/skip CPU time"]
+            "step ms plain", "skip_logits", "compile", "plain/skip time", "compile/skip time",
+            "plain/skip CPU time", "infer ms plain", "swap", "plain/swap infer"]
     out = []
     for r in rows:
         mem, ms = r["peak_extra_mib"], r.get("median_step_ms", {})
+        inf = r.get("infer_ms") or {}
+        comp = fmt(ms.get("compile")) if ms.get("compile") is not None else ("n/a" if "compile" in (r.get("skipped") or {}) else "-")
         out.append([r.get("model", r.get("op", "?")), r.get("shape", "?"), r.get("dtype", "?"),
                     fmt(mem.get("plain")), fmt(mem.get("swap")), fmt(mem.get("skip")),
-                    fmt(r.get("skip_over_plain_memory"), 3), fmt(ms.get("plain")), fmt(ms.get("skip")),
-                    fmt(r.get("plain_over_skip_time"), 3), fmt(r.get("plain_over_skip_cpu"), 3)])
+                    fmt(r.get("skip_over_plain_memory"), 3), fmt(ms.get("plain")), fmt(ms.get("skip")), comp,
+                    fmt(r.get("plain_over_skip_time"), 3), fmt(r.get("compile_over_skip_time"), 3),
+                    fmt(r.get("plain_over_skip_cpu"), 3), fmt(inf.get("plain")), fmt(inf.get("swap")),
+                    fmt(r.get("plain_over_swap_infer"), 3)])
     return cols, out
 
 
+def training_notes(rows) -> list:
+    """One line per mode that did not run (torch.compile where it fails), with its error."""
+    return [f"{r.get('model', '?')} {r.get('dtype', '?')}: {m} not run ({why})"
+            for r in rows if "median_step_ms" in r for m, why in (r.get("skipped") or {}).items()]
+
+
 def training_chart(rows, header: str, png: pathlib.Path) -> None:
-    """Two panels per training row: memory (skip_logits / plain) and speed (plain / skip_logits)."""
+    """Three panels per training row: memory (skip_logits / plain), step speed-up of skip_logits
+    over plain and over torch.compile, and the inference speed-up of swap over plain."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -185,14 +198,24 @@ def training_chart(rows, header: str, png: pathlib.Path) -> None:
     if not rows:
         return
     labels = [f"{r.get('model', '?')}\n{r.get('dtype', '?')}" for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(rows) + 4), 3.6))
-    a.bar(range(len(rows)), [r.get("skip_over_plain_memory") or 0 for r in rows], color="tab:green")
-    a.set_title("peak extra memory of a step, skip_logits / plain (lower is better)", fontsize=9)
-    b.bar(range(len(rows)), [r.get("plain_over_skip_time") or 0 for r in rows], color="tab:blue")
-    b.axhline(1.0, color="black", linewidth=0.8)
-    b.set_title("step speed-up, plain / skip_logits (higher is better)", fontsize=9)
-    for ax in (a, b):
-        ax.set_xticks(range(len(rows)))
+    x = range(len(rows))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(max(12, 1.8 * len(rows) + 4), 3.8))
+    a.bar(x, [r.get("skip_over_plain_memory") or 0 for r in rows], color="tab:green")
+    a.axhline(0.4, color="tab:red", linewidth=0.8, linestyle="--")
+    a.set_title("peak extra memory of a step,\nskip_logits / plain (lower is better)", fontsize=9)
+    w = 0.4
+    b.bar([i - w / 2 for i in x], [r.get("plain_over_skip_time") or 0 for r in rows], w, color="tab:blue",
+          label="vs plain")
+    b.bar([i + w / 2 for i in x], [r.get("compile_over_skip_time") or 0 for r in rows], w, color="tab:orange",
+          label="vs torch.compile (0: not run)")
+    b.legend(fontsize=7)
+    b.set_title("training step speed-up of skip_logits\n(higher is better)", fontsize=9)
+    c.bar(x, [r.get("plain_over_swap_infer") or 0 for r in rows], color="tab:purple")
+    c.set_title("inference (no-grad forward) speed-up,\nplain / swap (higher is better)", fontsize=9)
+    for ax in (b, c):
+        ax.axhline(1.0, color="black", linewidth=0.8)
+    for ax in (a, b, c):
+        ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(header.split("\n")[0], fontsize=8)
@@ -310,6 +333,8 @@ def main(argv=None) -> int:
             print(("### " if args.markdown else "") + "Training steps (one step, fresh processes; MiB of "
                   "peak extra memory, ms per step)\n")
             print(render(*tt, args.markdown) + "\n")
+            for line in training_notes(train):
+                print(("- " if args.markdown else "  ") + line)
         print("speed-ups are fastlayers' (>1 = fastlayers faster): median of per-round ratios, "
               "contenders interleaved in one run.\n")
         if not args.no_png:

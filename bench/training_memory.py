@@ -5,7 +5,12 @@ Models (random weights), at BATCH x SEQ = 4 x 256 tokens:
   llama    Hugging Face LlamaForCausalLM: vocab 32000, hidden 256, 4 layers, 4 heads, MLP 688
   gpt2     Hugging Face GPT2LMHeadModel: vocab 50257, n_embd 256, 4 layers, 4 heads (dropout off)
   nanogpt  Karpathy's nanoGPT GPT (tests/nanogpt_model.py): vocab 50304, n_embd 256, 4 layers, 4 heads
-Modes: plain (the model as built), swap (fl.swap(model)), skip (fl.swap(model, skip_logits=True)).
+  bert     Hugging Face BertForMaskedLM: vocab 30522, hidden 256, 4 layers, 4 heads, MLP 1024, MLM labels
+           (15% of the positions, the rest -100). Its head (transform + decoder) computes the loss
+           inline, not through lm_head + loss_function: skip_logits leaves it alone, so its "skip"
+           column is fl.swap's fused layers and loss on materialised logits.
+Modes: plain (the model as built), swap (fl.swap(model)), skip (fl.swap(model, skip_logits=True)),
+compile (torch.compile(plain model), default mode: time only; its first steps compile, untimed).
 
 Memory (`memory` command, one model / dtype / mode per fresh process, as NOTES.md says): the
 parameters' gradients are preallocated (zeros) and the optimizer is SGD without momentum (no
@@ -40,9 +45,10 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 BATCH, SEQ = 4, 256
-MODELS = ("llama", "gpt2", "nanogpt")
+MODELS = ("llama", "gpt2", "nanogpt", "bert")
 DTYPES = ("float32", "bfloat16")
 MODES = ("plain", "swap", "skip")
+TIME_MODES = ("plain", "skip", "compile")
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
@@ -64,14 +70,20 @@ def build(name: str, dtype: str, mode: str):
                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                                            max_position_embeddings=SEQ)
             model = transformers.LlamaForCausalLM(cfg)
+        elif name == "bert":
+            cfg = transformers.BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4,
+                                          num_attention_heads=4, intermediate_size=1024, max_position_embeddings=SEQ,
+                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+            model = transformers.BertForMaskedLM(cfg)
         else:
             cfg = transformers.GPT2Config(vocab_size=50257, n_embd=256, n_layer=4, n_head=4, n_positions=SEQ,
                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
             model = transformers.GPT2LMHeadModel(cfg)
         vocab = cfg.vocab_size
     model = model.to(getattr(torch, dtype)).train()
-    if mode != "plain":
+    if mode in ("swap", "skip"):
         fl.swap(model, skip_logits=(mode == "skip"))
+    fwd = torch.compile(model) if mode == "compile" else model
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -84,19 +96,37 @@ def build(name: str, dtype: str, mode: str):
         targets[:, -1] = -1
 
         def step():
-            _, loss = model(ids, targets)
+            _, loss = fwd(ids, targets)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
             return loss
     else:
+        labels = ids
+        if name == "bert":  # masked-LM labels: 15% of the positions, the others ignored
+            labels = torch.where(torch.rand(BATCH, SEQ, generator=g) < 0.15, ids, -100)
+
         def step():
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = fwd(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
             return loss
     return model, step
+
+
+def build_inference(name: str, dtype: str, mode: str):
+    """A no-grad forward (eval mode, no labels) of the model as `build` makes it: plain or swap."""
+    import torch
+    model, _ = build(name, dtype, "swap" if mode == "swap" else "plain")
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=g)
+
+    def forward():
+        with torch.no_grad():
+            return model(ids) if name == "nanogpt" else model(input_ids=ids)
+    return forward
 
 
 def _rss_mib() -> float:
@@ -138,13 +168,24 @@ def memory(name: str, dtype: str, mode: str) -> dict:
             "rss_before_mib": before, "first_step_s": first, "loss": float(loss.detach())}
 
 
-def timing(name: str, dtype: str, rounds: int, modes=("plain", "skip")) -> dict:
+def timing(name: str, dtype: str, rounds: int, modes=("plain", "skip"), inference: bool = False) -> dict:
+    """Interleaved rounds of whole training steps (or, inference=True, no-grad forwards) per mode.
+    A mode that fails to build or to run its warm-up (torch.compile where the compiler cannot
+    handle the model) is dropped, its error kept in "skipped"."""
     import gc
     import torch
-    steps = {m: build(name, dtype, m)[1] for m in modes}
-    for s in steps.values():
-        for _ in range(2):
-            s()
+    steps, skipped = {}, {}
+    for m in modes:
+        try:
+            s = build_inference(name, dtype, m) if inference else build(name, dtype, m)[1]
+            for _ in range(3 if m == "compile" else 2):
+                s()
+            steps[m] = s
+        except Exception as e:  # noqa: BLE001  (reported, not hidden: the table says why)
+            if m == "plain":
+                raise
+            skipped[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    modes = tuple(steps)
     times = {m: [] for m in modes}
     cpu = {m: [] for m in modes}  # process CPU time (all threads): less disturbed by other work on the cores
     gc.collect()
@@ -163,6 +204,7 @@ def timing(name: str, dtype: str, rounds: int, modes=("plain", "skip")) -> dict:
            "plain_over_cpu": {m: statistics.median(a / b for a, b in zip(cpu["plain"], t))
                               for m, t in cpu.items() if m != "plain"}}
     out["load1"] = os.getloadavg()[0]
+    out["skipped"] = skipped
     return out
 
 
@@ -176,12 +218,25 @@ def run_fresh(*args: str, timeout: float = 900) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def table(models=MODELS, dtypes=DTYPES, modes=MODES, rounds: int = 5) -> list:
+def table(models=MODELS, dtypes=DTYPES, modes=MODES, rounds: int = 5, time_modes=TIME_MODES,
+          inference: bool = True) -> list:
     rows = []
     for name in models:
         for dtype in dtypes:
             mem = {m: run_fresh("memory", name, dtype, m) for m in modes}
-            tim = run_fresh("time", name, dtype, "--rounds", str(rounds))
+            # plain vs skip, and plain vs compile, each in its own process: a compiled model in the
+            # process measured slowing the eager steps beside it (gpt2 fp32: plain / skip 1.16 alone,
+            # 1.01 with a compiled model in the same rounds; busy machine)
+            tim = run_fresh("time", name, dtype, "--rounds", str(rounds), "--modes",
+                            ",".join(m for m in time_modes if m != "compile"))
+            if "compile" in time_modes:
+                timc = run_fresh("time", name, dtype, "--rounds", str(rounds), "--modes", "plain,compile")
+                tim["median_ms"]["compile"] = timc["median_ms"]["compile"] if "compile" in timc["median_ms"] else None
+                if "compile" in timc["plain_over"]:
+                    tim["plain_over"]["compile"] = timc["plain_over"]["compile"]
+                tim["skipped"] = {**tim.get("skipped", {}), **timc.get("skipped", {})}
+                tim["load1"] = max(tim["load1"], timc["load1"])
+            inf = run_fresh("infer", name, dtype, "--rounds", str(rounds)) if inference else None
             rows.append({"model": name, "dtype": dtype,
                          "peak_extra_mib": {m: mem[m]["peak_extra_mib"] for m in modes},
                          "loss": {m: mem[m]["loss"] for m in modes},
@@ -189,9 +244,21 @@ def table(models=MODELS, dtypes=DTYPES, modes=MODES, rounds: int = 5) -> list:
                          "median_step_ms": tim["median_ms"], "plain_over_skip_time": tim["plain_over"]["skip"],
                          "median_step_cpu_ms": tim.get("median_cpu_ms"),
                          "plain_over_skip_cpu": tim.get("plain_over_cpu", {}).get("skip"),
-                         "load1": tim["load1"]})
+                         "compile_over_skip_time": _ratio(tim, "compile", "skip"),
+                         "plain_over_compile_time": tim["plain_over"].get("compile"),
+                         "skipped": tim.get("skipped", {}),
+                         "infer_ms": inf and inf["median_ms"],
+                         "plain_over_swap_infer": inf and inf["plain_over"].get("swap"),
+                         "load1": max(tim["load1"], inf["load1"] if inf else 0)})
             print(_row(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def _ratio(tim: dict, a: str, b: str):
+    """Step time of mode a / mode b: their medians of per-round ratios against plain (each mode's
+    own interleaved plain), divided; None when either did not run."""
+    po = tim["plain_over"]
+    return po[b] / po[a] if a in po and b in po else None
 
 
 def _row(r: dict) -> str:
@@ -199,16 +266,19 @@ def _row(r: dict) -> str:
     return (f"{r['model']:8s} {r['dtype']:9s} peak extra MiB plain {pk['plain']:7.1f} swap {pk.get('swap', float('nan')):7.1f} "
             f"skip {pk['skip']:7.1f}  skip/plain {r['skip_over_plain_memory']:.2f}   step ms plain {ms['plain']:7.1f} "
             f"skip {ms['skip']:7.1f}\n{'':19s}plain/skip {r['plain_over_skip_time']:.2f}  cpu plain/skip "
-            f"{r.get('plain_over_skip_cpu') or float('nan'):.2f}  (load {r['load1']:.1f})")
+            f"{r.get('plain_over_skip_cpu') or float('nan'):.2f}  compile/skip {r.get('compile_over_skip_time') or float('nan'):.2f}"
+            f"  inference plain/swap {r.get('plain_over_swap_infer') or float('nan'):.2f}  (load {r['load1']:.1f})"
+            + (f"\n{'':19s}not run: {r['skipped']}" if r.get("skipped") else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("command", nargs="?", default="table", choices=("table", "memory", "time"))
+    ap.add_argument("command", nargs="?", default="table", choices=("table", "memory", "time", "infer"))
     ap.add_argument("model", nargs="?", choices=MODELS)
     ap.add_argument("dtype", nargs="?", choices=DTYPES)
     ap.add_argument("mode", nargs="?", choices=MODES)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--modes", default="plain,skip", help="time: the modes, comma-separated")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads for the time command")
     ap.add_argument("--json", help="write the table's rows here")
     a = ap.parse_args()
@@ -220,7 +290,12 @@ def main() -> None:
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
-        print(json.dumps(timing(a.model, a.dtype, a.rounds)))
+        print(json.dumps(timing(a.model, a.dtype, a.rounds, tuple(a.modes.split(",")))))
+    elif a.command == "infer":
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
+        print(json.dumps(timing(a.model, a.dtype, a.rounds, ("plain", "swap"), inference=True)))
     else:
         rows = table(models=(a.model,) if a.model else MODELS, dtypes=(a.dtype,) if a.dtype else DTYPES,
                      rounds=a.rounds)

@@ -85,7 +85,15 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     y = tiny_cpu_linear(x, weight, bias, act, slope)  # tiny CPU outputs: PyTorch's two ops, unchecked
     if y is not None:
         return y
-    if plain_cpu_inference(x, weight, bias):  # no grad, nothing unusual: skip the checks below
+    return linear_act_after_gates(x, weight, bias, act, slope, plain_cpu_inference(x, weight, bias))
+
+
+def linear_act_after_gates(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation, slope: float,
+                           plain: bool) -> Tensor:
+    """linear_act's route below its two gates, for a caller that has just run them itself
+    (FusedLinear.forward: one climb of the route per call, not two): tiny_cpu_linear(...) gave None,
+    and plain is plain_cpu_inference(x, weight, bias). act, slope: already looked up and checked."""
+    if plain:  # no grad, nothing unusual: skip the checks below
         backend = backend_for(LINEAR, x.device, x.dtype)
         return linear_forward(backend, x, weight, bias, act, slope, save=False)[0]
     x, weight, bias = _autocast.linear_inputs(x, weight, bias)

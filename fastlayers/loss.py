@@ -24,33 +24,43 @@ and rescaled sums) and the gradient from x and the stats in one more pass (contr
 fastlayers/backends/__init__.py). What autograd saves for cross_entropy: the logits (an input, no
 copy), the target and the (N, 3) stats: O(N) extra memory where eager saves the (N, C) log-softmax.
 
-linear_cross_entropy never holds the (N, V) logits (N tokens, hidden H, vocabulary V). Two passes:
+linear_cross_entropy never holds the (N, V) logits (N tokens, hidden H, vocabulary V). When the
+loss is reduced to one number ("mean", "sum") and the weight is fp32 / fp64, the whole gradient is
+built in the forward, in 3 GEMMs like eager's (the chunk's dlogits are known there: the loss is
+the output, its incoming gradient a scalar that only scales them):
 
-  forward, by token chunks of at most CHUNK_BYTES of (chunk, V) logits: z = h_c W^T + b, the row
-    losses and stats by the fused kernel over whole rows; when h needs a gradient, dz over z in
-    place (the row scale for an incoming 1; "none" unscaled) and dh0_c = dz W, a GEMM over the
-    whole vocabulary. Autograd keeps the stats (N, 3) and dh0 (N, H); the backward only scales
-    dh0's rows by the incoming gradient.
+  forward, by token chunks of at most forward_chunk_bytes of (chunk, V) logits: z = h_c W^T + b,
+    the row losses and stats by the fused kernel over whole rows, dz over z in place (scaled for
+    an incoming 1), then dh0_c = dz W, dW0 (+)= dz^T h_c (K = the chunk's tokens: chunk + dW
+    within the budget of the plain forward's chunk, but at least FWD_DW_MIN_ROWS tokens, see
+    forward_dw_chunk_bytes) and db0 (+)= colsum(dz).
+  backward: dh = dh0 g, dW = dW0 g, db = db0 g for the incoming scalar g (no multiply when g is 1;
+    the saved sums are never written, so retain_graph gives the same gradients twice).
+
+Otherwise ("none": a per-row incoming gradient unknown in the forward; 16-bit weights, whose
+running dW sum would need a (V, H) fp32 accumulator), dh0 alone comes from the forward and dW,
+db from a gradient pass in the backward:
+
   backward (dW, db), by vocabulary blocks of about GRAD_BLOCK_BYTES of logits, each all N tokens
     by Vc entries: z_v = h W_v^T + b_v, dz_v = scale_i dloss_i/dz from z_v and the row stats (the
     target's term where it falls in the block, the smoothing share e/V everywhere), then
     dW_v = dz_v^T h written once in W's dtype (a GEMM with K = N) and db_v = colsum(dz_v). Only
     when N x MIN_BLOCK_COLS logits exceed the block (very many tokens) are tokens split as well;
     dW_v then sums over the token blocks, for 16-bit weights in a (Vc, H) fp32 accumulator.
+    This path computes z twice (8 N H V flops instead of eager's 6).
 
-Cost against eager (logits, log_softmax, nll, their backward, dh and dW GEMMs): 8 N H V flops
-instead of 6 (z is computed twice: the gradient of a vocabulary block needs the stats of whole
-rows), and 3 fused elementwise passes over the logits (stats and dz in the forward, dz_v in the
-backward, on chunks) instead of eager's ~6 memory-bound passes over whole (N, V) tensors. W is read
-2 x ceil(N / chunk rows) times in the forward (chunks up to dW's size when dW is needed: the peak
-is the backward's anyway) and twice in the backward; dW is written once, and no (V, H) accumulator
-exists (the token-chunked alternative, dW += dz^T h_c per chunk, has K = chunk rows: ~130 at
-V = 128256 with 64 MiB chunks, a read + write of all of dW per chunk, a (V, H) fp32 accumulator for
-16-bit weights, and a chunk beside dW at the peak). Measured (README): 1.0-1.25x eager's time;
-the extra GEMM is paid back only where eager's elementwise passes are slow.
-Peak extra memory: max(one forward chunk, dW + one gradient block) + dh and O(N); eager's is three
-(N, V) buffers (logits, log-softmax, their gradient), so at N = 4H/3 the returned dW alone is 25%
-of eager's peak.
+Saved for backward versus eager (eager keeps the (N, V) logits' log-softmax, and builds their
+(N, V) gradient in the backward): h, W, b and the target (inputs: no copies), the row stats
+(N, 3) and "mean" denominator, dh0 (N, H) when h needs a gradient, and on the forward-gradient
+path dW0 (V, H) in W's dtype and db0 (V,) in fp32 -- the gradients the backward returns, made early.
+Elementwise work: 2 fused passes over each chunk of logits (stats, dz) against eager's ~6
+memory-bound passes over whole (N, V) tensors.
+Peak extra memory: forward-gradient path, dW0 + one chunk + dh0, the chunk sized so that this
+stays the other path's forward peak where FWD_DW_MIN_ROWS tokens allow (W is read
+3 x ceil(N / chunk rows) times); gradient-pass path, max(one forward chunk, dW + one gradient
+block) + dh0. Eager's is three (N, V) buffers (logits, log-softmax, their gradient) + dW + dh.
+Measured (1024 tokens, H 256-768, V 32000-50257, fp32, busy 2-core Xeon, 2026-12-07): 3 GEMMs
+instead of 4 took fastlayers from 0.75-0.97x of eager's speed to 1.02-1.32x (docs/results.md).
 """
 from __future__ import annotations
 
@@ -73,6 +83,10 @@ _REDUCTIONS = ("none", "mean", "sum")
 CHUNK_BYTES = 64 << 20
 GRAD_BLOCK_BYTES = 16 << 20
 MIN_BLOCK_COLS = 1024
+# dW summed in the forward's chunks (forward_weight_grads), in chunks of at least this many tokens
+# (forward_dw_chunk_bytes): each chunk reads and writes all of dW beside GEMMs of 2 x rows x H x V flops.
+FORWARD_WEIGHT_GRADS = True
+FWD_DW_MIN_ROWS = 256
 _NONE_ACT = _acts.get("none")
 
 
@@ -394,30 +408,69 @@ def grad_blocks(n: int, vocab: int, itemsize: int) -> Tuple[int, int]:
     return max(1, min(n, elems // cols)), cols
 
 
+def forward_weight_grads(n: int, weight: Tensor, reduction: str) -> bool:
+    """Whether dW (and db) are summed in the forward's chunks (module docstring): the loss is
+    reduced to one number ("mean", "sum": the incoming gradient is a scalar that scales dW after)
+    and the weight is fp32 / fp64 (dW accumulates in place in its own dtype; 16-bit weights would
+    need a (V, H) fp32 accumulator). FORWARD_WEIGHT_GRADS = False turns it off (tests, benchmarks)."""
+    return FORWARD_WEIGHT_GRADS and reduction != "none" and weight.dtype in (torch.float32, torch.float64)
+
+
+def forward_dw_chunk_bytes(weight: Tensor) -> int:
+    """The logits budget of the forward when it also sums dW: what the plain forward would take
+    (forward_chunk_bytes with dW to come) less dW itself, so that chunk + dW stay within the old
+    peak, but at least FWD_DW_MIN_ROWS tokens' worth (each chunk reads and writes all of dW beside
+    GEMMs of 2 x rows x H x V flops: shorter chunks would make that traffic rival the GEMMs)."""
+    dw_bytes = weight.numel() * weight.element_size()
+    return max(forward_chunk_bytes(weight, True) - dw_bytes, FWD_DW_MIN_ROWS * weight.shape[0] * weight.element_size())
+
+
 def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                 eps: float, dh_scale: Optional[Tensor] = None,
-                 need_dw: bool = False) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Row losses (N,) and stats (N, 3) in the compute dtype, and with dh_scale (N,) given, dh0 =
-    the gradient of sum_i dh_scale_i loss_i wrt h (h's dtype; else None). Per chunk of tokens:
+                 eps: float, dz_scale: Optional[Tensor] = None, need_dw: bool = False, need_dh: bool = True,
+                 fwd_dw: bool = False, fwd_db: bool = False):
+    """(rows, stats, dh0, dw0, db0): row losses (N,) and stats (N, 3) in the compute dtype; with
+    dz_scale (N,) given, the gradients of sum_i dz_scale_i loss_i: dh0 wrt h (need_dh), dw0 wrt W
+    (fwd_dw) and db0 wrt b (fwd_db), each None when not asked for. Per chunk of tokens:
     z = h_c W^T + b (m, V), the fused cross-entropy forward over its whole rows, then dz over z in
-    place and dh0_c = dz W (a GEMM over the whole vocabulary). need_dw: the backward will hold dW
-    (chunk size: forward_chunk_bytes)."""
+    place, dh0_c = dz W (a GEMM over the whole vocabulary), dw0 (+)= dz^T h_c (K = the chunk's
+    tokens) and db0 (+)= colsum(dz). need_dw: the backward will hold dW (chunk size:
+    forward_chunk_bytes)."""
     n, vocab = h2.shape[0], weight.shape[0]
     cd = _compute_dtype(h2.dtype)
     rows = torch.empty(n, dtype=cd, device=h2.device)
     stats = torch.empty(n, 3, dtype=cd, device=h2.device)
-    dh0 = None if dh_scale is None else torch.zeros_like(h2, memory_format=torch.contiguous_format)
-    step = chunk_rows(n, vocab, h2.element_size(), forward_chunk_bytes(weight, need_dw))
+    grads = dz_scale is not None
+    # the first chunk's GEMMs write dh0's rows and all of dw0 / db0 (accumulate=False): no zero
+    # fill (a pass over dW), except with no tokens at all
+    new = torch.zeros if n == 0 else torch.empty
+    dh0 = new(h2.shape, dtype=h2.dtype, device=h2.device) if grads and need_dh else None
+    dw0 = new(weight.shape, dtype=weight.dtype, device=h2.device) if grads and fwd_dw else None
+    db0 = (new(vocab, dtype=weight.dtype if weight.dtype == torch.float64 else torch.float32, device=h2.device)
+           if grads and fwd_db else None)
+    budget = forward_dw_chunk_bytes(weight) if fwd_dw else forward_chunk_bytes(weight, need_dw)
+    step = chunk_rows(n, vocab, h2.element_size(), budget)
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         z = backend.linear_act_forward(h2[c0:c1], weight, bias, _NONE_ACT, 0.0, False)[0].contiguous()
         rows[c0:c1], stats[c0:c1] = backend.cross_entropy_forward(z, target[c0:c1], None, ignore_index, eps)
-        if dh0 is not None:
-            backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], dh_scale[c0:c1], ignore_index,
+        if grads and (dh0 is not None or dw0 is not None or db0 is not None):
+            backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], dz_scale[c0:c1], ignore_index,
                                            eps, z)
-            backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, dh0[c0:c1], None, None, False)
+            if dh0 is not None:  # this chunk's rows of dh0: written, never summed
+                backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, dh0[c0:c1], None, None, False)
+            if dw0 is not None or db0 is not None:  # summed over the chunks
+                backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, None, dw0, db0, c0 > 0)
         del z
-    return rows, stats, dh0
+    return rows, stats, dh0, dw0, db0
+
+
+def _scaled_weight_grad(g0: Tensor, grad: Tensor, dtype: torch.dtype, eager: bool = True) -> Tensor:
+    """dW (or db) from the forward's sum for an incoming 1, times the incoming scalar gradient; in
+    eager autograd (eager) the saved tensor itself (never written) when that is exactly 1 (a host
+    check on a CPU scalar; traced graphs always multiply)."""
+    if eager and grad.device.type == "cpu" and bool(grad == 1):
+        return g0 if g0.dtype == dtype else g0.to(dtype)
+    return (g0 * grad.to(g0.dtype)).to(dtype)
 
 
 def _lce_grads(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, stats: Tensor,
@@ -482,26 +535,33 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
         cd = _compute_dtype(h2.dtype)
         den = _lce_den(target, ignore_index, cd)
-        dh_scale = _lce_scales(reduction, den, target, ignore_index, cd) if ctx.needs_input_grad[0] else None
-        rows, stats, dh0 = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps, dh_scale,
-                                        ctx.needs_input_grad[1])
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fwd_dw = need_dw and forward_weight_grads(h2.shape[0], weight, reduction)
+        fwd_db = fwd_dw and bias is not None and ctx.needs_input_grad[2]
+        dz_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh or fwd_dw else None
+        rows, stats, dh0, dw0, db0 = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps, dz_scale,
+                                                  need_dw, need_dh, fwd_dw, fwd_db)
         ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction = backend, ignore_index, eps, reduction
-        ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0)
+        ctx.fwd_dw, ctx.fwd_db = fwd_dw, fwd_db
+        ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0, dw0, db0)
         return _reduce(rows, reduction, den, out_dtype, loss_shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h2, weight, bias, target, den, stats, dh0 = ctx.saved_tensors
+        h2, weight, bias, target, den, stats, dh0, dw0, db0 = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
             return _lce_backward_differentiable(h2, weight, bias, target, grad, ctx.ignore_index, ctx.eps,
                                                 ctx.reduction, need) + (None,) * 6
         dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
-        dw = db = None
-        if need[1] or need[2]:
+        dw = _scaled_weight_grad(dw0, grad, weight.dtype) if ctx.fwd_dw else None
+        db = _scaled_weight_grad(db0, grad, bias.dtype) if ctx.fwd_db else None
+        rest = (need[1] and not ctx.fwd_dw, need[2] and not ctx.fwd_db)
+        if any(rest):
             scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
-            dw, db = _lce_grads(ctx.backend, h2, weight, bias, target, stats, scale, ctx.ignore_index, ctx.eps,
-                                need[1], need[2])
+            dw2, db2 = _lce_grads(ctx.backend, h2, weight, bias, target, stats, scale, ctx.ignore_index, ctx.eps,
+                                  *rest)
+            dw, db = dw if dw2 is None else dw2, db if db2 is None else db2
         return (dh, dw, db) + (None,) * 6
 
 
@@ -590,37 +650,46 @@ def _linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Optio
                                            or (bias is not None and bias.requires_grad))
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, grad_on and h.requires_grad,
-                        grad_on and weight.requires_grad)[0]
+                        grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)[0]
         return loss.to(out_dtype).view(loss_shape) if reduction == "none" else loss.to(out_dtype)
     if grad_on:
         return LinearCrossEntropyFunction.apply(h2, weight, bias, t2, ignore_index, eps, reduction, out_dtype,
                                                 loss_shape)
-    rows, _, _ = _lce_forward(_ce_backend(h2, op), h2, weight, bias, t2, ignore_index, eps)
+    rows = _lce_forward(_ce_backend(h2, op), h2, weight, bias, t2, ignore_index, eps)[0]
     return _reduce(rows, reduction, _lce_den(t2, ignore_index, rows.dtype), out_dtype, loss_shape)
 
 
 # torch.library ops for torch.compile / jit.trace: the forward returns the loss (per row for
-# "none", in the compute dtype), the "mean" denominator, the row stats and dh0 (empty unless
-# need_dh; need_dw sizes the chunks); the backward scales dh0 and runs the gradient pass for dW, db.
+# "none", in the compute dtype), the "mean" denominator, the row stats, dh0 (empty unless need_dh),
+# and dw0 / db0 when forward_weight_grads says dW is summed in the forward (else empty; need_dw
+# sizes the chunks); the backward scales dh0 (and dw0 / db0) and runs the gradient pass for the rest.
 @torch.library.custom_op("fastlayers::linear_cross_entropy", mutates_args=())
 def _lce_lib(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, eps: float,
-             reduction: str, need_dh: bool, need_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             reduction: str, need_dh: bool, need_dw: bool,
+             need_db: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     op = "fastlayers.linear_cross_entropy"
     _check_target_values(op, target, weight.shape[0], ignore_index)
     cd = _compute_dtype(h2.dtype)
     den = _lce_den(target, ignore_index, cd)
-    dh_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh else None
-    rows, stats, dh0 = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps, dh_scale,
-                                    need_dw)
+    fwd_dw = need_dw and forward_weight_grads(h2.shape[0], weight, reduction)
+    fwd_db = fwd_dw and need_db and bias is not None
+    dz_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh or fwd_dw else None
+    rows, stats, dh0, dw0, db0 = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps,
+                                              dz_scale, need_dw, need_dh, fwd_dw, fwd_db)
     loss = rows if reduction == "none" else _reduce(rows, reduction, den, cd, ())
-    return loss, den, stats, placeholder(h2) if dh0 is None else dh0
+    return (loss, den, stats, placeholder(h2) if dh0 is None else dh0, placeholder(h2) if dw0 is None else dw0,
+            placeholder(h2) if db0 is None else db0)
 
 
 @_lce_lib.register_fake
-def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw):
+def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, need_db=False):
     cd = _compute_dtype(h2.dtype)
+    fwd_dw = need_dw and forward_weight_grads(h2.shape[0], weight, reduction)
+    fwd_db = fwd_dw and need_db and bias is not None
     return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=cd), h2.new_empty((), dtype=cd),
-            h2.new_empty((h2.shape[0], 3), dtype=cd), h2.new_empty(h2.shape if need_dh else (0,)))
+            h2.new_empty((h2.shape[0], 3), dtype=cd), h2.new_empty(h2.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if fwd_dw else (0,)),
+            weight.new_empty((weight.shape[0] if fwd_db else 0,), dtype=cd))
 
 
 @torch.library.custom_op("fastlayers::linear_cross_entropy_backward", mutates_args=())
@@ -642,24 +711,28 @@ def _(grad, h2, weight, bias, target, den, stats, ignore_index, eps, reduction, 
 
 
 def _lce_lib_setup(ctx, inputs, output) -> None:
-    h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw = inputs
-    loss, den, stats, dh0 = output
-    ctx.mark_non_differentiable(den, stats, dh0)
+    h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw = inputs[:9]
+    loss, den, stats, dh0, dw0, db0 = output
+    ctx.mark_non_differentiable(den, stats, dh0, dw0, db0)
     ctx.ignore_index, ctx.eps, ctx.reduction = ignore_index, eps, reduction
-    ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0)
+    ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0, dw0, db0)
 
 
 def _lce_lib_backward(ctx, grad, *_):
-    h2, weight, bias, target, den, stats, dh0 = ctx.saved_tensors
+    h2, weight, bias, target, den, stats, dh0, dw0, db0 = ctx.saved_tensors
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
     if need[0] and dh0.shape != h2.shape:  # the op was called with need_dh=False: the forward again
         dh0 = _lce_lib(h2, weight, bias, target, ctx.ignore_index, ctx.eps, ctx.reduction, True, False)[3]
     dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
-    dw = db = None
-    if need[1] or need[2]:
-        dw, db = _lce_backward_lib(grad, h2, weight, bias, target, den, stats, ctx.ignore_index, ctx.eps,
-                                   ctx.reduction, need[1], need[2])  # empty where not needed
-    return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 6
+    have_dw, have_db = dw0.shape == weight.shape, bias is not None and db0.shape == bias.shape
+    dw = _scaled_weight_grad(dw0, grad, weight.dtype, False) if need[1] and have_dw else None
+    db = _scaled_weight_grad(db0, grad, bias.dtype, False) if need[2] and have_db else None
+    rest = (need[1] and not have_dw, need[2] and not have_db)
+    if any(rest):
+        dw2, db2 = _lce_backward_lib(grad, h2, weight, bias, target, den, stats, ctx.ignore_index, ctx.eps,
+                                     ctx.reduction, *rest)  # empty where not needed
+        dw, db = dw2 if rest[0] else dw, db2 if rest[1] else db
+    return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 7
 
 
 torch.library.register_autograd("fastlayers::linear_cross_entropy", _lce_lib_backward, setup_context=_lce_lib_setup)

@@ -18,7 +18,7 @@ from . import activations as _acts
 from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
 from ._dispatch import _is_compiling, check_slope, plain_cpu_inference, tiny_cpu_linear
 from .backends import forced, select
-from .functional import linear_act, log_softmax, softmax
+from .functional import linear_act, linear_act_after_gates, log_softmax, softmax
 
 
 class FusedLinear(nn.Linear):
@@ -61,18 +61,25 @@ class FusedLinear(nn.Linear):
         if w is None:
             w = self.weight
         b = params["bias"] if "bias" in params else self.bias
-        if FAST_PATH:
-            y = tiny_cpu_linear(input, w, b, _acts.ACTIVATIONS[self.activation], self.negative_slope)
-            if y is not None:
-                return y
-        plain = FAST_PATH and plain_cpu_inference(input, w, b)  # no grad, nothing unusual
+        if not FAST_PATH:
+            if self.activation == "none" and _f_linear_is_faster(input, w, False):
+                return F.linear(input, w, b)
+            return linear_act(input, w, b, self.activation, self.negative_slope)
+        # linear_act's two gates, run once here: their answers go on to linear_act_after_gates
+        act, slope = _acts.ACTIVATIONS.get(self.activation), self.negative_slope
+        if act is None or type(slope) is not float:  # changed after construction: linear_act checks them
+            return linear_act(input, w, b, self.activation, slope)
+        y = tiny_cpu_linear(input, w, b, act, slope)
+        if y is not None:
+            return y
+        plain = plain_cpu_inference(input, w, b)  # no grad, nothing unusual
         if self.activation == "none" and _f_linear_is_faster(input, w, plain and self._may_pack(w)):
             return F.linear(input, w, b)
         if plain:
             y = self._forward_inference(input, w, b)
             if y is not None:
                 return y
-        return linear_act(input, w, b, self.activation, self.negative_slope)
+        return linear_act_after_gates(input, w, b, act, slope, plain)
 
     # ------------------------------------------------------------------ fused by swap
     # fastlayers.swap fuses `fc` + an activation module (or call) by turning fc into this module and

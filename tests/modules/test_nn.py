@@ -106,3 +106,28 @@ def test_jit_trace_records_the_ops():
     x.grad = None
     m(x).sum().backward()
     torch.testing.assert_close(g, x.grad)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_fused_linear_climbs_the_route_once(monkeypatch, grad):
+    """FusedLinear.forward runs linear_act's two gates (tiny_cpu_linear, plain_cpu_inference) once
+    per call, and hands their answers on, instead of calling linear_act, which ran them again."""
+    import fastlayers.functional as ff
+    import fastlayers.nn as fnn
+    calls = {"tiny": 0, "plain": 0}
+
+    def counted(name, f):
+        def g(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+        return g
+    for mod in (fnn, ff):
+        monkeypatch.setattr(mod, "tiny_cpu_linear", counted("tiny", mod.tiny_cpu_linear))
+        monkeypatch.setattr(mod, "plain_cpu_inference", counted("plain", mod.plain_cpu_inference))
+    m = fl.FusedLinear(64, 96, activation="gelu")
+    x = torch.randn(128, 64, requires_grad=grad)  # above the tiny gate's size: the general route
+    with torch.set_grad_enabled(grad):
+        y = m(x)
+    torch.testing.assert_close(y, torch.nn.functional.gelu(torch.nn.functional.linear(x, m.weight, m.bias)),
+                               rtol=1e-5, atol=1e-5)
+    assert calls == {"tiny": 1, "plain": 1}, calls

@@ -402,6 +402,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(fl_loss, "forward_chunk_bytes", lambda weight, need_dw: fl_loss.CHUNK_BYTES)
     monkeypatch.setattr(fl_loss, "GRAD_BLOCK_BYTES", 128)   # 16 fp64 / 32 fp32 / 64 bf16 logits
     monkeypatch.setattr(fl_loss, "MIN_BLOCK_COLS", 8)
+    monkeypatch.setattr(fl_loss, "FWD_DW_MIN_ROWS", 1)  # fp32 / fp64 dW summed over the forward's chunks
 
 
 # bf16 is not run with a single token: each dW element is then one bf16-rounded product of a
@@ -433,6 +434,7 @@ def test_linear_cross_entropy_vocab_blocks_of_all_tokens(backend, monkeypatch, d
     """The usual gradient pass: blocks of every token by a part of the vocabulary, dW's block
     written once in the weight's dtype."""
     monkeypatch.setattr(fl_loss, "MIN_BLOCK_COLS", 8)
+    monkeypatch.setattr(fl_loss, "FORWARD_WEIGHT_GRADS", False)  # fp32 too: dW by the gradient pass
     monkeypatch.setattr(fl_loss, "GRAD_BLOCK_BYTES", 12 * 8 * dtype.itemsize)  # 12 tokens x 8 entries
     assert fl_loss.grad_blocks(12, 37, dtype.itemsize) == (12, 8)
     # not seed 15: its db has 2.3x torch's error from single bf16 roundings (a coin flip per entry;
@@ -443,6 +445,34 @@ def test_linear_cross_entropy_vocab_blocks_of_all_tokens(backend, monkeypatch, d
     t[3] = -100
     for reduction in REDUCTIONS:
         check_lce(h, w, t, b, eps=0.1, reduction=reduction, what=f"{backend} {reduction}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_linear_cross_entropy_weight_grads_in_forward(backend, small_chunks, monkeypatch, dtype):
+    """fp32 / fp64 with a reduced loss: dW and db are summed over the forward's chunks (3 GEMMs in
+    all, no gradient pass), scaled by the incoming gradient in the backward without touching the
+    saved sums (retain_graph: a second backward gives the same gradients)."""
+    def no_pass(*a, **k):
+        raise AssertionError("the gradient pass ran: dW should come from the forward")
+    monkeypatch.setattr(fl_loss, "_lce_grads", no_pass)
+    g = torch.Generator().manual_seed(17)
+    h = torch.randn(10, 16, generator=g, dtype=dtype, requires_grad=True)
+    w = (torch.randn(37, 16, generator=g, dtype=dtype) * 0.3).requires_grad_()
+    b = torch.randn(37, generator=g, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 37, (10,), generator=g)
+    t[4] = -100
+    for reduction, gout in (("mean", 1.0), ("mean", 0.7), ("sum", 1.0), ("sum", -2.5)):
+        hr, wr, br = (x.detach().double().requires_grad_() for x in (h, w, b))
+        want = torch.autograd.grad(F.cross_entropy(F.linear(hr, wr, br), t, label_smoothing=0.1,
+                                                   reduction=reduction) * gout, (hr, wr, br))
+        y = fl.linear_cross_entropy(h, w, t, b, label_smoothing=0.1, reduction=reduction)
+        go = torch.tensor(gout, dtype=dtype)
+        first = torch.autograd.grad(y, (h, w, b), go, retain_graph=True)
+        second = torch.autograd.grad(y, (h, w, b), go)
+        for a, a2, e in zip(first, second, want):
+            assert torch.equal(a, a2)
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(a.double(), e, **tol)
 
 
 def test_linear_cross_entropy_create_graph(backend, small_chunks):
@@ -533,6 +563,11 @@ def test_chunk_and_block_sizes():
     # with dW to come, the chunk may be as large as dW: 512 + 512 tokens, not 768 + 256
     w = torch.empty(128256, 768, dtype=torch.bfloat16)
     assert fl_loss.forward_chunk_bytes(w, False) == fl_loss.CHUNK_BYTES
+    # dW summed in the forward: chunk + dW within the plain forward's chunk, at least FWD_DW_MIN_ROWS tokens
+    w32 = torch.empty(32000, 256)  # dW 32 MiB: chunks of 32 MiB of logits (256 tokens), not 64
+    assert fl_loss.chunk_rows(1024, 32000, 4, fl_loss.forward_dw_chunk_bytes(w32)) == 256
+    w32 = torch.empty(128256, 4096)  # dW 2 GiB: the floor
+    assert fl_loss.forward_dw_chunk_bytes(w32) == fl_loss.FWD_DW_MIN_ROWS * 128256 * 4
     assert fl_loss.chunk_rows(1024, 128256, 2, fl_loss.forward_chunk_bytes(w, True)) == 512
     # gradient blocks: every token and part of the vocabulary while that is MIN_BLOCK_COLS wide
     tokens, cols = fl_loss.grad_blocks(1024, 128256, 4)
