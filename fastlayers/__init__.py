@@ -10,7 +10,8 @@ from ._errors import BackendUnavailableError, DeviceError, DTypeError, ShapeErro
 from .backends import available_backends, use_backend
 from .functional import linear_act, log_softmax, softmax
 from .ops.gated_linear import FusedGatedMLP, gated_linear
-from .loss import cross_entropy, linear_cross_entropy
+from .ops.cross_entropy import cross_entropy
+from .ops.linear_cross_entropy import linear_cross_entropy
 from .nn import FusedLinear, LogSoftmax, Softmax, prepack
 from .ops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from .ops.rotary import rotary

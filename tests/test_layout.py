@@ -24,7 +24,7 @@ LAYERS: List[List[str]] = [
     # choosing a backend for the inputs; autocast casting rules
     ["fastlayers._dispatch", "fastlayers._autocast"],
     # the ops: torch.library registration, functional API, gated linear unit, losses
-    ["fastlayers._library", "fastlayers.functional", "fastlayers.loss", "fastlayers.ops"],
+    ["fastlayers._library", "fastlayers.functional", "fastlayers.ops"],
     # modules
     ["fastlayers.nn"],
     # rewriting a user's model to use the modules

@@ -2,7 +2,7 @@
 checks each backend against it: every member present, the same parameter names and defaults).
 
 Backends compute on contiguous 2-D / 3-D tensors; validation, flattening, autograd and the route
-live above them (fastlayers/_dispatch.py, fastlayers/ops/, functional.py, loss.py).
+live above them (fastlayers/_dispatch.py, fastlayers/ops/, functional.py).
 A gradient not needed is None; `needs` tuples say which are.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Backend(Protocol):
                        needs: Tuple[bool, bool, bool, bool, bool]):
         """dh: (M, N) contiguous, saved = (g, u); needs = (dx, dwg, dwu, dbg, dbu) -> those five."""
 
-    # --- cross entropy (the math: fastlayers/loss.py)
+    # --- cross entropy (the math: fastlayers/ops/_loss.py)
     def cross_entropy_forward(self, x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                               eps: float) -> Tuple[Tensor, Tensor]:
         """x: (N, C) contiguous; target: (N,) int64 class indices, each in [0, C) or == ignore_index

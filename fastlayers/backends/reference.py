@@ -126,7 +126,7 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
     return (dx, dg.t() @ x if needs[1] else None, du.t() @ x if needs[2] else None,
             dg.sum(0) if needs[3] else None, du.sum(0) if needs[4] else None)
 
-# --- cross entropy (contract in fastlayers/backends/contract.py; the math in fastlayers/loss.py)
+# --- cross entropy (contract in fastlayers/backends/contract.py; the math in fastlayers/ops/_loss.py)
 def _ce_coefficients(xc: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                      eps: float, col0: int = 0, classes: Optional[int] = None) -> Tensor:
     """c (N, C'): the row's coefficients, loss_i = sum_j c_ij (log S_i - (x_ij - M_i)), over the columns

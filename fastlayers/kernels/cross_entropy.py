@@ -1,4 +1,4 @@
-"""Softmax cross-entropy kernels, forward and backward (the math is in fastlayers/loss.py).
+"""Softmax cross-entropy kernels, forward and backward (the math is in fastlayers/ops/_loss.py).
 
 Layout: x (N, C) contiguous logits; target (N,) int64 class indices or q (N, C) contiguous class
 probabilities; weight (C,) in the compute dtype or absent; stats (N, 3) = (M, log S, A).

@@ -110,7 +110,7 @@ The backend of each device the model is on is imported by swap itself, so a firs
 torch.compile (fullgraph too) meets no lazy import.
 
 Package layout: patterns.py (what counts as an activation), tracing.py (fx tracing, the safety
-checks, the rewritten forward and its change check), gated.py (gated MLPs), loss.py (the head's
+checks, the rewritten forward and its change check), gated.py (gated MLPs), loss/ (the head's
 loss), causal_lm.py (skip_logits), norms.py (LayerNorm / RMSNorm modules), activations.py (standalone
 activation modules), quant.py (quantize_dynamic's
 mapping), swapper.py (the walk over the model), report.py (SwapReport).

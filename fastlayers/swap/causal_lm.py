@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..loss import _linear_cross_entropy as linear_cross_entropy
+from ..ops.linear_cross_entropy import _linear_cross_entropy as linear_cross_entropy
 from .patterns import fusable_linear, fused_linear, hooks, join, path_name
 from .tracing import make_subclass
 from .loss import _codes, hf_loss_of

@@ -163,7 +163,7 @@ def swap_residual(model: nn.Module, report: SwapReport) -> None:
                 report.left.append((join(prefix, node.target), f"residual add not fused: {frozen}"))
             continue
         rewritten = hasattr(type(mod), "fastlayers_original_class")
-        if rewritten and not hasattr(type(mod), "fastlayers_forward_src"):  # e.g. loss.py's redirected copy
+        if rewritten and not hasattr(type(mod), "fastlayers_forward_src"):  # e.g. swap/loss/redirect.py's copy
             for node, _ in found:
                 report.left.append((join(prefix, node.target), "residual add not fused: the forward is already a "
                                     "copy swap made (not a traced rewrite)"))

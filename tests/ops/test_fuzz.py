@@ -384,7 +384,7 @@ def test_fuzz_gated_linear(case):
 
 
 # ----------------------------------------------------------------------------- losses
-import fastlayers.loss as _fl_loss  # noqa: E402
+import fastlayers.ops.linear_cross_entropy as _fl_loss  # noqa: E402
 
 
 @st.composite

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlayers as fl
-import fastlayers.loss as fl_loss
+import fastlayers.ops.linear_cross_entropy as fl_loss
 
 from conftest import assert_matches
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...loss import cross_entropy, linear_cross_entropy
+from ...ops.cross_entropy import cross_entropy
+from ...ops.linear_cross_entropy import linear_cross_entropy
 
 FUSED, CROSS_ENTROPY = "linear_cross_entropy", "cross_entropy"
 
