@@ -8,7 +8,8 @@
 from . import activations
 from ._errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
 from .backends import available_backends, use_backend
-from .functional import linear_act, log_softmax, softmax
+from .ops.linear_act import linear_act
+from .ops.softmax import log_softmax, softmax
 from .ops.gated_linear import FusedGatedMLP, gated_linear
 from .ops.cross_entropy import cross_entropy
 from .ops.linear_cross_entropy import linear_cross_entropy

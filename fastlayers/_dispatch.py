@@ -1,12 +1,12 @@
 """The boundary between the public ops and the backends: argument checks, the route a call
 takes, backend choice and the 2-D / 3-D layouts of the backend contract.
 
-Imported by fastlayers/functional.py (eager autograd Functions) and fastlayers/_library.py (the
-torch.library ops used while torch.compile / jit.trace record); it imports neither.
+Imported by the ops (fastlayers/ops/*.py: their autograd Functions and the torch.library ops used
+while torch.compile / jit.trace record); it imports none of them.
 
 Every call takes one of two routes:
 * kernels: plain dense tensors (torch.Tensor or nn.Parameter, strided layout) on a device with a
-  backend. Their data is handed to a backend as the contract in fastlayers/backends/__init__.py
+  backend. Their data is handed to a backend as the contract in fastlayers/backends/contract.py
   says: x as (M, K) or (outer, L, inner), the bias contiguous.
 * composite: tensors whose data must not or cannot be read by raw-pointer kernels -- fake tensors
   (FakeTensorMode, torch.export), other tensor subclasses (DTensor, ...), the wrappers of

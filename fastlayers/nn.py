@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import activations as _acts
-from . import _library  # noqa: F401  (registers torch.ops.fastlayers.*, used by TorchScript) 
 from ._dispatch import _is_compiling, check_slope, plain_cpu_inference, tiny_cpu_linear
 from .backends import forced, select
-from .functional import linear_act, linear_act_after_gates, log_softmax, softmax
+from .ops.linear_act import linear_act, linear_act_after_gates  # (registers torch.ops.fastlayers.*: TorchScript)
+from .ops.softmax import log_softmax, softmax
 
 
 class FusedLinear(nn.Linear):

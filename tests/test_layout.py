@@ -23,8 +23,8 @@ LAYERS: List[List[str]] = [
     ["fastlayers.backends", "fastlayers.kernels"],
     # choosing a backend for the inputs; autocast casting rules
     ["fastlayers._dispatch", "fastlayers._autocast"],
-    # the ops: torch.library registration, functional API, gated linear unit, losses
-    ["fastlayers._library", "fastlayers.functional", "fastlayers.ops"],
+    # the ops (one file each: checks, Function, route, torch.library ops, modules) and their re-export
+    ["fastlayers.functional", "fastlayers.ops"],
     # modules
     ["fastlayers.nn"],
     # rewriting a user's model to use the modules

@@ -2,7 +2,7 @@
 checks each backend against it: every member present, the same parameter names and defaults).
 
 Backends compute on contiguous 2-D / 3-D tensors; validation, flattening, autograd and the route
-live above them (fastlayers/_dispatch.py, fastlayers/ops/, functional.py).
+live above them (fastlayers/_dispatch.py, fastlayers/ops/).
 A gradient not needed is None; `needs` tuples say which are.
 """
 from __future__ import annotations

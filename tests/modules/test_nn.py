@@ -112,7 +112,7 @@ def test_jit_trace_records_the_ops():
 def test_fused_linear_climbs_the_route_once(monkeypatch, grad):
     """FusedLinear.forward runs linear_act's two gates (tiny_cpu_linear, plain_cpu_inference) once
     per call, and hands their answers on, instead of calling linear_act, which ran them again."""
-    import fastlayers.functional as ff
+    import fastlayers.ops.linear_act as ff
     import fastlayers.nn as fnn
     calls = {"tiny": 0, "plain": 0}
 

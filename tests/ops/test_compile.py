@@ -13,7 +13,8 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import fastlayers as fl
-from fastlayers import _library
+from fastlayers.ops import linear_act as _la_op
+from fastlayers.ops import softmax as _sm_op
 from fastlayers.activations import NAMES
 from integration_helpers import assert_close_gemm, backend_skip_reason
 
@@ -124,7 +125,7 @@ def test_opcheck_linear_act_backward(backend):
     torch.manual_seed(0)
     for act in NAMES:
         x, w = torch.randn(3, 8), torch.randn(5, 8)
-        y, z = _library.linear_act_op(x, w, None, act, 0.01)
+        y, z = _la_op.linear_act_op(x, w, None, act, 0.01)
         saved = y if fl.activations.get(act).saves(0.01) == "output" else z
         for needs in ((True, True, True), (False, True, False), (True, False, True)):
             torch.library.opcheck(torch.ops.fastlayers.linear_act_backward.default,
@@ -138,7 +139,7 @@ def test_opcheck_softmax(backend, shape, dim, log):
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     torch.library.opcheck(torch.ops.fastlayers.softmax.default, (x, dim, log))
-    y = _library.softmax_op(x.detach(), dim, log)
+    y = _sm_op.softmax_op(x.detach(), dim, log)
     torch.library.opcheck(torch.ops.fastlayers.softmax_backward.default,
                           (torch.randn(shape), y, dim, log))
 
@@ -150,8 +151,8 @@ def test_eager_does_not_use_registered_ops(backend, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("eager call went through the torch.library op")
 
-    monkeypatch.setattr(_library, "linear_act", boom)
-    monkeypatch.setattr(_library, "softmax", boom)
+    monkeypatch.setattr(_la_op, "linear_act_library", boom)
+    monkeypatch.setattr(_sm_op, "softmax_library", boom)
     x = torch.randn(3, 8, requires_grad=True)
     _mlp()(x).sum().backward()
 
