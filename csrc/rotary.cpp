@@ -45,13 +45,27 @@ template <class V> inline V even_minus() {
 }
 
 // v rounded to T and back (the rounding eager applies between two ops in T); identity for fp32/fp64.
+// In registers: io<T>::store's rounding without its trip through memory. Measured 2026-12-07 (2
+// threads, busy machine), bf16 q (1, 32, 2048, 128) + k (1, 8, 2048, 128) forward, output buffers
+// reused: 2.27 ms through memory, 1.65 ms in registers, 1.2 ms for the once-rounded formula before.
 template <class T> inline typename io<T>::V round_t(typename io<T>::V v) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     return v;
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    // Round to nearest even at bit 16, as io<bf16>::store. No NaN case (store's keeps a NaN whose
+    // payload sits in the low 16 bits from rounding into inf / across the sign): v is always a
+    // product of two bf16 values, and such a NaN -- a bf16 input's, quieted, or the default NaN of
+    // 0 * inf -- has zero low bits, which the rounding leaves as they are.
+    const vu u = (vu)v;
+    return (vf)((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
   } else {
+#ifdef __AVX512F__
+    return (vf)_mm512_cvtph_ps(_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
     T buf[io<T>::W];
     io<T>::store(buf, v);
     return io<T>::load(buf);
+#endif
   }
 }
 

@@ -148,6 +148,11 @@ def test_16bit_bits_equal_eager(backend, dtype, name):
         return (t * torch.exp2(e)).to(dtype)
     q, k = spread(q), spread(k)
     cos, sin = cos.to(dtype), sin.to(dtype)
+    if q.numel():  # NaN, infinities, inf * 0 (the default NaN) and a zero
+        first = lambda t, j: (0,) * (t.dim() - 1) + (j,)  # noqa: E731
+        q[first(q, 0)], q[first(q, 1)], q[first(q, 2)], k[first(k, 3)] = float("nan"), float("inf"), 0.0, float("-inf")
+        cos, sin = cos.clone(), sin.clone()
+        cos[first(cos, 1)], sin[first(sin, 2)] = 0.0, float("inf")
     qs, ks = (t.detach().requires_grad_() for t in (q, k))
     oq, ok = fl.rotary(qs, ks, cos, sin, ud, il)
     gq, gk = (spread(torch.randn(o.shape, generator=g)) for o in (oq, ok))
