@@ -180,6 +180,16 @@ def test_matches_transformers():
         half_sin, half_cos = sin[..., ::2], cos[..., ::2]  # GPT-J takes one value per frequency
         qr = torch.cat([gptj(q[..., :8], half_sin, half_cos), q[..., 8:]], -1)
         torch.testing.assert_close(fl.rotary(q, k, cos, sin, 2, True)[0], qr)
+        # 16-bit: transformers' functions round each product and the sum in the dtype (GPT-J casts its
+        # sin / cos to q's dtype first); fastlayers gives those bits
+        for dtype in (torch.bfloat16, torch.float16):
+            q, k, cos, sin, _, _ = layout("llama_gqa", dtype)
+            assert all(torch.equal(a, b) for a, b in zip(fl.rotary(q, k, cos, sin), llama(q, k, cos, sin)))
+            c6, s6 = cos[..., :6], sin[..., :6]
+            assert all(torch.equal(a, b) for a, b in zip(fl.rotary(q, k, c6, s6), neox(q, k, c6, s6)))
+            q, k, cos, sin, _, _ = layout("gptj", dtype)
+            qr = torch.cat([gptj(q[..., :8], sin[..., ::2], cos[..., ::2]), q[..., 8:]], -1)
+            assert torch.equal(fl.rotary(q, k, cos, sin, 2, True)[0], qr)
 
 
 # ----------------------------------------------------------------------------- gradients
