@@ -26,7 +26,8 @@ struct RotaryOperand {
 // rotate_half layout (interleaved false; pairs (i, i + r/2)) or GPT-J's (interleaved; pairs (2i, 2i+1)):
 //   forward (inverse false): out = x * cos + rotate(x) * sin            (Hugging Face's formula)
 //   inverse (the backward):  out = x * cos + rotate^T(x * sin)          (dq from dq_embed)
-// Math in io<T>::C (fp32 for 16-bit T), one rounding to T per element.
+// Math in io<T>::C (fp32 for 16-bit T). fp32 / fp64: one rounding per element; bf16 / fp16: eager's
+// roundings in T -- each product rounded to T, then the sum (bit for bit PyTorch's CPU result).
 template <class T>
 void rotary_apply(const RotaryOperand<T>& q, const RotaryOperand<T>& k, int64_t r, bool interleaved, bool inverse,
                   int nthreads);

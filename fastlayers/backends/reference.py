@@ -274,16 +274,16 @@ def _rotate(x: Tensor, interleaved: bool, transpose: bool) -> Tensor:
 
 def rotary(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, sin_k: Tensor, out_q: Tensor,
            out_k: Tensor, interleaved: bool, inverse: bool) -> None:
-    """The backend contract of fastlayers/ops/rotary.py in PyTorch ops (fp32 math for 16-bit, one
-    rounding, as the kernels): writes out_q, out_k."""
+    """The backend contract of fastlayers/ops/rotary.py in PyTorch ops: writes out_q, out_k. The math
+    is in x's dtype, op by op as eager: for bf16 / fp16 each product and the sum rounds to it
+    (PyTorch's 16-bit ops round each result once), the kernels' contract for 16-bit."""
     for x, c, s, out in ((q, cos_q, sin_q, out_q), (k, cos_k, sin_k, out_k)):
         r = c.shape[-1]
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xr, cc, sc = x[..., :r].to(cd), c.to(cd), s.to(cd)
+        xr = x[..., :r]
         if inverse:
-            y = xr * cc + _rotate(xr * sc, interleaved, True)
+            y = xr * c + _rotate(xr * s, interleaved, True)
         else:
-            y = xr * cc + _rotate(xr, interleaved, False) * sc
+            y = xr * c + _rotate(xr, interleaved, False) * s
         out[..., :r] = y
         out[..., r:] = x[..., r:]
 

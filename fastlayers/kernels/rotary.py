@@ -11,7 +11,11 @@ for GPT-J's layout (INTERLEAVED) -- and dims [R, D) are copied.
 
 ``rotary_kernel``: program p < PROGS_Q handles BLOCK_ROWS rows of q, the others rows of k; per row
 block the rotated half-pairs are (BLOCK_ROWS, BLOCK_H) tiles, the pass-through (BLOCK_ROWS, BLOCK_P).
-Math in COMPUTE_DTYPE (fp32 for 16-bit data, fp64 for fp64), one rounding per element.
+Math in COMPUTE_DTYPE (fp32 for 16-bit data, fp64 for fp64). fp32 / fp64: one rounding per element.
+bf16 / fp16: eager's roundings -- each product rounded to the data dtype, then the sum -- so the result
+is PyTorch's bit for bit (its 16-bit ops round each op's result once); the casts between the products
+and the sum keep the compiler from fusing them into FMAs. (The CPU interpreter's fp32 -> 16-bit casts
+truncate, so only a GPU gives these bits.)
     Bytes: reads D per row of x plus R of cos and R of sin per row (from L2 when broadcast over
     heads), writes D per row. ~3 flops per rotated element: memory-bound.
 """
@@ -34,6 +38,13 @@ def plan(r: int, d_max: int, fp64: bool = False):
     block_rows = max(1, tile // block_h)
     block_p = min(triton.next_power_of_2(max(d_max - r, 1)), max(1, tile // block_rows))
     return block_rows, block_h, block_p, NUM_WARPS
+
+
+@triton.jit
+def _rnd(v, dtype: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """v rounded to the data dtype and back (eager's rounding between two 16-bit ops); a no-op for
+    fp32 / fp64 data."""
+    return v.to(dtype).to(COMPUTE_DTYPE)
 
 
 @triton.jit
@@ -69,11 +80,11 @@ def _rotate_rows(x_ptr, o_ptr, c_ptr, s_ptr, row0, n_rows, N1, N2, XS0, XS1, XS2
         s1 = tl.load(s_ptr + sb + lo, mask=m, other=0.0).to(COMPUTE_DTYPE)
         s2 = tl.load(s_ptr + sb + hi, mask=m, other=0.0).to(COMPUTE_DTYPE)
         if INVERSE:
-            o1 = x1 * c1 + x2 * s2
-            o2 = x2 * c2 - x1 * s1
+            o1 = _rnd(x1 * c1, dtype, COMPUTE_DTYPE) + _rnd(x2 * s2, dtype, COMPUTE_DTYPE)
+            o2 = _rnd(x2 * c2, dtype, COMPUTE_DTYPE) - _rnd(x1 * s1, dtype, COMPUTE_DTYPE)
         else:
-            o1 = x1 * c1 - x2 * s1
-            o2 = x2 * c2 + x1 * s2
+            o1 = _rnd(x1 * c1, dtype, COMPUTE_DTYPE) - _rnd(x2 * s1, dtype, COMPUTE_DTYPE)
+            o2 = _rnd(x2 * c2, dtype, COMPUTE_DTYPE) + _rnd(x1 * s2, dtype, COMPUTE_DTYPE)
         tl.store(o_ptr + ob + lo, o1.to(dtype), mask=m)
         tl.store(o_ptr + ob + hi, o2.to(dtype), mask=m)
     for j in range(R, D, BLOCK_P):  # pass-through dims (partial rotary)

@@ -18,10 +18,13 @@ What is saved for backward (checked with saved_tensors_hooks, torch 2.13):
     fastlayers: cos and sin only (the inputs themselves, no copies); the backward is the rotation by
         -sin: ``dq = dq_embed * cos + rotate_half^T(dq_embed * sin)``, one pass over q's and k's rows.
 
-Numerics: the kernels compute in float32 (float64 for float64) and round once; eager in bfloat16 /
-float16 rounds each product and the sum, so 16-bit results differ from eager's by its own rounding
-(fastlayers is the closer to the exact value); float32 results differ by rounding only (the C++
-kernels contract the multiply-adds into FMAs).
+Numerics: bfloat16 / float16 give eager's bits, values and gradients: PyTorch's 16-bit ops compute
+each op in float32 and round its result, so eager's ``q * cos + rotate_half(q) * sin`` is
+rnd(rnd(q * cos) + rnd(rotate_half(q) * sin)) and its autograd's dq rnd(rnd(g * cos) +
+rotate_half^T(rnd(g * sin))) (rotate_half and its transpose, permutations and negations, are
+exact); the kernels compute in float32 and round at exactly those points (no FMA across them).
+float32 / float64 results differ from eager's by rounding only (the kernels contract the
+multiply-adds into FMAs, one rounding per element).
 
 Routes (as the other ops, see fastlayers/_dispatch.py): the registered torch.library op while
 torch.compile / jit.trace record; the PyTorch composite (the formula above in torch ops) for fake

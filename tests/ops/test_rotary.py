@@ -124,6 +124,46 @@ def test_matches_eager(backend, dtype, name):
     check(*layout(name, dtype))
 
 
+BIT_LAYOUTS = ["llama_gqa", "unsqueeze2", "partial", "gptj", "interleaved_full", "qkv_slices", "batch_broadcast",
+               "head_dims_differ"]
+
+
+def same_bits(a, b):
+    """Equal values (torch.equal; NaN where the other has NaN)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", BIT_LAYOUTS)
+def test_16bit_bits_equal_eager(backend, dtype, name):
+    """bf16 / fp16: eager rounds q * cos, rotate(q) * sin and their sum each to the dtype (and its
+    autograd g * cos, g * sin and their sum): the kernels give those bits, forward and backward, on
+    data spanning many binades (fp16: up to overflow-free magnitudes and into its subnormals)."""
+    q, k, cos, sin, ud, il = layout(name, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    span = 30 if dtype == torch.bfloat16 else 10
+
+    def spread(t):  # each element scaled by 2^e, e uniform in [-span, span]
+        e = torch.randint(-span, span + 1, t.shape, generator=g).to(t.dtype)
+        return (t * torch.exp2(e)).to(dtype)
+    q, k = spread(q), spread(k)
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    if q.numel():  # NaN, infinities, inf * 0 (the default NaN) and a zero
+        first = lambda t, j: (0,) * (t.dim() - 1) + (j,)  # noqa: E731
+        q[first(q, 0)], q[first(q, 1)], q[first(q, 2)], k[first(k, 3)] = float("nan"), float("inf"), 0.0, float("-inf")
+        cos, sin = cos.clone(), sin.clone()
+        cos[first(cos, 1)], sin[first(sin, 2)] = 0.0, float("inf")
+    qs, ks = (t.detach().requires_grad_() for t in (q, k))
+    oq, ok = fl.rotary(qs, ks, cos, sin, ud, il)
+    gq, gk = (spread(torch.randn(o.shape, generator=g)) for o in (oq, ok))
+    torch.autograd.backward([oq, ok], [gq, gk])
+    qe, ke = (t.detach().requires_grad_() for t in (q, k))
+    eq, ek = eager(qe, ke, cos, sin, ud, il)
+    torch.autograd.backward([eq, ek], [gq, gk])
+    for what, o, e in (("q_embed", oq, eq), ("k_embed", ok, ek), ("dq", qs.grad, qe.grad), ("dk", ks.grad, ke.grad)):
+        assert same_bits(o.detach(), e.detach()), f"{what}: {(o.detach().float() - e.detach().float()).abs().max()}"
+
+
 def test_matches_transformers():
     """Against transformers' own functions (Llama, GPT-NeoX partial, GPT-J interleaved)."""
     pytest.importorskip("transformers")
@@ -140,6 +180,16 @@ def test_matches_transformers():
         half_sin, half_cos = sin[..., ::2], cos[..., ::2]  # GPT-J takes one value per frequency
         qr = torch.cat([gptj(q[..., :8], half_sin, half_cos), q[..., 8:]], -1)
         torch.testing.assert_close(fl.rotary(q, k, cos, sin, 2, True)[0], qr)
+        # 16-bit: transformers' functions round each product and the sum in the dtype (GPT-J casts its
+        # sin / cos to q's dtype first); fastlayers gives those bits
+        for dtype in (torch.bfloat16, torch.float16):
+            q, k, cos, sin, _, _ = layout("llama_gqa", dtype)
+            assert all(torch.equal(a, b) for a, b in zip(fl.rotary(q, k, cos, sin), llama(q, k, cos, sin)))
+            c6, s6 = cos[..., :6], sin[..., :6]
+            assert all(torch.equal(a, b) for a, b in zip(fl.rotary(q, k, c6, s6), neox(q, k, c6, s6)))
+            q, k, cos, sin, _, _ = layout("gptj", dtype)
+            qr = torch.cat([gptj(q[..., :8], sin[..., ::2], cos[..., ::2]), q[..., 8:]], -1)
+            assert torch.equal(fl.rotary(q, k, cos, sin, 2, True)[0], qr)
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -397,3 +397,75 @@ def test_rotary_other_layout_is_not_mis_mapped(monkeypatch):
         got = attn(q, k, cos, sin)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert "another layout" in flhf.why_not(wrapper)
+
+
+def test_rotary_16bit_inputs_run_fastlayers_with_eager_bits(monkeypatch):
+    """Llama's apply_rotary_pos_emb kernelized: bf16 / fp16 inputs take fastlayers.rotary (its bits are
+    eager's: each product and the sum rounded to the dtype), forward and backward."""
+    from kernels import use_kernelized_func
+    from transformers.models.llama import modeling_llama as L
+    import fastlayers.ops.rotary as rotary_mod
+
+    @use_kernelized_func(L.apply_rotary_pos_emb)
+    class Attn(nn.Module):
+        def forward(self, q, k, cos, sin):
+            return L.apply_rotary_pos_emb(q, k, cos, sin)
+
+    calls = []
+    orig = rotary_mod.rotary
+    monkeypatch.setattr(rotary_mod, "rotary", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    for dtype in (torch.bfloat16, torch.float16):
+        attn = Attn()
+        with use_kernel_mapping(flhf.kernel_mapping()):
+            kernelize(attn, mode=Mode.TRAINING, device="cpu")
+        wrapper = attn._kernel_funcs["rotary_pos_emb"]
+        gen = torch.Generator().manual_seed(3)
+        q = (torch.randn(2, 6, 4, 32, generator=gen) * 8).to(dtype).transpose(1, 2)
+        k = (torch.randn(2, 6, 2, 32, generator=gen) * 8).to(dtype).transpose(1, 2)
+        cos, sin = (torch.randn(2, 6, 32, generator=gen).to(dtype) for _ in range(2))
+        g = [torch.randn(2, h, 6, 32, generator=gen).to(dtype) for h in (4, 2)]
+        qr, kr = q.detach().requires_grad_(), k.detach().requires_grad_()
+        want = type(wrapper).forward(wrapper, qr, kr, cos, sin)  # the function itself
+        torch.autograd.backward(want, g)
+        qs, ks = q.detach().requires_grad_(), k.detach().requires_grad_()
+        calls.clear()
+        with fl.use_backend("cpp"):
+            got = attn(qs, ks, cos, sin)
+        torch.autograd.backward(got, g)
+        assert calls and flhf.why_not(wrapper) is None, flhf.why_not(wrapper)
+        for a, b in zip((*got, qs.grad, ks.grad), (*want, qr.grad, kr.grad)):
+            assert torch.equal(a.detach(), b.detach())
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@use_kernel_forward_from_hub("rotary_pos_emb")
+def once_rounded_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """Llama's formula computed in float32 and rounded once: another 16-bit rounding than eager's."""
+    cd = torch.promote_types(q.dtype, torch.float32)
+    cos, sin = cos.unsqueeze(unsqueeze_dim).to(cd), sin.unsqueeze(unsqueeze_dim).to(cd)
+    return tuple((x.to(cd) * cos + _rotate_half(x.to(cd)) * sin).to(x.dtype) for x in (q, k))
+
+
+def test_rotary_other_16bit_rounding_keeps_its_own_16bit_forward():
+    from kernels import use_kernelized_func
+
+    @use_kernelized_func(once_rounded_rope)
+    class Attn(nn.Module):
+        def forward(self, q, k, cos, sin):
+            return once_rounded_rope(q, k, cos, sin)
+
+    attn = Attn()
+    with use_kernel_mapping(flhf.kernel_mapping()):
+        kernelize(attn, mode=Mode.INFERENCE, device="cpu")
+    wrapper = attn._kernel_funcs["rotary_pos_emb"]
+    q, k = torch.randn(2, 4, 6, 16).bfloat16(), torch.randn(2, 2, 6, 16).bfloat16()
+    cos, sin = torch.randn(2, 6, 16).bfloat16(), torch.randn(2, 6, 16).bfloat16()
+    with fl.use_backend("cpp"):
+        got = attn(q, k, cos, sin)
+    want = type(wrapper).forward(wrapper, q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert "bfloat16 inputs run its own forward" in flhf.why_not(wrapper)
