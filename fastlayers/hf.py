@@ -67,9 +67,10 @@ from torch import Tensor, nn
 
 from .backends import use_backend
 from .ops.activation import activation
-from .ops.norms import norm_composite, rms_norm
+from .ops.norms import rms_norm
 from .swap.activations import ACTIVATION_OF as _ACTIVATION_OF
 from .swap.activations import activation_problem as _activation_problem
+from .swap.norms import hf_rmsnorm_problem
 from .swap.activations import rounds_its_own_way as _rounds_its_own_way
 
 __all__ = ["kernel_mapping", "Repository", "LAYER_NAMES", "why_not"]
@@ -107,32 +108,8 @@ def _verdict(m: nn.Module, check, *args):
 
 # ----------------------------------------------------------------------------- the checks
 def _rmsnorm_problem(m: nn.Module) -> Optional[str]:
-    """None when m's own forward is LlamaRMSNorm's (structure, then behaviour), else why not."""
-    name = type(m).__name__
-    w = getattr(m, "weight", None)
-    if not isinstance(w, nn.Parameter) or w.dim() != 1:
-        return f"{name}: no 1-D weight Parameter (not LlamaRMSNorm's layout)"
-    eps = getattr(m, "variance_epsilon", None)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        return f"{name}: no float variance_epsilon attribute (not LlamaRMSNorm's forward)"
-    if [n for n, _ in m.named_parameters()] != ["weight"] or list(m.buffers()) or len(m._modules):
-        return f"{name}: has parameters, buffers or submodules besides weight"
-    if w.device.type == "meta":
-        return f"{name}: weight on the meta device (its forward cannot be probed)"
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    with torch.no_grad():
-        for dtype in (torch.bfloat16, torch.float32):
-            x = (torch.randn(3, w.shape[0], generator=gen) * 3).to(device=w.device, dtype=dtype)
-            try:
-                got = type(m).forward(m, x)  # the class's own forward (the instance's is ours now)
-            except Exception as e:  # noqa: BLE001 - any failure: not the standard forward
-                return f"{name}: its forward failed on a probe input ({type(e).__name__})"
-            want = norm_composite(x, w, None, None, float(eps), "rms_hf", 1)
-            if not isinstance(got, Tensor) or got.dtype != want.dtype or got.shape != want.shape:
-                return f"{name}: its forward returns another dtype/shape than LlamaRMSNorm's on {dtype} input"
-            if not torch.allclose(got, want, rtol=1e-6, atol=1e-6, equal_nan=True):
-                return f"{name}: its forward differs from LlamaRMSNorm's (another formula)"
-    return None
+    """None when m's own class forward is LlamaRMSNorm's (structure, then behaviour), else why not."""
+    return hf_rmsnorm_problem(m, class_forward=True)
 
 
 # ----------------------------------------------------------------------------- the layer classes

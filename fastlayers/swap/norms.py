@@ -33,8 +33,9 @@ from .report import SwapReport
 from .tracing import frozen_state, trace_checked
 
 
-def _hf_rmsnorm_problem(m: nn.Module) -> Optional[str]:
-    """None when m computes LlamaRMSNorm's forward, else why it is left alone."""
+def hf_rmsnorm_problem(m: nn.Module, class_forward: bool = False) -> Optional[str]:
+    """None when m computes LlamaRMSNorm's forward, else why it is left alone. class_forward: probe
+    the class's own forward (fastlayers.hf: the instance's forward is already the kernel's)."""
     name = type(m).__name__
     w = getattr(m, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() != 1:
@@ -51,7 +52,7 @@ def _hf_rmsnorm_problem(m: nn.Module) -> Optional[str]:
         for dtype in (torch.bfloat16, torch.float32):
             x = (torch.randn(3, w.shape[0], generator=gen) * 3).to(device=w.device, dtype=dtype)
             try:
-                got = m(x)
+                got = type(m).forward(m, x) if class_forward else m(x)
             except Exception as e:  # noqa: BLE001 - any failure: not the standard forward
                 return f"{name}: its forward failed on a probe input ({type(e).__name__})"
             want = norm_composite(x, w, None, None, float(eps), "rms_hf", 1)
@@ -141,7 +142,7 @@ def _replacement(m: nn.Module):
         new.weight = m.weight
         return new, None
     if getattr(t, "kernel_layer_name", None) == "RMSNorm":
-        why = _hf_rmsnorm_problem(m)
+        why = hf_rmsnorm_problem(m)
         if why is not None:
             return None, why
         new = RMSNorm(m.weight.shape[0], eps=float(m.variance_epsilon), mode="hf", device="meta")
