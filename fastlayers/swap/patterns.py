@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -186,3 +186,15 @@ def fused_linear(lin: nn.Linear, act: str, slope: float) -> FusedLinear:
             new.__dict__[k] = v
     new.train(lin.training)
     return new
+
+
+def direct_children(mod: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
+    """Children as mod.forward calls them: through ModuleList / ModuleDict (which have no forward)."""
+    for name, child in mod._modules.items():
+        if child is None:
+            continue
+        rel = join(prefix, name)
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield from direct_children(child, rel)
+        else:
+            yield rel, child

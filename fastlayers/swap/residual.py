@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..ops.norms import LayerNorm, RMSNorm, TorchRMSNorm
-from .patterns import describe, join, path_name
+from .patterns import describe, direct_children as _direct_children, join, path_name
 from .report import SwapReport
 from .tracing import GUARD, rewrite_forward, trace_checked
 
@@ -125,17 +125,6 @@ def _rewrite(graph: fx.Graph, norm: fx.Node, add: fx.Node) -> None:
     graph.erase_node(norm)
     add.replace_all_uses_with(s)
     graph.erase_node(add)
-
-
-def _direct_children(mod: nn.Module, prefix: str = ""):
-    for name, child in mod._modules.items():
-        if child is None:
-            continue
-        rel = join(prefix, name)
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            yield from _direct_children(child, rel)
-        else:
-            yield rel, child
 
 
 def swap_residual(model: nn.Module, report: SwapReport) -> None:

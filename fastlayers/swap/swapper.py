@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from torch import nn
 
@@ -10,7 +10,7 @@ from ..nn import FusedLinear, LogSoftmax, Softmax
 from . import gated as _gated
 from . import causal_lm as _causal_lm
 from . import loss as _loss
-from .patterns import (fusable_linear, fused_linear, join, linear_problem, path_name, call_activation, describe, hooks,
+from .patterns import (direct_children as _direct_children, fusable_linear, fused_linear, join, linear_problem, path_name, call_activation, describe, hooks,
                        hooks_text, module_activation)
 from .report import SwapReport
 from .tracing import rewrite_forward, trace_checked
@@ -25,18 +25,6 @@ def _identity_like(m: nn.Module) -> nn.Identity:
 def _set(parent: nn.Module, rel: str, new: nn.Module) -> None:
     owner, _, name = rel.rpartition(".")
     setattr(parent.get_submodule(owner) if owner else parent, name, new)
-
-
-def _direct_children(mod: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
-    """Children as mod.forward calls them: through ModuleList / ModuleDict (which have no forward)."""
-    for name, child in mod._modules.items():
-        if child is None:
-            continue
-        rel = join(prefix, name)
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            yield from _direct_children(child, rel)
-        else:
-            yield rel, child
 
 
 class _Swapper:
