@@ -178,6 +178,18 @@ def test_special_values(backend, dtype):
 
 
 # ----------------------------------------------------------------------------- gradcheck
+def test_create_graph_first_order_is_torchs(backend):
+    """With create_graph=True the backward is a second formula (torch ops): gradgradcheck checks
+    it only against its own derivative, so check its value against torch's autograd."""
+    torch.manual_seed(5)
+    x = torch.randn(1, 2, 4, 6, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    (got,) = torch.autograd.grad(fl.attention_softmax(x, 0.7, None, True), x, dy, create_graph=True)
+    keep = torch.ones(4, 6, dtype=torch.bool).tril()
+    (want,) = torch.autograd.grad(torch.softmax((x * 0.7).masked_fill(~keep, float("-inf")), -1), x, dy)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_gradcheck(backend, mask):
     torch.manual_seed(4)

@@ -193,6 +193,20 @@ def test_matches_transformers():
 
 
 # ----------------------------------------------------------------------------- gradients
+def test_create_graph_first_order_is_eagers(backend):
+    """With create_graph=True the backward is a second formula (torch ops): gradgradcheck checks
+    it only against its own derivative, so check its value against eager's autograd."""
+    torch.manual_seed(2)
+    for name in ("llama_gqa", "partial", "gptj"):
+        q, k, cos, sin, ud, il = layout(name, torch.float64, b=1, s=3, h=2, hk=1, d=8)
+        q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+        gq, gk = torch.randn_like(q), torch.randn_like(k)
+        got = torch.autograd.grad(fl.rotary(q, k, cos, sin, ud, il), (q, k), (gq, gk), create_graph=True)
+        want = torch.autograd.grad(eager(q, k, cos, sin, ud, il), (q, k), (gq, gk))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+
+
 def test_gradcheck(backend):
     """fp64 gradcheck through the backend's kernels (q, k); the double backward and the cos / sin
     gradients run PyTorch ops (backend-independent: checked once, on cpp). The interpreter is slow:

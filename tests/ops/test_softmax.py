@@ -135,6 +135,17 @@ def test_double_backward(backend, op):
     assert torch.autograd.gradgradcheck(lambda t: OPS[op][0](t, 1), (x,))
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_create_graph_first_order_is_torchs(backend, op):
+    """With create_graph=True the backward is a second formula (PyTorch ops, differentiable):
+    gradgradcheck only checks it against its own derivative, so check its value against torch."""
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 5, dtype=torch.float64)
+    (got,) = torch.autograd.grad(OPS[op][0](x, 1), x, dy, create_graph=True)
+    (want,) = torch.autograd.grad(OPS[op][1](x, 1), x, dy)
+    torch.testing.assert_close(got, want)
+
+
 def test_threads_agree(backend):
     """The OpenMP split (rows or column blocks) never changes a result."""
     torch.manual_seed(5)
