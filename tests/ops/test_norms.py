@@ -180,6 +180,25 @@ def test_gradcheck(backend, kind, residual):
     torch.autograd.gradgradcheck(fn, args)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_create_graph_first_order_is_the_composites(backend, kind):
+    """With create_graph=True the backward is a second formula (torch ops): gradgradcheck checks
+    it only against its own derivative, so check its value (x, weight, bias and the residual's,
+    through both outputs) against autograd of the composite."""
+    from fastlayers.ops.norms import norm_composite
+    torch.manual_seed(6)
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True) if kind == "layer" else None
+    wrt = [t for t in (x, w, b, r) if t is not None]
+    dy, ds = torch.randn(3, 9, dtype=torch.float64), torch.randn(3, 9, dtype=torch.float64)
+    got = torch.autograd.grad(ours(kind, x, w, b, 1e-5, r), wrt, (dy, ds), create_graph=True)
+    want = torch.autograd.grad(norm_composite(x, w, b, r, 1e-5, kind, 1), wrt, (dy, ds))
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+
 # ----------------------------------------------------------------------------- special values
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
