@@ -66,6 +66,7 @@ from .. import _autocast
 from .._dispatch import FLOATS, backend_for, check_tensor, composite_reason, owned
 from .._errors import DeviceError, DTypeError, ShapeError
 from ..backends import forced
+from ..backends.reference import _attn_keep as _keep  # the keep mask (bool mask & causal), one definition
 
 OP = "fastlayers.attention_softmax"
 _LOW = (torch.float16, torch.bfloat16)
@@ -111,14 +112,6 @@ def _check(scores: object, scale: object, mask: object, causal: object, dtype: o
 
 
 # ----------------------------------------------------------------------------- composite
-def _keep(mask: Optional[Tensor], causal: bool, L: int, S: int, device) -> Optional[Tensor]:
-    keep = mask if mask is not None and mask.dtype == torch.bool else None
-    if causal:
-        tri = torch.ones(L, S, dtype=torch.bool, device=device).tril()
-        keep = tri if keep is None else keep & tri
-    return keep
-
-
 def attention_softmax_composite(scores: Tensor, scale: float, mask: Optional[Tensor], causal: bool,
                                 dtype: Optional[torch.dtype]) -> Tensor:
     """The PyTorch-ops statement of the op (composite route, the oracle)."""
