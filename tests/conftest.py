@@ -1,7 +1,13 @@
 """Shared test helpers. Runs before any test module imports fastlayers."""
 import os
+import tempfile
 
 import torch
+
+# torch.compile's on-disk caches key a compiled graph by its forward, not by the registered ops'
+# backward definitions: a cache written by another checkout of fastlayers (an op's backward schema
+# changed) would replay its old backward graph. Tests compile into a fresh cache of their own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastlayers-tests-inductor-"))
 
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors. The flag is read when the
 # @triton.jit decorators run, so it must be set before fastlayers.kernels is imported.

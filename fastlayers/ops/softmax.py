@@ -3,10 +3,8 @@ public functions, and their torch.library ops (for torch.compile and torch.jit.t
 
     fl.softmax(x, dim) / fl.log_softmax(x, dim)
 
-Routes as fastlayers/ops/linear_act.py's (the tiny CPU gate first).
-
-    fastlayers::softmax(x, dim, log) -> y
-    fastlayers::softmax_backward(dy, y, dim, log) -> dx
+Routes: the tiny CPU gate (PyTorch's own op), then the checks and FusedOp.run's route
+(fastlayers/ops/_autograd.py); registered as fastlayers::softmax(x, dim, log) -> y.
 """
 from __future__ import annotations
 
@@ -17,76 +15,57 @@ import torch
 from torch import Tensor
 
 from .. import _autocast
-from .._dispatch import (as_3d, backend_for, check_tensor, composite_reason, normalize_dim, owned,
-                         softmax_composite, softmax_forward, tiny_cpu_softmax)
+from .._dispatch import (as_3d, backend_for, check_tensor, normalize_dim, softmax_composite, softmax_forward,
+                         tiny_cpu_softmax)
+from ._autograd import FusedOp, define
 
 
-# ----------------------------------------------------------------------------- softmax
 def softmax_name(log: bool) -> str:
     return "fastlayers.log_softmax" if log else "fastlayers.softmax"
 
 
-@torch.library.custom_op("fastlayers::softmax", mutates_args=())
-def softmax_op(x: Tensor, dim: int, log: bool) -> Tensor:
-    dim = normalize_dim(softmax_name(log), x, dim)  # TorchScript calls this op directly
-    return softmax_forward(backend_for(softmax_name(log), x.device, x.dtype), x, dim, log)
+class Softmax(FusedOp):
+    """y = softmax(x, dim) (log_softmax when log); saves y only (eager saves the same)."""
+    name, schema = "softmax", "Tensor x, int dim, bool log"
+
+    def backend(self, device, dtype, params):
+        return backend_for(softmax_name(params[1]), device, dtype)
+
+    def forward(self, backend, inputs, params, save):
+        (x,), (dim, log) = inputs, params
+        dim = normalize_dim(softmax_name(log), x, dim)  # TorchScript calls the op with any dim
+        return (softmax_forward(backend, x, dim, log),), ()
+
+    def save(self, inputs, outputs, extras, params):
+        return outputs
+
+    def backward(self, backend, saved, grads, needs, params):
+        (y,), (dy,), (dim, log) = saved, grads, params
+        dim = normalize_dim(softmax_name(log), y, dim)
+        return (backend.softmax_backward(as_3d(dy, dim), as_3d(y, dim), log).view(y.shape),)
+
+    def backward_graph(self, saved, grads, needs, params):
+        (y,), (dy,), (dim, log) = saved, grads, params
+        return (dy - y.exp() * dy.sum(dim, keepdim=True) if log else y * (dy - (dy * y).sum(dim, keepdim=True)),)
+
+    def fake(self, inputs, params):
+        return (torch.empty_like(inputs[0], memory_format=torch.contiguous_format),)
+
+    def fake_backward(self, saved, grads, needs, params):
+        return (torch.empty_like(saved[0], memory_format=torch.contiguous_format),)
 
 
-@softmax_op.register_fake
-def _(x, dim, log):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("fastlayers::softmax_backward", mutates_args=())
-def softmax_backward_op(dy: Tensor, y: Tensor, dim: int, log: bool) -> Tensor:
-    backend = backend_for(softmax_name(log), y.device, y.dtype)
-    return backend.softmax_backward(as_3d(dy, dim), as_3d(y, dim), log).view_as(y)
-
-
-@softmax_backward_op.register_fake
-def _(dy, y, dim, log):
-    return torch.empty_like(y, memory_format=torch.contiguous_format)
-
-
-def _softmax_setup(ctx, inputs, output) -> None:
-    _, dim, log = inputs
-    ctx.dim, ctx.log = normalize_dim(softmax_name(log), output, dim), log
-    ctx.save_for_backward(output)
-
-
-def _softmax_backward(ctx, dy: Tensor):
-    (y,) = ctx.saved_tensors
-    return softmax_backward_op(dy, y, ctx.dim, ctx.log), None, None
-
-
-torch.library.register_autograd("fastlayers::softmax", _softmax_backward,
-                                setup_context=_softmax_setup)
+SOFTMAX = define(Softmax())
+SoftmaxFunction = SOFTMAX.Function
 
 
 def softmax_library(x: Tensor, dim: int, log: bool) -> Tensor:
-    """Arguments already validated (dim normalised) by fastlayers.functional."""
-    return softmax_op(x, dim, log)
+    """The registered op (arguments already validated, dim normalised)."""
+    return SOFTMAX.library(x, dim, log)
 
 
-# ----------------------------------------------------------------------------- softmax
-class SoftmaxFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, dim: int, log: bool) -> Tensor:
-        backend = backend_for(softmax_name(log), x.device, x.dtype)
-        y = owned(softmax_forward(backend, x, dim, log))
-        ctx.backend, ctx.dim, ctx.log = backend, dim, log
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        (y,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: PyTorch ops on y keep higher orders exact
-            d = ctx.dim
-            dx = dy - y.exp() * dy.sum(d, keepdim=True) if ctx.log else y * (dy - (dy * y).sum(d, keepdim=True))
-            return dx, None, None
-        dx = ctx.backend.softmax_backward(as_3d(dy, ctx.dim), as_3d(y, ctx.dim), ctx.log)
-        return dx.view(y.shape), None, None
+def _composite(inputs, params):
+    return (softmax_composite(inputs[0], *params),)
 
 
 def _softmax(x: Tensor, dim, dtype: Optional[torch.dtype], log: bool) -> Tensor:
@@ -105,13 +84,7 @@ def _softmax(x: Tensor, dim, dtype: Optional[torch.dtype], log: bool) -> Tensor:
                       "Change the call to include dim=X as an argument.", stacklevel=3)
         dim = 0 if x.dim() in (0, 1, 3) else 1
     dim = normalize_dim(op, x, dim)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered op: Dynamo / jit.trace
-        return softmax_library(x, dim, log)
-    if composite_reason(x) is not None:
-        return softmax_composite(x, dim, log)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return SoftmaxFunction.apply(x, dim, log)
-    return softmax_forward(backend_for(op, x.device, x.dtype), x, dim, log)
+    return SOFTMAX.run((x,), (dim, log), _composite)[0]
 
 
 def softmax(x: Tensor, dim: Optional[int] = -1, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -125,11 +125,13 @@ def test_opcheck_linear_act_backward(backend):
     torch.manual_seed(0)
     for act in NAMES:
         x, w = torch.randn(3, 8), torch.randn(5, 8)
-        y, z = _la_op.linear_act_op(x, w, None, act, 0.01)
-        saved = y if fl.activations.get(act).saves(0.01) == "output" else z
+        b = torch.randn(5)
+        y, z = _la_op.LINEAR_ACT.library(x, w, b, act, 0.01)
+        kind = fl.activations.get(act).saves(0.01)
+        saved = y if kind == "output" else z if kind == "input" else None
         for needs in ((True, True, True), (False, True, False), (True, False, True)):
             torch.library.opcheck(torch.ops.fastlayers.linear_act_backward.default,
-                                  (torch.randn(3, 5), x, w, saved, act, 0.01, *needs))
+                                  ([torch.randn(3, 5)], [x, w, b, saved], list(needs), act, 0.01))
 
 
 @pytest.mark.parametrize("shape,dim", [((3, 4, 5), 1), ((3, 4, 5), 2), ((6,), 0), ((), 0),
@@ -139,9 +141,9 @@ def test_opcheck_softmax(backend, shape, dim, log):
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     torch.library.opcheck(torch.ops.fastlayers.softmax.default, (x, dim, log))
-    y = _sm_op.softmax_op(x.detach(), dim, log)
+    y = _sm_op.softmax_library(x.detach(), dim, log)
     torch.library.opcheck(torch.ops.fastlayers.softmax_backward.default,
-                          (torch.randn(shape), y, dim, log))
+                          ([torch.randn(shape)], [y], [True], dim, log))
 
 
 # ----------------------------------------------------------------------------- eager cost
