@@ -19,16 +19,13 @@ Backend contract (fastlayers/backends/contract.py):
     gated_backward(dh, x, wg, wu, saved, act, slope, needs) -> (dx, dwg, dwu, dbg, dbu)
         dh: (M, N) contiguous; needs = (dx, dwg, dwu, dbg, dbu); a gradient not needed is None.
 
-torch.compile / jit.trace see two opaque ops (no graph break), like fastlayers::linear_act:
+Registered (fastlayers/ops/_autograd.py) as
     fastlayers::gated_linear(x, w_gate, w_up, b_gate?, b_up?, activation, negative_slope) -> (h, g, u)
-        g and u are internal (non-differentiable) outputs the compiled backward reuses.
-    fastlayers::gated_linear_backward(dh, x, w_gate, w_up, g, u, activation, negative_slope,
-                                      need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
-        -> (dx, dwg, dwu, dbg, dbu); a gradient that is not needed comes back as an empty tensor.
+with g and u internal (non-differentiable) outputs the compiled backward reuses.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +35,8 @@ from .. import activations as _acts
 from .._errors import ShapeError
 from ..activations import Activation
 from .. import _autocast
-from .._dispatch import (as_2d, backend_for, check_linear, check_slope, check_tensor, composite_reason,
-                        contiguous, owned, placeholder as _empty)
+from .._dispatch import as_2d, check_linear, check_slope, check_tensor, contiguous, placeholder as _empty
+from ._autograd import FusedOp, define
 
 OP = "fastlayers.gated_linear"
 
@@ -56,53 +53,71 @@ def _check(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
     check_linear(OP, x, w_up, b_up, ("w_up", "b_up"))
 
 
-# ----------------------------------------------------------------------------- forward / backward
-def _forward(backend, x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: Optional[Tensor],
-             act: Activation, slope: float, save: bool):
-    """(*, K) -> h (*, N); saved = (g, u), each 2-D (M, N), or None."""
-    h, saved = backend.gated_forward(as_2d(x), wg, wu, contiguous(bg), contiguous(bu), act, slope, save)
-    return (h if x.dim() == 2 else h.view(*x.shape[:-1], wg.shape[0])), saved
-
-
-def _backward(backend, dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, g: Tensor, u: Tensor,
-              act: Activation, slope: float, needs):
-    """Gradients of (x, wg, wu, bg, bu); dx shaped like x."""
-    dx, dwg, dwu, dbg, dbu = backend.gated_backward(
-        as_2d(dh).contiguous(), as_2d(x), wg, wu, (as_2d(g), as_2d(u)), act, slope, needs)
-    return (None if dx is None else dx.view(x.shape)), dwg, dwu, dbg, dbu
-
-
+# ----------------------------------------------------------------------------- the op
 def _reference(x, wg, wu, bg, bu, act: Activation, slope: float) -> Tensor:
     """The formula in PyTorch ops: differentiable to any order (create_graph backward)."""
     g = F.linear(x, wg, bg)
     return (g if act.name == "none" else act.ref(g, slope)) * F.linear(x, wu, bu)
 
 
-class GatedLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: Optional[Tensor],
-                act: Activation, slope: float) -> Tensor:
-        backend = backend_for(OP, x.device, x.dtype)
-        h, (g, u) = _forward(backend, x, wg, wu, bg, bu, act, slope, save=True)
-        ctx.backend, ctx.act, ctx.slope = backend, act, slope
-        ctx.has_bg, ctx.has_bu = bg is not None, bu is not None
-        # x, Wg, Wu (and the biases) are inputs: saving them copies nothing. Of the gating only
-        # the two pre-activations g and u, (M, N) each.
-        ctx.save_for_backward(x, wg, wu, bg, bu, g, u)
-        return owned(h)
+class GatedLinear(FusedOp):
+    """h = act(x Wg^T + bg) * (x Wu^T + bu). Saves x, Wg, Wu, bg, bu (inputs: no copies) and the two
+    pre-activations g, u (each shaped like h)."""
+    name, public = "gated_linear", OP
+    schema = ("Tensor x, Tensor w_gate, Tensor w_up, Tensor? b_gate, Tensor? b_up, str activation, "
+              "float negative_slope")
+    n_inputs, n_extras = 5, 2
 
-    @staticmethod
-    def backward(ctx, dh: Tensor):
-        x, wg, wu, bg, bu, g, u = ctx.saved_tensors
-        need = ctx.needs_input_grad[:5]
-        if torch.is_grad_enabled():  # create_graph=True: PyTorch ops, exact to any order
-            wrt = [t for t, n in zip((x, wg, wu, bg, bu), need) if n]
-            with torch.enable_grad():
-                h = _reference(x, wg, wu, bg, bu, ctx.act, ctx.slope)
-            grads = iter(torch.autograd.grad(h, wrt, dh, create_graph=True))
-            return tuple(next(grads) if n else None for n in need) + (None, None)
-        needs = (need[0], need[1], need[2], ctx.has_bg and need[3], ctx.has_bu and need[4])
-        return _backward(ctx.backend, dh, x, wg, wu, g, u, ctx.act, ctx.slope, needs) + (None, None)
+    def check(self, inputs, params):
+        _check(*inputs)
+
+    def forward(self, backend, inputs, params, save):
+        x, wg, wu, bg, bu = inputs
+        h, saved = backend.gated_forward(as_2d(x), wg, wu, contiguous(bg), contiguous(bu), _acts.get(params[0]),
+                                         params[1], save)  # (M, N); saved (g, u) (M, N) each
+        shape = (*x.shape[:-1], wg.shape[0])
+        return (h.view(shape),), ((None, None) if saved is None else (saved[0].view(shape), saved[1].view(shape)))
+
+    def save(self, inputs, outputs, extras, params):
+        return inputs + extras
+
+    def backward(self, backend, saved, grads, needs, params):
+        x, wg, wu, bg, bu, g, u = saved
+        needs = needs[:3] + (bg is not None and needs[3], bu is not None and needs[4])
+        dx, dwg, dwu, dbg, dbu = backend.gated_backward(
+            as_2d(grads[0]).contiguous(), as_2d(x), wg, wu, (as_2d(g), as_2d(u)), _acts.get(params[0]), params[1],
+            needs)
+        return (None if dx is None else dx.view(x.shape)), dwg, dwu, dbg, dbu
+
+    def backward_graph(self, saved, grads, needs, params):
+        ins = saved[:5]
+        wrt = [t for t, n in zip(ins, needs) if n]
+        with torch.enable_grad():
+            h = _reference(*ins, _acts.get(params[0]), params[1])
+        got = iter(torch.autograd.grad(h, wrt, grads[0], create_graph=True))
+        return tuple(next(got) if n else None for n in needs)
+
+    def fake(self, inputs, params):
+        x, w_gate = inputs[:2]
+        h = x.new_empty((*x.shape[:-1], w_gate.shape[0]))
+        return h, torch.empty_like(h), torch.empty_like(h)
+
+    def fake_backward(self, saved, grads, needs, params):
+        x, wg, wu = saved[:3]
+        dh, n = grads[0], wg.shape[0]
+        return (x.new_empty(x.shape) if needs[0] else _empty(dh),
+                wg.new_empty(wg.shape) if needs[1] else _empty(dh),
+                wu.new_empty(wu.shape) if needs[2] else _empty(dh),
+                dh.new_empty((n,)) if needs[3] else _empty(dh),
+                dh.new_empty((n,)) if needs[4] else _empty(dh))
+
+
+GATED_LINEAR = define(GatedLinear())
+GatedLinearFunction = GATED_LINEAR.Function
+
+
+def _composite(inputs, params):
+    return (_reference(*inputs, _acts.get(params[0]), params[1]),)
 
 
 def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor] = None,
@@ -119,77 +134,7 @@ def gated_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tenso
     x, w_gate, w_up, b_gate, b_up = _autocast.linear_inputs(x, w_gate, w_up, b_gate, b_up)
     _check(x, w_gate, w_up, b_gate, b_up)
     slope = check_slope(OP, negative_slope)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered op: visible to both
-        return gated_linear_op(x, w_gate, w_up, b_gate, b_up, act.name, slope)[0]
-    if composite_reason(x, w_gate, w_up, b_gate, b_up) is not None:
-        return _reference(x, w_gate, w_up, b_gate, b_up, act, slope)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, w_gate, w_up, b_gate, b_up)):
-        return GatedLinearFunction.apply(x, w_gate, w_up, b_gate, b_up, act, slope)
-    backend = backend_for(OP, x.device, x.dtype)
-    return _forward(backend, x, w_gate, w_up, b_gate, b_up, act, slope, save=False)[0]
-
-
-# ----------------------------------------------------------------------------- torch.library
-@torch.library.custom_op("fastlayers::gated_linear", mutates_args=())
-def gated_linear_op(x: Tensor, w_gate: Tensor, w_up: Tensor, b_gate: Optional[Tensor],
-                    b_up: Optional[Tensor], activation: str,
-                    negative_slope: float) -> Tuple[Tensor, Tensor, Tensor]:
-    act = _acts.get(activation, OP)
-    backend = backend_for(OP, x.device, x.dtype)
-    h, (g, u) = _forward(backend, x, w_gate, w_up, b_gate, b_up, act, negative_slope, save=True)
-    shape = h.shape
-    return h.contiguous(), g.view(shape).contiguous(), u.view(shape).contiguous()
-
-
-@gated_linear_op.register_fake
-def _(x, w_gate, w_up, b_gate, b_up, activation, negative_slope):
-    h = x.new_empty((*x.shape[:-1], w_gate.shape[0]))
-    return h, torch.empty_like(h), torch.empty_like(h)
-
-
-@torch.library.custom_op("fastlayers::gated_linear_backward", mutates_args=())
-def gated_linear_backward_op(dh: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, g: Tensor, u: Tensor,
-                             activation: str, negative_slope: float, need_dx: bool, need_dwg: bool,
-                             need_dwu: bool, need_dbg: bool,
-                             need_dbu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    act = _acts.get(activation, OP)
-    backend = backend_for(OP, dh.device, dh.dtype)
-    needs = (need_dx, need_dwg, need_dwu, need_dbg, need_dbu)
-    grads = _backward(backend, dh, x, w_gate, w_up, g, u, act, negative_slope, needs)
-    # contiguous, as the fake kernel promises
-    return tuple(t.contiguous() if n else _empty(dh) for t, n in zip(grads, needs))
-
-
-@gated_linear_backward_op.register_fake
-def _(dh, x, w_gate, w_up, g, u, activation, negative_slope, need_dx, need_dwg, need_dwu, need_dbg,
-      need_dbu):
-    n = w_gate.shape[0]
-    return (x.new_empty(x.shape) if need_dx else _empty(dh),
-            w_gate.new_empty(w_gate.shape) if need_dwg else _empty(dh),
-            w_up.new_empty(w_up.shape) if need_dwu else _empty(dh),
-            dh.new_empty((n,)) if need_dbg else _empty(dh),
-            dh.new_empty((n,)) if need_dbu else _empty(dh))
-
-
-def _setup(ctx, inputs, output) -> None:
-    x, w_gate, w_up, b_gate, b_up, activation, slope = inputs
-    _, g, u = output
-    ctx.mark_non_differentiable(g, u)
-    ctx.activation, ctx.slope = activation, slope
-    ctx.has_bg, ctx.has_bu = b_gate is not None, b_up is not None
-    ctx.save_for_backward(x, w_gate, w_up, g, u)
-
-
-def _backward_op(ctx, dh: Tensor, dg: Optional[Tensor], du: Optional[Tensor]):
-    x, w_gate, w_up, g, u = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    needs = (need[0], need[1], need[2], ctx.has_bg and need[3], ctx.has_bu and need[4])
-    grads = gated_linear_backward_op(dh, x, w_gate, w_up, g, u, ctx.activation, ctx.slope, *needs)
-    return tuple(t if n else None for t, n in zip(grads, needs)) + (None, None)
-
-
-torch.library.register_autograd("fastlayers::gated_linear", _backward_op, setup_context=_setup)
+    return GATED_LINEAR.run((x, w_gate, w_up, b_gate, b_up), (act.name, slope), _composite)[0]
 
 
 # ----------------------------------------------------------------------------- module

@@ -456,8 +456,8 @@ def test_library_op_opcheck(backend):
     torch.library.opcheck(op, (x, wg, wu, None, None, "relu", 0.01))
     g, u = F.linear(x, wg, bg).detach(), F.linear(x, wu, bu).detach()
     torch.library.opcheck(torch.ops.fastlayers.gated_linear_backward.default,
-                          (dh, x.detach(), wg.detach(), wu.detach(), g, u, "silu", 0.01, True, True, True,
-                           True, False))
+                          ([dh], [x.detach(), wg.detach(), wu.detach(), bg.detach(), None, g, u],
+                           [True, True, True, True, False], "silu", 0.01))
 
 
 # ----------------------------------------------------------------------------- triton (interpreter)
