@@ -86,16 +86,17 @@ class FusedOp:
     library: Any = None
     library_backward: Any = None
 
-    def run(self, inputs: Tensors, params: tuple, composite) -> Tensors:
+    def run(self, inputs: Tensors, params: tuple, composite, use_composite: bool = False) -> Tensors:
         """The route of a checked call (autocast already applied): the registered op while
-        torch.compile / jit.trace record; ``composite(inputs, params)`` (PyTorch ops) for tensors
-        kernels must not read (fake tensors, subclasses, torch.func transforms, dispatch modes);
-        the Function when a gradient is needed; else the backend's forward, nothing saved.
-        Returns the outputs (a tuple of n_outputs; None where the op gives none)."""
+        torch.compile / jit.trace record; ``composite(inputs, params)`` (PyTorch ops) when the op
+        asks for it (use_composite) and for tensors kernels must not read (fake tensors,
+        subclasses, torch.func transforms, dispatch modes); the Function when a gradient is
+        needed; else the backend's forward, nothing saved. Returns the outputs (a tuple of
+        n_outputs; None where the op gives none; the registered op's placeholders are its own)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             outs = self.library(*inputs, *params)
             return tuple(outs[:self.n_outputs]) if isinstance(outs, (tuple, list)) else (outs,)
-        if composite_reason(*inputs) is not None:
+        if use_composite or composite_reason(*inputs) is not None:
             return composite(inputs, params)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
             outs = self.Function.apply(*inputs, *params)

@@ -16,11 +16,11 @@ What is saved for backward (per call, M rows of N features):
     fastlayers: only the normalised input (x itself -- an input, no copy -- or the returned sum s)
         and per row rstd (and the mean, layer_norm) in float32 (float64 for float64 inputs).
 
-Routes (as the other ops, see fastlayers/_dispatch.py): the registered torch.library op while
+Routes (FusedOp.run, fastlayers/ops/_autograd.py): the registered op fastlayers::norm while
 torch.compile / jit.trace record; the PyTorch composite for fake tensors, subclasses, torch.func
-transforms, dispatch modes, and for mixed dtypes (e.g. a float32 weight with bfloat16 x: PyTorch's
-type promotion decides the result's dtype there); else a backend's kernels (cpu -> cpp, cuda ->
-triton), through NormFunction when a gradient is needed.
+transforms, dispatch modes, for mixed dtypes (e.g. a float32 weight with bfloat16 x: PyTorch's
+type promotion decides the result's dtype there) and small CPU tensors; else a backend's kernels
+(cpu -> cpp, cuda -> triton), through the Function when a gradient is needed.
 
 Autocast: on the CPU autocast leaves layer_norm and rms_norm alone (float32 in, float32 out;
 bfloat16 in, bfloat16 out: checked by experiment on torch 2.13, tests/ops/test_norms.py). On CUDA,
@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _autocast
-from .._dispatch import as_2d, backend_for, check_tensor, composite_reason, owned, placeholder
-from .._errors import DeviceError, DTypeError, ShapeError
+from .._dispatch import backend_for, check_tensor, placeholder
+from ._autograd import FusedOp, define
+from .._errors import DeviceError, ShapeError
 from ..backends import forced
 
 RMS = "fastlayers.rms_norm"
@@ -132,50 +133,86 @@ def _backward(backend, dy: Tensor, ds: Optional[Tensor], src: Tensor, weight, me
             None if db is None else db.view(src.shape[src.dim() - nd:]))
 
 
-# ----------------------------------------------------------------------------- the Function
-class NormFunction(torch.autograd.Function):
-    """y = norm(x [+ residual]) * weight [+ bias]; returns y, or (y, s) with s = x + residual.
-    Saves the normalised input (x, an input; or s, an output) and rstd [and mean] per row."""
+# ----------------------------------------------------------------------------- the op
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Norm(FusedOp):
+    """y = norm(x [+ residual]) * weight [+ bias]; outputs (y, s) with s = x + residual (None without a
+    residual). Saves the normalised input (x, an input; or s, an output), the weight and per row rstd
+    [and mean] in float32 (float64 for float64): internal outputs mean ("layer"; else empty) and rstd."""
+    name = "norm"
+    schema = "Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, str kind, int nd"
+    n_inputs, n_outputs, n_extras = 4, 2, 2
+    shared_grads = {3: 0}  # d(x + residual) / d residual: x's gradient
+
+    def backend(self, device, dtype, params):
+        return backend_for(_KIND_OP[params[1]], device, dtype)
+
+    def forward(self, backend, inputs, params, save):
+        y, s, mean, rstd = _forward(backend, *inputs, *params, save=save)
+        return (y, s), (mean, rstd)
+
+    def save(self, inputs, outputs, extras, params):
+        return (inputs[0] if inputs[3] is None else outputs[1], inputs[1]) + tuple(extras)
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                eps: float, kind: str, nd: int):
-        backend = backend_for(_KIND_OP[kind], x.device, x.dtype)
-        y, s, mean, rstd = _forward(backend, x, weight, bias, residual, eps, kind, nd, save=True)
-        y = owned(y)
-        ctx.backend, ctx.kind, ctx.eps, ctx.nd = backend, kind, eps, nd
-        ctx.has_res, ctx.has_bias = residual is not None, bias is not None
-        if s is None:
-            ctx.save_for_backward(x, weight, mean, rstd)
-            return y
-        s = owned(s)
-        ctx.save_for_backward(s, weight, mean, rstd)
-        return y, s
+    def _residual_grad(dy, ds):
+        # s's gradient: None (eager, no residual), or empty (the registered op's placeholder s)
+        return ds if ds is not None and ds.shape == dy.shape else None
 
-    @staticmethod
-    def backward(ctx, dy: Tensor, ds: Optional[Tensor] = None):
-        src, weight, mean, rstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_src = need[0] or need[3]
-        if torch.is_grad_enabled():  # create_graph=True: the backward's formula in PyTorch ops (reference
-            # backend) on the saved src, whose statistics are recomputed differentiably: exact higher
-            # orders. (Not autograd.grad of the composite: with src = the returned sum, an output of this
-            # node, that re-enters this backward without end.)
-            from ..backends import reference as _ref
-            n = math.prod(src.shape[src.dim() - ctx.nd:])
-            src2 = src.reshape(-1, n)
-            w2 = None if weight is None else weight.reshape(n)
-            _, _, mean_d, rstd_d = _ref.norm_forward(src2, None, w2, None, ctx.eps, ctx.kind, True)
-            dx, dw, db = _ref.norm_backward(dy.reshape(-1, n), None if ds is None or not ctx.has_res else ds.reshape(-1, n),
-                                            src2, w2, mean_d, rstd_d, ctx.kind,
-                                            (need_src, need[1] and weight is not None, need[2] and ctx.has_bias))
-            dx = None if dx is None else dx.view(src.shape)
-            dw = None if dw is None else dw.view(weight.shape)
-            db = None if db is None else db.view(src.shape[src.dim() - ctx.nd:])
-            return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
-        dx, dw, db = _backward(ctx.backend, dy, ds if ctx.has_res else None, src, weight, mean, rstd, ctx.kind,
-                               ctx.nd, (need_src, need[1] and weight is not None, need[2] and ctx.has_bias))
-        return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
+    def backward(self, backend, saved, grads, needs, params):
+        src, weight, mean, rstd = saved
+        eps, kind, nd = params
+        dx, dw, db = _backward(backend, grads[0], self._residual_grad(*grads), src, weight,
+                               mean if kind == "layer" else None, rstd, kind, nd,
+                               (needs[0], needs[1] and weight is not None, needs[2]))
+        return dx, dw, db, None
+
+    def backward_graph(self, saved, grads, needs, params):
+        """The backward's formula in PyTorch ops (reference backend) on the saved src, whose statistics
+        are recomputed differentiably: exact higher orders. (Not autograd.grad of the composite: with
+        src = the returned sum, an output of this node, that re-enters this backward without end.)"""
+        from ..backends import reference as _ref
+        src, weight = saved[:2]
+        (dy, ds), (eps, kind, nd) = grads, params
+        n = math.prod(src.shape[src.dim() - nd:])
+        src2 = src.reshape(-1, n)
+        w2 = None if weight is None else weight.reshape(n)
+        _, _, mean_d, rstd_d = _ref.norm_forward(src2, None, w2, None, eps, kind, True)
+        ds = self._residual_grad(dy, ds)
+        dx, dw, db = _ref.norm_backward(dy.reshape(-1, n), None if ds is None else ds.reshape(-1, n), src2, w2,
+                                        mean_d, rstd_d, kind, (needs[0], needs[1] and weight is not None, needs[2]))
+        return (None if dx is None else dx.view(src.shape), None if dw is None else dw.view(weight.shape),
+                None if db is None else db.view(src.shape[src.dim() - nd:]), None)
+
+    def fake(self, inputs, params):
+        x, _, _, residual = inputs
+        _, kind, nd = params
+        rows = math.prod(x.shape[:x.dim() - nd])
+        cd = _stats_dtype(x.dtype)
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else placeholder(x),
+                x.new_empty((rows,), dtype=cd) if kind == "layer" else placeholder(x),
+                x.new_empty((rows,), dtype=cd))
+
+    def fake_backward(self, saved, grads, needs, params):
+        src, weight = saved[:2]
+        nd = params[2]
+        return (torch.empty_like(src, memory_format=torch.contiguous_format) if needs[0] else placeholder(src),
+                weight.new_empty(weight.shape) if needs[1] and weight is not None else placeholder(src),
+                src.new_empty(src.shape[src.dim() - nd:]) if needs[2] else placeholder(src),
+                placeholder(src))
+
+
+NORM = define(Norm())
+NormFunction = NORM.Function
+
+
+def _composite(inputs, params):
+    out = norm_composite(*inputs, *params)
+    return out if inputs[3] is not None else (out, None)
 
 
 # ----------------------------------------------------------------------------- the route
@@ -191,18 +228,11 @@ _TORCH_MAX_NUMEL = {"layer": 1 << 18, "rms": 1 << 18, "rms_hf": 1 << 13}
 
 def _norm(op: str, kind: str, x, weight, bias, residual, eps: float, nd: int):
     x, weight, bias, residual = _autocast_fp32(x, weight, bias, residual)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered op: Dynamo / jit.trace
-        y, s = norm_library(x, weight, bias, residual, eps, kind, nd)
-        return (y, s) if residual is not None else y
-    if (composite_reason(x, weight, bias, residual) is not None
-            or any(t is not None and t.dtype != x.dtype for t in (weight, bias, residual))):
-        return norm_composite(x, weight, bias, residual, eps, kind, nd)
-    if x.is_cpu and x.numel() < _TORCH_MAX_NUMEL[kind] and forced() is None:
-        # Small: PyTorch's own ops (values and autograd), as the tiny softmax gate (see _TORCH_MAX_NUMEL)
-        return norm_composite(x, weight, bias, residual, eps, kind, nd)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return NormFunction.apply(x, weight, bias, residual, eps, kind, nd)
-    y, s, _, _ = _forward(backend_for(op, x.device, x.dtype), x, weight, bias, residual, eps, kind, nd, save=False)
+    # PyTorch's ops also for mixed dtypes (type promotion decides the result's dtype there) and for
+    # small CPU tensors (see _TORCH_MAX_NUMEL)
+    composite = (any(t is not None and t.dtype != x.dtype for t in (weight, bias, residual))
+                 or (x.is_cpu and x.numel() < _TORCH_MAX_NUMEL[kind] and forced() is None))
+    y, s = NORM.run((x, weight, bias, residual), (eps, kind, nd), _composite, composite)
     return (y, s) if residual is not None else y
 
 
@@ -265,82 +295,6 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
     eps = _check_eps(op, eps)
     _check(op, x, weight, bias, residual, nshape)
     return _norm(op, "layer", x, weight, bias, residual, eps, len(nshape))
-
-
-# ----------------------------------------------------------------------------- torch.library ops
-# fastlayers::norm(x, weight?, bias?, residual?, eps, kind, nd) -> (y, s, mean, rstd)
-#     s = x + residual (an empty tensor without a residual: custom-op outputs may not alias x);
-#     mean ("layer"; else empty) and rstd (rows,) in float32 (float64 for float64): internal,
-#     non-differentiable outputs kept for the backward.
-# fastlayers::norm_backward(dy, ds?, src, weight?, mean, rstd, kind, need_dx, need_dw, need_db) -> (dx, dw, db)
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@torch.library.custom_op("fastlayers::norm", mutates_args=())
-def norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
-            kind: str, nd: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = backend_for(_KIND_OP[kind], x.device, x.dtype)
-    y, s, mean, rstd = _forward(backend, x, weight, bias, residual, eps, kind, nd, save=True)
-    return (y.contiguous(), placeholder(x) if s is None else s.contiguous(),
-            placeholder(x, rstd.dtype) if mean is None else mean, rstd)
-
-
-@norm_op.register_fake
-def _(x, weight, bias, residual, eps, kind, nd):
-    rows = math.prod(x.shape[:x.dim() - nd])
-    cd = _stats_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else placeholder(x),
-            x.new_empty((rows,), dtype=cd) if kind == "layer" else placeholder(x, cd),
-            x.new_empty((rows,), dtype=cd))
-
-
-@torch.library.custom_op("fastlayers::norm_backward", mutates_args=())
-def norm_backward_op(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optional[Tensor], mean: Tensor,
-                     rstd: Tensor, kind: str, nd: int, need_dx: bool, need_dw: bool,
-                     need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    backend = backend_for(_KIND_OP[kind], src.device, src.dtype)
-    dx, dw, db = _backward(backend, dy, ds, src, weight, mean if kind == "layer" else None, rstd, kind, nd,
-                           (need_dx, need_dw and weight is not None, need_db))
-    return (placeholder(src) if dx is None else dx.contiguous(), placeholder(src) if dw is None else dw.contiguous(),
-            placeholder(src) if db is None else db.contiguous())
-
-
-@norm_backward_op.register_fake
-def _(dy, ds, src, weight, mean, rstd, kind, nd, need_dx, need_dw, need_db):
-    return (torch.empty_like(src, memory_format=torch.contiguous_format) if need_dx else placeholder(src),
-            weight.new_empty(weight.shape) if need_dw and weight is not None else placeholder(src),
-            src.new_empty(src.shape[src.dim() - nd:]) if need_db else placeholder(src))
-
-
-def _norm_setup(ctx, inputs, output) -> None:
-    x, weight, bias, residual, eps, kind, nd = inputs
-    y, s, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.kind, ctx.nd, ctx.has_res, ctx.has_bias, ctx.has_weight = kind, nd, residual is not None, bias is not None, weight is not None
-    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
-
-
-def _norm_backward(ctx, dy, ds, dmean, drstd):
-    src, weight, mean, rstd = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_src = need[0] or need[3]
-    need_dw = ctx.has_weight and need[1]
-    need_db = ctx.has_bias and need[2]
-    dx, dw, db = norm_backward_op(dy, ds if ctx.has_res else None, src, weight, mean, rstd, ctx.kind,
-                                  ctx.nd, need_src, need_dw, need_db)
-    return (dx if need[0] else None, dw if need_dw else None, db if need_db else None,
-            dx if need[3] else None, None, None, None)
-
-
-torch.library.register_autograd("fastlayers::norm", _norm_backward, setup_context=_norm_setup)
-
-
-def norm_library(x, weight, bias, residual, eps: float, kind: str, nd: int):
-    """(y, s or None) through the registered op (arguments already checked)."""
-    y, s, _, _ = norm_op(x, weight, bias, residual, eps, kind, nd)
-    return y, (s if residual is not None else None)
 
 
 # ----------------------------------------------------------------------------- modules

@@ -327,7 +327,7 @@ def test_compile_fullgraph(kind):
 def test_library_op_opcheck():
     x, r, w = torch.randn(4, 16), torch.randn(4, 16), torch.randn(16)
     for kind in KINDS:
-        torch.library.opcheck(_norms.norm_op, (x, w, w if kind == "layer" else None, r, 1e-5, kind, 1),
+        torch.library.opcheck(_norms.NORM.library, (x, w, w if kind == "layer" else None, r, 1e-5, kind, 1),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
