@@ -2,7 +2,7 @@
 
 Compiles every kernel (GEMM, persistent TMA GEMM (sm_90 only) and the reductions, softmax: single
 pass / streaming / split rows, gated linear, cross-entropy) x shipped config x layout x dtype x
-epilogue the launcher (fastlayers/backends/triton.py) can launch, for sm_90 (H100/H200) and sm_80
+epilogue the launchers (fastlayers/backends/triton/) can launch, for sm_90 (H100/H200) and sm_80
 (A100), with the installed triton's own compiler and its bundled ptxas, and reports per compiled
 kernel the registers per thread, spill bytes and shared memory. Fails (exit 1) when a shipped
 config
@@ -60,14 +60,16 @@ from fastlayers.kernels import attention_softmax as AK  # noqa: E402
 from fastlayers.kernels import cross_entropy as CE  # noqa: E402
 from fastlayers.kernels import gated as GL  # noqa: E402
 from fastlayers.kernels import gemm as LA  # noqa: E402
+from fastlayers.kernels import gemm_tma as TMA  # noqa: E402
+from fastlayers.kernels import linear_grad as LG  # noqa: E402
 from fastlayers.kernels import rotary as RT  # noqa: E402
 from fastlayers.kernels import softmax as SM  # noqa: E402
 
 # Shared memory one block may use (opt-in maximum), bytes.
 SMEM_LIMIT = {90: 232448, 80: 166912}
 KERNELS = {
-    "gemm": LA._gemm_kernel, "gemm_tma": LA._gemm_tma_persistent_kernel, "act_grad_bias": LA.act_grad_bias_kernel,
-    "sum_rows": LA.sum_rows_kernel, "softmax_fwd": SM.softmax_fwd_kernel,
+    "gemm": LA.gemm_kernel, "gemm_tma": TMA.tma_gemm_kernel, "act_grad_bias": LG.act_grad_bias_kernel,
+    "sum_rows": LG.sum_rows_kernel, "softmax_fwd": SM.softmax_fwd_kernel,
     "softmax_fwd_streaming": SM.softmax_fwd_streaming_kernel, "softmax_bwd": SM.softmax_bwd_kernel,
     "softmax_bwd_streaming": SM.softmax_bwd_streaming_kernel,
     "softmax_fwd_split_stats": SM.softmax_fwd_split_stats_kernel,
@@ -180,7 +182,7 @@ def fused_epilogues(quick: bool):
 
 def gemm_args(dt: str, layout: str, M: int, N: int, K: int, act: int, bias: bool, z: bool,
               precision: str, cfg, split: int = 1) -> dict:
-    """The launcher's arguments for one GEMM (see fastlayers/backends/triton.py `_gemm`)."""
+    """The launcher's arguments for one GEMM (see fastlayers/backends/triton/gemm.py `launch_gemm`)."""
     if layout == "fwd":    # x (M, K) row-major @ W^T: W (N, K) row-major seen as (K, N)
         strides = dict(stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K)
     elif layout == "dx":   # dz (M, N') row-major @ W (N', K') row-major
@@ -251,7 +253,7 @@ def tma_gemm_jobs(quick: bool, arch: int):
     M = N = K = 4096
     for dt in (["bf16"] if quick else ["bf16", "fp16"]):
         for plain in ((False,) if quick else (False, True)):
-            configs = LA.tma_gemm_configs(plain)
+            configs = TMA.tma_gemm_configs(plain)
             if plain:
                 work = [("fwd", A.NONE.value, False, False), ("dx", A.NONE.value, False, False)]
             else:
@@ -277,21 +279,21 @@ def reduction_jobs(quick: bool):
     for dt in (["bf16", "fp64"] if quick else ["fp16", "bf16", "fp32", "fp64"]):
         comp = tl.float64 if dt == "fp64" else tl.float32
         pdt = "fp64" if dt == "fp64" else "fp32"
-        bm = LA.GRAD_BLOCK_M_FP64 if dt == "fp64" else LA.GRAD_BLOCK_M
+        bm = LG.GRAD_BLOCK_M_FP64 if dt == "fp64" else LG.GRAD_BLOCK_M
         acts = [A.GELU.value] if quick else list(ACT_NAMES)
         for act in acts:
             args = dict(dy_ptr=Ptr(dt), saved_ptr=Ptr(dt), dz_ptr=Ptr(dt), partial_ptr=Ptr(pdt),
                         M=8192, N=4096, rows_per_prog=256, slope_hi=0.01, slope_lo=0.0, ACT=act,
                         STORE_DZ=act != A.NONE.value, NEED_DB=True, COMPUTE_DTYPE=comp,
-                        BLOCK_M=bm, BLOCK_N=LA.GRAD_BLOCK_N)
+                        BLOCK_M=bm, BLOCK_N=LG.GRAD_BLOCK_N)
             jobs.append(dict(kernel="act_grad_bias", name=f"act_grad_bias {dt} {ACT_NAMES[act]}",
-                             config=f"{bm}x{LA.GRAD_BLOCK_N} w{LA.GRAD_NUM_WARPS}",
-                             args=args, options=dict(num_warps=LA.GRAD_NUM_WARPS)))
+                             config=f"{bm}x{LG.GRAD_BLOCK_N} w{LG.GRAD_NUM_WARPS}",
+                             args=args, options=dict(num_warps=LG.GRAD_NUM_WARPS)))
         args = dict(partial_ptr=Ptr(pdt), out_ptr=Ptr(dt), P=256, N=4096,
-                    BLOCK_P=LA.SUM_BLOCK_P, BLOCK_N=LA.SUM_BLOCK_N)
+                    BLOCK_P=LG.SUM_BLOCK_P, BLOCK_N=LG.SUM_BLOCK_N)
         jobs.append(dict(kernel="sum_rows", name=f"sum_rows {pdt}->{dt}",
-                         config=f"{LA.SUM_BLOCK_P}x{LA.SUM_BLOCK_N} w{LA.SUM_NUM_WARPS}",
-                         args=args, options=dict(num_warps=LA.SUM_NUM_WARPS)))
+                         config=f"{LG.SUM_BLOCK_P}x{LG.SUM_BLOCK_N} w{LG.SUM_NUM_WARPS}",
+                         args=args, options=dict(num_warps=LG.SUM_NUM_WARPS)))
     return jobs
 
 
@@ -375,7 +377,7 @@ SOFTMAX_SMS = 132
 
 
 def softmax_jobs(quick: bool):
-    """The kernels the launcher (fastlayers/backends/triton.py `_softmax_launch`) runs per shape:
+    """The kernels the launcher (fastlayers/backends/triton/softmax.py `_softmax_launch`) runs per shape:
     single pass, streaming, or the two kernels of split rows, forward and backward."""
     jobs = []
     for rows, L, inner in (SOFTMAX_QUICK if quick else SOFTMAX_SHAPES):
@@ -448,7 +450,7 @@ def rotary_jobs(quick: bool):
 
 
 # ----------------------------------------------------------------------------- attention softmax
-# (kernels/attention_softmax.py, launched by backends/triton.py attention_softmax_forward / _backward
+# (kernels/attention_softmax.py, launched by backends/triton/softmax.py attention_softmax_forward / _backward
 # with softmax's plan for inner == 1: single pass up to its limit, streaming beyond.)
 
 

@@ -165,7 +165,7 @@ def set_tf32(on: bool) -> None:
 
 
 def correctness(c: Checks, small: bool, budget: Budget) -> None:
-    from fastlayers.backends import triton as tb
+    from fastlayers.backends.triton import device as tdev, gemm as tgemm
     log("== correctness (ours <= 2x torch's error vs float64 + eps)")
     s = (lambda *d: tuple(max(1, v // 16) for v in d)) if small else (lambda *d: d)
     low = [torch.bfloat16, torch.float16] if not small else []  # interpreter: no bf16 tl.dot
@@ -177,12 +177,12 @@ def correctness(c: Checks, small: bool, budget: Budget) -> None:
             return
     # The large bf16 / fp16 GEMMs above ran on the persistent TMA kernel where the GPU has TMA:
     # the generic kernel at the same size.
-    switch, tb.TMA_GEMM = tb.TMA_GEMM, False
+    switch, tgemm.TMA_GEMM = tgemm.TMA_GEMM, False
     try:
         for dtype in low:
             c.linear(*big, "gelu", dtype, what="(generic GEMM, TMA off)")
     finally:
-        tb.TMA_GEMM = switch
+        tgemm.TMA_GEMM = switch
     for dtype in low + [torch.float32, torch.float64]:
         c.linear(*s(512, 1000, 777), "gelu_tanh", dtype, what="(K, N not multiples of 16)")
         c.linear(*s(768, 512, 640), "silu", dtype, x_layout="transposed")
@@ -192,13 +192,13 @@ def correctness(c: Checks, small: bool, budget: Budget) -> None:
     # split-K: dW of a small layer over a long batch
     M, K, N = (65536, 128, 64) if not small else (300, 20, 24)
     if small:
-        tb.INTERPRETER_SMS, tb.SPLIT_K_MIN_CHUNK = 8, 64
-    sms = tb._num_sms(torch.empty(1, device=c.dev))
-    split = tb.split_k_count("lp", N, K, M, sms)
+        tdev.INTERPRETER_SMS, tgemm.SPLIT_K_MIN_CHUNK = 8, 64
+    sms = tdev.num_sms(torch.empty(1, device=c.dev))
+    split = tgemm.split_k_count("lp", N, K, M, sms)
     for dtype in low + [torch.float32, torch.float64]:
         c.linear(M, K, N, "none", dtype, bias=False, what=f"(split-K dW, {split} splits)")
     if small:
-        tb.INTERPRETER_SMS, tb.SPLIT_K_MIN_CHUNK = 1, 1024
+        tdev.INTERPRETER_SMS, tgemm.SPLIT_K_MIN_CHUNK = 1, 1024
     if not small:
         set_tf32(True)
         try:
@@ -237,7 +237,7 @@ def bench(fn, dev: str, small: bool) -> float:
 
 
 def timing(dev: str, small: bool, budget: Budget, results: dict) -> None:
-    from fastlayers.backends import triton as tb
+    from fastlayers.backends.triton import device as tdev, gemm as tgemm
     log("== timing: fused linear+GELU (TFLOP/s, median) and softmax (GB/s)")
     shapes = {"mlp_up 8192x4096->16384": (8192, 4096, 16384),
               "square 8192x4096->4096": (8192, 4096, 4096),
@@ -267,16 +267,16 @@ def timing(dev: str, small: bool, budget: Budget, results: dict) -> None:
                         return fl.linear_act(x, w, b, "gelu")
 
                 def ours_generic():  # the generic GEMM kernel: the persistent TMA one switched off
-                    switch, tb.TMA_GEMM = tb.TMA_GEMM, False
+                    switch, tgemm.TMA_GEMM = tgemm.TMA_GEMM, False
                     try:
                         return ours()
                     finally:
-                        tb.TMA_GEMM = switch
+                        tgemm.TMA_GEMM = switch
 
                 wt = w.t()
                 row = {"dtype": dname, "shape": sname, "M": M, "K": K, "N": N}
                 contenders = {"fastlayers": ours, "eager": eager, "mm": lambda: torch.mm(x, wt)}
-                if tb._use_tma_gemm(x, wt, x.new_empty(M, N), tb._device(x)[1]):
+                if tgemm._use_tma_gemm(x, wt, x.new_empty(M, N), tdev.device_facts(x)[1]):
                     contenders["fastlayers-generic"] = ours_generic
                 if not small:
                     compiled = torch.compile(eager, dynamic=False)
@@ -380,8 +380,8 @@ def main() -> int:
         return 2
     load("triton")
     import triton
-    from fastlayers.backends import triton as tb
-    tb.TMA_GEMM = os.environ.get("FASTLAYERS_TMA_GEMM", "1") != "0"  # checked and timed here (off by default)
+    from fastlayers.backends.triton import gemm as tgemm
+    tgemm.TMA_GEMM = os.environ.get("FASTLAYERS_TMA_GEMM", "1") != "0"  # checked and timed here (off by default)
     gpu = torch.cuda.get_device_name() if dev == "cuda" else f"CPU interpreter ({platform.processor() or platform.machine()})"
     name = opts.name or re.sub(r"[^A-Za-z0-9]+", "-", gpu if dev == "cuda" else "cpu-dryrun").strip("-")
     out_dir = opts.out_dir or (os.path.join(ROOT, "bench", "results") if dev == "cuda"
@@ -392,7 +392,7 @@ def main() -> int:
         "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "commit": git_commit(),
         "sms": torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else None,
-        "dry_run": dev == "cpu", "autotune": os.environ.get("FASTLAYERS_AUTOTUNE", "1"), "tma_gemm": tb.TMA_GEMM,
+        "dry_run": dev == "cpu", "autotune": os.environ.get("FASTLAYERS_AUTOTUNE", "1"), "tma_gemm": tgemm.TMA_GEMM,
     }
     log(f"gpu_check: {info['device']} | torch {info['torch']} | triton {info['triton']} | "
         f"CUDA {info['cuda']} | Python {info['python']} | commit {info['commit']} | {info['date']}")

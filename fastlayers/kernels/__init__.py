@@ -1,6 +1,6 @@
 """Triton kernels (``@triton.jit`` functions, their autotune configs and block-size helpers only).
 
-Launchers live in fastlayers/backends/triton.py. Importing this package imports triton, and the
+Launchers live in fastlayers/backends/triton/. Importing this package imports triton, and the
 kernels are built for the interpreter when TRITON_INTERPRET=1 is set *before* the import (triton
 reads the flag when each ``@triton.jit`` decorator runs).
 """

@@ -1,16 +1,16 @@
 """Kernels of the gated linear unit ``h = act(x @ Wg^T + bg) * (x @ Wu^T + bu)``.
 
-Two kernels (launched by fastlayers/backends/triton.py, section "gated linear"):
+Two kernels (launched by fastlayers/backends/triton/gated.py):
 
 * ``gated_gemm_kernel`` — both GEMMs in one pass over x: each program holds two accumulators,
   ``g`` and ``u``, for the same BLOCK_M x BLOCK_N output tile, and every x tile it loads feeds both
   ``tl.dot``s (x is read once instead of twice). The epilogue adds the biases, stores g and u when
   the backward needs them, and stores ``h = act(g) * u``: the gating never round-trips through
-  memory. Grouped tile order as in kernels/gemm.py.
+  memory. Grouped tile order as in kernels/gemm.py (kernels/tiles.py).
   Cost: 4*M*N*K flops; reads M*K + 2*N*K elements (per tile row/column, bounded by L2 reuse),
   writes M*N (3*M*N with g and u).
 * ``gated_grad_kernel`` — ``dg = dh * u * act'(g)``, ``du = dh * act(g)`` and the per-slab partial
-  column sums of both for the bias gradients (summed by kernels/gemm.py's
+  column sums of both for the bias gradients (summed by kernels/linear_grad.py's
   ``sum_rows_kernel`` in a fixed order: deterministic). Reads 3*M*N, writes 2*M*N (+ 2*P*N partial
   sums). The backward GEMMs dx = dg Wg + du Wu, dWg = dg^T x, dWu = du^T x reuse linear_act's GEMM.
 
@@ -22,11 +22,11 @@ import triton
 import triton.language as tl
 
 from .activations import act_grad, apply_act
-from .gemm import INTERPRET, config, grouped_tile, slab_columns, slab_tile
+from .tiles import INTERPRET, config, grouped_tile, slab_columns, slab_tile
 
 # Two accumulators per program, so at most 64 accumulator values per thread and accumulator
 # (128 x 128 tiles spill on sm_90 at 8 warps, and at 16 warps under its 128-register cap). One list
-# per dtype class (linear_act.dtype_class: "lp" fp16/bf16, "tf32", "ieee" exact fp32, "fp64"),
+# per dtype class (kernels/gemm.py dtype_class: "lp" fp16/bf16, "tf32", "ieee" exact fp32, "fp64"),
 # each passing scripts/compile_gate.py on sm_90 and sm_80 (no spills, shared memory within the
 # limit) with every activation.
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)

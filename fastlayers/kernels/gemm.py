@@ -1,29 +1,21 @@
-"""The GEMM kernels (with the linear_act epilogue) that every GEMM-based op reuses: ``y = act(x @ W^T + b)``
-forward and backward, and the shared tile helpers (grouped_tile, slab_*, config) that
-kernels/gated.py builds on.
-
-Four kernels (launched by fastlayers/backends/triton.py):
+"""The generic GEMM kernel (with the linear_act epilogue) that every GEMM-based op reuses:
+``y = act(x @ W^T + b)`` forward, and both backward GEMMs; its configs and autotuning.
 
 * ``gemm_kernel`` — one generic strided GEMM, ``C = epilogue(A @ B)``, A: (M, K), B: (K, N), any
   strides (so W^T, dz^T and non-contiguous x are views, never copies). Grouped tile order (GROUP_M
   row tiles share each column strip while it is in L2), fp32 accumulation (fp64 for fp64 data),
-  and an epilogue that adds the bias, applies the activation and stores C in its own dtype, plus
-  the pre-activation Z when the backward needs it. Used for the forward (A = x, B = W^T, with
-  epilogue) and both backward GEMMs (dx = dz @ W, dW = dz^T @ x; no epilogue). With SPLIT_K > 1
-  each program sums one range of K into an fp32/fp64 partial tile (deterministic split-K for
-  plain GEMMs with few output tiles and a long reduction, e.g. dW when M >> N x K).
+  and an epilogue (kernels/tiles.py ``gemm_epilogue``) that adds the bias, applies the activation
+  and stores C in its own dtype, plus the pre-activation Z when the backward needs it. Used for the
+  forward (A = x, B = W^T, with epilogue) and both backward GEMMs (dx = dz @ W, dW = dz^T @ x; no
+  epilogue). With SPLIT_K > 1 each program sums one range of K into an fp32/fp64 partial tile
+  (deterministic split-K for plain GEMMs with few output tiles and a long reduction, e.g. dW when
+  M >> N x K; kernels/linear_grad.py's ``sum_rows_kernel`` adds the partials).
   Cost: 2*M*N*K flops; reads M*K + K*N elements once per tile row/column of the other operand
   (bounded by L2 reuse), writes M*N (+ M*N for Z).
-* ``_gemm_tma_persistent_kernel`` — the same GEMM and epilogue (``gemm_epilogue``, shared) for
-  fp16 / bf16 on sm_90+: at most one program per SM, each looping over tiles in grouped order,
-  A and B tiles loaded through TMA descriptors made on the device (A row-major, B row-major or
-  W^T; the launcher checks TMA's alignment rules and falls back to ``gemm_kernel`` otherwise).
-* ``act_grad_bias_kernel`` — ``dz = dy * act'(saved)`` and the partial column sums of dz for the
-  bias gradient, one row-slab of ROWS_PER_PROG rows per program. Reads 2*M*N, writes M*N
-  (+ P*N fp32 partial sums). No atomics: program (p, j) owns partial[p, j-block].
-* ``sum_rows_kernel`` — out = sum over p of partial[p, :], BLOCK_P rows per step in a fixed
-  order (deterministic): the bias gradient, and the reduction of split-K partial tiles.
-  Reads P*N, writes N.
+
+The same GEMM for fp16 / bf16 on sm_90+ through TMA is kernels/gemm_tma.py; the elementwise
+backward (``dz = dy * act'``, bias sums) is kernels/linear_grad.py. All launched by
+fastlayers/backends/triton/gemm.py and linear_act.py.
 
 Offsets are computed in int64 so tensors beyond 2^31 elements are addressed correctly.
 Configs: one list per class of GEMM (``gemm_configs``: dtype / precision, decode-sized M, fused
@@ -39,91 +31,7 @@ import inspect
 import triton
 import triton.language as tl
 
-from .activations import NONE, apply_act, act_grad
-
-
-@triton.jit
-def slab_columns(N, slope_hi, slope_lo, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """For the elementwise backward kernels: this program's columns (offsets, mask) and
-    leaky_relu's slope recombined from its two fp32 halves."""
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slope = tl.cast(slope_hi, COMPUTE_DTYPE) + tl.cast(slope_lo, COMPUTE_DTYPE)
-    return offs_n, offs_n < N, slope
-
-
-@triton.jit
-def slab_tile(row, M, N, offs_n, mask_n, BLOCK_M: tl.constexpr):
-    """Offsets and mask of the BLOCK_M x BLOCK_N tile starting at `row` of an (M, N) contiguous tensor."""
-    offs_m = row + tl.arange(0, BLOCK_M)
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-    return offs_m[:, None] * N + offs_n[None, :], mask
-
-
-@triton.jit
-def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The (tile row, tile column) of tile number `pid` in grouped order: consecutive tiles walk
-    GROUP_M tile rows down one tile column, so the B strip they share stays in L2."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Row and column offsets of tile (pid_m, pid_n) (int64, so tensors past 2^31 elements are
-    addressed right) and their masks."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m.to(tl.int64), offs_n.to(tl.int64), offs_m < M, offs_n < N
-
-
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The tile of program `pid` in grouped order (grouped_pid): its offsets and masks
-    (tile_offsets)."""
-    pid_m, pid_n = grouped_pid(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    return tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def gemm_epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m64, offs_n64, mask_m, mask_n,
-                  stride_cm, stride_cn, slope_hi, slope_lo,
-                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr,
-                  ACC_DTYPE: tl.constexpr):
-    """Stores one tile of C = act(acc + bias) (and Z = acc + bias when STORE_Z) in their own
-    dtypes: the epilogue of both GEMM kernels (arguments as in _gemm_kernel)."""
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n64, mask=mask_n, other=0.0)
-        acc = acc + bias.to(ACC_DTYPE)[None, :]
-    c_offs = offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
-    mask = mask_m[:, None] & mask_n[None, :]
-    if STORE_Z:
-        tl.store(z_ptr + c_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
-    slope = tl.cast(slope_hi, ACC_DTYPE) + tl.cast(slope_lo, ACC_DTYPE)
-    y = apply_act(acc, ACT, slope)
-    tl.store(c_ptr + c_offs, y.to(c_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _probe():
-    pass
-
-
-# Whether these kernels run in Triton's interpreter: triton decides when each @triton.jit
-# decorator runs (TRITON_INTERPRET=1 at import time), so ask the decorated function.
-INTERPRET = type(_probe).__name__ == "InterpretedFunction"
-
-
-def config(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> triton.Config:
-    """A GEMM tile config: BLOCK_M x BLOCK_N x BLOCK_K tiles, GROUP_M row tiles per group."""
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages)
+from .tiles import INTERPRET, config, gemm_epilogue, grouped_tile
 
 
 # GEMM configs, one list per class of GEMM, largest tiles first. Each list passes the compile
@@ -216,16 +124,6 @@ def heuristic_config(configs: list, m: int, n: int, num_sms: int) -> triton.Conf
 GEMM_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "ACT", "HAS_BIAS", "STORE_Z",
                      "PRECISION", "SPLIT_K"]
 
-# act_grad_bias_kernel's tile (not autotuned: it is bandwidth-bound and its reduction order must
-# not depend on a tuning result).
-GRAD_BLOCK_M = 32
-GRAD_BLOCK_M_FP64 = 8  # fp64 values take two registers each, and fp64 erf / exp many more
-GRAD_BLOCK_N = 128
-GRAD_NUM_WARPS = 4
-# sum_rows_kernel's tile: BLOCK_P partial rows x BLOCK_N columns per step.
-SUM_BLOCK_P = 32
-SUM_BLOCK_N = 64
-SUM_NUM_WARPS = 4
 # Split-K (dW when the reduction M is long and N x K has few tiles): a fixed config, so the
 # summation order depends on the shape only.
 SPLIT_K_CONFIG = {"lp": config(128, 128, 64, 1, 8, 4), "tf32": config(64, 64, 32, 1, 4, 4),
@@ -301,14 +199,15 @@ def _gemm_kernel(
 
 gemm_kernel = _gemm_kernel  # launched directly with one config (heuristic, split-K)
 _AUTOTUNED = {}
+_AUTOTUNE_PARAMS = inspect.signature(triton.autotune).parameters
 
 
 def autotuned_gemm(configs: list):
     """The GEMM autotuned over `configs` (one Autotuner per distinct list, made on first use)."""
-    return _autotuned(_gemm_kernel, GEMM_AUTOTUNE_KEY, configs)
+    return autotuned(_gemm_kernel, GEMM_AUTOTUNE_KEY, configs)
 
 
-def _autotuned(fn, key_names: list, configs: list):
+def autotuned(fn, key_names: list, configs: list):
     """`fn` autotuned over `configs` with key `key_names`, one Autotuner per (fn, list). Tuned
     results are kept on disk between processes where this triton supports it."""
     key = (fn.__name__,) + tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
@@ -319,142 +218,3 @@ def _autotuned(fn, key_names: list, configs: list):
         kernel = triton.autotune(configs=configs, key=key_names, **extra)(fn)
         _AUTOTUNED[key] = kernel
     return kernel
-
-
-_AUTOTUNE_PARAMS = inspect.signature(triton.autotune).parameters
-
-
-# ----------------------------------------------------------------------------- persistent TMA GEMM
-# sm_90+ only, fp16 / bf16 data: A row-major, B row-major or its transpose (the forward's W^T and
-# the backward's dx = dz @ W), strides 16-byte aligned (TMA's rules; fastlayers/backends/triton.py
-# `tma_gemm_ok` checks them). Configs: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages,
-# plain_only), GROUP_M 8, each passing scripts/compile_gate.py's "gemm_tma" family on sm_90.
-TMA_GEMM_CONFIGS = [(128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
-                    (128, 128, 64, 8, 4, False), (128, 128, 64, 8, 3, False),
-                    (128, 64, 64, 4, 4, False)]
-TMA_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACT", "HAS_BIAS", "STORE_Z", "B_KMAJOR"]
-
-
-def tma_gemm_configs(plain: bool) -> list:
-    """The configs autotuning chooses from for the persistent TMA GEMM, largest tiles first."""
-    if INTERPRET:
-        return [INTERPRETER_GEMM_CONFIG]
-    return [config(bm, bn, bk, 8, w, st) for bm, bn, bk, w, st, plain_only in TMA_GEMM_CONFIGS
-            if plain or not plain_only]
-
-
-@triton.jit
-def _gemm_tma_persistent_kernel(
-    a_ptr, b_ptr, c_ptr, z_ptr, bias_ptr,
-    M, N, K,
-    stride_am, stride_b, stride_cm, stride_cn,
-    slope_hi, slope_lo,
-    M_BUCKET, N_BUCKET, K_BUCKET,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr, B_KMAJOR: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """C[M, N] = act(A[M, K] @ B[K, N] + bias[N]) (and Z) as _gemm_kernel, persistent: the grid
-    is at most one program per SM, and program p computes tiles p, p + grid, ... in grouped
-    order; A and B tiles come through TMA tensor descriptors made on the device (the launcher
-    provides their global scratch through triton.set_allocator).
-
-    a_ptr: (M, K) with strides (stride_am, 1). B_KMAJOR: b_ptr is B^T, (N, K) with strides
-    (stride_b, 1) (the forward's weight); else B, (K, N) with strides (stride_b, 1). Out-of-range
-    rows / columns of a tile load as zeros (TMA's padding), so M, N, K need not be multiples of
-    the tile. The epilogue (gemm_epilogue) stores through pointers: C and Z any strides.
-    fp32 accumulation. DOT_FP32, M_BUCKET, N_BUCKET, K_BUCKET: as in _gemm_kernel.
-    """
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
-    if B_KMAJOR:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        pid_m, pid_n = grouped_pid(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        row = pid_m * BLOCK_M
-        col = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([row, k0])
-            if B_KMAJOR:
-                b = b_desc.load([col, k0]).T
-            else:
-                b = b_desc.load([k0, col])
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        offs_m64, offs_n64, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
-        gemm_epilogue(acc, c_ptr, z_ptr, bias_ptr, offs_m64, offs_n64, mask_m, mask_n,
-                      stride_cm, stride_cn, slope_hi, slope_lo, HAS_BIAS, ACT, STORE_Z, tl.float32)
-
-
-tma_gemm_kernel = _gemm_tma_persistent_kernel  # launched directly with one config (heuristic)
-
-
-def autotuned_tma_gemm(configs: list):
-    """The persistent TMA GEMM autotuned over `configs` (as autotuned_gemm)."""
-    return _autotuned(_gemm_tma_persistent_kernel, TMA_AUTOTUNE_KEY, configs)
-
-
-@triton.jit
-def act_grad_bias_kernel(
-    dy_ptr, saved_ptr, dz_ptr, partial_ptr,
-    M, N, rows_per_prog,
-    slope_hi, slope_lo,
-    ACT: tl.constexpr, STORE_DZ: tl.constexpr, NEED_DB: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dz = dy * act'(saved) and partial[p, n] = sum of dz[m, n] over this program's rows.
-
-    dy, saved, dz: (M, N) contiguous (saved is read only when ACT needs it; dz written only when
-    STORE_DZ). partial: (P, N) fp32/fp64 contiguous, written only when NEED_DB.
-    Program (p, j) handles rows [p * rows_per_prog, (p + 1) * rows_per_prog) (rows_per_prog is a
-    multiple of BLOCK_M) and columns [j * BLOCK_N, (j + 1) * BLOCK_N), BLOCK_M rows at a time,
-    in a fixed order. COMPUTE_DTYPE: tl.float32 (fp16/bf16/fp32 data) or tl.float64.
-    """
-    pid_p = tl.program_id(0)
-    offs_n, mask_n, slope = slab_columns(N, slope_hi, slope_lo, BLOCK_N, COMPUTE_DTYPE)
-    col_sum = tl.zeros((BLOCK_N,), dtype=COMPUTE_DTYPE)
-    row0 = pid_p.to(tl.int64) * rows_per_prog
-    for r in range(0, rows_per_prog, BLOCK_M):
-        offs, mask = slab_tile(row0 + r, M, N, offs_n, mask_n, BLOCK_M)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        if ACT == NONE:
-            dz = dy
-        else:
-            saved = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            dz = act_grad(dy, saved, ACT, slope)
-        if STORE_DZ:
-            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-        if NEED_DB:
-            col_sum += tl.sum(tl.where(mask, dz, 0.0), axis=0)
-    if NEED_DB:
-        tl.store(partial_ptr + pid_p.to(tl.int64) * N + offs_n, col_sum, mask=mask_n)
-
-
-@triton.jit
-def sum_rows_kernel(partial_ptr, out_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[n] = sum over p of partial[p, n]: the bias gradient from act_grad_bias_kernel's
-    partial column sums, and split-K's partial tiles (N = M * N of the GEMM there).
-
-    partial: (P, N) contiguous fp32/fp64; out: (N,) contiguous, any float dtype. One program per
-    BLOCK_N columns; it adds BLOCK_P rows per step (a tree of fixed shape inside the tile, the
-    steps in order p = 0, BLOCK_P, ...), so the result depends on the shape only
-    (deterministic), and there are P / BLOCK_P dependent steps instead of P.
-    Reads P*N, writes N elements."""
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_p = tl.arange(0, BLOCK_P)
-    acc = tl.zeros((BLOCK_N,), dtype=partial_ptr.dtype.element_ty)
-    for p0 in range(0, P, BLOCK_P):
-        rows = p0 + offs_p
-        ptrs = partial_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tile = tl.load(ptrs, mask=(rows < P)[:, None] & mask_n[None, :], other=0.0)
-        acc += tl.sum(tile, axis=0)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)

@@ -1,8 +1,10 @@
 """Every backend module against the one contract (fastlayers/backends/contract.py): each member of
 the Backend Protocol present with the same parameter names, kinds and defaults; the optional
 PackedGemm members either absent or the same. A backend that cannot be imported here is skipped
-with the reason."""
+with the reason. Backends may be packages (triton: fastlayers/backends/triton/): the package itself
+is what the registry loads and what is checked."""
 import inspect
+import types
 
 import pytest
 
@@ -37,6 +39,8 @@ def test_backend_implements_the_contract(name):
     for member, fn in _members(Backend).items():
         if not hasattr(mod, member):
             problems.append(f"missing {member}")
+        elif member not in vars(mod):  # the dispatch reads these on every call: no __getattr__ hop
+            problems.append(f"{member} is not an attribute of the module itself")
         elif fn is not None and _params(getattr(mod, member), False) != _params(fn, True):
             problems.append(f"{member}{inspect.signature(getattr(mod, member))} != contract "
                             f"{inspect.signature(fn)}")
@@ -45,6 +49,29 @@ def test_backend_implements_the_contract(name):
             problems.append(f"optional {member}{inspect.signature(getattr(mod, member))} != contract")
     assert not problems, f"backend {name!r}: " + "; ".join(problems)
     assert mod.NAME == name and isinstance(mod.DTYPES, frozenset)
+    assert isinstance(mod, Backend)
+
+
+def test_triton_package_forwards_its_tunables(monkeypatch):
+    """The triton package holds no copy of a tunable: each forwarded name is read from, and written
+    to, the one submodule that defines and reads it, so a value set either way is the one used."""
+    pkg = _backend("triton")
+    assert isinstance(pkg, types.ModuleType) and hasattr(pkg, "__path__")  # the package
+    assert {"INTERPRETER_SMS", "AUTOTUNE", "TMA_GEMM", "SPLIT_K_MIN_CHUNK", "_capturing"} <= set(pkg._FORWARDED)
+    for name, owner in pkg._FORWARDED.items():
+        assert name not in vars(pkg), f"{name}: a copy in the package would go stale"
+        assert name in vars(owner), f"{name} is not defined in {owner.__name__}"
+        assert getattr(pkg, name) is getattr(owner, name)
+        assert name in dir(pkg)
+        marker = object()
+        monkeypatch.setattr(owner, name, marker)            # set on the owner: the package sees it
+        assert getattr(pkg, name) is marker
+        monkeypatch.setattr(pkg, name, [marker])            # set on the package: the owner gets it
+        assert getattr(owner, name) == [marker] and name not in vars(pkg)
+        with pytest.raises(AttributeError, match=owner.__name__):
+            delattr(pkg, name)
+    assert getattr(pkg, "act_forward", None) is None        # optional members stay absent
+    assert not hasattr(pkg, "plain_linear_gain")
 
 
 def test_the_check_can_fail():

@@ -23,6 +23,7 @@ _tb = triton_backend_or_skip()
 pytestmark = TRITON_MARKS
 
 from fastlayers.kernels import gemm as K_LA  # noqa: E402
+from fastlayers.kernels import linear_grad as K_LG  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402
 
 # (activation, negative_slope): leaky_relu with slope < 0 saves z instead of y.
@@ -33,7 +34,7 @@ ACT_IDS = [f"{a}-{s}" if a == "leaky_relu" else a for a, s in ACTS]
 _BM = K_LA.INTERPRETER_GEMM_CONFIG.kwargs["BLOCK_M"]
 _BN = K_LA.INTERPRETER_GEMM_CONFIG.kwargs["BLOCK_N"]
 _BK = K_LA.INTERPRETER_GEMM_CONFIG.kwargs["BLOCK_K"]
-_GM, _GN = K_LA.GRAD_BLOCK_M, K_LA.GRAD_BLOCK_N
+_GM, _GN = K_LG.GRAD_BLOCK_M, K_LG.GRAD_BLOCK_N
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -17,6 +17,11 @@ from conftest import TRITON_DEVICE as DEVICE, TRITON_MARKS, assert_close_to_ref,
 _tb = triton_backend_or_skip()
 pytestmark = TRITON_MARKS
 
+# The launchers' tunables and choosers live in one module each and are patched there (the package
+# forwards these names to them, holding no copy).
+from fastlayers.backends.triton import device as _tdev  # noqa: E402
+from fastlayers.backends.triton import gemm as _tgemm  # noqa: E402
+
 
 def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -61,20 +66,20 @@ _NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 def test_tf32_default_is_ieee(restore_tf32):
     assert not torch.backends.cuda.matmul.allow_tf32
-    assert _tb.fp32_matmul_precision() == "ieee"
+    assert _tdev.fp32_matmul_precision() == "ieee"
 
 
 @pytest.mark.parametrize("on", [True, False])
 def test_tf32_legacy_flag(on, restore_tf32):
     torch.backends.cuda.matmul.allow_tf32 = on
-    assert _tb.fp32_matmul_precision() == ("tf32" if on else "ieee")
+    assert _tdev.fp32_matmul_precision() == ("tf32" if on else "ieee")
 
 
 @pytest.mark.parametrize("mode,expect", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
 def test_tf32_float32_matmul_precision(mode, expect, restore_tf32):
     """torch.set_float32_matmul_precision: "high" and "medium" let cuBLAS use TF32."""
     torch.set_float32_matmul_precision(mode)
-    assert _tb.fp32_matmul_precision() == expect
+    assert _tdev.fp32_matmul_precision() == expect
 
 
 @pytest.mark.skipif(not _NEW_API, reason=f"torch {torch.__version__} has no fp32_precision API")
@@ -84,7 +89,7 @@ def test_tf32_new_matmul_api(value, restore_tf32):
     if value == "tf32":  # the state in which reading the legacy flag raises: the helper must not
         with pytest.raises(RuntimeError):
             torch.backends.cuda.matmul.allow_tf32  # noqa: B018
-    assert _tb.fp32_matmul_precision() == value
+    assert _tdev.fp32_matmul_precision() == value
 
 
 @pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"),
@@ -93,12 +98,12 @@ def test_tf32_new_global_api(restore_tf32):
     """The global setting (which recent transformers versions set) is inherited by CUDA matmuls,
     unless the matmul-specific one overrides it."""
     torch.backends.fp32_precision = "tf32"
-    assert _tb.fp32_matmul_precision() == "tf32"
+    assert _tdev.fp32_matmul_precision() == "tf32"
     torch.backends.cuda.matmul.fp32_precision = "ieee"
-    assert _tb.fp32_matmul_precision() == "ieee"
+    assert _tdev.fp32_matmul_precision() == "ieee"
     torch.backends.fp32_precision = "ieee"
     torch.backends.cuda.matmul.fp32_precision = "none"
-    assert _tb.fp32_matmul_precision() == "ieee"
+    assert _tdev.fp32_matmul_precision() == "ieee"
 
 
 @pytest.mark.skipif(not _NEW_API, reason=f"torch {torch.__version__} has no fp32_precision API")
@@ -120,6 +125,8 @@ def test_tf32_new_api_linear_runs(restore_tf32):
 from fastlayers import kernels as K  # noqa: E402
 from fastlayers.kernels import gated as K_GL  # noqa: E402
 from fastlayers.kernels import gemm as K_LA  # noqa: E402
+from fastlayers.kernels import gemm_tma as K_TMA  # noqa: E402
+from fastlayers.kernels import linear_grad as K_LG  # noqa: E402
 from fastlayers.kernels import softmax as K_SM  # noqa: E402
 
 
@@ -156,7 +163,7 @@ def test_gemm_config_tables():
     for dclass, entries in K_LA.SMALL_M_CONFIGS.items():
         for bn, bk, _, _, _ in entries:
             assert bn >= 16 and bk >= 16, dclass
-    assert set(K_LA.GEMM_AUTOTUNE_KEY) <= set(K_LA._gemm_kernel.arg_names)
+    assert set(K_LA.GEMM_AUTOTUNE_KEY) <= set(K_LA.gemm_kernel.arg_names)
     for name in ("ACT", "HAS_BIAS", "STORE_Z", "PRECISION", "LAYOUT", "M_BUCKET", "N_BUCKET",
                  "K_BUCKET"):
         assert name in K_LA.GEMM_AUTOTUNE_KEY
@@ -193,7 +200,7 @@ def test_small_m_path(M):
 
 
 def test_small_m_gpu_configs_by_bucket():
-    if K_LA.INTERPRET:
+    if _tdev.INTERPRETED:
         assert K_LA.gemm_configs("lp", 16, True) == [K_LA.INTERPRETER_SMALL_M_CONFIG]
         return
     assert all(c.kwargs["BLOCK_M"] == 16 for c in K_LA.gemm_configs("lp", 16, True))
@@ -206,16 +213,16 @@ def test_small_m_gpu_configs_by_bucket():
 def split_k_on(monkeypatch):
     """Make the interpreter look like a GPU with 8 SMs and split K in chunks of >= 64, so small
     dW GEMMs take the split-K path."""
-    monkeypatch.setattr(_tb, "INTERPRETER_SMS", 8)
-    monkeypatch.setattr(_tb, "SPLIT_K_MIN_CHUNK", 64)
+    monkeypatch.setattr(_tdev, "INTERPRETER_SMS", 8)
+    monkeypatch.setattr(_tgemm, "SPLIT_K_MIN_CHUNK", 64)
     calls = []
-    orig = _tb._sum_rows
+    orig = _tgemm.sum_rows
 
     def spy(op, partial, out):
         calls.append(tuple(partial.shape))
         return orig(op, partial, out)
 
-    monkeypatch.setattr(_tb, "_sum_rows", spy)
+    monkeypatch.setattr(_tgemm, "sum_rows", spy)
     return calls
 
 
@@ -224,18 +231,37 @@ def test_split_k_dw(split_k_on, dtype):
     """dW = dz^T @ x with M = 300 >> N x K: split over M (the reduction), partial tiles summed in
     a fixed order; same result as the reference, bit-identical across runs."""
     M, K, N = 300, 20, 24
-    assert _tb.split_k_count("ieee", N, K, M, 8) > 1
+    assert _tgemm.split_k_count("ieee", N, K, M, 8) > 1
     got = _check_linear(M, K, N, act="relu", dtype=dtype, bias=False)
     assert any(len(s) == 2 and s[1] == N * K for s in split_k_on), split_k_on  # dW was split
     again = _check_linear(M, K, N, act="relu", dtype=dtype, bias=False)
     assert torch.equal(got[2], again[2])
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="INTERPRETER_SMS is the interpreter's SM count; a GPU reports its own")
+def test_tunables_set_on_the_package_take_effect(monkeypatch):
+    """INTERPRETER_SMS and SPLIT_K_MIN_CHUNK assigned on the package (as scripts and users did when
+    the backend was one module) reach the launcher: a small dW-shaped GEMM is split."""
+    calls = []
+    orig = _tgemm.sum_rows
+    monkeypatch.setattr(_tgemm, "sum_rows", lambda op, p, out: calls.append(tuple(p.shape)) or orig(op, p, out))
+    M, N, K = 24, 20, 300
+    a, b = _rand(M, K, seed=1), _rand(K, N, seed=2)
+    c = torch.empty(M, N, device=DEVICE)
+    _tgemm.launch_gemm("test", a, b, c)
+    assert not calls  # one "SM": no split
+    monkeypatch.setattr(_tb, "INTERPRETER_SMS", 8)
+    monkeypatch.setattr(_tb, "SPLIT_K_MIN_CHUNK", 64)
+    _tgemm.launch_gemm("test", a, b, c)
+    assert calls == [(_tgemm.split_k_count("ieee", M, N, K, 8), M * N)], calls
+    _close(c, a.double() @ b.double(), red=K)
+
+
 def test_split_k_count_rules():
-    assert _tb.split_k_count("lp", 8192, 8192, 8192, 132) == 1          # enough tiles
-    assert _tb.split_k_count("lp", 256, 256, 512, 132) == 1             # short reduction
-    s = _tb.split_k_count("lp", 256, 256, 65536, 132)                   # dW of a small layer
-    assert 1 < s <= _tb.SPLIT_K_MAX
+    assert _tgemm.split_k_count("lp", 8192, 8192, 8192, 132) == 1          # enough tiles
+    assert _tgemm.split_k_count("lp", 256, 256, 512, 132) == 1             # short reduction
+    s = _tgemm.split_k_count("lp", 256, 256, 65536, 132)                   # dW of a small layer
+    assert 1 < s <= _tgemm.SPLIT_K_MAX
 
 
 @pytest.mark.parametrize("P,N", [(1, 5), (31, 7), (32, 64), (70, 130)])
@@ -243,18 +269,18 @@ def test_split_k_count_rules():
 def test_sum_rows(P, N, dtype):
     partial = _rand(P, N, dtype=dtype, seed=P)
     out = torch.empty(N, dtype=dtype, device=DEVICE)
-    _tb._sum_rows("test", partial, out)
+    _tgemm.sum_rows("test", partial, out)
     _close(out, partial.double().sum(0), red=P)
 
 
 def test_bias_grad_many_partials():
     """Enough rows that act_grad_bias_kernel writes more partial rows than one sum_rows step."""
-    M = K_LA.GRAD_BLOCK_M * (K_LA.SUM_BLOCK_P + 3)
+    M = K_LG.GRAD_BLOCK_M * (K_LG.SUM_BLOCK_P + 3)
     _check_linear(M, 3, 5, act="silu")
 
 
 def test_autotune_off_uses_one_heuristic_config(monkeypatch):
-    monkeypatch.setattr(_tb, "AUTOTUNE", False)
+    monkeypatch.setattr(_tgemm, "AUTOTUNE", False)
     monkeypatch.setattr(K_LA, "autotuned_gemm", lambda configs: pytest.fail("autotuner used"))
     _check_linear(70, 40, 50, act="gelu_tanh")
 
@@ -263,16 +289,16 @@ def test_no_autotuning_while_capturing(monkeypatch):
     """During CUDA-graph capture: a config tuned before for the same key, else the heuristic one;
     never the autotuner (it would benchmark inside the capture)."""
     _check_linear(40, 30, 20, act="tanh")          # tunes (records) these keys
-    tuned = dict(_tb._tuned)
+    tuned = dict(_tgemm._tuned)
     assert tuned
-    monkeypatch.setattr(_tb, "_capturing", lambda t: True)
+    monkeypatch.setattr(_tgemm, "_capturing", lambda t: True)
     monkeypatch.setattr(K_LA, "autotuned_gemm", lambda configs: pytest.fail("autotuner used"))
     _check_linear(40, 30, 20, act="tanh")          # re-uses the recorded configs
     _check_linear(90, 30, 20, act="sigmoid")       # new keys: heuristic
 
 
 def test_not_capturing_outside_a_graph():
-    assert _tb._capturing(_rand(1)) is False
+    assert _tgemm._capturing(_rand(1)) is False
 
 
 # ----------------------------------------------------------------------------- softmax paths
@@ -342,7 +368,7 @@ def split_rows(monkeypatch):
     monkeypatch.setattr(K_SM, "SINGLE_PASS_MAX_ELEMS", 64)
     monkeypatch.setattr(K_SM, "STREAM_CHUNK_ELEMS", 16)
     monkeypatch.setattr(K_SM, "SPLIT_MIN_SEGMENT", 16)
-    monkeypatch.setattr(_tb, "INTERPRETER_SMS", 8)
+    monkeypatch.setattr(_tdev, "INTERPRETER_SMS", 8)
 
 
 def _segments(shape, dim):
@@ -354,7 +380,7 @@ def _segments(shape, dim):
     rows = torch.Size(shape).numel() // length
     single, block_r, block_l, _ = K_SM.plan(rows, length, inner)
     assert not single
-    return K_SM.split_plan(rows, length, inner, block_r, block_l, _tb._num_sms(_rand(1)))[0]
+    return K_SM.split_plan(rows, length, inner, block_r, block_l, _tdev.num_sms(_rand(1)))[0]
 
 
 # (shape, dim): L not a multiple of the chunk (100, 70), a last segment of one element (65), a
@@ -438,9 +464,9 @@ def test_softmax_split_rows_low_precision(dtype):
 
 def test_act_grad_fp64_tile():
     """fp64 backward uses an act-grad tile of GRAD_BLOCK_M_FP64 rows: M straddles it."""
-    bm = K_LA.GRAD_BLOCK_M_FP64
+    bm = K_LG.GRAD_BLOCK_M_FP64
     for M in (bm - 1, bm + 1, 4 * bm + 3):
-        _check_linear(M, 5, K_LA.GRAD_BLOCK_N + 1, act="gelu", dtype=torch.float64)
+        _check_linear(M, 5, K_LG.GRAD_BLOCK_N + 1, act="gelu", dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- persistent TMA GEMM
@@ -450,21 +476,21 @@ def tma_forced(monkeypatch):
     device, dtype and M (the interpreter's bf16 / fp16 numerics are not a GPU's, so the
     interpreter tests run fp32 data through it); returns the (M, K, N) of each TMA launch."""
     calls = []
-    orig = _tb._tma_gemm
+    orig = _tgemm._tma_gemm
 
     def spy(op, a, b, c, *rest):
         calls.append((a.shape[0], a.shape[1], b.shape[1]))
         return orig(op, a, b, c, *rest)
 
-    monkeypatch.setattr(_tb, "_use_tma_gemm", lambda a, b, c, cap: _tb.tma_layout_ok(a, b, c.element_size()))
-    monkeypatch.setattr(_tb, "_tma_gemm", spy)
+    monkeypatch.setattr(_tgemm, "_use_tma_gemm", lambda a, b, c, cap: _tgemm.tma_layout_ok(a, b, c.element_size()))
+    monkeypatch.setattr(_tgemm, "_tma_gemm", spy)
     return calls
 
 
 # fp32 data through the TMA kernel: a test device of the interpreter only (on a GPU its tl.dot on
 # fp32 operands would run TF32; the chooser never sends fp32 there).
 _INTERPRETER_ONLY = pytest.mark.skipif(
-    not K_LA.INTERPRET, reason="forces fp32 data through the TMA kernel, which a GPU would run "
+    not _tdev.INTERPRETED, reason="forces fp32 data through the TMA kernel, which a GPU would run "
                                "in TF32; test_tma_gemm_low_precision_gpu covers the GPU")
 
 
@@ -478,7 +504,7 @@ _INTERPRETER_ONLY = pytest.mark.skipif(
 def test_tma_gemm_matches_reference(tma_forced, monkeypatch, M, K, N, act, bias, sms):
     """The persistent TMA GEMM: forward (B = W^T, K-major descriptor) and dx (B = W, row-major
     descriptor) go through it, dW (A = dz^T, column-major) does not; all match the reference."""
-    monkeypatch.setattr(_tb, "INTERPRETER_SMS", sms)
+    monkeypatch.setattr(_tdev, "INTERPRETER_SMS", sms)
     _check_linear(M, K, N, act=act, dtype=torch.float32, bias=bias, what="TMA")
     assert sorted(tma_forced) == sorted([(M, K, N), (M, N, K)]), tma_forced
 
@@ -495,42 +521,42 @@ def test_tma_gemm_chooser(monkeypatch):
     """The TMA GEMM only on compute capability >= 9.0, fp16 / bf16, M >= TMA_MIN_M, TMA-legal
     layouts (16-byte aligned row strides and base, a row-major, b row-major or W^T), and with
     the switch on (off by default); never on CPU tensors (the interpreter) without a test forcing it."""
-    assert _tb.TMA_GEMM == (os.environ.get("FASTLAYERS_TMA_GEMM") == "1")
-    monkeypatch.setattr(_tb, "TMA_GEMM", True)
-    M = _tb.TMA_MIN_M
+    assert _tgemm.TMA_GEMM == (os.environ.get("FASTLAYERS_TMA_GEMM") == "1")
+    monkeypatch.setattr(_tgemm, "TMA_GEMM", True)
+    M = _tgemm.TMA_MIN_M
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.zeros(M, 64, dtype=dtype)
         w = torch.zeros(96, 64, dtype=dtype)
         c = torch.zeros(M, 96, dtype=dtype)
-        assert _tb.tma_gemm_ok(x, w.t(), c, 90)          # forward: W^T
-        assert _tb.tma_gemm_ok(x, w.t().contiguous(), c, 90)  # row-major B (dx's layout)
-        assert _tb.tma_gemm_ok(x, w.t(), c, 100)
-        assert not _tb.tma_gemm_ok(x, w.t(), c, 89)
-        assert not _tb.tma_gemm_ok(x, w.t(), c, 80)
-        assert not _tb.tma_gemm_ok(x[: M - 1], w.t(), c[: M - 1], 90)      # M too small
-        assert not _tb.tma_gemm_ok(x.t().contiguous().t(), w.t(), c, 90)   # a column-major (dW)
-        assert _tb.tma_gemm_ok(x[:, :60], w.t()[:60], c, 90)               # K 60, strides 64
+        assert _tgemm.tma_gemm_ok(x, w.t(), c, 90)          # forward: W^T
+        assert _tgemm.tma_gemm_ok(x, w.t().contiguous(), c, 90)  # row-major B (dx's layout)
+        assert _tgemm.tma_gemm_ok(x, w.t(), c, 100)
+        assert not _tgemm.tma_gemm_ok(x, w.t(), c, 89)
+        assert not _tgemm.tma_gemm_ok(x, w.t(), c, 80)
+        assert not _tgemm.tma_gemm_ok(x[: M - 1], w.t(), c[: M - 1], 90)      # M too small
+        assert not _tgemm.tma_gemm_ok(x.t().contiguous().t(), w.t(), c, 90)   # a column-major (dW)
+        assert _tgemm.tma_gemm_ok(x[:, :60], w.t()[:60], c, 90)               # K 60, strides 64
         x2 = torch.zeros(M, 68, dtype=dtype)[:, :64]                        # row stride 136 B
-        assert not _tb.tma_gemm_ok(x2, w.t(), c, 90)
-        assert not _tb.tma_gemm_ok(x[:, 1:], w.t()[1:], c, 90)             # base off by 2 bytes
-        assert not _tb.tma_gemm_ok(x, w.t().contiguous()[:, ::2], c[:, :48], 90)  # no unit stride
-        assert not _tb._use_tma_gemm(x, w.t(), c, 90)                      # CPU tensors
-        monkeypatch.setattr(_tb, "TMA_GEMM", False)
-        assert not _tb.tma_gemm_ok(x, w.t(), c, 90)
-        monkeypatch.setattr(_tb, "TMA_GEMM", True)
+        assert not _tgemm.tma_gemm_ok(x2, w.t(), c, 90)
+        assert not _tgemm.tma_gemm_ok(x[:, 1:], w.t()[1:], c, 90)             # base off by 2 bytes
+        assert not _tgemm.tma_gemm_ok(x, w.t().contiguous()[:, ::2], c[:, :48], 90)  # no unit stride
+        assert not _tgemm._use_tma_gemm(x, w.t(), c, 90)                      # CPU tensors
+        monkeypatch.setattr(_tgemm, "TMA_GEMM", False)
+        assert not _tgemm.tma_gemm_ok(x, w.t(), c, 90)
+        monkeypatch.setattr(_tgemm, "TMA_GEMM", True)
     for dtype in (torch.float32, torch.float64):
         x, w, c = torch.zeros(M, 64, dtype=dtype), torch.zeros(96, 64, dtype=dtype), torch.zeros(M, 96, dtype=dtype)
-        assert not _tb.tma_gemm_ok(x, w.t(), c, 90)
+        assert not _tgemm.tma_gemm_ok(x, w.t(), c, 90)
 
 
 def test_tma_gemm_config_tables():
     """TMA configs: powers of two >= 16, a fused-epilogue config, an autotuning key of kernel
     arguments."""
-    assert K_LA.tma_gemm_configs(plain=False)
-    for entry in K_LA.TMA_GEMM_CONFIGS:
+    assert K_TMA.tma_gemm_configs(plain=False)
+    for entry in K_TMA.TMA_GEMM_CONFIGS:
         for v in entry[:3]:
             assert v >= 16 and v & (v - 1) == 0, entry
-    assert set(K_LA.TMA_AUTOTUNE_KEY) <= set(K_LA._gemm_tma_persistent_kernel.arg_names)
+    assert set(K_TMA.TMA_AUTOTUNE_KEY) <= set(K_TMA.tma_gemm_kernel.arg_names)
 
 
 @pytest.mark.gpu
@@ -542,13 +568,13 @@ def test_tma_gemm_low_precision_gpu(dtype, monkeypatch):
     """The TMA GEMM as the chooser picks it on the GPU: error <= 2x PyTorch's own vs float64,
     forward and backward, with a fused gelu (z saved) and bias, dims not multiples of the tile."""
     from conftest import assert_matches
-    monkeypatch.setattr(_tb, "TMA_GEMM", True)
+    monkeypatch.setattr(_tgemm, "TMA_GEMM", True)
     M, K, N = 1000, 1032, 776
     x = _rand(M, K, dtype=dtype, seed=1)
     w = _rand(N, K, dtype=dtype, scale=K ** -0.5, seed=2)
     b = _rand(N, dtype=dtype, seed=3)
-    assert _tb._use_tma_gemm(x, w.t(), torch.empty(M, N, dtype=dtype, device=DEVICE),
-                             _tb._device(x)[1])
+    assert _tgemm._use_tma_gemm(x, w.t(), torch.empty(M, N, dtype=dtype, device=DEVICE),
+                             _tdev.device_facts(x)[1])
     dy = _rand(M, N, dtype=dtype, seed=4)
     ours = _linear_grads(x, w, b, "gelu", dy, "triton")
     ref = _linear_grads(x.double(), w.double(), b.double(), "gelu", dy.double(), "reference")
