@@ -1,4 +1,4 @@
-"""Fused softmax cross-entropy: the Function, the route, the public function, its torch.library ops.
+"""Fused softmax cross-entropy: the op (one definition: fastlayers/ops/_autograd.py), the public function.
 
     fl.cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean",
                      weight=None)                          == F.cross_entropy(...)
@@ -10,49 +10,76 @@ copy), the target and the (N, 3) stats: O(N) extra memory where eager saves the 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._autocast import autocast_dtype as _autocast_dtype
-from .._dispatch import check_tensor as _check_tensor, composite_reason
-from ._loss import (_ce_backend, _check_options, _check_target_values, _compute_dtype, _denominator, _prepare,
-                    _reduce, _row_scale)
+from .._dispatch import check_tensor as _check_tensor, composite_reason, placeholder
+from ._autograd import FusedOp, define
+from ._loss import _check_options, _check_target_values, _compute_dtype, _denominator, _prepare, _reduce, _row_scale
 
 
-# ----------------------------------------------------------------------------- cross_entropy
-class CrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, eps: float,
-                reduction: str, probs: bool, loss_shape, back) -> Tensor:
-        backend = _ce_backend(x2)
+# ----------------------------------------------------------------------------- the op
+class CrossEntropy(FusedOp):
+    """The loss of (N, C) logits x2 against flat targets (class indices (N,), or probabilities (N, C)):
+    0-d ("mean", "sum") or (N,) ("none") in x2's dtype. Saves x2, the target, the weight (inputs: no
+    copies) and internal outputs: the row stats (N, 3) and the "mean" denominator (0-d)."""
+    name, public = "cross_entropy", "fastlayers.cross_entropy"
+    schema = "Tensor x2, Tensor target, Tensor? weight, int ignore_index, float eps, str reduction, bool probs"
+    n_inputs, n_extras = 3, 2
+
+    def check(self, inputs, params):
+        x2, target, _ = inputs
+        if not params[3]:  # the values of class targets (the eager route checked them in _prepare)
+            _check_target_values(self.public, target, x2.shape[1], params[0])
+
+    def forward(self, backend, inputs, params, save):
+        (x2, target, weight), (ignore_index, eps, reduction, probs) = inputs, params
         rows, stats = backend.cross_entropy_forward(x2, target, weight, ignore_index, eps)  # (N,), (N, 3)
-        cd = rows.dtype
-        den = _denominator(target, weight, ignore_index, probs, x2.shape[0], cd)
-        ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction, ctx.back = backend, ignore_index, eps, reduction, back
-        ctx.save_for_backward(x2, target, weight, stats, den)
-        return _reduce(rows, reduction, den, x2.dtype, loss_shape)
+        den = _denominator(target, weight, ignore_index, probs, x2.shape[0], rows.dtype)
+        return (_reduce(rows, reduction, den, x2.dtype, (x2.shape[0],)),), (stats, den)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x2, target, weight, stats, den = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
-            return (_ce_backward_differentiable(x2, target, weight, grad, ctx.ignore_index, ctx.eps,
-                                                ctx.reduction), None, None, None, None, None, None, None, None)
-        scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
-        dx = ctx.backend.cross_entropy_backward(x2, target, weight, stats, scale, ctx.ignore_index, ctx.eps, None)
-        return dx, None, None, None, None, None, None, None, None
+    def save(self, inputs, outputs, extras, params):
+        return inputs + extras
+
+    def backward(self, backend, saved, grads, needs, params):
+        x2, target, weight, stats, den = saved
+        ignore_index, eps, reduction, _ = params
+        scale = _row_scale(grads[0], reduction, den, target, ignore_index, stats.dtype)
+        return backend.cross_entropy_backward(x2, target, weight, stats, scale, ignore_index, eps, None), None, None
+
+    def backward_graph(self, saved, grads, needs, params):
+        x2, target, weight = saved[:3]
+        ignore_index, eps, reduction, _ = params
+        with torch.enable_grad():
+            xd = x2.detach().requires_grad_() if not x2.requires_grad else x2
+            loss = F.cross_entropy(xd, target, weight=None if weight is None else weight.to(x2.dtype),
+                                   ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
+            (dx,) = torch.autograd.grad(loss, xd, grads[0].reshape(loss.shape), create_graph=True)
+        return dx, None, None
+
+    def fake(self, inputs, params):
+        x2 = inputs[0]
+        cd = _compute_dtype(x2.dtype)
+        loss = x2.new_empty((x2.shape[0],) if params[2] == "none" else ())
+        return loss, x2.new_empty((x2.shape[0], 3), dtype=cd), x2.new_empty((), dtype=cd)
+
+    def fake_backward(self, saved, grads, needs, params):
+        x2 = saved[0]
+        return torch.empty_like(x2), placeholder(x2), placeholder(x2)
 
 
-def _ce_backward_differentiable(x2, target, weight, grad, ignore_index, eps, reduction):
-    with torch.enable_grad():
-        xd = x2.detach().requires_grad_() if not x2.requires_grad else x2
-        loss = F.cross_entropy(xd, target, weight=None if weight is None else weight.to(x2.dtype),
-                               ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
-        (dx,) = torch.autograd.grad(loss, xd, grad.reshape(loss.shape), create_graph=True)
-    return dx
+CROSS_ENTROPY = define(CrossEntropy())
+CrossEntropyFunction = CROSS_ENTROPY.Function
+
+
+def _composite(inputs, params):
+    (x2, target, weight), (ignore_index, eps, reduction, _) = inputs, params
+    return (F.cross_entropy(x2, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=eps),)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0,
@@ -88,75 +115,6 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
         # gradients for the targets / weights too: PyTorch's own op (the fused kernels give dlogits)
         return F.cross_entropy(logits, target, weight=weight, reduction=reduction, label_smoothing=eps)
     if x2.device.type == "meta":
-        out = x2.new_empty(loss_shape if reduction == "none" else ())
-        return out
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return back_loss(_cross_entropy_op(x2, t2, w, ignore_index, eps, reduction, probs), reduction, loss_shape)
-    if torch.is_grad_enabled() and x2.requires_grad:
-        return CrossEntropyFunction.apply(x2, t2, w, ignore_index, eps, reduction, probs, loss_shape, back)
-    backend = _ce_backend(x2)
-    rows, _ = backend.cross_entropy_forward(x2, t2, w, ignore_index, eps)
-    den = _denominator(t2, w, ignore_index, probs, x2.shape[0], rows.dtype)
-    return _reduce(rows, reduction, den, x2.dtype, loss_shape)
-
-
-def back_loss(loss: Tensor, reduction: str, loss_shape) -> Tensor:
+        return x2.new_empty(loss_shape if reduction == "none" else ())
+    (loss,) = CROSS_ENTROPY.run((x2, t2, w), (ignore_index, eps, reduction, probs), _composite)
     return loss.view(loss_shape) if reduction == "none" else loss
-
-
-# ----------------------------------------------------------------------------- torch.library ops
-# Used while torch.compile traces (or jit.trace records): opaque nodes, no graph break; the
-# logits arrive already flattened to (N, C) by the traced Python above.
-@torch.library.custom_op("fastlayers::cross_entropy", mutates_args=())
-def _cross_entropy_lib(x2: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, eps: float,
-                       reduction: str, probs: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    backend = _ce_backend(x2)
-    if not probs:
-        _check_target_values("fastlayers.cross_entropy", target, x2.shape[1], ignore_index)
-    rows, stats = backend.cross_entropy_forward(x2, target, weight, ignore_index, eps)
-    den = _denominator(target, weight, ignore_index, probs, x2.shape[0], rows.dtype)
-    loss = _reduce(rows, reduction, den, x2.dtype, (x2.shape[0],))
-    return loss, stats, den
-
-
-@_cross_entropy_lib.register_fake
-def _(x2, target, weight, ignore_index, eps, reduction, probs):
-    cd = _compute_dtype(x2.dtype)
-    loss = x2.new_empty((x2.shape[0],) if reduction == "none" else ())
-    return loss, x2.new_empty((x2.shape[0], 3), dtype=cd), x2.new_empty((), dtype=cd)
-
-
-@torch.library.custom_op("fastlayers::cross_entropy_backward", mutates_args=())
-def _cross_entropy_backward_lib(grad: Tensor, x2: Tensor, target: Tensor, weight: Optional[Tensor],
-                                stats: Tensor, den: Tensor, ignore_index: int, eps: float,
-                                reduction: str) -> Tensor:
-    backend = _ce_backend(x2)
-    scale = _row_scale(grad, reduction, den, target, ignore_index, stats.dtype)
-    return backend.cross_entropy_backward(x2, target, weight, stats, scale, ignore_index, eps, None)
-
-
-@_cross_entropy_backward_lib.register_fake
-def _(grad, x2, target, weight, stats, den, ignore_index, eps, reduction):
-    return torch.empty_like(x2)
-
-
-def _ce_lib_setup(ctx, inputs, output) -> None:
-    x2, target, weight, ignore_index, eps, reduction, probs = inputs
-    _, stats, den = output
-    ctx.mark_non_differentiable(stats, den)
-    ctx.ignore_index, ctx.eps, ctx.reduction = ignore_index, eps, reduction
-    ctx.save_for_backward(x2, target, weight, stats, den)
-
-
-def _ce_lib_backward(ctx, grad, _gs, _gd):
-    x2, target, weight, stats, den = ctx.saved_tensors
-    dx = _cross_entropy_backward_lib(grad, x2, target, weight, stats, den, ctx.ignore_index, ctx.eps,
-                                     ctx.reduction)
-    return dx, None, None, None, None, None, None
-
-
-torch.library.register_autograd("fastlayers::cross_entropy", _ce_lib_backward, setup_context=_ce_lib_setup)
-
-
-def _cross_entropy_op(x2, t2, w, ignore_index, eps, reduction, probs) -> Tensor:
-    return _cross_entropy_lib(x2, t2, w, ignore_index, eps, reduction, probs)[0]
