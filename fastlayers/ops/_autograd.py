@@ -41,7 +41,7 @@ class FusedOp:
     n_outputs: int = 1          # differentiable outputs
     n_extras: int = 0           # then internal outputs (the library op's only; see forward)
     shared_grads: Dict[int, int] = {}  # input i -> input j: i receives j's gradient (computed once)
-    contiguous_outputs: bool = True    # the library forward's outputs are made contiguous (as fake says)
+    contiguous_outputs: bool = True    # the library ops' outputs are made contiguous (as the fakes say)
 
     # ------------------------------------------------------------------ to override
     def check(self, inputs: Tensors, params: tuple) -> None:
@@ -188,7 +188,7 @@ def _library(spec: FusedOp) -> None:
         backend = spec.backend(dev.device, dev.dtype, params)
         g = spec.backward(backend, tuple(saved), tuple(grads), tuple(needs), params)
         res = _fresh([gi if need else None for gi, need in zip(g, needs)], list(saved) + list(grads))
-        return [t.contiguous() for t in res]
+        return [t.contiguous() for t in res] if spec.contiguous_outputs else res
 
     def fake_backward(grads, saved, needs, *params):
         return list(spec.fake_backward(tuple(saved), tuple(grads), tuple(needs), params))

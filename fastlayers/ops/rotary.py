@@ -26,13 +26,13 @@ exact); the kernels compute in float32 and round at exactly those points (no FMA
 float32 / float64 results differ from eager's by rounding only (the kernels contract the
 multiply-adds into FMAs, one rounding per element).
 
-Routes (as the other ops, see fastlayers/_dispatch.py): the registered torch.library op while
+Routes (FusedOp.run, fastlayers/ops/_autograd.py): the registered op fastlayers::rotary while
 torch.compile / jit.trace record; the PyTorch composite (the formula above in torch ops) for fake
 tensors, subclasses, torch.func transforms, dispatch modes, for mixed dtypes (e.g. float32 cos with
 bfloat16 q: PyTorch's type promotion gives a float32 result there), when cos or sin requires grad
 (rare: their gradients are then autograd's own), and for layouts the kernels do not take (more than
 three leading dims, a non-contiguous last dim, cos broadcasting q / k to a larger shape); else a
-backend's kernels (cpu -> cpp, cuda -> triton), through RotaryFunction when a gradient is needed.
+backend's kernels (cpu -> cpp, cuda -> triton), through the Function when a gradient is needed.
 
 Inputs are typically the non-contiguous (B, H, S, D) views of ``.view(B, S, H, D).transpose(1, 2)``:
 the kernels read them (any strides, last dim contiguous) without copies, and write outputs in the
@@ -50,9 +50,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._dispatch import backend_for, check_tensor, composite_reason
+from .._dispatch import check_tensor, placeholder
 from .._errors import DeviceError, ShapeError
 from ..backends import forced
+from ._autograd import FusedOp, define
 
 OP = "fastlayers.rotary"
 
@@ -234,27 +235,42 @@ def _backward_composite(gq: Tensor, gk: Tensor, cos_u: Tensor, sin_u: Tensor, in
     return one(gq), one(gk)
 
 
-# ----------------------------------------------------------------------------- the Function
-class RotaryFunction(torch.autograd.Function):
-    """(q_embed, k_embed) = rotary(q, k) with cos / sin (unsqueezed) as constants; saves cos and sin."""
+# ----------------------------------------------------------------------------- the op
+class Rotary(FusedOp):
+    """(q_embed, k_embed) = rotary(q, k) with cos / sin (unsqueezed, of q's dtype, in a layout
+    _fusable accepts) as constants; saves cos and sin. Outputs in eager's layouts (_out, _like)."""
+    name, public = "rotary", OP
+    schema = "Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved"
+    n_inputs, n_outputs = 4, 2
+    contiguous_outputs = False
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, cos_u: Tensor, sin_u: Tensor, interleaved: bool):
-        backend = backend_for(OP, q.device, q.dtype)
-        out_q, out_k = _forward(backend, q, k, cos_u, sin_u, interleaved)
-        ctx.backend, ctx.interleaved = backend, interleaved
-        ctx.save_for_backward(cos_u, sin_u)
-        return out_q, out_k
+    def forward(self, backend, inputs, params, save):
+        return _forward(backend, *inputs, *params), ()
 
-    @staticmethod
-    def backward(ctx, gq: Tensor, gk: Tensor):
-        cos_u, sin_u = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the backward in torch ops, differentiable again
-            dq, dk = _backward_composite(gq, gk, cos_u, sin_u, ctx.interleaved)
-        else:
-            dq, dk = _backward(ctx.backend, gq, gk, cos_u, sin_u, ctx.interleaved)
-        need = ctx.needs_input_grad
-        return dq if need[0] else None, dk if need[1] else None, None, None, None
+    def save(self, inputs, outputs, extras, params):
+        return inputs[2:]
+
+    def backward(self, backend, saved, grads, needs, params):
+        return _backward(backend, *grads, *saved, *params) + (None, None)
+
+    def backward_graph(self, saved, grads, needs, params):
+        return _backward_composite(*grads, *saved, *params) + (None, None)
+
+    def fake(self, inputs, params):
+        q, k, cos = inputs[:3]
+        return _out(q, cos.shape[-1]), _out(k, cos.shape[-1])
+
+    def fake_backward(self, saved, grads, needs, params):
+        gq, gk = grads
+        return _like(_rows(gq)), _like(_rows(gk)), placeholder(gq), placeholder(gq)
+
+
+ROTARY = define(Rotary())
+RotaryFunction = ROTARY.Function
+
+
+def _composite(inputs, params):
+    return rotary_composite(*inputs, *params)
 
 
 # ----------------------------------------------------------------------------- the route
@@ -285,53 +301,5 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 
     table_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
     if not same or table_grad or not (_fusable(q, cos_u) and _fusable(k, cos_u)):
         return rotary_composite(q, k, cos_u, sin_u, interleaved)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered op: Dynamo / jit.trace
-        return rotary_op(q, k, cos_u, sin_u, interleaved)
-    if composite_reason(q, k, cos, sin) is not None:
-        return rotary_composite(q, k, cos_u, sin_u, interleaved)
-    if q.is_cpu and q.numel() + k.numel() < _TORCH_MAX_NUMEL and forced() is None:
-        return rotary_composite(q, k, cos_u, sin_u, interleaved)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return RotaryFunction.apply(q, k, cos_u, sin_u, interleaved)
-    return _forward(backend_for(OP, q.device, q.dtype), q, k, cos_u, sin_u, interleaved)
-
-
-# ----------------------------------------------------------------------------- torch.library ops
-# fastlayers::rotary(q, k, cos, sin, interleaved) -> (q_embed, k_embed)
-#     cos / sin already unsqueezed, of one dtype with q and k, in a layout _fusable accepts.
-# fastlayers::rotary_backward(gq, gk, cos, sin, interleaved) -> (dq, dk)
-@torch.library.custom_op("fastlayers::rotary", mutates_args=())
-def rotary_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tuple[Tensor, Tensor]:
-    return _forward(backend_for(OP, q.device, q.dtype), q, k, cos, sin, interleaved)
-
-
-@rotary_op.register_fake
-def _(q, k, cos, sin, interleaved):
-    r = cos.shape[-1]
-    return _out(q, r), _out(k, r)
-
-
-@torch.library.custom_op("fastlayers::rotary_backward", mutates_args=())
-def rotary_backward_op(gq: Tensor, gk: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tuple[Tensor, Tensor]:
-    return _backward(backend_for(OP, gq.device, gq.dtype), gq, gk, cos, sin, interleaved)
-
-
-@rotary_backward_op.register_fake
-def _(gq, gk, cos, sin, interleaved):
-    return _like(_rows(gq)), _like(_rows(gk))
-
-
-def _rotary_setup(ctx, inputs, output) -> None:
-    q, k, cos, sin, interleaved = inputs
-    ctx.interleaved = interleaved
-    ctx.save_for_backward(cos, sin)
-
-
-def _rotary_backward(ctx, gq, gk):
-    cos, sin = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dq, dk = rotary_backward_op(gq, gk, cos, sin, ctx.interleaved)
-    return dq if need[0] else None, dk if need[1] else None, None, None, None
-
-
-torch.library.register_autograd("fastlayers::rotary", _rotary_backward, setup_context=_rotary_setup)
+    small = q.is_cpu and q.numel() + k.numel() < _TORCH_MAX_NUMEL and forced() is None
+    return ROTARY.run((q, k, cos_u, sin_u), (interleaved,), _composite, small)

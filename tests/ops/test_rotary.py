@@ -389,9 +389,9 @@ def test_export():
 
 def test_library_op_opcheck():
     q, k, cos, sin, ud, il = layout("llama_gqa", torch.float32)
-    torch.library.opcheck(_rot.rotary_op, (q, k, cos.unsqueeze(1), sin.unsqueeze(1), False))
+    torch.library.opcheck(_rot.ROTARY.library, (q, k, cos.unsqueeze(1), sin.unsqueeze(1), False))
     q, k, cos, sin, ud, il = layout("gptj", torch.float32)
-    torch.library.opcheck(_rot.rotary_op, (q, k, cos.unsqueeze(2), sin.unsqueeze(2), True))
+    torch.library.opcheck(_rot.ROTARY.library, (q, k, cos.unsqueeze(2), sin.unsqueeze(2), True))
 
 
 def test_fake_tensor_and_meta():
