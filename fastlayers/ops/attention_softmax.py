@@ -42,12 +42,12 @@ gradient is then less accurate than Hugging Face's, whose float32 copy is the pr
 A floating mask that requires grad takes the composite route (PyTorch's autograd gives it its
 gradient, dz reduced over the broadcast dims): a rare case, not worth a kernel.
 
-Routes (as fastlayers' other ops, fastlayers/_dispatch.py): the registered torch.library op while
+Routes (FusedOp.run, fastlayers/ops/_autograd.py): the registered op fastlayers::attention_softmax while
 torch.compile / jit.trace record; the composite for fake tensors, tensor subclasses, torch.func
 transforms, dispatch modes, a floating mask of another dtype than scores or needing grad, dtype=
 other than the scores' own or float32 for 16-bit scores, empty tensors and small CPU calls
-(_TORCH_MAX_NUMEL); else a backend's kernels (cpu -> cpp, cuda -> triton), through
-AttentionSoftmaxFunction when a gradient is needed.
+(_TORCH_MAX_NUMEL); else a backend's kernels (cpu -> cpp, cuda -> triton), through the Function
+when a gradient is needed.
 
 Autocast: as torch.softmax -- left alone on the CPU (checked on torch 2.13: bfloat16 in, bfloat16
 out; float32 in, float32 out), float32 on CUDA when no dtype is given (autocast's
@@ -63,7 +63,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _autocast
-from .._dispatch import FLOATS, backend_for, check_tensor, composite_reason, owned
+from .._dispatch import FLOATS, backend_for, check_tensor, placeholder
+from ._autograd import FusedOp, define
 from .._errors import DeviceError, DTypeError, ShapeError
 from ..backends import forced
 from ..backends.reference import _attn_keep as _keep  # the keep mask (bool mask & causal), one definition
@@ -164,29 +165,45 @@ def _bool_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     return mask if mask is not None and mask.dtype == torch.bool else None
 
 
-# ----------------------------------------------------------------------------- the Function
-class AttentionSoftmaxFunction(torch.autograd.Function):
-    """y = softmax(mask(scores * scale)) -> y; saves y and a boolean mask (a reference)."""
+# ----------------------------------------------------------------------------- the op
+class AttentionSoftmaxOp(FusedOp):
+    """y = softmax(mask(scores * scale)) in out_dtype; saves y and a boolean mask (a reference; an
+    additive mask is not needed by the backward). in_dtype: the scores' dtype, the gradient's."""
+    name, public = "attention_softmax", OP
+    schema = "Tensor scores, Tensor? mask, float scale, bool causal, ScalarType out_dtype, ScalarType in_dtype"
+    n_inputs = 2
 
-    @staticmethod
-    def forward(ctx, scores: Tensor, mask: Optional[Tensor], scale: float, causal: bool, out_dtype: torch.dtype):
-        backend = backend_for(OP, scores.device, scores.dtype)
+    def backend(self, device, dtype, params):
+        return backend_for(OP, device, params[3])
+
+    def forward(self, backend, inputs, params, save):
+        (scores, mask), (scale, causal, out_dtype, _) = inputs, params
         x4, m4 = _layout(scores, mask)
-        y = owned(backend.attention_softmax_forward(x4, m4, scale, causal, out_dtype).view(scores.shape))
-        ctx.backend, ctx.scale, ctx.causal, ctx.in_dtype = backend, scale, causal, scores.dtype
-        ctx.save_for_backward(y, _bool_mask(mask))
-        return y
+        return (backend.attention_softmax_forward(x4, m4, scale, causal, out_dtype).view(scores.shape),), ()
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        y, bmask = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: PyTorch ops on y keep higher orders exact
-            dz = _backward_formula(dy, y, bmask, ctx.scale, ctx.causal, ctx.in_dtype)
-            return dz, None, None, None, None
-        dy4, _ = _layout(dy, None)
+    def save(self, inputs, outputs, extras, params):
+        return outputs[0], _bool_mask(inputs[1])
+
+    def backward(self, backend, saved, grads, needs, params):
+        (y, bmask), (scale, causal, _, in_dtype) = saved, params
         y4, m4 = _layout(y, bmask)
-        dx = ctx.backend.attention_softmax_backward(dy4.view(y4.shape), y4, m4, ctx.scale, ctx.causal, ctx.in_dtype)
-        return dx.view(y.shape), None, None, None, None
+        dy4 = grads[0].contiguous().view(y4.shape)
+        return backend.attention_softmax_backward(dy4, y4, m4, scale, causal, in_dtype).view(y.shape), None
+
+    def backward_graph(self, saved, grads, needs, params):
+        (y, bmask), (scale, causal, _, in_dtype) = saved, params
+        return _backward_formula(grads[0], y, bmask, scale, causal, in_dtype), None
+
+    def fake(self, inputs, params):
+        return (inputs[0].new_empty(inputs[0].shape, dtype=params[2]),)
+
+    def fake_backward(self, saved, grads, needs, params):
+        y = saved[0]
+        return y.new_empty(y.shape, dtype=params[3]), placeholder(y)
+
+
+ATTENTION_SOFTMAX = define(AttentionSoftmaxOp())
+AttentionSoftmaxFunction = ATTENTION_SOFTMAX.Function
 
 
 def _backward_formula(dy: Tensor, y: Tensor, bmask: Optional[Tensor], scale: float, causal: bool,
@@ -234,17 +251,11 @@ def _route(scores: Tensor, scale: float, mask: Optional[Tensor], causal: bool, d
     out_dtype = _out_dtype(scores, mask, dtype)
     if not _kernels_take(scores, mask, out_dtype):
         return attention_softmax_composite(scores, scale, mask, causal, dtype)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # registered op: Dynamo / jit.trace
-        return attention_softmax_op(scores, mask, scale, causal, out_dtype)
-    if composite_reason(scores, mask) is not None:
-        return attention_softmax_composite(scores, scale, mask, causal, dtype)
-    if scores.is_cpu and scores.numel() < _TORCH_MAX_NUMEL and forced() is None:
-        return attention_softmax_composite(scores, scale, mask, causal, dtype)
-    if torch.is_grad_enabled() and scores.requires_grad:
-        return AttentionSoftmaxFunction.apply(scores, mask, scale, causal, out_dtype)
-    backend = backend_for(OP, scores.device, scores.dtype)
-    x4, m4 = _layout(scores, mask)
-    return backend.attention_softmax_forward(x4, m4, scale, causal, out_dtype).view(scores.shape)
+    small = scores.is_cpu and scores.numel() < _TORCH_MAX_NUMEL and forced() is None
+
+    def composite(inputs, params):  # with the caller's dtype (None: Hugging Face's 16-bit expression)
+        return (attention_softmax_composite(scores, scale, mask, causal, dtype),)
+    return ATTENTION_SOFTMAX.run((scores, mask), (scale, causal, out_dtype, scores.dtype), composite, small)[0]
 
 
 def attention_softmax(scores: Tensor, scale: float = 1.0, mask: Optional[Tensor] = None, causal: bool = False,
@@ -270,51 +281,6 @@ def attention_softmax(scores: Tensor, scale: float = 1.0, mask: Optional[Tensor]
     """
     scale = _check(scores, scale, mask, causal, dtype)
     return _route(scores, scale, mask, causal, dtype)
-
-
-# ----------------------------------------------------------------------------- torch.library ops
-# fastlayers::attention_softmax(scores, mask?, scale, causal, out_dtype) -> y
-# fastlayers::attention_softmax_backward(dy, y, mask?, scale, causal, in_dtype) -> dscores
-#     mask: the user's mask (any broadcastable shape); only a boolean one is read by the backward.
-@torch.library.custom_op("fastlayers::attention_softmax", mutates_args=())
-def attention_softmax_op(scores: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
-                         out_dtype: torch.dtype) -> Tensor:
-    backend = backend_for(OP, scores.device, scores.dtype)
-    x4, m4 = _layout(scores, mask)
-    return backend.attention_softmax_forward(x4, m4, scale, causal, out_dtype).view(scores.shape).contiguous()
-
-
-@attention_softmax_op.register_fake
-def _(scores, mask, scale, causal, out_dtype):
-    return scores.new_empty(scores.shape, dtype=out_dtype)
-
-
-@torch.library.custom_op("fastlayers::attention_softmax_backward", mutates_args=())
-def attention_softmax_backward_op(dy: Tensor, y: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
-                                  in_dtype: torch.dtype) -> Tensor:
-    backend = backend_for(OP, y.device, in_dtype)
-    y4, m4 = _layout(y, _bool_mask(mask))
-    dy4 = dy.contiguous().view(y4.shape)
-    return backend.attention_softmax_backward(dy4, y4, m4, scale, causal, in_dtype).view(y.shape).contiguous()
-
-
-@attention_softmax_backward_op.register_fake
-def _(dy, y, mask, scale, causal, in_dtype):
-    return y.new_empty(y.shape, dtype=in_dtype)
-
-
-def _setup(ctx, inputs, output) -> None:
-    scores, mask, scale, causal, out_dtype = inputs
-    ctx.scale, ctx.causal, ctx.in_dtype = scale, causal, scores.dtype
-    ctx.save_for_backward(output, _bool_mask(mask))
-
-
-def _library_backward(ctx, dy):
-    y, bmask = ctx.saved_tensors
-    return attention_softmax_backward_op(dy, y, bmask, ctx.scale, ctx.causal, ctx.in_dtype), None, None, None, None
-
-
-torch.library.register_autograd("fastlayers::attention_softmax", _library_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- module

@@ -389,7 +389,7 @@ def test_library_op_opcheck():
     bmask = torch.rand(1, 1, 4, 8) > 0.3
     bmask[..., 0] = True  # (opcheck compares outputs without equal_nan: no fully masked row)
     for m in (None, bmask, torch.randn(4, 8)):
-        torch.library.opcheck(A.attention_softmax_op, (x, m, 0.5, True, torch.float32),
+        torch.library.opcheck(A.ATTENTION_SOFTMAX.library, (x, m, 0.5, True, torch.float32, torch.float32),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
