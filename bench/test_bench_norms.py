@@ -56,6 +56,23 @@ def _info(op, shape, dtype, pass_, backend):
             "pass": pass_, "backend": backend}
 
 
+def _nbytes(shape, dtype):
+    return shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+
+
+def _add_norm_fns(ours, eager, shape, dtype, bias):
+    """fastlayers' fused add + norm `ours`, its eager composition and that compiled, each a fwd+bwd
+    run on the same x, residual, weight [, bias] (all requiring grad), with the gradients dy of the
+    output and ds of the sum."""
+    x = randn(*shape, dtype=dtype, seed=1, requires_grad=True)
+    r = randn(*shape, dtype=dtype, seed=4, requires_grad=True)
+    w = randn(shape[1], dtype=dtype, seed=3, scale=0.2).add_(1.0).requires_grad_()
+    ins = (x, r, w) + ((randn(shape[1], dtype=dtype, seed=6, scale=0.2).requires_grad_(),) if bias else ())
+    grads = (randn(*shape, dtype=dtype, seed=2), randn(*shape, dtype=dtype, seed=5))
+    return {"fastlayers": _grads(ours, ins, grads), "eager": _grads(eager, ins, grads),
+            "compile": _grads(torch.compile(eager, dynamic=False), ins, grads)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_rms_norm(compare, cpu_backend, shape, dtype):
@@ -73,32 +90,17 @@ def test_rms_norm(compare, cpu_backend, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_add_rms_norm(compare, cpu_backend, shape, dtype):
-    x = randn(*shape, dtype=dtype, seed=1, requires_grad=True)
-    r = randn(*shape, dtype=dtype, seed=4, requires_grad=True)
-    w = randn(shape[1], dtype=dtype, seed=3, scale=0.2).add_(1.0).requires_grad_()
-    dy, ds = randn(*shape, dtype=dtype, seed=2), randn(*shape, dtype=dtype, seed=5)
-    nbytes = x.numel() * x.element_size()
-    fns = {"fastlayers": _grads(lambda x, r, w: fl.rms_norm(x, w, EPS, residual=r, mode="torch"), (x, r, w),
-                                (dy, ds)),
-           "eager": _grads(add_rms, (x, r, w), (dy, ds)),
-           "compile": _grads(torch.compile(add_rms, dynamic=False), (x, r, w), (dy, ds))}
-    compare(fns, info=_info("add_rms_norm", shape, dtype, "fwd+bwd", cpu_backend), bytes_moved=8 * nbytes)
+    fl_add_rms = lambda x, r, w: fl.rms_norm(x, w, EPS, residual=r, mode="torch")  # noqa: E731
+    compare(_add_norm_fns(fl_add_rms, add_rms, shape, dtype, bias=False),
+            info=_info("add_rms_norm", shape, dtype, "fwd+bwd", cpu_backend), bytes_moved=8 * _nbytes(shape, dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_add_layer_norm(compare, cpu_backend, shape, dtype):
-    x = randn(*shape, dtype=dtype, seed=1, requires_grad=True)
-    r = randn(*shape, dtype=dtype, seed=4, requires_grad=True)
-    w = randn(shape[1], dtype=dtype, seed=3, scale=0.2).add_(1.0).requires_grad_()
-    b = randn(shape[1], dtype=dtype, seed=6, scale=0.2).requires_grad_()
-    dy, ds = randn(*shape, dtype=dtype, seed=2), randn(*shape, dtype=dtype, seed=5)
-    nbytes = x.numel() * x.element_size()
-    fns = {"fastlayers": _grads(lambda x, r, w, b: fl.layer_norm(x, x.shape[-1], w, b, 1e-5, residual=r),
-                                (x, r, w, b), (dy, ds)),
-           "eager": _grads(add_ln, (x, r, w, b), (dy, ds)),
-           "compile": _grads(torch.compile(add_ln, dynamic=False), (x, r, w, b), (dy, ds))}
-    compare(fns, info=_info("add_layer_norm", shape, dtype, "fwd+bwd", cpu_backend), bytes_moved=8 * nbytes)
+    fl_add_ln = lambda x, r, w, b: fl.layer_norm(x, x.shape[-1], w, b, 1e-5, residual=r)  # noqa: E731
+    compare(_add_norm_fns(fl_add_ln, add_ln, shape, dtype, bias=True),
+            info=_info("add_layer_norm", shape, dtype, "fwd+bwd", cpu_backend), bytes_moved=8 * _nbytes(shape, dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)

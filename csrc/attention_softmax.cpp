@@ -39,17 +39,6 @@ namespace {
 constexpr int64_t kChunkA = 2048;  // elements per chunk (8 KiB of fp32 scratch)
 constexpr int64_t kRowBlock = 16;  // rows per block handed to a thread
 
-// v rounded to T and back (the rounding eager applies between two ops in T); identity for fp32/fp64.
-template <class T> inline typename io<T>::V round_t(typename io<T>::V v) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    return v;
-  } else {
-    T buf[io<T>::W];
-    io<T>::store(buf, v);
-    return io<T>::load(buf);
-  }
-}
-
 // Partial vectors (k < W lanes) at a row's ragged end -- every causal row has one: AVX-512 masked
 // loads / stores for fp32, fp64 and 16-bit loads (no bounce through a padded buffer: measured
 // 2026-12-07, 1 thread, (1, 8, 64, 128) fp32 causal forward 85 us against 45 us non-causal before);
@@ -93,17 +82,6 @@ template <class V> inline auto hmax2(V v) {
   return m;
 }
 
-// Stores of y; outputs much larger than the caches go around them when U is float.
-template <class U> inline void store_y(U* p, typename io<U>::V v, bool stream) {
-#ifdef __AVX512F__
-  if constexpr (std::is_same_v<U, float>) {
-    if (stream) { _mm512_stream_ps(p, (__m512)v); return; }
-  }
-#endif
-  (void)stream;
-  io<U>::store(p, v);
-}
-
 // Per-thread scratch kept between calls (OpenMP's pool threads persist): the z / exp row and the
 // per-chunk maxima and sums.
 template <class C> struct RowScratch {
@@ -142,7 +120,7 @@ void forward_row(const T* x, const void* mrow, int64_t ss, U* y, RowScratch<type
     for (int64_t j = j0; j < jv1; j += W) {
       const int64_t k = std::min<int64_t>(W, j1 - j);
       V v = load_kk(x + j, k);
-      if (do_scale) v = round_t<T>(v * scale);
+      if (do_scale) v = round_to<T>(v * scale);
       if constexpr (MK == kAttnMaskFloat) {
         const T* mp = (const T*)mrow;
         V mv;
@@ -153,7 +131,7 @@ void forward_row(const T* x, const void* mrow, int64_t ss, U* y, RowScratch<type
           for (int64_t l = 0; l < k; ++l) buf[l] = mp[(j + l) * ss];
           mv = load_n(buf, k);  // (a gathered mask column: rare)
         }
-        v = round_t<T>(v + mv);
+        v = round_to<T>(v + mv);
       }
       if (k < W)
         for (int l = (int)k; l < W; ++l) v[l] = ninf;
@@ -192,20 +170,13 @@ void forward_row(const T* x, const void* mrow, int64_t ss, U* y, RowScratch<type
       std::fill(e + j0, e + jv1, C(0));
       continue;
     }
-    double sum = 0;  // fp32 partial sums of <= 256 elements, then fp64
-    for (int64_t b0 = j0; b0 < jv1; b0 += 256) {
-      const int64_t b1 = std::min(jv1, b0 + 256);
-      V acc{};
-      for (int64_t jj = b0; jj < b1; jj += W) {
-        V z;
-        std::memcpy(&z, e + jj, sizeof z);
-        V ex = vexp_nonpos(z - m);
-        std::memcpy(e + jj, &ex, sizeof ex);
-        acc += ex;
-      }
-      sum += hsum(acc);
-    }
-    sc[c] = sum;
+    sc[c] = blocked_sum<T>(j0, jv1, [&](int64_t jj) {
+      V z;
+      std::memcpy(&z, e + jj, sizeof z);
+      V ex = vexp_nonpos(z - m);
+      std::memcpy(e + jj, &ex, sizeof ex);
+      return ex;
+    });
   }
   bool any_nan = false;
   for (int l = 0; l < W; ++l) any_nan |= bad[l] != 0;
@@ -222,7 +193,7 @@ void forward_row(const T* x, const void* mrow, int64_t ss, U* y, RowScratch<type
     for (; j + W <= j1; j += W) {
       V ex;
       std::memcpy(&ex, e + j, sizeof ex);
-      store_y(y + j, ex * f, stream);
+      store_out(y + j, ex * f, stream);
     }
     if (j < j1) {
       V ex;

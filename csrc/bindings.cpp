@@ -386,9 +386,14 @@ PYBIND11_MODULE(_C, m) {
 static void bind_norms(py::module_& m) {
   m.attr("NORM_KINDS") = py::dict(py::arg("rms") = (int)kNormRms, py::arg("rms_hf") = (int)kNormRmsHf,
                                   py::arg("layer") = (int)kNormLayer);
-  auto check_kind = [](const char* fn, int kind) {
+  // What a norm entry point reads off its (rows, n) argument b: the data dtype, the compute dtype
+  // (fp64 for fp64 data, else fp32), rows and n; and its kind, checked.
+  struct NormShape { int dt, cd; int64_t rows, n; };
+  auto norm_shape = [](const char* fn, const char* name, const Buf& b, int kind) {
+    const int dt = dtype_of(fn, name, b, 2);
     if (kind < kNormRms || kind > kNormLayer)
       throw std::invalid_argument(std::string("fastlayers._C.") + fn + ": unknown norm kind " + std::to_string(kind));
+    return NormShape{dt, dt == F64 ? F64 : F32, shape_of(b)[0], shape_of(b)[1]};
   };
   auto opt = [](const char* fn, const char* name, const std::optional<Buf>& b, int dt,
                 const std::vector<int64_t>& shape) -> uintptr_t { return b ? expect(fn, name, *b, dt, shape) : 0; };
@@ -397,9 +402,7 @@ static void bind_norms(py::module_& m) {
             const std::optional<Buf>& b, const Buf& y, const std::optional<Buf>& mean, const std::optional<Buf>& rstd,
             int kind, double eps, int nthreads) {
           const char* fn = "norm_forward";
-          int dt = dtype_of(fn, "x", x, 2), cd = dt == F64 ? F64 : F32;
-          const int64_t rows = shape_of(x)[0], n = shape_of(x)[1];
-          check_kind(fn, kind);
+          const auto [dt, cd, rows, n] = norm_shape(fn, "x", x, kind);
           uintptr_t px = expect(fn, "x", x, dt, {rows, n}), py_ = expect(fn, "y", y, dt, {rows, n});
           uintptr_t pr = opt(fn, "res", res, dt, {rows, n}), ps = opt(fn, "s", s, dt, {rows, n});
           if ((pr != 0) != (ps != 0) && rows * n > 0)
@@ -423,9 +426,7 @@ static void bind_norms(py::module_& m) {
             const std::optional<Buf>& mean, const Buf& rstd, const std::optional<Buf>& dx, const std::optional<Buf>& dw,
             const std::optional<Buf>& db, int kind, int nthreads) {
           const char* fn = "norm_backward";
-          int dt = dtype_of(fn, "src", src, 2), cd = dt == F64 ? F64 : F32;
-          const int64_t rows = shape_of(src)[0], n = shape_of(src)[1];
-          check_kind(fn, kind);
+          const auto [dt, cd, rows, n] = norm_shape(fn, "src", src, kind);
           uintptr_t pdy = expect(fn, "dy", dy, dt, {rows, n}), psrc = expect(fn, "src", src, dt, {rows, n});
           uintptr_t pds = opt(fn, "ds", ds, dt, {rows, n}), pdx = opt(fn, "dx", dx, dt, {rows, n});
           uintptr_t pw = opt(fn, "w", w, dt, {n}), pdw = opt(fn, "dw", dw, dt, {n}), pdb = opt(fn, "db", db, dt, {n});

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -114,6 +115,31 @@ template <class T> static inline void store_k(T* p, typename io<T>::V v, int64_t
   if (k == io<T>::W) io<T>::store(p, v); else store_n(p, v, k);
 }
 
+// v rounded to T and back through io<T>'s store (the rounding eager applies between two ops in T);
+// identity for fp32 / fp64.
+template <class T> static inline typename io<T>::V round_to(typename io<T>::V v) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return v;
+  } else {
+    T buf[io<T>::W];
+    io<T>::store(buf, v);
+    return io<T>::load(buf);
+  }
+}
+
+// Stores of an op's last pass over its output. Outputs much larger than the caches go around them
+// when T is float and `stream` (non-temporal stores: no read-for-ownership of the output, no
+// eviction of the rows still to come); the caller orders them (_mm_sfence) before the output is read.
+template <class T> static inline void store_out(T* p, typename io<T>::V v, bool stream) {
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) { _mm512_stream_ps(p, (__m512)v); return; }
+  }
+#endif
+  (void)stream;
+  io<T>::store(p, v);
+}
+
 // Calls f(r, j, k) for each row r in [r0, r1) and each vector of its n columns starting at column
 // j: k = W lanes, or k < W for the row's tail (pair with load_k / store_k).
 template <class T, class F>
@@ -138,6 +164,19 @@ template <> inline auto hsum<vf>(vf v) {
   return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
 }
 #endif
+
+// The sum of f(j) (a vector of io<T>::V) over j = j0, j0 + W, ... < j1, as the softmax kernels add
+// up a chunk: partial sums of <= 256 elements in the math type (fp32 / fp64), then fp64 across them.
+template <class T, class F> static inline double blocked_sum(int64_t j0, int64_t j1, F&& f) {
+  double sum = 0;
+  for (int64_t b0 = j0; b0 < j1; b0 += 256) {
+    const int64_t b1 = std::min(j1, b0 + 256);
+    typename io<T>::V acc{};
+    for (int64_t j = b0; j < b1; j += io<T>::W) acc += f(j);
+    sum += hsum(acc);
+  }
+  return sum;
+}
 
 // acc[0:k] += v[0:k] in fp64 (column sums of the backward passes: bias gradients).
 static inline void add_to(double* acc, vd v, int64_t k) {
@@ -198,6 +237,17 @@ struct ColumnSumBuffers {
 template <class F>
 static inline void for_row_blocks(int64_t r0, int64_t r1, F&& f) {
   for (int64_t b0 = r0; b0 < r1; b0 += kSumBlockRows) f(b0, std::min(r1, b0 + kSumBlockRows));
+}
+
+// for_row_vectors over the rows [r0, r1) in blocks of kSumBlockRows, calling f(r, j, k, first)
+// (first: r starts its block, the `first` of ColumnSums::add) and flushing each of `sums` after
+// each block.
+template <class T, class F, class... S>
+static inline void for_summed_row_vectors(int64_t r0, int64_t r1, int64_t n, F&& f, const S&... sums) {
+  for_row_blocks(r0, r1, [&](int64_t b0, int64_t b1) {
+    for_row_vectors<T>(b0, b1, n, [&](int64_t r, int64_t j, int64_t k) { f(r, j, k, r == b0); });
+    (sums.flush(n), ...);
+  });
 }
 
 // out[j] = sum over t = 0..nt-1 of acc[t * n + j], in thread order (deterministic), rounded to T.

@@ -60,35 +60,23 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, c
                             int64_t ldd, double slope, bool from_output) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_blocks(r0, r1, [&](int64_t b0, int64_t b1) {
-    for_row_vectors<T>(b0, b1, n, [&](int64_t r, int64_t j, int64_t k) {
-      V dhv = load_k(dh + r * n + j, k);
-      V gv = load_k(g + r * ld + j, k);
-      V uv = load_k(u + r * ld + j, k);
-      V a = act_forward<ACT>(gv, (C)slope);
-      V saved = gv;
-      if (from_output) {
-        saved = a;
-        if constexpr (sizeof(T) == 2) {
-          // fp16 / bf16: the output rounded to T first, as PyTorch's composition saves it
-          // (tanh(g) rounding to 1 gives tanh' = 0 there: inf * 0 = NaN for an infinite dh * u).
-          T buf[sizeof(V) / sizeof(C)];
-          io<T>::store(buf, a);
-          saved = io<T>::load(buf);
-        }
-      }
-      V dgv = act_backward<ACT>(dhv * uv, saved, (C)slope);
-      V duv = dhv * a;
-      store_k(dg + r * ldd + j, dgv, k);
-      store_k(du + r * ldd + j, duv, k);
-      // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage), one
-      // rounding at the end.
-      sums_g.add(r == b0, j, dgv, k);
-      sums_u.add(r == b0, j, duv, k);
-    });
-    sums_g.flush(n);
-    sums_u.flush(n);
-  });
+  for_summed_row_vectors<T>(r0, r1, n, [&](int64_t r, int64_t j, int64_t k, bool first) {
+    V dhv = load_k(dh + r * n + j, k);
+    V gv = load_k(g + r * ld + j, k);
+    V uv = load_k(u + r * ld + j, k);
+    V a = act_forward<ACT>(gv, (C)slope);
+    // From the output: for fp16 / bf16 rounded to T first, as PyTorch's composition saves it
+    // (tanh(g) rounding to 1 gives tanh' = 0 there: inf * 0 = NaN for an infinite dh * u).
+    V saved = from_output ? round_to<T>(a) : gv;
+    V dgv = act_backward<ACT>(dhv * uv, saved, (C)slope);
+    V duv = dhv * a;
+    store_k(dg + r * ldd + j, dgv, k);
+    store_k(du + r * ldd + j, duv, k);
+    // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage), one
+    // rounding at the end.
+    sums_g.add(first, j, dgv, k);
+    sums_u.add(first, j, duv, k);
+  }, sums_g, sums_u);
 }
 
 template <class T>

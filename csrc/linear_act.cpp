@@ -60,20 +60,17 @@ static void act_grad_rows(const T* dy, const T* s, T* dz, const ColumnSums<T>& s
                           int64_t r1, int64_t n, double slope) {
   using V = typename io<T>::V;
   using C = typename io<T>::C;
-  for_row_blocks(r0, r1, [&](int64_t b0, int64_t b1) {
-    for_row_vectors<T>(b0, b1, n, [&](int64_t r, int64_t j, int64_t k) {
-      V g = load_k(dy + r * n + j, k);
-      if constexpr (ACT != NONE) {
-        T* dzj = dz + r * n + j;
-        g = act_backward<ACT>(g, load_k(s + r * n + j, k), (C)slope);
-        store_k(dzj, g, k);
-        // db is the sum of dz as stored (rounded to T), like summing the dz tensor.
-        g = load_k(dzj, k);
-      }
-      sums.add(r == b0, j, g, k);
-    });
-    sums.flush(n);
-  });
+  for_summed_row_vectors<T>(r0, r1, n, [&](int64_t r, int64_t j, int64_t k, bool first) {
+    V g = load_k(dy + r * n + j, k);
+    if constexpr (ACT != NONE) {
+      T* dzj = dz + r * n + j;
+      g = act_backward<ACT>(g, load_k(s + r * n + j, k), (C)slope);
+      store_k(dzj, g, k);
+      // db is the sum of dz as stored (rounded to T), like summing the dz tensor.
+      g = load_k(dzj, k);
+    }
+    sums.add(first, j, g, k);
+  }, sums);
 }
 
 template <class T>

@@ -38,17 +38,6 @@ template <class V> inline V zero_tail(V v, int64_t k) {
   return out;
 }
 
-// v rounded to T and back (the rounding eager applies between two ops in T); identity for fp32/fp64.
-template <class T> inline typename io<T>::V round_to(typename io<T>::V v) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    return v;
-  } else {
-    T buf[io<T>::W];
-    io<T>::store(buf, v);
-    return io<T>::load(buf);
-  }
-}
-
 // sum over the row of f(v) where v is the row's k-lane vectors (tail lanes zeroed after f):
 // fp32 vector partial sums of 256 elements, then fp64.
 template <class T, class F> inline double row_sum(const T* p, int64_t n, F&& f) {

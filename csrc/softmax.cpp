@@ -51,18 +51,6 @@ template <> inline auto hmax<vf>(vf v) {
 // Full vectors run branch-free; the last partial vector goes through a padded buffer (load_n),
 // with its padding lanes forced to a neutral value before they can reach a max or a sum.
 
-// Stores of the last pass. Outputs much larger than the caches go around them (non-temporal
-// stores: no read-for-ownership of y, no eviction of the rows still to come).
-template <class T> static inline void store_out(T* p, typename io<T>::V v, bool stream) {
-#ifdef __AVX512F__
-  if constexpr (std::is_same_v<T, float>) {
-    if (stream) { _mm512_stream_ps(p, (__m512)v); return; }
-  }
-#endif
-  (void)stream;
-  io<T>::store(p, v);
-}
-
 // One row of length n, in chunks of kChunk elements that sit in L1 while they are worked on:
 //   per chunk c: m_c = max, e = exp(x - m_c) into the scratch row, s_c = sum(e)
 //   M = max_c m_c, S = sum_c s_c exp(m_c - M)
@@ -109,18 +97,12 @@ static void softmax_row(const T* x, T* y, typename io<T>::C* e, int64_t n, int64
       if constexpr (!LOG) std::fill(e + j0, e + j1, C(0));
       continue;
     }
-    double sum = 0;  // fp32 partial sums of <= 256 elements, then fp64
-    for (int64_t b0 = j0; b0 < jfull; b0 += 256) {
-      const int64_t b1 = std::min(jfull, b0 + 256);
-      V acc{};
-      for (int64_t jj = b0; jj < b1; jj += W) {
-        __builtin_prefetch(x + jj + pf_dist);
-        V ex = vexp_nonpos(IO::load(x + jj) - m);
-        if constexpr (!LOG) std::memcpy(e + jj, &ex, sizeof ex);
-        acc += ex;
-      }
-      sum += hsum(acc);
-    }
+    double sum = blocked_sum<T>(j0, jfull, [&](int64_t jj) {
+      __builtin_prefetch(x + jj + pf_dist);
+      V ex = vexp_nonpos(IO::load(x + jj) - m);
+      if constexpr (!LOG) std::memcpy(e + jj, &ex, sizeof ex);
+      return ex;
+    });
     if (tail) {
       V ex = lane_mask_keep(vexp_nonpos(load_n(x + jfull, tail) - m), tail, C(0));
       if constexpr (!LOG) std::memcpy(e + jfull, &ex, tail * sizeof(C));

@@ -102,6 +102,16 @@ def pytest_runtest_setup(item):
         pytest.skip(LOW_PRECISION_SKIP)
 
 
+def unforced_applies(monkeypatch, function) -> list:
+    """No backend forced (FASTLAYERS_BACKEND unset) for the test, and the list of the calls of the
+    autograd.Function `function`'s apply (the kernels' route) from now on; each call still runs."""
+    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    calls = []
+    real = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest |a - ref| over finite reference entries, in float64."""
     a, ref = a.double(), ref.double()

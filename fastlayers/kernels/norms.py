@@ -39,6 +39,33 @@ def plan(n: int, fp64: bool):
 
 
 @triton.jit
+def _load_sum(x_ptr, res_ptr, s_ptr, offs, mask, HAS_RES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """x [+ res] at offs, in COMPUTE_DTYPE. The sum is rounded to the data dtype first (eager's
+    x + res) and stored to s: reads 1|2, writes 0|1 elements per offset."""
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        v = (v.to(COMPUTE_DTYPE) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)).to(
+            s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, v, mask=mask)
+    return v.to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _store_y(h, y_ptr, w_ptr, b_ptr, offs, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+             KIND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """y at offs = h [rounded to the data dtype first for KIND 1] * w [+ b] (w, b at cols), rounded
+    to the data dtype: reads 0-2 weight elements, writes 1 element per offset."""
+    dtype = y_ptr.dtype.element_ty
+    if KIND == 1:
+        h = h.to(dtype).to(COMPUTE_DTYPE)
+    if HAS_W:
+        h = h * tl.load(w_ptr + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    if HAS_B:
+        h = h + tl.load(b_ptr + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    tl.store(y_ptr + offs, h.to(dtype), mask=mask)
+
+
+@triton.jit
 def norm_fwd_kernel(x_ptr, res_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, N, eps,
                     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, KIND: tl.constexpr,
                     STORE_STATS: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -49,14 +76,9 @@ def norm_fwd_kernel(x_ptr, res_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_p
     row = tl.program_id(0).to(tl.int64)
     base = row * N
     cols = tl.arange(0, BLOCK_N)
-    dtype = y_ptr.dtype.element_ty
     if ONE_BLOCK:
         mask = cols < N
-        v = tl.load(x_ptr + base + cols, mask=mask, other=0.0)
-        if HAS_RES:
-            v = (v.to(COMPUTE_DTYPE) + tl.load(res_ptr + base + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)).to(dtype)
-            tl.store(s_ptr + base + cols, v, mask=mask)
-        v = v.to(COMPUTE_DTYPE)
+        v = _load_sum(x_ptr, res_ptr, s_ptr, base + cols, mask, HAS_RES, COMPUTE_DTYPE)
         if KIND == 2:
             mean = tl.sum(v, axis=0) / N
             d = tl.where(mask, v - mean, 0.0)
@@ -66,14 +88,7 @@ def norm_fwd_kernel(x_ptr, res_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_p
             d = v
             var = tl.sum(v * v, axis=0) / N
         rstd = 1.0 / tl.sqrt(var + eps)
-        h = d * rstd
-        if KIND == 1:
-            h = h.to(dtype).to(COMPUTE_DTYPE)
-        if HAS_W:
-            h = h * tl.load(w_ptr + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        if HAS_B:
-            h = h + tl.load(b_ptr + cols, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        tl.store(y_ptr + base + cols, h.to(dtype), mask=mask)
+        _store_y(d * rstd, y_ptr, w_ptr, b_ptr, base + cols, cols, mask, HAS_W, HAS_B, KIND, COMPUTE_DTYPE)
     else:
         src_ptr = x_ptr
         if HAS_RES:
@@ -82,11 +97,7 @@ def norm_fwd_kernel(x_ptr, res_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_p
         for j in range(0, N, BLOCK_N):
             c = j + cols
             mask = c < N
-            v = tl.load(x_ptr + base + c, mask=mask, other=0.0)
-            if HAS_RES:
-                v = (v.to(COMPUTE_DTYPE) + tl.load(res_ptr + base + c, mask=mask, other=0.0).to(COMPUTE_DTYPE)).to(dtype)
-                tl.store(s_ptr + base + c, v, mask=mask)
-            v = v.to(COMPUTE_DTYPE)
+            v = _load_sum(x_ptr, res_ptr, s_ptr, base + c, mask, HAS_RES, COMPUTE_DTYPE)
             if KIND == 2:
                 acc += v
             else:
@@ -109,14 +120,7 @@ def norm_fwd_kernel(x_ptr, res_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_p
             c = j + cols
             mask = c < N
             v = tl.load(src_ptr + base + c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            h = (v - mean) * rstd
-            if KIND == 1:
-                h = h.to(dtype).to(COMPUTE_DTYPE)
-            if HAS_W:
-                h = h * tl.load(w_ptr + c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            if HAS_B:
-                h = h + tl.load(b_ptr + c, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-            tl.store(y_ptr + base + c, h.to(dtype), mask=mask)
+            _store_y((v - mean) * rstd, y_ptr, w_ptr, b_ptr, base + c, c, mask, HAS_W, HAS_B, KIND, COMPUTE_DTYPE)
     if STORE_STATS:
         if KIND == 2:
             tl.store(mean_ptr + row, mean)

@@ -109,11 +109,11 @@ graph would specialise to one path (optional arguments, ``*args``, a branch on `
 The backend of each device the model is on is imported by swap itself, so a first call under
 torch.compile (fullgraph too) meets no lazy import.
 
-Package layout: patterns.py (what counts as an activation), tracing.py (fx tracing, the safety
-checks, the rewritten forward and its change check), gated.py (gated MLPs), loss/ (the head's
-loss), causal_lm.py (skip_logits), norms.py (LayerNorm / RMSNorm modules), activations.py (standalone
-activation modules), quant.py (quantize_dynamic's
-mapping), swapper.py (the walk over the model), report.py (SwapReport).
+Package layout: patterns.py (what counts as an activation), tracing.py (fx tracing and the safety
+checks), rewrite.py (the rewritten forward and its change check), gated.py (gated MLPs), loss/ (the
+head's loss), causal_lm.py (skip_logits) and lm_source.py (the forward sources it recognises),
+norms.py (LayerNorm / RMSNorm modules), activations.py (standalone activation modules), quant.py
+(quantize_dynamic's mapping), swapper.py (the walk over the model), report.py (SwapReport).
 """
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from ..activations import get
 from ..ops.activation import activation
-from .patterns import hooks, hooks_text, join
+from .patterns import hooks, hooks_text, replace_modules
 from .report import SwapReport
-from .tracing import GUARD
+from .rewrite import GUARD
 
 # kernel_layer_name -> the activation of fastlayers' table its classes compute
 ACTIVATION_OF = {"GeLU": "gelu", "GeluTanh": "gelu_tanh", "NewGELU": "gelu_tanh", "FastGELU": "gelu_tanh",
@@ -127,7 +127,7 @@ def _not_faster(m: nn.Module, layer_name: str) -> Optional[str]:
 
 
 def _guarded_children(model: nn.Module) -> Set[int]:
-    """ids of the children that a rewritten forward checks at each call (swap/tracing.py)."""
+    """ids of the children that a rewritten forward checks at each call (swap/rewrite.py)."""
     ids = set()
     for m in model.modules():
         guard = m.__dict__.get(GUARD)
@@ -140,27 +140,17 @@ def swap_activations(model: nn.Module, report: SwapReport) -> None:
     """Replace model's standalone marked activation modules in place (see the module docstring);
     entries go to report.replaced and report.left."""
     guarded = _guarded_children(model)
-    done = {}  # id(original) -> its replacement (a shared module stays shared)
-    for prefix, parent in list(model.named_modules()):
-        for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            path = join(prefix, name)
-            if id(child) in done:
-                setattr(parent, name, done[id(child)])
-                report.replaced.append((path, f"fastlayers.swap.activations.Activation({done[id(child)].activation})"))
-                continue
-            layer = getattr(type(child), "kernel_layer_name", None)
-            act = ACTIVATION_OF.get(layer) if isinstance(layer, str) else None
-            if act is None or id(child) in guarded:
-                continue
-            why = hooks_text(child) if hooks(child) else None
-            why = f"{type(child).__name__} {why}" if why else (_not_faster(child, layer) or activation_problem(child, act))
-            if why is not None:
-                report.left.append((path, why))
-                continue
-            new = Activation(act, child if rounds_its_own_way(child, act) else None)
-            new.train(child.training)
-            setattr(parent, name, new)
-            done[id(child)] = new
-            report.replaced.append((path, f"fastlayers.swap.activations.Activation({act})"))
+
+    def replacement(child: nn.Module):
+        layer = getattr(type(child), "kernel_layer_name", None)
+        act = ACTIVATION_OF.get(layer) if isinstance(layer, str) else None
+        if act is None or id(child) in guarded:
+            return None, None
+        if hooks(child):  # the first reason given
+            return None, f"{type(child).__name__} {hooks_text(child)}"
+        why = _not_faster(child, layer) or activation_problem(child, act)
+        if why is not None:
+            return None, why
+        return Activation(act, child if rounds_its_own_way(child, act) else None), None
+
+    replace_modules(model, report, replacement, lambda new: f"fastlayers.swap.activations.Activation({new.activation})")

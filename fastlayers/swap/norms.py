@@ -20,7 +20,7 @@ becomes one fused module shared by the same parents.
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.norms import LayerNorm, RMSNorm, TorchRMSNorm, norm_composite
-from .patterns import hooks, hooks_text, join
+from .patterns import replace_modules
 from .report import SwapReport
 from .tracing import frozen_state, trace_checked
 
@@ -159,31 +159,17 @@ def _replacement(m: nn.Module):
     return None, why
 
 
+def _replacement_keeping_attributes(m: nn.Module):
+    """_replacement, the new module given m's user attributes (nanoGPT's plain bias = None too)."""
+    new, why = _replacement(m)
+    if new is not None:
+        for k, v in m.__dict__.items():
+            if k not in new.__dict__ and k not in new._parameters:
+                new.__dict__[k] = v
+    return new, why
+
+
 def swap_norms(model: nn.Module, report: SwapReport) -> None:
     """Replace model's norm modules in place (see the module docstring); entries go to report.replaced
     (path, new class) and report.left (path, reason)."""
-    done: Dict[int, nn.Module] = {}  # id(original) -> its replacement (shared modules stay shared)
-    for prefix, parent in list(model.named_modules()):
-        for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            path = join(prefix, name)
-            if id(child) in done:
-                setattr(parent, name, done[id(child)])
-                report.replaced.append((path, f"fastlayers.{type(done[id(child)]).__name__}"))
-                continue
-            new, why = _replacement(child)
-            if new is None and why is None:
-                continue
-            if new is not None and hooks(child):
-                new, why = None, f"{type(child).__name__} {hooks_text(child)}"
-            if new is None:
-                report.left.append((path, why))
-                continue
-            for k, v in child.__dict__.items():  # keep user attributes
-                if k not in new.__dict__ and k not in new._parameters:  # (nanoGPT's plain bias = None)
-                    new.__dict__[k] = v
-            new.train(child.training)
-            setattr(parent, name, new)
-            done[id(child)] = new
-            report.replaced.append((path, f"fastlayers.{type(new).__name__}"))
+    replace_modules(model, report, _replacement_keeping_attributes, lambda new: f"fastlayers.{type(new).__name__}")

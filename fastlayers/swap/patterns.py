@@ -198,3 +198,34 @@ def direct_children(mod: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.
             yield from direct_children(child, rel)
         else:
             yield rel, child
+
+
+def replace_modules(model: nn.Module, report, replacement: Callable[[nn.Module], Tuple[Optional[nn.Module], Optional[str]]],
+                    label: Callable[[nn.Module], str]) -> None:
+    """Replace model's modules in place, each as `replacement(module)` says: (new module, None), (None,
+    why it stays) or (None, None) when it is not one of the kinds asked for. A module with hooks stays
+    (hooks_text). The new module takes the old one's train / eval mode; a module shared by several
+    parents gets one replacement, shared too. Entries go to report.replaced (path, label(new)) and
+    report.left (path, why)."""
+    done: Dict[int, nn.Module] = {}  # id(original) -> its replacement
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            path = join(prefix, name)
+            if id(child) in done:
+                setattr(parent, name, done[id(child)])
+                report.replaced.append((path, label(done[id(child)])))
+                continue
+            new, why = replacement(child)
+            if new is None and why is None:
+                continue
+            if new is not None and hooks(child):
+                new, why = None, f"{type(child).__name__} {hooks_text(child)}"
+            if new is None:
+                report.left.append((path, why))
+                continue
+            new.train(child.training)
+            setattr(parent, name, new)
+            done[id(child)] = new
+            report.replaced.append((path, label(new)))

@@ -12,7 +12,7 @@ quantizes every Linear of a swapped model:
   followed by the same activation (dropping the activation would silently change the model).
 
 The gate / up Linears of a fused gated MLP stay nn.Linear: quantize_dynamic replaces them, and the
-rewritten forward notices the change and runs the original forward (tracing.changed).
+rewritten forward notices the change and runs the original forward (rewrite.changed).
 """
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from ..ops.norms import LayerNorm, RMSNorm, TorchRMSNorm
 from .patterns import describe, direct_children as _direct_children, join, path_name
 from .report import SwapReport
-from .tracing import GUARD, rewrite_forward, trace_checked
+from .rewrite import GUARD, rewrite_forward
+from .tracing import trace_checked
 
 NORMS = (LayerNorm, RMSNorm, TorchRMSNorm)
 _ADDS = (operator.add, torch.add)

@@ -13,7 +13,8 @@ from . import loss as _loss
 from .patterns import (direct_children as _direct_children, fusable_linear, fused_linear, join, linear_problem, path_name, call_activation, describe, hooks,
                        hooks_text, module_activation)
 from .report import SwapReport
-from .tracing import rewrite_forward, trace_checked
+from .rewrite import rewrite_forward
+from .tracing import trace_checked
 
 
 def _identity_like(m: nn.Module) -> nn.Identity:

@@ -261,43 +261,28 @@ def aten_alt(backend, act, dtype, x, w, b):
     return None
 
 
+# The layouts run one z per call: (fastlayers' op, its arguments, the names of its results).
+PER_CALL_LAYOUTS = {"repro": ("fl", _repro, ("y", "dx", "dW")),
+                    "gated": ("fl_gated", _gated_args, ("h", "dx", "dWg", "dWu", "dbg", "dbu"))}
+
+
+@pytest.mark.parametrize("layout", list(PER_CALL_LAYOUTS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act,slope", CASES, ids=CASE_IDS)
-def test_grid_reproducer(act, slope, dtype, backend):
-    """The user report's layout, one z per call: y, dx, dW."""
+def test_grid_per_call(act, slope, dtype, backend, layout):
+    """One z per call: the user report's layout (repro: y, dx, dW) and gated_linear with it as the
+    gate (gated: its backward uses the same act' code; h, dx, dWg, dWu, dbg, dbu)."""
     _backend_or_skip(backend, dtype)
+    op, args, names = PER_CALL_LAYOUTS[layout]
     zs = grid(dtype)
-    want = torch_side(act, slope, dtype, "repro")
-    want64 = torch_side(act, slope, dtype, "repro", torch.float64) if _low(dtype) else None
+    want = torch_side(act, slope, dtype, layout)
+    want64 = torch_side(act, slope, dtype, layout, torch.float64) if _low(dtype) else None
     failures = []
     for i in _repro_zs(backend, dtype):
         with fl.use_backend(backend):
-            got = _apply("fl", act, slope, *_repro(zs[i], dtype))
-        for j, (name, g, w) in enumerate(zip(("y", "dx", "dW"), got, want[i])):
-            try:
-                check(f"{backend} {act}({slope:g}) {dtype} z={zs[i]!r} {name}", g, w, zs,
-                      want64=None if want64 is None else want64[i][j],
-                      alt=aten_alt(backend, act, dtype, *_repro(zs[i], dtype)) if name == "y" else None)
-            except AssertionError as e:
-                failures.append(str(e))
-    assert not failures, "\n".join(failures)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("act,slope", CASES, ids=CASE_IDS)
-def test_grid_gated(act, slope, dtype, backend):
-    """gated_linear (its backward uses the same act' code): h, dx, dWg, dWu, dbg, dbu, one z per call."""
-    _backend_or_skip(backend, dtype)
-    zs = grid(dtype)
-    want = torch_side(act, slope, dtype, "gated")
-    want64 = torch_side(act, slope, dtype, "gated", torch.float64) if _low(dtype) else None
-    failures = []
-    for i in _repro_zs(backend, dtype):
-        with fl.use_backend(backend):
-            got = _apply("fl_gated", act, slope, *_gated_args(zs[i], dtype))
-        for j, (name, g, w) in enumerate(zip(("h", "dx", "dWg", "dWu", "dbg", "dbu"), got, want[i])):
+            got = _apply(op, act, slope, *args(zs[i], dtype))
+        for j, (name, g, w) in enumerate(zip(names, got, want[i])):
             try:
                 check(f"{backend} {act}({slope:g}) {dtype} z={zs[i]!r} {name}", g, w, zs,
                       want64=None if want64 is None else want64[i][j],

@@ -7,7 +7,7 @@ import torch
 import fastlayers as fl
 from fastlayers.ops import attention_softmax as A
 
-from conftest import INTERPRETED, assert_matches
+from conftest import INTERPRETED, assert_matches, unforced_applies
 
 comp = A.attention_softmax_composite
 LOW = (torch.float16, torch.bfloat16)
@@ -430,10 +430,7 @@ def test_module():
 
 def test_small_cpu_calls_run_pytorch_ops(monkeypatch):
     """Below _TORCH_MAX_NUMEL scores, unforced CPU calls run the composite; from there the kernels."""
-    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
-    calls = []
-    real = A.AttentionSoftmaxFunction.apply
-    monkeypatch.setattr(A.AttentionSoftmaxFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    calls = unforced_applies(monkeypatch, A.AttentionSoftmaxFunction)
     n = A._TORCH_MAX_NUMEL
     for rows, fused in ((n // 64 - 1, False), (n // 64, True)):
         calls.clear()

@@ -8,7 +8,7 @@ from torch import nn
 import fastlayers as fl
 from fastlayers.ops import norms as _norms
 
-from conftest import INTERPRETED, LOW_PRECISION, assert_matches  # noqa: F401
+from conftest import INTERPRETED, LOW_PRECISION, assert_matches, unforced_applies  # noqa: F401
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 KINDS = ["rms_hf", "rms", "layer"]
@@ -427,10 +427,7 @@ def test_small_cpu_calls_run_pytorch_ops(monkeypatch, kind):
     """Below norms._TORCH_MAX_NUMEL elements, with no backend forced, a CPU call is PyTorch's own
     ops (their values and autograd); from there, and whenever a backend is forced, the kernels."""
     from fastlayers.ops import norms
-    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
-    calls = []
-    real = norms.NormFunction.apply
-    monkeypatch.setattr(norms.NormFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    calls = unforced_applies(monkeypatch, norms.NormFunction)
     limit = norms._TORCH_MAX_NUMEL[kind]
     for rows, fused in ((limit // 64 - 1, False), (limit // 64, True)):
         x = torch.randn(rows, 64, requires_grad=True)

@@ -6,7 +6,7 @@ import torch
 import fastlayers as fl
 from fastlayers.ops import rotary as _rot
 
-from conftest import assert_matches  # noqa: F401
+from conftest import assert_matches, unforced_applies  # noqa: F401
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -418,10 +418,7 @@ def test_torch_func_vmap_grad():
 
 def test_small_cpu_calls_run_pytorch_ops(monkeypatch):
     """Below rotary._TORCH_MAX_NUMEL q + k elements, unforced CPU calls are PyTorch's own ops."""
-    monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
-    calls = []
-    real = _rot.RotaryFunction.apply
-    monkeypatch.setattr(_rot.RotaryFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    calls = unforced_applies(monkeypatch, _rot.RotaryFunction)
     limit = _rot._TORCH_MAX_NUMEL
     for s, fused in ((limit // (6 * 16) - 1, False), (limit // (6 * 16) + 1, True)):
         q, k, cos, sin, ud, il = layout("llama_gqa", torch.float32, b=1, s=s)

@@ -377,18 +377,24 @@ def interleaved_rope(q, k, cos, sin, unsqueeze_dim=1):
     return q * cos + _rotate_every_two(q) * sin, k * cos + _rotate_every_two(k) * sin
 
 
-def test_rotary_other_layout_is_not_mis_mapped(monkeypatch):
+def _kernelized_rope(fn, mode):
+    """A module whose forward calls the hub-marked rotary function `fn` (use_kernelized_func),
+    kernelized with fastlayers' mapping; and the wrapper kernelize gave it for fn."""
     from kernels import use_kernelized_func
 
-    @use_kernelized_func(interleaved_rope)
+    @use_kernelized_func(fn)
     class Attn(nn.Module):
         def forward(self, q, k, cos, sin):
-            return interleaved_rope(q, k, cos, sin)
+            return fn(q, k, cos, sin)
 
     attn = Attn()
     with use_kernel_mapping(flhf.kernel_mapping()):
-        kernelize(attn, mode=Mode.TRAINING, device="cpu")
-    wrapper = attn._kernel_funcs["rotary_pos_emb"]
+        kernelize(attn, mode=mode, device="cpu")
+    return attn, attn._kernel_funcs["rotary_pos_emb"]
+
+
+def test_rotary_other_layout_is_not_mis_mapped(monkeypatch):
+    attn, wrapper = _kernelized_rope(interleaved_rope, Mode.TRAINING)
     assert "forward" in wrapper.__dict__
     q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
     cos, sin = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
@@ -402,23 +408,14 @@ def test_rotary_other_layout_is_not_mis_mapped(monkeypatch):
 def test_rotary_16bit_inputs_run_fastlayers_with_eager_bits(monkeypatch):
     """Llama's apply_rotary_pos_emb kernelized: bf16 / fp16 inputs take fastlayers.rotary (its bits are
     eager's: each product and the sum rounded to the dtype), forward and backward."""
-    from kernels import use_kernelized_func
     from transformers.models.llama import modeling_llama as L
     import fastlayers.ops.rotary as rotary_mod
-
-    @use_kernelized_func(L.apply_rotary_pos_emb)
-    class Attn(nn.Module):
-        def forward(self, q, k, cos, sin):
-            return L.apply_rotary_pos_emb(q, k, cos, sin)
 
     calls = []
     orig = rotary_mod.rotary
     monkeypatch.setattr(rotary_mod, "rotary", lambda *a, **k: calls.append(1) or orig(*a, **k))
     for dtype in (torch.bfloat16, torch.float16):
-        attn = Attn()
-        with use_kernel_mapping(flhf.kernel_mapping()):
-            kernelize(attn, mode=Mode.TRAINING, device="cpu")
-        wrapper = attn._kernel_funcs["rotary_pos_emb"]
+        attn, wrapper = _kernelized_rope(L.apply_rotary_pos_emb, Mode.TRAINING)
         gen = torch.Generator().manual_seed(3)
         q = (torch.randn(2, 6, 4, 32, generator=gen) * 8).to(dtype).transpose(1, 2)
         k = (torch.randn(2, 6, 2, 32, generator=gen) * 8).to(dtype).transpose(1, 2)
@@ -451,17 +448,7 @@ def once_rounded_rope(q, k, cos, sin, unsqueeze_dim=1):
 
 
 def test_rotary_other_16bit_rounding_keeps_its_own_16bit_forward():
-    from kernels import use_kernelized_func
-
-    @use_kernelized_func(once_rounded_rope)
-    class Attn(nn.Module):
-        def forward(self, q, k, cos, sin):
-            return once_rounded_rope(q, k, cos, sin)
-
-    attn = Attn()
-    with use_kernel_mapping(flhf.kernel_mapping()):
-        kernelize(attn, mode=Mode.INFERENCE, device="cpu")
-    wrapper = attn._kernel_funcs["rotary_pos_emb"]
+    attn, wrapper = _kernelized_rope(once_rounded_rope, Mode.INFERENCE)
     q, k = torch.randn(2, 4, 6, 16).bfloat16(), torch.randn(2, 2, 6, 16).bfloat16()
     cos, sin = torch.randn(2, 6, 16).bfloat16(), torch.randn(2, 6, 16).bfloat16()
     with fl.use_backend("cpp"):

@@ -41,6 +41,34 @@ def _gated(model):
     return [g for g, *_ in model.fastlayers_swap_report.gated]
 
 
+class _Fc(nn.Module):
+    """A Linear(8, 8) child `fc`: the small test modules below differ only in their forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+
+def _with_lora(peft, cfg, *models):
+    """Each model wrapped by PEFT with the same LoRA weights (cfg(): a fresh LoraConfig)."""
+    wrapped = []
+    for m in models:
+        torch.manual_seed(1)
+        wrapped.append(peft.get_peft_model(m, cfg()))
+    return wrapped
+
+
+def _same_grads(model, ref, out, exp, rtol):
+    """Backward of out.sum() and exp.sum(): every trainable Parameter of ref has model's gradient."""
+    out.sum().backward()
+    exp.sum().backward()
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            assert got[name].grad is not None, name
+            torch.testing.assert_close(got[name].grad, p.grad, rtol=rtol, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- changed after swap
 def test_lora_after_swap_trains_the_gated_projections():
     peft = pytest.importorskip("peft")
@@ -50,20 +78,11 @@ def test_lora_after_swap_trains_the_gated_projections():
     assert _gated(model) == ["mlp.gate_proj + mlp.up_proj"]
     targets = ["gate_proj", "up_proj", "down_proj"]
     cfg = lambda: peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False)  # noqa: E731
-    torch.manual_seed(1)
-    model = peft.get_peft_model(model, cfg())
-    torch.manual_seed(1)
-    ref = peft.get_peft_model(ref, cfg())
+    model, ref = _with_lora(peft, cfg, model, ref)
     x = torch.randn(3, 5, 32)
     out, exp = model(x), ref(x)
     torch.testing.assert_close(out, exp)
-    out.sum().backward()
-    exp.sum().backward()
-    got = dict(model.named_parameters())
-    for name, p in ref.named_parameters():
-        if p.requires_grad:
-            assert got[name].grad is not None, name
-            torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-5)
+    _same_grads(model, ref, out, exp, rtol=1e-4)
 
 
 def test_lora_after_swap_llama_causal_lm():
@@ -77,20 +96,11 @@ def test_lora_after_swap_llama_causal_lm():
     assert model.fastlayers_swap_report.gated
     lora = lambda: peft.LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"],  # noqa: E731
                                    init_lora_weights=False)
-    torch.manual_seed(1)
-    model = peft.get_peft_model(model, lora())
-    torch.manual_seed(1)
-    ref = peft.get_peft_model(ref, lora())
+    model, ref = _with_lora(peft, lora, model, ref)
     ids = torch.randint(0, 128, (2, 6))
     out, exp = model(ids).logits, ref(ids).logits
     torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-5)
-    out.sum().backward()
-    exp.sum().backward()
-    got = dict(model.named_parameters())
-    for name, p in ref.named_parameters():
-        if p.requires_grad:
-            assert got[name].grad is not None, name
-            torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-3, atol=1e-5)
+    _same_grads(model, ref, out, exp, rtol=1e-3)
 
 
 def test_hooks_after_swap_fire():
@@ -182,11 +192,7 @@ def test_change_that_the_original_forward_cannot_follow_raises():
 
 
 def test_functional_only_rewrite_ignores_global_hooks():
-    class Functional(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(8, 8)
-
+    class Functional(_Fc):
         def forward(self, x):
             return F.relu(self.fc(x))
     model = Functional()
@@ -262,10 +268,9 @@ def test_quantize_dynamic_default_spec_after_swap_without_plain_linears():
 
 
 # ----------------------------------------------------------------------------- frozen branches
-class _ChildAttr(nn.Module):
+class _ChildAttr(_Fc):
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(8, 8)
         self.drop = nn.Dropout(0.0)
 
     def forward(self, x):
@@ -275,11 +280,7 @@ class _ChildAttr(nn.Module):
         return y
 
 
-class _GradMode(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
+class _GradMode(_Fc):
     def forward(self, x):
         y = F.gelu(self.fc(x))
         if torch.is_grad_enabled():
@@ -287,11 +288,7 @@ class _GradMode(nn.Module):
         return y
 
 
-class _Autocast(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
+class _Autocast(_Fc):
     def forward(self, x):
         y = F.gelu(self.fc(x))
         if torch.is_autocast_enabled("cpu"):
@@ -299,12 +296,8 @@ class _Autocast(nn.Module):
         return y
 
 
-class _ClassAttr(nn.Module):
+class _ClassAttr(_Fc):
     scale_up = False
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
 
     def forward(self, x):
         y = F.gelu(self.fc(x))
@@ -313,11 +306,7 @@ class _ClassAttr(nn.Module):
         return y
 
 
-class _RequiresGrad(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
+class _RequiresGrad(_Fc):
     def forward(self, x):
         y = F.gelu(self.fc(x))
         if any(p.requires_grad for p in self.fc.parameters()):  # the real Parameters, not Proxies
@@ -383,21 +372,16 @@ def test_t5_gated_bf16_with_fp32_wo(proj):
 
 
 # ----------------------------------------------------------------------------- TorchScript
-def test_jit_script_llama_mlp():
-    mlp = _llama_mlp().eval()
-    ref = copy.deepcopy(mlp)
-    fl.swap(mlp)
-    assert _gated(mlp)
-    s = torch.jit.script(mlp)
-    x = torch.randn(3, 32)
-    torch.testing.assert_close(s(x), ref(x), rtol=1e-5, atol=1e-5)
-
-
-def test_jit_script_phi3_mlp():
+def _phi3_mlp():
     from transformers import Phi3Config
     from transformers.models.phi3.modeling_phi3 import Phi3MLP
     torch.manual_seed(0)
-    mlp = Phi3MLP(Phi3Config(hidden_size=32, intermediate_size=48, hidden_act="silu")).eval()
+    return Phi3MLP(Phi3Config(hidden_size=32, intermediate_size=48, hidden_act="silu"))
+
+
+@pytest.mark.parametrize("make", [_llama_mlp, _phi3_mlp], ids=["llama", "phi3"])
+def test_jit_script_gated_mlp(make):
+    mlp = make().eval()
     ref = copy.deepcopy(mlp)
     fl.swap(mlp)
     assert _gated(mlp)

@@ -17,7 +17,7 @@ from fastlayers.swap import loss as swap_loss
 from fastlayers.swap.loss import calls as swap_loss_calls
 from conftest import INTERPRETED, assert_close_fp32
 from integration_helpers import hf_causal_lm
-from small_gpt import GPT
+from small_gpt import GPT, train_losses
 
 H, V = 16, 37
 
@@ -323,28 +323,12 @@ def test_nanogpt_style_redirected_forward_survives_copies(backend, monkeypatch):
     assert not model.fastlayers_swap_report.losses, str(model.fastlayers_swap_report)
 
 
-def _train(model, steps=20):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(3)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, V, (4, 12), generator=g)
-        targets = torch.roll(idx, -1, dims=1)
-        targets[:, -1] = -1
-        _, loss = model(idx, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return torch.tensor(losses)
-
-
 def test_nanogpt_style_training_follows_the_original_curve(backend):
     if backend == "triton" and INTERPRETED:
         pytest.skip("20 training steps through the Triton interpreter take ~30 s (4x the cpp run); the kernels' "
                     "correctness is the op suites' job (this test runs on a GPU)")
     ref, model = _gpt(), fl.swap(_gpt())
-    ref_l, our_l = _train(ref), _train(model)
+    ref_l, our_l = train_losses(ref, V, 20), train_losses(model, V, 20)
     # fp32 round-off compounds over the AdamW steps: the curves agree to 1e-3 relative + 1e-4
     torch.testing.assert_close(our_l, ref_l, rtol=1e-3, atol=1e-4)
     assert our_l[-5:].mean() < our_l[:5].mean()  # it learned

@@ -8,27 +8,9 @@ from torch import nn
 
 import fastlayers as fl
 from fastlayers.ops.norms import TorchRMSNorm
+from integration_helpers import assert_same_grads, small_model
 
 transformers = pytest.importorskip("transformers")
-
-
-def _small(name):
-    T = transformers
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    if name == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(**common))
-    if name == "mistral":
-        return T.MistralForCausalLM(T.MistralConfig(**common))
-    if name == "qwen2":
-        return T.Qwen2ForCausalLM(T.Qwen2Config(**common))
-    if name == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64))
-    if name == "bert":
-        return T.BertForMaskedLM(T.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, intermediate_size=128,
-                                              max_position_embeddings=64))
-    raise KeyError(name)
 
 
 def _norms(model):
@@ -40,7 +22,7 @@ def _norms(model):
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert"])
 def test_models_norms_replaced_same_results(name):
     torch.manual_seed(0)
-    model = _small(name).float()
+    model = small_model(name).float()
     with torch.no_grad():  # random norm weights (their init is all ones: a wrong weight would hide)
         for _, m in _norms(model):
             if getattr(m, "weight", None) is not None:
@@ -71,12 +53,7 @@ def test_models_norms_replaced_same_results(name):
         torch.testing.assert_close(out.logits, out_r.logits, rtol=1e-4, atol=1e-4)
     out.loss.backward()
     out_r.loss.backward()
-    ref_params = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        if p.grad is None:
-            assert ref_params[n].grad is None, n
-            continue
-        torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert_same_grads(model, ref)
 
 
 def test_non_standard_rmsnorm_left_alone():

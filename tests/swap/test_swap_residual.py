@@ -13,33 +13,9 @@ from fastlayers.ops import norms as _norms_mod
 from fastlayers.swap.residual import add_norm
 
 import nanogpt_model
+from integration_helpers import assert_same_grads, small_model
 
 transformers = pytest.importorskip("transformers")
-
-
-def _model(name):
-    T = transformers
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
-    if name == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(**common))
-    if name == "mistral":
-        return T.MistralForCausalLM(T.MistralConfig(**common))
-    if name == "qwen2":
-        return T.Qwen2ForCausalLM(T.Qwen2Config(**common))
-    if name == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                              bos_token_id=0, eos_token_id=0))
-    if name == "bert":
-        return T.BertForMaskedLM(T.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, intermediate_size=128,
-                                              max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                              attention_probs_dropout_prob=0.0))
-    if name == "nanogpt":
-        return nanogpt_model.GPT(nanogpt_model.GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2,
-                                                         n_embd=64, dropout=0.0))
-    raise KeyError(name)
 
 
 # norm paths whose residual add is fused, and modules left alone with (a part of) the reason
@@ -95,19 +71,14 @@ def _check_same(model, ref, name, ids):
     torch.testing.assert_close(logits, logits_r, rtol=1e-4, atol=1e-4)
     loss.backward()
     loss_r.backward()
-    ref_params = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        if p.grad is None:
-            assert ref_params[n].grad is None, n
-            continue
-        torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert_same_grads(model, ref)
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert", "nanogpt"])
 def test_models_residual_fused_same_results(name, train, monkeypatch):
     torch.manual_seed(0)
-    model = _model(name).float()
+    model = small_model(name).float()
     _randomise_norms(model)
     model.train(train)
     ref = copy.deepcopy(model)
@@ -134,7 +105,7 @@ def test_models_residual_fused_same_results(name, train, monkeypatch):
 def test_models_residual_fused_kernels(name):
     """The same through the C++ kernels (tiny CPU calls otherwise run PyTorch's ops)."""
     torch.manual_seed(1)
-    model = _model(name).float().train()
+    model = small_model(name).float().train()
     _randomise_norms(model)
     ref = copy.deepcopy(model)
     fl.swap(model)
@@ -164,7 +135,7 @@ def test_bert_train_with_dropout_same_results():
 
 def test_hook_after_swap_is_honoured(monkeypatch):
     torch.manual_seed(0)
-    model = _model("bert").float().eval()
+    model = small_model("bert").float().eval()
     _randomise_norms(model)
     ref = copy.deepcopy(model)
     fl.swap(model)
@@ -190,7 +161,7 @@ def test_hook_after_swap_is_honoured(monkeypatch):
 
 def test_norm_replaced_or_lora_after_swap():
     torch.manual_seed(0)
-    model = _model("bert").float().eval()
+    model = small_model("bert").float().eval()
     _randomise_norms(model)
     ref = copy.deepcopy(model)
     fl.swap(model)

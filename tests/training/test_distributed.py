@@ -5,8 +5,6 @@ Python processes (a few seconds). FSDP2's sharded parameters are DTensors: whate
 fastlayers op as a DTensor takes the PyTorch composite route; all-gathered ones run the kernels."""
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 
 import pytest
@@ -17,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastlayers as fl
-from integration_helpers import backend_skip_reason
+from integration_helpers import backend_skip_reason, run_gloo_rank
 
 WORLD, BATCH, STEPS = 2, 8, 3
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -55,11 +53,7 @@ def _wrap(model: nn.Module, kind: str) -> nn.Module:
 
 
 def _worker(rank: int, kind: str, store: str, backend: str, out: str) -> None:
-    os.environ["FASTLAYERS_BACKEND"] = backend  # forced in this process, as in the parent test
-    torch.set_num_threads(1)
-    # A file rendezvous: no TCP port to pick, so no race with other processes for a free port.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
+    def body():
         model = _wrap(_model(), kind)
         xs, ys = _data()
         per = BATCH // WORLD
@@ -68,18 +62,7 @@ def _worker(rank: int, kind: str, store: str, backend: str, out: str) -> None:
         state = {k.removeprefix("module."): getattr(v, "full_tensor", lambda v=v: v)() for k, v in state.items()}
         if rank == 0:
             torch.save(state, out)
-        # Both ranks done before either tears down: a rank destroying its gloo group while the
-        # other still has work in flight aborted once ("terminate called without an active
-        # exception" from gloo's threads, 1 run in ~20 on the loaded 2-core machine).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # ... and it aborted again once after the barrier (make test, 2026-12-02, loaded machine): the
-    # abort can come from gloo's threads meeting the interpreter's exit. Nothing is left to do
-    # here (rank 0's state is saved and closed), so leave without running exit-time destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_gloo_rank(rank, WORLD, store, backend, body)
 
 
 @needs_gloo

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 import fastlayers as fl
 from fastlayers.swap import causal_lm
 from conftest import assert_close_fp32
-from integration_helpers import backend_skip_reason, hf_causal_lm
+from integration_helpers import backend_skip_reason, hf_causal_lm, run_gloo_rank
 
 import nanogpt_model
 import small_gpt
@@ -211,21 +208,7 @@ def test_nanogpt_training_with_targets_is_logit_free(make):
 
 def test_nanogpt_training_follows_the_original_curve():
     model, orig = fl.swap(_nanogpt(), skip_logits=True), _nanogpt()
-    curves = []
-    for m in (model, orig):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-        g = torch.Generator().manual_seed(3)
-        losses = []
-        for _ in range(8):
-            idx = torch.randint(0, VOCAB, (4, 12), generator=g)
-            targets = torch.roll(idx, -1, dims=1)
-            targets[:, -1] = -1
-            _, loss = m(idx, targets)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
+    curves = [small_gpt.train_losses(m, VOCAB, 8) for m in (model, orig)]
     torch.testing.assert_close(curves[0], curves[1], rtol=1e-3, atol=1e-4)
 
 
@@ -274,34 +257,28 @@ def _fsdp_model():
 
 
 def _fsdp_worker(rank, store, backend, out):
-    os.environ["FASTLAYERS_BACKEND"] = backend
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor
-        model = _fsdp_model()
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model.lm_head)
-        fully_shard(model)
-        assert isinstance(model.lm_head.weight, DTensor)
-        seen = []
-        real = causal_lm.linear_cross_entropy
-        causal_lm.linear_cross_entropy = lambda h, w, *a, **k: seen.append(
-            (type(w).__name__, tuple(w.shape))) or real(h, w, *a, **k)
-        ids, labels = _ids()  # the same batch on both ranks: FSDP's averaged gradient is the full one
-        out_ = model(ids, labels=labels)
-        out_.loss.backward()
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        if rank == 0:
-            torch.save({"loss": out_.loss.detach(), "logits": out_.logits, "grads": grads, "seen": seen}, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_gloo_rank(rank, WORLD, store, backend, lambda: _fsdp_step(rank, out))
+
+
+def _fsdp_step(rank, out):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    model = _fsdp_model()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head)
+    fully_shard(model)
+    assert isinstance(model.lm_head.weight, DTensor)
+    seen = []
+    real = causal_lm.linear_cross_entropy
+    causal_lm.linear_cross_entropy = lambda h, w, *a, **k: seen.append(
+        (type(w).__name__, tuple(w.shape))) or real(h, w, *a, **k)
+    ids, labels = _ids()  # the same batch on both ranks: FSDP's averaged gradient is the full one
+    out_ = model(ids, labels=labels)
+    out_.loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"loss": out_.loss.detach(), "logits": out_.logits, "grads": grads, "seen": seen}, out)
 
 
 @needs_gloo

@@ -31,7 +31,7 @@ from torch import nn
 from ..patterns import fusable_linear, join, linear_problem, path_name
 from .calls import CROSS_ENTROPY, FUSED, cross_entropy_as_torch, head_cross_entropy, is_torch_cross_entropy, logits_stand_in
 from .hf import causal_lm_loss, hf_causal_lm, hf_loss_of  # noqa: F401 (causal_lm.py reads it here)
-from .redirect import _codes, redirect, redirect_plan, redirected_class  # noqa: F401 (causal_lm.py)
+from .redirect import _codes, redirect, redirect_plan, redirected_class  # noqa: F401 (causal_lm.py, lm_source.py)
 from .traced import GraphLosses
 
 __all__ = ["cross_entropy_as_torch", "head_cross_entropy", "logits_stand_in", "causal_lm_loss",

@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.nn.functional as F
 from torch import nn
 
-from ..tracing import _global_values, make_subclass
+from ..rewrite import make_subclass
+from ..tracing import _global_values
 from .calls import cross_entropy_as_torch, is_torch_cross_entropy
 
 
