@@ -93,10 +93,12 @@ class FusedOp:
         subclasses, torch.func transforms, dispatch modes); the Function when a gradient is
         needed; else the backend's forward, nothing saved. Returns the outputs (a tuple of
         n_outputs; None where the op gives none; the registered op's placeholders are its own)."""
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        recording = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if recording and self.library is not None:
             outs = self.library(*inputs, *params)
             return tuple(outs[:self.n_outputs]) if isinstance(outs, (tuple, list)) else (outs,)
-        if use_composite or composite_reason(*inputs) is not None:
+        if recording or use_composite or composite_reason(*inputs) is not None:  # (an op without
+            # registered ops records its composite: Inductor fuses elementwise formulas itself)
             return composite(inputs, params)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
             outs = self.Function.apply(*inputs, *params)

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from .. import activations as _acts
-from .._dispatch import backend_for, check_slope, check_tensor, composite_reason, owned
-from ..activations import DEFAULT_SLOPE, SAVE_OUTPUT, Activation
+from .._dispatch import backend_for, check_slope, check_tensor
+from ._autograd import FusedOp, define
+from ..activations import DEFAULT_SLOPE, SAVE_OUTPUT
 from ..backends import forced
 
 OP = "fastlayers.activation"
@@ -46,34 +47,35 @@ def _as_2d(x: Tensor) -> Tensor:
     return x2.contiguous()
 
 
-class ActFunction(torch.autograd.Function):
-    """y = act(x); saves x (an input) or y (act.saves(slope) == "output")."""
+class Act(FusedOp):
+    """y = act(x); saves x (an input) or y (act.saves(slope) == "output"). No registered ops: while
+    torch.compile / jit.trace record, the formula (Inductor fuses it into one kernel itself)."""
+    name, public = "activation", OP
 
-    @staticmethod
-    def forward(ctx, x: Tensor, act: Activation, slope: float, backend) -> Tensor:
-        y = owned(backend.act_forward(_as_2d(x), act, slope).view(x.shape))
-        ctx.act, ctx.slope, ctx.backend = act, slope, backend
-        ctx.save_for_backward(y if act.saves(slope) == SAVE_OUTPUT else x)
-        return y
+    def forward(self, backend, inputs, params, save):
+        (x,), act = inputs, _acts.get(params[0])
+        return (backend.act_forward(_as_2d(x), act, params[1]).view(x.shape),), ()
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        (saved,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the formula's own graph, exact higher orders
-            if ctx.act.saves(ctx.slope) == SAVE_OUTPUT:  # no x kept: the derivative as a function of y
-                return _ref_backward(dy, saved, ctx.act, ctx.slope), None, None, None
-            with torch.enable_grad():
-                x = saved.detach().requires_grad_() if not saved.requires_grad else saved
-                y = ctx.act.ref(x, ctx.slope)
-            (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
-            return dx, None, None, None
-        dx = ctx.backend.act_grad(_as_2d(dy), _as_2d(saved), ctx.act, ctx.slope)
-        return dx.view(saved.shape), None, None, None
+    def save(self, inputs, outputs, extras, params):
+        return outputs if _acts.get(params[0]).saves(params[1]) == SAVE_OUTPUT else inputs
+
+    def backward(self, backend, saved, grads, needs, params):
+        (s,), (dy,) = saved, grads
+        return (backend.act_grad(_as_2d(dy), _as_2d(s), _acts.get(params[0]), params[1]).view(s.shape),)
+
+    def backward_graph(self, saved, grads, needs, params):
+        (s,), (dy,), act = saved, grads, _acts.get(params[0])
+        if act.saves(params[1]) == SAVE_OUTPUT:  # no x kept: the derivative as a function of y
+            from ..backends import reference as _ref  # PyTorch ops: differentiable in dy and y
+            return (_ref.act_grad(dy, s, act, params[1]),)
+        with torch.enable_grad():
+            x = s.detach().requires_grad_() if not s.requires_grad else s
+            y = act.ref(x, params[1])
+        return torch.autograd.grad(y, x, dy, create_graph=True)
 
 
-def _ref_backward(dy: Tensor, y: Tensor, act: Activation, slope: float) -> Tensor:
-    from ..backends import reference as _ref  # PyTorch ops: differentiable in dy and y
-    return _ref.act_grad(dy, y, act, slope)
+ACT = define(Act(), library=False)
+ActFunction = ACT.Function
 
 
 def activation(x: Tensor, activation: str = "gelu", negative_slope: float = DEFAULT_SLOPE) -> Tensor:
@@ -86,12 +88,8 @@ def activation(x: Tensor, activation: str = "gelu", negative_slope: float = DEFA
     act = _acts.get(activation, OP)
     slope = check_slope(OP, negative_slope)
     check_tensor(OP, "x", x)
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or composite_reason(x) is not None
-            or x.numel() == 0 or (x.is_cpu and x.numel() < _TORCH_MIN_NUMEL and forced() is None)):
-        return act.ref(x, slope)
-    backend = backend_for(OP, x.device, x.dtype)
-    if getattr(backend, "act_forward", None) is None:  # no bare-activation pass there (triton)
-        return act.ref(x, slope)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return ActFunction.apply(x, act, slope, backend)
-    return owned(backend.act_forward(_as_2d(x), act, slope).view(x.shape))
+    small = x.numel() == 0 or (x.is_cpu and x.numel() < _TORCH_MIN_NUMEL and forced() is None)
+    if not (small or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        # no bare-activation pass on that device's backend (triton): the formula
+        small = getattr(backend_for(OP, x.device, x.dtype), "act_forward", None) is None
+    return ACT.run((x,), (act.name, slope), lambda inputs, params: (act.ref(x, slope),), small)[0]
