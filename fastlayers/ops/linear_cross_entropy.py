@@ -54,8 +54,8 @@ from .. import activations as _acts
 from .._autocast import autocast_dtype as _autocast_dtype
 from .._dispatch import check_tensor as _check_tensor, composite_reason, placeholder
 from .._errors import DeviceError, DTypeError, ShapeError
-from ._loss import (_ce_backend, _check_class_target, _check_options, _check_target_values, _compute_dtype,
-                    _reduce, _row_scale)
+from ._autograd import FusedOp, define
+from ._loss import _check_class_target, _check_options, _check_target_values, _compute_dtype, _reduce, _row_scale
 
 # linear_cross_entropy's logits in flight, in bytes of h's dtype (module docstring): the forward's
 # (tokens, whole vocab) chunks, and the gradient pass's (tokens, vocab block) blocks, these at least
@@ -215,53 +215,99 @@ def _lce_den(target: Tensor, ignore_index: int, dtype: torch.dtype) -> Tensor:
     return (target != ignore_index).sum().to(dtype)
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
+class LinearCrossEntropy(FusedOp):
+    """The loss of h2 (N, H) through the head (weight, bias) against target (N,), in out_dtype. need_dh /
+    need_dw / need_db: which gradients the backward will want (they decide what the forward builds).
+    Saves h2, weight, bias, target (inputs: no copies) and the internal outputs den, stats, dh0, dw0,
+    db0 (module docstring)."""
+    name, public = "linear_cross_entropy", "fastlayers.linear_cross_entropy"
+    schema = ("Tensor h2, Tensor weight, Tensor? bias, Tensor target, int ignore_index, float eps, str reduction, "
+              "ScalarType out_dtype, bool need_dh, bool need_dw, bool need_db")
+    n_inputs, n_extras = 4, 5
+
+    def check(self, inputs, params):
+        _check_target_values(self.public, inputs[3], inputs[1].shape[0], params[0])
+
     @staticmethod
-    def forward(ctx, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                eps: float, reduction: str, out_dtype: torch.dtype, loss_shape) -> Tensor:
-        backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
+    def _forward_grads(weight: Tensor, bias: Optional[Tensor], n: int, params) -> Tuple[bool, bool]:
+        """(dW, db) summed in the forward (forward_weight_grads)."""
+        reduction, need_dw, need_db = params[2], params[5], params[6]
+        fwd_dw = need_dw and forward_weight_grads(n, weight, reduction)
+        return fwd_dw, fwd_dw and need_db and bias is not None
+
+    def forward(self, backend, inputs, params, save):
+        (h2, weight, bias, target), (ignore_index, eps, reduction, out_dtype, need_dh, need_dw, _) = inputs, params
         cd = _compute_dtype(h2.dtype)
         den = _lce_den(target, ignore_index, cd)
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        fwd_dw = need_dw and forward_weight_grads(h2.shape[0], weight, reduction)
-        fwd_db = fwd_dw and bias is not None and ctx.needs_input_grad[2]
+        fwd_dw, fwd_db = self._forward_grads(weight, bias, h2.shape[0], params)
         dz_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh or fwd_dw else None
         rows, stats, dh0, dw0, db0 = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps, dz_scale,
                                                   need_dw, need_dh, fwd_dw, fwd_db)
-        ctx.backend, ctx.ignore_index, ctx.eps, ctx.reduction = backend, ignore_index, eps, reduction
-        ctx.fwd_dw, ctx.fwd_db = fwd_dw, fwd_db
-        ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0, dw0, db0)
-        return _reduce(rows, reduction, den, out_dtype, loss_shape)
+        return (_reduce(rows, reduction, den, out_dtype, (h2.shape[0],)),), (den, stats, dh0, dw0, db0)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        h2, weight, bias, target, den, stats, dh0, dw0, db0 = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        if torch.is_grad_enabled():  # create_graph=True: a graph of PyTorch ops (higher orders exact)
-            return _lce_backward_differentiable(h2, weight, bias, target, grad, ctx.ignore_index, ctx.eps,
-                                                ctx.reduction, need) + (None,) * 6
-        dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
-        dw = _scaled_weight_grad(dw0, grad, weight.dtype) if ctx.fwd_dw else None
-        db = _scaled_weight_grad(db0, grad, bias.dtype) if ctx.fwd_db else None
-        rest = (need[1] and not ctx.fwd_dw, need[2] and not ctx.fwd_db)
+    def save(self, inputs, outputs, extras, params):
+        return inputs + extras
+
+    def backward(self, backend, saved, grads, needs, params):
+        h2, weight, bias, target, den, stats, dh0, dw0, db0 = saved
+        (grad,), (ignore_index, eps, reduction, _, need_dh, _, _) = grads, params
+        need = (needs[0], needs[1], bias is not None and needs[2])
+        fwd_dw, fwd_db = self._forward_grads(weight, bias, h2.shape[0], params)
+        if need[0] and not need_dh:  # dh0 was not built (a graph recorded without it): the forward again
+            scale = _lce_scales(reduction, den, target, ignore_index, stats.dtype)
+            dh0 = _lce_forward(backend, h2, weight, bias, target, ignore_index, eps, scale, False, True)[2]
+        dh = _lce_dh(dh0, reduction, den, target, ignore_index, grad) if need[0] else None
+        dw = _scaled_weight_grad(dw0, grad, weight.dtype) if need[1] and fwd_dw else None
+        db = _scaled_weight_grad(db0, grad, bias.dtype) if need[2] and fwd_db else None
+        rest = (need[1] and not fwd_dw, need[2] and not fwd_db)
         if any(rest):
-            scale = _row_scale(grad, ctx.reduction, den, target, ctx.ignore_index, stats.dtype)
-            dw2, db2 = _lce_grads(ctx.backend, h2, weight, bias, target, stats, scale, ctx.ignore_index, ctx.eps,
-                                  *rest)
+            scale = _row_scale(grad, reduction, den, target, ignore_index, stats.dtype)
+            dw2, db2 = _lce_grads(backend, h2, weight, bias, target, stats, scale, ignore_index, eps, *rest)
             dw, db = dw if dw2 is None else dw2, db if db2 is None else db2
-        return (dh, dw, db) + (None,) * 6
+        return dh, dw, db, None
+
+    def backward_graph(self, saved, grads, needs, params):
+        h2, weight, bias, target = saved[:4]
+        ignore_index, eps, reduction = params[:3]
+        need = (needs[0], needs[1], bias is not None and needs[2])
+        with torch.enable_grad():
+            ins = [t.detach().requires_grad_() if (t is not None and not t.requires_grad) else t
+                   for t in (h2, weight, bias)]
+            z = F.linear(ins[0], ins[1], ins[2])
+            loss = F.cross_entropy(z.float() if h2.dtype in (torch.float16, torch.bfloat16) else z, target,
+                                   ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
+            wrt = [t for t, n in zip(ins, need) if n]
+            got = iter(torch.autograd.grad(loss, wrt, grads[0].reshape(loss.shape).to(loss.dtype), create_graph=True))
+        return tuple(next(got) if n else None for n in need) + (None,)
+
+    def fake(self, inputs, params):
+        h2, weight, bias, _ = inputs
+        reduction, out_dtype, need_dh = params[2], params[3], params[4]
+        cd = _compute_dtype(h2.dtype)
+        fwd_dw, fwd_db = self._forward_grads(weight, bias, h2.shape[0], params)
+        return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=out_dtype),
+                h2.new_empty((), dtype=cd), h2.new_empty((h2.shape[0], 3), dtype=cd),
+                h2.new_empty(h2.shape) if need_dh else placeholder(h2),
+                weight.new_empty(weight.shape) if fwd_dw else placeholder(h2),
+                h2.new_empty((weight.shape[0],), dtype=cd) if fwd_db else placeholder(h2))
+
+    def fake_backward(self, saved, grads, needs, params):
+        h2, weight, bias = saved[:3]
+        return (h2.new_empty(h2.shape) if needs[0] else placeholder(h2),
+                weight.new_empty(weight.shape) if needs[1] else placeholder(h2),
+                weight.new_empty((weight.shape[0],)) if needs[2] and bias is not None else placeholder(h2),
+                placeholder(h2))
 
 
-def _lce_backward_differentiable(h2, weight, bias, target, grad, ignore_index, eps, reduction, need):
-    with torch.enable_grad():
-        ins = [t.detach().requires_grad_() if (t is not None and not t.requires_grad) else t
-               for t in (h2, weight, bias)]
-        loss = F.cross_entropy(F.linear(ins[0], ins[1], ins[2]).float() if h2.dtype in (torch.float16, torch.bfloat16)
-                               else F.linear(ins[0], ins[1], ins[2]), target, ignore_index=ignore_index,
-                               label_smoothing=eps, reduction=reduction)
-        wrt = [t for t, n in zip(ins, need) if n]
-        got = iter(torch.autograd.grad(loss, wrt, grad.reshape(loss.shape).to(loss.dtype), create_graph=True))
-    return tuple(next(got) if n else None for n in need)
+LINEAR_CROSS_ENTROPY = define(LinearCrossEntropy())
+LinearCrossEntropyFunction = LINEAR_CROSS_ENTROPY.Function
+
+
+def _composite(inputs, params):
+    (h2, weight, bias, target), (ignore_index, eps, reduction, out_dtype) = inputs, params[:4]
+    loss = F.cross_entropy(F.linear(h2, weight, bias), target, ignore_index=ignore_index, label_smoothing=eps,
+                           reduction=reduction)
+    return (loss.to(out_dtype),)
 
 
 def _check_linear_ce(op: str, h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -333,93 +379,9 @@ def _linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Optio
     t2 = target.reshape(-1).contiguous()
     if h2.device.type == "meta":
         return h2.new_empty(loss_shape if reduction == "none" else (), dtype=out_dtype)
-    grad_on = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
-                                           or (bias is not None and bias.requires_grad))
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        loss = _lce_lib(h2, weight, bias, t2, ignore_index, eps, reduction, grad_on and h.requires_grad,
-                        grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)[0]
-        return loss.to(out_dtype).view(loss_shape) if reduction == "none" else loss.to(out_dtype)
-    if grad_on:
-        return LinearCrossEntropyFunction.apply(h2, weight, bias, t2, ignore_index, eps, reduction, out_dtype,
-                                                loss_shape)
-    rows = _lce_forward(_ce_backend(h2, op), h2, weight, bias, t2, ignore_index, eps)[0]
-    return _reduce(rows, reduction, _lce_den(t2, ignore_index, rows.dtype), out_dtype, loss_shape)
-
-
-# torch.library ops for torch.compile / jit.trace: the forward returns the loss (per row for
-# "none", in the compute dtype), the "mean" denominator, the row stats, dh0 (empty unless need_dh),
-# and dw0 / db0 when forward_weight_grads says dW is summed in the forward (else empty; need_dw
-# sizes the chunks); the backward scales dh0 (and dw0 / db0) and runs the gradient pass for the rest.
-@torch.library.custom_op("fastlayers::linear_cross_entropy", mutates_args=())
-def _lce_lib(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, eps: float,
-             reduction: str, need_dh: bool, need_dw: bool,
-             need_db: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    op = "fastlayers.linear_cross_entropy"
-    _check_target_values(op, target, weight.shape[0], ignore_index)
-    cd = _compute_dtype(h2.dtype)
-    den = _lce_den(target, ignore_index, cd)
-    fwd_dw = need_dw and forward_weight_grads(h2.shape[0], weight, reduction)
-    fwd_db = fwd_dw and need_db and bias is not None
-    dz_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh or fwd_dw else None
-    rows, stats, dh0, dw0, db0 = _lce_forward(_ce_backend(h2, op), h2, weight, bias, target, ignore_index, eps,
-                                              dz_scale, need_dw, need_dh, fwd_dw, fwd_db)
-    loss = rows if reduction == "none" else _reduce(rows, reduction, den, cd, ())
-    return (loss, den, stats, placeholder(h2) if dh0 is None else dh0, placeholder(h2) if dw0 is None else dw0,
-            placeholder(h2) if db0 is None else db0)
-
-
-@_lce_lib.register_fake
-def _(h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw, need_db=False):
-    cd = _compute_dtype(h2.dtype)
-    fwd_dw = need_dw and forward_weight_grads(h2.shape[0], weight, reduction)
-    fwd_db = fwd_dw and need_db and bias is not None
-    return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=cd), h2.new_empty((), dtype=cd),
-            h2.new_empty((h2.shape[0], 3), dtype=cd), h2.new_empty(h2.shape if need_dh else (0,)),
-            weight.new_empty(weight.shape if fwd_dw else (0,)),
-            weight.new_empty((weight.shape[0] if fwd_db else 0,), dtype=cd))
-
-
-@torch.library.custom_op("fastlayers::linear_cross_entropy_backward", mutates_args=())
-def _lce_backward_lib(grad: Tensor, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                      den: Tensor, stats: Tensor, ignore_index: int, eps: float, reduction: str, need_dw: bool,
-                      need_db: bool) -> Tuple[Tensor, Tensor]:
-    """dW, db (empty when not needed)."""
-    backend = _ce_backend(h2, "fastlayers.linear_cross_entropy")
-    scale = _row_scale(grad, reduction, den, target, ignore_index, stats.dtype)
-    dw, db = _lce_grads(backend, h2, weight, bias, target, stats, scale, ignore_index, eps, need_dw,
-                        need_db and bias is not None)
-    return (placeholder(h2) if dw is None else dw), (placeholder(h2) if db is None else db)
-
-
-@_lce_backward_lib.register_fake
-def _(grad, h2, weight, bias, target, den, stats, ignore_index, eps, reduction, need_dw, need_db):
-    return (weight.new_empty(weight.shape) if need_dw else placeholder(h2),
-            weight.new_empty((weight.shape[0],)) if need_db and bias is not None else placeholder(h2))
-
-
-def _lce_lib_setup(ctx, inputs, output) -> None:
-    h2, weight, bias, target, ignore_index, eps, reduction, need_dh, need_dw = inputs[:9]
-    loss, den, stats, dh0, dw0, db0 = output
-    ctx.mark_non_differentiable(den, stats, dh0, dw0, db0)
-    ctx.ignore_index, ctx.eps, ctx.reduction = ignore_index, eps, reduction
-    ctx.save_for_backward(h2, weight, bias, target, den, stats, dh0, dw0, db0)
-
-
-def _lce_lib_backward(ctx, grad, *_):
-    h2, weight, bias, target, den, stats, dh0, dw0, db0 = ctx.saved_tensors
-    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-    if need[0] and dh0.shape != h2.shape:  # the op was called with need_dh=False: the forward again
-        dh0 = _lce_lib(h2, weight, bias, target, ctx.ignore_index, ctx.eps, ctx.reduction, True, False)[3]
-    dh = _lce_dh(dh0, ctx.reduction, den, target, ctx.ignore_index, grad) if need[0] else None
-    have_dw, have_db = dw0.shape == weight.shape, bias is not None and db0.shape == bias.shape
-    dw = _scaled_weight_grad(dw0, grad, weight.dtype, False) if need[1] and have_dw else None
-    db = _scaled_weight_grad(db0, grad, bias.dtype, False) if need[2] and have_db else None
-    rest = (need[1] and not have_dw, need[2] and not have_db)
-    if any(rest):
-        dw2, db2 = _lce_backward_lib(grad, h2, weight, bias, target, den, stats, ctx.ignore_index, ctx.eps,
-                                     ctx.reduction, *rest)  # empty where not needed
-        dw, db = dw2 if rest[0] else dw, db2 if rest[1] else db
-    return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 7
-
-
-torch.library.register_autograd("fastlayers::linear_cross_entropy", _lce_lib_backward, setup_context=_lce_lib_setup)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    (loss,) = LINEAR_CROSS_ENTROPY.run((h2, weight, bias, t2), (ignore_index, eps, reduction, out_dtype, *needs),
+                                       _composite)
+    return loss.view(loss_shape) if reduction == "none" else loss

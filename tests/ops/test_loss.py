@@ -613,8 +613,8 @@ def test_library_ops_opcheck():
     h, w = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(7, 8, generator=g, requires_grad=True)
     for reduction, need_dh in (("sum", True), ("none", False)):
         torch.library.opcheck(torch.ops.fastlayers.linear_cross_entropy.default,
-                              (h, w, None, torch.randint(0, 7, (4,), generator=g), -100, 0.0, reduction, need_dh,
-                               True))
+                              (h, w, None, torch.randint(0, 7, (4,), generator=g), -100, 0.0, reduction,
+                               torch.float32, need_dh, True, False))
 
 
 def test_autocast_like_torch():
