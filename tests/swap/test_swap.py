@@ -374,7 +374,8 @@ def test_plain_linears_prepacked_in_inference(monkeypatch):
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
     from fastlayers.backends.cpu import gemm
     if not gemm.plain_linear_gain(256, 256, 256, torch.float32):
-        pytest.skip("oneDNN's fused linear is unusable in this torch: plain Linears run F.linear")
+        pytest.skip("no oneDNN gain for fp32 plain Linears here (MKL's own sgemm on Intel, or no usable "
+                    "oneDNN fused linear): they run F.linear")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.Dropout(0.0), nn.Linear(256, 256)).eval()
     ref = copy.deepcopy(model)
