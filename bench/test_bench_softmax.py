@@ -77,7 +77,7 @@ def test_overhead_softmax(compare, cpu_backend):
 @pytest.mark.parametrize("shape", [(1, 64), (8, 256), (32, 512)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("op", list(OPS))
 def test_small_softmax(compare, cpu_backend, op, shape):
-    """Small inputs without grad (below cpp.TORCH_SOFTMAX_MAX_NUMEL: PyTorch's own kernel behind
+    """Small inputs without grad (below the cpp backend's TORCH_SOFTMAX_MAX_NUMEL: PyTorch's own kernel behind
     fastlayers' tiny gate): what the gate's checks cost on top of eager."""
     x = randn(*shape, seed=1, scale=2.0)
 

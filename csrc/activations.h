@@ -24,7 +24,7 @@ enum Act {
   HARDSWISH = 8, HARDSIGMOID = 9, RELU6 = 10, QUICK_GELU = 11, MISH = 12, kNumActs
 };
 // Names by code, as in fastlayers/activations.py: exported as _C.ACTIVATION_CODES and checked
-// against the Python table when fastlayers.backends.cpp is imported.
+// against the Python table when fastlayers.backends.cpu (the cpp backend) is imported.
 inline constexpr const char* kActNames[kNumActs] = {"none", "relu", "leaky_relu", "gelu", "gelu_tanh",
                                                     "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
                                                     "relu6", "quick_gelu", "mish"};

@@ -1,6 +1,6 @@
 // pybind11 bindings of the CPU kernels. The module does not link libtorch (no rebuild when torch
-// changes): fastlayers.backends.cpp hands each tensor over as a buffer descriptor
-//     (data_ptr, dtype code, shape, strides)          -- see cpp.py's _buf()
+// changes): fastlayers.backends.cpu hands each tensor over as a buffer descriptor
+//     (data_ptr, dtype code, shape, strides)          -- see backends/cpu/_ext.py's _buf()
 // and every entry point checks here, before any kernel runs, that each buffer is what the kernel
 // will read or write: a known dtype code (common.h), the same dtype for all buffers, the shape the
 // other arguments imply, contiguous strides, a non-null pointer when it has elements. A mismatch
@@ -31,7 +31,7 @@
 namespace py = pybind11;
 using namespace fl;
 
-// (data_ptr, dtype code, shape, strides in elements), as cpp.py's _buf() builds it.
+// (data_ptr, dtype code, shape, strides in elements), as backends/cpu/_ext.py's _buf() builds it.
 using Buf = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
 
 static std::string dims(const std::vector<int64_t>& v) {
@@ -295,7 +295,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dh"), py::arg("gu"), py::arg("dgu"), py::arg("dbg"), py::arg("dbu"), py::arg("act"), py::arg("slope"),
         py::arg("from_output"), py::arg("nthreads"), "gated_backward over gu = [g | u] into dgu = [dg | du].");
 
-  // Cross-entropy (loss.cpp). Class-index targets are int64 buffers (code kI64, cpp.py's
+  // Cross-entropy (loss.cpp). Class-index targets are int64 buffers (code kI64, cpu/loss.py's
   // _I64_CODE); weights, losses, stats and scales are in the compute type (fp32, fp64 for fp64 x).
   // The kernels read x[t] at each target t: loss.cpp checks every target against nc first.
   m.def("cross_entropy_forward",
@@ -365,7 +365,7 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("ptr"), py::arg("nbytes"), "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a buffer.");
 
-  // The codes this build was compiled with; fastlayers.backends.cpp checks them against
+  // The codes this build was compiled with; fastlayers.backends.cpu checks them against
   // fastlayers/activations.py and its dtype table at import and refuses to run on a mismatch.
   py::dict acts;
   for (int a = 0; a < kNumActs; ++a) acts[py::str(kActNames[a])] = a;

@@ -32,7 +32,7 @@ typedef _Float16 vhf16 __attribute__((vector_size(32)));
 struct bf16 { uint16_t bits; };  // bfloat16 storage; math in fp32
 using f16 = _Float16;            // IEEE half storage; math in fp32
 
-// dtype codes shared with fastlayers/backends/cpp.py
+// dtype codes shared with fastlayers/backends/cpu/_ext.py
 enum DType { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
 // io<T>: how storage type T is loaded into / stored from a math vector V of W lanes of C.

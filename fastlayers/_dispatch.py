@@ -224,10 +224,10 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
     if _is_compiling():
         return None
     backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
-    if backend is None or backend.ROUTE != "auto" or forced() not in _CPU_OR_NONE:
+    if backend is None or backend.gemm.ROUTE != "auto" or forced() not in _CPU_OR_NONE:
         return None
     if _FAST_TINY_LINEAR is not None:
-        y = _FAST_TINY_LINEAR(x, w, b, act.code, slope, backend.TORCH_OPS_MAX_OUT, backend.TORCH_OPS_MAX_MACS)
+        y = _FAST_TINY_LINEAR(x, w, b, act.code, slope, backend.gemm.TORCH_OPS_MAX_OUT, backend.gemm.TORCH_OPS_MAX_MACS)
         if y is not None or (act.name in _FAST_ACTS and not _torch_function_mode()):
             return y
     if (type(x) is not Tensor or not x.is_cpu
@@ -247,7 +247,7 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
         # M * N <= max_out with M = x.numel() / K (K = 0: M unknown, the general path decides),
         # and M * K * N < max_macs
         macs = x.numel() * n
-        if not k or macs > backend.TORCH_OPS_MAX_OUT * k or macs >= backend.TORCH_OPS_MAX_MACS:
+        if not k or macs > backend.gemm.TORCH_OPS_MAX_OUT * k or macs >= backend.gemm.TORCH_OPS_MAX_MACS:
             return None
         if b is not None and (b.dim() != 1 or b.numel() != n):  # F.linear would broadcast it
             return None
@@ -287,7 +287,7 @@ def tiny_cpu_softmax(x: object, dim: object, dtype: object, log: bool) -> Option
         except TypeError:
             return None
     if dtype is None and _FAST_TINY_SOFTMAX is not None:
-        y = _FAST_TINY_SOFTMAX(x, dim, log, backend.TORCH_SOFTMAX_MAX_NUMEL)
+        y = _FAST_TINY_SOFTMAX(x, dim, log, backend.softmax.TORCH_SOFTMAX_MAX_NUMEL)
         # Its refusal is final, but under the modes it leaves to the Python gate (which runs
         # torch's op for torch.func transforms, dispatch and function modes).
         if y is not None or not (_torch_function_mode() or _dispatch_modes() or _functorch_level() is not None):
@@ -297,7 +297,7 @@ def tiny_cpu_softmax(x: object, dim: object, dtype: object, log: bool) -> Option
     if not x.is_cpu or x.layout is not _STRIDED or x.is_nested or x.dtype not in FLOATS:
         return None
     n = x.dim() or 1
-    if not -n <= dim < n or _tracing_state() is not None or x.numel() >= backend.TORCH_SOFTMAX_MAX_NUMEL:
+    if not -n <= dim < n or _tracing_state() is not None or x.numel() >= backend.softmax.TORCH_SOFTMAX_MAX_NUMEL:
         return None
     if dtype is None:  # (a dtype=None keyword costs torch's argument parser ~0.3 us)
         return _LOG_SOFTMAX(x, dim) if log else _SOFTMAX(x, dim)

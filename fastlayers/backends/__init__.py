@@ -22,7 +22,7 @@ from .._errors import BackendUnavailableError
 
 _MODULES = {
     "reference": "fastlayers.backends.reference",
-    "cpp": "fastlayers.backends.cpp",
+    "cpp": "fastlayers.backends.cpu",
     "triton": "fastlayers.backends.triton",
 }
 # meta tensors carry no data: the reference ops give shapes and dtypes (model init on "meta").

@@ -1,12 +1,13 @@
 """Every backend module against the one contract (fastlayers/backends/contract.py): each member of
 the Backend Protocol present with the same parameter names, kinds and defaults; the optional
 PackedGemm members either absent or the same. A backend that cannot be imported here is skipped
-with the reason. Backends may be packages (triton: fastlayers/backends/triton/): the package itself
-is what the registry loads and what is checked."""
+with the reason. Backends may be packages (triton: fastlayers/backends/triton/, cpp:
+fastlayers/backends/cpu/): the package itself is what the registry loads and what is checked."""
 import inspect
 import types
 
 import pytest
+import torch
 
 from fastlayers._errors import BackendUnavailableError
 from fastlayers.backends import _MODULES, load
@@ -83,3 +84,43 @@ def test_the_check_can_fail():
     assert _params(lambda x, logarithm: None, False) != _params(fn, True)
     del fake.norm_backward
     assert not hasattr(fake, "norm_backward")
+
+
+def test_cpp_is_the_cpu_package():
+    """The registry's "cpp" is the package fastlayers.backends.cpu itself: the packed-weight cache keys
+    on it (gemm._SELF) and calls its prepack_weight, which is the package's own attribute."""
+    import fastlayers.backends.cpu as cpu
+    from fastlayers.backends.cpu import gemm
+    assert _backend("cpp") is cpu and gemm._SELF is cpu and hasattr(cpu, "__path__")
+    for member in _members(PackedGemm):
+        assert member in vars(cpu), f"optional {member} is not an attribute of the package itself"
+
+
+def test_cpu_tunables_live_in_one_module(monkeypatch):
+    """Each tunable of the CPU backend is defined in one submodule and read there (no copy on the
+    package to go stale); the per-call gates of fastlayers._dispatch read it off that module, so a
+    value patched there is the one they see."""
+    from fastlayers import _dispatch
+    from fastlayers.activations import ACTIVATIONS
+    from fastlayers.backends.cpu import gemm, softmax
+    mod = _backend("cpp")
+    tunables = {gemm: ["ROUTE", "ONEDNN_MIN_MACS", "PACKED_MIN_MACS", "PACKED_MIN_K", "TORCH_OPS_MAX_OUT",
+                       "TORCH_OPS_MAX_MACS", "_FP32_MM_ONEDNN", "_onednn_ok", "_linear_pointwise"],
+                softmax: ["TORCH_SOFTMAX_MAX_NUMEL"]}
+    for owner, names in tunables.items():
+        for name in names:
+            assert hasattr(owner, name) and not hasattr(mod, name), f"{name}: one home, {owner.__name__}"
+    assert mod.gemm is gemm and mod.softmax is softmax  # how _dispatch reaches them
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    relu = ACTIVATIONS["relu"]
+    with torch.no_grad():
+        assert _dispatch.tiny_cpu_linear(x, w, None, relu, 0.0) is not None
+        monkeypatch.setattr(gemm, "ROUTE", "mkl")  # a forced route: the gate leaves it to the backend
+        assert _dispatch.tiny_cpu_linear(x, w, None, relu, 0.0) is None
+        monkeypatch.setattr(gemm, "ROUTE", "auto")
+        monkeypatch.setattr(gemm, "TORCH_OPS_MAX_OUT", 7)  # 2 x 4 outputs: over the limit
+        assert _dispatch.tiny_cpu_linear(x, w, None, relu, 0.0) is None
+        s = torch.randn(4, 4)
+        assert _dispatch.tiny_cpu_softmax(s, -1, None, False) is not None
+        monkeypatch.setattr(softmax, "TORCH_SOFTMAX_MAX_NUMEL", 16)
+        assert _dispatch.tiny_cpu_softmax(s, -1, None, False) is None

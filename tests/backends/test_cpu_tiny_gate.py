@@ -1,5 +1,5 @@
 """The tiny no-grad gate (fastlayers._dispatch.tiny_cpu_linear): a CPU linear with at most
-cpp.TORCH_OPS_MAX_OUT outputs and nothing needing grad runs PyTorch's own F.linear + activation
+gemm.TORCH_OPS_MAX_OUT outputs and nothing needing grad runs PyTorch's own F.linear + activation
 (in place) before any other check. It must give PyTorch's values bit for bit, leave the inputs
 alone, and hand everything it is not sure of to the general path, which checks and raises.
 Every gate test runs twice: with the C++ gate (fastlayers._fastpath, csrc/torch/fastpath.cpp)
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import fastlayers as fl
 from fastlayers import _dispatch
 from fastlayers.activations import ACTIVATIONS, NAMES
-from fastlayers.backends import cpp
+from fastlayers.backends.cpu import gemm  # the tunables live there: patched there
+from fastlayers.backends.cpu import softmax as cpu_softmax
 
 from conftest import INF, SPECIAL
 
@@ -145,8 +146,8 @@ def test_tiny_gate_refuses_what_it_must_not_take(gate_calls, monkeypatch):
         assert not refused(x, w, b) and not refused(x, w) and not refused(x[0], w, b)
         assert not refused(x, torch.nn.Parameter(w), torch.nn.Parameter(b))
         # size: M * N above the limit, and K = 0 (M unknown)
-        assert refused(torch.randn(cpp.TORCH_OPS_MAX_OUT // 4 + 1, 8), w, b)
-        assert not refused(torch.randn(cpp.TORCH_OPS_MAX_OUT // 4, 8), w, b)
+        assert refused(torch.randn(gemm.TORCH_OPS_MAX_OUT // 4 + 1, 8), w, b)
+        assert not refused(torch.randn(gemm.TORCH_OPS_MAX_OUT // 4, 8), w, b)
         assert refused(torch.randn(5, 0), torch.randn(4, 0), b)
         # layouts and tensor kinds the general path refuses or routes elsewhere
         assert refused(x.to_sparse(), w, b) and refused(x, w.to_sparse(), b)
@@ -188,9 +189,9 @@ def test_tiny_gate_refuses_what_it_must_not_take(gate_calls, monkeypatch):
         monkeypatch.setenv("FASTLAYERS_BACKEND", "reference")
         assert refused(x, w, b)
         monkeypatch.delenv("FASTLAYERS_BACKEND")
-        monkeypatch.setattr(cpp, "ROUTE", "mkl")
+        monkeypatch.setattr(gemm, "ROUTE", "mkl")
         assert refused(x, w, b)
-        monkeypatch.setattr(cpp, "ROUTE", "auto")
+        monkeypatch.setattr(gemm, "ROUTE", "auto")
         # transforms, dispatch modes, jit.trace: the general path's composite / registered op
         from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -233,7 +234,7 @@ def test_cxx_gate_leaves_torch_function_modes_to_python(gate_calls):
     x, w, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
     with torch.no_grad():
         with Mode():
-            assert FAST(x, w, b, 1, 0.01, cpp.TORCH_OPS_MAX_OUT, cpp.TORCH_OPS_MAX_MACS) is None
+            assert FAST(x, w, b, 1, 0.01, gemm.TORCH_OPS_MAX_OUT, gemm.TORCH_OPS_MAX_MACS) is None
             y = fl.linear_act(x, w, b, "relu")
         assert F.linear in seen
         assert gate_calls[-1] == "python"
@@ -278,21 +279,21 @@ def test_tiny_gate_under_autocast_is_the_general_path(gate_calls):
         y = fl.linear_act(x, w, b, "gelu")
         assert gate_calls
         with fl.use_backend("cpp"):
-            monkey_max = cpp.TORCH_OPS_MAX_OUT
+            monkey_max = gemm.TORCH_OPS_MAX_OUT
             try:
-                cpp.TORCH_OPS_MAX_OUT = 0  # the general path, casting itself, then cpp's kernels
+                gemm.TORCH_OPS_MAX_OUT = 0  # the general path, casting itself, then cpp's kernels
                 y_general = fl.linear_act(x, w, b, "gelu")
             finally:
-                cpp.TORCH_OPS_MAX_OUT = monkey_max
+                gemm.TORCH_OPS_MAX_OUT = monkey_max
     assert y.dtype == y_general.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_general.float(), rtol=1.6e-2, atol=1e-2)
 
 
-# Few rows, large K * N: a tiny output can still be a large GEMV. The rule (backends/cpp.py):
+# Few rows, large K * N: a tiny output can still be a large GEMV. The rule (backends/cpu/gemm.py):
 # PyTorch's ops below TORCH_OPS_MAX_MACS; FusedLinear without grad on its prepacked oneDNN weight
 # (opted in with fastlayers.prepack, frozen weights) from PACKED_MIN_MACS with K >= PACKED_MIN_K;
 # the unpacked oneDNN routes from ONEDNN_MIN_MACS.
-needs_onednn = pytest.mark.skipif(not cpp._probe_onednn(torch.float32),
+needs_onednn = pytest.mark.skipif(not gemm._probe_onednn(torch.float32),
                                   reason="this torch has no usable oneDNN fused linear")
 
 
@@ -307,8 +308,8 @@ needs_onednn = pytest.mark.skipif(not cpp._probe_onednn(torch.float32),
 ], ids=lambda v: str(v))
 def test_few_rows_large_gemv_routes(gate_calls, monkeypatch, act, m, k, n, packed, unpacked):
     calls = []
-    real = cpp._linear_pointwise
-    monkeypatch.setattr(cpp, "_linear_pointwise", lambda *a: calls.append(type(a[1])) or real(*a))
+    real = gemm._linear_pointwise
+    monkeypatch.setattr(gemm, "_linear_pointwise", lambda *a: calls.append(type(a[1])) or real(*a))
     torch.manual_seed(0)
     mod = fl.FusedLinear(k, n, activation=act, prepack=True).requires_grad_(False)
     x = torch.randn(m, k)
@@ -319,13 +320,13 @@ def test_few_rows_large_gemv_routes(gate_calls, monkeypatch, act, m, k, n, packe
         y_fn = fl.linear_act(x, mod.weight, mod.bias, act)
         used_fn = bool(calls)
     assert used_mod == packed, "FusedLinear's no-grad route"
-    assert used_fn == (unpacked and cpp._FP32_MM_ONEDNN), "linear_act's no-grad route"  # (fp32: MKL on Intel)
+    assert used_fn == (unpacked and gemm._FP32_MM_ONEDNN), "linear_act's no-grad route"  # (fp32: MKL on Intel)
     assert (mod._packed is not None and mod._packed[1] is not None) == packed
     for y in (y_mod, y_fn):
         torch.testing.assert_close(y.double(), ref, rtol=1.3e-6, atol=1e-5 * (k / 16) ** 0.5)
     # the gate takes only what stays on PyTorch's ops
     assert _dispatch.tiny_cpu_linear(x, mod.weight.detach(), None, ACTIVATIONS[act], 0.01) is None or \
-        (m * k * n < cpp.TORCH_OPS_MAX_MACS and m * n <= cpp.TORCH_OPS_MAX_OUT)
+        (m * k * n < gemm.TORCH_OPS_MAX_MACS and m * n <= gemm.TORCH_OPS_MAX_OUT)
 
 
 @needs_onednn
@@ -341,15 +342,15 @@ def test_fused_linear_none_packed_gemv_beats_f_linear_route(monkeypatch):
     x = torch.randn(2, 1024)
     with torch.no_grad():
         y = mod(x)
-    assert not calls and cpp.plain_linear_gain(2, 1024, 1024, torch.float32, packed=True)
+    assert not calls and gemm.plain_linear_gain(2, 1024, 1024, torch.float32, packed=True)
     mod.requires_grad_(True)
     y_grad = mod(x)
-    assert calls and not cpp.plain_linear_gain(2, 1024, 1024, torch.float32)
+    assert calls and not gemm.plain_linear_gain(2, 1024, 1024, torch.float32)
     torch.testing.assert_close(y, y_grad.detach(), rtol=1.3e-6, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- tiny softmax
-# fastlayers._dispatch.tiny_cpu_softmax: below cpp.TORCH_SOFTMAX_MAX_NUMEL elements, with no backend
+# fastlayers._dispatch.tiny_cpu_softmax: below cpu_softmax.TORCH_SOFTMAX_MAX_NUMEL elements, with no backend
 # forced, softmax / log_softmax are PyTorch's own ops (values, gradients, dtype argument).
 
 FAST_SOFTMAX = _dispatch._FAST_TINY_SOFTMAX
@@ -412,7 +413,7 @@ def test_tiny_softmax_refuses_what_it_must_not_take(softmax_calls, monkeypatch):
     assert gate(x, -1, None, False) is None
     monkeypatch.delenv("FASTLAYERS_BACKEND")
     # size
-    big = torch.randn(cpp.TORCH_SOFTMAX_MAX_NUMEL)
+    big = torch.randn(cpu_softmax.TORCH_SOFTMAX_MAX_NUMEL)
     assert gate(big, 0, None, False) is None and gate(big[:-1], 0, None, False) is not None
     # an int-like dim (numpy integer, 0-d integer tensor) takes the gate as its int does (the same
     # bits however dim is spelled); a bool, None or an out-of-range dim: the general path (its errors)
@@ -450,7 +451,7 @@ def test_cxx_softmax_gate_arguments_and_modes(softmax_calls):
     x = torch.randn(4, 8)
     with pytest.raises(TypeError, match="4 arguments"):
         FAST_SOFTMAX(x, -1, False)
-    limit = cpp.TORCH_SOFTMAX_MAX_NUMEL
+    limit = cpu_softmax.TORCH_SOFTMAX_MAX_NUMEL
     assert FAST_SOFTMAX(x, 1 << 70, False, limit) is None and FAST_SOFTMAX(x, 1.0, False, limit) is None
     assert FAST_SOFTMAX(x, -3, False, limit) is None and FAST_SOFTMAX(x, 2, True, limit) is None
     assert FAST_SOFTMAX(x, True, False, limit) is None and FAST_SOFTMAX(x, -1, False, 32) is None

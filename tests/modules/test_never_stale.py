@@ -3,7 +3,7 @@ now, whoever wrote it: fused and foreach optimizers, `.data` writes, numpy views
 copies, another process writing shared memory, PEFT's merge. And a forward without grad gives the
 bits of the same forward with grad (an evaluation and a training step of one model agree).
 
-Sizes are those of the packed route (K >= 256 and M*K*N >= 2^20, backends/cpp.py), where a cached
+Sizes are those of the packed route (K >= 256 and M*K*N >= 2^20, backends/cpu/gemm.py), where a cached
 copy of the weight used to be kept; no backend is forced (what users run)."""
 import copy
 import multiprocessing as mp
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fastlayers as fl
 from fastlayers import nn as flnn
 from fastlayers.activations import ACTIVATIONS
-from fastlayers.backends import cpp
+from fastlayers.backends.cpu import gemm
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -167,7 +167,7 @@ def test_peft_merge_and_unload_after_swap_uses_merged_weights():
 
 
 # ----------------------------------------------------------------------------- opt-in prepacking
-needs_onednn = pytest.mark.skipif(not cpp._probe_onednn(torch.float32),
+needs_onednn = pytest.mark.skipif(not gemm._probe_onednn(torch.float32),
                                   reason="this torch has no usable oneDNN fused linear: nothing is prepacked")
 
 

@@ -207,7 +207,7 @@ def test_grid_batched(act, slope, dtype, backend):
     r64 = torch_side(act, slope, dtype, "rows", torch.float64) if _low(dtype) else [None] * 4
     c64 = torch_side(act, slope, dtype, "cols", torch.float64) if _low(dtype) else [None] * 4
     # The cpp backend runs bf16 GELU's forward through ATen's own kernel where that pass has nothing
-    # to fuse (backends/cpp.py _ATEN_PASS: measured 2x faster than ours): on a long tensor that is
+    # to fuse (backends/cpu/activation.py _ATEN_PASS: measured 2x faster than ours): on a long tensor that is
     # ATen's vectorised loop, whose gelu(+inf) = NaN and gelu(z >= ~1.7e38) = inf (the formula: z).
     alts = {"rows y": aten_alt(backend, act, dtype, *_rows(zs, dtype)),
             "cols y": aten_alt(backend, act, dtype, *_cols(zs, dtype))}
@@ -250,10 +250,10 @@ def _repro_zs(backend, dtype):
 
 def aten_alt(backend, act, dtype, x, w, b):
     """What the cpp backend may return instead of the formula: it runs bf16 GELU's forward through
-    ATen's own kernel where that pass has nothing to fuse (backends/cpp.py _ATEN_PASS: measured twice
+    ATen's own kernel where that pass has nothing to fuse (backends/cpu/activation.py _ATEN_PASS: measured twice
     as fast as ours), and on two elements or more that is ATen's vectorised loop, whose gelu(+inf) =
     NaN and gelu(z >= ~1.7e38) = inf (the formula: inf and z). The same holds in every dtype for tiny
-    calls (fewer than cpp.TORCH_OPS_MAX_OUT outputs), which are PyTorch's own F.linear + activation,
+    calls (fewer than cpu/gemm.py TORCH_OPS_MAX_OUT outputs), which are PyTorch's own F.linear + activation,
     with or without grad (the no-grad gate's ops: both give eager's bits). PyTorch's own answer for
     the same call."""
     if backend == "cpp" and act == "gelu":

@@ -344,14 +344,15 @@ def test_errors():
 
 
 def test_cpp_entry_points_check_buffers():
-    from fastlayers.backends import cpp
-    _C, _buf = cpp._C, cpp._buf
+    from fastlayers.backends.cpu import _ext
+    from fastlayers.backends.cpu import attention as cpu_attention
+    _C, _buf = _ext._C, _ext._buf
     x, y = torch.randn(1, 2, 3, 4), torch.empty(1, 2, 3, 4)
     with pytest.raises(ValueError, match="attention_softmax_forward: argument 'mask' has shape"):
-        _C.attention_softmax_forward(_buf(x), cpp._mask_buf(torch.ones(1, 1, 3, 4, dtype=torch.bool)), _buf(y),
+        _C.attention_softmax_forward(_buf(x), cpu_attention._mask_buf(torch.ones(1, 1, 3, 4, dtype=torch.bool)), _buf(y),
                                      1.0, False, 1)
     with pytest.raises(ValueError, match="argument 'mask' has dtype code"):
-        _C.attention_softmax_forward(_buf(x), cpp._mask_buf(torch.ones(1, 2, 3, 4, dtype=torch.float64)),
+        _C.attention_softmax_forward(_buf(x), cpu_attention._mask_buf(torch.ones(1, 2, 3, 4, dtype=torch.float64)),
                                      _buf(y), 1.0, False, 1)
     with pytest.raises(ValueError, match="probabilities of dtype code"):
         _C.attention_softmax_forward(_buf(x), None, _buf(torch.empty(1, 2, 3, 4, dtype=torch.float64)), 1.0,
@@ -359,7 +360,7 @@ def test_cpp_entry_points_check_buffers():
     with pytest.raises(ValueError, match="argument 'x' is not contiguous"):
         _C.attention_softmax_forward(_buf(torch.randn(1, 2, 4, 3).transpose(2, 3)), None, _buf(y), 1.0, False, 1)
     with pytest.raises(ValueError, match="attention_softmax_backward: argument 'mask' has dtype code"):
-        _C.attention_softmax_backward(_buf(y), _buf(y), cpp._mask_buf(x), _buf(x.clone()), 1.0, False, 1)
+        _C.attention_softmax_backward(_buf(y), _buf(y), cpu_attention._mask_buf(x), _buf(x.clone()), 1.0, False, 1)
 
 
 # ----------------------------------------------------------------------------- compile / fake / func

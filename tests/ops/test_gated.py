@@ -311,7 +311,7 @@ def test_stacked_weights(backend, act, dtype, lead, k, n, bias):
     both = torch.randn(2 * n, k, dtype=dtype, generator=torch.Generator().manual_seed(12)) / k ** 0.5
     wg, wu = nn.Parameter(both[:n]), nn.Parameter(both[n:])
     if backend == "cpp":
-        from fastlayers.backends.cpp import _stacked
+        from fastlayers.backends.cpu.gated import _stacked
         assert _stacked(wg, wu) is not None
     bg = bg if bias in ("both", "gate") else None
     bu = bu if bias == "both" else None
@@ -383,7 +383,7 @@ def test_bad_activation_and_slope():
 def test_cpp_entry_points_check_their_arguments():
     """The C++ side refuses buffers it cannot work on (never reads out of bounds)."""
     C = pytest.importorskip("fastlayers._C")
-    from fastlayers.backends.cpp import _buf
+    from fastlayers.backends.cpu._ext import _buf
     g, u, h, b = torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(4)
     with pytest.raises(ValueError, match="gated_forward: argument 'u' has shape"):
         C.gated_forward(_buf(g), None, _buf(torch.zeros(2, 3)), None, _buf(h), 5, 0.0, False, 1)

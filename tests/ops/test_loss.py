@@ -297,8 +297,8 @@ def test_bad_inputs():
 
 def test_cpp_entry_points_check_their_arguments():
     """The C++ side checks what it is handed: never an out-of-bounds read."""
-    from fastlayers.backends import cpp
-    _C, buf = cpp._C, cpp._buf
+    from fastlayers.backends.cpu import _ext
+    _C, buf = _ext._C, _ext._buf
     keep = []  # the tensors behind the descriptors stay alive while the calls run
 
     def b(t):

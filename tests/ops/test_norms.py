@@ -404,9 +404,10 @@ def test_torch_rmsnorm_module():
 def test_cpp_entry_points_check_buffers():
     """fastlayers._C's norm entry points refuse buffers that do not fit (never read out of bounds),
     and its norm kinds are the Python launcher's."""
-    from fastlayers.backends import cpp
-    _C, _buf = cpp._C, cpp._buf
-    assert dict(_C.NORM_KINDS) == cpp._NORM_KINDS
+    from fastlayers.backends.cpu import _ext
+    from fastlayers.backends.cpu import norms as cpu_norms
+    _C, _buf = _ext._C, _ext._buf
+    assert dict(_C.NORM_KINDS) == cpu_norms._NORM_KINDS
     x, y = torch.randn(4, 8), torch.empty(4, 8)
     with pytest.raises(ValueError, match="norm_forward: argument 'w' has shape"):
         _C.norm_forward(_buf(x), None, None, _buf(torch.randn(7)), None, _buf(y), None, None, 0, 1e-6, 1)

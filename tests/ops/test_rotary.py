@@ -332,19 +332,19 @@ def test_errors():
 
 
 def test_cpp_entry_point_checks_buffers():
-    from fastlayers.backends import cpp
+    from fastlayers.backends.cpu import _ext
     q, k, cos, sin, _, _ = layout("llama_gqa", torch.float32)
     c4 = cos.unsqueeze(1).expand(2, 4, 5, 16)
     ck = cos.unsqueeze(1).expand(2, 2, 5, 16)
-    b = cpp._buf
+    b = _ext._buf
     out_q, out_k = torch.empty_like(q), torch.empty_like(k)
     with pytest.raises(ValueError, match="rotary: argument 'cos_k' has shape"):
-        cpp._C.rotary(b(q), b(k), b(c4), b(c4), b(c4), b(c4), b(out_q), b(out_k), False, False, 1)
+        _ext._C.rotary(b(q), b(k), b(c4), b(c4), b(c4), b(c4), b(out_q), b(out_k), False, False, 1)
     with pytest.raises(ValueError, match="rotary: argument 'q' must be contiguous in its last dim"):
         qt = torch.randn(2, 4, 5, 32)[..., ::2]
-        cpp._C.rotary(b(qt), b(k), b(c4), b(c4), b(ck), b(ck), b(out_q), b(out_k), False, False, 1)
+        _ext._C.rotary(b(qt), b(k), b(c4), b(c4), b(ck), b(ck), b(out_q), b(out_k), False, False, 1)
     with pytest.raises(ValueError, match="rotary dim 7 must be even"):
-        cpp._C.rotary(b(q), b(k), b(c4[..., :7]), b(c4[..., :7]), b(ck[..., :7]), b(ck[..., :7]), b(out_q), b(out_k),
+        _ext._C.rotary(b(q), b(k), b(c4[..., :7]), b(c4[..., :7]), b(ck[..., :7]), b(ck[..., :7]), b(out_q), b(out_k),
                       False, False, 1)
 
 

@@ -400,7 +400,7 @@ def test_rss_flat_over_many_calls(name):
 @pytest.mark.skipif(backend_skip_reason("cpp") is not None, reason="the C++ extension is not built")
 def test_extension_checks_its_buffers():
     from fastlayers import _C
-    from fastlayers.backends.cpp import _buf
+    from fastlayers.backends.cpu._ext import _buf
     z, y = torch.randn(4, 5), torch.empty(4, 5)
     with pytest.raises(ValueError, match=r"bias_act_forward: argument 'b' has shape \(4,\), expected \(5,\)"):
         _C.bias_act_forward(_buf(z), _buf(torch.randn(4)), _buf(y), 1, 0.0, 1)

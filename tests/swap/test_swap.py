@@ -372,9 +372,10 @@ def test_plain_linears_prepacked_in_inference(monkeypatch):
     """Without a forced backend, a large plain Linear runs prepacked (cpp) after swap and
     fastlayers.prepack of the frozen model, and its output is nn.Linear's."""
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
-    from fastlayers.backends import cpp
-    if not cpp.plain_linear_gain(256, 256, 256, torch.float32):
-        pytest.skip("oneDNN's fused linear is unusable in this torch: plain Linears run F.linear")
+    from fastlayers.backends.cpu import gemm
+    if not gemm.plain_linear_gain(256, 256, 256, torch.float32):
+        pytest.skip("no oneDNN gain for fp32 plain Linears here (MKL's own sgemm on Intel, or no usable "
+                    "oneDNN fused linear): they run F.linear")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.Dropout(0.0), nn.Linear(256, 256)).eval()
     ref = copy.deepcopy(model)
