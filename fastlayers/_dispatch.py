@@ -94,15 +94,20 @@ def check_slope(op: str, negative_slope: object) -> float:
     return float(negative_slope)
 
 
+def check_int(op: str, name: str, value: object) -> int:
+    """An int-like argument (int, numpy integer, 0-d integer tensor; not a bool) as an int."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: expected {name} to be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: expected {name} to be an int, got {type(value).__name__}") from None
+
+
 def normalize_dim(op: str, x: Tensor, dim: object) -> int:
     """dim as torch.softmax takes it: an int-like (int, numpy integer, 0-d integer tensor; not a
     bool), in [-ndim, ndim) (a 0-d tensor has one dim); returned in [0, max(ndim, 1))."""
-    if isinstance(dim, bool):
-        raise TypeError(f"{op}: expected dim to be an int, got bool")
-    try:
-        d = operator.index(dim)
-    except TypeError:
-        raise TypeError(f"{op}: expected dim to be an int, got {type(dim).__name__}") from None
+    d = check_int(op, "dim", dim)
     n = max(x.dim(), 1)
     if not -n <= d < n:
         raise IndexError(f"{op}: Dimension out of range (expected to be in range of "

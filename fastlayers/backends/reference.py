@@ -299,16 +299,21 @@ def _attn_keep(mask: Optional[Tensor], causal: bool, L: int, S: int, device) -> 
     return keep
 
 
+def attn_scores(x: Tensor, scale: float, mask: Optional[Tensor], causal: bool) -> Tensor:
+    """x * scale [+ an additive mask], -inf where a boolean mask or causality drops a key (eager's
+    rounding: each op rounds to the dtype of its result)."""
+    z = x * scale
+    if mask is not None and mask.dtype != torch.bool:
+        z = z + mask
+    keep = _attn_keep(mask, causal, z.shape[-2], z.shape[-1], z.device)
+    return z if keep is None else z.masked_fill(~keep, float("-inf"))
+
+
 def attention_softmax_forward(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
                               out_dtype: torch.dtype) -> Tensor:
     """softmax(masked(x * scale [+ mask])) in out_dtype: z rounded to x's dtype as eager rounds it,
     the softmax in fp32 (fp64 for fp64) rounded once."""
-    z = x * scale
-    if mask is not None and mask.dtype != torch.bool:
-        z = z + mask
-    keep = _attn_keep(mask, causal, x.shape[-2], x.shape[-1], x.device)
-    if keep is not None:
-        z = z.masked_fill(~keep, float("-inf"))
+    z = attn_scores(x, scale, mask, causal)
     return torch.softmax(z, -1, dtype=torch.float32 if z.dtype in _LOW else z.dtype).to(out_dtype).contiguous()
 
 

@@ -74,7 +74,8 @@ class FusedOp:
         raise NotImplementedError
 
     def fake_backward(self, saved: Tensors, grads: Tensors, needs: Tuple[bool, ...], params: tuple) -> Tensors:
-        """The gradients' metadata: empty tensors, placeholders where not needed."""
+        """The gradients' metadata as empty tensors (placeholders for inputs backward() gives None;
+        define() replaces those not needed by placeholders)."""
         raise NotImplementedError
 
     def backward_device(self, saved: Tensors, grads: Tensors) -> Tensor:
@@ -151,7 +152,8 @@ def _function(spec: FusedOp) -> type:
 
 # --------------------------------------------------------------------------- the library ops
 def _fresh(ts, inputs) -> list:
-    """Custom-op outputs: placeholders for None, copies of any that alias an input or each other."""
+    """Custom-op outputs: placeholders for None (of the first input tensor's dtype), copies of any
+    that alias an input or each other."""
     out, seen = [], {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
     like = next(t for t in inputs if isinstance(t, Tensor))
     for t in ts:
@@ -193,7 +195,9 @@ def _library(spec: FusedOp) -> None:
         return [t.contiguous() for t in res] if spec.contiguous_outputs else res
 
     def fake_backward(grads, saved, needs, *params):
-        return list(spec.fake_backward(tuple(saved), tuple(grads), tuple(needs), params))
+        like = next(t for t in list(saved) + list(grads) if t is not None)  # as _fresh's placeholders
+        fakes = spec.fake_backward(tuple(saved), tuple(grads), tuple(needs), params)
+        return [f if need else placeholder(like) for f, need in zip(fakes, needs)]
 
     def setup_context(ctx, inputs, output) -> None:
         ins, params = inputs[:n], inputs[n:]
@@ -220,9 +224,13 @@ def _library(spec: FusedOp) -> None:
     torch.library.register_autograd(f"fastlayers::{spec.name}", autograd_backward, setup_context=setup_context)
 
 
+DEFINED: Dict[str, FusedOp] = {}  # name -> definition, every op define() has built
+
+
 def define(spec: FusedOp, library: bool = True) -> FusedOp:
     """Builds spec.Function and (library=True) the torch.library ops from spec; returns spec."""
     spec.Function = _function(spec)
     if library:
         _library(spec)
+    DEFINED[spec.name] = spec
     return spec

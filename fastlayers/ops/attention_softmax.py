@@ -67,7 +67,7 @@ from .._dispatch import FLOATS, backend_for, check_tensor, placeholder
 from ._autograd import FusedOp, define
 from .._errors import DeviceError, DTypeError, ShapeError
 from ..backends import forced
-from ..backends.reference import _attn_keep as _keep  # the keep mask (bool mask & causal), one definition
+from ..backends.reference import _attn_keep as _keep, attn_scores as _scores  # one definition each
 
 OP = "fastlayers.attention_softmax"
 _LOW = (torch.float16, torch.bfloat16)
@@ -116,12 +116,7 @@ def _check(scores: object, scale: object, mask: object, causal: object, dtype: o
 def attention_softmax_composite(scores: Tensor, scale: float, mask: Optional[Tensor], causal: bool,
                                 dtype: Optional[torch.dtype]) -> Tensor:
     """The PyTorch-ops statement of the op (composite route, the oracle)."""
-    z = scores * scale
-    if mask is not None and mask.dtype != torch.bool:
-        z = z + mask
-    keep = _keep(mask, causal, z.shape[-2], z.shape[-1], z.device)
-    if keep is not None:
-        z = z.masked_fill(~keep, float("-inf"))
+    z = _scores(scores, scale, mask, causal)
     if dtype is None and z.dtype in _LOW:  # fp32 math, one rounding: Hugging Face's expression
         return torch.softmax(z, -1, dtype=torch.float32).to(z.dtype)
     return torch.softmax(z, -1, dtype=dtype)

@@ -44,13 +44,12 @@ float32, as eager).
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .._dispatch import check_tensor, placeholder
+from .._dispatch import check_int, check_tensor, placeholder
 from .._errors import DeviceError, ShapeError
 from ..backends import forced
 from ._autograd import FusedOp, define
@@ -67,12 +66,7 @@ def _check(q: object, k: object, cos: object, sin: object, unsqueeze_dim: object
             raise ShapeError(f"{OP}: expected {name} to have at least one dim, got a 0-d tensor")
     if not isinstance(interleaved, bool):
         raise TypeError(f"{OP}: expected interleaved to be a bool, got {type(interleaved).__name__}")
-    if isinstance(unsqueeze_dim, bool):
-        raise TypeError(f"{OP}: expected unsqueeze_dim to be an int, got bool")
-    try:
-        ud = operator.index(unsqueeze_dim)
-    except TypeError:
-        raise TypeError(f"{OP}: expected unsqueeze_dim to be an int, got {type(unsqueeze_dim).__name__}") from None
+    ud = check_int(OP, "unsqueeze_dim", unsqueeze_dim)
     for name, t in (("cos", cos), ("sin", sin)):
         n = t.dim() + 1
         if not -n <= ud < n:
@@ -262,7 +256,7 @@ class Rotary(FusedOp):
 
     def fake_backward(self, saved, grads, needs, params):
         gq, gk = grads
-        return _like(_rows(gq)), _like(_rows(gk)), placeholder(gq), placeholder(gq)
+        return _like(_rows(gq)), _like(_rows(gk)), placeholder(saved[0]), placeholder(saved[0])
 
 
 ROTARY = define(Rotary())

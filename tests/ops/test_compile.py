@@ -174,3 +174,52 @@ def test_compile_cuda(name):
             args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
                          else a for a in args)
             torch.library.opcheck(torch.ops.fastlayers.linear_act.default, args)
+
+
+# ----------------------------------------------------------------------------- every definition
+def _op_samples():
+    """Per op defined on fastlayers/ops/_autograd.py: the registered forward's arguments (small)."""
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s, dtype=torch.float32: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    x, w, b = r(3, 8), r(5, 8), r(5)
+    q, k = r(1, 2, 4, 8).transpose(1, 2), r(1, 2, 4, 8).transpose(1, 2)  # (B, S, H, D) views
+    cos, sin = r(1, 4, 1, 8), r(1, 4, 1, 8)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    mask[:, 0] = True
+    return {
+        "softmax": (r(3, 4, 5), 1, False),
+        "linear_act": (x, w, b, "gelu", 0.01),
+        "gated_linear": (x, w, w.clone(), b, None, "silu", 0.01),
+        "norm": (r(4, 16), r(16), r(16), r(4, 16), 1e-5, "layer", 1),
+        "cross_entropy": (r(5, 7), torch.randint(0, 7, (5,), generator=g), None, -100, 0.1, "mean", False),
+        "linear_cross_entropy": (r(4, 8), r(7, 8), r(7), torch.randint(0, 7, (4,), generator=g), -100, 0.0,
+                                 "mean", torch.float32, True, True, True),
+        "rotary": (q, k, cos, sin, False),
+        "attention_softmax": (r(1, 2, 4, 6), mask, 0.5, True, torch.float32, torch.float32),
+    }
+
+
+def test_every_definition_has_a_sample():
+    """New ops built on FusedOp get their registered backward checked below: add a sample there."""
+    from fastlayers.ops._autograd import DEFINED
+    with_library = {name for name, spec in DEFINED.items() if spec.library is not None}
+    assert with_library == set(_op_samples())
+
+
+@pytest.mark.parametrize("name", sorted(_op_samples()))
+def test_opcheck_backward_of_every_definition(backend, name):
+    """The registered backward op of each definition (generated from the op's one backward): schema,
+    fake kernel and real kernel agree, for every subset of the gradients asked for."""
+    from fastlayers.ops._autograd import DEFINED
+    spec, args = DEFINED[name], _op_samples()[name]
+    inputs, params = args[:spec.n_inputs], args[spec.n_inputs:]
+    out = spec.library(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    outs, extras = out[:spec.n_outputs], out[spec.n_outputs:]
+    saved = list(spec.save(tuple(inputs), tuple(outs), tuple(extras), tuple(params)))
+    grads = [torch.randn(o.shape, dtype=o.dtype) for o in outs]
+    float_in = [i for i, t in enumerate(inputs) if t is not None and t.is_floating_point()]
+    for drop in [None] + float_in:
+        needs = [i in float_in and i != drop for i in range(spec.n_inputs)]
+        torch.library.opcheck(spec.library_backward, (grads, saved, needs, *params),
+                              test_utils=("test_schema", "test_faketensor"))
