@@ -101,7 +101,7 @@ class FusedOp:
         if recording or use_composite or composite_reason(*inputs) is not None:  # (an op without
             # registered ops records its composite: Inductor fuses elementwise formulas itself)
             return composite(inputs, params)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        if torch.is_grad_enabled() and _any_requires_grad(inputs):
             outs = self.Function.apply(*inputs, *params)
             return outs if self.n_outputs > 1 else (outs,)
         x = inputs[0]
@@ -109,21 +109,34 @@ class FusedOp:
 
     def needs(self, needs_input_grad: Sequence[bool]) -> Tuple[bool, ...]:
         """Per tensor input, whether its gradient is computed: its own, or one it shares."""
+        if not self.shared_grads:
+            return tuple(needs_input_grad[:self.n_inputs])
         needs = list(needs_input_grad[:self.n_inputs])
         for i, j in self.shared_grads.items():
             needs[j] = needs[j] or needs[i]
         return tuple(needs)
 
-    def share(self, grads: Tensors, needs_input_grad: Sequence[bool]) -> Tensors:
-        grads = list(grads)
+    def share(self, grads: Tensors, needs_input_grad: Sequence[bool]) -> list:
+        """The gradients autograd gets: shared ones filled in, None where an input needs none."""
+        out = list(grads)
         for i, j in self.shared_grads.items():
-            grads[i] = grads[j]
-        return tuple(g if n else None for g, n in zip(grads, needs_input_grad[:self.n_inputs]))
+            out[i] = out[j]
+        for i in range(self.n_inputs):  # (plain loops: this runs on every backward call)
+            if not needs_input_grad[i]:
+                out[i] = None
+        return out
+
+
+def _any_requires_grad(inputs: Tensors) -> bool:
+    for t in inputs:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- the eager Function
 def _function(spec: FusedOp) -> type:
-    n = spec.n_inputs
+    n, single = spec.n_inputs, spec.n_outputs == 1
 
     class Function(torch.autograd.Function):
         @staticmethod
@@ -131,21 +144,25 @@ def _function(spec: FusedOp) -> type:
             inputs, params = args[:n], args[n:]
             backend = spec.backend(inputs[0].device, inputs[0].dtype, params)
             outs, extras = spec.forward(backend, inputs, params, True)
-            outs = tuple(None if o is None else owned(o) for o in outs)  # own tensors, not views
+            if single:
+                outs = (owned(outs[0]),)  # own tensors, not views
+            else:
+                outs = tuple([None if o is None else owned(o) for o in outs])
             ctx.backend, ctx.params = backend, params
             ctx.save_for_backward(*spec.save(inputs, outs, extras, params))
-            return outs if spec.n_outputs > 1 else outs[0]
+            return outs[0] if single else outs
 
         @staticmethod
         def backward(ctx, *grads):
-            saved = ctx.saved_tensors
-            needs = spec.needs(ctx.needs_input_grad)
+            saved, needs_input_grad = ctx.saved_tensors, ctx.needs_input_grad
+            needs = spec.needs(needs_input_grad)
             if torch.is_grad_enabled():  # create_graph=True
                 g = spec.backward_graph(saved, grads, needs, ctx.params)
             else:
                 g = spec.backward(ctx.backend, saved, grads, needs, ctx.params)
-            return spec.share(g, ctx.needs_input_grad) + (None,) * len(ctx.params)
+            return (*spec.share(g, needs_input_grad), *nones)
 
+    nones = (None,) * (spec.schema.count(",") + 1 - n)  # the parameters' gradients
     Function.__name__ = Function.__qualname__ = type(spec).__name__ + "Function"
     return Function
 
@@ -211,7 +228,7 @@ def _library(spec: FusedOp) -> None:
     def autograd_backward(ctx, *grads):
         needs = spec.needs(ctx.needs_input_grad)
         g = spec.library_backward(list(grads[:n_out]), list(ctx.saved_tensors), list(needs), *ctx.params)
-        return spec.share(g, ctx.needs_input_grad) + (None,) * len(ctx.params)
+        return (*spec.share(g, ctx.needs_input_grad), *(None,) * len(ctx.params))
 
     params = spec.schema.split(",")[n:]
     spec.library = torch.library.custom_op(f"fastlayers::{spec.name}", forward, mutates_args=(),

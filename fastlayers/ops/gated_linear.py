@@ -21,10 +21,11 @@ Backend contract (fastlayers/backends/contract.py):
 
 Registered (fastlayers/ops/_autograd.py) as
     fastlayers::gated_linear(x, w_gate, w_up, b_gate?, b_up?, activation, negative_slope) -> (h, g, u)
-with g and u internal (non-differentiable) outputs the compiled backward reuses.
+with g and u (M, N) internal (non-differentiable) outputs the compiled backward reuses.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -62,7 +63,7 @@ def _reference(x, wg, wu, bg, bu, act: Activation, slope: float) -> Tensor:
 
 class GatedLinear(FusedOp):
     """h = act(x Wg^T + bg) * (x Wu^T + bu). Saves x, Wg, Wu, bg, bu (inputs: no copies) and the two
-    pre-activations g, u (each shaped like h)."""
+    pre-activations g, u, each (M, N) for the M rows of x."""
     name, public = "gated_linear", OP
     schema = ("Tensor x, Tensor w_gate, Tensor w_up, Tensor? b_gate, Tensor? b_up, str activation, "
               "float negative_slope")
@@ -75,8 +76,8 @@ class GatedLinear(FusedOp):
         x, wg, wu, bg, bu = inputs
         h, saved = backend.gated_forward(as_2d(x), wg, wu, contiguous(bg), contiguous(bu), _acts.get(params[0]),
                                          params[1], save)  # (M, N); saved (g, u) (M, N) each
-        shape = (*x.shape[:-1], wg.shape[0])
-        return (h.view(shape),), ((None, None) if saved is None else (saved[0].view(shape), saved[1].view(shape)))
+        h = h if x.dim() == 2 else h.view(*x.shape[:-1], wg.shape[0])
+        return (h,), ((None, None) if saved is None else saved)
 
     def save(self, inputs, outputs, extras, params):
         return inputs + extras
@@ -100,7 +101,8 @@ class GatedLinear(FusedOp):
     def fake(self, inputs, params):
         x, w_gate = inputs[:2]
         h = x.new_empty((*x.shape[:-1], w_gate.shape[0]))
-        return h, torch.empty_like(h), torch.empty_like(h)
+        gu = (math.prod(x.shape[:-1]), w_gate.shape[0])  # g and u 2-D (M, N)
+        return h, h.new_empty(gu), h.new_empty(gu)
 
     def fake_backward(self, saved, grads, needs, params):
         x, wg, wu = saved[:3]

@@ -9,11 +9,12 @@ the registered op while torch.compile / jit.trace record, the composite for tens
 read, the Function when a gradient is needed, else the backend's forward).
 
 Registered as fastlayers::linear_act(x, weight, bias?, activation, negative_slope) -> (y, z): z is
-the pre-activation when the activation's backward needs it (gelu, silu, ...), else an empty tensor
-(an internal output the compiled backward reuses instead of recomputing).
+the pre-activation (M, N) when the activation's backward needs it (gelu, silu, ...), else an empty
+tensor (an internal output the compiled backward reuses instead of recomputing).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -45,7 +46,7 @@ class LinearAct(FusedOp):
         (x, weight, bias), (activation, slope) = inputs, params
         act = _acts.get(activation)
         y, z = linear_forward(backend, x, weight, bias, act, slope, save)  # z: (M, N) or None
-        return (y,), (z.view(y.shape) if save and act.saves(slope) == SAVE_INPUT else None,)
+        return (y,), (z if save and act.saves(slope) == SAVE_INPUT else None,)
 
     def save(self, inputs, outputs, extras, params):
         kind = _acts.get(params[0]).saves(params[1])
@@ -72,7 +73,8 @@ class LinearAct(FusedOp):
     def fake(self, inputs, params):
         x, weight, _ = inputs
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-        return y, (torch.empty_like(y) if _acts.get(params[0]).saves(params[1]) == SAVE_INPUT else _empty(y))
+        save_z = _acts.get(params[0]).saves(params[1]) == SAVE_INPUT
+        return y, (y.new_empty((math.prod(x.shape[:-1]), weight.shape[0])) if save_z else _empty(y))  # z 2-D
 
     def fake_backward(self, saved, grads, needs, params):
         x, weight, _, _ = saved
