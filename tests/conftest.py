@@ -1,13 +1,27 @@
 """Shared test helpers. Runs before any test module imports fastlayers."""
+import hashlib
 import os
 import tempfile
 
 import torch
 
-# torch.compile's on-disk caches key a compiled graph by its forward, not by the registered ops'
-# backward definitions: a cache written by another checkout of fastlayers (an op's backward schema
-# changed) would replay its old backward graph. Tests compile into a fresh cache of their own.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastlayers-tests-inductor-"))
+
+def _inductor_cache_dir() -> str:
+    """torch.compile's on-disk caches key a compiled graph by its forward, not by the registered ops'
+    backward definitions: a cache written by another version of fastlayers (an op's backward schema
+    changed) would replay its old backward graph. Tests compile into a cache keyed by the package's
+    sources (reused while they are unchanged: warm compiles)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastlayers")
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    h.update(f.encode() + fh.read())
+    return os.path.join(tempfile.gettempdir(), f"fastlayers-tests-inductor-{h.hexdigest()[:16]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
 
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors. The flag is read when the
 # @triton.jit decorators run, so it must be set before fastlayers.kernels is imported.

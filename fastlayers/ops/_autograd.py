@@ -160,9 +160,8 @@ def _function(spec: FusedOp) -> type:
                 g = spec.backward_graph(saved, grads, needs, ctx.params)
             else:
                 g = spec.backward(ctx.backend, saved, grads, needs, ctx.params)
-            return (*spec.share(g, needs_input_grad), *nones)
+            return (*spec.share(g, needs_input_grad), *(None,) * len(ctx.params))
 
-    nones = (None,) * (spec.schema.count(",") + 1 - n)  # the parameters' gradients
     Function.__name__ = Function.__qualname__ = type(spec).__name__ + "Function"
     return Function
 

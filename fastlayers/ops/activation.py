@@ -51,6 +51,7 @@ class Act(FusedOp):
     """y = act(x); saves x (an input) or y (act.saves(slope) == "output"). No registered ops: while
     torch.compile / jit.trace record, the formula (Inductor fuses it into one kernel itself)."""
     name, public = "activation", OP
+    schema = "Tensor x, str activation, float negative_slope"  # (documentation: no registered ops)
 
     def forward(self, backend, inputs, params, save):
         (x,), act = inputs, _acts.get(params[0])
