@@ -208,8 +208,8 @@ _torch_function_mode = torch._C._is_torch_function_mode_enabled
 def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: float) -> Optional[Tensor]:
     """act(F.linear(x, w, b)) for a tiny no-grad linear on the CPU, or None: take the general path.
 
-    The cpp backend runs a no-grad forward with at most cpp.TORCH_OPS_MAX_OUT outputs and fewer
-    than cpp.TORCH_OPS_MAX_MACS multiply-adds as PyTorch's own F.linear + activation (its own pass
+    The cpp backend runs a forward its rule backends.cpu.gemm.torch_ops_take admits (a tiny output
+    from few multiply-adds) as PyTorch's own F.linear + activation (its own pass
     would cost more than the whole op; cpp.linear_act_forward has the same rule for the calls that
     reach it); here that rule runs before the general path's checks, which at 1 x 64 -> 64 cost
     more than eager's whole F.relu(F.linear(x, w, b)) (~3 us). The calls admitted are only those
@@ -249,10 +249,9 @@ def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: flo
         return None
     try:
         n, k = w.shape  # ValueError: not 2-D
-        # M * N <= max_out with M = x.numel() / K (K = 0: M unknown, the general path decides),
-        # and M * K * N < max_macs
-        macs = x.numel() * n
-        if not k or macs > backend.gemm.TORCH_OPS_MAX_OUT * k or macs >= backend.gemm.TORCH_OPS_MAX_MACS:
+        # M = x.numel() / K (K = 0: M unknown, the general path decides; x.numel() not a multiple
+        # of K: F.linear raises below)
+        if not k or not backend.gemm.torch_ops_take(x.numel() // k * n, k):
             return None
         if b is not None and (b.dim() != 1 or b.numel() != n):  # F.linear would broadcast it
             return None

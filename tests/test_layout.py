@@ -17,8 +17,9 @@ PACKAGE = "fastlayers"
 # module and everything under it (the longest listed name wins), except "fastlayers" itself: the
 # package __init__ (the public API) alone is the top, so a new module must be placed here.
 LAYERS: List[List[str]] = [
-    # the activation table, error types, the compiled C++ extensions (built from csrc/, csrc/torch/)
-    ["fastlayers._errors", "fastlayers.activations", "fastlayers._C", "fastlayers._fastpath"],
+    # the activation table, error types, the compute dtype rule, the compiled C++ extensions (built
+    # from csrc/, csrc/torch/)
+    ["fastlayers._errors", "fastlayers.activations", "fastlayers._dtypes", "fastlayers._C", "fastlayers._fastpath"],
     # backends and the Triton kernels they launch: they know the table, not the dispatch around them
     ["fastlayers.backends", "fastlayers.kernels"],
     # choosing a backend for the inputs; autocast casting rules

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..activations import SAVE_INPUT, SAVE_OUTPUT, Activation
+from .._dtypes import compute_dtype
 
 NAME = "reference"
 DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -149,7 +150,7 @@ def _ce_coefficients(xc: Tensor, target: Tensor, weight: Optional[Tensor], ignor
 
 def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                           eps: float) -> Tuple[Tensor, Tensor]:
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x.dtype)
     xc = x.to(cd)  # (N, C)
     n, C = xc.shape
     if C == 0:
@@ -201,10 +202,6 @@ def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor]
 
 
 # --- norms (fastlayers/ops/norms.py): RMSNorm / LayerNorm over the rows of (M, N), residual add in front
-def _norm_compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _norm_xhat(src: Tensor, mean: Optional[Tensor], rstd: Tensor) -> Tensor:
     xc = src.to(rstd.dtype)
     return (xc - mean[:, None]) * rstd[:, None] if mean is not None else xc * rstd[:, None]
@@ -216,7 +213,7 @@ def norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
     mean (M,) for "layer" else None, rstd (M,), in the compute dtype (fp32; fp64 for fp64)."""
     s = x + residual if residual is not None else None
     src = x if s is None else s
-    xc = src.to(_norm_compute_dtype(src.dtype))
+    xc = src.to(compute_dtype(src.dtype))
     if kind == "layer":
         var, mean = torch.var_mean(xc, dim=1, correction=0)
     else:
@@ -321,7 +318,7 @@ def attention_softmax_backward(dy: Tensor, y: Tensor, mask: Optional[Tensor], sc
                                in_dtype: torch.dtype) -> Tensor:
     """dscores = where(keep, y * (dy - sum(dy * y)) * scale, 0) in the compute dtype, rounded once to
     in_dtype; keep = the boolean mask (a floating one is not read) and / or causal."""
-    cd = torch.float64 if y.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(y.dtype)
     yc, g = y.to(cd), dy.to(cd)
     dz = yc * (g - (g * yc).sum(-1, keepdim=True)) * scale
     keep = _attn_keep(mask, causal, y.shape[-2], y.shape[-1], y.device)

@@ -24,16 +24,13 @@ from torch import Tensor
 
 from .._dispatch import backend_for, check_tensor as _check_tensor
 from .._errors import DeviceError, DTypeError, ShapeError
+from .._dtypes import compute_dtype
 
 _REDUCTIONS = ("none", "mean", "sum")
 
 
 class ArgumentError(ValueError, RuntimeError):
     """A bad argument value (torch raises RuntimeError for these; ValueError is what it is)."""
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- validation
@@ -134,7 +131,7 @@ def _prepare(op: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
             return dx2.view(logits.shape)
     loss_shape = tuple(logits.shape[:class_dim]) + tuple(logits.shape[class_dim + 1:])
     if weight is not None:
-        weight = weight.to(_compute_dtype(x2.dtype)).contiguous()
+        weight = weight.to(compute_dtype(x2.dtype)).contiguous()
     return x2, t2, weight, probs, loss_shape, back
 
 

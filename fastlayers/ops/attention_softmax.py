@@ -68,6 +68,7 @@ from ._autograd import FusedOp, define
 from .._errors import DeviceError, DTypeError, ShapeError
 from ..backends import forced
 from ..backends.reference import _attn_keep as _keep, attn_scores as _scores  # one definition each
+from .._dtypes import compute_dtype
 
 OP = "fastlayers.attention_softmax"
 _LOW = (torch.float16, torch.bfloat16)
@@ -204,7 +205,7 @@ AttentionSoftmaxFunction = ATTENTION_SOFTMAX.Function
 def _backward_formula(dy: Tensor, y: Tensor, bmask: Optional[Tensor], scale: float, causal: bool,
                       in_dtype: torch.dtype) -> Tensor:
     """where(keep, y * (dy - sum(dy * y)) * scale, 0) in PyTorch ops (differentiable)."""
-    cd = torch.float64 if y.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(y.dtype)
     yc, g = y.to(cd), dy.to(cd)
     dz = yc * (g - (g * yc).sum(-1, keepdim=True)) * scale
     keep = _keep(bmask, causal, y.shape[-2], y.shape[-1], y.device)

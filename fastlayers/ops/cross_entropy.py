@@ -19,7 +19,8 @@ from torch import Tensor
 from .._autocast import autocast_dtype as _autocast_dtype
 from .._dispatch import check_tensor as _check_tensor, composite_reason, placeholder
 from ._autograd import FusedOp, define
-from ._loss import _check_options, _check_target_values, _compute_dtype, _denominator, _prepare, _reduce, _row_scale
+from .._dtypes import compute_dtype
+from ._loss import _check_options, _check_target_values, _denominator, _prepare, _reduce, _row_scale
 
 
 # ----------------------------------------------------------------------------- the op
@@ -63,7 +64,7 @@ class CrossEntropy(FusedOp):
 
     def fake(self, inputs, params):
         x2 = inputs[0]
-        cd = _compute_dtype(x2.dtype)
+        cd = compute_dtype(x2.dtype)
         loss = x2.new_empty((x2.shape[0],) if params[2] == "none" else ())
         return loss, x2.new_empty((x2.shape[0], 3), dtype=cd), x2.new_empty((), dtype=cd)
 

@@ -55,7 +55,8 @@ from .._autocast import autocast_dtype as _autocast_dtype
 from .._dispatch import check_tensor as _check_tensor, composite_reason, placeholder
 from .._errors import DeviceError, DTypeError, ShapeError
 from ._autograd import FusedOp, define
-from ._loss import _check_class_target, _check_options, _check_target_values, _compute_dtype, _reduce, _row_scale
+from .._dtypes import compute_dtype
+from ._loss import _check_class_target, _check_options, _check_target_values, _reduce, _row_scale
 
 # linear_cross_entropy's logits in flight, in bytes of h's dtype (module docstring): the forward's
 # (tokens, whole vocab) chunks, and the gradient pass's (tokens, vocab block) blocks, these at least
@@ -123,7 +124,7 @@ def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     tokens) and db0 (+)= colsum(dz). need_dw: the backward will hold dW (chunk size:
     forward_chunk_bytes)."""
     n, vocab = h2.shape[0], weight.shape[0]
-    cd = _compute_dtype(h2.dtype)
+    cd = compute_dtype(h2.dtype)
     rows = torch.empty(n, dtype=cd, device=h2.device)
     stats = torch.empty(n, 3, dtype=cd, device=h2.device)
     grads = dz_scale is not None
@@ -207,7 +208,7 @@ def _lce_scales(reduction: str, den: Tensor, target: Tensor, ignore_index: int, 
 
 
 def _lce_dh(dh0: Tensor, reduction: str, den: Tensor, target: Tensor, ignore_index: int, grad: Tensor) -> Tensor:
-    mult = _lce_scales(reduction, den, target, ignore_index, _compute_dtype(dh0.dtype), grad)
+    mult = _lce_scales(reduction, den, target, ignore_index, compute_dtype(dh0.dtype), grad)
     return (dh0 * mult[:, None]).to(dh0.dtype)
 
 
@@ -237,7 +238,7 @@ class LinearCrossEntropy(FusedOp):
 
     def forward(self, backend, inputs, params, save):
         (h2, weight, bias, target), (ignore_index, eps, reduction, out_dtype, need_dh, need_dw, _) = inputs, params
-        cd = _compute_dtype(h2.dtype)
+        cd = compute_dtype(h2.dtype)
         den = _lce_den(target, ignore_index, cd)
         fwd_dw, fwd_db = self._forward_grads(weight, bias, h2.shape[0], params)
         dz_scale = _lce_scales(reduction, den, target, ignore_index, cd) if need_dh or fwd_dw else None
@@ -283,7 +284,7 @@ class LinearCrossEntropy(FusedOp):
     def fake(self, inputs, params):
         h2, weight, bias, _ = inputs
         reduction, out_dtype, need_dh = params[2], params[3], params[4]
-        cd = _compute_dtype(h2.dtype)
+        cd = compute_dtype(h2.dtype)
         fwd_dw, fwd_db = self._forward_grads(weight, bias, h2.shape[0], params)
         return (h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=out_dtype),
                 h2.new_empty((), dtype=cd), h2.new_empty((h2.shape[0], 3), dtype=cd),

@@ -43,6 +43,7 @@ from .._dispatch import backend_for, check_tensor, placeholder
 from ._autograd import FusedOp, define
 from .._errors import DeviceError, ShapeError
 from ..backends import forced
+from .._dtypes import compute_dtype
 
 RMS = "fastlayers.rms_norm"
 LAYER = "fastlayers.layer_norm"
@@ -97,7 +98,7 @@ def norm_composite(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     elif kind == "rms":
         y = F.rms_norm(s, s.shape[s.dim() - nd:], weight, eps)
     else:  # LlamaRMSNorm.forward (float64 stays float64 rather than being truncated to float32)
-        h = s.to(torch.float64 if s.dtype == torch.float64 else torch.float32)
+        h = s.to(compute_dtype(s.dtype))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         y = h.to(s.dtype)
         y = weight * y if weight is not None else y
@@ -134,10 +135,6 @@ def _backward(backend, dy: Tensor, ds: Optional[Tensor], src: Tensor, weight, me
 
 
 # ----------------------------------------------------------------------------- the op
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class Norm(FusedOp):
     """y = norm(x [+ residual]) * weight [+ bias]; outputs (y, s) with s = x + residual (None without a
     residual). Saves the normalised input (x, an input; or s, an output), the weight and per row rstd
@@ -191,7 +188,7 @@ class Norm(FusedOp):
         x, _, _, residual = inputs
         _, kind, nd = params
         rows = math.prod(x.shape[:x.dim() - nd])
-        cd = _stats_dtype(x.dtype)
+        cd = compute_dtype(x.dtype)
         return (torch.empty_like(x, memory_format=torch.contiguous_format),
                 torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else placeholder(x),
                 x.new_empty((rows,), dtype=cd) if kind == "layer" else placeholder(x),

@@ -173,6 +173,14 @@ def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype, packed: bool =
 
 
 # ----------------------------------------------------------------------------- linear + activation
+def torch_ops_take(mn: int, k: int) -> bool:
+    """The tiny-output rule: a linear of M*N = mn outputs over K = k is PyTorch's own F.linear +
+    activation when mn <= TORCH_OPS_MAX_OUT and M*K*N < TORCH_OPS_MAX_MACS. Read here for calls
+    with grad and by _dispatch.tiny_cpu_linear's Python gate; csrc/torch/fastpath.cpp states it in
+    C++ (the gate's fast path, given these two constants per call)."""
+    return mn <= TORCH_OPS_MAX_OUT and mn * k < TORCH_OPS_MAX_MACS
+
+
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
                        save: bool) -> Tuple[Tensor, Optional[Tensor]]:
     # x: (M, K), w: (N, K) -> z: (M, N).
@@ -181,7 +189,7 @@ def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activatio
     # same bits (an evaluation and a training step of one model agree).
     kind = act.saves(slope) if save else None
     m, n = x.shape[0], w.shape[0]
-    if ROUTE == "auto" and m * n <= TORCH_OPS_MAX_OUT and m * x.shape[1] * n < TORCH_OPS_MAX_MACS:
+    if ROUTE == "auto" and torch_ops_take(m * n, x.shape[1]):
         # Tiny: PyTorch's own F.linear + activation, as the no-grad gate (_dispatch.tiny_cpu_linear).
         z = F.linear(x, w, b)
         if kind == SAVE_INPUT:

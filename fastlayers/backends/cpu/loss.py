@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._ext import _C, _buf, _empty
+from ..._dtypes import compute_dtype
 
 _I64_CODE = _C.INT64_CODE  # the extension's buffer code for int64 class-index targets
 
@@ -22,7 +23,7 @@ def _ce_targets(target: Tensor):
 def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                           eps: float) -> Tuple[Tensor, Tensor]:
     n, nc = x.shape
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x.dtype)
     if n == 0 or nc == 0:  # no rows, or rows without classes (all ignored: checked before)
         return torch.zeros(n, dtype=cd), torch.zeros(n, 3, dtype=cd)
     loss = torch.empty(n, dtype=cd)
@@ -62,5 +63,5 @@ def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor]
         else:
             torch.mm(a, b, out=out)
     if db is not None:
-        colsum = dz.sum(0, dtype=torch.float64 if db.dtype == torch.float64 else torch.float32)
+        colsum = dz.sum(0, dtype=compute_dtype(db.dtype))
         db.add_(colsum) if accumulate else db.copy_(colsum)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._ext import _C, _buf, _empty
+from ..._dtypes import compute_dtype
 
 _NORM_KINDS = {"rms": 0, "rms_hf": 1, "layer": 2}
 
@@ -20,7 +21,7 @@ def norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
     m, n = x.shape
     y = _empty(m, n, dtype=x.dtype)
     s = _empty(m, n, dtype=x.dtype) if residual is not None else None
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x.dtype)
     mean = torch.empty(m, dtype=cd) if save and kind == "layer" else None
     rstd = torch.empty(m, dtype=cd) if save else None
     _C.norm_forward(_buf(x), _buf(residual), _buf(s), _buf(weight), _buf(bias), _buf(y), _buf(mean),

@@ -20,8 +20,9 @@ from ...kernels import gemm as _la
 from ...kernels import next_pow2
 from .device import INTERPRETED, gemm_precision
 from .gemm import column_sums, launch_gemm
-from .launch import compute_dtype, launch, split_slope
+from .launch import kernel_dtype, launch, split_slope
 from .linear_act import row_slabs
+from ..._dtypes import compute_dtype
 
 
 def gated_forward(x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: Optional[Tensor],
@@ -52,7 +53,7 @@ def gated_forward(x: Tensor, wg: Tensor, wu: Tensor, bg: Optional[Tensor], bu: O
             x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1),
             hi, lo, next_pow2(M), next_pow2(N), next_pow2(K),
             HAS_BG=bg is not None, HAS_BU=bu is not None, ACT=act.code, STORE_GU=save,
-            ACC_DTYPE=compute_dtype(h.dtype), PRECISION=precision,
+            ACC_DTYPE=kernel_dtype(h.dtype), PRECISION=precision,
             DOT_FP32=INTERPRETED and h.dtype == torch.bfloat16))
     return h, ((g, u) if save else None)
 
@@ -77,7 +78,7 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
         if need_dbu:
             dbu = torch.zeros(N, device=dh.device, dtype=dh.dtype)
     else:
-        compute = torch.float64 if dh.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(dh.dtype)
         bm = _gl.GRAD_BLOCK_M_FP64 if dh.dtype == torch.float64 else _gl.GRAD_BLOCK_M
         bn = _gl.GRAD_BLOCK_N
         progs, col_blocks, rows_per_prog = row_slabs(M, N, bm, bn)
@@ -87,7 +88,7 @@ def gated_backward(dh: Tensor, x: Tensor, wg: Tensor, wu: Tensor, saved, act: Ac
         launch(op, dh, lambda: _gl.gated_grad_kernel[(progs, col_blocks)](
             dh, g.contiguous(), u.contiguous(), dg, du, pg, pu, M, N, rows_per_prog, hi, lo,
             ACT=act.code, FROM_OUTPUT=act.saves(slope) == SAVE_OUTPUT, NEED_DBG=need_dbg,
-            NEED_DBU=need_dbu, COMPUTE_DTYPE=compute_dtype(dh.dtype), BLOCK_M=bm, BLOCK_N=bn,
+            NEED_DBU=need_dbu, COMPUTE_DTYPE=kernel_dtype(dh.dtype), BLOCK_M=bm, BLOCK_N=bn,
             num_warps=_gl.GRAD_NUM_WARPS))
         if need_dbg:
             dbg = column_sums(op, pg, dh.dtype)

@@ -26,7 +26,7 @@ from ...kernels import gemm_tma as _tk
 from ...kernels import linear_grad as _lg
 from ...kernels import next_pow2
 from .device import INTERPRETED, device_facts, gemm_precision
-from .launch import compute_dtype, launch, split_slope
+from .launch import kernel_dtype, launch, split_slope
 
 NONE = ACTIVATIONS["none"].code  # the identity: no epilogue, no act'
 
@@ -74,7 +74,7 @@ def launch_gemm(op: str, a: Tensor, b: Tensor, c: Tensor, z: Optional[Tensor] = 
     hi, lo = split_slope(slope)
     layout = 2 * int(a.stride(1) == 1) + int(b.stride(1) == 1)
     meta = dict(HAS_BIAS=bias is not None, ACT=act_code, STORE_Z=z is not None,
-                ACC_DTYPE=compute_dtype(c.dtype), PRECISION=precision,
+                ACC_DTYPE=kernel_dtype(c.dtype), PRECISION=precision,
                 DOT_FP32=INTERPRETED and c.dtype == torch.bfloat16)
     sms, capability = device_facts(c)
 

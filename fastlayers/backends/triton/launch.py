@@ -30,8 +30,8 @@ def launch(op: str, t: Tensor, fn: Callable[[], object]) -> None:
                            f"(dtype {t.dtype}, device {t.device}): {cause}") from e
 
 
-def compute_dtype(dtype: torch.dtype):
-    """The kernels' compute dtype for data of `dtype`: fp64 for fp64, else fp32."""
+def kernel_dtype(dtype: torch.dtype):
+    """The kernels' compute dtype (a tl dtype) for data of `dtype`: fp64 for fp64, else fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 

@@ -19,7 +19,8 @@ from torch import Tensor
 from ...activations import SAVE_INPUT, SAVE_OUTPUT, Activation
 from ...kernels import linear_grad as _lg
 from .gemm import NONE, launch_gemm, sum_rows
-from .launch import compute_dtype, launch, split_slope
+from .launch import kernel_dtype, launch, split_slope
+from ..._dtypes import compute_dtype
 
 
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,
@@ -62,7 +63,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
     dz = torch.empty_like(dy) if store_dz else (dy if need_dz else None)
     if not (store_dz or need_db):
         return dz, None
-    compute = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(dy.dtype)
     if M == 0 or N == 0:
         return dz, (torch.zeros(N, device=dy.device, dtype=dy.dtype) if need_db else None)
     bm = _lg.GRAD_BLOCK_M_FP64 if dy.dtype == torch.float64 else _lg.GRAD_BLOCK_M
@@ -75,7 +76,7 @@ def _act_grad_and_bias(op: str, dy: Tensor, saved: Optional[Tensor], act: Activa
         dy, saved_arg, dz if store_dz else dy, partial,
         M, N, rows_per_prog, hi, lo,
         ACT=act.code, STORE_DZ=store_dz, NEED_DB=need_db,
-        COMPUTE_DTYPE=compute_dtype(dy.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        COMPUTE_DTYPE=kernel_dtype(dy.dtype), BLOCK_M=bm, BLOCK_N=bn,
         num_warps=_lg.GRAD_NUM_WARPS))
     if not need_db:
         return dz, None

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ...kernels import cross_entropy as _ce
 from .gemm import launch_gemm
-from .launch import compute_dtype, launch, split_slope
+from .launch import kernel_dtype, launch, split_slope
+from ..._dtypes import compute_dtype
 
 
 def _ce_args(x: Tensor, target: Tensor, weight: Optional[Tensor]):
@@ -25,7 +26,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], i
                           eps: float) -> Tuple[Tensor, Tensor]:
     """Per-row losses and stats, one program per row. Bytes: N*C*itemsize read (+ q's)."""
     n, nc = x.shape
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(x.dtype)
     loss = torch.zeros(n, dtype=cd, device=x.device)
     stats = torch.zeros(n, 3, dtype=cd, device=x.device)
     if n == 0 or nc == 0:
@@ -35,7 +36,7 @@ def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], i
     launch("fastlayers.cross_entropy", x, lambda: _ce.ce_fwd_kernel[(n,)](
         x, t, q, w, loss, stats, nc, ignore_index, hi, lo,
         HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
-        COMPUTE_DTYPE=compute_dtype(x.dtype), BLOCK=_ce.block_for(nc)))
+        COMPUTE_DTYPE=kernel_dtype(x.dtype), BLOCK=_ce.block_for(nc)))
     return loss, stats
 
 
@@ -53,7 +54,7 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     launch("fastlayers.cross_entropy (backward)", x, lambda: _ce.ce_bwd_kernel[(n,)](
         x, t, q, w, stats, scale, out, nc, col0, nc if classes is None else classes, ignore_index, hi, lo,
         HAS_W=weight is not None, PROBS=probs, SMOOTH=eps > 0,
-        COMPUTE_DTYPE=compute_dtype(x.dtype), BF16_OUT=out.dtype == torch.bfloat16,
+        COMPUTE_DTYPE=kernel_dtype(x.dtype), BF16_OUT=out.dtype == torch.bfloat16,
         BLOCK=_ce.block_for(nc)))
     return out
 
@@ -73,5 +74,5 @@ def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor]
             launch_gemm(op, a, b, tmp)
             out.add_(tmp) if accumulate else out.copy_(tmp)
     if db is not None:
-        colsum = dz.sum(0, dtype=torch.float64 if db.dtype == torch.float64 else torch.float32)
+        colsum = dz.sum(0, dtype=compute_dtype(db.dtype))
         db.add_(colsum) if accumulate else db.copy_(colsum)

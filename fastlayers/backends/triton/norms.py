@@ -13,7 +13,8 @@ from torch import Tensor
 from ...kernels import norms as _nk
 from .device import num_sms
 from .gemm import column_sums
-from .launch import compute_dtype, launch
+from .launch import kernel_dtype, launch
+from ..._dtypes import compute_dtype
 
 
 _NORM_KINDS = {"rms": 0, "rms_hf": 1, "layer": 2}
@@ -42,7 +43,7 @@ def norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
             x, x if residual is None else residual, y if s is None else s, x if weight is None else weight,
             x if bias is None else bias, y, rstd if mean is None else mean, y if rstd is None else rstd, N, float(eps),
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, KIND=_NORM_KINDS[kind],
-            STORE_STATS=save, ONE_BLOCK=one, BLOCK_N=block, COMPUTE_DTYPE=compute_dtype(x.dtype), num_warps=warps))
+            STORE_STATS=save, ONE_BLOCK=one, BLOCK_N=block, COMPUTE_DTYPE=kernel_dtype(x.dtype), num_warps=warps))
     return y, s, mean, rstd
 
 
@@ -54,7 +55,7 @@ def norm_backward(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optiona
     M, N = src.shape
     need_dx, need_dw, need_db = needs[0], needs[1] and weight is not None, len(needs) > 2 and needs[2]
     dx = torch.empty_like(src, memory_format=torch.contiguous_format) if need_dx else None
-    cd = torch.float64 if src.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(src.dtype)
     programs = max(1, min(M, _NORM_ROWS_PER_SM * num_sms(src)))
     rows = triton.cdiv(max(M, 1), programs)
     programs = triton.cdiv(max(M, 1), rows)
@@ -67,7 +68,7 @@ def norm_backward(dy: Tensor, ds: Optional[Tensor], src: Tensor, weight: Optiona
             rstd, src if dx is None else dx, rstd if dw_part is None else dw_part,
             rstd if db_part is None else db_part, M, N, rows,
             HAS_DS=ds is not None, HAS_W=weight is not None, KIND=_NORM_KINDS[kind], NEED_DX=need_dx,
-            NEED_DW=need_dw, NEED_DB=need_db, ONE_BLOCK=one, BLOCK_N=block, COMPUTE_DTYPE=compute_dtype(src.dtype),
+            NEED_DW=need_dw, NEED_DB=need_db, ONE_BLOCK=one, BLOCK_N=block, COMPUTE_DTYPE=kernel_dtype(src.dtype),
             num_warps=warps))
     dw = column_sums(op, dw_part, src.dtype) if need_dw else None
     db = column_sums(op, db_part, src.dtype) if need_db else None

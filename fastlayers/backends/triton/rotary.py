@@ -10,7 +10,7 @@ import triton
 from torch import Tensor
 
 from ...kernels import rotary as _rk
-from .launch import compute_dtype, launch
+from .launch import kernel_dtype, launch
 
 
 def rotary(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, sin_k: Tensor, out_q: Tensor,
@@ -33,4 +33,4 @@ def rotary(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, si
         rows_q, q.shape[1], q.shape[2], *strides(q, out_q, cos_q, sin_q), q.shape[3],
         rows_k, k.shape[1], k.shape[2], *strides(k, out_k, cos_k, sin_k), k.shape[3],
         r, progs_q, INTERLEAVED=bool(interleaved), INVERSE=bool(inverse), BLOCK_ROWS=block_rows, BLOCK_H=block_h,
-        BLOCK_P=block_p, COMPUTE_DTYPE=compute_dtype(q.dtype), num_warps=warps))
+        BLOCK_P=block_p, COMPUTE_DTYPE=kernel_dtype(q.dtype), num_warps=warps))

@@ -20,7 +20,8 @@ from ...kernels import attention_softmax as _ak
 from ...kernels import next_pow2
 from ...kernels import softmax as _sm
 from .device import num_sms
-from .launch import compute_dtype, launch, split_slope
+from .launch import kernel_dtype, launch, split_slope
+from ..._dtypes import compute_dtype
 
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -31,7 +32,7 @@ def _softmax_launch(op: str, fwd: bool, log: bool, out: Tensor, *tensors: Tensor
     if out.numel() == 0:
         return
     single, block_r, block_l, warps = _sm.plan(rows, length, inner, out.dtype == torch.float64)
-    meta = dict(COMPUTE_DTYPE=compute_dtype(out.dtype), STRIDED=inner > 1, BLOCK_R=block_r,
+    meta = dict(COMPUTE_DTYPE=kernel_dtype(out.dtype), STRIDED=inner > 1, BLOCK_R=block_r,
                 BLOCK_L=block_l, num_warps=warps)
     tiles = _sm.grid_size(rows, inner, block_r)
     segments, seg = (1, length) if single else _sm.split_plan(rows, length, inner, block_r, block_l,
@@ -54,7 +55,7 @@ def _softmax_split(op: str, fwd: bool, log: bool, out: Tensor, tensors: Tuple[Te
     outer, length, inner = out.shape
     rows = outer * inner
     part = torch.empty((2 if fwd else 1, rows, segments), device=out.device,
-                       dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+                       dtype=compute_dtype(out.dtype))
     grid = (tiles, segments)
     sizes = (rows, length, inner, seg, segments)
     if fwd:
@@ -118,7 +119,7 @@ def attention_softmax_forward(x: Tensor, mask: Optional[Tensor], scale: float, c
     grid = (triton.cdiv(rows, block_r),)
     launch(op, x, lambda: kernel[grid](
         x, mt, y, rows, L, H, S, hi, lo, *strides, MASK_KIND=kind, CAUSAL=causal,
-        ROUND=x.dtype in _LOW_DTYPES and (scale != 1.0 or kind == 2), COMPUTE_DTYPE=compute_dtype(x.dtype),
+        ROUND=x.dtype in _LOW_DTYPES and (scale != 1.0 or kind == 2), COMPUTE_DTYPE=kernel_dtype(x.dtype),
         BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
     return y
 
@@ -138,5 +139,5 @@ def attention_softmax_backward(dy: Tensor, y: Tensor, mask: Optional[Tensor], sc
     grid = (triton.cdiv(rows, block_r),)
     launch(op, y, lambda: kernel[grid](
         dy, y, mt, dx, rows, L, H, S, hi, lo, *strides, MASK_KIND=kind, CAUSAL=causal,
-        COMPUTE_DTYPE=compute_dtype(dx.dtype), BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
+        COMPUTE_DTYPE=kernel_dtype(dx.dtype), BLOCK_R=block_r, BLOCK_L=block_l, num_warps=warps))
     return dx
