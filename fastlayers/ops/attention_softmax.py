@@ -67,8 +67,7 @@ from .._dispatch import FLOATS, backend_for, check_tensor, placeholder
 from ._autograd import FusedOp, define
 from .._errors import DeviceError, DTypeError, ShapeError
 from ..backends import forced
-from ..backends.reference import _attn_keep as _keep, attn_scores as _scores  # one definition each
-from .._dtypes import compute_dtype
+from ..backends.reference import attention_softmax_backward as _attention_softmax_backward, attn_scores as _scores
 
 OP = "fastlayers.attention_softmax"
 _LOW = (torch.float16, torch.bfloat16)
@@ -188,7 +187,7 @@ class AttentionSoftmaxOp(FusedOp):
 
     def backward_graph(self, saved, grads, needs, params):
         (y, bmask), (scale, causal, _, in_dtype) = saved, params
-        return _backward_formula(grads[0], y, bmask, scale, causal, in_dtype), None
+        return _attention_softmax_backward(grads[0], y, bmask, scale, causal, in_dtype), None  # PyTorch ops
 
     def fake(self, inputs, params):
         return (inputs[0].new_empty(inputs[0].shape, dtype=params[2]),)
@@ -200,18 +199,6 @@ class AttentionSoftmaxOp(FusedOp):
 
 ATTENTION_SOFTMAX = define(AttentionSoftmaxOp())
 AttentionSoftmaxFunction = ATTENTION_SOFTMAX.Function
-
-
-def _backward_formula(dy: Tensor, y: Tensor, bmask: Optional[Tensor], scale: float, causal: bool,
-                      in_dtype: torch.dtype) -> Tensor:
-    """where(keep, y * (dy - sum(dy * y)) * scale, 0) in PyTorch ops (differentiable)."""
-    cd = compute_dtype(y.dtype)
-    yc, g = y.to(cd), dy.to(cd)
-    dz = yc * (g - (g * yc).sum(-1, keepdim=True)) * scale
-    keep = _keep(bmask, causal, y.shape[-2], y.shape[-1], y.device)
-    if keep is not None:
-        dz = dz.masked_fill(~keep, 0.0)
-    return dz.to(in_dtype)
 
 
 # ----------------------------------------------------------------------------- the route

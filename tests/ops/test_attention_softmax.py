@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastlayers as fl
+from fastlayers.backends import reference as _reference
 from fastlayers.ops import attention_softmax as A
 
 from conftest import INTERPRETED, assert_matches, unforced_applies
@@ -23,7 +24,7 @@ def comp16(x, scale, mask, causal, dtype):
     z = x * scale
     if mask is not None and mask.dtype != torch.bool:
         z = z + mask
-    keep = A._keep(mask, causal, z.shape[-2], z.shape[-1], z.device)
+    keep = _reference._attn_keep(mask, causal, z.shape[-2], z.shape[-1], z.device)
     if keep is not None:
         z = z.masked_fill(~keep, float("-inf"))
     return torch.softmax(z, -1)
