@@ -370,33 +370,3 @@ def placeholder(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """A new 0-element tensor on like's device (of like's dtype unless given): a custom op's output
     for a result it did not compute (custom ops cannot return None, and outputs may not alias)."""
     return like.new_empty((0,), dtype=dtype)
-
-
-def linear_forward(backend: ModuleType, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                   act: Activation, slope: float, save: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """(*, K) -> (*, N) through `backend`; saved is 2-D (M, N) or None (see the contract).
-    The bias is handed over contiguous (a strided or expanded bias is copied: N elements)."""
-    bias = contiguous(bias)
-    n = weight.shape[0]
-    x2 = as_2d(x)  # (M, K), a view when x's leading dims are contiguous
-    y2, saved = backend.linear_act_forward(x2, weight, bias, act, slope, save)  # (M, N)
-    return (y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)), saved
-
-
-def linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation,
-                     slope: float) -> Tensor:
-    """act(F.linear(x, weight, bias)) in PyTorch ops (the composite route)."""
-    return act.ref(torch.nn.functional.linear(x, weight, bias), slope)
-
-
-def softmax_forward(backend: ModuleType, x: Tensor, dim: int, log: bool) -> Tensor:
-    """softmax over `dim` of any-shaped x through `backend`; returns a tensor shaped like x."""
-    return backend.softmax_forward(as_3d(x, dim), log).view(x.shape)
-
-
-def softmax_composite(x: Tensor, dim: int, log: bool) -> Tensor:
-    return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
-
-
-
-

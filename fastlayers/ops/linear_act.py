@@ -15,19 +15,33 @@ tensor (an internal output the compiled backward reuses instead of recomputing).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _autocast
 from .. import activations as _acts
-from .._dispatch import (as_2d, backend_for, check_linear, check_slope, linear_composite, linear_forward,
-                         placeholder as _empty, plain_cpu_inference, tiny_cpu_linear)
+from .._dispatch import (as_2d, backend_for, check_linear, check_slope, contiguous, placeholder as _empty,
+                         plain_cpu_inference, tiny_cpu_linear)
 from ._autograd import FusedOp, define
 from ..activations import DEFAULT_SLOPE, SAVE_INPUT, SAVE_OUTPUT, Activation
 
 LINEAR = "fastlayers.linear_act"
+
+
+def linear_forward(backend, x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation, slope: float,
+                   save: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(*, K) -> (*, N) through `backend`; saved is 2-D (M, N) or None (see the contract).
+    The bias is handed over contiguous (a strided or expanded bias is copied: N elements)."""
+    n = weight.shape[0]
+    y2, saved = backend.linear_act_forward(as_2d(x), weight, contiguous(bias), act, slope, save)  # (M, N)
+    return (y2 if x.dim() == 2 else y2.view(*x.shape[:-1], n)), saved
+
+
+def linear_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: Activation, slope: float) -> Tensor:
+    """act(F.linear(x, weight, bias)) in PyTorch ops (the composite route)."""
+    return act.ref(torch.nn.functional.linear(x, weight, bias), slope)
 
 
 # ----------------------------------------------------------------------------- the op

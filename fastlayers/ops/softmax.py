@@ -15,9 +15,17 @@ import torch
 from torch import Tensor
 
 from .. import _autocast
-from .._dispatch import (as_3d, backend_for, check_tensor, normalize_dim, softmax_composite, softmax_forward,
-                         tiny_cpu_softmax)
+from .._dispatch import as_3d, backend_for, check_tensor, normalize_dim, tiny_cpu_softmax
 from ._autograd import FusedOp, define
+
+
+def softmax_forward(backend, x: Tensor, dim: int, log: bool) -> Tensor:
+    """softmax over `dim` of any-shaped x through `backend`; returns a tensor shaped like x."""
+    return backend.softmax_forward(as_3d(x, dim), log).view(x.shape)
+
+
+def softmax_composite(x: Tensor, dim: int, log: bool) -> Tensor:
+    return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
 
 
 def softmax_name(log: bool) -> str:
