@@ -73,6 +73,12 @@ class Backend(Protocol):
         the columns [col0, col0 + C) of rows with `classes` classes, stats (and weight (classes,))
         those of the whole rows; a target outside the block contributes only its smoothing share."""
 
+    def linear_ce_logits(self, h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+        """A chunk of linear_cross_entropy's logits, h (m, H) @ w (V', H)^T + b (V',): into out
+        (m, V') contiguous (a row block of a buffer the op reuses for every chunk: a fresh 50 MB
+        result costs its page faults each time) where the backend can, else a new tensor; returns
+        the logits, with linear_act_forward's bits for act "none"."""
+
     def linear_ce_chunk_grads(self, dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
                               db: Optional[Tensor], accumulate: bool) -> None:
         """dz: (m, V') contiguous dlogits of a block of tokens (h: (m, H)) and vocabulary entries

@@ -190,6 +190,11 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     return dx.to(x.dtype) if out is None else out.copy_(dx)
 
 
+def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    """linear_act_forward's logits for act "none" (F.linear; a new tensor, out unused)."""
+    return F.linear(h, w, b)
+
+
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
                           db: Optional[Tensor], accumulate: bool) -> None:
     """dh, dw, db = (or += when accumulate) dz @ w, dz^T @ h, colsum(dz), in whatever dtype they have.

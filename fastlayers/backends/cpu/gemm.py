@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...activations import SAVE_INPUT, SAVE_OUTPUT, Activation
+from ...activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT, Activation
 from ._ext import _C, _buf, _empty, _HUGE_MIN_BYTES
 from .activation import _epilogue
 from .postops import ONEDNN_POSTOPS, exact_postops
@@ -56,6 +56,8 @@ def _mkl_sgemm_is_generic() -> bool:
         return False
     return bool(vendor) and "GenuineIntel" not in vendor
 
+
+NONE_ACT = ACTIVATIONS["none"]
 
 # ----------------------------------------------------------------------------- tunables
 # Each: the rule in one line; the measurements behind the value in bench/results/cpu-routes.md.
@@ -179,6 +181,17 @@ def torch_ops_take(mn: int, k: int) -> bool:
     with grad and by _dispatch.tiny_cpu_linear's Python gate; csrc/torch/fastpath.cpp states it in
     C++ (the gate's fast path, given these two constants per call)."""
     return mn <= TORCH_OPS_MAX_OUT and mn * k < TORCH_OPS_MAX_MACS
+
+
+def linear_logits(x: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    """x @ w^T + b into out where linear_act_forward with act "none" runs one plain BLAS mm (the
+    "mkl" route, no bias, PyTorch's mm: the same call, so the same bits); else its result."""
+    if (b is None and _forward_route(x, w, NONE_ACT, 0.0) == "mkl"
+            and not (_FP32_MM_ONEDNN and x.dtype == torch.float32 and x.shape[0] * x.shape[1] * w.shape[0]
+                     >= ONEDNN_MIN_MACS and ROUTE != "mkl")
+            and not (ROUTE == "auto" and torch_ops_take(x.shape[0] * w.shape[0], x.shape[1]))):
+        return torch.mm(x, w.t(), out=out)
+    return linear_act_forward(x, w, b, NONE_ACT, 0.0, False)[0]
 
 
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._ext import _C, _buf, _empty
+from .gemm import linear_logits
 from ..._dtypes import compute_dtype
 
 _I64_CODE = _C.INT64_CODE  # the extension's buffer code for int64 class-index targets
@@ -46,6 +47,11 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     _C.cross_entropy_backward(_buf(x), t, q, _buf(weight), _buf(stats), _buf(scale), _buf(out), ignore_index,
                               eps, col0, nc if classes is None else classes, torch.get_num_threads())
     return out
+
+
+def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    """The contract's: into out where the GEMM route is one plain mm (gemm.linear_logits)."""
+    return linear_logits(h, w, b, out)
 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],

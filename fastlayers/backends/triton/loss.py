@@ -59,6 +59,12 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     return out
 
 
+def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    """out = h @ w^T + b by the Triton GEMM (linear_act_forward's kernel and epilogue, act "none")."""
+    launch_gemm("fastlayers.linear_cross_entropy", h, w.t(), out, bias=b)
+    return out
+
+
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
                           db: Optional[Tensor], accumulate: bool) -> None:
     """dh, dw, db = (or += when accumulate) dz @ w, dz^T @ h, colsum(dz), the GEMMs in Triton:
