@@ -34,10 +34,8 @@ from ..backends import forced
 
 OP = "fastlayers.activation"
 
-# CPU tensors with fewer elements than this (no backend forced) run PyTorch's own op: the
-# Function's and the OpenMP region's fixed cost is more than the pass saves there. Measured
-# 2026-12-07 (EPYC, 2 threads, a heavily loaded machine: load 11), gelu_tanh fwd+bwd, fastlayers
-# vs ATen, median of 9 interleaved rounds: 0.40x at 64 x 64, 1.03x at 128 x 128.
+# CPU tensors below this many elements (no backend forced) run PyTorch's own op: the fixed cost is more
+# than the pass saves (measurements: bench/results/cpu-routes.md)
 _TORCH_MIN_NUMEL = 1 << 14
 
 

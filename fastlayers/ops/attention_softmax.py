@@ -202,12 +202,8 @@ AttentionSoftmaxFunction = ATTENTION_SOFTMAX.Function
 
 
 # ----------------------------------------------------------------------------- the route
-# CPU calls with fewer scores than this, when no backend is forced, run the composite (PyTorch's
-# ops): below it the fused path's fixed cost (checks, layout, the autograd Function, the extension
-# call) is more than it saves. Measured 2026-12-07 07:32 UTC (Xeon with AVX-512, 2 threads, quiet:
-# load 1.4), causal, fp32, composite time / fused time, fwd+bwd | forward only:
-#   64 scores 0.73 | 1.12,  1024 0.76 | 1.00,  4096 0.78 | 0.88,  8192 0.95 | 1.26,
-#   16384 (1x4x64x64) 1.04 | 1.19,  65536 (1x8x64x128) 1.77 | 1.57.
+# CPU calls below this many scores (no backend forced) run the composite: the fused path's fixed cost is
+# more than it saves (measurements: bench/results/cpu-routes.md)
 _TORCH_MAX_NUMEL = 1 << 14
 
 

@@ -213,13 +213,9 @@ def _composite(inputs, params):
 
 
 # ----------------------------------------------------------------------------- the route
-# CPU calls with fewer elements than this, when no backend is forced, run PyTorch's own ops (the
-# composite: F.layer_norm / F.rms_norm, the HF formula for "rms_hf"): the fused path's fixed cost
-# (checks, the autograd Function, buffer descriptors, the extension call: ~20-30 us) is more than
-# it saves there. Measured 2026-12-07 (Xeon, 2 threads, busy machine), add + norm fwd+bwd, ours vs
-# PyTorch's: layer 0.38x at 64x64, 0.40x at 64x1024, 0.55x at 512x512 (F.layer_norm is one kernel);
-# rms_hf 0.92x at 64x64, 1.13x at 256x64, 1.37x at 64x1024 (the HF formula is five ops). A forced
-# backend (use_backend) runs its kernels at every size: that is how the tests reach them.
+# CPU calls below this many elements (no backend forced) run PyTorch's own ops (F.layer_norm / F.rms_norm,
+# the HF formula): the fused path's fixed cost is more than it saves there (measurements:
+# bench/results/cpu-routes.md). A forced backend runs its kernels at every size (how tests reach them).
 _TORCH_MAX_NUMEL = {"layer": 1 << 18, "rms": 1 << 18, "rms_hf": 1 << 13}
 
 

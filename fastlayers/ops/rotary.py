@@ -268,12 +268,8 @@ def _composite(inputs, params):
 
 
 # ----------------------------------------------------------------------------- the route
-# CPU calls with fewer q + k elements than this, when no backend is forced, run PyTorch's own ops
-# (the composite): there the fused call's fixed cost (checks, the autograd Function, layout views,
-# the extension call) is as much as eager's whole formula. Measured 2026-12-07 (AMD EPYC, 2 threads,
-# busy machine: load 6.6), q (1, 8, S, 64) + k (1, 2, S, 64) fp32 / bf16 fwd+bwd, composite time /
-# fused time: 0.96-0.99 at 1280 and 2560 elements, 0.97-0.98 at 5120, 1.30-1.33 at 10240, 1.8-2.0
-# at 40960. A forced backend (use_backend) runs its kernels at every size: that is how tests reach them.
+# CPU calls below this many q + k elements (no backend forced) run the composite: the fused call's fixed
+# cost is as much as eager's whole formula there (measurements: bench/results/cpu-routes.md)
 _TORCH_MAX_NUMEL = 1 << 13
 
 
