@@ -73,11 +73,15 @@ class Backend(Protocol):
         the columns [col0, col0 + C) of rows with `classes` classes, stats (and weight (classes,))
         those of the whole rows; a target outside the block contributes only its smoothing share."""
 
-    def linear_ce_logits(self, h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
-        """A chunk of linear_cross_entropy's logits, h (m, H) @ w (V', H)^T + b (V',): into out
-        (m, V') contiguous (a row block of a buffer the op reuses for every chunk: a fresh 50 MB
-        result costs its page faults each time) where the backend can, else a new tensor; returns
-        the logits, with linear_act_forward's bits for act "none"."""
+    def linear_ce_logits(self, h: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+        """A chunk of linear_cross_entropy's logits, h (m, H) @ w (V', H)^T + b (V',), (m, V')
+        contiguous, with linear_act_forward's bits for act "none": into out (the start of the
+        first chunk's logits, which the op reuses for every chunk: a fresh 50 MB result costs its
+        page faults each time) where logits_into says so, else (or out None) a new tensor."""
+
+    def logits_into(self, h: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+        """Whether linear_ce_logits writes these operands' logits into a given out (else the op
+        keeps no buffer: holding one the backend does not use would add a chunk to the peak)."""
 
     def linear_ce_chunk_grads(self, dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
                               db: Optional[Tensor], accumulate: bool) -> None:

@@ -190,9 +190,14 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     return dx.to(x.dtype) if out is None else out.copy_(dx)
 
 
-def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
     """linear_act_forward's logits for act "none" (F.linear; a new tensor, out unused)."""
     return F.linear(h, w, b)
+
+
+def logits_into(h: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    """linear_ce_logits returns F.linear's new tensor."""
+    return False
 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],

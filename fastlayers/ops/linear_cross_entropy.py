@@ -111,9 +111,9 @@ def forward_dw_chunk_bytes(weight: Tensor) -> int:
     return max(forward_chunk_bytes(weight, True) - dw_bytes, FWD_DW_MIN_ROWS * weight.shape[0] * weight.element_size())
 
 
-def _block(buf: Tensor, rows: int, cols: int) -> Tensor:
-    """A (rows, cols) contiguous tensor at the start of the flat buffer buf."""
-    return buf[:rows * cols].view(rows, cols)
+def _block(buf: Optional[Tensor], rows: int, cols: int) -> Optional[Tensor]:
+    """A (rows, cols) contiguous tensor at the start of the flat buffer buf (None: none yet)."""
+    return None if buf is None else buf[:rows * cols].view(rows, cols)
 
 
 def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
@@ -140,10 +140,11 @@ def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], ta
            if grads and fwd_db else None)
     budget = forward_dw_chunk_bytes(weight) if fwd_dw else forward_chunk_bytes(weight, need_dw)
     step = chunk_rows(n, vocab, h2.element_size(), budget)
-    zbuf = h2.new_empty(min(step, n) * vocab)  # every chunk's logits, in one buffer (see linear_ce_logits)
+    zbuf, reuse = None, backend.logits_into(h2[:step], weight, bias)  # (see linear_ce_logits)
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         z = backend.linear_ce_logits(h2[c0:c1], weight, bias, _block(zbuf, c1 - c0, vocab))  # (m, V)
+        zbuf = z.view(-1) if zbuf is None and reuse else zbuf  # the first (largest) chunk's
         rows[c0:c1], stats[c0:c1] = backend.cross_entropy_forward(z, target[c0:c1], None, ignore_index, eps)
         if grads and (dh0 is not None or dw0 is not None or db0 is not None):
             backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], dz_scale[c0:c1], ignore_index,
@@ -152,6 +153,7 @@ def _lce_forward(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], ta
                 backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, dh0[c0:c1], None, None, False)
             if dw0 is not None or db0 is not None:  # summed over the chunks
                 backend.linear_ce_chunk_grads(z, h2[c0:c1], weight, None, dw0, db0, c0 > 0)
+        del z  # (before the next chunk's logits exist, unless they reuse zbuf)
     return rows, stats, dh0, dw0, db0
 
 
@@ -179,7 +181,7 @@ def _lce_grads(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     tokens, cols = grad_blocks(n, vocab, h2.element_size())
     # dW_v / db_v summed over several token blocks: in fp32 accumulators for 16-bit weights
     split = tokens < n and weight.dtype in (torch.float16, torch.bfloat16)
-    zbuf = h2.new_empty(tokens * cols)  # every block's logits (see linear_ce_logits)
+    zbuf, reuse = None, backend.logits_into(h2[:tokens], weight[:cols], bias)  # (see linear_ce_logits)
     for v0 in range(0, vocab, cols):
         v1 = min(vocab, v0 + cols)
         wv, bv = weight[v0:v1], None if bias is None else bias[v0:v1]
@@ -188,9 +190,11 @@ def _lce_grads(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         for c0 in range(0, n, tokens):
             c1 = min(n, c0 + tokens)
             z = backend.linear_ce_logits(h2[c0:c1], wv, bv, _block(zbuf, c1 - c0, v1 - v0))  # (m, v1 - v0)
+            zbuf = z.view(-1) if zbuf is None and reuse else zbuf  # the first (largest) block's
             backend.cross_entropy_backward(z, target[c0:c1], None, stats[c0:c1], scale[c0:c1], ignore_index, eps,
                                            z, v0, vocab)
             backend.linear_ce_chunk_grads(z, h2[c0:c1], wv, None, dwv, dbv, c0 > 0)
+            del z
         if split:
             for full, part in ((dw, dwv), (db, dbv)):
                 if full is not None:

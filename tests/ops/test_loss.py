@@ -733,3 +733,20 @@ def test_linear_cross_entropy_retain_graph(backend, small_chunks):
         for a, b_, r in zip(first, second, ref):
             torch.testing.assert_close(a, 0.5 * r)
             torch.testing.assert_close(b_, 2.0 * r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_linear_ce_logits_reuses_out_with_the_same_bits(backend, dtype):
+    """linear_cross_entropy's chunks reuse one logits buffer where the backend says it writes into it
+    (logits_into): then the logits are in out, with linear_act_forward's bits for act "none"."""
+    from fastlayers.backends import load
+    be = load(backend)
+    g = torch.Generator().manual_seed(41)
+    h, w = torch.randn(300, 64, generator=g, dtype=dtype), torch.randn(1500, 64, generator=g, dtype=dtype)
+    ref = be.linear_act_forward(h, w, None, fl.activations.get("none"), 0.0, False)[0]
+    out = torch.full((300, 1500), float("nan"), dtype=dtype)
+    z = be.linear_ce_logits(h, w, None, out)
+    assert torch.equal(z, ref)
+    if be.logits_into(h, w, None):
+        assert z.data_ptr() == out.data_ptr()
+    assert torch.equal(be.linear_ce_logits(h, w, None, None), ref)

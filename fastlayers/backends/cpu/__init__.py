@@ -30,7 +30,7 @@ from .attention import attention_softmax_backward, attention_softmax_forward
 from .gated import gated_backward, gated_forward
 from .gemm import (linear_act_backward, linear_act_forward, linear_act_forward_packed, plain_linear_gain,
                    prepack_weight)
-from .loss import cross_entropy_backward, cross_entropy_forward, linear_ce_chunk_grads, linear_ce_logits
+from .loss import cross_entropy_backward, cross_entropy_forward, linear_ce_chunk_grads, linear_ce_logits, logits_into
 from .norms import norm_backward, norm_forward
 from .rope import rotary
 from .softmax import softmax_backward, softmax_forward
@@ -40,7 +40,7 @@ NAME = "cpp"
 __all__ = [
     "NAME", "DTYPES", "unavailable_reason", "linear_act_forward", "linear_act_backward", "softmax_forward",
     "softmax_backward", "gated_forward", "gated_backward", "cross_entropy_forward", "cross_entropy_backward",
-    "linear_ce_chunk_grads", "linear_ce_logits", "norm_forward", "norm_backward", "rotary", "attention_softmax_forward",
+    "linear_ce_chunk_grads", "linear_ce_logits", "logits_into", "norm_forward", "norm_backward", "rotary", "attention_softmax_forward",
     "attention_softmax_backward", "act_forward", "act_grad", "plain_linear_gain", "prepack_weight",
     "linear_act_forward_packed",
 ]

@@ -183,15 +183,21 @@ def torch_ops_take(mn: int, k: int) -> bool:
     return mn <= TORCH_OPS_MAX_OUT and mn * k < TORCH_OPS_MAX_MACS
 
 
-def linear_logits(x: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
-    """x @ w^T + b into out where linear_act_forward with act "none" runs one plain BLAS mm (the
-    "mkl" route, no bias, PyTorch's mm: the same call, so the same bits); else its result."""
-    if (b is None and _forward_route(x, w, NONE_ACT, 0.0) == "mkl"
-            and not (_FP32_MM_ONEDNN and x.dtype == torch.float32 and x.shape[0] * x.shape[1] * w.shape[0]
-                     >= ONEDNN_MIN_MACS and ROUTE != "mkl")
-            and not (ROUTE == "auto" and torch_ops_take(x.shape[0] * w.shape[0], x.shape[1]))):
-        return torch.mm(x, w.t(), out=out)
-    return linear_act_forward(x, w, b, NONE_ACT, 0.0, False)[0]
+def logits_into(h: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    """Whether linear_act_forward with act "none" runs one plain BLAS mm here (the "mkl" route, no
+    bias, not the tiny rule, not oneDNN's fp32 GEMM): PyTorch's mm, which writes into a given out."""
+    m, k, n = h.shape[0], h.shape[1], w.shape[0]
+    return (b is None and _forward_route(h, w, NONE_ACT, 0.0) == "mkl"
+            and not (_FP32_MM_ONEDNN and h.dtype == torch.float32 and m * k * n >= ONEDNN_MIN_MACS and ROUTE != "mkl")
+            and not (ROUTE == "auto" and torch_ops_take(m * n, k)))
+
+
+def linear_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
+    """h @ w^T + b: into out where logits_into (the same mm call as linear_act_forward's, so the
+    same bits), else linear_act_forward's result."""
+    if out is not None and logits_into(h, w, b):
+        return torch.mm(h, w.t(), out=out)
+    return linear_act_forward(h, w, b, NONE_ACT, 0.0, False)[0]
 
 
 def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activation, slope: float,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._ext import _C, _buf, _empty
-from .gemm import linear_logits
+from .gemm import linear_logits, logits_into
 from ..._dtypes import compute_dtype
 
 _I64_CODE = _C.INT64_CODE  # the extension's buffer code for int64 class-index targets
@@ -49,7 +49,7 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     return out
 
 
-def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
     """The contract's: into out where the GEMM route is one plain mm (gemm.linear_logits)."""
     return linear_logits(h, w, b, out)
 

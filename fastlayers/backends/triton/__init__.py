@@ -45,7 +45,8 @@ from . import device, gemm
 from .device import unavailable_reason
 from .gated import gated_backward, gated_forward
 from .linear_act import linear_act_backward, linear_act_forward
-from .loss import cross_entropy_backward, cross_entropy_forward, linear_ce_chunk_grads, linear_ce_logits
+from .loss import (cross_entropy_backward, cross_entropy_forward, linear_ce_chunk_grads, linear_ce_logits,
+                   logits_into)
 from .norms import norm_backward, norm_forward
 from .rotary import rotary
 from .softmax import attention_softmax_backward, attention_softmax_forward, softmax_backward, softmax_forward
@@ -55,7 +56,7 @@ DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
 __all__ = ["NAME", "DTYPES", "unavailable_reason", "linear_act_forward", "linear_act_backward",
            "softmax_forward", "softmax_backward", "gated_forward", "gated_backward",
-           "cross_entropy_forward", "cross_entropy_backward", "linear_ce_chunk_grads", "linear_ce_logits",
+           "cross_entropy_forward", "cross_entropy_backward", "linear_ce_chunk_grads", "linear_ce_logits", "logits_into",
            "norm_forward", "norm_backward", "rotary", "attention_softmax_forward",
            "attention_softmax_backward"]
 

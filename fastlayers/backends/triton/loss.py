@@ -59,10 +59,17 @@ def cross_entropy_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], 
     return out
 
 
-def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+def linear_ce_logits(h: Tensor, w: Tensor, b: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
     """out = h @ w^T + b by the Triton GEMM (linear_act_forward's kernel and epilogue, act "none")."""
+    if out is None:
+        out = torch.empty((h.shape[0], w.shape[0]), device=h.device, dtype=h.dtype)
     launch_gemm("fastlayers.linear_cross_entropy", h, w.t(), out, bias=b)
     return out
+
+
+def logits_into(h: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    """linear_ce_logits always writes into a given out (the GEMM kernel takes any output)."""
+    return True
 
 
 def linear_ce_chunk_grads(dz: Tensor, h: Tensor, w: Tensor, dh: Optional[Tensor], dw: Optional[Tensor],
