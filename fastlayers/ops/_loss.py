@@ -119,20 +119,13 @@ def _prepare(op: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     if logits.dim() > 2:
         x2 = logits.movedim(1, -1).reshape(-1, C).contiguous()
         t2 = target.movedim(1, -1).reshape(-1, C).contiguous() if probs else target.reshape(-1).contiguous()
-        moved_shape = logits.movedim(1, -1).shape
-
-        def back(dx2: Tensor) -> Tensor:
-            return dx2.view(moved_shape).movedim(-1, 1)
     else:
         x2 = logits.reshape(-1, C).contiguous()
         t2 = target.reshape(-1, C).contiguous() if probs else target.reshape(-1).contiguous()
-
-        def back(dx2: Tensor) -> Tensor:
-            return dx2.view(logits.shape)
     loss_shape = tuple(logits.shape[:class_dim]) + tuple(logits.shape[class_dim + 1:])
     if weight is not None:
         weight = weight.to(compute_dtype(x2.dtype)).contiguous()
-    return x2, t2, weight, probs, loss_shape, back
+    return x2, t2, weight, probs, loss_shape
 
 
 def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, probs: bool, n: int,

@@ -108,7 +108,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
         _check_tensor(op, "logits", logits)
         return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=eps)
-    x2, t2, w, probs, loss_shape, back = _prepare(op, logits, target, weight, ignore_index)
+    x2, t2, w, probs, loss_shape = _prepare(op, logits, target, weight, ignore_index)
     if weight is not None and weight.requires_grad and not probs:
         raise RuntimeError(f"{op}: the loss is not differentiable with respect to weight (as in torch); "
                            f"pass a weight with requires_grad=False")

@@ -132,9 +132,3 @@ def linear_act_after_gates(x: Tensor, weight: Tensor, bias: Optional[Tensor], ac
     x, weight, bias = _autocast.linear_inputs(x, weight, bias)
     check_linear(LINEAR, x, weight, bias)
     return LINEAR_ACT.run((x, weight, bias), (act.name, slope), _composite)[0]
-
-
-def linear_act_library(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
-                       negative_slope: float) -> Tensor:
-    """The registered op (arguments already validated by linear_act's checks)."""
-    return LINEAR_ACT.library(x, weight, bias, activation, negative_slope)[0]

@@ -181,7 +181,7 @@ def _lce_grads(backend, h2: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     tokens, cols = grad_blocks(n, vocab, h2.element_size())
     # dW_v / db_v summed over several token blocks: in fp32 accumulators for 16-bit weights
     split = tokens < n and weight.dtype in (torch.float16, torch.bfloat16)
-    zbuf, reuse = None, backend.logits_into(h2[:tokens], weight[:cols], bias)  # (see linear_ce_logits)
+    zbuf, reuse = None, backend.logits_into(h2[:tokens], weight[:cols], None if bias is None else bias[:cols])  # (see linear_ce_logits)
     for v0 in range(0, vocab, cols):
         v1 = min(vocab, v0 + cols)
         wv, bv = weight[v0:v1], None if bias is None else bias[v0:v1]

@@ -39,17 +39,19 @@ class Softmax(FusedOp):
     def backend(self, device, dtype, params):
         return backend_for(softmax_name(params[1]), device, dtype)
 
+    def check(self, inputs, params):  # TorchScript calls the op with any dim
+        normalize_dim(softmax_name(params[1]), inputs[0], params[0])
+
     def forward(self, backend, inputs, params, save):
         (x,), (dim, log) = inputs, params
-        dim = normalize_dim(softmax_name(log), x, dim)  # TorchScript calls the op with any dim
-        return (softmax_forward(backend, x, dim, log),), ()
+        return (softmax_forward(backend, x, dim % max(x.dim(), 1), log),), ()  # (dim checked: eager / check)
 
     def save(self, inputs, outputs, extras, params):
         return outputs
 
     def backward(self, backend, saved, grads, needs, params):
         (y,), (dy,), (dim, log) = saved, grads, params
-        dim = normalize_dim(softmax_name(log), y, dim)
+        dim %= max(y.dim(), 1)
         return (backend.softmax_backward(as_3d(dy, dim), as_3d(y, dim), log).view(y.shape),)
 
     def backward_graph(self, saved, grads, needs, params):
@@ -65,11 +67,6 @@ class Softmax(FusedOp):
 
 SOFTMAX = define(Softmax())
 SoftmaxFunction = SOFTMAX.Function
-
-
-def softmax_library(x: Tensor, dim: int, log: bool) -> Tensor:
-    """The registered op (arguments already validated, dim normalised)."""
-    return SOFTMAX.library(x, dim, log)
 
 
 def _composite(inputs, params):

@@ -141,7 +141,7 @@ def test_opcheck_softmax(backend, shape, dim, log):
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
     torch.library.opcheck(torch.ops.fastlayers.softmax.default, (x, dim, log))
-    y = _sm_op.softmax_library(x.detach(), dim, log)
+    y = _sm_op.SOFTMAX.library(x.detach(), dim, log)
     torch.library.opcheck(torch.ops.fastlayers.softmax_backward.default,
                           ([torch.randn(shape)], [y], [True], dim, log))
 
@@ -153,8 +153,8 @@ def test_eager_does_not_use_registered_ops(backend, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("eager call went through the torch.library op")
 
-    monkeypatch.setattr(_la_op, "linear_act_library", boom)
-    monkeypatch.setattr(_sm_op, "softmax_library", boom)
+    monkeypatch.setattr(_la_op.LINEAR_ACT, "library", boom)
+    monkeypatch.setattr(_sm_op.SOFTMAX, "library", boom)
     x = torch.randn(3, 8, requires_grad=True)
     _mlp()(x).sum().backward()
 
