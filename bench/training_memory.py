@@ -5,6 +5,9 @@ Models (random weights), at BATCH x SEQ = 4 x 256 tokens:
   llama    Hugging Face LlamaForCausalLM: vocab 32000, hidden 256, 4 layers, 4 heads, MLP 688
   gpt2     Hugging Face GPT2LMHeadModel: vocab 50257, n_embd 256, 4 layers, 4 heads (dropout off)
   nanogpt  Karpathy's nanoGPT GPT (tests/nanogpt_model.py): vocab 50304, n_embd 256, 4 layers, 4 heads
+  nanogpt_char  the same GPT at a character vocabulary: vocab 65, n_embd 64, 4 layers, 4 heads (its
+           "small nanoGPT": every layer below the fused paths' thresholds, so swapped it runs
+           PyTorch's ops behind fastlayers' wrappers -- what the wrappers cost shows here)
   bert     Hugging Face BertForMaskedLM: vocab 30522, hidden 256, 4 layers, 4 heads, MLP 1024, MLM labels
            (15% of the positions, the rest -100). Its head (transform + decoder) computes the loss
            inline, not through lm_head + loss_function: skip_logits leaves it alone, so its "skip"
@@ -45,7 +48,7 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 BATCH, SEQ = 4, 256
-MODELS = ("llama", "gpt2", "nanogpt", "bert")
+MODELS = ("llama", "gpt2", "nanogpt", "nanogpt_char", "bert")
 DTYPES = ("float32", "bfloat16")
 MODES = ("plain", "swap", "skip")
 TIME_MODES = ("plain", "skip", "compile")
@@ -57,11 +60,11 @@ def build(name: str, dtype: str, mode: str):
     import torch
     import fastlayers as fl
     torch.manual_seed(0)
-    if name == "nanogpt":
+    if name.startswith("nanogpt"):
         import nanogpt_model
-        model = nanogpt_model.GPT(nanogpt_model.GPTConfig(block_size=SEQ, vocab_size=50304, n_layer=4, n_head=4,
-                                                          n_embd=256, dropout=0.0, bias=True))
-        vocab = 50304
+        vocab, n_embd = (65, 64) if name == "nanogpt_char" else (50304, 256)
+        model = nanogpt_model.GPT(nanogpt_model.GPTConfig(block_size=SEQ, vocab_size=vocab, n_layer=4, n_head=4,
+                                                          n_embd=n_embd, dropout=0.0, bias=True))
     else:
         import transformers
         transformers.logging.set_verbosity_error()
@@ -91,7 +94,7 @@ def build(name: str, dtype: str, mode: str):
         p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(params, lr=1e-4)
 
-    if name == "nanogpt":
+    if name.startswith("nanogpt"):
         targets = torch.roll(ids, -1, dims=1)
         targets[:, -1] = -1
 
@@ -125,7 +128,7 @@ def build_inference(name: str, dtype: str, mode: str):
 
     def forward():
         with torch.no_grad():
-            return model(ids) if name == "nanogpt" else model(input_ids=ids)
+            return model(ids) if name.startswith("nanogpt") else model(input_ids=ids)
     return forward
 
 

@@ -320,6 +320,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ignore_index"), py::arg("eps"), py::arg("nthreads"),
         "Per-row softmax cross-entropy of a contiguous (rows, nc) x into loss (rows,) and stats (rows, 3).");
 
+  m.def("first_bad_target",
+        [](const Buf& target, int64_t classes, int64_t ignore_index) -> int64_t {
+          int64_t rows = shape_of(target)[0];
+          const int64_t* t = ptr<const int64_t>(expect("first_bad_target", "target", target, kI64, {rows}));
+          py::gil_scoped_release nogil;
+          for (int64_t i = 0; i < rows; ++i)  // one pass over n int64: ~1 ns per target
+            if (t[i] != ignore_index && (t[i] < 0 || t[i] >= classes)) return i;
+          return -1;
+        },
+        py::arg("target"), py::arg("classes"), py::arg("ignore_index"),
+        "The index of the first class-index target outside [0, classes) and != ignore_index, or -1: the "
+        "argument check of the losses on the CPU (the torch-ops check costs ~10-30 us: five ops and a sync).");
+
   m.def("cross_entropy_backward",
         [](const Buf& x, const std::optional<Buf>& target, const std::optional<Buf>& probs,
            const std::optional<Buf>& weight, const Buf& stats, const Buf& scale, const Buf& dx, int64_t ignore_index,

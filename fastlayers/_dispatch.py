@@ -311,6 +311,11 @@ def tiny_cpu_softmax(x: object, dim: object, dtype: object, log: bool) -> Option
 _SOFTMAX, _LOG_SOFTMAX = torch.softmax, torch.log_softmax  # (tests count the gate's calls here)
 
 
+def cpu_backend() -> Optional[ModuleType]:
+    """The CPU backend module (loaded on first use), or None where it cannot load."""
+    return _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
+
+
 def _load_cpu_backend() -> Optional[ModuleType]:
     try:
         backend = load(_CPU)

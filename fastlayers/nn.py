@@ -61,6 +61,8 @@ class FusedLinear(nn.Linear):
         if w is None:
             w = self.weight
         b = params["bias"] if "bias" in params else self.bias
+        if self.activation == "none" and _needs_grad(input, w, b) and _f_linear_is_faster(input, w, False):
+            return F.linear(input, w, b)  # training: first, before the no-grad gates below
         if not FAST_PATH:
             if self.activation == "none" and _f_linear_is_faster(input, w, False):
                 return F.linear(input, w, b)
@@ -222,6 +224,12 @@ def _f_linear_is_faster(x: Tensor, w: Tensor, packed: bool) -> bool:
     gain = getattr(select(x.device, "fastlayers.FusedLinear"), "plain_linear_gain", None)
     k = x.shape[-1]
     return gain is None or not gain(x.numel() // k if k else 0, k, w.shape[0], x.dtype, packed)
+
+
+def _needs_grad(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    """Whether autograd will want a gradient of this linear call (a cheap test, run first)."""
+    return torch.is_grad_enabled() and (getattr(x, "requires_grad", False) or w.requires_grad
+                                        or (b is not None and b.requires_grad))
 
 
 def _no_packing(backend, w: Tensor, batch: int) -> None:

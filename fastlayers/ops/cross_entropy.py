@@ -20,7 +20,15 @@ from .._autocast import autocast_dtype as _autocast_dtype
 from .._dispatch import check_tensor as _check_tensor, composite_reason, placeholder
 from ._autograd import FusedOp, define
 from .._dtypes import compute_dtype
+from ..backends import forced
 from ._loss import _check_options, _check_target_values, _denominator, _prepare, _reduce, _row_scale
+
+
+# CPU calls with fewer logits than this (no backend forced) run PyTorch's own F.cross_entropy: below
+# it the fused path's fixed cost (the target check, the row scales, the reduction: ~0.2 ms) is more
+# than its passes save (fwd+bwd at 2^18 logits 0.45-0.95x of eager, at 2^20 1.04-1.31x;
+# bench/results/cpu-routes.md). A forced backend runs its kernels at every size (how tests reach them).
+_TORCH_MAX_NUMEL = 1 << 20
 
 
 # ----------------------------------------------------------------------------- the op
@@ -117,5 +125,6 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
         return F.cross_entropy(logits, target, weight=weight, reduction=reduction, label_smoothing=eps)
     if x2.device.type == "meta":
         return x2.new_empty(loss_shape if reduction == "none" else ())
-    (loss,) = CROSS_ENTROPY.run((x2, t2, w), (ignore_index, eps, reduction, probs), _composite)
+    small = x2.is_cpu and x2.numel() < _TORCH_MAX_NUMEL and forced() is None
+    (loss,) = CROSS_ENTROPY.run((x2, t2, w), (ignore_index, eps, reduction, probs), _composite, small)
     return loss.view(loss_shape) if reduction == "none" else loss

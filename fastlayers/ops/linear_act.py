@@ -22,8 +22,9 @@ from torch import Tensor
 
 from .. import _autocast
 from .. import activations as _acts
-from .._dispatch import (as_2d, backend_for, check_linear, check_slope, contiguous, placeholder as _empty,
-                         plain_cpu_inference, tiny_cpu_linear)
+from .._dispatch import (as_2d, backend_for, check_linear, check_slope, contiguous, cpu_backend,
+                         placeholder as _empty, plain_cpu_inference, tiny_cpu_linear)
+from ..backends import forced
 from ._autograd import FusedOp, define
 from ..activations import DEFAULT_SLOPE, SAVE_INPUT, SAVE_OUTPUT, Activation
 
@@ -131,4 +132,21 @@ def linear_act_after_gates(x: Tensor, weight: Tensor, bias: Optional[Tensor], ac
         return linear_forward(backend, x, weight, bias, act, slope, save=False)[0]
     x, weight, bias = _autocast.linear_inputs(x, weight, bias)
     check_linear(LINEAR, x, weight, bias)
-    return LINEAR_ACT.run((x, weight, bias), (act.name, slope), _composite)[0]
+    return LINEAR_ACT.run((x, weight, bias), (act.name, slope), _composite, _small_cpu_training(x, weight, bias))[0]
+
+
+def _small_cpu_training(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """A CPU call that needs a gradient and is below the cpp backend's FUSED_MIN_MACS
+    (backends.cpu.gemm.fused_pays): PyTorch's F.linear + activation with their own autograd (the
+    composite); without a gradient the backend's forward runs the same two ops (same bits). Not
+    with a backend forced (tests reach the fused kernels at every size that way)."""
+    if not (x.is_cpu and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                       or (bias is not None and bias.requires_grad))):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # run() records the op (no import here)
+        return False
+    backend = cpu_backend()
+    if backend is None or forced() is not None:
+        return False
+    k = x.shape[-1]
+    return not backend.gemm.fused_pays(x.numel() // k if k else 0, k, weight.shape[0])

@@ -55,6 +55,7 @@ from .._dispatch import check_tensor as _check_tensor, composite_reason, placeho
 from .._errors import DeviceError, DTypeError, ShapeError
 from ._autograd import FusedOp, define
 from .._dtypes import compute_dtype
+from ..backends import forced
 from ._loss import _check_class_target, _check_options, _check_target_values, _reduce, _row_scale
 
 # linear_cross_entropy's logits in flight, in bytes of h's dtype (module docstring): the forward's
@@ -67,6 +68,12 @@ MIN_BLOCK_COLS = 1024
 # (forward_dw_chunk_bytes): each chunk reads and writes all of dW beside GEMMs of 2 x rows x H x V flops.
 FORWARD_WEIGHT_GRADS = True
 FWD_DW_MIN_ROWS = 256
+# CPU calls with fewer (tokens x vocab) logits than this (no backend forced) run the composite,
+# F.linear + F.cross_entropy (16-bit logits upcast to fp32 first, the kernels' compute dtype): a
+# character vocabulary's logits are a few MB at most, and there the chunked path's fixed cost (its
+# checks, row scales and three small GEMMs' calls: ~0.4 ms) is more than it saves (fwd+bwd at
+# 768 x 65 logits 0.4x of eager; bench/results/cpu-routes.md).
+TORCH_MAX_LOGITS = 1 << 20
 
 
 # ----------------------------------------------------------------------------- linear + cross-entropy
@@ -313,9 +320,17 @@ LinearCrossEntropyFunction = LINEAR_CROSS_ENTROPY.Function
 
 def _composite(inputs, params):
     (h2, weight, bias, target), (ignore_index, eps, reduction, out_dtype) = inputs, params[:4]
-    loss = F.cross_entropy(F.linear(h2, weight, bias), target, ignore_index=ignore_index, label_smoothing=eps,
-                           reduction=reduction)
-    return (loss.to(out_dtype),)
+    return (_linear_ce_torch(h2, weight, bias, target, ignore_index, eps, reduction).to(out_dtype),)
+
+
+def _linear_ce_torch(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                     eps: float, reduction: str) -> Tensor:
+    """The loss by PyTorch's ops: F.linear, then F.cross_entropy on the logits in the kernels' compute
+    dtype (16-bit logits upcast to fp32, as transformers' loss does); h (*, H), the class dim last."""
+    z = F.linear(h, weight, bias)
+    z = z.to(compute_dtype(z.dtype))
+    return F.cross_entropy(z.movedim(-1, 1) if z.dim() > 2 else z, target, ignore_index=ignore_index,
+                           label_smoothing=eps, reduction=reduction)
 
 
 def _check_linear_ce(op: str, h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
@@ -376,10 +391,8 @@ def _linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Optio
         out_dtype = torch.float32 if h.dtype != torch.float64 else None
     if composite_reason(h, weight, bias, target) is not None:  # see cross_entropy
         _check_linear_ce(op, h, weight, bias, target, ignore_index, values=False)
-        z = F.linear(h, weight, bias)
-        loss = F.cross_entropy(z.movedim(-1, 1) if z.dim() > 2 else z, target, ignore_index=ignore_index,
-                               label_smoothing=eps, reduction=reduction)
-        return loss if out_dtype is None else loss.to(out_dtype)
+        loss = _linear_ce_torch(h, weight, bias, target, ignore_index, eps, reduction)
+        return loss.to(h.dtype if out_dtype is None else out_dtype)
     target = _check_linear_ce(op, h, weight, bias, target, ignore_index)
     out_dtype = out_dtype or h.dtype
     loss_shape = tuple(h.shape[:-1])
@@ -390,6 +403,7 @@ def _linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Optio
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and h.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
+    small = h2.is_cpu and h2.shape[0] * weight.shape[0] < TORCH_MAX_LOGITS and forced() is None
     (loss,) = LINEAR_CROSS_ENTROPY.run((h2, weight, bias, t2), (ignore_index, eps, reduction, out_dtype, *needs),
-                                       _composite)
+                                       _composite, small)
     return loss.view(loss_shape) if reduction == "none" else loss

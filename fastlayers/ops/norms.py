@@ -219,6 +219,28 @@ def _composite(inputs, params):
 _TORCH_MAX_NUMEL = {"layer": 1 << 18, "rms": 1 << 18, "rms_hf": 1 << 13}
 
 
+def _small_cpu_norm(x: object, weight: Optional[Tensor], bias: Optional[Tensor], residual: object, eps: object,
+                    kind: str, nshape: Tuple[int, ...]):
+    """The modules' fast path: norm_composite (PyTorch's ops, the route _norm takes for these calls
+    too) for a small plain CPU call, after only the checks such a call needs; None: take the general
+    path, which checks every argument and raises fastlayers' errors. Measured 2026-12-07 (Xeon, 12 x
+    64 x 64, fp32): LayerNorm forward 41.5 -> ~28 us (nn.LayerNorm 27 us); the general path's
+    argument checks and route ladder are most of a small norm's time."""
+    if (type(x) is not Tensor or not x.is_cpu or x.numel() >= _TORCH_MAX_NUMEL[kind] or type(eps) is not float
+            or not eps >= 0 or forced() is not None or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return None
+    nd, dtype = len(nshape), x.dtype
+    if x.dim() < nd or x.shape[x.dim() - nd:] != nshape:
+        return None
+    for t in (weight, bias):
+        if t is not None and (t.dtype != dtype or t.shape != nshape or not t.is_cpu):
+            return None
+    if residual is not None and (type(residual) is not Tensor or residual.dtype != dtype
+                                 or residual.shape != x.shape or not residual.is_cpu):
+        return None
+    return norm_composite(x, weight, bias, residual, eps, kind, nd)
+
+
 def _norm(op: str, kind: str, x, weight, bias, residual, eps: float, nd: int):
     x, weight, bias, residual = _autocast_fp32(x, weight, bias, residual)
     # PyTorch's ops also for mixed dtypes (type promotion decides the result's dtype there) and for
@@ -306,7 +328,9 @@ class RMSNorm(nn.Module):
         self.mode = mode
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        return rms_norm(x, self.weight, self.variance_epsilon, residual, self.mode)
+        out = _small_cpu_norm(x, self.weight, None, residual, self.variance_epsilon,
+                              "rms_hf" if self.mode == "hf" else "rms", self.weight.shape)
+        return rms_norm(x, self.weight, self.variance_epsilon, residual, self.mode) if out is None else out
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, mode={self.mode!r}"
@@ -321,7 +345,8 @@ class TorchRMSNorm(nn.RMSNorm):
         if len(self.normalized_shape) != 1:
             y = F.rms_norm(x + residual if residual is not None else x, self.normalized_shape, self.weight, self.eps)
             return (y, x + residual) if residual is not None else y
-        return rms_norm(x, self.weight, self.eps, residual, "torch")
+        out = _small_cpu_norm(x, self.weight, None, residual, self.eps, "rms", self.normalized_shape)
+        return rms_norm(x, self.weight, self.eps, residual, "torch") if out is None else out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -329,4 +354,5 @@ class LayerNorm(nn.LayerNorm):
     ``forward(x, residual=None)``: with a residual returns ``(layer_norm(x + r), x + r)``."""
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
-        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, residual)
+        out = _small_cpu_norm(x, self.weight, self.bias, residual, self.eps, "layer", self.normalized_shape)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, residual) if out is None else out

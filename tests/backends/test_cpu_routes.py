@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlayers as fl
+import fastlayers.ops.linear_cross_entropy as fl_loss
 from fastlayers import _dispatch
 from fastlayers.activations import ACTIVATIONS, NAMES, SAVE_INPUT
 from fastlayers.backends import cpu  # the package the registry hands out as "cpp"
@@ -453,8 +454,11 @@ def test_env_reader_matches_os_environ(monkeypatch):
 @pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m,k,n", [(3, 16, 8), (64, 256, 256)], ids=["small", "large"])
-def test_fused_linear_none_routes(monkeypatch, grad, dtype, m, k, n):
+@pytest.mark.parametrize("fused_min", ["default", "lowered"])
+def test_fused_linear_none_routes(monkeypatch, grad, dtype, m, k, n, fused_min):
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    if fused_min == "lowered":  # "large" on the oneDNN route (by default it is below FUSED_MIN_MACS)
+        monkeypatch.setattr(gemm, "FUSED_MIN_MACS", 1 << 20)
     gemm._probe_onednn(dtype)  # (its own F.linear calls are not the route's)
     calls = []
     real = F.linear
@@ -476,7 +480,7 @@ def test_fused_linear_none_routes(monkeypatch, grad, dtype, m, k, n):
         calls.clear()
         eager, ref64 = real(x, lin.weight, lin.bias), real(x64, w64, b64)
     assert ours == gemm.plain_linear_gain(2 * m, k, n, dtype), "route"  # (not opted in to prepacking)
-    assert ours == (m * 2 * k * n >= gemm.ONEDNN_MIN_MACS and bool(gemm._probe_onednn(dtype))
+    assert ours == (m * 2 * k * n >= max(gemm.ONEDNN_MIN_MACS, gemm.FUSED_MIN_MACS) and bool(gemm._probe_onednn(dtype))
                     and (dtype != torch.float32 or gemm._FP32_MM_ONEDNN))  # fp32: MKL's own sgemm on Intel
     assert_matches(y, ref64, eager, red=k)
     if grad:
@@ -508,6 +512,8 @@ def test_fp32_gemms_on_onednn(monkeypatch, layout):
     monkeypatch.setattr(gemm, "_FP32_MM_ONEDNN", True)
     monkeypatch.setattr(gemm, "ONEDNN_MIN_MACS", 1)
     monkeypatch.setattr(gemm, "TORCH_OPS_MAX_OUT", 0)
+    monkeypatch.setattr(gemm, "FUSED_MIN_MACS", 0)  # (small shapes: our routes, not PyTorch's ops)
+    monkeypatch.setattr(fl_loss, "TORCH_MAX_LOGITS", 0)
     calls = []
     real = gemm._linear_pointwise
     monkeypatch.setattr(gemm, "_linear_pointwise", lambda *a: calls.append(a[3]) or real(*a))
@@ -582,6 +588,7 @@ def test_forward_pass_where_aten_is_faster(monkeypatch, dtype, act, aten):
     real = _ext._C.bias_act_forward
     monkeypatch.setattr(_ext._C, "bias_act_forward", lambda *a: calls.append(1) or real(*a))
     monkeypatch.delenv("FASTLAYERS_BACKEND", raising=False)
+    monkeypatch.setattr(gemm, "FUSED_MIN_MACS", 0)  # (a small shape on the fused path)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(128, 48, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(40, 48, generator=g) / 7).to(dtype).requires_grad_()

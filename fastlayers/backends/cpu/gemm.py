@@ -67,6 +67,7 @@ PACKED_MIN_MACS = 1 << 20  # M*K*N from which oneDNN on a prepacked weight (no g
 PACKED_MIN_K = 256         # ... when K is at least this
 TORCH_OPS_MAX_OUT = 1 << 12  # up to M*N outputs, the forward is PyTorch's F.linear + activation, ...
 TORCH_OPS_MAX_MACS = PACKED_MIN_MACS  # ... when M*K*N is below this (a tiny output can be a large GEMV)
+FUSED_MIN_MACS = 1 << 30  # a linear (+ activation) is ours from M*K*N up; below, PyTorch's ops (not prepacked)
 _TRANSPOSED_MAX_LEN = 2048  # oneDNN takes a non-contiguous source up to this reduction length ...
 _TRANSPOSED_MIN_N = 1024    # ... or from this output width (else MKL's mm: see _long_transposed_source)
 # Test switch: "auto" (the rule above), or force "fused" / "onednn" / "mkl" wherever that route can
@@ -169,7 +170,7 @@ def plain_linear_gain(m: int, k: int, n: int, dtype: torch.dtype, packed: bool =
     only where the oneDNN routes apply (oneDNN's GEMM, prepacked without grad when `packed`,
     against F.linear's MKL sgemm / per-call weight reorder); below that there is nothing to fuse
     and F.linear is one ATen call."""
-    if _mkl_sgemm_wins(dtype, packed):
+    if _mkl_sgemm_wins(dtype, packed) or not (packed or fused_pays(m, k, n)):
         return False
     return ROUTE != "mkl" and onednn_pays(m, k, n, packed) and bool(_probe_onednn(dtype))
 
@@ -181,6 +182,17 @@ def torch_ops_take(mn: int, k: int) -> bool:
     with grad and by _dispatch.tiny_cpu_linear's Python gate; csrc/torch/fastpath.cpp states it in
     C++ (the gate's fast path, given these two constants per call)."""
     return mn <= TORCH_OPS_MAX_OUT and mn * k < TORCH_OPS_MAX_MACS
+
+
+def fused_pays(m: int, k: int, n: int) -> bool:
+    """Whether a linear (+ activation) of (M, K) x (N, K)^T on the plain weight runs on our routes:
+    from FUSED_MIN_MACS multiply-adds (with the "auto" route). Below it, PyTorch's F.linear (+ its
+    activation) with or without a gradient -- one route either way, so an evaluation and a
+    training step give the same bits. Measured in whole MLP blocks with a gradient: the fused path
+    0.73-0.94x of eager at 2^27-2^29 multiply-adds (its fixed costs: the autograd Function, its
+    checks, the saved pre-activation, oneDNN's weight reorder per bf16 call), 1.04-1.25x from 2^31
+    (bench/results/cpu-routes.md)."""
+    return ROUTE != "auto" or m * k * n >= FUSED_MIN_MACS
 
 
 def logits_into(h: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
@@ -208,8 +220,9 @@ def linear_act_forward(x: Tensor, w: Tensor, b: Optional[Tensor], act: Activatio
     # same bits (an evaluation and a training step of one model agree).
     kind = act.saves(slope) if save else None
     m, n = x.shape[0], w.shape[0]
-    if ROUTE == "auto" and torch_ops_take(m * n, x.shape[1]):
-        # Tiny: PyTorch's own F.linear + activation, as the no-grad gate (_dispatch.tiny_cpu_linear).
+    if ROUTE == "auto" and (torch_ops_take(m * n, x.shape[1]) or not fused_pays(m, x.shape[1], n)):
+        # Tiny (as the no-grad gate _dispatch.tiny_cpu_linear) or below FUSED_MIN_MACS (as the op's
+        # composite route with a gradient): PyTorch's own F.linear + activation.
         z = F.linear(x, w, b)
         if kind == SAVE_INPUT:
             return act.ref(z, slope), z
@@ -272,6 +285,8 @@ def linear_act_forward_packed(x: Tensor, w: Tensor, b: Optional[Tensor], act: Ac
     if ROUTE == "auto" and not onednn_pays(m, k, n, packed=True):  # small: nothing packed to use
         return linear_act_forward(x, w, b, act, slope, False)[0]
     wp = packed(_SELF, w, m) if ROUTE != "mkl" else None
+    if wp is None and not fused_pays(m, k, n):  # nothing packed: the route of the call with grad
+        return linear_act_forward(x, w, b, act, slope, False)[0]
     route = _forward_route(x, w, act, slope, packed=wp is not None)
     if route == "mkl":
         return _epilogue(*_mm_bias(x, w, b), act, slope, None)[0]
