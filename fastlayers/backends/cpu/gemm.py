@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...activations import ACTIVATIONS, SAVE_INPUT, SAVE_OUTPUT, Activation
+from .. import forced
 from ._ext import _C, _buf, _empty, _HUGE_MIN_BYTES
 from .activation import _epilogue
 from .postops import ONEDNN_POSTOPS, exact_postops
@@ -188,11 +189,12 @@ def fused_pays(m: int, k: int, n: int) -> bool:
     """Whether a linear (+ activation) of (M, K) x (N, K)^T on the plain weight runs on our routes:
     from FUSED_MIN_MACS multiply-adds (with the "auto" route). Below it, PyTorch's F.linear (+ its
     activation) with or without a gradient -- one route either way, so an evaluation and a
-    training step give the same bits. Measured in whole MLP blocks with a gradient: the fused path
+    training step give the same bits. A forced backend (use_backend("cpp"): how tests reach the
+    kernels) runs ours at every size. Measured in whole MLP blocks with a gradient: the fused path
     0.73-0.94x of eager at 2^27-2^29 multiply-adds (its fixed costs: the autograd Function, its
     checks, the saved pre-activation, oneDNN's weight reorder per bf16 call), 1.04-1.25x from 2^31
     (bench/results/cpu-routes.md)."""
-    return ROUTE != "auto" or m * k * n >= FUSED_MIN_MACS
+    return ROUTE != "auto" or m * k * n >= FUSED_MIN_MACS or forced() is not None
 
 
 def logits_into(h: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
