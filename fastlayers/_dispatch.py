@@ -129,6 +129,11 @@ def composite_reason(*tensors: Optional[Tensor]) -> Optional[str]:
     return None
 
 
+def linear_needs_grad(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
+    """Whether autograd will want a gradient of a linear call x, w, b (tensors; b may be None)."""
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+
+
 def plain_cpu_inference(x: object, w: object, b: object) -> bool:
     """Whether a linear call x (*, K), w (N, K), b (N,) or None may skip the general path's checks
     and autograd plumbing: plain dense CPU tensors of one dtype whose shapes fit, nothing that
@@ -141,8 +146,7 @@ def plain_cpu_inference(x: object, w: object, b: object) -> bool:
     if (type(x) not in _PLAIN_TYPES or type(w) not in _PLAIN_TYPES
             or (b is not None and type(b) not in _PLAIN_TYPES)):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                    or (b is not None and b.requires_grad)):
+    if linear_needs_grad(x, w, b):
         return False
     if (torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
             or torch._C._get_tracing_state() is not None

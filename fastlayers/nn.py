@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import activations as _acts
-from ._dispatch import _is_compiling, check_slope, plain_cpu_inference, tiny_cpu_linear
+from ._dispatch import _is_compiling, check_slope, linear_needs_grad, plain_cpu_inference, tiny_cpu_linear
 from .backends import forced, select
 from .ops.linear_act import linear_act, linear_act_after_gates  # (registers torch.ops.fastlayers.*: TorchScript)
 from .ops.softmax import log_softmax, softmax
@@ -61,7 +61,8 @@ class FusedLinear(nn.Linear):
         if w is None:
             w = self.weight
         b = params["bias"] if "bias" in params else self.bias
-        if self.activation == "none" and _needs_grad(input, w, b) and _f_linear_is_faster(input, w, False):
+        if (self.activation == "none" and isinstance(input, Tensor) and linear_needs_grad(input, w, b)
+                and _f_linear_is_faster(input, w, False)):
             return F.linear(input, w, b)  # training: first, before the no-grad gates below
         if not FAST_PATH:
             if self.activation == "none" and _f_linear_is_faster(input, w, False):
@@ -224,12 +225,6 @@ def _f_linear_is_faster(x: Tensor, w: Tensor, packed: bool) -> bool:
     gain = getattr(select(x.device, "fastlayers.FusedLinear"), "plain_linear_gain", None)
     k = x.shape[-1]
     return gain is None or not gain(x.numel() // k if k else 0, k, w.shape[0], x.dtype, packed)
-
-
-def _needs_grad(x: Tensor, w: Tensor, b: Optional[Tensor]) -> bool:
-    """Whether autograd will want a gradient of this linear call (a cheap test, run first)."""
-    return torch.is_grad_enabled() and (getattr(x, "requires_grad", False) or w.requires_grad
-                                        or (b is not None and b.requires_grad))
 
 
 def _no_packing(backend, w: Tensor, batch: int) -> None:

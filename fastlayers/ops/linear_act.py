@@ -23,8 +23,7 @@ from torch import Tensor
 from .. import _autocast
 from .. import activations as _acts
 from .._dispatch import (as_2d, backend_for, check_linear, check_slope, contiguous, cpu_backend,
-                         placeholder as _empty, plain_cpu_inference, tiny_cpu_linear)
-from ..backends import forced
+                         linear_needs_grad, placeholder as _empty, plain_cpu_inference, tiny_cpu_linear)
 from ._autograd import FusedOp, define
 from ..activations import DEFAULT_SLOPE, SAVE_INPUT, SAVE_OUTPUT, Activation
 
@@ -139,14 +138,13 @@ def _small_cpu_training(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bo
     """A CPU call that needs a gradient and is below the cpp backend's FUSED_MIN_MACS
     (backends.cpu.gemm.fused_pays): PyTorch's F.linear + activation with their own autograd (the
     composite); without a gradient the backend's forward runs the same two ops (same bits). Not
-    with a backend forced (tests reach the fused kernels at every size that way)."""
-    if not (x.is_cpu and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                       or (bias is not None and bias.requires_grad))):
+    with a backend forced (fused_pays: tests reach the fused kernels at every size that way)."""
+    if not (x.is_cpu and linear_needs_grad(x, weight, bias)):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # run() records the op (no import here)
         return False
     backend = cpu_backend()
-    if backend is None or forced() is not None:
+    if backend is None:
         return False
     k = x.shape[-1]
     return not backend.gemm.fused_pays(x.numel() // k if k else 0, k, weight.shape[0])

@@ -24,7 +24,7 @@ def _ce_targets(target: Tensor):
 def first_bad_target(target: Tensor, classes: int, ignore_index: int) -> int:
     """The index of the first target outside [0, classes) and != ignore_index, or -1; target (n,)
     int64, contiguous (the losses' argument check, fastlayers/ops/_loss.py)."""
-    return _C.first_bad_target((target.data_ptr(), _I64_CODE, target.shape, target.stride()), classes, ignore_index)
+    return _C.first_bad_target(_ce_targets(target)[0], classes, ignore_index)
 
 
 def cross_entropy_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
