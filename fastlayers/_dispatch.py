@@ -209,6 +209,32 @@ _FAST_ACTS = frozenset(dict(_FASTPATH.ACTIVATION_CODES)) if _FASTPATH is not Non
 _torch_function_mode = torch._C._is_torch_function_mode_enabled
 
 
+_FAST_SMALL_LINEAR = _FASTPATH.small_linear if _FASTPATH is not None else None
+_FAST_CODES = dict(_FASTPATH.ACTIVATION_CODES) if _FASTPATH is not None else {}
+
+
+def small_cpu_linear(x: object, w: object, b: object, activation: str, slope: object) -> Optional[Tensor]:
+    """act(F.linear(x, w, b)) for a CPU linear below the cpp backend's FUSED_MIN_MACS, with or
+    without a gradient, or None: take the general path.
+
+    The route linear_act's general path gives such a call (backends.cpu.gemm.fused_pays: PyTorch's
+    two ops, the composite with grad, the backend's forward of the same ops without; same bits),
+    taken in one C++ call (fastlayers._fastpath.small_linear) before that path's Python: in a
+    training step of a small model each of its gates, run between two GEMMs on cold caches, costs
+    3-5x its hot-loop time (FusedLinear 64 -> 192 on 1024 tokens: +14 us a call over nn.Linear,
+    of which 1.4 us in a hot loop). Only with the cpp backend in charge (nothing forced: a forced
+    backend runs the fused kernels at every size) on its "auto" route, outside torch.compile; the
+    C++ side admits plain dense CPU tensors, no special mode (see fastpath.cpp) and an activation it
+    has an ATen op for. FusedLinear's caller; None where _fastpath was not built."""
+    if _FAST_SMALL_LINEAR is None or _is_compiling() or forced() is not None:
+        return None
+    backend = _cpu_backend[0] if _cpu_backend else _load_cpu_backend()
+    code = _FAST_CODES.get(activation)
+    if backend is None or code is None or type(slope) is not float or backend.gemm.ROUTE != "auto":
+        return None
+    return _FAST_SMALL_LINEAR(x, w, b, code, slope, backend.gemm.FUSED_MIN_MACS)
+
+
 def tiny_cpu_linear(x: object, w: object, b: object, act: Activation, slope: float) -> Optional[Tensor]:
     """act(F.linear(x, w, b)) for a tiny no-grad linear on the CPU, or None: take the general path.
 

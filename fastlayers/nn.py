@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import activations as _acts
-from ._dispatch import _is_compiling, check_slope, linear_needs_grad, plain_cpu_inference, tiny_cpu_linear
+from ._dispatch import (_is_compiling, check_slope, linear_needs_grad, plain_cpu_inference, small_cpu_linear,
+                        tiny_cpu_linear)
 from .backends import forced, select
 from .ops.linear_act import linear_act, linear_act_after_gates  # (registers torch.ops.fastlayers.*: TorchScript)
 from .ops.softmax import log_softmax, softmax
@@ -61,6 +62,10 @@ class FusedLinear(nn.Linear):
         if w is None:
             w = self.weight
         b = params["bias"] if "bias" in params else self.bias
+        if not self.prepack:  # below FUSED_MIN_MACS on the CPU: PyTorch's ops, one C++ call
+            y = small_cpu_linear(input, w, b, self.activation, self.negative_slope)
+            if y is not None:
+                return y
         if (self.activation == "none" and isinstance(input, Tensor) and linear_needs_grad(input, w, b)
                 and _f_linear_is_faster(input, w, False)):
             return F.linear(input, w, b)  # training: first, before the no-grad gates below

@@ -16,9 +16,12 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <vector>
 
 #include <ATen/Functions.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/Reduction.h>
 #include <ATen/TracerMode.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -140,6 +143,229 @@ PyObject* tiny_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return THPVariable_Wrap(std::move(y));
 }
 
+// y = act(y) out of place: what the eager F.<act>(y) records, for a call autograd follows
+// (activations.py's `ref` column; each saves what eager's own node saves).
+at::Tensor activate(const at::Tensor& y, int code, double slope) {
+  switch (code) {
+    case fl::RELU: return at::relu(y);
+    case fl::LEAKY_RELU: return at::leaky_relu(y, slope);
+    case fl::GELU: return at::gelu(y, "none");
+    case fl::GELU_TANH: return at::gelu(y, "tanh");
+    case fl::SILU: return at::silu(y);
+    case fl::SIGMOID: return at::sigmoid(y);
+    case fl::TANH: return at::tanh(y);
+    case fl::HARDSWISH: return at::hardswish(y);
+    case fl::HARDSIGMOID: return at::hardsigmoid(y);
+    case fl::RELU6: return at::relu6(y);
+    case fl::MISH: return at::mish(y);
+    default: return y;  // NONE
+  }
+}
+
+// small_linear(x, w, b, code, slope, max_macs) -> act(F.linear(x, w, b)), or None.
+//
+// The small-call route of FusedLinear (fastlayers/nn.py) in one call: a CPU linear (+ activation)
+// of fewer than max_macs multiply-adds (the cpp backend's FUSED_MIN_MACS) runs PyTorch's own two
+// ops, with or without a gradient -- what linear_act's general path does below that size (the
+// composite with grad, the backend's forward of the same two ops without: same bits), minus its
+// Python: measured in a whole training step, the gates' Python between two GEMMs costs 3-5x its
+// hot-loop time (cold caches after each GEMM), ~15-50 us a call. Same admission as tiny_linear
+// (plain dense CPU tensors, floating x, 2-D weight, 1-D bias of N, no special mode, a runnable
+// activation) but for grad; with autograd recording the activation runs out of place (eager's
+// node and saved tensors), else in place on the fresh output (the same kernel, same bits).
+// Anything at::linear raises on returns None: the caller's general path says why.
+// Threads: the ATen ops' own; without the GIL from kReleaseGilMacs up.
+PyObject* small_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 6) {
+    PyErr_SetString(PyExc_TypeError, "fastlayers._fastpath.small_linear: expected 6 arguments");
+    return nullptr;
+  }
+  PyObject *px = args[0], *pw = args[1], *pb = args[2];
+  if (!THPVariable_CheckExact(px) || !THPVariable_CheckExact(pw) ||
+      (pb != Py_None && !THPVariable_CheckExact(pb)))
+    Py_RETURN_NONE;
+  const long code = PyLong_AsLong(args[3]);
+  const double slope = PyFloat_AsDouble(args[4]);
+  const long long max_macs = PyLong_AsLongLong(args[5]);
+  if (PyErr_Occurred()) return nullptr;
+  const at::Tensor& x = THPVariable_Unpack(px);
+  const at::Tensor& w = THPVariable_Unpack(pw);
+  if (!plain_cpu(x) || !floating(x) || !plain_cpu(w) || w.dim() != 2 || !runs_here(code) ||
+      special_mode_active())
+    Py_RETURN_NONE;
+  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t macs = x.numel() * n;  // M * K * N with M = numel(x) / K
+  if (k == 0 || x.dim() == 0 || macs >= max_macs) Py_RETURN_NONE;
+  std::optional<at::Tensor> b;
+  bool needs_grad = x.requires_grad() || w.requires_grad();
+  if (pb != Py_None) {
+    const at::Tensor& bt = THPVariable_Unpack(pb);
+    if (bt.dim() != 1 || bt.numel() != n) Py_RETURN_NONE;  // F.linear would broadcast it
+    needs_grad = needs_grad || bt.requires_grad();
+    b = bt;
+  }
+  const bool record = needs_grad && at::GradMode::is_enabled();
+  at::Tensor y;
+  try {
+    ReleaseGil nogil(macs >= kReleaseGilMacs);
+    y = at::linear(x, w, b);
+    if (record) {
+      y = activate(y, static_cast<int>(code), slope);
+    } else {
+      activate_(y, static_cast<int>(code), slope);
+    }
+  } catch (const std::exception&) {
+    Py_RETURN_NONE;
+  }
+  return THPVariable_Wrap(std::move(y));
+}
+
+// small_norm(x, w, b, residual, eps, rms, shape, max_numel) -> y, or (y, x + residual); or None.
+//
+// The norm modules' small-call route (fastlayers/ops/norms.py, _small_cpu_norm) in one call:
+// s = x + residual (when given), y = F.layer_norm(s, shape, w, b, eps) (rms false) or
+// F.rms_norm(s, shape, w, eps) (rms true) -- norm_composite's ops, which fastlayers' general path
+// runs below _TORCH_MAX_NUMEL too. Admits: exactly torch.Tensor / nn.Parameter, dense CPU, floating
+// x of fewer than max_numel elements whose last dims are `shape` (a tuple of ints); w and b None or
+// of x's dtype and exactly `shape`; residual None or of x's dtype and shape; eps a float >= 0; no
+// special mode. Anything else, or anything an ATen op raises on, returns None (the Python route
+// decides and raises fastlayers' errors). Autograd records PyTorch's own nodes. Threads: ATen's.
+PyObject* small_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "fastlayers._fastpath.small_norm: expected 8 arguments");
+    return nullptr;
+  }
+  PyObject *px = args[0], *pw = args[1], *pb = args[2], *pr = args[3], *peps = args[4], *pshape = args[6];
+  if (!THPVariable_CheckExact(px) || (pw != Py_None && !THPVariable_CheckExact(pw)) ||
+      (pb != Py_None && !THPVariable_CheckExact(pb)) || (pr != Py_None && !THPVariable_CheckExact(pr)) ||
+      !PyFloat_CheckExact(peps) || !PyTuple_Check(pshape))
+    Py_RETURN_NONE;
+  const double eps = PyFloat_AS_DOUBLE(peps);
+  const int rms = PyObject_IsTrue(args[5]);
+  const long long max_numel = PyLong_AsLongLong(args[7]);
+  if (rms < 0 || PyErr_Occurred()) return nullptr;
+  if (!(eps >= 0.0)) Py_RETURN_NONE;  // (NaN too)
+  const at::Tensor& x = THPVariable_Unpack(px);
+  if (!plain_cpu(x) || !floating(x) || x.numel() >= max_numel || special_mode_active()) Py_RETURN_NONE;
+  const Py_ssize_t nd = PyTuple_GET_SIZE(pshape);
+  if (nd < 1 || nd > x.dim()) Py_RETURN_NONE;
+  std::vector<int64_t> shape(nd);
+  for (Py_ssize_t i = 0; i < nd; ++i) {
+    PyObject* d = PyTuple_GET_ITEM(pshape, i);
+    if (!PyLong_CheckExact(d)) Py_RETURN_NONE;
+    shape[i] = PyLong_AsLongLong(d);
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      Py_RETURN_NONE;
+    }
+    if (x.size(x.dim() - nd + i) != shape[i]) Py_RETURN_NONE;
+  }
+  const auto matches = [&](PyObject* p) -> bool {  // None, or x's dtype, `shape`, dense CPU
+    if (p == Py_None) return true;
+    const at::Tensor& t = THPVariable_Unpack(p);
+    return plain_cpu(t) && t.scalar_type() == x.scalar_type() && t.sizes().vec() == shape;
+  };
+  if (!matches(pw) || !matches(pb)) Py_RETURN_NONE;
+  std::optional<at::Tensor> w, b;
+  if (pw != Py_None) w = THPVariable_Unpack(pw);
+  if (pb != Py_None) b = THPVariable_Unpack(pb);
+  if (pr != Py_None) {
+    const at::Tensor& r = THPVariable_Unpack(pr);
+    if (!plain_cpu(r) || r.scalar_type() != x.scalar_type() || r.sizes() != x.sizes()) Py_RETURN_NONE;
+  }
+  at::Tensor y, sum;
+  try {
+    const at::Tensor s = pr != Py_None ? at::add(x, THPVariable_Unpack(pr)) : x;  // x + residual
+    y = rms ? at::rms_norm(s, shape, w, eps) : at::layer_norm(s, shape, w, b, eps);
+    if (pr != Py_None) sum = s;
+  } catch (const std::exception&) {
+    Py_RETURN_NONE;
+  }
+  if (pr == Py_None) return THPVariable_Wrap(std::move(y));
+  PyObject* py = THPVariable_Wrap(std::move(y));
+  if (py == nullptr) return nullptr;
+  PyObject* ps = THPVariable_Wrap(std::move(sum));
+  if (ps == nullptr) {
+    Py_DECREF(py);
+    return nullptr;
+  }
+  PyObject* out = PyTuple_Pack(2, py, ps);  // (new references to both)
+  Py_DECREF(py);
+  Py_DECREF(ps);
+  return out;
+}
+
+// small_linear_ce(h, w, b, target, ignore_index, label_smoothing, reduction, fp32_out, max_logits)
+//   -> F.cross_entropy(F.linear(h, w, b) in its compute dtype, target, ...), or None.
+//
+// linear_cross_entropy's small-call route (fastlayers/ops/linear_cross_entropy.py,
+// _linear_ce_torch: the logits upcast to float32 when 16-bit, as transformers' loss does; the
+// loss cast to float32 when fp32_out, else to h's dtype) in one call: below max_logits (N x V)
+// logits on the CPU the general path runs these same ops, after ~10 Python checks that cost, in
+// a small model's training step, about as much as the loss itself. Admits: exactly torch.Tensor /
+// nn.Parameter, dense CPU, floating h (N, H), w (V, H) and b (V,) or None of h's dtype, target
+// (N,) int64, ignore_index an int, label_smoothing a float, reduction "mean" / "sum" / "none", no
+// special mode, no autocast. The targets are checked by at::cross_entropy_loss itself: an
+// out-of-range one (or anything an ATen op raises on) returns None, and the general path raises
+// fastlayers' error naming it. Autograd records PyTorch's own nodes. Threads: ATen's.
+PyObject* small_linear_ce(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 9) {
+    PyErr_SetString(PyExc_TypeError, "fastlayers._fastpath.small_linear_ce: expected 9 arguments");
+    return nullptr;
+  }
+  PyObject *ph = args[0], *pw = args[1], *pb = args[2], *pt = args[3], *pig = args[4], *pls = args[5],
+           *pred = args[6];
+  if (!THPVariable_CheckExact(ph) || !THPVariable_CheckExact(pw) || !THPVariable_CheckExact(pt) ||
+      (pb != Py_None && !THPVariable_CheckExact(pb)) || !PyLong_CheckExact(pig) || !PyFloat_CheckExact(pls) ||
+      !PyUnicode_Check(pred))
+    Py_RETURN_NONE;
+  int64_t reduction;
+  if (PyUnicode_CompareWithASCIIString(pred, "mean") == 0) {
+    reduction = at::Reduction::Mean;
+  } else if (PyUnicode_CompareWithASCIIString(pred, "sum") == 0) {
+    reduction = at::Reduction::Sum;
+  } else if (PyUnicode_CompareWithASCIIString(pred, "none") == 0) {
+    reduction = at::Reduction::None;
+  } else {
+    Py_RETURN_NONE;
+  }
+  const int fp32_out = PyObject_IsTrue(args[7]);
+  const long long max_logits = PyLong_AsLongLong(args[8]);
+  if (fp32_out < 0 || PyErr_Occurred()) return nullptr;
+  int overflow = 0;
+  const long long ignore_index = PyLong_AsLongLongAndOverflow(pig, &overflow);
+  if (overflow != 0) Py_RETURN_NONE;
+  const double smoothing = PyFloat_AS_DOUBLE(pls);
+  const at::Tensor& h = THPVariable_Unpack(ph);
+  const at::Tensor& w = THPVariable_Unpack(pw);
+  const at::Tensor& t = THPVariable_Unpack(pt);
+  if (!plain_cpu(h) || !floating(h) || h.dim() != 2 || !plain_cpu(w) || w.dim() != 2 ||
+      w.scalar_type() != h.scalar_type() || w.size(1) != h.size(1) || !plain_cpu(t) ||
+      t.scalar_type() != at::kLong || t.dim() != 1 || t.size(0) != h.size(0) ||
+      h.size(0) * w.size(0) >= max_logits || special_mode_active() || at::autocast::is_autocast_enabled(at::kCPU))
+    Py_RETURN_NONE;
+  std::optional<at::Tensor> b;
+  if (pb != Py_None) {
+    const at::Tensor& bt = THPVariable_Unpack(pb);
+    if (!plain_cpu(bt) || bt.scalar_type() != h.scalar_type() || bt.dim() != 1 || bt.size(0) != w.size(0))
+      Py_RETURN_NONE;
+    b = bt;
+  }
+  const auto dtype = h.scalar_type();
+  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
+  at::Tensor loss;
+  try {
+    ReleaseGil nogil(h.size(0) * w.size(0) * h.size(1) >= kReleaseGilMacs);
+    at::Tensor z = at::linear(h, w, b);
+    if (half) z = z.to(at::kFloat);
+    loss = at::cross_entropy_loss(z, t, std::nullopt, reduction, ignore_index, smoothing);
+    loss = loss.to(fp32_out ? at::kFloat : dtype);
+  } catch (const std::exception&) {
+    Py_RETURN_NONE;
+  }
+  return THPVariable_Wrap(std::move(loss));
+}
+
 // tiny_softmax(x, dim, log, max_numel) -> torch.softmax(x, dim) (log_softmax if log), or None.
 //
 // The softmax twin of tiny_linear, for _dispatch.tiny_cpu_softmax (no dtype argument: that one's
@@ -182,6 +408,12 @@ PyObject* tiny_softmax(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef kMethods[] = {
     {"tiny_softmax", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(tiny_softmax)),
      METH_FASTCALL, "tiny_softmax(x, dim, log, max_numel): torch.(log_)softmax(x, dim) or None"},
+    {"small_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(small_linear)),
+     METH_FASTCALL, "small_linear(x, w, b, code, slope, max_macs): act(F.linear(x, w, b)) with or without grad, or None"},
+    {"small_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(small_norm)),
+     METH_FASTCALL, "small_norm(x, w, b, residual, eps, rms, shape, max_numel): F.layer_norm / F.rms_norm of x (+ residual), or None"},
+    {"small_linear_ce", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(small_linear_ce)),
+     METH_FASTCALL, "small_linear_ce(h, w, b, target, ignore_index, label_smoothing, reduction, fp32_out, max_logits): the loss by PyTorch's ops, or None"},
     {"tiny_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(tiny_linear)),
      METH_FASTCALL, "tiny_linear(x, w, b, code, slope, max_out, max_macs): act(F.linear(x, w, b)) or None"},
     {nullptr, nullptr, 0, nullptr}};

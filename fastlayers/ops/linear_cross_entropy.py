@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._autocast import autocast_dtype as _autocast_dtype
-from .._dispatch import check_tensor as _check_tensor, composite_reason, placeholder
+from .._dispatch import _FASTPATH, _is_compiling, check_tensor as _check_tensor, composite_reason, placeholder
 from .._errors import DeviceError, DTypeError, ShapeError
 from ._autograd import FusedOp, define
 from .._dtypes import compute_dtype
@@ -74,6 +74,9 @@ FWD_DW_MIN_ROWS = 256
 # checks, row scales and three small GEMMs' calls: ~0.4 ms) is more than it saves (fwd+bwd at
 # 768 x 65 logits 0.4x of eager; bench/results/cpu-routes.md).
 TORCH_MAX_LOGITS = 1 << 20
+# fastlayers._fastpath.small_linear_ce (csrc/torch/fastpath.cpp): that route's checks and ops in one
+# C++ call (None where _fastpath was not built; tests set it to None).
+_FAST_SMALL_LCE = _FASTPATH.small_linear_ce if _FASTPATH is not None else None
 
 
 # ----------------------------------------------------------------------------- linear + cross-entropy
@@ -383,6 +386,13 @@ def _linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Optio
                           out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """linear_cross_entropy; out_dtype (e.g. float32 for 16-bit inputs, as transformers' loss
     gives) is the loss's dtype instead of h's (swap(skip_logits=True))."""
+    if (_FAST_SMALL_LCE is not None and (out_dtype is None or out_dtype is torch.float32)
+            and forced() is None and not _is_compiling()):
+        # below TORCH_MAX_LOGITS on the CPU: _linear_ce_torch's ops, checks included, in one C++ call
+        loss = _FAST_SMALL_LCE(h, weight, bias, target, ignore_index, label_smoothing, reduction,
+                               out_dtype is not None, TORCH_MAX_LOGITS)
+        if loss is not None:
+            return loss
     op = "fastlayers.linear_cross_entropy"
     eps = _check_options(op, ignore_index, label_smoothing, reduction)
     if isinstance(h, Tensor) and (ac := _autocast_dtype(h)) is not None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _autocast
-from .._dispatch import backend_for, check_tensor, placeholder
+from .._dispatch import _FASTPATH, _is_compiling, backend_for, check_tensor, placeholder
 from ._autograd import FusedOp, define
 from .._errors import DeviceError, ShapeError
 from ..backends import forced
@@ -217,6 +217,9 @@ def _composite(inputs, params):
 # the HF formula): the fused path's fixed cost is more than it saves there (measurements:
 # bench/results/cpu-routes.md). A forced backend runs its kernels at every size (how tests reach them).
 _TORCH_MAX_NUMEL = {"layer": 1 << 18, "rms": 1 << 18, "rms_hf": 1 << 13}
+# fastlayers._fastpath.small_norm (csrc/torch/fastpath.cpp): _small_cpu_norm's checks and ops for
+# "layer" and "rms" in one C++ call (None where _fastpath was not built; tests set it to None).
+_FAST_SMALL_NORM = _FASTPATH.small_norm if _FASTPATH is not None else None
 
 
 def _small_cpu_norm(x: object, weight: Optional[Tensor], bias: Optional[Tensor], residual: object, eps: object,
@@ -226,8 +229,14 @@ def _small_cpu_norm(x: object, weight: Optional[Tensor], bias: Optional[Tensor],
     path, which checks every argument and raises fastlayers' errors. Measured 2026-12-07 (Xeon, 12 x
     64 x 64, fp32): LayerNorm forward 41.5 -> ~28 us (nn.LayerNorm 27 us); the general path's
     argument checks and route ladder are most of a small norm's time."""
+    if forced() is not None or _is_compiling():
+        return None
+    if _FAST_SMALL_NORM is not None and kind != "rms_hf":  # the checks and ops below in one C++ call
+        # (what it refuses -- a special mode, anything unusual -- the general path takes: the same
+        # PyTorch ops below _TORCH_MAX_NUMEL, or fastlayers' errors)
+        return _FAST_SMALL_NORM(x, weight, bias, residual, eps, kind == "rms", nshape, _TORCH_MAX_NUMEL[kind])
     if (type(x) is not Tensor or not x.is_cpu or x.numel() >= _TORCH_MAX_NUMEL[kind] or type(eps) is not float
-            or not eps >= 0 or forced() is not None or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            or not eps >= 0 or torch.jit.is_tracing()):
         return None
     nd, dtype = len(nshape), x.dtype
     if x.dim() < nd or x.shape[x.dim() - nd:] != nshape:

@@ -464,10 +464,11 @@ def test_fused_linear_none_routes(monkeypatch, grad, dtype, m, k, n, fused_min):
     real = F.linear
     monkeypatch.setattr(F, "linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(_dispatch, "_F_LINEAR", F.linear)  # the tiny gate's own F.linear
-    fast = _dispatch._FAST_TINY_LINEAR  # ... and its C++ at::linear, where built
-    if fast is not None:
-        monkeypatch.setattr(_dispatch, "_FAST_TINY_LINEAR",
-                            lambda *a: (lambda y: y if y is None else calls.append(1) or y)(fast(*a)))
+    for name in ("_FAST_TINY_LINEAR", "_FAST_SMALL_LINEAR"):  # ... and the C++ gates' at::linear, where built
+        fast = getattr(_dispatch, name)
+        if fast is not None:
+            monkeypatch.setattr(_dispatch, name,
+                                (lambda f: lambda *a: (lambda y: y if y is None else calls.append(1) or y)(f(*a)))(fast))
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, dtype=dtype)
     fused = fl.FusedLinear(k, n, activation="none", dtype=dtype)

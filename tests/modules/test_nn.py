@@ -124,6 +124,8 @@ def test_fused_linear_climbs_the_route_once(monkeypatch, grad):
     for mod in (fnn, ff):
         monkeypatch.setattr(mod, "tiny_cpu_linear", counted("tiny", mod.tiny_cpu_linear))
         monkeypatch.setattr(mod, "plain_cpu_inference", counted("plain", mod.plain_cpu_inference))
+    from fastlayers.backends.cpu import gemm
+    monkeypatch.setattr(gemm, "FUSED_MIN_MACS", 1)  # (below it one C++ call takes the layer: small_cpu_linear)
     m = fl.FusedLinear(64, 96, activation="gelu")
     x = torch.randn(128, 64, requires_grad=grad)  # above the tiny gate's size: the general route
     with torch.set_grad_enabled(grad):
