@@ -295,6 +295,53 @@ PyObject* small_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return out;
 }
 
+// at::Reduction's code of "mean" / "sum" / "none" (a str), else -1.
+int64_t reduction_code(PyObject* p) {
+  if (!PyUnicode_Check(p)) return -1;
+  if (PyUnicode_CompareWithASCIIString(p, "mean") == 0) return at::Reduction::Mean;
+  if (PyUnicode_CompareWithASCIIString(p, "sum") == 0) return at::Reduction::Sum;
+  if (PyUnicode_CompareWithASCIIString(p, "none") == 0) return at::Reduction::None;
+  return -1;
+}
+
+// small_cross_entropy(logits, target, ignore_index, label_smoothing, reduction, max_numel)
+//   -> F.cross_entropy(logits, target, ...), or None.
+//
+// cross_entropy's small-call route (fastlayers/ops/cross_entropy.py: below _TORCH_MAX_NUMEL
+// logits on the CPU the general path runs PyTorch's op) in one call, for its common form:
+// contiguous (N, C) floating logits, (N,) int64 class targets, no class weights, no autocast, no
+// special mode. Out-of-range targets (and anything else ATen raises on) return None: the general
+// path raises fastlayers' error. Autograd records PyTorch's node. Threads: ATen's.
+PyObject* small_cross_entropy(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 6) {
+    PyErr_SetString(PyExc_TypeError, "fastlayers._fastpath.small_cross_entropy: expected 6 arguments");
+    return nullptr;
+  }
+  PyObject *px = args[0], *pt = args[1], *pig = args[2], *pls = args[3];
+  if (!THPVariable_CheckExact(px) || !THPVariable_CheckExact(pt) || !PyLong_CheckExact(pig) ||
+      !PyFloat_CheckExact(pls))
+    Py_RETURN_NONE;
+  const int64_t reduction = reduction_code(args[4]);
+  const long long max_numel = PyLong_AsLongLong(args[5]);
+  if (PyErr_Occurred()) return nullptr;
+  int overflow = 0;
+  const long long ignore_index = PyLong_AsLongLongAndOverflow(pig, &overflow);
+  if (overflow != 0 || reduction < 0) Py_RETURN_NONE;
+  const at::Tensor& x = THPVariable_Unpack(px);
+  const at::Tensor& t = THPVariable_Unpack(pt);
+  if (!plain_cpu(x) || !floating(x) || x.dim() != 2 || !x.is_contiguous() || x.numel() >= max_numel ||
+      !plain_cpu(t) || t.scalar_type() != at::kLong || t.dim() != 1 || t.size(0) != x.size(0) ||
+      special_mode_active() || at::autocast::is_autocast_enabled(at::kCPU))
+    Py_RETURN_NONE;
+  at::Tensor loss;
+  try {
+    loss = at::cross_entropy_loss(x, t, std::nullopt, reduction, ignore_index, PyFloat_AS_DOUBLE(pls));
+  } catch (const std::exception&) {
+    Py_RETURN_NONE;
+  }
+  return THPVariable_Wrap(std::move(loss));
+}
+
 // small_linear_ce(h, w, b, target, ignore_index, label_smoothing, reduction, fp32_out, max_logits)
 //   -> F.cross_entropy(F.linear(h, w, b) in its compute dtype, target, ...), or None.
 //
@@ -316,19 +363,10 @@ PyObject* small_linear_ce(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject *ph = args[0], *pw = args[1], *pb = args[2], *pt = args[3], *pig = args[4], *pls = args[5],
            *pred = args[6];
   if (!THPVariable_CheckExact(ph) || !THPVariable_CheckExact(pw) || !THPVariable_CheckExact(pt) ||
-      (pb != Py_None && !THPVariable_CheckExact(pb)) || !PyLong_CheckExact(pig) || !PyFloat_CheckExact(pls) ||
-      !PyUnicode_Check(pred))
+      (pb != Py_None && !THPVariable_CheckExact(pb)) || !PyLong_CheckExact(pig) || !PyFloat_CheckExact(pls))
     Py_RETURN_NONE;
-  int64_t reduction;
-  if (PyUnicode_CompareWithASCIIString(pred, "mean") == 0) {
-    reduction = at::Reduction::Mean;
-  } else if (PyUnicode_CompareWithASCIIString(pred, "sum") == 0) {
-    reduction = at::Reduction::Sum;
-  } else if (PyUnicode_CompareWithASCIIString(pred, "none") == 0) {
-    reduction = at::Reduction::None;
-  } else {
-    Py_RETURN_NONE;
-  }
+  const int64_t reduction = reduction_code(pred);
+  if (reduction < 0) Py_RETURN_NONE;
   const int fp32_out = PyObject_IsTrue(args[7]);
   const long long max_logits = PyLong_AsLongLong(args[8]);
   if (fp32_out < 0 || PyErr_Occurred()) return nullptr;
@@ -414,6 +452,8 @@ PyMethodDef kMethods[] = {
      METH_FASTCALL, "small_norm(x, w, b, residual, eps, rms, shape, max_numel): F.layer_norm / F.rms_norm of x (+ residual), or None"},
     {"small_linear_ce", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(small_linear_ce)),
      METH_FASTCALL, "small_linear_ce(h, w, b, target, ignore_index, label_smoothing, reduction, fp32_out, max_logits): the loss by PyTorch's ops, or None"},
+    {"small_cross_entropy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(small_cross_entropy)),
+     METH_FASTCALL, "small_cross_entropy(logits, target, ignore_index, label_smoothing, reduction, max_numel): F.cross_entropy, or None"},
     {"tiny_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(tiny_linear)),
      METH_FASTCALL, "tiny_linear(x, w, b, code, slope, max_out, max_macs): act(F.linear(x, w, b)) or None"},
     {nullptr, nullptr, 0, nullptr}};

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._autocast import autocast_dtype as _autocast_dtype
-from .._dispatch import check_tensor as _check_tensor, composite_reason, placeholder
+from .._dispatch import _FASTPATH, _is_compiling, check_tensor as _check_tensor, composite_reason, placeholder
 from ._autograd import FusedOp, define
 from .._dtypes import compute_dtype
 from ..backends import forced
@@ -29,6 +29,9 @@ from ._loss import _check_options, _check_target_values, _denominator, _prepare,
 # than its passes save (fwd+bwd at 2^18 logits 0.45-0.95x of eager, at 2^20 1.04-1.31x;
 # bench/results/cpu-routes.md). A forced backend runs its kernels at every size (how tests reach them).
 _TORCH_MAX_NUMEL = 1 << 20
+# fastlayers._fastpath.small_cross_entropy (csrc/torch/fastpath.cpp): that route for (N, C) logits
+# and class targets in one C++ call (None where _fastpath was not built; tests set it to None).
+_FAST_SMALL_CE = _FASTPATH.small_cross_entropy if _FASTPATH is not None else None
 
 
 # ----------------------------------------------------------------------------- the op
@@ -87,6 +90,8 @@ CrossEntropyFunction = CROSS_ENTROPY.Function
 
 def _composite(inputs, params):
     (x2, target, weight), (ignore_index, eps, reduction, _) = inputs, params
+    if weight is not None:  # (_prepare gives it in the compute dtype; PyTorch's op wants the logits')
+        weight = weight.to(x2.dtype)
     return (F.cross_entropy(x2, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
                             label_smoothing=eps),)
 
@@ -101,6 +106,11 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
     logits' shape. weight: (C,) per-class weights. Returns a 0-d loss ("mean", "sum") or one per
     position ("none") in the logits' dtype (float32 under autocast, like torch).
     """
+    if _FAST_SMALL_CE is not None and weight is None and forced() is None and not _is_compiling():
+        # below _TORCH_MAX_NUMEL on the CPU, the common form: PyTorch's op, checks included, in one C++ call
+        loss = _FAST_SMALL_CE(logits, target, ignore_index, label_smoothing, reduction, _TORCH_MAX_NUMEL)
+        if loss is not None:
+            return loss
     op = "fastlayers.cross_entropy"
     eps = _check_options(op, ignore_index, label_smoothing, reduction)
     if isinstance(logits, Tensor) and _autocast_dtype(logits) is not None:

@@ -13,6 +13,8 @@ import fastlayers.ops.cross_entropy as fl_ce
 import fastlayers.ops.linear_cross_entropy as fl_lce
 from fastlayers.backends.cpu import _ext, gemm
 
+from conftest import assert_matches
+
 
 @pytest.fixture(autouse=True)
 def _no_forced_backend(monkeypatch):
@@ -268,3 +270,58 @@ def test_small_linear_cross_entropy_one_cpp_call(monkeypatch, dtype, reduction, 
         fl.linear_cross_entropy(h, head.weight, t[:199], head.bias)
     with pytest.raises(Exception, match="fastlayers.linear_cross_entropy"):
         fl.linear_cross_entropy(h, head.weight, t, head.bias, reduction="avg")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_small_cross_entropy_one_cpp_call(monkeypatch, dtype, reduction, smoothing):
+    """cross_entropy below _TORCH_MAX_NUMEL, (N, C) logits and class targets: one C++ call
+    (small_cross_entropy) gives the bits and gradient of the Python route (F.cross_entropy); what
+    it does not take (class weights, 3-d logits, bad targets) goes on to the general path."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 65, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, 65, (300,), generator=g)
+    t[::7] = -1
+    taken = []
+    _spy(monkeypatch, fl_ce, "_FAST_SMALL_CE", taken)
+    y = fl.cross_entropy(z, t, -1, smoothing, reduction)
+    assert taken == ["_FAST_SMALL_CE"]
+    fl.cross_entropy(z, t, -1, smoothing, reduction, weight=torch.rand(65, dtype=dtype))
+    fl.cross_entropy(z.detach().view(3, 100, 65).transpose(1, 2), t.view(3, 100), -1, smoothing, reduction)
+    assert taken == ["_FAST_SMALL_CE"]
+    monkeypatch.setattr(fl_ce, "_FAST_SMALL_CE", None)
+    ref = fl.cross_entropy(z, t, -1, smoothing, reduction)
+    assert torch.equal(y, ref) and y.dtype == ref.dtype == dtype
+    gy = torch.rand_like(y)
+    assert torch.equal(torch.autograd.grad(y, z, gy)[0], torch.autograd.grad(ref, z, gy)[0])
+    monkeypatch.undo()
+    with pytest.raises(IndexError, match="fastlayers.cross_entropy: target 65 is out of bounds"):
+        fl.cross_entropy(z, torch.full((300,), 65))
+    with pytest.raises(Exception, match="fastlayers.cross_entropy"):
+        fl.cross_entropy(z, t[:299])
+    with pytest.raises(Exception, match="fastlayers.cross_entropy"):
+        fl.cross_entropy(z, t, label_smoothing=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("probs", [False, True], ids=["indices", "probs"])
+def test_small_cross_entropy_16bit_class_weights(dtype, probs):
+    """16-bit logits with class weights below _TORCH_MAX_NUMEL: PyTorch's result (the composite
+    got the weight in float32, and PyTorch raised 'expected scalar type BFloat16 but found Float')."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((30, 65), (6, 65, 5)):
+        z = torch.randn(*shape, generator=g).to(dtype)
+        w = torch.rand(65, generator=g).to(dtype)
+        if probs:
+            t = torch.softmax(torch.randn(*shape, generator=g), 1).to(dtype)
+        else:
+            t = torch.randint(0, 65, shape[:1] + shape[2:], generator=g)
+        for reduction in ("mean", "sum", "none"):
+            ours = fl.cross_entropy(z, t, reduction=reduction, weight=w)
+            eager = F.cross_entropy(z, t, weight=w, reduction=reduction)
+            if len(shape) == 2:  # the same op on the same tensors
+                assert torch.equal(ours, eager), (shape, reduction)
+            else:  # (N, C, d) runs on the (N * d, C) copy: PyTorch's 16-bit rounding differs between layouts
+                ref64 = F.cross_entropy(z.double(), t.double() if probs else t, weight=w.double(), reduction=reduction)
+                assert_matches(ours, ref64, eager, what=f"{shape} {reduction}")
