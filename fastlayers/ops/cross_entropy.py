@@ -106,7 +106,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, labe
     logits' shape. weight: (C,) per-class weights. Returns a 0-d loss ("mean", "sum") or one per
     position ("none") in the logits' dtype (float32 under autocast, like torch).
     """
-    if _FAST_SMALL_CE is not None and weight is None and forced() is None and not _is_compiling():
+    if _FAST_SMALL_CE is not None and weight is None and not _is_compiling() and forced() is None:
         # below _TORCH_MAX_NUMEL on the CPU, the common form: PyTorch's op, checks included, in one C++ call
         loss = _FAST_SMALL_CE(logits, target, ignore_index, label_smoothing, reduction, _TORCH_MAX_NUMEL)
         if loss is not None:

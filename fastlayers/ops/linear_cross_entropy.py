@@ -387,7 +387,7 @@ def _linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, bias: Optio
     """linear_cross_entropy; out_dtype (e.g. float32 for 16-bit inputs, as transformers' loss
     gives) is the loss's dtype instead of h's (swap(skip_logits=True))."""
     if (_FAST_SMALL_LCE is not None and (out_dtype is None or out_dtype is torch.float32)
-            and forced() is None and not _is_compiling()):
+            and not _is_compiling() and forced() is None):
         # below TORCH_MAX_LOGITS on the CPU: _linear_ce_torch's ops, checks included, in one C++ call
         loss = _FAST_SMALL_LCE(h, weight, bias, target, ignore_index, label_smoothing, reduction,
                                out_dtype is not None, TORCH_MAX_LOGITS)

@@ -229,7 +229,7 @@ def _small_cpu_norm(x: object, weight: Optional[Tensor], bias: Optional[Tensor],
     path, which checks every argument and raises fastlayers' errors. Measured 2026-12-07 (Xeon, 12 x
     64 x 64, fp32): LayerNorm forward 41.5 -> ~28 us (nn.LayerNorm 27 us); the general path's
     argument checks and route ladder are most of a small norm's time."""
-    if forced() is not None or _is_compiling():
+    if _is_compiling() or forced() is not None:
         return None
     if _FAST_SMALL_NORM is not None and kind != "rms_hf":  # the checks and ops below in one C++ call
         # (what it refuses -- a special mode, anything unusual -- the general path takes: the same
