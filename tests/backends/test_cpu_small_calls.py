@@ -325,3 +325,30 @@ def test_small_cross_entropy_16bit_class_weights(dtype, probs):
             else:  # (N, C, d) runs on the (N * d, C) copy: PyTorch's 16-bit rounding differs between layouts
                 ref64 = F.cross_entropy(z.double(), t.double() if probs else t, weight=w.double(), reduction=reduction)
                 assert_matches(ours, ref64, eager, what=f"{shape} {reduction}")
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_small_cpp_calls_under_autocast(monkeypatch, grad):
+    """Under CPU autocast the C++ small-call gates give the Python routes' dtypes, bits and nodes
+    (ATen's ops called from C++ pass through the same autocast dispatch)."""
+    from fastlayers import _dispatch
+    from fastlayers.ops import norms
+    torch.manual_seed(0)
+    lin = fl.FusedLinear(64, 96, activation="gelu")
+    ln = fl.LayerNorm(96)
+    x = torch.randn(40, 64, requires_grad=grad)
+    r = torch.randn(40, 96)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            h = lin(x)
+            return (h,) + tuple(ln(h.float(), r))
+    taken = []
+    _spy(monkeypatch, _dispatch, "_FAST_SMALL_LINEAR", taken)
+    _spy(monkeypatch, norms, "_FAST_SMALL_NORM", taken)
+    ours = run()
+    assert taken == ["_FAST_SMALL_LINEAR", "_FAST_SMALL_NORM"]
+    monkeypatch.setattr(_dispatch, "_FAST_SMALL_LINEAR", None)
+    monkeypatch.setattr(norms, "_FAST_SMALL_NORM", None)
+    for a, b in zip(ours, run()):
+        assert a.dtype == b.dtype and torch.equal(a, b) and type(a.grad_fn) is type(b.grad_fn)
