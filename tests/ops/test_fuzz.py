@@ -509,3 +509,100 @@ def test_fuzz_linear_cross_entropy(case, bias, hidden, small_blocks, klass, arg)
         if klass == "huge":
             continue  # huge logits: sums of huge terms, order-dependent rounding: the patterns are the check
         assert_matches(a, r, e, red=max(n, c, hidden), what=f"{what} output {i}")
+
+
+# ----------------------------------------------------------------------------- the C++ small-call gates
+# fastlayers._fastpath's small_linear / small_norm / small_cross_entropy / small_linear_ce take small
+# CPU calls (no backend forced) in one C++ call. Differential: each must give exactly what the Python
+# route it short-cuts gives (the same PyTorch ops: the same bits, NaN for NaN), forward and backward,
+# or refuse (None) so that route runs -- including its errors, which must be the same exception.
+def _same(a, b, what):
+    assert type(a) is type(b), f"{what}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, tuple):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{what}[{i}]")
+        return
+    if a is None:
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _both_routes(monkeypatch, fn, switch, inputs):
+    """(result or exception type, grads) of fn() with the C++ gate as built, then switched off."""
+    out = []
+    for off in (False, True):
+        if off:
+            switch()
+        try:
+            y = fn()
+        except Exception as e:  # noqa: BLE001 - both routes must raise the same error
+            out.append((type(e), str(e).split(":")[0], None))
+            continue
+        ys = y if isinstance(y, tuple) else (y,)
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        outs = [t for t in ys if t.requires_grad]
+        grads = None
+        if outs and leaves:
+            g = [torch.ones_like(t) for t in outs]
+            grads = tuple(torch.autograd.grad(outs, leaves, g, allow_unused=True))
+        out.append((y, grads))
+    return out
+
+
+@pytest.mark.skipif(backend_skip_reason("cpp") is not None, reason="the cpp backend is not built here")
+@given(st.data())
+def test_fuzz_small_cpp_gates_equal_their_python_routes(data):
+    from fastlayers import _dispatch
+    from fastlayers.ops import cross_entropy as ce_mod, linear_cross_entropy as lce_mod, norms
+    if _dispatch._FASTPATH is None:
+        pytest.skip("fastlayers._fastpath is not built here (no torch at build time)")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.delenv("FASTLAYERS_BACKEND", raising=False)
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+        klass = data.draw(st.sampled_from(["normal", "special", "nonfinite", "large"]))
+        grad = data.draw(st.booleans())
+        op = data.draw(st.sampled_from(["linear", "norm", "ce", "lce"]))
+        m, k, n = (data.draw(st.sampled_from(SIZES)) for _ in range(3))
+        if op == "linear":
+            act = data.draw(st.sampled_from(NAMES))
+            layer = fl.FusedLinear(max(k, 1), max(n, 1), bias=data.draw(st.booleans()), activation=act, dtype=dtype)
+            kk = data.draw(st.sampled_from([max(k, 1), max(k, 1) + 1]))  # (a mismatched K: both raise)
+            x = data.draw(laid_out(data.draw(values((m, kk), dtype, klass)))).requires_grad_(grad)
+            inputs, fn = (x, layer.weight), lambda: layer(x)
+            switch = lambda: mp.setattr(_dispatch, "_FAST_SMALL_LINEAR", None)  # noqa: E731
+        elif op == "norm":
+            kind = data.draw(st.sampled_from(["layer", "rms"]))
+            d = max(n, 1)
+            mod = fl.LayerNorm(d, dtype=dtype) if kind == "layer" else norms.TorchRMSNorm(d, eps=1e-6, dtype=dtype)
+            x = data.draw(laid_out(data.draw(values((m, d), dtype, klass)))).requires_grad_(grad)
+            rd = data.draw(st.sampled_from([d, d + 1]))
+            r = data.draw(st.one_of(st.none(), values((m, rd), dtype, klass)))
+            inputs = (x, mod.weight)
+            fn = (lambda: mod(x)) if r is None else (lambda: mod(x, r))
+            switch = lambda: mp.setattr(norms, "_FAST_SMALL_NORM", None)  # noqa: E731
+        else:
+            c = max(n, 1)
+            t = torch.randint(-1, c + data.draw(st.sampled_from([0, 0, 0, 1])), (m,),
+                              generator=torch.Generator().manual_seed(data.draw(st.integers(0, 1000))))
+            red = data.draw(st.sampled_from(["mean", "sum", "none"]))
+            eps = data.draw(st.sampled_from([0.0, 0.1]))
+            if op == "ce":
+                z = data.draw(laid_out(data.draw(values((m, c), dtype, klass)))).requires_grad_(grad)
+                inputs, fn = (z,), lambda: fl.cross_entropy(z, t, -1, eps, red)
+                switch = lambda: mp.setattr(ce_mod, "_FAST_SMALL_CE", None)  # noqa: E731
+            else:
+                h = data.draw(laid_out(data.draw(values((m, max(k, 1)), dtype, klass)))).requires_grad_(grad)
+                w = data.draw(values((c, max(k, 1)), dtype, "normal")).requires_grad_(grad)
+                inputs, fn = (h, w), lambda: fl.linear_cross_entropy(h, w, t, None, -1, eps, red)
+                switch = lambda: mp.setattr(lce_mod, "_FAST_SMALL_LCE", None)  # noqa: E731
+        (a, *ra), (b, *rb) = _both_routes(mp, fn, switch, inputs)
+        if isinstance(a, type):
+            assert isinstance(b, type) and a is b and ra[0] == rb[0], f"{op}: errors differ: {a} {ra} vs {b} {rb}"
+            return
+        assert not isinstance(b, type), f"{op}: the Python route raised {b.__name__}, the C++ gate did not"
+        _same(a, b, f"{op} {dtype} {klass} grad={grad}")
+        _same(ra[0], rb[0], f"{op} {dtype} {klass} grads")
+    finally:
+        mp.undo()
