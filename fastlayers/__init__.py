@@ -6,6 +6,7 @@
     layer = fl.FusedLinear(1024, 4096, activation="gelu")    # an nn.Linear subclass
 """
 from . import activations
+from ._dispatch import empty_cache
 from ._errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
 from .backends import available_backends, use_backend
 from .ops.linear_act import linear_act
@@ -29,4 +30,5 @@ __all__ = [
     "rms_norm", "layer_norm", "RMSNorm", "LayerNorm",
     "rotary",
     "attention_softmax", "AttentionSoftmax",
+    "empty_cache",
 ]

@@ -213,6 +213,31 @@ _FAST_SMALL_LINEAR = _FASTPATH.small_linear if _FASTPATH is not None else None
 _FAST_CODES = dict(_FASTPATH.ACTIVATION_CODES) if _FASTPATH is not None else {}
 
 
+# CPU outputs from this many bytes come from _fastpath's output cache (as backends/cpu/_ext._empty's)
+CACHED_MIN_BYTES = 32 << 20
+
+
+def empty_contiguous(x: Tensor) -> Tensor:
+    """torch.empty_like(x, memory_format=torch.contiguous_format), from the CPU output cache for a
+    plain CPU tensor of CACHED_MIN_BYTES or more (see empty_cache)."""
+    if (_FASTPATH is not None and type(x) is Tensor and x.is_cpu and x.layout is _STRIDED
+            and x.numel() * x.element_size() >= CACHED_MIN_BYTES):
+        return _FASTPATH.cached_empty(tuple(x.shape), x.dtype)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def empty_cache() -> int:
+    """Return the CPU output cache's blocks to the OS; the number of bytes freed.
+
+    fastlayers' CPU kernels take their outputs of 32 MiB and more from a cache that keeps freed
+    blocks for reuse (csrc/torch/fastpath.cpp): a fresh buffer that large is faulted in and zeroed
+    page by page by the OS, which costs about as much as the pass that fills it. The cache holds at
+    most FASTLAYERS_CPU_CACHE_MB (default min(1 GiB, RAM / 16); 0 turns it off) of freed blocks,
+    the newest; it is like torch.cuda.empty_cache() for CUDA's caching allocator. 0 where
+    fastlayers._fastpath is not built (then nothing is cached)."""
+    return 0 if _FASTPATH is None else int(_FASTPATH.empty_cache())
+
+
 def small_cpu_linear(x: object, w: object, b: object, activation: str, slope: object) -> Optional[Tensor]:
     """act(F.linear(x, w, b)) for a CPU linear below the cpp backend's FUSED_MIN_MACS, with or
     without a gradient, or None: take the general path.

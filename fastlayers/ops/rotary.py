@@ -49,7 +49,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._dispatch import check_int, check_tensor, placeholder
+from .._dispatch import check_int, check_tensor, empty_contiguous, placeholder
 from .._errors import DeviceError, ShapeError
 from ..backends import forced
 from ._autograd import FusedOp, define
@@ -153,7 +153,9 @@ def _fusable(x: Tensor, cos_u: Tensor) -> bool:
 def _like(x: Tensor) -> Tensor:
     """An uninitialised tensor in the layout TensorIterator gives ``x * cos`` (x first): x's own
     strides when x is dense (transposed views included), else dense in x's stride order."""
-    if x.is_contiguous() or _dense(x):
+    if x.is_contiguous():
+        return empty_contiguous(x)  # (large CPU outputs: the output cache)
+    if _dense(x):
         return torch.empty_like(x)
     order = sorted(range(x.dim()), key=lambda i: -x.stride(i))
     out = x.new_empty([x.shape[i] for i in order])
@@ -172,7 +174,7 @@ def _dense(x: Tensor) -> bool:
 
 def _out(x: Tensor, r: int) -> Tensor:
     """The forward's output for x: x's layout (full rotary), contiguous (partial: torch.cat's)."""
-    return _like(x) if x.shape[-1] == r else torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _like(x) if x.shape[-1] == r else empty_contiguous(x)
 
 
 def _rows(g: Tensor) -> Tensor:

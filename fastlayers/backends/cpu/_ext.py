@@ -3,6 +3,7 @@ not built), the check of its activation / dtype codes against the Python tables,
 descriptors its entry points take, and the output allocator."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -47,12 +48,26 @@ def _buf(t: Optional[Tensor]):
 _HUGE_MIN_BYTES = 32 << 20
 
 
+def _cached_empty():
+    """fastlayers._fastpath's output cache (csrc/torch/fastpath.cpp), or None where it is not built."""
+    from ..._dispatch import _FASTPATH
+    return None if _FASTPATH is None else _FASTPATH.cached_empty
+
+
+_CACHED_EMPTY = _cached_empty()
+
+
 def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
-    """A new contiguous CPU tensor. From _HUGE_MIN_BYTES up it is backed by transparent huge pages
-    where the OS allows (madvise): such fresh buffers are otherwise paid for with one page fault
-    per 4 KiB (see bench/results/cpu-routes.md)."""
+    """A new contiguous CPU tensor. From _HUGE_MIN_BYTES up: from the output cache where
+    fastlayers._fastpath is built (freed outputs of that size are reused instead of being faulted
+    in and zeroed again: fastlayers.empty_cache()), else a fresh buffer backed by transparent huge
+    pages where the OS allows (madvise), which would otherwise be paid for with one page fault per
+    4 KiB (see bench/results/cpu-routes.md)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= _HUGE_MIN_BYTES and _CACHED_EMPTY is not None:
+        return _CACHED_EMPTY(shape, dtype)
     t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
     if nbytes >= _HUGE_MIN_BYTES:
         _C.advise_hugepages(t.data_ptr(), nbytes)
     return t
+
