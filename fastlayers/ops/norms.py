@@ -216,7 +216,13 @@ def _composite(inputs, params):
 # CPU calls below this many elements (no backend forced) run PyTorch's own ops (F.layer_norm / F.rms_norm,
 # the HF formula): the fused path's fixed cost is more than it saves there (measurements:
 # bench/results/cpu-routes.md). A forced backend runs its kernels at every size (how tests reach them).
-_TORCH_MAX_NUMEL = {"layer": 1 << 18, "rms": 1 << 18, "rms_hf": 1 << 13}
+# LayerNorm: ATen's is one well-vectorised kernel each way, ahead of ours fwd+bwd up to ~2^22 elements
+# in fp32 (0.60-0.81x at 2^18-2^22; 1.8x at 2^23); with the residual add fused ours wins from ~2^20.
+_TORCH_MAX_NUMEL = {"layer": 1 << 23, "layer_add": 1 << 20, "rms": 1 << 18, "rms_hf": 1 << 13}
+
+
+def _torch_max_numel(kind: str, residual: object) -> int:
+    return _TORCH_MAX_NUMEL["layer_add" if kind == "layer" and residual is not None else kind]
 # fastlayers._fastpath.small_norm (csrc/torch/fastpath.cpp): _small_cpu_norm's checks and ops for
 # "layer" and "rms" in one C++ call (None where _fastpath was not built; tests set it to None).
 _FAST_SMALL_NORM = _FASTPATH.small_norm if _FASTPATH is not None else None
@@ -234,8 +240,9 @@ def _small_cpu_norm(x: object, weight: Optional[Tensor], bias: Optional[Tensor],
     if _FAST_SMALL_NORM is not None and kind != "rms_hf":  # the checks and ops below in one C++ call
         # (what it refuses -- a special mode, anything unusual -- the general path takes: the same
         # PyTorch ops below _TORCH_MAX_NUMEL, or fastlayers' errors)
-        return _FAST_SMALL_NORM(x, weight, bias, residual, eps, kind == "rms", nshape, _TORCH_MAX_NUMEL[kind])
-    if (type(x) is not Tensor or not x.is_cpu or x.numel() >= _TORCH_MAX_NUMEL[kind] or type(eps) is not float
+        return _FAST_SMALL_NORM(x, weight, bias, residual, eps, kind == "rms", nshape,
+                                _torch_max_numel(kind, residual))
+    if (type(x) is not Tensor or not x.is_cpu or x.numel() >= _torch_max_numel(kind, residual) or type(eps) is not float
             or not eps >= 0 or torch.jit.is_tracing()):
         return None
     nd, dtype = len(nshape), x.dtype
@@ -255,7 +262,7 @@ def _norm(op: str, kind: str, x, weight, bias, residual, eps: float, nd: int):
     # PyTorch's ops also for mixed dtypes (type promotion decides the result's dtype there) and for
     # small CPU tensors (see _TORCH_MAX_NUMEL)
     composite = (any(t is not None and t.dtype != x.dtype for t in (weight, bias, residual))
-                 or (x.is_cpu and x.numel() < _TORCH_MAX_NUMEL[kind] and forced() is None))
+                 or (x.is_cpu and x.numel() < _torch_max_numel(kind, residual) and forced() is None))
     y, s = NORM.run((x, weight, bias, residual), (eps, kind, nd), _composite, composite)
     return (y, s) if residual is not None else y
 

@@ -423,18 +423,24 @@ def test_cpp_entry_points_check_buffers():
         _C.norm_forward(_buf(x), None, None, None, None, _buf(y), None, None, 7, 1e-6, 1)
 
 
-@pytest.mark.parametrize("kind", ["layer", "rms", "rms_hf"])
+@pytest.mark.parametrize("kind", ["layer", "layer_add", "rms", "rms_hf"])
 def test_small_cpu_calls_run_pytorch_ops(monkeypatch, kind):
     """Below norms._TORCH_MAX_NUMEL elements, with no backend forced, a CPU call is PyTorch's own
     ops (their values and autograd); from there, and whenever a backend is forced, the kernels."""
     from fastlayers.ops import norms
     calls = unforced_applies(monkeypatch, norms.NormFunction)
     limit = norms._TORCH_MAX_NUMEL[kind]
+    if kind == "layer":  # (2^23: the route is the point, not the size)
+        monkeypatch.setitem(norms._TORCH_MAX_NUMEL, "layer", limit := 1 << 16)
     for rows, fused in ((limit // 64 - 1, False), (limit // 64, True)):
         x = torch.randn(rows, 64, requires_grad=True)
         w = torch.randn(64, requires_grad=True)
         calls.clear()
         if kind == "layer":
+            y = fl.layer_norm(x, 64, w, None, 1e-5)
+            s = None
+            ref = F.layer_norm(x, (64,), w, None, 1e-5)
+        elif kind == "layer_add":
             y, s = fl.layer_norm(x, 64, w, None, 1e-5, residual=x.detach())
             ref = F.layer_norm(x + x.detach(), (64,), w, None, 1e-5)
         else:
