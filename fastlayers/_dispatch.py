@@ -217,13 +217,23 @@ _FAST_CODES = dict(_FASTPATH.ACTIVATION_CODES) if _FASTPATH is not None else {}
 CACHED_MIN_BYTES = 32 << 20
 
 
-def empty_contiguous(x: Tensor) -> Tensor:
-    """torch.empty_like(x, memory_format=torch.contiguous_format), from the CPU output cache for a
-    plain CPU tensor of CACHED_MIN_BYTES or more (see empty_cache)."""
+def empty_contiguous(x: Tensor, preserve: bool = False) -> Tensor:
+    """torch.empty_like(x, memory_format=torch.contiguous_format) (preserve: torch.empty_like(x),
+    x's own strides), from the CPU output cache for a plain CPU tensor of CACHED_MIN_BYTES or more
+    (see empty_cache) whose result is contiguous with exactly torch.empty's strides."""
     if (_FASTPATH is not None and type(x) is Tensor and x.is_cpu and x.layout is _STRIDED
-            and x.numel() * x.element_size() >= CACHED_MIN_BYTES):
+            and x.numel() * x.element_size() >= CACHED_MIN_BYTES
+            and (not preserve or x.stride() == _contiguous_strides(x.shape))):
         return _FASTPATH.cached_empty(tuple(x.shape), x.dtype)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x) if preserve else torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _contiguous_strides(shape) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def empty_cache() -> int:

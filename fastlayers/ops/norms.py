@@ -223,6 +223,8 @@ _TORCH_MAX_NUMEL = {"layer": 1 << 23, "layer_add": 1 << 20, "rms": 1 << 18, "rms
 
 def _torch_max_numel(kind: str, residual: object) -> int:
     return _TORCH_MAX_NUMEL["layer_add" if kind == "layer" and residual is not None else kind]
+
+
 # fastlayers._fastpath.small_norm (csrc/torch/fastpath.cpp): _small_cpu_norm's checks and ops for
 # "layer" and "rms" in one C++ call (None where _fastpath was not built; tests set it to None).
 _FAST_SMALL_NORM = _FASTPATH.small_norm if _FASTPATH is not None else None
@@ -242,8 +244,8 @@ def _small_cpu_norm(x: object, weight: Optional[Tensor], bias: Optional[Tensor],
         # PyTorch ops below _TORCH_MAX_NUMEL, or fastlayers' errors)
         return _FAST_SMALL_NORM(x, weight, bias, residual, eps, kind == "rms", nshape,
                                 _torch_max_numel(kind, residual))
-    if (type(x) is not Tensor or not x.is_cpu or x.numel() >= _torch_max_numel(kind, residual) or type(eps) is not float
-            or not eps >= 0 or torch.jit.is_tracing()):
+    if (type(x) is not Tensor or not x.is_cpu or x.numel() >= _torch_max_numel(kind, residual)
+            or type(eps) is not float or not eps >= 0 or torch.jit.is_tracing()):
         return None
     nd, dtype = len(nshape), x.dtype
     if x.dim() < nd or x.shape[x.dim() - nd:] != nshape:

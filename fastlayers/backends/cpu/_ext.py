@@ -55,6 +55,7 @@ def _cached_empty():
 
 
 _CACHED_EMPTY = _cached_empty()
+_CACHED_MIN_BYTES = _HUGE_MIN_BYTES  # (= _dispatch.CACHED_MIN_BYTES: the same glibc threshold)
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
@@ -64,10 +65,9 @@ def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
     pages where the OS allows (madvise), which would otherwise be paid for with one page fault per
     4 KiB (see bench/results/cpu-routes.md)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes >= _HUGE_MIN_BYTES and _CACHED_EMPTY is not None:
+    if nbytes >= _CACHED_MIN_BYTES and _CACHED_EMPTY is not None:
         return _CACHED_EMPTY(shape, dtype)
     t = torch.empty(shape, dtype=dtype)
     if nbytes >= _HUGE_MIN_BYTES:
         _C.advise_hugepages(t.data_ptr(), nbytes)
     return t
-
