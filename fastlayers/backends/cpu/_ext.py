@@ -49,9 +49,13 @@ _HUGE_MIN_BYTES = 32 << 20
 
 
 def _cached_empty():
-    """fastlayers._fastpath's output cache (csrc/torch/fastpath.cpp), or None where it is not built."""
-    from ..._dispatch import _FASTPATH
-    return None if _FASTPATH is None else _FASTPATH.cached_empty
+    """fastlayers._fastpath's output cache (csrc/torch/fastpath.cpp), or None where it is not built
+    or was built against another torch (_dispatch._load_fastpath warns about that)."""
+    try:
+        from ... import _fastpath
+    except ImportError:
+        return None
+    return _fastpath.cached_empty if _fastpath.TORCH_VERSION == torch.__version__ else None
 
 
 _CACHED_EMPTY = _cached_empty()
