@@ -275,7 +275,7 @@ PyObject* small_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto matches = [&](PyObject* p) -> bool {  // None, or x's dtype, `shape`, dense CPU
     if (p == Py_None) return true;
     const at::Tensor& t = THPVariable_Unpack(p);
-    return plain_cpu(t) && t.scalar_type() == x.scalar_type() && t.sizes().vec() == shape;
+    return plain_cpu(t) && t.scalar_type() == x.scalar_type() && t.sizes() == at::IntArrayRef(shape);
   };
   if (!matches(pw) || !matches(pb)) Py_RETURN_NONE;
   std::optional<at::Tensor> w, b;
@@ -307,13 +307,30 @@ PyObject* small_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return out;
 }
 
-// at::Reduction's code of "mean" / "sum" / "none" (a str), else -1.
-int64_t reduction_code(PyObject* p) {
-  if (!PyUnicode_Check(p)) return -1;
-  if (PyUnicode_CompareWithASCIIString(p, "mean") == 0) return at::Reduction::Mean;
-  if (PyUnicode_CompareWithASCIIString(p, "sum") == 0) return at::Reduction::Sum;
-  if (PyUnicode_CompareWithASCIIString(p, "none") == 0) return at::Reduction::None;
-  return -1;
+// The losses' options as the C++ gates take them: ignore_index an int (fitting int64),
+// label_smoothing a float, reduction "mean" / "sum" / "none". False: not these (the caller refuses
+// the call; the Python route checks and raises).
+struct LossOptions {
+  int64_t reduction;
+  long long ignore_index;
+  double smoothing;
+};
+
+bool loss_options(PyObject* pig, PyObject* pls, PyObject* pred, LossOptions* o) {
+  if (!PyLong_CheckExact(pig) || !PyFloat_CheckExact(pls) || !PyUnicode_Check(pred)) return false;
+  if (PyUnicode_CompareWithASCIIString(pred, "mean") == 0) {
+    o->reduction = at::Reduction::Mean;
+  } else if (PyUnicode_CompareWithASCIIString(pred, "sum") == 0) {
+    o->reduction = at::Reduction::Sum;
+  } else if (PyUnicode_CompareWithASCIIString(pred, "none") == 0) {
+    o->reduction = at::Reduction::None;
+  } else {
+    return false;
+  }
+  int overflow = 0;
+  o->ignore_index = PyLong_AsLongLongAndOverflow(pig, &overflow);
+  o->smoothing = PyFloat_AS_DOUBLE(pls);
+  return overflow == 0;
 }
 
 // small_cross_entropy(logits, target, ignore_index, label_smoothing, reduction, max_numel)
@@ -329,16 +346,12 @@ PyObject* small_cross_entropy(PyObject*, PyObject* const* args, Py_ssize_t nargs
     PyErr_SetString(PyExc_TypeError, "fastlayers._fastpath.small_cross_entropy: expected 6 arguments");
     return nullptr;
   }
-  PyObject *px = args[0], *pt = args[1], *pig = args[2], *pls = args[3];
-  if (!THPVariable_CheckExact(px) || !THPVariable_CheckExact(pt) || !PyLong_CheckExact(pig) ||
-      !PyFloat_CheckExact(pls))
-    Py_RETURN_NONE;
-  const int64_t reduction = reduction_code(args[4]);
+  PyObject *px = args[0], *pt = args[1];
   const long long max_numel = PyLong_AsLongLong(args[5]);
   if (PyErr_Occurred()) return nullptr;
-  int overflow = 0;
-  const long long ignore_index = PyLong_AsLongLongAndOverflow(pig, &overflow);
-  if (overflow != 0 || reduction < 0) Py_RETURN_NONE;
+  LossOptions o;
+  if (!THPVariable_CheckExact(px) || !THPVariable_CheckExact(pt) || !loss_options(args[2], args[3], args[4], &o))
+    Py_RETURN_NONE;
   const at::Tensor& x = THPVariable_Unpack(px);
   const at::Tensor& t = THPVariable_Unpack(pt);
   if (!plain_cpu(x) || !floating(x) || x.dim() != 2 || !x.is_contiguous() || x.numel() >= max_numel ||
@@ -347,7 +360,7 @@ PyObject* small_cross_entropy(PyObject*, PyObject* const* args, Py_ssize_t nargs
     Py_RETURN_NONE;
   at::Tensor loss;
   try {
-    loss = at::cross_entropy_loss(x, t, std::nullopt, reduction, ignore_index, PyFloat_AS_DOUBLE(pls));
+    loss = at::cross_entropy_loss(x, t, std::nullopt, o.reduction, o.ignore_index, o.smoothing);
   } catch (const std::exception&) {
     Py_RETURN_NONE;
   }
@@ -372,20 +385,14 @@ PyObject* small_linear_ce(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "fastlayers._fastpath.small_linear_ce: expected 9 arguments");
     return nullptr;
   }
-  PyObject *ph = args[0], *pw = args[1], *pb = args[2], *pt = args[3], *pig = args[4], *pls = args[5],
-           *pred = args[6];
-  if (!THPVariable_CheckExact(ph) || !THPVariable_CheckExact(pw) || !THPVariable_CheckExact(pt) ||
-      (pb != Py_None && !THPVariable_CheckExact(pb)) || !PyLong_CheckExact(pig) || !PyFloat_CheckExact(pls))
-    Py_RETURN_NONE;
-  const int64_t reduction = reduction_code(pred);
-  if (reduction < 0) Py_RETURN_NONE;
+  PyObject *ph = args[0], *pw = args[1], *pb = args[2], *pt = args[3];
   const int fp32_out = PyObject_IsTrue(args[7]);
   const long long max_logits = PyLong_AsLongLong(args[8]);
   if (fp32_out < 0 || PyErr_Occurred()) return nullptr;
-  int overflow = 0;
-  const long long ignore_index = PyLong_AsLongLongAndOverflow(pig, &overflow);
-  if (overflow != 0) Py_RETURN_NONE;
-  const double smoothing = PyFloat_AS_DOUBLE(pls);
+  LossOptions o;
+  if (!THPVariable_CheckExact(ph) || !THPVariable_CheckExact(pw) || !THPVariable_CheckExact(pt) ||
+      (pb != Py_None && !THPVariable_CheckExact(pb)) || !loss_options(args[4], args[5], args[6], &o))
+    Py_RETURN_NONE;
   const at::Tensor& h = THPVariable_Unpack(ph);
   const at::Tensor& w = THPVariable_Unpack(pw);
   const at::Tensor& t = THPVariable_Unpack(pt);
@@ -408,7 +415,7 @@ PyObject* small_linear_ce(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     ReleaseGil nogil(h.size(0) * w.size(0) * h.size(1) >= kReleaseGilMacs);
     at::Tensor z = at::linear(h, w, b);
     if (half) z = z.to(at::kFloat);
-    loss = at::cross_entropy_loss(z, t, std::nullopt, reduction, ignore_index, smoothing);
+    loss = at::cross_entropy_loss(z, t, std::nullopt, o.reduction, o.ignore_index, o.smoothing);
     loss = loss.to(fp32_out ? at::kFloat : dtype);
   } catch (const std::exception&) {
     Py_RETURN_NONE;
