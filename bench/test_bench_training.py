@@ -6,7 +6,8 @@ and HF BertForMaskedLM (vocab 30522, MLM labels), hidden 256, 4 layers, 4 x 256 
 and bfloat16 (bench/training_memory.py builds them). Each memory figure comes from a fresh
 process (MALLOC_MMAP_THRESHOLD_=131072, gradients preallocated, SGD without state): the peak
 resident memory of one step above the resident memory before it. Step times come from one process
-running the modes in interleaved rounds (compile's first steps, which compile, untimed);
+running the modes in interleaved rounds, at least 5 and at least 4 s of them (a small model's
+step needs dozens of rounds for a steady median; compile's first steps, which compile, untimed);
 inference latencies likewise from another.
 
 extra_info: peak_extra_mib (plain / swap / skip), skip_over_plain_memory, median_step_ms (plain /
@@ -32,6 +33,7 @@ def test_training_step(benchmark, cpu_backend, name, dtype):
     rows = []
     time_modes = ("plain", "skip") if QUICK else tm.TIME_MODES
     benchmark.pedantic(lambda: rows.append(tm.table(models=(name,), dtypes=(dtype,), rounds=3 if QUICK else 5,
+                                                    min_seconds=0.0 if QUICK else 4.0,
                                                     time_modes=time_modes)[0]),
                        rounds=1, iterations=1, warmup_rounds=0)
     row = rows[0]

@@ -23,8 +23,8 @@ MALLOC_MMAP_THRESHOLD_=131072 so freed large buffers leave the RSS (main() re-ex
 it when unset).
 
 Time (`time` command, one process, glibc's default malloc settings): the modes' steps in
-interleaved rounds (each round runs every mode once, the first rotating), after 2 warm-up steps
-each; the median step time per mode and the median of the per-round ratios plain / mode.
+interleaved rounds (each round runs every mode once, the first rotating; at least --rounds, and
+more until they took --min-seconds), after 2 warm-up steps each; the median step time per mode and the median of the per-round ratios plain / mode.
 
     python bench/training_memory.py              # the whole table (fresh processes), printed and as JSON
     python bench/training_memory.py memory llama float32 skip
@@ -52,6 +52,7 @@ MODELS = ("llama", "gpt2", "nanogpt", "nanogpt_char", "bert")
 DTYPES = ("float32", "bfloat16")
 MODES = ("plain", "swap", "skip")
 TIME_MODES = ("plain", "skip", "compile")
+MAX_ROUNDS = 201
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
@@ -171,8 +172,13 @@ def memory(name: str, dtype: str, mode: str) -> dict:
             "rss_before_mib": before, "first_step_s": first, "loss": float(loss.detach())}
 
 
-def timing(name: str, dtype: str, rounds: int, modes=("plain", "skip"), inference: bool = False) -> dict:
-    """Interleaved rounds of whole training steps (or, inference=True, no-grad forwards) per mode.
+def timing(name: str, dtype: str, rounds: int, modes=("plain", "skip"), inference: bool = False,
+           min_seconds: float = 0.0) -> dict:
+    """Interleaved rounds of whole training steps (or, inference=True, no-grad forwards) per mode:
+    at least `rounds`, and more (up to MAX_ROUNDS) until the rounds took `min_seconds`. A small
+    model's step (nanoGPT at a character vocabulary: 25 ms) needs many rounds: its per-round ratio
+    varies by +-3 % on this shared machine, so a median of 5 moved from 0.95 to 1.01 between runs
+    of the same code, while 61 interleaved rounds of plain vs plain read 0.998 (2026-12-07).
     A mode that fails to build or to run its warm-up (torch.compile where the compiler cannot
     handle the model) is dropped, its error kept in "skipped"."""
     import gc
@@ -192,14 +198,16 @@ def timing(name: str, dtype: str, rounds: int, modes=("plain", "skip"), inferenc
     times = {m: [] for m in modes}
     cpu = {m: [] for m in modes}  # process CPU time (all threads): less disturbed by other work on the cores
     gc.collect()
-    for r in range(rounds):
+    r, start = 0, time.perf_counter()
+    while r < rounds or (time.perf_counter() - start < min_seconds and r < MAX_ROUNDS):
         k = r % len(modes)
+        r += 1
         for m in modes[k:] + modes[:k]:
             c0, t0 = time.process_time(), time.perf_counter()
             steps[m]()
             times[m].append(time.perf_counter() - t0)
             cpu[m].append(time.process_time() - c0)
-    out = {"model": name, "dtype": dtype, "rounds": rounds, "threads": torch.get_num_threads(),
+    out = {"model": name, "dtype": dtype, "rounds": r, "threads": torch.get_num_threads(),
            "median_ms": {m: statistics.median(t) * 1e3 for m, t in times.items()},
            "plain_over": {m: statistics.median(a / b for a, b in zip(times["plain"], t))
                           for m, t in times.items() if m != "plain"},
@@ -227,24 +235,27 @@ def run_fresh(*args: str, timeout: float = 900) -> dict:
 
 
 def table(models=MODELS, dtypes=DTYPES, modes=MODES, rounds: int = 5, time_modes=TIME_MODES,
-          inference: bool = True) -> list:
+          inference: bool = True, min_seconds: float = 4.0) -> list:
+    """The whole-model rows; timings take at least `rounds` rounds and at least `min_seconds` of
+    rounds (see timing)."""
     rows = []
+    more = ("--min-seconds", str(min_seconds))
     for name in models:
         for dtype in dtypes:
             mem = {m: run_fresh("memory", name, dtype, m) for m in modes}
             # plain vs skip, and plain vs compile, each in its own process: a compiled model in the
             # process measured slowing the eager steps beside it (gpt2 fp32: plain / skip 1.16 alone,
             # 1.01 with a compiled model in the same rounds; busy machine)
-            tim = run_fresh("time", name, dtype, "--rounds", str(rounds), "--modes",
+            tim = run_fresh("time", name, dtype, "--rounds", str(rounds), *more, "--modes",
                             ",".join(m for m in time_modes if m != "compile"))
             if "compile" in time_modes:
-                timc = run_fresh("time", name, dtype, "--rounds", str(rounds), "--modes", "plain,compile")
+                timc = run_fresh("time", name, dtype, "--rounds", str(rounds), *more, "--modes", "plain,compile")
                 tim["median_ms"]["compile"] = timc["median_ms"]["compile"] if "compile" in timc["median_ms"] else None
                 if "compile" in timc["plain_over"]:
                     tim["plain_over"]["compile"] = timc["plain_over"]["compile"]
                 tim["skipped"] = {**tim.get("skipped", {}), **timc.get("skipped", {})}
                 tim["load1"] = max(tim["load1"], timc["load1"])
-            inf = run_fresh("infer", name, dtype, "--rounds", str(rounds)) if inference else None
+            inf = run_fresh("infer", name, dtype, "--rounds", str(rounds), *more) if inference else None
             rows.append({"model": name, "dtype": dtype,
                          "peak_extra_mib": {m: mem[m]["peak_extra_mib"] for m in modes},
                          "loss": {m: mem[m]["loss"] for m in modes},
@@ -286,6 +297,8 @@ def main() -> None:
     ap.add_argument("dtype", nargs="?", choices=DTYPES)
     ap.add_argument("mode", nargs="?", choices=MODES)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--min-seconds", type=float, default=0.0,
+                    help="time / infer: more rounds (up to %d) until they took this long" % MAX_ROUNDS)
     ap.add_argument("--modes", default="plain,skip", help="time: the modes, comma-separated")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads for the time command")
     ap.add_argument("--json", help="write the table's rows here")
@@ -298,15 +311,16 @@ def main() -> None:
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
-        print(json.dumps(timing(a.model, a.dtype, a.rounds, tuple(a.modes.split(",")))))
+        print(json.dumps(timing(a.model, a.dtype, a.rounds, tuple(a.modes.split(",")), min_seconds=a.min_seconds)))
     elif a.command == "infer":
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
-        print(json.dumps(timing(a.model, a.dtype, a.rounds, ("plain", "swap"), inference=True)))
+        print(json.dumps(timing(a.model, a.dtype, a.rounds, ("plain", "swap"), inference=True,
+                                min_seconds=a.min_seconds)))
     else:
         rows = table(models=(a.model,) if a.model else MODELS, dtypes=(a.dtype,) if a.dtype else DTYPES,
-                     rounds=a.rounds)
+                     rounds=a.rounds, min_seconds=a.min_seconds or 4.0)
         if a.json:
             pathlib.Path(a.json).write_text(json.dumps(rows, indent=1))
         print(json.dumps(rows))
