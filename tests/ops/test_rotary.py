@@ -124,6 +124,44 @@ def test_matches_eager(backend, dtype, name):
     check(*layout(name, dtype))
 
 
+def visiting_orders(dtype):
+    """Layouts that make the C++ kernel visit rows in each of its orders (csrc/rotary.cpp row_order):
+    memory order over a transposed view; a contiguous (B, H, S, D) x, whose positions run in tiles
+    of 64 KiB of cos + sin rows across all heads (64 positions at head dim 128 fp32: 150 positions
+    are two full tiles and a partial one); per-batch cos rows; and the batch as the innermost dim
+    in memory."""
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    b, s, h, hk, d = 2, 150, 3, 2, 128
+    c, sn = tables(b, s, d, dtype)
+    yield "transposed", (rnd(b, s, h, d).transpose(1, 2), rnd(b, s, hk, d).transpose(1, 2), c, sn, 1, False)
+    yield "bhsd_tiles", (rnd(b, h, s, d), rnd(b, hk, s, d), c, sn, 1, False)
+    yield "bhsd_tiles_partial", (rnd(b, h, s, d), rnd(b, hk, s, 160), c[..., :96], sn[..., :96], 1, False)
+    yield "bhsd_tiles_gptj", (rnd(b, h, s, d), rnd(b, hk, s, d), *tables(b, s, d, dtype, interleaved=True), 1, True)
+    yield "batch_innermost", (rnd(h, s, b, d).permute(2, 0, 1, 3), rnd(hk, s, b, d).permute(2, 0, 1, 3), c, sn, 1,
+                              False)
+    yield "one_cos_row", (rnd(b, h, s, d), rnd(b, hk, s, d), c[:1, :1].expand(b, s, d), sn[:1, :1].expand(b, s, d),
+                          1, False)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_visiting_orders(threads, dtype):
+    """Every row visited once, in any order and any split across threads: values and gradients
+    against eager on each layout of visiting_orders (fails if a tile's rows or a thread's first row
+    are decoded wrongly)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fl.use_backend("cpp"):
+            for _, case in visiting_orders(dtype):
+                check(*case)
+    finally:
+        torch.set_num_threads(old)
+
+
 BIT_LAYOUTS = ["llama_gqa", "unsqueeze2", "partial", "gptj", "interleaved_full", "qkv_slices", "batch_broadcast",
                "head_dims_differ"]
 
