@@ -219,21 +219,16 @@ CACHED_MIN_BYTES = 32 << 20
 
 def empty_contiguous(x: Tensor, preserve: bool = False) -> Tensor:
     """torch.empty_like(x, memory_format=torch.contiguous_format) (preserve: torch.empty_like(x),
-    x's own strides), from the CPU output cache for a plain CPU tensor of CACHED_MIN_BYTES or more
-    (see empty_cache) whose result is contiguous with exactly torch.empty's strides."""
+    x's own strides where x is dense and non-overlapping), from the CPU output cache for a plain
+    CPU tensor of CACHED_MIN_BYTES or more (see empty_cache)."""
     if (_FASTPATH is not None and type(x) is Tensor and x.is_cpu and x.layout is _STRIDED
-            and x.numel() * x.element_size() >= CACHED_MIN_BYTES
-            and (not preserve or x.stride() == _contiguous_strides(x.shape))):
-        return _FASTPATH.cached_empty(tuple(x.shape), x.dtype)
+            and x.numel() * x.element_size() >= CACHED_MIN_BYTES):
+        if not preserve:
+            return _FASTPATH.cached_empty(tuple(x.shape), x.dtype)
+        out = _FASTPATH.cached_empty_like(x)  # None where empty_like would not keep x's strides
+        if out is not None:
+            return out
     return torch.empty_like(x) if preserve else torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _contiguous_strides(shape) -> Tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def empty_cache() -> int:

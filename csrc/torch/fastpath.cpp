@@ -626,6 +626,26 @@ PyObject* cached_empty(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return THPVariable_Wrap(std::move(t));
 }
 
+// cached_empty_like(x) -> torch.empty_like(x) (preserve_format) on the output cache, for a plain
+// CPU tensor that is non-overlapping and dense (empty_like then keeps x's exact strides: a
+// transposed view's output is transposed too); None otherwise (the caller uses torch.empty_like).
+PyObject* cached_empty_like(PyObject*, PyObject* arg) {
+  if (!THPVariable_CheckExact(arg)) Py_RETURN_NONE;
+  const at::Tensor& x = THPVariable_Unpack(arg);
+  if (!x.defined() || x.device().type() != c10::DeviceType::CPU || x.layout() != c10::kStrided ||
+      !x.unsafeGetTensorImpl()->is_non_overlapping_and_dense())
+    Py_RETURN_NONE;
+  at::Tensor t;
+  try {
+    t = at::Tensor(at::detail::empty_strided_generic(x.sizes(), x.strides(), &output_cache(),
+                                                     c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type()));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  return THPVariable_Wrap(std::move(t));
+}
+
 PyObject* empty_cache(PyObject*, PyObject*) { return PyLong_FromSize_t(output_cache().empty()); }
 
 PyObject* cache_stats(PyObject*, PyObject*) {
@@ -653,6 +673,8 @@ PyMethodDef kMethods[] = {
      METH_FASTCALL, "small_cross_entropy(logits, target, ignore_index, label_smoothing, reduction, max_numel): F.cross_entropy, or None"},
     {"cached_empty", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(cached_empty)), METH_FASTCALL,
      "cached_empty(shape, dtype): a new contiguous CPU tensor on the output cache"},
+    {"cached_empty_like", cached_empty_like, METH_O,
+     "cached_empty_like(x): torch.empty_like(x) on the output cache for a dense, non-overlapping CPU x, or None"},
     {"empty_cache", empty_cache, METH_NOARGS, "empty_cache() -> bytes freed: frees the output cache's blocks"},
     {"cache_stats", cache_stats, METH_NOARGS, "cache_stats() -> (bytes cached, cap in bytes)"},
     {"set_cache_cap", set_cache_cap, METH_O, "set_cache_cap(bytes): the cache's cap (0: off, frees it)"},

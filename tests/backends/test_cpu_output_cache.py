@@ -78,6 +78,29 @@ def test_cached_tensors_are_ordinary_tensors():
     assert done and FP.cache_stats()[0] >= BIG * 2  # freed from another thread, kept
 
 
+def test_cached_empty_like_is_empty_likes_layout():
+    """_dispatch.empty_contiguous(x, preserve=True) from the cache gives torch.empty_like(x)'s
+    sizes and strides (x's own for a dense, non-overlapping x: transposed and permuted views, odd
+    strides of size-1 dims) as a tensor of its own (not a view); a non-dense x gets empty_like
+    itself (None from the C++ side)."""
+    base = torch.empty(64, 2048, 8, 16)  # 64 MiB
+    cases = [base.transpose(1, 2), base.permute(3, 0, 2, 1), torch.empty(4096, 4096).t().unsqueeze(1),
+             torch.empty(1, 2048, 4096).as_strided((1, 2048, 4096), (7, 4096, 1)), base]
+    for x in cases:
+        out = _dispatch.empty_contiguous(x, preserve=True)
+        ref = torch.empty_like(x)
+        assert (out.shape, out.stride(), out.dtype) == (ref.shape, ref.stride(), ref.dtype), x.stride()
+        assert out._base is None and out.storage_offset() == 0
+        ptr = out.data_ptr()
+        del out
+        assert _dispatch.empty_contiguous(x, preserve=True).data_ptr() == ptr  # the cached block again
+    sliced = base[:, :, ::2]  # not dense: empty_like's own rule
+    assert FP.cached_empty_like(sliced) is None
+    out = _dispatch.empty_contiguous(sliced, preserve=True)
+    assert out.stride() == torch.empty_like(sliced).stride()
+    assert FP.cached_empty_like(torch.empty(2, 3).to_sparse()) is None
+
+
 def test_env_sets_the_cap():
     code = ("import fastlayers._dispatch as d; print(d._FASTPATH.cache_stats()[1])")
     env = dict(os.environ, FASTLAYERS_CPU_CACHE_MB="0")
@@ -111,7 +134,7 @@ def _grads(out, inputs):
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "softmax", "log_softmax", "attention_softmax", "rotary",
-                                "cross_entropy", "linear_gelu"])
+                                "rotary_transposed", "cross_entropy", "linear_gelu"])
 def test_kernels_write_every_element_of_a_reused_block(op):
     torch.manual_seed(0)
     if op in ("rms_norm", "layer_norm"):
@@ -146,6 +169,15 @@ def test_kernels_write_every_element_of_a_reused_block(op):
 
         def fn():
             out = fl.rotary(q, k, cos, sin)
+            return tuple(out) + _grads(tuple(out), (q, k))
+    elif op == "rotary_transposed":  # Hugging Face's layout: (B, S, H, D) buffers viewed as (B, H, S, D)
+        q = torch.randn(1, 2048, 32, 128).transpose(1, 2).requires_grad_()
+        k = torch.randn(1, 2048, 32, 128).transpose(1, 2).requires_grad_()
+        cos, sin = torch.randn(1, 2048, 128), torch.randn(1, 2048, 128)
+
+        def fn():
+            out = fl.rotary(q, k, cos, sin)
+            assert out[0].stride() == q.stride()  # empty_like's layout, from the cache
             return tuple(out) + _grads(tuple(out), (q, k))
     elif op == "cross_entropy":
         z = torch.randn(2048, 8192, requires_grad=True)

@@ -81,13 +81,16 @@ def layout(name, dtype, b=2, s=5, h=4, hk=2, d=16):
         c, sn = tables(b, s, 16, dtype)
         return (rnd(b, s, h, d).transpose(1, 2), rnd(b, s, hk, 12).transpose(1, 2), c[..., ::2], sn[..., ::2], 1,
                 False)
+    if name == "head_dim_96":     # bf16 rows of 32-lane steps (csrc/rotary.cpp) and a 16-lane tail
+        return (rnd(b, s, h, 96).transpose(1, 2), rnd(b, s, hk, 96).transpose(1, 2), *tables(b, s, 96, dtype), 1,
+                False)
     if name == "empty":
         return (rnd(b, 0, h, d).transpose(1, 2), rnd(b, 0, hk, d).transpose(1, 2), *tables(b, 0, d, dtype), 1, False)
     raise ValueError(name)
 
 
 LAYOUTS = ["llama_gqa", "unsqueeze2", "partial", "gptj", "interleaved_full", "qkv_slices", "batch_broadcast",
-           "long_head", "head_dims_differ", "empty"]
+           "long_head", "head_dims_differ", "head_dim_96", "empty"]
 
 
 def strides(t):
@@ -163,7 +166,7 @@ def test_cpp_visiting_orders(threads, dtype):
 
 
 BIT_LAYOUTS = ["llama_gqa", "unsqueeze2", "partial", "gptj", "interleaved_full", "qkv_slices", "batch_broadcast",
-               "head_dims_differ"]
+               "head_dims_differ", "head_dim_96"]
 
 
 def same_bits(a, b):
