@@ -154,7 +154,7 @@ def _like(x: Tensor) -> Tensor:
     """An uninitialised tensor in the layout TensorIterator gives ``x * cos`` (x first): x's own
     strides when x is dense (transposed views included), else dense in x's stride order."""
     if x.is_contiguous() or _dense(x):
-        return empty_contiguous(x, preserve=True)  # (large contiguous CPU outputs: the output cache)
+        return empty_contiguous(x, preserve=True)  # (large CPU outputs: the output cache, x's strides)
     order = sorted(range(x.dim()), key=lambda i: -x.stride(i))
     out = x.new_empty([x.shape[i] for i in order])
     return out.permute([order.index(i) for i in range(x.dim())])
