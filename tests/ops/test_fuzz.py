@@ -606,3 +606,69 @@ def test_fuzz_small_cpp_gates_equal_their_python_routes(data):
         _same(ra[0], rb[0], f"{op} {dtype} {klass} grads")
     finally:
         mp.undo()
+
+
+# ----------------------------------------------------------------------------- rotary
+@st.composite
+def rotary_case(draw):
+    """(q, k, cos, sin, unsqueeze_dim, interleaved, dtype, threads): q (B, H, S, D) and k (B, HK, S, D)
+    laid out in any memory order of their leading dims (HF's transposed (B, S, H, D) buffer, a
+    contiguous (B, H, S, D), the batch innermost...) or sliced out of a wider buffer (not dense);
+    cos / sin per batch or shared; full or partial rotary; NaN / inf sprinkled in."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    b, h, hk = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 5])), draw(st.sampled_from([1, 2, 3]))
+    s = draw(st.sampled_from([1, 2, 7, 64, 65, 130]))
+    d = draw(st.sampled_from([2, 8, 16, 34, 64, 96, 128]))
+    r = draw(st.sampled_from(sorted({d, max(2, d // 2 // 2 * 2), 2})))
+    il = draw(st.booleans())
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+
+    def operand(heads):
+        order = draw(st.permutations([0, 1, 2]))  # memory order of (B, H, S), outermost first
+        sizes = [(b, heads, s)[i] for i in order]
+        wide = draw(st.booleans())  # a slice of a buffer twice as wide in its innermost leading dim
+        buf = torch.randn(*sizes[:2], sizes[2] * (2 if wide else 1), d, generator=g, dtype=torch.float64)
+        if draw(st.booleans()) and buf.numel():  # NaN, +inf, -inf at random places
+            buf.view(-1)[torch.randint(0, buf.numel(), (3,), generator=g)] = torch.tensor(
+                [float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+        if wide:
+            buf = buf[:, :, ::2]
+        return buf.permute(*[order.index(i) for i in range(3)], 3).to(dtype)
+    q, k = operand(h), operand(hk)
+    pos = torch.arange(s, dtype=torch.float64)[:, None] + torch.arange(b, dtype=torch.float64)[:, None, None]
+    f = pos * (1.0 / 10000 ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+    emb = f.repeat_interleave(2, -1) if il else torch.cat((f, f), -1)
+    if draw(st.booleans()):
+        emb = emb[:1].expand(b, s, r)  # one table for the whole batch (stride 0 over B)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    return q, k, cos, sin, 1, il, dtype, draw(st.sampled_from([1, 2, 3]))
+
+
+@pytest.mark.skipif(backend_skip_reason("cpp") is not None, reason="the cpp backend is not built here")
+@given(rotary_case())
+def test_fuzz_rotary_cpp(case):
+    """The C++ kernel over every visiting order and thread split (csrc/rotary.cpp row_order): values
+    and gradients against eager and float64 (test_rotary.check); bf16 / fp16 bit for bit eager's
+    (forward and backward)."""
+    from test_rotary import check, eager, same_bits
+    q, k, cos, sin, ud, il, dtype, threads = case
+    _count("rotary", "cpp", dtype)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fl.use_backend("cpp"):
+            if dtype in (torch.float32, torch.float64):
+                check(q, k, cos, sin, ud, il)
+                return
+            qs, ks = (t.detach().requires_grad_() for t in (q, k))
+            oq, ok = fl.rotary(qs, ks, cos, sin, ud, il)
+            gq, gk = torch.randn(oq.shape).to(dtype), torch.randn(ok.shape).to(dtype)
+            torch.autograd.backward([oq, ok], [gq, gk])
+        qe, ke = (t.detach().requires_grad_() for t in (q, k))
+        eq, ek = eager(qe, ke, cos, sin, ud, il)
+        torch.autograd.backward([eq, ek], [gq, gk])
+        for what, o, e in (("q_embed", oq, eq), ("k_embed", ok, ek), ("dq", qs.grad, qe.grad),
+                           ("dk", ks.grad, ke.grad)):
+            assert same_bits(o.detach(), e.detach()), f"{what} {dtype} il={il} strides={q.stride()}"
+    finally:
+        torch.set_num_threads(old)
