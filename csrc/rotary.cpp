@@ -13,7 +13,9 @@
 //
 // Per row: rotate_half layout: vectors of W lanes over i in [0, r/2) read x[i], x[i + r/2] and
 // the matching cos / sin lanes, write both halves; GPT-J layout: vectors over [0, r), the pair
-// partner is the neighbouring lane (a shuffle). The pass-through tail [r, d) is copied.
+// partner is the neighbouring lane (a shuffle). bf16 (AVX-512) takes 32 lanes a step in both
+// layouts, as the even and the odd lanes of one load (load32 / store32). The pass-through tail
+// [r, d) is copied.
 // Bytes per row: reads d + 2r elements (cos / sin mostly from cache), writes d. ~3 flops/element.
 //
 // Rounding: fp32 / fp64 compute the formula in T (multiply-adds contracted into FMAs, one rounding
@@ -149,7 +151,28 @@ inline void interleaved_row(const T* x, T* o, const T* c, const T* s, int64_t r)
   using V = typename IO::V;
   constexpr int W = IO::W;
   const V sgn = even_minus<V>();  // j and every tail length are even: pairs never straddle vectors
-  for (int64_t j = 0; j < r; j += W) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, bf16>) {
+    // As rotate_half_row: 32 lanes a step as even / odd lanes, where a pair's partner is the same
+    // lane of the other vector (no shuffle).
+    for (; j + 32 <= r; j += 32) {
+      vf xe, xo, ce, co, se, so, oe, oo;
+      load32(x + j, xe, xo);
+      load32(c + j, ce, co);
+      load32(s + j, se, so);
+      if constexpr (!Inverse) {  // [2i] = x[2i] c - x[2i+1] s, [2i+1] = x[2i+1] c + x[2i] s
+        oe = round_t<T>(xe * ce) - round_t<T>(xo * se);
+        oo = round_t<T>(xo * co) + round_t<T>(xe * so);
+      } else {                   // [2i] = g[2i] c + (g s)[2i+1], [2i+1] = g[2i+1] c - (g s)[2i]
+        oe = round_t<T>(xe * ce) + round_t<T>(xo * so);
+        oo = round_t<T>(xo * co) - round_t<T>(xe * se);
+      }
+      store32(o + j, oe, oo);
+    }
+  }
+#endif
+  for (; j < r; j += W) {
     const int64_t k = std::min<int64_t>(W, r - j);
     const V v = load_k(x + j, k), cv = load_k(c + j, k), sv = load_k(s + j, k);
     V out;

@@ -84,13 +84,15 @@ def layout(name, dtype, b=2, s=5, h=4, hk=2, d=16):
     if name == "head_dim_96":     # bf16 rows of 32-lane steps (csrc/rotary.cpp) and a 16-lane tail
         return (rnd(b, s, h, 96).transpose(1, 2), rnd(b, s, hk, 96).transpose(1, 2), *tables(b, s, 96, dtype), 1,
                 False)
+    if name == "gptj_64":         # interleaved bf16 rows of 32-lane steps and a 16-lane tail (r = 48)
+        return (rnd(b, s, h, 64), rnd(b, s, hk, 64), *tables(b, s, 48, dtype, interleaved=True), 2, True)
     if name == "empty":
         return (rnd(b, 0, h, d).transpose(1, 2), rnd(b, 0, hk, d).transpose(1, 2), *tables(b, 0, d, dtype), 1, False)
     raise ValueError(name)
 
 
 LAYOUTS = ["llama_gqa", "unsqueeze2", "partial", "gptj", "interleaved_full", "qkv_slices", "batch_broadcast",
-           "long_head", "head_dims_differ", "head_dim_96", "empty"]
+           "long_head", "head_dims_differ", "head_dim_96", "gptj_64", "empty"]
 
 
 def strides(t):
@@ -166,7 +168,7 @@ def test_cpp_visiting_orders(threads, dtype):
 
 
 BIT_LAYOUTS = ["llama_gqa", "unsqueeze2", "partial", "gptj", "interleaved_full", "qkv_slices", "batch_broadcast",
-               "head_dims_differ", "head_dim_96"]
+               "head_dims_differ", "head_dim_96", "gptj_64"]
 
 
 def same_bits(a, b):
