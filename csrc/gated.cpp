@@ -35,7 +35,8 @@ static void gated_rows(T* g, const T* bg, T* u, const T* bu, T* h, bool keep, in
     if (bu) uv += load_k(bu + j, k);
     if (keep && bg) store_k(gj, gv, k);
     if (keep && bu) store_k(uj, uv, k);
-    store_k(h + r * n + j, act_forward<ACT>(gv, (C)slope) * uv, k);
+    // fp16 / bf16: act(g) rounded to T before the product, as eager's act(gate) * up rounds it
+    store_k(h + r * n + j, round_to<T>(act_forward<ACT>(gv, (C)slope)) * uv, k);
   });
 }
 
@@ -51,7 +52,8 @@ void gated_forward(T* g, const T* bg, T* u, const T* bu, T* h, int64_t m, int64_
 
 // Backward for rows [r0, r1): a = act(g); dg = act'(g) * (dh * u) (act' from g, or from a for
 // the activations whose backward reads their output, see activations.h, a rounded to fp16 / bf16
-// first as PyTorch saves it); du = dh * a. sums_g and
+// first as PyTorch saves it); du = dh * a. fp16 / bf16 round a and dh * u to T first, as eager's
+// composition does (its forward too: h = rnd(rnd(act(g)) * u)). sums_g and
 // sums_u collect the column sums of dg and du (two-stage, see ColumnSums in common.h).
 // Bytes: reads 3*M*N, writes 2*M*N.
 template <class T, int ACT>
@@ -68,8 +70,10 @@ static void gated_grad_rows(const T* dh, const T* g, const T* u, T* dg, T* du, c
     // From the output: for fp16 / bf16 rounded to T first, as PyTorch's composition saves it
     // (tanh(g) rounding to 1 gives tanh' = 0 there: inf * 0 = NaN for an infinite dh * u).
     V saved = from_output ? round_to<T>(a) : gv;
-    V dgv = act_backward<ACT>(dhv * uv, saved, (C)slope);
-    V duv = dhv * a;
+    // fp16 / bf16: eager's autograd rounds dh * u (the gradient of act(g)) and multiplies dh by the
+    // rounded act(g) it saved; both roundings are the identity for fp32 / fp64.
+    V dgv = act_backward<ACT>(round_to<T>(dhv * uv), saved, (C)slope);
+    V duv = dhv * round_to<T>(a);
     store_k(dg + r * ldd + j, dgv, k);
     store_k(du + r * ldd + j, duv, k);
     // Bias gradients: sums of the unrounded gradients (fp32 for bf16 / fp16 storage), one
