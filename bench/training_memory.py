@@ -297,8 +297,8 @@ def main() -> None:
     ap.add_argument("dtype", nargs="?", choices=DTYPES)
     ap.add_argument("mode", nargs="?", choices=MODES)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--min-seconds", type=float, default=0.0,
-                    help="time / infer: more rounds (up to %d) until they took this long" % MAX_ROUNDS)
+    ap.add_argument("--min-seconds", type=float, default=None,
+                    help="more rounds (up to %d) until they took this long (time / infer: 0, table: 4)" % MAX_ROUNDS)
     ap.add_argument("--modes", default="plain,skip", help="time: the modes, comma-separated")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads for the time command")
     ap.add_argument("--json", help="write the table's rows here")
@@ -311,16 +311,16 @@ def main() -> None:
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
-        print(json.dumps(timing(a.model, a.dtype, a.rounds, tuple(a.modes.split(",")), min_seconds=a.min_seconds)))
+        print(json.dumps(timing(a.model, a.dtype, a.rounds, tuple(a.modes.split(",")), min_seconds=a.min_seconds or 0.0)))
     elif a.command == "infer":
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
         print(json.dumps(timing(a.model, a.dtype, a.rounds, ("plain", "swap"), inference=True,
-                                min_seconds=a.min_seconds)))
+                                min_seconds=a.min_seconds or 0.0)))
     else:
         rows = table(models=(a.model,) if a.model else MODELS, dtypes=(a.dtype,) if a.dtype else DTYPES,
-                     rounds=a.rounds, min_seconds=a.min_seconds or 4.0)
+                     rounds=a.rounds, min_seconds=4.0 if a.min_seconds is None else a.min_seconds)
         if a.json:
             pathlib.Path(a.json).write_text(json.dumps(rows, indent=1))
         print(json.dumps(rows))

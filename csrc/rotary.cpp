@@ -26,7 +26,7 @@
 // cannot contract them into an FMA (-ffp-contract=fast); negation commutes with rounding (RNE is
 // symmetric), so x*c - rnd(x2*s) rounds as eager's x*c + (-x2)*s.
 #include <algorithm>
-#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
