@@ -26,6 +26,7 @@
 #include "norms.h"
 #include "rotary.h"
 
+#include "attention.h"
 #include "attention_softmax.h"
 
 namespace py = pybind11;
@@ -124,6 +125,7 @@ static void bind_norms(py::module_& m);  // csrc/norms.cpp's entry points, bound
 static void bind_rotary(py::module_& m);  // csrc/rotary.cpp's, at the end of this file
 
 static void bind_attention_softmax(py::module_& m);  // csrc/attention_softmax.cpp's, at the end too
+static void bind_attention(py::module_& m);  // csrc/attention.cpp's, at the end too
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers CPU kernels (OpenMP, vectorised); see csrc/kernels.h for the layouts.";
@@ -389,6 +391,7 @@ PYBIND11_MODULE(_C, m) {
   bind_norms(m);
   bind_rotary(m);
   bind_attention_softmax(m);
+  bind_attention(m);
 }
 
 
@@ -629,4 +632,76 @@ static void bind_attention_softmax(py::module_& m) {
         py::arg("dy"), py::arg("y"), py::arg("mask"), py::arg("dx"), py::arg("scale"), py::arg("causal"),
         py::arg("nthreads"),
         "dx = keep ? y * (dy - sum(dy * y)) * scale : 0 (keep: the bool mask and causal), rows of (B, H, L, S).");
+}
+
+// ----------------------------------------------------------------------------- attention (csrc/attention.cpp)
+// q, o, dout, dq: (B, H, L, D); k, v, dk, dv: (B, H, S, D): any non-negative strides on the three
+// leading dims, the last dim contiguous, all of one dtype; lse: (B, H, L) contiguous in the compute
+// dtype (float32, float64 for float64).
+static void bind_attention(py::module_& m) {
+  struct Shapes {
+    int dt, cd;
+    int64_t B, H, L, S, D;
+  };
+  auto shapes = [](const char* fn, const Buf& q, const Buf& k) {
+    Shapes s;
+    s.dt = dtype_of(fn, "q", q, 4);
+    dtype_of(fn, "k", k, 4);
+    s.cd = s.dt == F64 ? F64 : F32;
+    const auto& sq = shape_of(q);
+    const auto& sk = shape_of(k);
+    s.B = sq[0], s.H = sq[1], s.L = sq[2], s.D = sq[3], s.S = sk[2];
+    return s;
+  };
+  auto operand = [](const char* fn, const char* name, const Buf& b, int dt, const std::vector<int64_t>& shape,
+                    auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    AttnOperand<T> a;
+    a.p = reinterpret_cast<T*>(expect_rows(fn, name, b, dt, shape, a.s));
+    return a;
+  };
+  m.def("attention_forward",
+        [=](const Buf& q, const Buf& k, const Buf& v, const Buf& o, const Buf& lse, double scale, bool causal,
+            int nthreads) {
+          const char* fn = "attention_forward";
+          const Shapes s = shapes(fn, q, k);
+          const std::vector<int64_t> ql = {s.B, s.H, s.L, s.D}, kl = {s.B, s.H, s.S, s.D};
+          uintptr_t plse = expect(fn, "lse", lse, s.cd, {s.B, s.H, s.L});
+          by_dtype(s.dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            const T* ct = nullptr;
+            auto aq = operand(fn, "q", q, s.dt, ql, ct), ak = operand(fn, "k", k, s.dt, kl, ct),
+                 av = operand(fn, "v", v, s.dt, kl, ct);
+            auto ao = operand(fn, "out", o, s.dt, ql, tag);
+            py::gil_scoped_release nogil;
+            attention_forward<T>(aq, ak, av, ao, ptr<typename io<T>::C>(plse), s.B, s.H, s.L, s.S, s.D, scale,
+                                 causal, nthreads);
+          });
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"),
+        py::arg("causal"), py::arg("nthreads"),
+        "out = softmax(scale q k^T [causal: key j <= query i]) v and lse = the rows' log-sum-exp of the scores.");
+  m.def("attention_backward",
+        [=](const Buf& q, const Buf& k, const Buf& v, const Buf& o, const Buf& dout, const Buf& lse, const Buf& dq,
+            const Buf& dk, const Buf& dv, double scale, bool causal, int nthreads) {
+          const char* fn = "attention_backward";
+          const Shapes s = shapes(fn, q, k);
+          const std::vector<int64_t> ql = {s.B, s.H, s.L, s.D}, kl = {s.B, s.H, s.S, s.D};
+          uintptr_t plse = expect(fn, "lse", lse, s.cd, {s.B, s.H, s.L});
+          by_dtype(s.dt, [&](auto* tag) {
+            using T = std::remove_pointer_t<decltype(tag)>;
+            const T* ct = nullptr;
+            auto aq = operand(fn, "q", q, s.dt, ql, ct), ak = operand(fn, "k", k, s.dt, kl, ct),
+                 av = operand(fn, "v", v, s.dt, kl, ct), ao = operand(fn, "out", o, s.dt, ql, ct),
+                 ado = operand(fn, "dout", dout, s.dt, ql, ct);
+            auto adq = operand(fn, "dq", dq, s.dt, ql, tag), adk = operand(fn, "dk", dk, s.dt, kl, tag),
+                 adv = operand(fn, "dv", dv, s.dt, kl, tag);
+            py::gil_scoped_release nogil;
+            attention_backward<T>(aq, ak, av, ao, ado, ptr<const typename io<T>::C>(plse), adq, adk, adv, s.B, s.H,
+                                  s.L, s.S, s.D, scale, causal, nthreads);
+          });
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("scale"), py::arg("causal"), py::arg("nthreads"),
+        "dq, dk, dv of attention_forward's out from dout, out and lse (written, not accumulated).");
 }
