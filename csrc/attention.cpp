@@ -71,32 +71,39 @@ struct KV {
     if constexpr (std::is_same_v<T, bf16>) { uint32_t u = (uint32_t)p->bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
     else return (C)*p;
   }
-  void load(const AttnOperand<const T>& k, const AttnOperand<const T>& v, int64_t b, int64_t h) {
+  // Loads (b, h)'s keys and values; returns whether they are all finite.
+  bool load(const AttnOperand<const T>& k, const AttnOperand<const T>& v, int64_t b, int64_t h) {
+    bool finite = true;
     for (int64_t j = 0; j < S; ++j) {
       const T* kj = k.row(b, h, j);
       const T* vj = v.row(b, h, j);
       for (int64_t d = 0; d < D; ++d) {
         C kv = at(kj + d), vv = at(vj + d);
+        finite &= std::isfinite(kv) & std::isfinite(vv);
         kt[d * Sp + j] = kv;
         vr[j * Dp + d] = vv;
         if (!vt.empty()) { vt[d * Sp + j] = vv; kr[j * Dp + d] = kv; }
       }
     }
+    return finite;
   }
 };
 
-// Row r's scores against keys [0, n) at s[r * ls + j]: scale * q_r . k_j, from the transposed keys
-// kt (D, Sp). q: R rows of D values in C (rows past `rows` unused). Each row's max in mx. Two key
-// vectors at a time: 2R independent FMA chains (R alone would wait on the FMA latency).
+// Row r's scores against the keys j < jend at s[r * ls + j]: scale * q_r . k_j, from the transposed
+// keys kt (D, Sp). q: R rows of D values in C (rows past `rows` unused). Keys j >= m[r] (causal, and
+// the zero padding past S) are masked: -inf, or with `add` (Mask below) score + -inf, as PyTorch's
+// math adds its mask (NaN where the score is NaN or +inf). m null: nothing masked. Each row's max in
+// mx. Two key vectors at a time: 2R independent FMA chains (R alone would wait on the FMA latency).
 template <class C, class V, int W>
-static inline void block_scores(const C* q, int64_t D, const C* kt, int64_t Sp, int64_t jend, const int64_t* n,
-                                int rows, C scale, C* s, int64_t ls, C* mx) {
+static inline void block_scores(const C* q, int64_t D, const C* kt, int64_t Sp, int64_t jend, const int64_t* m,
+                                bool add, int rows, C scale, C* s, int64_t ls, C* mx) {
   V vmx[R];
   for (int r = 0; r < R; ++r) vmx[r] = splat<V>(neg_inf<C>());
   auto finish = [&](int64_t j, const V* acc) {
     for (int r = 0; r < rows; ++r) {
       V sv = acc[r] * scale;
-      if (j + W > n[r]) sv = keys_below(sv, j, n[r], neg_inf<C>());  // keys past row r's last (read by the max only)
+      if (m && j + W > m[r])
+        sv = add ? sv + keys_below(V{}, j, m[r], neg_inf<C>()) : keys_below(sv, j, m[r], neg_inf<C>());
       std::memcpy(s + r * ls + j, &sv, sizeof sv);
       vmx[r] = (sv > vmx[r] || sv != sv) ? sv : vmx[r];
     }
@@ -285,8 +292,33 @@ static inline void store_row(T* dst, const typename io<T>::C* src, int64_t D) {
   }
 }
 
+// Whether rows [0, L) of x's (b, h) are all finite (the backward's exact mode also looks at q and
+// dout: a NaN there reaches every key through PyTorch's masked 0 * NaN).
+template <class T>
+static bool rows_finite(const AttnOperand<const T>& x, int64_t b, int64_t h, int64_t L, int64_t D) {
+  bool finite = true;
+  for (int64_t i = 0; i < L; ++i) {
+    const T* xi = x.row(b, h, i);
+    for (int64_t d = 0; d < D; ++d) finite &= std::isfinite(KV<T>::at(xi + d));
+  }
+  return finite;
+}
+
 // Keys row i sees: causal top-left (j <= i), else all.
 static inline int64_t keys_of(int64_t i, int64_t S, bool causal) { return causal ? std::min(S, i + 1) : S; }
+
+// The block's rows from i0: n[r] = the keys its loops visit, m[r] = the first key masked (padding
+// past S included). Causal rows visit only the keys they see -- except in `exact` mode, taken for a
+// (b, h) whose keys or values are not all finite: there every row visits all S keys and the masked
+// ones get score + -inf, as PyTorch's math path computes them, so an inf / NaN in a key or value
+// past a row's diagonal makes NaN where PyTorch's does (0 * inf, +inf + -inf). Rows past the last
+// (r >= rows) repeat the last row's.
+static inline void keys(int64_t i0, int rows, int64_t S, bool causal, bool exact, int64_t* n, int64_t* m) {
+  for (int r = 0; r < R; ++r) {
+    m[r] = keys_of(i0 + std::min(r, rows - 1), S, causal);
+    n[r] = exact ? S : m[r];
+  }
+}
 
 }  // namespace
 
@@ -303,16 +335,21 @@ void attention_forward(const AttnOperand<const T>& q, const AttnOperand<const T>
     KV<T> kv(S, D, false);
     std::vector<C> qf((size_t)R * D), s((size_t)R * kv.Sp), acc((size_t)R * kv.Dp);
     int64_t cur = -1;
+    bool exact = false;
     for (int64_t it = it0; it < it1; ++it) {
       const int64_t bh = it / nblk, b = bh / H, h = bh % H, i0 = (it % nblk) * R;
-      if (bh != cur) { kv.load(k, v, b, h); cur = bh; }
+      if (bh != cur) {
+        const bool finite = kv.load(k, v, b, h);  // (always loads)
+        exact = causal && !finite;
+        cur = bh;
+      }
       const int rows = (int)std::min<int64_t>(R, L - i0);
-      int64_t n[R];
-      for (int r = 0; r < R; ++r) n[r] = keys_of(i0 + std::min(r, rows - 1), S, causal);
+      int64_t n[R], m[R];
+      keys(i0, rows, S, causal, exact, n, m);
       const int64_t jend = n[rows - 1];
       load_rows<T, C>(q, b, h, i0, rows, D, qf.data(), D);
       C mx[R];
-      block_scores<C, V, W>(qf.data(), D, kv.kt.data(), kv.Sp, jend, n, rows, (C)scale, s.data(), kv.Sp, mx);
+      block_scores<C, V, W>(qf.data(), D, kv.kt.data(), kv.Sp, jend, m, exact, rows, (C)scale, s.data(), kv.Sp, mx);
       C inv[R];
       for (int r = 0; r < rows; ++r) {  // p = exp(s - max) in place, l = sum p
         C* sr = s.data() + r * kv.Sp;
@@ -357,13 +394,14 @@ void attention_backward(const AttnOperand<const T>& q, const AttnOperand<const T
         acc((size_t)R * Dp), dkacc((size_t)S * Dp), dvacc((size_t)S * Dp), qs((size_t)R * D);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      kv.load(k, v, b, h);
+      const bool finite = kv.load(k, v, b, h) && rows_finite(q, b, h, L, D) && rows_finite(dout, b, h, L, D);
+      const bool exact = causal && !finite;
       std::fill(dkacc.begin(), dkacc.end(), C(0));
       std::fill(dvacc.begin(), dvacc.end(), C(0));
       for (int64_t i0 = 0; i0 < L; i0 += R) {
         const int rows = (int)std::min<int64_t>(R, L - i0);
-        int64_t n[R];
-        for (int r = 0; r < R; ++r) n[r] = keys_of(i0 + std::min(r, rows - 1), S, causal);
+        int64_t n[R], m[R];
+        keys(i0, rows, S, causal, exact, n, m);
         const int64_t jend = n[rows - 1];
         load_rows<T, C>(q, b, h, i0, rows, D, qf.data(), Dp);
         load_rows<T, C>(dout, b, h, i0, rows, D, df.data(), Dp);
@@ -378,10 +416,11 @@ void attention_backward(const AttnOperand<const T>& q, const AttnOperand<const T
         // block_scores reads R rows of D values: q's, then dout's (qf, df rows are Dp apart)
         for (int r = 0; r < R; ++r)
           for (int64_t d = 0; d < D; ++d) { qs[r * D + d] = qf[r * Dp + d]; }
-        block_scores<C, V, W>(qs.data(), D, kv.kt.data(), Sp, jend, n, rows, sc, p.data(), Sp, mx);
+        block_scores<C, V, W>(qs.data(), D, kv.kt.data(), Sp, jend, m, exact, rows, sc, p.data(), Sp, mx);
         for (int r = 0; r < R; ++r)
           for (int64_t d = 0; d < D; ++d) { qs[r * D + d] = df[r * Dp + d]; }
-        block_scores<C, V, W>(qs.data(), D, kv.vt.data(), Sp, jend, n, rows, C(1), ds.data(), Sp, mx);
+        block_scores<C, V, W>(qs.data(), D, kv.vt.data(), Sp, jend, exact ? nullptr : m, false, rows, C(1), ds.data(),
+                              Sp, mx);
         for (int r = 0; r < rows; ++r) {  // p = exp(scale s - lse), ds = p (dp - delta); 0 past row r's keys
           C* pr = p.data() + r * Sp;
           C* dr = ds.data() + r * Sp;

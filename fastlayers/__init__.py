@@ -18,6 +18,7 @@ from .nn import FusedLinear, LogSoftmax, Softmax, prepack
 from .ops.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from .ops.rotary import rotary
 from .ops.attention_softmax import AttentionSoftmax, attention_softmax
+from .ops.attention import scaled_dot_product_attention
 from .swap import SwapReport, swap
 
 __version__ = "0.1.0"
@@ -29,6 +30,6 @@ __all__ = [
     "BackendUnavailableError", "DeviceError", "DTypeError", "ShapeError",
     "rms_norm", "layer_norm", "RMSNorm", "LayerNorm",
     "rotary",
-    "attention_softmax", "AttentionSoftmax",
+    "attention_softmax", "AttentionSoftmax", "scaled_dot_product_attention",
     "empty_cache",
 ]

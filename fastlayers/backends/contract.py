@@ -125,6 +125,23 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class FusedAttention(Protocol):
+    """Optional members (fastlayers/ops/attention.py; a backend without them: PyTorch's
+    scaled_dot_product_attention runs)."""
+
+    def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                          causal: bool) -> Tuple[Tensor, Tensor]:
+        """q: (B, H, L, D), k, v: (B, H, S, D), any strides with a contiguous last dim -> (out, lse):
+        out = softmax(scale q k^T [causal: key j > query i masked]) v, (B, H, L, D) laid out as
+        torch.empty_like(q), in q's dtype; lse (B, H, L) contiguous, the rows' logsumexp of the
+        scaled scores in the compute dtype (float32; float64 for float64)."""
+
+    def attention_backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           scale: float, causal: bool) -> Grads3:
+        """dout, out as q; the forward's out and lse -> (dq, dk, dv) shaped as q, k, v."""
+
+
+@runtime_checkable
 class PackedGemm(Protocol):
     """Optional members (a backend without them: FusedLinear calls linear_act_forward; F.linear is
     taken for activation "none" where plain_linear_gain is absent)."""

@@ -335,3 +335,37 @@ def attention_softmax_backward(dy: Tensor, y: Tensor, mask: Optional[Tensor], sc
     if keep is not None:
         dz = dz.masked_fill(~keep, 0.0)
     return dz.to(in_dtype).contiguous()
+
+
+# --- fused attention (fastlayers/ops/attention.py): q (B, H, L, D), k, v (B, H, S, D), any strides
+def _attn_probs(q: Tensor, k: Tensor, scale: float, causal: bool, lse: Optional[Tensor] = None):
+    """(scores scale q k^T in the compute dtype, -inf past the diagonal when causal; their rows'
+    logsumexp) -- or, given the forward's lse, the probabilities exp(scores - lse) instead."""
+    cd = compute_dtype(q.dtype)
+    s = (q.to(cd) @ k.to(cd).transpose(-2, -1)) * scale
+    if causal:
+        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return (s, torch.logsumexp(s, -1)) if lse is None else torch.exp(s - lse[..., None])
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+    """(out (B, H, L, D) in q's dtype, lse (B, H, L) in the compute dtype): softmax in the compute
+    dtype, rounded once."""
+    s, lse = _attn_probs(q, k, scale, causal)
+    out = torch.exp(s - lse[..., None]) @ v.to(s.dtype)
+    return out.to(q.dtype), lse
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                       causal: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from p = exp(scores - lse): dp = dout v^T, ds = p (dp - rowsum(dout * out)),
+    dq = scale ds k, dk = scale ds^T q, dv = p^T dout (compute dtype, each rounded once)."""
+    p = _attn_probs(q, k, scale, causal, lse)
+    cd = p.dtype
+    g = dout.to(cd)
+    ds = p * (g @ v.to(cd).transpose(-2, -1) - (g * out.to(cd)).sum(-1, keepdim=True))
+    dq = (ds @ k.to(cd)) * scale
+    dk = (ds.transpose(-2, -1) @ q.to(cd)) * scale
+    dv = p.transpose(-2, -1) @ g
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -88,6 +88,13 @@ nn.Linear; the default spec then quantizes them), or quantize first.
 
 nn.Softmax / nn.LogSoftmax become fastlayers.Softmax / LogSoftmax with the same dim.
 
+Attention (swap/sdpa.py): a module whose own forward calls PyTorch's
+``scaled_dot_product_attention`` (nanoGPT's CausalSelfAttention, for one) gets a copy of that
+forward, compiled from its source against its live globals, calling
+fastlayers.scaled_dot_product_attention instead: PyTorch's signature, fused kernels where they take
+the call (no mask, no dropout, small head dims on the CPU), PyTorch's own function otherwise. The
+report lists these under ``attention``.
+
 Standalone Hugging Face activation modules (swap/activations.py): a class marked with
 ``kernel_layer_name`` "NewGELU", "FastGELU", "QuickGELU" or "GeluTanh" that no fusion above took
 (GPT-2's ``mlp.act`` after a Conv1D) becomes a swap.activations.Activation (one fastlayers pass each
@@ -132,6 +139,7 @@ from .residual import swap_residual as _swap_residual
 from .rotary import swap_rotary as _swap_rotary
 from .attention import swap_attention as _swap_attention
 from .activations import swap_activations as _swap_activations
+from .sdpa import swap_sdpa as _swap_sdpa
 
 __all__ = ["swap", "SwapReport"]
 
@@ -190,6 +198,7 @@ def swap(model: nn.Module, verbose: bool = False, linears: bool = True, skip_log
         _swap_rotary(model, report)  # Hugging Face attention's apply_rotary_pos_emb (swap/rotary.py)
         _swap_attention(model, report)  # Hugging Face eager attention's score softmax (swap/attention.py)
         _swap_activations(model, report)  # standalone marked activation modules (swap/activations.py)
+        _swap_sdpa(model, report)  # forwards calling PyTorch's scaled_dot_product_attention (swap/sdpa.py)
     _load_backends(model)
     model.fastlayers_swap_report = report
     log.info("%s", report)

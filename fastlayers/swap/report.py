@@ -16,6 +16,7 @@ class SwapReport:
     linear: List[Tuple[str, str]] = field(default_factory=list)       # (plain Linear -> FusedLinear, why no activation)
     losses: List[Tuple[str, str, str]] = field(default_factory=list)  # (head or module, site, fastlayers op)
     residual: List[Tuple[str, str]] = field(default_factory=list)     # (norm path, the add fused into it)
+    attention: List[Tuple[str, str]] = field(default_factory=list)    # (module, its SDPA calls -> fastlayers')
 
     def why_not_fused(self) -> Dict[str, str]:
         """Module path -> why it was not fused with an activation: the modules left alone and the
@@ -25,7 +26,7 @@ class SwapReport:
     def __str__(self) -> str:
         lines = [f"fastlayers.swap: fused {len(self.fused)} Linear+activation pair(s), "
                  f"{len(self.gated)} gated MLP product(s), {len(self.losses)} loss(es), "
-                 f"{len(self.residual)} residual add(s) into norms, "
+                 f"{len(self.residual)} residual add(s) into norms, {len(self.attention)} attention forward(s), "
                  f"replaced {len(self.replaced)} softmax / norm / activation module(s), {len(self.linear)} plain Linear(s), "
                  f"left {len(self.left)} alone"]
         lines += [f"  fused     {lin} + {site} -> FusedLinear(activation={name})"
@@ -35,6 +36,8 @@ class SwapReport:
         lines += [f"  loss      {path}: {site} -> fastlayers.{op}" for path, site, op in self.losses]
         lines += [f"  replaced  {path} -> {new}" for path, new in self.replaced]
         lines += [f"  residual  {path}: {site} -> one fused add + norm" for path, site in self.residual]
+        lines += [f"  attention {path}: {site} -> fastlayers.scaled_dot_product_attention"
+                  for path, site in self.attention]
         lines += [f"  linear    {path} -> FusedLinear(activation=none) ({why})" for path, why in self.linear]
         lines += [f"  rewrote   {path}.forward (functional activations / gated products / losses / residual adds replaced)"
                   for path in self.rewritten]

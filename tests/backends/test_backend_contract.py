@@ -1,6 +1,6 @@
 """Every backend module against the one contract (fastlayers/backends/contract.py): each member of
 the Backend Protocol present with the same parameter names, kinds and defaults; the optional
-PackedGemm members either absent or the same. A backend that cannot be imported here is skipped
+PackedGemm / FusedAttention members either absent or the same. A backend that cannot be imported here is skipped
 with the reason. Backends may be packages (triton: fastlayers/backends/triton/, cpp:
 fastlayers/backends/cpu/): the package itself is what the registry loads and what is checked."""
 import inspect
@@ -11,7 +11,7 @@ import torch
 
 from fastlayers._errors import BackendUnavailableError
 from fastlayers.backends import _MODULES, load
-from fastlayers.backends.contract import Backend, PackedGemm
+from fastlayers.backends.contract import Backend, FusedAttention, PackedGemm
 
 
 def _members(proto):
@@ -45,7 +45,7 @@ def test_backend_implements_the_contract(name):
         elif fn is not None and _params(getattr(mod, member), False) != _params(fn, True):
             problems.append(f"{member}{inspect.signature(getattr(mod, member))} != contract "
                             f"{inspect.signature(fn)}")
-    for member, fn in _members(PackedGemm).items():
+    for member, fn in (_members(PackedGemm) | _members(FusedAttention)).items():
         if hasattr(mod, member) and _params(getattr(mod, member), False) != _params(fn, True):
             problems.append(f"optional {member}{inspect.signature(getattr(mod, member))} != contract")
     assert not problems, f"backend {name!r}: " + "; ".join(problems)

@@ -26,7 +26,8 @@ import torch
 from . import gemm, softmax  # (the tunables' modules, read as backend.gemm.ROUTE etc.)
 from ._ext import DTYPES
 from .activation import act_forward, act_grad
-from .attention import attention_softmax_backward, attention_softmax_forward
+from .attention import (attention_backward, attention_forward, attention_softmax_backward,
+                        attention_softmax_forward)
 from .gated import gated_backward, gated_forward
 from .gemm import (linear_act_backward, linear_act_forward, linear_act_forward_packed, plain_linear_gain,
                    prepack_weight)
@@ -42,7 +43,7 @@ __all__ = [
     "softmax_backward", "gated_forward", "gated_backward", "cross_entropy_forward", "cross_entropy_backward",
     "linear_ce_chunk_grads", "linear_ce_logits", "logits_into", "norm_forward", "norm_backward", "rotary", "attention_softmax_forward",
     "attention_softmax_backward", "act_forward", "act_grad", "plain_linear_gain", "prepack_weight",
-    "linear_act_forward_packed",
+    "linear_act_forward_packed", "attention_forward", "attention_backward",
 ]
 
 

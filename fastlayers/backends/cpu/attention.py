@@ -1,9 +1,13 @@
-"""The attention-score softmax, softmax(scores * scale + mask) with an optional causal mask
-(csrc/attention_softmax.cpp: one pass per row each way, rows handed to threads in blocks of 16 round
-robin (causal rows differ in cost), the mask read through its strides)."""
+"""Attention on the CPU:
+
+* the attention-score softmax, softmax(scores * scale + mask) with an optional causal mask
+  (csrc/attention_softmax.cpp: one pass per row each way, rows handed to threads in blocks of 16
+  round robin (causal rows differ in cost), the mask read through its strides);
+* fused attention, softmax(scale q k^T [causal]) v and its backward (csrc/attention.cpp: no (L, S)
+  probabilities in memory; q, k, v read through their strides)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,3 +45,28 @@ def attention_softmax_backward(dy: Tensor, y: Tensor, mask: Optional[Tensor], sc
     _C.attention_softmax_backward(_buf(dy), _buf(y), _mask_buf(bmask), _buf(dx), float(scale), bool(causal),
                                   torch.get_num_threads())
     return dx
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+    """q (B, H, L, D), k, v (B, H, S, D), any strides, last dim contiguous -> (out laid out as
+    torch.empty_like(q), lse (B, H, L) float32 / float64). Flops 4 B H L S D (about half causal);
+    bytes: q, k, v and out once (k, v once per thread and (b, h))."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    _C.attention_forward(_buf(q), _buf(k), _buf(v), _buf(out), _buf(lse), float(scale), bool(causal),
+                         torch.get_num_threads())
+    return out, lse
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                       causal: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) laid out as q, k, v (torch.empty_like), from dout and the forward's out and lse.
+    Flops 2.5x the forward's; parallel over (b, h) (dk, dv summed in one thread each)."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _C.attention_backward(_buf(q), _buf(k), _buf(v), _buf(out), _buf(dout), _buf(lse), _buf(dq), _buf(dk),
+                          _buf(dv), float(scale), bool(causal), torch.get_num_threads())
+    return dq, dk, dv
