@@ -52,7 +52,7 @@ FUZZ_MINUTES ?= 20
 BENCH_FILES := bench/test_bench_linear_act.py bench/test_bench_softmax.py bench/test_bench_gated.py \
                bench/test_bench_loss.py bench/test_bench_models.py bench/test_bench_norms.py \
                bench/test_bench_training.py bench/test_bench_rotary.py \
-               bench/test_bench_attention_softmax.py
+               bench/test_bench_attention_softmax.py bench/test_bench_attention.py
 
 .PHONY: test bench bench-quick fuzz build setup clean test-triton36 compile-gate compile-gate-quick FORCE
 

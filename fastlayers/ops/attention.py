@@ -9,16 +9,17 @@ A drop-in: where the fused kernels take a call (below), they run; every other ca
 function, unchanged (masks, dropout, grouped-query heads, other devices, other shapes). The kernels
 take 4-D (B, H, L, D) query and (B, H, S, D) key / value of one floating dtype on a backend with
 fused attention (the CPU's), with no attn_mask, dropout_p == 0, the same heads in all three, one
-head dim D, L, S >= 1, the last dim contiguous, and D at most MAX_HEAD_DIM (where they are faster
-than PyTorch's CPU flash attention; any D with a backend forced). is_causal is top-left aligned,
+head dim D, L, S >= 1, the last dim contiguous -- and, with no backend forced, where they are
+faster than PyTorch's CPU flash attention (MAX_HEAD_DIM below: causal, small head dims, 16-bit
+dtypes only when a gradient is needed). is_causal is top-left aligned,
 as PyTorch's (query i sees keys j <= i); scale defaults to 1 / sqrt(D).
 
 The CPU kernel (csrc/attention.cpp) never holds the (L, S) probabilities: blocks of 4 query rows
 walk the keys (scores, softmax, output), and the backward recomputes the probabilities from the
 saved row log-sum-exp (FlashAttention-2's equations), in float32 (float64 for float64), each
 result rounded once. Measured against PyTorch's CPU flash attention at (4, 4, 256, 16), causal,
-2 threads (bench/results/cpu-routes.md): forward 1.7x, forward + backward 1.5x in float32, 4x in
-bfloat16 (PyTorch's bfloat16 backward is the slow part there).
+2 threads, nanoGPT's q, k, v views (bench/results/cpu-routes.md): forward + backward 1.1x in
+float32, 2.7x in bfloat16 (PyTorch's bfloat16 backward is the slow part there).
 
 Saved for backward: query, key, value (inputs: no copies), the output and the (B, H, L) row
 log-sum-exp in float32 -- what PyTorch's flash attention saves; eager attention (the math path)
@@ -43,14 +44,17 @@ from ._autograd import FusedOp, define
 OP = "fastlayers.scaled_dot_product_attention"
 # PyTorch's own function, taken at import: the fallback (swap points forwards at this module's function).
 _TORCH_SDPA = F.scaled_dot_product_attention
-# Head dims up to this run the fused kernels (no backend forced). Measured, (4, 4, 256, D) causal,
-# fused / PyTorch time, 2 threads (bench/results/cpu-routes.md): float32 D 16 / 32 / 64: forward
-# 0.60 / 0.66 / 0.90, forward + backward 0.67 / 0.78 / 0.79; at (1, 12, 1024, 64) 0.95 both ways,
-# and bfloat16 forward at D 64 2.5x slower: D 64 is not a clear win, so not taken.
-MAX_HEAD_DIM = 32
-# bfloat16 / float16 without a gradient: the forward alone is faster only up to this head dim
-# (bf16 forward D 16: 0.83; D 32: 1.04 of PyTorch's time).
-MAX_HEAD_DIM_16BIT_FORWARD = 16
+# Which calls the fused kernels take with no backend forced (all others: PyTorch's function), from
+# side-by-side runs against PyTorch's CPU flash attention on q, k, v as nanoGPT makes them
+# (transposed views of one (B, T, 3 H D) buffer), (4, 4, 256, D), 2 threads, PyTorch time / ours
+# (bench/results/cpu-routes.md, 2026-12-07):
+#   causal float32        D 16: fwd+bwd 1.10, fwd 1.32;  D 32: 0.94 / 1.17;  D 64: 0.82 / 0.76
+#   causal bfloat16       D 16: fwd+bwd 2.73, fwd 0.96;  D 32: 1.61 / 0.61;  D 64: 0.89 / 0.33
+#   not causal, float32   D 16: fwd+bwd 0.80, fwd 0.81
+# so: causal only; float32 up to D 16; bfloat16 / float16 up to D 32 and only with a gradient (its
+# backward is the part PyTorch is slow at); float64 stays PyTorch's (exact either way).
+MAX_HEAD_DIM = {torch.float32: 16, torch.bfloat16: 32, torch.float16: 32}
+_NEEDS_GRAD = (torch.bfloat16, torch.float16)
 
 
 class AttentionOp(FusedOp):
@@ -114,7 +118,16 @@ def _backend_for(q: Tensor):
     return backend
 
 
-def _kernels_take(q: object, k: object, v: object, attn_mask: object, dropout_p: object, scale: object) -> bool:
+def _pays(q: Tensor, k: Tensor, v: Tensor, D: int, causal: object) -> bool:
+    """Whether the fused kernels are faster for this call (MAX_HEAD_DIM's measurements)."""
+    if not causal or D > MAX_HEAD_DIM.get(q.dtype, 0):
+        return False
+    return q.dtype not in _NEEDS_GRAD or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                         or v.requires_grad))
+
+
+def _kernels_take(q: object, k: object, v: object, attn_mask: object, dropout_p: object, scale: object,
+                  causal: object) -> bool:
     """Whether the fused kernels compute this call as PyTorch's function does (module docstring)."""
     if not (type(q) in (Tensor, torch.nn.Parameter) and type(k) in (Tensor, torch.nn.Parameter)
             and type(v) in (Tensor, torch.nn.Parameter)):
@@ -134,11 +147,8 @@ def _kernels_take(q: object, k: object, v: object, attn_mask: object, dropout_p:
         return False
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return False
-    if forced() is None:
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if D > MAX_HEAD_DIM or (q.dtype in (torch.float16, torch.bfloat16) and not grad
-                                and D > MAX_HEAD_DIM_16BIT_FORWARD):
-            return False
+    if forced() is None and not _pays(q, k, v, D, causal):
+        return False
     return _backend_for(q) is not None
 
 
@@ -152,7 +162,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     torch.empty_like(query). Saved for backward: the inputs, the output and a (B, H, L) float32
     row log-sum-exp (no (L, S) probabilities).
     """
-    if not _kernels_take(query, key, value, attn_mask, dropout_p, scale):  # (enable_gqa: same heads only)
+    if not _kernels_take(query, key, value, attn_mask, dropout_p, scale, is_causal):  # (enable_gqa: same heads only)
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)

@@ -91,8 +91,9 @@ def test_scale_and_the_kernel_route(monkeypatch):
     monkeypatch.setattr(A.AttentionFunction, "apply", lambda *a: calls.append(a) or real(*a))
     q, k, v = _qkv(2, 2, 40, 40, 16, torch.float32)
     check(q, k, v, True, scale=0.3)
-    check(q, k, v, False)
-    assert len(calls) == 2 and calls[0][3] == 0.3 and calls[1][3] == pytest.approx(1 / math.sqrt(16))
+    check(q, k, v, True)
+    check(*_qkv(2, 2, 40, 40, 32, torch.bfloat16), True)  # 16-bit with a gradient, D 32
+    assert len(calls) == 3 and calls[0][3] == 0.3 and calls[1][3] == pytest.approx(1 / math.sqrt(16))
 
 
 def _torch_sdpa_spy(monkeypatch):
@@ -103,7 +104,7 @@ def _torch_sdpa_spy(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["mask", "dropout", "gqa", "value_dim", "head_dim", "bf16_no_grad", "3d",
-                                  "empty", "last_dim_strided", "mixed_dtypes"])
+                                  "empty", "last_dim_strided", "mixed_dtypes", "not_causal", "float64"])
 def test_other_calls_are_pytorchs_function(monkeypatch, case):
     """What the kernels do not take is PyTorch's own function with the caller's arguments: the same
     bits (dropout: the same random stream)."""
@@ -120,9 +121,9 @@ def test_other_calls_are_pytorchs_function(monkeypatch, case):
     elif case == "value_dim":
         v = torch.randn(2, 4, 16, 8)
     elif case == "head_dim":
-        q, k, v = _qkv(2, 4, 16, 16, A.MAX_HEAD_DIM + 8, torch.float32)
+        q, k, v = _qkv(2, 4, 16, 16, A.MAX_HEAD_DIM[torch.float32] + 8, torch.float32)
     elif case == "bf16_no_grad":
-        q, k, v = _qkv(2, 4, 16, 16, A.MAX_HEAD_DIM_16BIT_FORWARD * 2, torch.bfloat16)
+        q, k, v = _qkv(2, 4, 16, 16, 16, torch.bfloat16)
     elif case == "3d":
         q, k, v = q[0], k[0], v[0]
     elif case == "empty":
@@ -131,6 +132,10 @@ def test_other_calls_are_pytorchs_function(monkeypatch, case):
         q = torch.randn(2, 4, 16, 32)[..., ::2]
     elif case == "mixed_dtypes":
         v = v.double()
+    elif case == "not_causal":
+        kw = {}
+    elif case == "float64":
+        q, k, v = _qkv(2, 4, 16, 16, 16, torch.float64)
     torch.manual_seed(3)
     try:
         ours = fl.scaled_dot_product_attention(q, k, v, **kw)

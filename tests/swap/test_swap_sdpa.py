@@ -135,7 +135,7 @@ def test_every_spelling_is_redirected(monkeypatch):
     calls = _spy(monkeypatch)
     x = torch.randn(2, 20, 32)
     assert_close_fp32(m(x), ref(x), 32, "out")
-    assert len(calls) == 3
+    assert len(calls) == 2  # the two causal calls: the not-causal one is PyTorch's function (faster there)
 
 
 def _closure_module():
