@@ -8,7 +8,7 @@
 //   softmax  two passes over the block's scores in L1 (max, then exp and sum)
 //   output   o_r = sum_j p[r, j] v_j / l_r  per key: D/16 vector loads, R*D/16 FMAs
 // Causal rows stop at their diagonal (no masked work beyond the block's last row).
-// Backward (FlashAttention-2's equations): with delta_r = dout_r . o_r, per row block
+// Backward (FlashAttention-2's equations): with delta_r = dout_r . o_r (= sum_j p dp), per row block
 //   p = exp(scale s - lse), dp = dout_r . v_j (v transposed), ds = p (dp - delta_r),
 //   dq_r = scale sum_j ds[r, j] k_j, dk_j += scale sum_r ds[r, j] q_r, dv_j += sum_r p[r, j] dout_r
 // with dk, dv accumulated in fp32 (fp64) buffers of (S, D) per thread.
@@ -95,15 +95,21 @@ struct KV {
 // math adds its mask (NaN where the score is NaN or +inf). m null: nothing masked. Each row's max in
 // mx. Two key vectors at a time: 2R independent FMA chains (R alone would wait on the FMA latency).
 template <class C, class V, int W>
-static inline void block_scores(const C* q, int64_t D, const C* kt, int64_t Sp, int64_t jend, const int64_t* m,
-                                bool add, int rows, C scale, C* s, int64_t ls, C* mx) {
+static inline void block_scores(const C* q, int64_t D, const C* kt, int64_t S, int64_t Sp, int64_t jend,
+                                const int64_t* m, bool add, int rows, C scale, C* s, int64_t ls, C* mx) {
   V vmx[R];
   for (int r = 0; r < R; ++r) vmx[r] = splat<V>(neg_inf<C>());
   auto finish = [&](int64_t j, const V* acc) {
     for (int r = 0; r < rows; ++r) {
       V sv = acc[r] * scale;
-      if (m && j + W > m[r])
-        sv = add ? sv + keys_below(V{}, j, m[r], neg_inf<C>()) : keys_below(sv, j, m[r], neg_inf<C>());
+      if (m && j + W > m[r]) {
+        if (add) {
+          sv += keys_below(V{}, j, m[r], neg_inf<C>());
+          if (j + W > S) sv = keys_below(sv, j, S, neg_inf<C>());  // the padding (inf * 0 there is NaN)
+        } else {
+          sv = keys_below(sv, j, m[r], neg_inf<C>());
+        }
+      }
       std::memcpy(s + r * ls + j, &sv, sizeof sv);
       vmx[r] = (sv > vmx[r] || sv != sv) ? sv : vmx[r];
     }
@@ -292,8 +298,9 @@ static inline void store_row(T* dst, const typename io<T>::C* src, int64_t D) {
   }
 }
 
-// Whether rows [0, L) of x's (b, h) are all finite (the backward's exact mode also looks at q and
-// dout: a NaN there reaches every key through PyTorch's masked 0 * NaN).
+// Whether rows [0, L) of x's (b, h) are all finite (exact mode also looks at q -- an inf there can
+// make a masked score +inf, and +inf + -inf NaN -- and, in the backward, at dout: a NaN there
+// reaches every key through PyTorch's masked 0 * NaN).
 template <class T>
 static bool rows_finite(const AttnOperand<const T>& x, int64_t b, int64_t h, int64_t L, int64_t D) {
   bool finite = true;
@@ -310,9 +317,9 @@ static inline int64_t keys_of(int64_t i, int64_t S, bool causal) { return causal
 // The block's rows from i0: n[r] = the keys its loops visit, m[r] = the first key masked (padding
 // past S included). Causal rows visit only the keys they see -- except in `exact` mode, taken for a
 // (b, h) whose keys or values are not all finite: there every row visits all S keys and the masked
-// ones get score + -inf, as PyTorch's math path computes them, so an inf / NaN in a key or value
-// past a row's diagonal makes NaN where PyTorch's does (0 * inf, +inf + -inf). Rows past the last
-// (r >= rows) repeat the last row's.
+// ones get score + -inf, as PyTorch's math path computes them, so an inf / NaN in a query, key or
+// value past a row's diagonal makes NaN where PyTorch's does (0 * inf, +inf + -inf). Rows past the
+// last (r >= rows) repeat the last row's.
 static inline void keys(int64_t i0, int rows, int64_t S, bool causal, bool exact, int64_t* n, int64_t* m) {
   for (int r = 0; r < R; ++r) {
     m[r] = keys_of(i0 + std::min(r, rows - 1), S, causal);
@@ -339,7 +346,7 @@ void attention_forward(const AttnOperand<const T>& q, const AttnOperand<const T>
     for (int64_t it = it0; it < it1; ++it) {
       const int64_t bh = it / nblk, b = bh / H, h = bh % H, i0 = (it % nblk) * R;
       if (bh != cur) {
-        const bool finite = kv.load(k, v, b, h);  // (always loads)
+        const bool finite = kv.load(k, v, b, h) && rows_finite(q, b, h, L, D);  // (always loads)
         exact = causal && !finite;
         cur = bh;
       }
@@ -349,22 +356,24 @@ void attention_forward(const AttnOperand<const T>& q, const AttnOperand<const T>
       const int64_t jend = n[rows - 1];
       load_rows<T, C>(q, b, h, i0, rows, D, qf.data(), D);
       C mx[R];
-      block_scores<C, V, W>(qf.data(), D, kv.kt.data(), kv.Sp, jend, m, exact, rows, (C)scale, s.data(), kv.Sp, mx);
+      block_scores<C, V, W>(qf.data(), D, kv.kt.data(), S, kv.Sp, jend, m, exact, rows, (C)scale, s.data(), kv.Sp, mx);
       C inv[R];
       for (int r = 0; r < rows; ++r) {  // p = exp(s - max) in place, l = sum p
         C* sr = s.data() + r * kv.Sp;
+        // a row whose scores are all -inf: output 0, lse -inf (PyTorch's safe softmax; not NaN)
+        const C mxr = mx[r] == neg_inf<C>() ? C(0) : mx[r];
         V sum{};
         for (int64_t j = 0; j < n[r]; j += W) {
           V x;
           std::memcpy(&x, sr + j, sizeof x);
-          V p = vexp_nonpos_any(x - mx[r]);
+          V p = vexp_nonpos_any(x - mxr);
           if (j + W > n[r]) p = keys_below(p, j, n[r], C(0));
           std::memcpy(sr + j, &p, sizeof p);
           sum += p;
         }
         const C l = (C)hsum(sum);
-        inv[r] = C(1) / l;
-        lse[bh * L + i0 + r] = mx[r] + std::log(l);
+        inv[r] = l == C(0) ? C(0) : C(1) / l;
+        lse[bh * L + i0 + r] = mxr + std::log(l);
       }
       block_combine<C, V, W>(s.data(), kv.Sp, kv.vr.data(), kv.Dp, n, rows, acc.data());
       for (int r = 0; r < rows; ++r) {
@@ -385,6 +394,7 @@ void attention_backward(const AttnOperand<const T>& q, const AttnOperand<const T
   using C = typename io<T>::C;
   using V = typename io<T>::V;
   constexpr int W = io<T>::W;
+  constexpr bool kLowT = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
   const C sc = (C)scale;
   const int64_t cost = std::max<int64_t>(1, L * (causal ? (S + 1) / 2 : S) * D * 5 / 2);
   parallel_for(B * H, cost, nthreads, [&](int64_t bh0, int64_t bh1, int) {
@@ -405,36 +415,52 @@ void attention_backward(const AttnOperand<const T>& q, const AttnOperand<const T
         const int64_t jend = n[rows - 1];
         load_rows<T, C>(q, b, h, i0, rows, D, qf.data(), Dp);
         load_rows<T, C>(dout, b, h, i0, rows, D, df.data(), Dp);
-        C delta[R], lr[R], mx[R];
+        C lr[R], mx[R], delta[R];
         for (int r = 0; r < rows; ++r) {
-          C dsum = 0;
-          const T* orow = o.row(b, h, i0 + r);
-          for (int64_t d = 0; d < D; ++d) dsum += df[r * Dp + d] * KV<T>::at(orow + d);
-          delta[r] = dsum;
+          if constexpr (!kLowT) {  // delta = dout . out (D terms; 16-bit T: from p and dp, below)
+            C dsum = 0;
+            const T* orow = o.row(b, h, i0 + r);
+            for (int64_t d = 0; d < D; ++d) dsum += df[r * Dp + d] * KV<T>::at(orow + d);
+            delta[r] = dsum;
+          }
           lr[r] = lse[bh * L + i0 + r];
+          if (lr[r] == neg_inf<C>()) lr[r] = -neg_inf<C>();  // an all -inf row: p = exp(s - inf) = 0
         }
         // block_scores reads R rows of D values: q's, then dout's (qf, df rows are Dp apart)
         for (int r = 0; r < R; ++r)
           for (int64_t d = 0; d < D; ++d) { qs[r * D + d] = qf[r * Dp + d]; }
-        block_scores<C, V, W>(qs.data(), D, kv.kt.data(), Sp, jend, m, exact, rows, sc, p.data(), Sp, mx);
+        block_scores<C, V, W>(qs.data(), D, kv.kt.data(), S, Sp, jend, m, exact, rows, sc, p.data(), Sp, mx);
         for (int r = 0; r < R; ++r)
           for (int64_t d = 0; d < D; ++d) { qs[r * D + d] = df[r * Dp + d]; }
-        block_scores<C, V, W>(qs.data(), D, kv.vt.data(), Sp, jend, exact ? nullptr : m, false, rows, C(1), ds.data(),
+        block_scores<C, V, W>(qs.data(), D, kv.vt.data(), S, Sp, jend, exact ? nullptr : m, false, rows, C(1), ds.data(),
                               Sp, mx);
-        for (int r = 0; r < rows; ++r) {  // p = exp(scale s - lse), ds = p (dp - delta); 0 past row r's keys
+        // p = exp(scale s - lse) (0 past row r's keys), then ds = p (dp - delta). For 16-bit T, delta =
+        // sum_j p dp: the row's dout . out without out's rounding to T (dp - delta cancels: a delta
+        // from the bf16 output made dq one bf16 ulp off where PyTorch's was not); fp32 / fp64 keep
+        // dout . out (D terms: more accurate than a sum over S keys)
+        for (int r = 0; r < rows; ++r) {
           C* pr = p.data() + r * Sp;
           C* dr = ds.data() + r * Sp;
+          V dsum{};
           for (int64_t j = 0; j < jend; j += W) {
             V x, dpv;
             std::memcpy(&x, pr + j, sizeof x);
             std::memcpy(&dpv, dr + j, sizeof dpv);
             V pv = vexp_nonpos_any(x - lr[r]);
-            V dsv = pv * (dpv - delta[r]);
             if (j + W > n[r]) {
               pv = keys_below(pv, j, n[r], C(0));
-              dsv = keys_below(dsv, j, n[r], C(0));
+              dpv = keys_below(dpv, j, n[r], C(0));
+              std::memcpy(dr + j, &dpv, sizeof dpv);
             }
+            dsum += pv * dpv;
             std::memcpy(pr + j, &pv, sizeof pv);
+          }
+          if constexpr (kLowT) delta[r] = (C)hsum(dsum);
+          for (int64_t j = 0; j < jend; j += W) {
+            V pv, dpv;
+            std::memcpy(&pv, pr + j, sizeof pv);
+            std::memcpy(&dpv, dr + j, sizeof dpv);
+            V dsv = pv * (dpv - delta[r]);
             std::memcpy(dr + j, &dsv, sizeof dsv);
           }
         }

@@ -234,3 +234,24 @@ def test_long_rows_and_many_heads():
     for shape in [(1, 1, 300, 300, 16), (1, 3, 129, 260, 32), (1, 1, 260, 129, 8)]:
         with fl.use_backend("cpp"):
             check(*_qkv(*shape, torch.float32, seed=9), True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_row_of_minus_inf_scores_is_zero_as_pytorchs(causal):
+    """A query whose scores are all -inf (an inf query against finite keys) gives 0, not NaN, and a
+    zero dq row: PyTorch's safe softmax (its flash and math paths agree); the inf * 0 of the
+    key padding must not turn it into NaN (found by the fuzz: head dim 1, one key)."""
+    q = torch.tensor([[[[1.5, float("inf")], [-2.2, 0.3]]]])
+    k = torch.tensor([[[[0.16, -0.61]]]])
+    v = torch.tensor([[[[-0.78, 1.06]]]])
+    for qq in (q, torch.tensor([[[[float("nan")], [-float("inf")], [-2.2]]]])):
+        kk, vv = (k, v) if qq.shape[-1] == 2 else (k[..., :1], v[..., :1])
+        ours = [t.clone().requires_grad_() for t in (qq, kk, vv)]
+        theirs = [t.clone().requires_grad_() for t in (qq, kk, vv)]
+        with fl.use_backend("cpp"):
+            a = fl.scaled_dot_product_attention(*ours, is_causal=causal)
+        b = MATH(*theirs, is_causal=causal)[0]
+        a.sum().backward()
+        b.sum().backward()
+        for x, y in [(a, b)] + [(o.grad, t.grad) for o, t in zip(ours, theirs)]:
+            torch.testing.assert_close(x, y, equal_nan=True, rtol=1e-5, atol=1e-6)

@@ -677,3 +677,65 @@ def test_fuzz_rotary_cpp(case):
             assert same_bits(o.detach(), e.detach()), f"{what} {dtype} il={il} strides={q.stride()}"
     finally:
         torch.set_num_threads(old)
+
+
+@st.composite
+def attention_case(draw):
+    """(q, k, v, causal, scale, threads): (B, H, L, D) / (B, H, S, D) operands in any memory order
+    of their leading dims or sliced out of a wider buffer, L and S from 1 to 70 (L > S and L < S),
+    head dims 1-64, the default or a given scale; fp32 / fp64 sometimes with NaN / +-inf in one
+    operand."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    b, h = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2, 5]))
+    L, S = draw(st.sampled_from([1, 2, 3, 5, 16, 17, 33, 70])), draw(st.sampled_from([1, 2, 3, 5, 16, 17, 33, 70]))
+    d = draw(st.sampled_from([1, 2, 8, 16, 20, 33, 64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    nonfinite = dtype in (torch.float32, torch.float64) and draw(st.booleans())
+    bad = draw(st.sampled_from([0, 1, 2])) if nonfinite else -1
+
+    def operand(rows, i):
+        order = draw(st.permutations([0, 1, 2]))  # memory order of (B, H, rows), outermost first
+        sizes = [(b, h, rows)[j] for j in order]
+        wide = draw(st.booleans())
+        buf = torch.randn(*sizes[:2], sizes[2] * (2 if wide else 1), d, generator=g, dtype=torch.float64)
+        if i == bad:
+            buf.view(-1)[torch.randint(0, buf.numel(), (2,), generator=g)] = torch.tensor(
+                [draw(st.sampled_from([float("nan"), float("inf"), -float("inf")])), float("nan")],
+                dtype=torch.float64)
+        if wide:
+            buf = buf[:, :, ::2]
+        return buf.permute(*[order.index(j) for j in range(3)], 3).to(dtype)
+    q, k, v = operand(L, 0), operand(S, 1), operand(S, 2)
+    scale = draw(st.sampled_from([None, 0.05, 1.0]))
+    return q, k, v, draw(st.booleans()), scale, draw(st.sampled_from([1, 2, 3]))
+
+
+@pytest.mark.skipif(backend_skip_reason("cpp") is not None, reason="the cpp backend is not built here")
+@given(attention_case())
+def test_fuzz_attention_cpp(case):
+    """The C++ attention over layouts, lengths, head dims and thread counts: finite inputs against
+    float64 PyTorch math and PyTorch's own error (test_attention.check); non-finite ones with PyTorch
+    math's NaN / inf pattern in the output and every gradient."""
+    from test_attention import MATH, check
+    q, k, v, causal, scale, threads = case
+    _count("attention", "cpp", q.dtype)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fl.use_backend("cpp"):
+            if all(torch.isfinite(t).all() for t in (q, k, v)):
+                check(q, k, v, causal, scale)
+                return
+            ours = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out = fl.scaled_dot_product_attention(*ours, is_causal=causal, scale=scale)
+        theirs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = MATH(*theirs, is_causal=causal, scale=scale)[0]
+        gout = torch.randn(out.shape, dtype=torch.float64)
+        out.backward(gout.to(out.dtype))
+        ref.backward(gout)
+        for what, a, r in [("out", out, ref)] + [(f"d{n}", x.grad, y.grad) for n, x, y in zip("qkv", ours, theirs)]:
+            assert torch.equal(a.isnan(), r.isnan()), f"{what}: NaN pattern"
+            torch.testing.assert_close(a.detach().double(), r.detach(), rtol=1e-4, atol=1e-4, equal_nan=True,
+                                       msg=lambda m: f"{what}: {m}")
+    finally:
+        torch.set_num_threads(old)
