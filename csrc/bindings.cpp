@@ -639,18 +639,22 @@ static void bind_attention_softmax(py::module_& m) {
 // leading dims, the last dim contiguous, all of one dtype; lse: (B, H, L) contiguous in the compute
 // dtype (float32, float64 for float64).
 static void bind_attention(py::module_& m) {
-  struct Shapes {
-    int dt, cd;
+  struct Shapes {  // from q and k; ql / kl: q's and k's shapes; plse: the checked lse buffer
+    int dt;
     int64_t B, H, L, S, D;
+    std::vector<int64_t> ql, kl;
+    uintptr_t plse;
   };
-  auto shapes = [](const char* fn, const Buf& q, const Buf& k) {
+  auto shapes = [](const char* fn, const Buf& q, const Buf& k, const Buf& lse) {
     Shapes s;
     s.dt = dtype_of(fn, "q", q, 4);
     dtype_of(fn, "k", k, 4);
-    s.cd = s.dt == F64 ? F64 : F32;
     const auto& sq = shape_of(q);
     const auto& sk = shape_of(k);
     s.B = sq[0], s.H = sq[1], s.L = sq[2], s.D = sq[3], s.S = sk[2];
+    s.ql = {s.B, s.H, s.L, s.D};
+    s.kl = {s.B, s.H, s.S, s.D};
+    s.plse = expect(fn, "lse", lse, s.dt == F64 ? F64 : F32, {s.B, s.H, s.L});
     return s;
   };
   auto operand = [](const char* fn, const char* name, const Buf& b, int dt, const std::vector<int64_t>& shape,
@@ -664,9 +668,8 @@ static void bind_attention(py::module_& m) {
         [=](const Buf& q, const Buf& k, const Buf& v, const Buf& o, const Buf& lse, double scale, bool causal,
             int nthreads) {
           const char* fn = "attention_forward";
-          const Shapes s = shapes(fn, q, k);
-          const std::vector<int64_t> ql = {s.B, s.H, s.L, s.D}, kl = {s.B, s.H, s.S, s.D};
-          uintptr_t plse = expect(fn, "lse", lse, s.cd, {s.B, s.H, s.L});
+          const Shapes s = shapes(fn, q, k, lse);
+          const auto &ql = s.ql, &kl = s.kl;
           by_dtype(s.dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
             const T* ct = nullptr;
@@ -674,7 +677,7 @@ static void bind_attention(py::module_& m) {
                  av = operand(fn, "v", v, s.dt, kl, ct);
             auto ao = operand(fn, "out", o, s.dt, ql, tag);
             py::gil_scoped_release nogil;
-            attention_forward<T>(aq, ak, av, ao, ptr<typename io<T>::C>(plse), s.B, s.H, s.L, s.S, s.D, scale,
+            attention_forward<T>(aq, ak, av, ao, ptr<typename io<T>::C>(s.plse), s.B, s.H, s.L, s.S, s.D, scale,
                                  causal, nthreads);
           });
         },
@@ -685,9 +688,8 @@ static void bind_attention(py::module_& m) {
         [=](const Buf& q, const Buf& k, const Buf& v, const Buf& o, const Buf& dout, const Buf& lse, const Buf& dq,
             const Buf& dk, const Buf& dv, double scale, bool causal, int nthreads) {
           const char* fn = "attention_backward";
-          const Shapes s = shapes(fn, q, k);
-          const std::vector<int64_t> ql = {s.B, s.H, s.L, s.D}, kl = {s.B, s.H, s.S, s.D};
-          uintptr_t plse = expect(fn, "lse", lse, s.cd, {s.B, s.H, s.L});
+          const Shapes s = shapes(fn, q, k, lse);
+          const auto &ql = s.ql, &kl = s.kl;
           by_dtype(s.dt, [&](auto* tag) {
             using T = std::remove_pointer_t<decltype(tag)>;
             const T* ct = nullptr;
@@ -697,7 +699,7 @@ static void bind_attention(py::module_& m) {
             auto adq = operand(fn, "dq", dq, s.dt, ql, tag), adk = operand(fn, "dk", dk, s.dt, kl, tag),
                  adv = operand(fn, "dv", dv, s.dt, kl, tag);
             py::gil_scoped_release nogil;
-            attention_backward<T>(aq, ak, av, ao, ado, ptr<const typename io<T>::C>(plse), adq, adk, adv, s.B, s.H,
+            attention_backward<T>(aq, ak, av, ao, ado, ptr<const typename io<T>::C>(s.plse), adq, adk, adv, s.B, s.H,
                                   s.L, s.S, s.D, scale, causal, nthreads);
           });
         },
