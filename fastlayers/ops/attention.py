@@ -132,6 +132,9 @@ def _kernels_take(q: object, k: object, v: object, attn_mask: object, dropout_p:
     if not (type(q) in (Tensor, torch.nn.Parameter) and type(k) in (Tensor, torch.nn.Parameter)
             and type(v) in (Tensor, torch.nn.Parameter)):
         return False
+    if q.is_nested or k.is_nested or v.is_nested or q.layout != torch.strided or k.layout != torch.strided \
+            or v.layout != torch.strided or type(causal) is not bool:  # (PyTorch's own errors for a non-bool)
+        return False
     if attn_mask is not None or not (type(dropout_p) in (int, float) and dropout_p == 0):
         return False
     if scale is not None and not (type(scale) in (int, float) and math.isfinite(scale)):
@@ -143,7 +146,7 @@ def _kernels_take(q: object, k: object, v: object, attn_mask: object, dropout_p:
     B, H, L, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         return False  # (grouped-query heads, broadcast batches, another value dim: PyTorch's function)
-    if L == 0 or k.shape[2] == 0 or D == 0 or q.layout != torch.strided:
+    if L == 0 or k.shape[2] == 0 or D == 0:
         return False
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return False
@@ -166,11 +169,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     sc = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    causal = bool(is_causal)
 
     def composite(inputs, params):
-        return (_TORCH_SDPA(query, key, value, is_causal=causal, scale=sc),)
-    return ATTENTION.run((query, key, value), (sc, causal), composite)[0]
+        return (_TORCH_SDPA(query, key, value, is_causal=is_causal, scale=sc),)
+    return ATTENTION.run((query, key, value), (sc, is_causal), composite)[0]
 
 
 __all__ = ["scaled_dot_product_attention", "AttentionFunction", "MAX_HEAD_DIM"]

@@ -104,7 +104,8 @@ def _torch_sdpa_spy(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["mask", "dropout", "gqa", "value_dim", "head_dim", "bf16_no_grad", "3d",
-                                  "empty", "last_dim_strided", "mixed_dtypes", "not_causal", "float64"])
+                                  "empty", "last_dim_strided", "mixed_dtypes", "not_causal", "float64",
+                                  "causal_not_bool"])
 def test_other_calls_are_pytorchs_function(monkeypatch, case):
     """What the kernels do not take is PyTorch's own function with the caller's arguments: the same
     bits (dropout: the same random stream)."""
@@ -136,11 +137,13 @@ def test_other_calls_are_pytorchs_function(monkeypatch, case):
         kw = {}
     elif case == "float64":
         q, k, v = _qkv(2, 4, 16, 16, 16, torch.float64)
+    elif case == "causal_not_bool":  # PyTorch's own TypeError
+        kw = {"is_causal": 1}
     torch.manual_seed(3)
     try:
         ours = fl.scaled_dot_product_attention(q, k, v, **kw)
-    except RuntimeError as e:
-        with pytest.raises(RuntimeError, match=str(e).splitlines()[0][:40].replace("(", r"\(").replace(")", r"\)")
+    except (RuntimeError, TypeError) as e:
+        with pytest.raises(type(e), match=str(e).splitlines()[0][:40].replace("(", r"\(").replace(")", r"\)")
                            .replace("[", r"\[").replace("]", r"\]")):
             F.scaled_dot_product_attention(q, k, v, **kw)
         assert len(calls) == 1
