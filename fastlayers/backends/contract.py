@@ -138,7 +138,8 @@ class FusedAttention(Protocol):
 
     def attention_backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            scale: float, causal: bool) -> Grads3:
-        """dout, out as q; the forward's out and lse -> (dq, dk, dv) shaped as q, k, v."""
+        """dout, out as q; the forward's out and lse -> (dq, dk, dv) laid out as torch.empty_like(q),
+        (k), (v)."""
 
 
 @runtime_checkable

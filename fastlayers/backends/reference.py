@@ -354,13 +354,14 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: boo
     dtype, rounded once."""
     s, lse = _attn_probs(q, k, scale, causal)
     out = torch.exp(s - lse[..., None]) @ v.to(s.dtype)
-    return out.to(q.dtype), lse
+    return torch.empty_like(q).copy_(out), lse  # (laid out as the contract says)
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                        causal: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from p = exp(scores - lse): dp = dout v^T, ds = p (dp - rowsum(dout * out)),
-    dq = scale ds k, dk = scale ds^T q, dv = p^T dout (compute dtype, each rounded once)."""
+    """(dq, dk, dv) laid out as q, k, v (torch.empty_like) from p = exp(scores - lse): dp = dout v^T,
+    ds = p (dp - rowsum(dout * out)), dq = scale ds k, dk = scale ds^T q, dv = p^T dout (compute
+    dtype, each rounded once)."""
     p = _attn_probs(q, k, scale, causal, lse)
     cd = p.dtype
     g = dout.to(cd)
@@ -368,4 +369,4 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dq = (ds @ k.to(cd)) * scale
     dk = (ds.transpose(-2, -1) @ q.to(cd)) * scale
     dv = p.transpose(-2, -1) @ g
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return tuple(torch.empty_like(t).copy_(d) for t, d in ((q, dq), (k, dk), (v, dv)))

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._dispatch import FLOATS
+from .._dispatch import FLOATS, backend_for
 from ..backends import forced, select
 from ._autograd import FusedOp, define
 
@@ -63,6 +63,15 @@ class AttentionOp(FusedOp):
     schema = "Tensor query, Tensor key, Tensor value, float scale, bool causal"
     n_inputs, n_extras = 3, 1
     contiguous_outputs = False  # out keeps torch.empty_like(query)'s layout, as the fake says
+
+    def backend(self, device, dtype, params):
+        """The selected backend where it has fused attention, else the reference backend (the
+        registered op called directly with a backend forced that has none, e.g. triton)."""
+        backend = backend_for(OP, device, dtype)
+        if getattr(backend, "attention_forward", None) is None:
+            from ..backends import reference
+            return reference
+        return backend
 
     def forward(self, backend, inputs, params, save):
         (q, k, v), (scale, causal) = inputs, params

@@ -196,6 +196,7 @@ def _op_samples():
                                  "mean", torch.float32, True, True, True),
         "rotary": (q, k, cos, sin, False),
         "attention_softmax": (r(1, 2, 4, 6), mask, 0.5, True, torch.float32, torch.float32),
+        "scaled_dot_product_attention": (q, k, r(1, 2, 4, 8).transpose(1, 2), 0.3, True),
     }
 
 
