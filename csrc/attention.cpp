@@ -90,12 +90,12 @@ struct KV {
 };
 
 // Row r's scores against the keys j < jend at s[r * ls + j]: scale * q_r . k_j, from the transposed
-// keys kt (D, Sp). q: R rows of D values in C (rows past `rows` unused). Keys j >= m[r] (causal, and
+// keys kt (D, Sp). q: R rows of D values in C, lq apart (rows past `rows` unused). Keys j >= m[r] (causal, and
 // the zero padding past S) are masked: -inf, or with `add` (Mask below) score + -inf, as PyTorch's
 // math adds its mask (NaN where the score is NaN or +inf). m null: nothing masked. Each row's max in
 // mx. Two key vectors at a time: 2R independent FMA chains (R alone would wait on the FMA latency).
 template <class C, class V, int W>
-static inline void block_scores(const C* q, int64_t D, const C* kt, int64_t S, int64_t Sp, int64_t jend,
+static inline void block_scores(const C* q, int64_t lq, int64_t D, const C* kt, int64_t S, int64_t Sp, int64_t jend,
                                 const int64_t* m, bool add, int rows, C scale, C* s, int64_t ls, C* mx) {
   V vmx[R];
   for (int r = 0; r < R; ++r) vmx[r] = splat<V>(neg_inf<C>());
@@ -124,7 +124,7 @@ static inline void block_scores(const C* q, int64_t D, const C* kt, int64_t S, i
       std::memcpy(&k1, col + d * Sp + W, sizeof k1);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const C qr = q[r * D + d];
+        const C qr = q[r * lq + d];
         a0[r] += qr * k0;
         a1[r] += qr * k1;
       }
@@ -139,7 +139,7 @@ static inline void block_scores(const C* q, int64_t D, const C* kt, int64_t S, i
       V k0;
       std::memcpy(&k0, col + d * Sp, sizeof k0);
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) a0[r] += q[r * D + d] * k0;
+      for (int r = 0; r < R; ++r) a0[r] += q[r * lq + d] * k0;
     }
     finish(j, a0);
   }
@@ -356,7 +356,8 @@ void attention_forward(const AttnOperand<const T>& q, const AttnOperand<const T>
       const int64_t jend = n[rows - 1];
       load_rows<T, C>(q, b, h, i0, rows, D, qf.data(), D);
       C mx[R];
-      block_scores<C, V, W>(qf.data(), D, kv.kt.data(), S, kv.Sp, jend, m, exact, rows, (C)scale, s.data(), kv.Sp, mx);
+      block_scores<C, V, W>(qf.data(), D, D, kv.kt.data(), S, kv.Sp, jend, m, exact, rows, (C)scale, s.data(), kv.Sp,
+                            mx);
       C inv[R];
       for (int r = 0; r < rows; ++r) {  // p = exp(s - max) in place, l = sum p
         C* sr = s.data() + r * kv.Sp;
@@ -401,7 +402,7 @@ void attention_backward(const AttnOperand<const T>& q, const AttnOperand<const T
     KV<T> kv(S, D, true);
     const int64_t Sp = kv.Sp, Dp = kv.Dp;
     std::vector<C> qf((size_t)R * Dp), df((size_t)R * Dp), p((size_t)R * Sp), ds((size_t)R * Sp),
-        acc((size_t)R * Dp), dkacc((size_t)S * Dp), dvacc((size_t)S * Dp), qs((size_t)R * D);
+        acc((size_t)R * Dp), dkacc((size_t)S * Dp), dvacc((size_t)S * Dp);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const bool finite = kv.load(k, v, b, h) && rows_finite(q, b, h, L, D) && rows_finite(dout, b, h, L, D);
@@ -426,14 +427,10 @@ void attention_backward(const AttnOperand<const T>& q, const AttnOperand<const T
           lr[r] = lse[bh * L + i0 + r];
           if (lr[r] == neg_inf<C>()) lr[r] = -neg_inf<C>();  // an all -inf row: p = exp(s - inf) = 0
         }
-        // block_scores reads R rows of D values: q's, then dout's (qf, df rows are Dp apart)
-        for (int r = 0; r < R; ++r)
-          for (int64_t d = 0; d < D; ++d) { qs[r * D + d] = qf[r * Dp + d]; }
-        block_scores<C, V, W>(qs.data(), D, kv.kt.data(), S, Sp, jend, m, exact, rows, sc, p.data(), Sp, mx);
-        for (int r = 0; r < R; ++r)
-          for (int64_t d = 0; d < D; ++d) { qs[r * D + d] = df[r * Dp + d]; }
-        block_scores<C, V, W>(qs.data(), D, kv.vt.data(), S, Sp, jend, exact ? nullptr : m, false, rows, C(1), ds.data(),
-                              Sp, mx);
+        // scores into p, dp = dout . v_j into ds (qf, df rows are Dp apart)
+        block_scores<C, V, W>(qf.data(), Dp, D, kv.kt.data(), S, Sp, jend, m, exact, rows, sc, p.data(), Sp, mx);
+        block_scores<C, V, W>(df.data(), Dp, D, kv.vt.data(), S, Sp, jend, exact ? nullptr : m, false, rows, C(1),
+                              ds.data(), Sp, mx);
         // p = exp(scale s - lse) (0 past row r's keys), then ds = p (dp - delta). For 16-bit T, delta =
         // sum_j p dp: the row's dout . out without out's rounding to T (dp - delta cancels: a delta
         // from the bf16 output made dq one bf16 ulp off where PyTorch's was not); fp32 / fp64 keep
